@@ -1,0 +1,711 @@
+"""The packed KV codec (third layer of the data flow): quantise, pack, wire format, unpack.
+
+This module is the torch reference of the format; the GPU kernels in
+``sglang_spectrum.kernels`` write and read the very same bytes.
+
+Wire format (version 1), one contiguous uint8 buffer per request::
+
+    prefix  16 B   "<4sHHII": magic b"SPKV", format version, flags (0),
+                   header length, CRC-32 of the header bytes
+    header         msgspec/msgpack-encoded :class:`PackedHeader`
+    padding        zeros up to a multiple of 64 bytes
+    payload        segments, tier-major: for tier in (FP16, INT8, INT4),
+                   for layer in 0..L-1, for K then V, one segment, each
+                   starting at a multiple of 16 bytes (zero padding between).
+
+A segment holds the rows (tokens, ascending position) of one layer that the
+tier map puts in that tier:
+
+    FP16   data   [n, kv_heads, head_dim]        16-bit (the pool dtype, or
+                                                  float16 for float32 pools)
+    INT8   codes  [n, kv_heads, head_dim]        uint8
+           scales [n, kv_heads, head_dim/g, 2]   float16 (scale, minimum)
+    INT4   codes  [n, kv_heads, head_dim/2]      uint8, element 2j in the low
+                                                  nibble, 2j+1 in the high one
+           scales [n, kv_heads, head_dim/g, 2]   float16 (scale, minimum)
+
+Quantisation is asymmetric per (token, KV head, group of g along head_dim):
+``scale = fp16((max - min) / qmax)``, ``minimum = fp16(min)``,
+``q = clamp(floor((x - minimum) / scale + 1/2), 0, qmax)``,
+``x_hat = q * scale + minimum`` (float32 arithmetic). With
+``rotation="hadamard"`` each head vector is multiplied by the orthonormal
+Hadamard matrix before quantisation and again after dequantisation.
+
+Layers whose cache holds only a suffix of the prompt (sliding window) carry
+only the positions they hold: layer l holds ``layer_first_pos[l] .. T-1``.
+Dropped tokens appear in the tier map only.
+
+Byte accounting: ``full_nbytes`` is the 16-bit size of everything the layers
+hold; ``nbytes`` is the whole buffer (prefix, header, padding and payload).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import msgspec
+import torch
+
+from .config import SpectrumConfig, SpectrumConfigError, SpectrumFormatError
+from .policy import QUANT_BITS, TIER_NAMES, Tier, allocate_tiers
+from .scoring import infer_layer_first_pos, score_tokens
+
+FORMAT_VERSION = 1
+MAGIC = b"SPKV"
+PREFIX = struct.Struct("<4sHHII")
+HEADER_ALIGN = 64
+SEGMENT_ALIGN = 16
+SCALE_BYTES = 4  # float16 scale + float16 minimum per group
+PACKED_TIERS = (Tier.FP16, Tier.INT8, Tier.INT4)
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_FP16_MAX = 65504.0
+
+
+class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Shape of one request's KV cache as the codec sees it."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # source dtype: "float16" | "bfloat16" | "float32"
+    group_size: int
+    num_tokens: int
+    layer_first_pos: list[int]
+    rotation: str = "none"
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """dtype of the FP16 tier on the wire (always 2 bytes per element)."""
+        return _DTYPES[self.dtype] if self.dtype != "float32" else torch.float16
+
+    @property
+    def groups(self) -> int:
+        return self.head_dim // self.group_size
+
+    def tokens_held(self, layer: int) -> int:
+        return self.num_tokens - self.layer_first_pos[layer]
+
+    def row_nbytes(self, tier: Tier) -> int:
+        """Bytes of one token of one layer, K or V, at ``tier`` (data + scales)."""
+        elems = self.num_kv_heads * self.head_dim
+        scales = self.num_kv_heads * self.groups * SCALE_BYTES
+        return {
+            Tier.FP16: 2 * elems,
+            Tier.INT8: elems + scales,
+            Tier.INT4: elems // 2 + scales,
+            Tier.DROP: 0,
+        }[Tier(tier)]
+
+    @property
+    def full_nbytes(self) -> int:
+        """Size of everything the layers hold at 16 bit (the budget's denominator)."""
+        held = sum(self.tokens_held(layer) for layer in range(self.num_layers))
+        return held * 2 * self.row_nbytes(Tier.FP16)
+
+    def token_costs(self) -> torch.Tensor:
+        """int64 ``[T, 4]``: payload bytes of each token at each tier, all layers, K and V."""
+        held = torch.zeros(self.num_tokens, dtype=torch.int64)
+        for first in self.layer_first_pos:
+            held[first:] += 1
+        per_row = torch.tensor([2 * self.row_nbytes(t) for t in Tier], dtype=torch.int64)
+        return held[:, None] * per_row[None, :]
+
+    def validate(self) -> None:
+        """Raise :class:`SpectrumFormatError` if the layout is not self-consistent."""
+        problems = []
+        if self.num_layers < 1 or self.num_kv_heads < 1 or self.num_tokens < 1:
+            problems.append("layers, KV heads and tokens must be >= 1")
+        if self.head_dim < 2 or self.head_dim % 2:
+            problems.append(f"head_dim must be even, got {self.head_dim}")
+        if self.group_size < 2 or self.head_dim % max(self.group_size, 1):
+            problems.append(f"group_size {self.group_size} must divide head_dim {self.head_dim}")
+        if self.dtype not in _DTYPES:
+            problems.append(f"unknown dtype {self.dtype!r}")
+        if self.rotation not in ("none", "hadamard"):
+            problems.append(f"unknown rotation {self.rotation!r}")
+        if len(self.layer_first_pos) != self.num_layers or any(
+            not 0 <= p <= self.num_tokens for p in self.layer_first_pos
+        ):
+            problems.append("layer_first_pos must give one position in [0, T] per layer")
+        if problems:
+            raise SpectrumFormatError("invalid layout: " + "; ".join(problems))
+
+
+class PackedHeader(msgspec.Struct, forbid_unknown_fields=True):
+    """Everything needed to read the payload; encoded with msgpack."""
+
+    layout: KVLayout
+    tier_map: bytes  # uint8[num_tokens], values of Tier
+    offsets: list[int]  # segment starts in the payload, index (tier * L + layer) * 2 + kv
+    payload_nbytes: int
+    checksum: int  # payload_checksum(payload)
+    policy: str = ""  # informational, e.g. "spectrum/paper/3/b=0.5"
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def segment_offsets(layout: KVLayout, tier_map: torch.Tensor) -> tuple[list[int], int]:
+    """Segment start offsets (see :class:`PackedHeader`) and the payload size."""
+    offsets, pos = [], 0
+    tier_map = tier_map.cpu()
+    for tier in PACKED_TIERS:
+        row = layout.row_nbytes(tier)
+        for layer in range(layout.num_layers):
+            n = int((tier_map[layout.layer_first_pos[layer] :] == int(tier)).sum())
+            for _kv in range(2):
+                pos = _align(pos, SEGMENT_ALIGN)
+                offsets.append(pos)
+                pos += n * row
+    return offsets, pos
+
+
+def fixed_overhead(layout: KVLayout) -> int:
+    """Upper bound of the bytes a buffer spends besides token data: prefix,
+    header (tier map included), header padding, segment alignment."""
+    worst = PackedHeader(
+        layout=layout,
+        tier_map=bytes(layout.num_tokens),
+        offsets=[2**63 - 1] * (len(PACKED_TIERS) * layout.num_layers * 2),
+        payload_nbytes=2**63 - 1,
+        checksum=2**63 - 1,
+        policy="x" * 64,
+    )
+    header = PREFIX.size + len(msgspec.msgpack.encode(worst))
+    segments = len(PACKED_TIERS) * layout.num_layers * 2
+    return _align(header, HEADER_ALIGN) + segments * (SEGMENT_ALIGN - 1)
+
+
+def payload_checksum(payload: torch.Tensor) -> int:
+    """Position-weighted 62-bit checksum of a uint8 tensor, on its own device.
+
+    Sums of 32-bit words and of words times (index mod 65521 + 1), reduced
+    modulo 2**31 - 1 in chunks so no int64 ever overflows: exact, hence the
+    same on CPU and GPU whatever the reduction order.
+    """
+    p = (1 << 31) - 1
+    chunk = 1 << 15
+    flat = payload.reshape(-1)
+    pad = (-flat.numel()) % (4 * chunk)
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = flat.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    weights = torch.arange(words.numel(), device=words.device, dtype=torch.int64) % 65521 + 1
+    s1 = (words.view(-1, chunk).sum(1) % p).sum() % p
+    s2 = ((words * weights).view(-1, chunk).sum(1) % p).sum() % p
+    return (int(s2) << 31) | int(s1)
+
+
+@lru_cache(maxsize=8)
+def _hadamard_cpu(dim: int) -> torch.Tensor:
+    if dim & (dim - 1):
+        raise SpectrumConfigError(f"rotation 'hadamard' needs a power-of-two head_dim, got {dim}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(dim)
+
+
+def hadamard(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Orthonormal, symmetric Sylvester-Hadamard matrix ``[dim, dim]`` (its own inverse)."""
+    return _hadamard_cpu(dim).to(device)
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric per-group quantisation along the last dim.
+
+    Args:
+        x: ``[N, H, D]`` float tensor.
+    Returns:
+        codes: uint8 ``[N, H, D]`` (8 bit) or ``[N, H, D/2]`` (4 bit, two per byte).
+        scales: float16 ``[N, H, D/g, 2]`` holding (scale, minimum).
+    """
+    n, h, d = x.shape
+    qmax = (1 << bits) - 1
+    xg = x.float().reshape(n, h, d // group_size, group_size).clamp(-_FP16_MAX, _FP16_MAX)
+    lo = xg.amin(-1)
+    scale = ((xg.amax(-1) - lo) / qmax).to(torch.float16)
+    minimum = lo.to(torch.float16)
+    s, m = scale.float(), minimum.float()
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    q = torch.floor((xg - m[..., None]) * inv[..., None] + 0.5).clamp_(0, qmax).to(torch.uint8)
+    q = q.reshape(n, h, d)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return q, torch.stack([scale, minimum], dim=-1)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`quantize`: float32 ``[N, H, head_dim]``."""
+    n, h = codes.shape[:2]
+    if bits == 4:
+        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(n, h, head_dim)
+    groups = scales.shape[2]
+    q = codes.float().reshape(n, h, groups, head_dim // groups)
+    s, m = scales[..., 0].float(), scales[..., 1].float()
+    return (q * s[..., None] + m[..., None]).reshape(n, h, head_dim)
+
+
+def encode_rows(x: torch.Tensor, tier: Tier, layout: KVLayout) -> torch.Tensor:
+    """Encode rows ``[n, H, D]`` at ``tier`` into flat uint8 segment bytes."""
+    if tier == Tier.FP16:
+        return x.to(layout.wire_dtype).contiguous().view(torch.uint8).reshape(-1)
+    xf = x.float()
+    if layout.rotation == "hadamard":
+        xf = xf @ hadamard(layout.head_dim, x.device)
+    codes, scales = quantize(xf, QUANT_BITS[tier], layout.group_size)
+    return torch.cat([codes.reshape(-1), scales.contiguous().view(torch.uint8).reshape(-1)])
+
+
+def decode_rows(seg: torch.Tensor, n: int, tier: Tier, layout: KVLayout) -> torch.Tensor:
+    """Decode ``n`` rows of one segment (flat uint8) into float32 ``[n, H, D]``."""
+    h, d = layout.num_kv_heads, layout.head_dim
+    if tier == Tier.FP16:
+        return seg.view(layout.wire_dtype).reshape(n, h, d).float()
+    bits = QUANT_BITS[tier]
+    code_bytes = n * h * d * bits // 8
+    codes = seg[:code_bytes].reshape(n, h, d * bits // 8)
+    scales = seg[code_bytes:].view(torch.float16).reshape(n, h, layout.groups, 2)
+    out = dequantize(codes, scales, bits, d)
+    if layout.rotation == "hadamard":
+        out = out @ hadamard(d, seg.device)
+    return out
+
+
+def measure_tier_errors(
+    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], layout: KVLayout
+) -> torch.Tensor:
+    """Squared reconstruction error of every token at every tier, float64 ``[T, 4]``.
+
+    Summed over layers, heads, head_dim, K and V; DROP costs the squared norm.
+    """
+    err = torch.zeros(layout.num_tokens, 4, dtype=torch.float64)
+    for layer, pair in enumerate(zip(keys, values)):
+        first = layout.layer_first_pos[layer]
+        for x in pair:
+            xf = x.float()
+            for tier in Tier:
+                if tier == Tier.DROP:
+                    approx = torch.zeros_like(xf)
+                else:
+                    enc = encode_rows(x, tier, layout)
+                    approx = decode_rows(enc, x.shape[0], tier, layout)
+                err[first:, tier] += ((xf - approx) ** 2).sum(dim=(1, 2)).double().cpu()
+    return err
+
+
+@dataclass
+class PackedKV:
+    """One request's packed KV: header + payload, ready for one bulk transfer.
+
+    ``payload`` stays on the device the KV came from; :meth:`to_bytes` and
+    :meth:`to_tensor` give the whole buffer (prefix, header, padding, payload).
+    """
+
+    header: PackedHeader
+    header_bytes: bytes  # prefix + encoded header + padding
+    payload: torch.Tensor  # uint8 [payload_nbytes]
+
+    @property
+    def layout(self) -> KVLayout:
+        return self.header.layout
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header_bytes) + self.payload.numel()
+
+    @property
+    def full_nbytes(self) -> int:
+        return self.layout.full_nbytes
+
+    @property
+    def bytes_ratio(self) -> float:
+        return self.nbytes / self.full_nbytes
+
+    @property
+    def tiers(self) -> torch.Tensor:
+        """uint8 ``[T]`` tier map."""
+        return torch.frombuffer(bytearray(self.header.tier_map), dtype=torch.uint8)
+
+    @property
+    def tier_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.tiers.long(), minlength=4)
+        return {name: int(c) for name, c in zip(TIER_NAMES, counts)}
+
+    def to_bytes(self) -> bytes:
+        return self.header_bytes + self.payload.cpu().numpy().tobytes()
+
+    def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        device = self.payload.device if device is None else device
+        head = torch.frombuffer(bytearray(self.header_bytes), dtype=torch.uint8).to(device)
+        return torch.cat([head, self.payload.to(device)])
+
+
+def _check_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    if not isinstance(keys, (list, tuple)) or not isinstance(values, (list, tuple)):
+        raise SpectrumConfigError("keys and values must be lists (one tensor per layer)")
+    if len(keys) != len(values) or not keys:
+        raise SpectrumConfigError(
+            f"keys and values must have the same, non-zero number of layers,"
+            f" got {len(keys)} and {len(values)}"
+        )
+    ref = keys[0]
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        if k.dim() != 3 or k.shape != v.shape:
+            raise SpectrumConfigError(
+                f"layer {layer}: keys and values must both be [tokens, kv_heads, head_dim],"
+                f" got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if k.shape[1:] != ref.shape[1:] or k.dtype != ref.dtype or v.dtype != ref.dtype:
+            raise SpectrumConfigError(
+                f"layer {layer}: all layers must share kv_heads, head_dim and dtype"
+            )
+    if ref.dtype not in _DTYPES.values():
+        raise SpectrumConfigError(f"unsupported KV dtype {ref.dtype}")
+
+
+def make_layout(
+    keys: Sequence[torch.Tensor], config: SpectrumConfig, num_tokens: int | None = None
+) -> KVLayout:
+    """The :class:`KVLayout` of per-layer ``[T_l, H, D]`` keys under ``config``."""
+    _check_kv(keys, keys)
+    total, first = infer_layer_first_pos(keys, num_tokens)
+    _, heads, head_dim = keys[0].shape
+    if head_dim % 2:
+        raise SpectrumConfigError(f"head_dim must be even for INT4 packing, got {head_dim}")
+    layout = KVLayout(
+        num_layers=len(keys),
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        dtype=str(keys[0].dtype).removeprefix("torch."),
+        group_size=config.resolved_group_size(head_dim),
+        num_tokens=total,
+        layer_first_pos=first,
+        rotation=config.rotation,
+    )
+    if config.rotation == "hadamard":
+        hadamard(head_dim)  # fails early for non power-of-two head_dim
+    if total < 1:
+        raise SpectrumConfigError("cannot pack a prompt of 0 tokens")
+    return layout
+
+
+def plan_tiers(
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    config: SpectrumConfig,
+    scores: torch.Tensor | None = None,
+    queries: Sequence[torch.Tensor] | None = None,
+    num_tokens: int | None = None,
+) -> tuple[KVLayout, torch.Tensor]:
+    """Score and allocate: the layout and the uint8 ``[T]`` tier map under the budget."""
+    _check_kv(keys, values)
+    layout = make_layout(keys, config, num_tokens)
+    if scores is None:
+        scores = score_tokens(
+            keys, queries, sinks=config.sinks, window=config.window, num_tokens=layout.num_tokens
+        )
+    elif scores.dim() == 2:
+        scores = scores.float().mean(dim=0)
+    if scores.shape != (layout.num_tokens,):
+        raise SpectrumConfigError(
+            f"scores must be [{layout.num_tokens}] or [layers, {layout.num_tokens}],"
+            f" got {tuple(scores.shape)}"
+        )
+    budget = math.floor(config.budget * layout.full_nbytes) - fixed_overhead(layout)
+    if config.budget >= 1.0:
+        budget = max(budget, int(layout.token_costs()[:, Tier.FP16].sum()))
+    errors = None
+    if config.method == "spectrum" and config.allocator == "optimal":
+        errors = measure_tier_errors(keys, values, layout)
+    tiers = allocate_tiers(scores, layout.token_costs(), budget, config, errors)
+    return layout, tiers
+
+
+def pack_tiers(
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    layout: KVLayout,
+    tiers: torch.Tensor,
+    policy: str = "",
+) -> PackedKV:
+    """Pack KV under a given tier map (uint8 ``[T]``) into a :class:`PackedKV`."""
+    offsets, payload_nbytes = segment_offsets(layout, tiers)
+    device = keys[0].device
+    payload = torch.zeros(payload_nbytes, dtype=torch.uint8, device=device)
+    tiers_dev = tiers.to(device)
+    i = 0
+    for tier in PACKED_TIERS:
+        for layer in range(layout.num_layers):
+            held = tiers_dev[layout.layer_first_pos[layer] :]
+            rows = torch.nonzero(held == int(tier)).flatten()
+            for x in (keys[layer], values[layer]):
+                if rows.numel():
+                    seg = encode_rows(x[rows], tier, layout)
+                    payload[offsets[i] : offsets[i] + seg.numel()] = seg
+                i += 1
+    header = PackedHeader(
+        layout=layout,
+        tier_map=tiers.cpu().to(torch.uint8).numpy().tobytes(),
+        offsets=offsets,
+        payload_nbytes=payload_nbytes,
+        checksum=payload_checksum(payload),
+        policy=policy,
+    )
+    return PackedKV(header=header, header_bytes=encode_header(header), payload=payload)
+
+
+def encode_header(header: PackedHeader) -> bytes:
+    """Prefix + msgpack header + zero padding to a multiple of 64 bytes."""
+    body = msgspec.msgpack.encode(header)
+    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(body), zlib.crc32(body))
+    raw = prefix + body
+    return raw + bytes(_align(len(raw), HEADER_ALIGN) - len(raw))
+
+
+def pack_kv(
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    config: SpectrumConfig,
+    scores: torch.Tensor | None = None,
+    queries: Sequence[torch.Tensor] | None = None,
+    num_tokens: int | None = None,
+) -> PackedKV:
+    """Score, allocate tiers and pack one request's KV cache.
+
+    Args:
+        keys, values: per layer ``[T_l, kv_heads, head_dim]`` (float16, bfloat16
+            or float32), ``T_l <= T``; a layer with ``T_l < T`` holds the last
+            ``T_l`` positions (sliding window).
+        config: budget, tiers, allocator, method, codec options.
+        scores: optional importance ``[T]`` or ``[L, T]``; computed otherwise.
+        queries: optional per-layer post-RoPE queries of the last prompt
+            positions ``[w, q_heads, head_dim]`` for attention-based scoring.
+        num_tokens: prompt length T if no layer holds the whole prompt.
+
+    Returns:
+        :class:`PackedKV` with ``nbytes <= config.budget * full_nbytes``.
+    """
+    layout, tiers = plan_tiers(keys, values, config, scores, queries, num_tokens)
+    policy = f"{config.method}/{config.allocator}/{config.tiers}/b={config.budget:g}"
+    packed = pack_tiers(keys, values, layout, tiers, policy)
+    limit = math.floor(config.budget * layout.full_nbytes)
+    if packed.nbytes > limit and config.budget < 1.0:  # an accounting bug, never a user error
+        raise AssertionError(f"packed {packed.nbytes} bytes over the budget of {limit}")
+    return packed
+
+
+def _as_uint8(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8:
+            raise SpectrumFormatError(f"packed buffer tensor must be uint8, got {data.dtype}")
+        return data.reshape(-1)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SpectrumFormatError(
+            f"packed buffer must be bytes or a uint8 tensor, got {type(data)}"
+        )
+    if len(data) == 0:
+        raise SpectrumFormatError("packed buffer is empty")
+    with warnings.catch_warnings():  # read-only use of a read-only buffer
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def read_header(
+    data: bytes | bytearray | memoryview | torch.Tensor,
+) -> tuple[PackedHeader, torch.Tensor]:
+    """Parse and validate a packed buffer; returns (header, payload view).
+
+    Checks magic, version, header CRC, layout consistency, segment offsets,
+    length and payload checksum. Trailing bytes after the payload are ignored
+    (receive buffers may be larger than the message).
+
+    Raises:
+        SpectrumFormatError: anything malformed, truncated, corrupted or of
+            another format version.
+    """
+    buf = _as_uint8(data)
+    total = buf.numel()
+    if total < PREFIX.size:
+        raise SpectrumFormatError(f"buffer of {total} bytes is shorter than the 16-byte prefix")
+    magic, version, flags, header_len, header_crc = PREFIX.unpack(
+        buf[: PREFIX.size].cpu().numpy().tobytes()
+    )
+    if magic != MAGIC:
+        raise SpectrumFormatError(f"not a SpectrumKV buffer (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise SpectrumFormatError(
+            f"format version mismatch: buffer is v{version}, this SpectrumKV reads"
+            f" v{FORMAT_VERSION}; run the same sglang-spectrum version on prefill and decode"
+        )
+    if flags != 0:
+        raise SpectrumFormatError(f"unknown flags {flags:#x} in the prefix")
+    payload_start = _align(PREFIX.size + header_len, HEADER_ALIGN)
+    if total < payload_start:
+        raise SpectrumFormatError(
+            f"truncated buffer: {total} bytes, the header alone needs {payload_start}"
+        )
+    body = buf[PREFIX.size : PREFIX.size + header_len].cpu().numpy().tobytes()
+    if zlib.crc32(body) != header_crc:
+        raise SpectrumFormatError("header checksum mismatch: the header is corrupted")
+    try:
+        header = msgspec.msgpack.decode(body, type=PackedHeader)
+    except msgspec.DecodeError as exc:
+        raise SpectrumFormatError(f"malformed header: {exc}") from None
+    layout = header.layout
+    layout.validate()
+    if len(header.tier_map) != layout.num_tokens:
+        raise SpectrumFormatError(
+            f"tier map has {len(header.tier_map)} entries for {layout.num_tokens} tokens"
+        )
+    tier_map = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+    if int(tier_map.max()) > int(Tier.DROP):
+        raise SpectrumFormatError(f"tier map holds an unknown tier {int(tier_map.max())}")
+    offsets, payload_nbytes = segment_offsets(layout, tier_map)
+    if header.offsets != offsets or header.payload_nbytes != payload_nbytes:
+        raise SpectrumFormatError("segment offsets disagree with the tier map and layout")
+    if total < payload_start + payload_nbytes:
+        raise SpectrumFormatError(
+            f"truncated buffer: {total} bytes, expected {payload_start + payload_nbytes}"
+        )
+    payload = buf[payload_start : payload_start + payload_nbytes]
+    if payload_checksum(payload) != header.checksum:
+        raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")
+    return header, payload
+
+
+@dataclass
+class UnpackInfo:
+    """What :func:`unpack_kv` did."""
+
+    num_tokens: int
+    dropped: torch.Tensor  # int64 positions not written (dropped by the allocation)
+    tier_counts: dict[str, int]
+    layout: KVLayout
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """bool ``[T]``: True where the position was written."""
+        mask = torch.ones(self.num_tokens, dtype=torch.bool)
+        mask[self.dropped] = False
+        return mask
+
+
+def iter_decoded_layers(header: PackedHeader, payload: torch.Tensor):
+    """Yield ``(layer, positions, keys, values)`` per layer: the int64 positions
+    (absolute, ascending) the layer carries and their float32 ``[n, H, D]`` rows."""
+    layout = header.layout
+    tier_map = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8).to(payload.device)
+    seg_index = {}
+    i = 0
+    for tier in PACKED_TIERS:
+        for layer in range(layout.num_layers):
+            seg_index[(tier, layer)] = i
+            i += 2
+    for layer in range(layout.num_layers):
+        first = layout.layer_first_pos[layer]
+        held = tier_map[first:]
+        pos_parts, k_parts, v_parts = [], [], []
+        for tier in PACKED_TIERS:
+            rows = torch.nonzero(held == int(tier)).flatten()
+            n = rows.numel()
+            if not n:
+                continue
+            j = seg_index[(tier, layer)]
+            size = n * layout.row_nbytes(tier)
+            k_seg = payload[header.offsets[j] : header.offsets[j] + size]
+            v_seg = payload[header.offsets[j + 1] : header.offsets[j + 1] + size]
+            pos_parts.append(rows + first)
+            k_parts.append(decode_rows(k_seg, n, tier, layout))
+            v_parts.append(decode_rows(v_seg, n, tier, layout))
+        if pos_parts:
+            yield layer, torch.cat(pos_parts), torch.cat(k_parts), torch.cat(v_parts)
+
+
+def _check_pools(layout: KVLayout, k_pools, v_pools, slot_indices) -> torch.Tensor:
+    if len(k_pools) != layout.num_layers or len(v_pools) != layout.num_layers:
+        raise SpectrumFormatError(
+            f"buffer holds {layout.num_layers} layers, got {len(k_pools)} K and"
+            f" {len(v_pools)} V pools"
+        )
+    for layer, (k, v) in enumerate(zip(k_pools, v_pools)):
+        want = (layout.num_kv_heads, layout.head_dim)
+        if k.dim() != 3 or tuple(k.shape[1:]) != want or k.shape != v.shape:
+            raise SpectrumFormatError(
+                f"layer {layer}: pools must be [slots, {want[0]}, {want[1]}],"
+                f" got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+    slots = torch.as_tensor(slot_indices)
+    if slots.dim() != 1 or slots.numel() != layout.num_tokens or slots.dtype.is_floating_point:
+        raise SpectrumFormatError(
+            f"slot_indices must be an integer vector of {layout.num_tokens} slots,"
+            f" got shape {tuple(slots.shape)} dtype {slots.dtype}"
+        )
+    slots = slots.to(torch.int64)
+    size = min(int(k.shape[0]) for k in k_pools)
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= size):
+        raise SpectrumFormatError(f"slot_indices out of range for pools of {size} slots")
+    return slots
+
+
+def unpack_kv(
+    data: bytes | bytearray | memoryview | torch.Tensor,
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
+    slot_indices: torch.Tensor | Sequence[int],
+) -> UnpackInfo:
+    """Validate a packed buffer and write its dequantised K and V into pools.
+
+    Args:
+        data: the whole buffer (bytes or uint8 tensor, any device).
+        k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]`` (SGLang's
+            MHA pool layout; FlashInfer reads it as an NHD paged cache).
+        slot_indices: int ``[T]``: the pool slot of each prompt position.
+
+    Everything is validated before the first write: on any error the pools
+    are untouched. Dropped positions are reported in ``info.dropped``, not written.
+    """
+    header, payload = read_header(data)
+    layout = header.layout
+    slots = _check_pools(layout, k_pools, v_pools, slot_indices)
+    for layer, positions, k, v in iter_decoded_layers(header, payload):
+        dst = slots.to(k_pools[layer].device)[positions.to(k_pools[layer].device)]
+        k_pools[layer][dst] = k.to(k_pools[layer].device, k_pools[layer].dtype)
+        v_pools[layer][dst] = v.to(v_pools[layer].device, v_pools[layer].dtype)
+    tier_map = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+    counts = torch.bincount(tier_map.long(), minlength=4)
+    return UnpackInfo(
+        num_tokens=layout.num_tokens,
+        dropped=torch.nonzero(tier_map == int(Tier.DROP)).flatten(),
+        tier_counts={name: int(c) for name, c in zip(TIER_NAMES, counts)},
+        layout=layout,
+    )
+
+
+def decode_kv(
+    data: bytes | bytearray | memoryview | torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Decode a buffer back into per-layer ``[T_l, H, D]`` K and V (zeros at
+    dropped positions) and the bool ``[T]`` kept mask. ``dtype`` defaults to
+    the source dtype."""
+    header, payload = read_header(data)
+    layout = header.layout
+    dtype = dtype or _DTYPES[layout.dtype]
+    keys, values = [], []
+    for layer in range(layout.num_layers):
+        shape = (layout.tokens_held(layer), layout.num_kv_heads, layout.head_dim)
+        keys.append(torch.zeros(shape, dtype=dtype, device=payload.device))
+        values.append(torch.zeros(shape, dtype=dtype, device=payload.device))
+    for layer, positions, k, v in iter_decoded_layers(header, payload):
+        local = positions - layout.layer_first_pos[layer]
+        keys[layer][local] = k.to(dtype)
+        values[layer][local] = v.to(dtype)
+    tier_map = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+    return keys, values, tier_map != int(Tier.DROP)
