@@ -7,7 +7,7 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.spectrum-bootstrap"
-want_stamp="$(cat requirements-cpu.txt constraints-cpu.txt pyproject.toml patches/*.patch scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+want_stamp="$(cat requirements-cpu.txt constraints-cpu.txt pyproject.toml scripts/bootstrap.sh patches/*.patch 2>/dev/null | sha256sum | cut -c1-16)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]]; then
   exit 0
@@ -22,15 +22,19 @@ if ! ldconfig -p | grep -q librdmacm.so.1 || ! ldconfig -p | grep -q libnuma.so.
 fi
 
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints-cpu.txt)
+pip_install() {
+  # The machine's pip config lists local indexes; hide their "is ignored" noise.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints-cpu.txt "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 echo "[bootstrap] installing torch (CPU) ..."
-"${PIP[@]}" torch==2.13.0
+pip_install torch==2.13.0
 echo "[bootstrap] installing sglang 0.5.10.post1 (no deps; CUDA-only deps left out) ..."
-"${PIP[@]}" --no-deps sglang==0.5.10.post1
+pip_install --no-deps sglang==0.5.10.post1
 echo "[bootstrap] installing runtime and test dependencies ..."
-"${PIP[@]}" -r requirements-cpu.txt
+pip_install -r requirements-cpu.txt
 echo "[bootstrap] installing sglang-spectrum (editable) ..."
-"${PIP[@]}" --no-deps -e .
+pip_install --no-deps -e .
 echo "[bootstrap] applying CPU import guards to the installed sglang ..."
 "$VENV/bin/python" -m sglang_spectrum.patching apply
 echo "$want_stamp" > "$STAMP"

@@ -1,0 +1,283 @@
+"""`spectrumkv`: the command line of SpectrumKV.
+
+spectrumkv demo                      the main job (see README)
+spectrumkv models fetch NAME...      download + convert the stand-in models
+spectrumkv probe --model M           the INT4-tolerance probe (cached)
+spectrumkv eval ppl  --model M ...   PD perplexity protocol on WikiText-2
+spectrumkv eval niah --model M ...   needle in a haystack
+spectrumkv eval plot|report          plots / markdown from the JSON results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import SpectrumError
+
+DEFAULT_RESULTS = Path("bench/results/quality.json")
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _names(s: str) -> list[str]:
+    return [x for x in s.split(",") if x]
+
+
+def _load(model: str):
+    from .models import load_model
+
+    return load_model(model)
+
+
+def _model_label(model: str) -> str:
+    return Path(model).name if Path(model).is_dir() else model
+
+
+def _probe_decision(model: str, args) -> str:
+    """The cached probe decision for ``spectrum-auto`` (runs the probe if needed)."""
+    result = _run_probe(model, refresh=False, budget=getattr(args, "probe_budget", 0.3))
+    print(result.summary(), file=sys.stderr)
+    return result.decision
+
+
+def _run_probe(model: str, refresh: bool, budget: float = 0.3):
+    from .eval.probe import ProbeSettings, cached_probe, run_probe
+    from .eval.runner import HFProbeEngine
+    from .models import ensure_model, weights_identity
+
+    settings = ProbeSettings(budget=budget)
+    path = ensure_model(model)
+
+    def run():
+        m, tok = _load(model)
+        return run_probe(HFProbeEngine(m, tok, settings.max_new_tokens), tok, settings)
+
+    return cached_probe(weights_identity(path), run, settings, refresh=refresh)
+
+
+def probe_record(model: str, result) -> dict:
+    passed = sum(t["degraded_ok"] for t in result.trials)
+    return {
+        "model": model,
+        "method": "probe",
+        "allocator": "paper",
+        "budget": 0.3,
+        "metric": "probe_int4_pass",
+        "context": result.context,
+        "value": float(result.passed),
+        "n": len(result.trials),
+        "stderr": None,
+        "bytes_ratio": None,
+        "decision": result.decision,
+        "passed_trials": passed,
+        "seconds": result.seconds,
+        "reason": result.reason,
+    }
+
+
+def cmd_probe(args) -> int:
+    result = _run_probe(args.model, refresh=args.refresh, budget=args.budget)
+    print(result.summary())
+    for t in result.trials:
+        print(
+            f"  depth {t['depth']:.2f} ctx {t['context']}: needle {t['needle']}"
+            f" full={t['full_answer']!r} 3-tier={t['degraded_answer']!r}"
+        )
+    if args.out:
+        from .eval.report import merge_records
+
+        merge_records(args.out, [probe_record(_model_label(args.model), result)])
+    return 0
+
+
+def _write(args, records: list[dict], kind: str) -> None:
+    from .eval.report import markdown_tables, merge_records
+
+    label = _model_label(args.model)
+    for r in records:
+        r["model"] = label
+    merged = merge_records(args.out, records)
+    md = Path(args.out).with_suffix(".md")
+    md.write_text(markdown_tables(merged))
+    for r in records:
+        if r["metric"] in ("ppl_delta_pct", "niah_acc"):
+            extra = f" bytes={r['bytes_ratio']:.3f}"
+            print(
+                f"{label} {kind} {r['method']:<22} {r['allocator']:<8} b={r['budget']:<5g}"
+                f" {r['metric']}={r['value']:.4g}{extra}"
+            )
+    print(f"wrote {args.out} and {md}")
+
+
+def cmd_eval_ppl(args) -> int:
+    from .eval.methods import expand_runs
+    from .eval.ppl import evaluate_ppl, load_wikitext
+
+    runs = expand_runs(args.methods, args.budgets, args.allocators)
+    auto = (
+        _probe_decision(args.model, args)
+        if any(m.base == "spectrum-auto" for m, _, _ in runs)
+        else "2"
+    )
+    model, tok = _load(args.model)
+    records = evaluate_ppl(
+        model,
+        tok,
+        runs,
+        context=args.context,
+        continuation=args.continuation,
+        windows=args.windows,
+        text=load_wikitext(args.wikitext),
+        auto_tiers=auto,
+    )
+    _write(args, records, "ppl")
+    return 0
+
+
+def cmd_eval_niah(args) -> int:
+    from .eval.methods import expand_runs
+    from .eval.niah import evaluate_niah
+    from .eval.ppl import load_wikitext
+
+    runs = expand_runs(args.methods, args.budgets, args.allocators)
+    auto = (
+        _probe_decision(args.model, args)
+        if any(m.base == "spectrum-auto" for m, _, _ in runs)
+        else "2"
+    )
+    model, tok = _load(args.model)
+    text = load_wikitext(args.wikitext)
+    details: list = []
+    records = []
+    for context in args.context:
+        records += evaluate_niah(
+            model,
+            tok,
+            runs,
+            context=context,
+            trials=args.trials,
+            auto_tiers=auto,
+            text=text,
+            details=details,
+        )
+    _write(args, records, "niah")
+    if args.details:
+        Path(args.details).write_text(json.dumps(details, indent=1))
+    return 0
+
+
+def cmd_eval_plot(args) -> int:
+    from .eval.report import plot_records
+
+    records = json.loads(Path(args.input).read_text())
+    for p in plot_records(records, args.out_dir):
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_eval_report(args) -> int:
+    from .eval.report import markdown_tables
+
+    records = json.loads(Path(args.input).read_text())
+    text = markdown_tables(records)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_models_fetch(args) -> int:
+    from .models import ensure_model
+
+    for name in args.names:
+        print(ensure_model(name))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .eval.methods import DEFAULT_BUDGETS, DEFAULT_METHODS
+
+    p = argparse.ArgumentParser(prog="spectrumkv", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the main job: a PD deployment on the default model")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--budget", type=float, default=0.5)
+    d.add_argument(
+        "--codec-only",
+        action="store_true",
+        help="only run the codec on a real prompt's KV (no servers)",
+    )
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="the stand-in models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    f = msub.add_parser("fetch", help="download, verify and convert models")
+    f.add_argument("names", nargs="+")
+    f.set_defaults(func=cmd_models_fetch)
+
+    pr = sub.add_parser("probe", help="INT4-tolerance probe (decision cached on disk)")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--budget", type=float, default=0.3)
+    pr.add_argument("--refresh", action="store_true", help="ignore the cached decision")
+    pr.add_argument("--out", default=None, help="also merge a record into this JSON")
+    pr.set_defaults(func=cmd_probe)
+
+    e = sub.add_parser("eval", help="quality evaluation")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="short name or HF folder")
+    common.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS))
+    common.add_argument("--budgets", type=_floats, default=list(DEFAULT_BUDGETS))
+    common.add_argument("--allocators", type=_names, default=["paper", "optimal"])
+    common.add_argument("--wikitext", default=None, help="path to wiki.test.raw")
+    common.add_argument("--out", default=str(DEFAULT_RESULTS))
+    common.add_argument("--probe-budget", type=float, default=0.3)
+    pp = esub.add_parser("ppl", parents=[common], help="PD perplexity on WikiText-2")
+    pp.add_argument("--context", type=int, default=1024)
+    pp.add_argument("--continuation", type=int, default=256)
+    pp.add_argument("--windows", type=int, default=16)
+    pp.set_defaults(func=cmd_eval_ppl)
+    nh = esub.add_parser("niah", parents=[common], help="needle in a haystack")
+    nh.add_argument("--context", type=lambda s: [int(x) for x in s.split(",")], default=[4096])
+    nh.add_argument("--trials", type=int, default=20)
+    nh.add_argument("--details", default=None, help="write per-trial answers here")
+    nh.set_defaults(func=cmd_eval_niah)
+    pl = esub.add_parser("plot", help="PNG plots from a results JSON")
+    pl.add_argument("--input", default=str(DEFAULT_RESULTS))
+    pl.add_argument("--out-dir", default="bench/results")
+    pl.set_defaults(func=cmd_eval_plot)
+    rp = esub.add_parser("report", help="markdown tables from a results JSON")
+    rp.add_argument("--input", default=str(DEFAULT_RESULTS))
+    rp.add_argument("--out", default=None)
+    rp.set_defaults(func=cmd_eval_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpectrumError as exc:
+        print(f"spectrumkv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

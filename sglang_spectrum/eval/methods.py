@@ -1,0 +1,91 @@
+"""Evaluation methods by name -> :class:`SpectrumConfig`.
+
+A method name is a base name plus optional ``+option`` suffixes:
+
+- bases: ``full``, ``int8``, ``int4``, ``pdtrim``, ``snapkv``, ``spectrum-3tier``,
+  ``spectrum-2tier``, ``spectrum-auto`` (3 or 2 tiers, as the INT4 probe decided);
+- options: ``+had`` (Hadamard rotation before quantisation), ``+gNN`` (group
+  size NN along head_dim), ``+kn`` (key-norm scores instead of observation-window
+  attention, i.e. what the SGLang backend uses, which sees no queries).
+
+Every method goes through the same codec and byte accounting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import SpectrumConfig, SpectrumConfigError
+
+BASE_METHODS = (
+    "full",
+    "int8",
+    "int4",
+    "pdtrim",
+    "snapkv",
+    "spectrum-3tier",
+    "spectrum-2tier",
+    "spectrum-auto",
+)
+DEFAULT_METHODS = BASE_METHODS
+DEFAULT_BUDGETS = (0.25, 0.3, 0.4, 0.5, 0.75)
+ALLOCATOR_METHODS = ("spectrum-3tier", "spectrum-2tier", "spectrum-auto")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed method name."""
+
+    name: str
+    base: str
+    rotation: str = "none"
+    group_size: int | None = None
+    key_norm: bool = False
+
+    @property
+    def uses_allocator(self) -> bool:
+        return self.base in ALLOCATOR_METHODS
+
+    def config(self, budget: float, allocator: str = "paper", auto_tiers: str = "2"):
+        """The codec configuration of this method at ``budget``."""
+        common = {"rotation": self.rotation, "group_size": self.group_size}
+        if self.base == "full":
+            return SpectrumConfig(budget=1.0, method="full", **common)
+        if self.base in ("int8", "int4", "pdtrim", "snapkv"):
+            return SpectrumConfig(budget=budget, method=self.base, **common)
+        tiers = {"spectrum-3tier": "3", "spectrum-2tier": "2"}.get(self.base, auto_tiers)
+        return SpectrumConfig(budget=budget, tiers=tiers, allocator=allocator, **common)
+
+
+def parse_method(name: str) -> Method:
+    """Parse ``base[+had][+gNN][+kn]``; raises SpectrumConfigError on unknown parts."""
+    base, *opts = name.split("+")
+    if base not in BASE_METHODS:
+        raise SpectrumConfigError(f"unknown method {base!r}; choose from {', '.join(BASE_METHODS)}")
+    kwargs: dict = {}
+    for opt in opts:
+        if opt == "had":
+            kwargs["rotation"] = "hadamard"
+        elif opt == "kn":
+            kwargs["key_norm"] = True
+        elif opt.startswith("g") and opt[1:].isdigit():
+            kwargs["group_size"] = int(opt[1:])
+        else:
+            raise SpectrumConfigError(f"unknown method option {opt!r} in {name!r} (had, gNN, kn)")
+    return Method(name=name, base=base, **kwargs)
+
+
+def expand_runs(
+    methods: list[str], budgets: list[float], allocators: list[str]
+) -> list[tuple[Method, str, float]]:
+    """All (method, allocator, budget) combinations to evaluate; ``full`` runs once at 1.0."""
+    runs = []
+    for name in methods:
+        m = parse_method(name)
+        if m.base == "full":
+            runs.append((m, "-", 1.0))
+            continue
+        for alloc in allocators if m.uses_allocator else ["-"]:
+            for b in budgets:
+                runs.append((m, alloc, float(b)))
+    return runs

@@ -1,0 +1,133 @@
+"""Result files of the evaluation: merged JSON records, markdown tables, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+KEY_FIELDS = ("model", "method", "allocator", "budget", "metric", "context")
+
+
+def merge_records(path: str | os.PathLike[str], new: list[dict]) -> list[dict]:
+    """Add ``new`` to the JSON list at ``path`` (replacing records with the same key)."""
+    p = Path(path)
+    old = json.loads(p.read_text()) if p.is_file() else []
+    index = {tuple(r.get(k) for k in KEY_FIELDS): r for r in old}
+    for r in new:
+        index[tuple(r.get(k) for k in KEY_FIELDS)] = r
+    records = sorted(index.values(), key=lambda r: tuple(str(r.get(k)) for k in KEY_FIELDS))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, p)
+    return records
+
+
+def _fmt(r: dict) -> str:
+    v, se = r["value"], r.get("stderr")
+    if r["metric"] in ("niah_acc", "niah_retention"):
+        return f"{100 * v:.0f}%"
+    if r["metric"] == "ppl_delta_pct":
+        return f"{v:+.2f}% ±{se:.2f}" if se == se and se is not None else f"{v:+.2f}%"
+    return f"{v:.3f}"
+
+
+def markdown_tables(records: list[dict]) -> str:
+    """One table per (model, metric, context): rows method/allocator, columns budgets."""
+    groups = defaultdict(list)
+    for r in records:
+        if r["metric"].startswith("probe"):
+            continue
+        groups[(r["model"], r["metric"], r["context"])].append(r)
+    out = []
+    probes = [r for r in records if r["metric"].startswith("probe")]
+    if probes:
+        out += [
+            "## INT4 probe decisions",
+            "",
+            "| model | decision | trials passed | context |",
+            "|---|---|---|---|",
+        ]
+        for r in probes:
+            out.append(
+                f"| {r['model']} | tiers {r.get('decision')} | {r.get('passed_trials')}/{r['n']}"
+                f" | {r['context']} |"
+            )
+        out.append("")
+    for (model, metric, context), rows in sorted(groups.items(), key=lambda x: str(x[0])):
+        budgets = sorted({r["budget"] for r in rows if r["method"] != "full"})
+        out += [f"## {model}: {metric} (context {context})", ""]
+        out.append("| method | allocator | " + " | ".join(f"b={b:g}" for b in budgets) + " |")
+        out.append("|---|---|" + "---|" * len(budgets))
+        by_row = defaultdict(dict)
+        for r in rows:
+            by_row[(r["method"], r["allocator"])][r["budget"]] = r
+        for (method, alloc), cells in sorted(by_row.items()):
+            if method == "full":
+                r = next(iter(cells.values()))
+                out.append(f"| full | - | {_fmt(r)} (b=1) |" + " |" * (len(budgets) - 1))
+                continue
+            vals = [
+                f"{_fmt(cells[b])} ({cells[b]['bytes_ratio']:.3f})" if b in cells else ""
+                for b in budgets
+            ]
+            out.append(f"| {method} | {alloc} | " + " | ".join(vals) + " |")
+        out.append("")
+    out.append("Cells: value (measured bytes ratio = packed bytes / full 16-bit bytes).")
+    return "\n".join(out) + "\n"
+
+
+def plot_records(records: list[dict], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """PNG per model: perplexity change vs budget and NIAH accuracy vs budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    models = sorted({r["model"] for r in records})
+    for model in models:
+        panels = [
+            ("ppl_delta_pct", "perplexity change vs full (%)"),
+            ("niah_acc", "NIAH accuracy"),
+        ]
+        present = [
+            p for p in panels if any(r["model"] == model and r["metric"] == p[0] for r in records)
+        ]
+        if not present:
+            continue
+        fig, axes = plt.subplots(1, len(present), figsize=(6.5 * len(present), 4.5), squeeze=False)
+        for ax, (metric, label) in zip(axes[0], present):
+            rows = [r for r in records if r["model"] == model and r["metric"] == metric]
+            contexts = sorted({r["context"] for r in rows})
+            ctx = max(contexts)
+            series = defaultdict(list)
+            for r in rows:
+                if r["context"] == ctx and r["method"] != "full":
+                    series[(r["method"], r["allocator"])].append((r["bytes_ratio"], r["value"]))
+            for (method, alloc), pts in sorted(series.items()):
+                pts.sort()
+                name = method if alloc == "-" else f"{method} ({alloc})"
+                style = "-o" if method.startswith("spectrum") else "--s"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=4)
+            full = [r for r in rows if r["method"] == "full" and r["context"] == ctx]
+            if full and metric == "niah_acc":
+                ax.axhline(full[0]["value"], color="k", lw=0.8, ls=":", label="full precision")
+            if metric == "ppl_delta_pct":
+                ax.set_yscale("symlog", linthresh=1.0)
+                ax.axhline(0, color="k", lw=0.8, ls=":")
+            ax.set_xlabel("bytes sent / full 16-bit KV bytes")
+            ax.set_ylabel(label)
+            ax.set_title(f"{model} (context {ctx})")
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = out / f"quality_{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
