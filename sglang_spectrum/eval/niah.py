@@ -123,6 +123,7 @@ def evaluate_niah(
     bar = tqdm(total=len(prompts) * len(runs), desc=f"niah@{context}", disable=not progress)
     for trial in prompts:
         kv = prefill(model, trial.input_ids[None], obs_window=obs_window)
+        memo: dict = {}
         for i, (method, alloc, budget) in enumerate(runs):
             tokens, ratio = apply_method(
                 model,
@@ -132,6 +133,7 @@ def evaluate_niah(
                 budget,
                 auto_tiers,
                 max_new_tokens=max_new_tokens,
+                memo=memo,
                 eos_token_id=tokenizer.eos_token_id,
             )
             answer = tokenizer.decode(tokens, skip_special_tokens=True)

@@ -114,11 +114,20 @@ def evaluate_ppl(
         kv = prefill(model, window[None, :context], obs_window=obs_window)
         feed = window[None, context:-1]
         targets = window[context + 1 :]
+        memo: dict = {}
         for i, (method, alloc, budget) in enumerate(runs):
-            logits, ratio = apply_method(
-                model, kv, method, alloc, budget, auto_tiers, next_ids=feed
+            mean_nll, ratio = apply_method(
+                model,
+                kv,
+                method,
+                alloc,
+                budget,
+                auto_tiers,
+                next_ids=feed,
+                memo=memo,
+                post=lambda logits: float(_nll(logits, targets).mean()),  # noqa: B023
             )
-            nll[i].append(float(_nll(logits, targets).mean()))
+            nll[i].append(mean_nll)
             ratios[i].append(ratio)
             bar.update(1)
     bar.close()

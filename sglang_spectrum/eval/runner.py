@@ -5,6 +5,7 @@ Shared by the perplexity protocol, needle-in-a-haystack and the HF probe engine.
 
 from __future__ import annotations
 
+import msgspec
 import torch
 
 from ..codec import decode_kv, pack_kv
@@ -18,13 +19,16 @@ def degrade(kv, config: SpectrumConfig, use_queries: bool = True, dtype=None):
     Args:
         kv: :class:`~sglang_spectrum.eval.hf_bridge.PromptKV`.
     Returns:
-        (keys, values, kept, bytes_ratio): per-layer ``[T_l, H, D]`` tensors in
-        ``dtype`` (default: the KV's), bool ``[T]``, packed / full bytes.
+        (keys, values, kept, bytes_ratio, key): per-layer ``[T_l, H, D]`` tensors
+        in ``dtype`` (default: the KV's), bool ``[T]``, packed / full bytes, and
+        a key that is equal for two runs exactly when their packed bytes are.
     """
     queries = kv.queries if use_queries else None
     packed = pack_kv(kv.keys, kv.values, config, queries=queries, num_tokens=kv.num_tokens)
     keys, values, kept = decode_kv(packed.to_bytes(), dtype=dtype or kv.keys[0].dtype)
-    return keys, values, kept, packed.bytes_ratio
+    h = packed.header
+    key = (h.tier_map, h.checksum, h.payload_nbytes, msgspec.msgpack.encode(h.layout))
+    return keys, values, kept, packed.bytes_ratio, key
 
 
 def method_config(method: Method, allocator: str, budget: float, auto_tiers: str):
@@ -42,32 +46,47 @@ def apply_method(
     next_ids: torch.Tensor | None = None,
     max_new_tokens: int | None = None,
     eos_token_id: int | None = None,
+    memo: dict | None = None,
+    post=None,
 ):
     """Degrade ``kv`` with one method, then either score ``next_ids`` (returns
     ``(logits [M, vocab], bytes_ratio)``) or decode greedily (returns
-    ``(token ids, bytes_ratio)``)."""
+    ``(token ids, bytes_ratio)``).
+
+    ``memo`` (one dict per prompt) skips the model when an earlier method
+    produced the very same packed bytes (e.g. uniform INT4 at every budget
+    it fits, or ``spectrum-auto`` and the tier mode it resolved to).
+    ``post`` maps the output (e.g. logits to a mean NLL) before it is
+    returned and memoised.
+    """
     from .hf_bridge import continue_from_kv, greedy_generate_from_kv
 
     method = parse_method(method) if isinstance(method, str) else method
     config = method_config(method, allocator, budget, auto_tiers)
-    keys, values, kept, ratio = degrade(kv, config, use_queries=not method.key_norm)
+    keys, values, kept, ratio, key = degrade(kv, config, use_queries=not method.key_norm)
+    if memo is not None and key in memo:
+        return memo[key], ratio
     if next_ids is not None:
-        logits = continue_from_kv(
+        out = continue_from_kv(
             model, keys, values, kv.layer_first_pos, kv.num_tokens, kept, next_ids
         )
-        return logits, ratio
-    tokens = greedy_generate_from_kv(
-        model,
-        keys,
-        values,
-        kv.layer_first_pos,
-        kv.num_tokens,
-        kept,
-        kv.logits_last,
-        max_new_tokens or 10,
-        eos_token_id,
-    )
-    return tokens, ratio
+    else:
+        out = greedy_generate_from_kv(
+            model,
+            keys,
+            values,
+            kv.layer_first_pos,
+            kv.num_tokens,
+            kept,
+            kv.logits_last,
+            max_new_tokens or 10,
+            eos_token_id,
+        )
+    if post is not None:
+        out = post(out)
+    if memo is not None:
+        memo[key] = out
+    return out, ratio
 
 
 class HFProbeEngine:
@@ -91,7 +110,7 @@ class HFProbeEngine:
         from .hf_bridge import greedy_generate_from_kv
 
         kv = self._prefill(input_ids)
-        keys, values, kept, _ = degrade(kv, config)
+        keys, values, kept, _, _ = degrade(kv, config)
         tokens = greedy_generate_from_kv(
             self.model,
             keys,
