@@ -7,7 +7,7 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.spectrum-bootstrap"
-want_stamp="$(cat requirements-cpu.txt constraints-cpu.txt pyproject.toml scripts/bootstrap.sh patches/*.patch 2>/dev/null | sha256sum | cut -c1-16)"
+want_stamp="$(cat requirements-cpu.txt constraints-cpu.txt pyproject.toml setup.py sglang_spectrum/sglang_plugin/*.pth scripts/bootstrap.sh patches/*.patch 2>/dev/null | sha256sum | cut -c1-16)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]]; then
   exit 0
