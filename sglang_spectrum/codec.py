@@ -53,7 +53,7 @@ import msgspec
 import torch
 
 from .config import SpectrumConfig, SpectrumConfigError, SpectrumFormatError
-from .policy import QUANT_BITS, TIER_NAMES, Tier, allocate_tiers
+from .policy import QUANT_BITS, TIER_NAMES, Tier, allocate_tiers, allowed_tiers
 from .scoring import infer_layer_first_pos, score_tokens
 
 FORMAT_VERSION = 1
@@ -397,6 +397,25 @@ def make_layout(
     return layout
 
 
+def token_budget(layout: KVLayout, config: SpectrumConfig) -> int:
+    """Bytes the allocator may spend on token data (the buffer minus its fixed part).
+
+    ``floor(budget * full_nbytes) - fixed_overhead``; at ``budget=1.0`` at least
+    everything at FP16 (lossless); with ``allow_drop=False`` at least every
+    token at the cheapest allowed tier, sinks at FP16 (then a short prompt may
+    exceed the budget instead of losing tokens).
+    """
+    costs = layout.token_costs()
+    budget = math.floor(config.budget * layout.full_nbytes) - fixed_overhead(layout)
+    if config.budget >= 1.0:
+        budget = max(budget, int(costs[:, Tier.FP16].sum()))
+    if not config.allow_drop:
+        sinks = min(config.sinks, layout.num_tokens)
+        base = allowed_tiers(config)[-1]
+        budget = max(budget, int(costs[:sinks, Tier.FP16].sum() + costs[sinks:, base].sum()))
+    return budget
+
+
 def plan_tiers(
     keys: Sequence[torch.Tensor],
     values: Sequence[torch.Tensor],
@@ -419,9 +438,7 @@ def plan_tiers(
             f"scores must be [{layout.num_tokens}] or [layers, {layout.num_tokens}],"
             f" got {tuple(scores.shape)}"
         )
-    budget = math.floor(config.budget * layout.full_nbytes) - fixed_overhead(layout)
-    if config.budget >= 1.0:
-        budget = max(budget, int(layout.token_costs()[:, Tier.FP16].sum()))
+    budget = token_budget(layout, config)
     errors = None
     if config.method == "spectrum" and config.allocator == "optimal":
         errors = measure_tier_errors(keys, values, layout)
@@ -496,8 +513,8 @@ def pack_kv(
     layout, tiers = plan_tiers(keys, values, config, scores, queries, num_tokens)
     policy = f"{config.method}/{config.allocator}/{config.tiers}/b={config.budget:g}"
     packed = pack_tiers(keys, values, layout, tiers, policy)
-    limit = math.floor(config.budget * layout.full_nbytes)
-    if packed.nbytes > limit and config.budget < 1.0:  # an accounting bug, never a user error
+    limit = token_budget(layout, config) + fixed_overhead(layout)
+    if packed.nbytes > limit:  # an accounting bug, never a user error
         raise AssertionError(f"packed {packed.nbytes} bytes over the budget of {limit}")
     return packed
 

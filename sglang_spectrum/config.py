@@ -54,6 +54,10 @@ class SpectrumConfig:
             free in bytes); ``"none"`` quantises the raw vectors.
         pdtrim_head_fraction: share of PDTrim's kept tokens taken from the
             start of the prompt (at least ``sinks``); the rest from the end.
+        allow_drop: False never drops a token: when the budget cannot hold
+            every token at the cheapest allowed tier (a short prompt, whose
+            sinks and header weigh more), the budget is raised to that floor.
+            Serving uses this, since SGLang's decode path cannot skip positions.
     """
 
     budget: float = 0.5
@@ -65,6 +69,7 @@ class SpectrumConfig:
     method: str = "spectrum"
     rotation: str = "none"
     pdtrim_head_fraction: float = 0.1
+    allow_drop: bool = True
 
     def __post_init__(self) -> None:
         try:

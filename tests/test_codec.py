@@ -363,3 +363,15 @@ def test_checksum_detects_swaps_and_is_device_independent():
     swapped[0:4], swapped[4:8] = data[4:8].clone(), data[0:4].clone()
     assert payload_checksum(swapped) != c
     assert payload_checksum(data.clone()) == c and c < 2**62
+
+
+@pytest.mark.parametrize("tiers", ["3", "2"])
+def test_no_drop_mode_raises_the_budget_instead_of_dropping(tiers):
+    keys, values = random_kv(tokens=24)  # short: sinks + header weigh a lot
+    cfg = SpectrumConfig(budget=0.2, tiers=tiers, allow_drop=False)
+    packed = pack_kv(keys, values, cfg)
+    assert packed.tier_counts["drop"] == 0
+    assert pack_kv(keys, values, cfg.with_(allow_drop=True)).tier_counts["drop"] > 0
+    long_keys, long_values = random_kv(tokens=512)
+    packed = pack_kv(long_keys, long_values, SpectrumConfig(budget=0.4, allow_drop=False))
+    assert packed.tier_counts["drop"] == 0 and packed.nbytes <= 0.4 * packed.full_nbytes
