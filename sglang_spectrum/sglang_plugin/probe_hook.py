@@ -1,17 +1,46 @@
 """The tier mode in force in this server process (``--spectrum-tiers auto|3|2``).
 
-``auto`` is resolved by the INT4-tolerance probe at scheduler startup (see
-``run_startup_probe``); until a decision exists, and whenever the probe cannot
-run, the safe 2-tier mode (FP16+INT8) is used.
+``auto`` is resolved by the INT4-tolerance probe at scheduler startup
+(:func:`run_startup_probe`, called from the prefill KV-manager hook in
+:mod:`.startup` *before* the manager registers at the bootstrap server); until
+a decision exists, and whenever the probe cannot run, the safe 2-tier mode
+(FP16+INT8) is used.
+
+The probe is :func:`sglang_spectrum.eval.probe.run_probe` on the served model
+through SGLang's own model runner (:mod:`.sglang_engine`), its result cached by
+:func:`~sglang_spectrum.eval.probe.cached_probe` under
+``<cache>/probe/sglang-<kv dtype>/`` keyed by the weights identity, the probe
+settings and the policy version (``--spectrum-probe-refresh`` re-runs it).
+
+Environment (all optional):
+
+* ``SGLANG_SPECTRUM_PROBE_BUDGET``: the probe's budget (default 0.3). Lower it
+  to force a failing probe (e.g. in tests); it is part of the cache key.
+* ``SGLANG_SPECTRUM_PROBE_CONTEXT``: the probe's haystack length in tokens
+  (default 2048; shrunk to fit ``--context-length`` and the KV pool).
+* ``SGLANG_SPECTRUM_PROBE_CACHE_DIR``: where decisions are cached (default
+  ``$SPECTRUM_CACHE_DIR/probe`` or ``~/.cache/sglang_spectrum/probe``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BUDGET_ENV = "SGLANG_SPECTRUM_PROBE_BUDGET"
+CONTEXT_ENV = "SGLANG_SPECTRUM_PROBE_CONTEXT"
+CACHE_ENV = "SGLANG_SPECTRUM_PROBE_CACHE_DIR"
+METRIC_PASS = "spectrum_probe_int4_pass"
+METRIC_TIERS = "spectrum_tier_mode"
 
 _lock = threading.Lock()
 _decision: dict[str, Any] = {}
+_gauges: dict[str, Any] = {}
 
 
 def set_decision(tiers: str, evidence: dict[str, Any] | None = None) -> None:
@@ -35,3 +64,220 @@ def resolved_tiers(option: str) -> str:
         return option
     with _lock:
         return _decision.get("tiers", "2")
+
+
+def bootstrap_fields(option: str) -> dict[str, Any]:
+    """What the prefill tells decode at bootstrap about its tier mode (JSON-safe).
+
+    ``tier_mode``: "3" or "2", the tiers actually packed; ``tier_source``:
+    "option", "probe", "cache" or "fallback"; ``probe_int4_pass``: True/False,
+    or None when no probe result exists (option given, or fallback).
+    """
+    d = decision()
+    source = "option" if option in ("3", "2") else d.get("source", "none")
+    return {
+        "tier_mode": resolved_tiers(option),
+        "tier_source": source,
+        "probe_int4_pass": d.get("passed") if source in ("probe", "cache") else None,
+    }
+
+
+# --------------------------------------------------------------------------- startup probe
+
+
+class ProbeUnavailable(RuntimeError):
+    """The probe cannot run on this server (the message says why)."""
+
+
+def probe_settings(allocator: str, capacity: int | None = None):
+    """The :class:`ProbeSettings` for this server: defaults, env overrides, and a
+    context shrunk (halved) until prompt + answer fit ``capacity`` tokens."""
+    from sglang_spectrum.eval.probe import ProbeSettings
+
+    base = ProbeSettings()
+    budget = float(os.environ.get(BUDGET_ENV) or base.budget)
+    if not 0.0 < budget <= 1.0:
+        raise ProbeUnavailable(f"{BUDGET_ENV}={budget} is not in (0, 1]")
+    context = int(os.environ.get(CONTEXT_ENV) or base.context)
+    wanted = context
+    if capacity is not None:
+        while context + base.max_new_tokens > capacity and context // 2 >= base.min_context:
+            context //= 2
+        if context + base.max_new_tokens > capacity:
+            raise ProbeUnavailable(
+                f"the probe needs {min(wanted, base.min_context) + base.max_new_tokens} tokens"
+                f" for one request, the server has room for {capacity}"
+                " (--context-length / --max-total-tokens too small)"
+            )
+    return ProbeSettings(
+        budget=budget,
+        context=context,
+        min_context=min(base.min_context, context),
+        allocator=allocator,
+    )
+
+
+def probe_cache_dir(kv_dtype: str) -> str:
+    from sglang_spectrum.eval.probe import probe_cache_dir as default_dir
+
+    root = os.environ.get(CACHE_ENV) or str(default_dir())
+    return os.path.join(root, f"sglang-{kv_dtype}")
+
+
+def _tokenizer(scheduler: Any, server_args: Any) -> Any:
+    tok = getattr(scheduler, "tokenizer", None)
+    if tok is not None and callable(tok) and hasattr(tok, "apply_chat_template"):
+        return tok
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        server_args.tokenizer_path or server_args.model_path,
+        trust_remote_code=getattr(server_args, "trust_remote_code", False),
+    )
+
+
+def _probe(scheduler: Any, server_args: Any, allocator: str, refresh: bool):
+    """Run (or read) the probe; returns (ProbeResult, settings, lookup seconds)."""
+    from sglang_spectrum.eval.probe import cached_probe, run_probe
+    from sglang_spectrum.models import weights_identity
+
+    from .sglang_engine import SGLangProbeEngine, kv_pool_of, probe_capacity
+
+    model_runner = scheduler.tp_worker.model_runner
+    pool = kv_pool_of(model_runner)
+    settings = probe_settings(allocator, probe_capacity(model_runner))
+    weights_id = weights_identity(server_args.model_path)
+    cache_dir = probe_cache_dir(str(pool.k_buffer[0].dtype).removeprefix("torch."))
+
+    def run():
+        tokenizer = _tokenizer(scheduler, server_args)
+        engine = SGLangProbeEngine(model_runner, tokenizer, settings.max_new_tokens)
+        return run_probe(engine, tokenizer, settings)
+
+    t0 = time.perf_counter()
+    result = cached_probe(weights_id, run, settings, refresh=refresh, cache_dir=cache_dir)
+    return result, settings, time.perf_counter() - t0
+
+
+def run_startup_probe(scheduler: Any, server_args: Any) -> dict[str, Any]:
+    """Resolve ``--spectrum-tiers`` for this prefill server; never raises.
+
+    Does nothing (returns ``{}``) unless this is a SpectrumKV prefill server.
+    ``3``/``2``: recorded as given. ``auto``: the probe (or its cached result)
+    decides; a probe that cannot run logs one WARNING and falls back to "2".
+    Returns :func:`decision`.
+    """
+    from . import BACKEND_NAME
+
+    try:
+        if getattr(server_args, "disaggregation_transfer_backend", None) != BACKEND_NAME:
+            return {}
+        if str(getattr(server_args, "disaggregation_mode", "null")) != "prefill":
+            return {}
+        from .options import options_from_server_args
+
+        opts = options_from_server_args(server_args)
+    except Exception as e:
+        logger.warning("SpectrumKV: INT4 probe skipped, tiers 2 (%s: %s)", type(e).__name__, e)
+        set_decision("2", {"source": "fallback", "reason": f"{type(e).__name__}: {e}"})
+        _publish(server_args, "2", None, "fallback")
+        return decision()
+
+    if opts.tiers in ("3", "2"):
+        set_decision(opts.tiers, {"source": "option"})
+        logger.info("SpectrumKV: --spectrum-tiers %s given, INT4 probe not run", opts.tiers)
+        _publish(server_args, opts.tiers, None, "option")
+        return decision()
+
+    t0 = time.perf_counter()
+    try:
+        result, settings, lookup_s = _probe(
+            scheduler, server_args, opts.allocator, opts.probe_refresh
+        )
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        logger.warning(
+            "SpectrumKV: INT4 probe could not run, falling back to --spectrum-tiers 2 (%s)",
+            reason,
+        )
+        set_decision(
+            "2",
+            {"source": "fallback", "reason": reason, "seconds": time.perf_counter() - t0},
+        )
+        _publish(server_args, "2", None, "fallback")
+        return decision()
+
+    source = "cache" if result.cached else "probe"
+    set_decision(
+        result.decision,
+        {
+            "source": source,
+            "passed": result.passed,
+            "reason": result.reason,
+            "context": result.context,
+            "budget": settings.budget,
+            "seconds": result.seconds,
+            "lookup_seconds": lookup_s,
+            "trials": result.trials,
+        },
+    )
+    logger.info(
+        "SpectrumKV: %s -> --spectrum-tiers auto resolved to %s (%s in %.2f s; budget %g,"
+        " context %d)",
+        result.summary(),
+        result.decision,
+        "read from cache" if result.cached else "probe run",
+        lookup_s,
+        settings.budget,
+        result.context,
+    )
+    for i, t in enumerate(result.trials):
+        logger.info(
+            "SpectrumKV: probe trial %d: context %d depth %.2f needle %s | full %r (%s) |"
+            " 3-tier %r (%s)",
+            i,
+            t["context"],
+            t["depth"],
+            t["needle"],
+            t["full_answer"],
+            "ok" if t["full_ok"] else "miss",
+            t["degraded_answer"],
+            "ok" if t["degraded_ok"] else ("miss" if t["degraded_answer"] is not None else "-"),
+        )
+    _publish(server_args, result.decision, result.passed, source)
+    return decision()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _publish(server_args: Any, tiers: str, passed: bool | None, source: str) -> None:
+    """Prometheus gauges (only with ``--enable-metrics``)."""
+    if not getattr(server_args, "enable_metrics", False):
+        return
+    try:
+        from prometheus_client import Gauge
+
+        labels = {
+            "model_name": str(
+                getattr(server_args, "served_model_name", None) or server_args.model_path
+            ),
+            "source": source,
+        }
+        if not _gauges:
+            _gauges[METRIC_PASS] = Gauge(
+                METRIC_PASS,
+                "SpectrumKV INT4-tolerance probe: 1 pass, 0 fail, -1 not run (option/fallback).",
+                labelnames=list(labels),
+                multiprocess_mode="mostrecent",
+            )
+            _gauges[METRIC_TIERS] = Gauge(
+                METRIC_TIERS,
+                "SpectrumKV tier mode in force: 3 (FP16+INT8+INT4) or 2 (FP16+INT8).",
+                labelnames=list(labels),
+                multiprocess_mode="mostrecent",
+            )
+        _gauges[METRIC_PASS].labels(**labels).set(-1 if passed is None else int(passed))
+        _gauges[METRIC_TIERS].labels(**labels).set(int(tiers))
+    except Exception as e:  # metrics are best effort
+        logger.warning("SpectrumKV: probe metrics not published (%s)", e)

@@ -26,6 +26,9 @@ def _wrap_init_kv_manager(queue_cls: type, pool_attr: str) -> None:
 
     @functools.wraps(original)
     def _init_kv_manager(self):
+        from .probe_hook import run_startup_probe  # PROBE-HOOK (no-op unless spectrum prefill)
+
+        run_startup_probe(self.scheduler, self.scheduler.server_args)
         kv_manager = original(self)
         attach = getattr(kv_manager, "attach_kv_pool", None)
         if attach is not None:

@@ -1,0 +1,219 @@
+"""The INT4 probe's engine on SGLang's own model runner (no scheduler loop).
+
+Drives ``ModelRunner`` the way ``sglang/bench_one_batch.py`` does (``Req`` ->
+``ScheduleBatch.prepare_for_extend`` -> ``get_model_worker_batch`` ->
+``ForwardBatch.init_new`` -> ``model_runner.forward``, then
+``prepare_for_decode`` steps), with the server's real pools and allocators but
+a dummy prefix cache (the probe's prompts never enter the radix tree). One
+answer:
+
+1. extend the prompt (full precision, like the prefill server); the first
+   answer token comes from these logits, as in PD serving;
+2. degraded only: read the prompt's K/V from its pool slots
+   (``req_to_token`` -> ``k_buffer[l]`` / ``v_buffer[l]``), ``pack_kv`` under
+   the probe's 3-tier config (``allow_drop=False``, as a transfer packs:
+   no queries, K-only importance) and ``unpack_kv`` back into the same slots,
+   i.e. the decode server's view of the transferred KV;
+3. decode greedily (argmax) up to ``max_new_tokens`` or EOS;
+4. free the request's KV slots and its ``req_to_token`` row, and check that
+   both pools are back to their size before the call (a leak raises).
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from sglang_spectrum.codec import pack_kv, unpack_kv
+from sglang_spectrum.config import SpectrumConfig
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ids = itertools.count()
+
+
+class ProbeEngineError(RuntimeError):
+    """The probe cannot run on this model runner (the reason is the message)."""
+
+
+class _ProbeTreeCache(SimpleNamespace):
+    """Minimal prefix cache for ``ScheduleBatch`` (as ``bench_one_batch`` uses):
+    allocation only, nothing cached, nothing evictable."""
+
+    def supports_swa(self) -> bool:
+        return False
+
+    def supports_mamba(self) -> bool:
+        return False
+
+    def is_chunk_cache(self) -> bool:
+        return False
+
+    def is_tree_cache(self) -> bool:
+        return True
+
+    def evict(self, params: Any) -> None:
+        pass
+
+    def pretty_print(self) -> None:
+        pass
+
+    def available_and_evictable_str(self) -> str:
+        return f"available={self.token_to_kv_pool_allocator.available_size()}"
+
+
+def kv_pool_of(model_runner: Any) -> Any:
+    """The MHA pool holding ``k_buffer``/``v_buffer`` (raises ProbeEngineError otherwise)."""
+    pool = model_runner.token_to_kv_pool
+    if hasattr(pool, "full_kv_pool"):
+        raise ProbeEngineError(f"hybrid KV pool {type(pool).__name__} is not supported")
+    if not (hasattr(pool, "k_buffer") and hasattr(pool, "v_buffer")):
+        raise ProbeEngineError(f"KV pool {type(pool).__name__} has no k_buffer/v_buffer (MLA?)")
+    dtype = pool.k_buffer[0].dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        raise ProbeEngineError(f"KV pool dtype {dtype} is not supported (16/32-bit float only)")
+    return pool
+
+
+def probe_capacity(model_runner: Any) -> int:
+    """Most tokens (prompt + answer) one probe request may hold right now."""
+    limits = [
+        int(model_runner.token_to_kv_pool_allocator.available_size()),
+        int(model_runner.req_to_token_pool.max_context_len),
+        int(model_runner.model_config.context_len),
+    ]
+    if model_runner.req_to_token_pool.available_size() < 1:
+        return 0
+    page = int(getattr(model_runner.token_to_kv_pool_allocator, "page_size", 1) or 1)
+    return max(0, min(limits) - page)  # one page of headroom for paged allocation
+
+
+class SGLangProbeEngine:
+    """``full_answer`` / ``degraded_answer`` (see :mod:`sglang_spectrum.eval.probe`)
+    on an SGLang ``ModelRunner``."""
+
+    def __init__(
+        self,
+        model_runner: Any,
+        tokenizer: Any,
+        max_new_tokens: int = 10,
+        eos_token_ids: set[int] | None = None,
+    ):
+        self.mr = model_runner
+        self.tokenizer = tokenizer
+        self.max_new_tokens = int(max_new_tokens)
+        self.pool = kv_pool_of(model_runner)
+        if eos_token_ids is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos_token_ids = {int(eos)} if eos is not None else set()
+            gen = getattr(model_runner.model_config, "hf_eos_token_id", None)
+            if gen:
+                eos_token_ids |= {int(t) for t in gen}
+        self.eos = set(eos_token_ids)
+        self.last_tier_counts: dict[str, int] | None = None
+        self.forwards = 0
+
+    # ------------------------------------------------------------------ API
+
+    def full_answer(self, input_ids: torch.Tensor) -> str:
+        return self._answer(input_ids, None)
+
+    def degraded_answer(self, input_ids: torch.Tensor, config: SpectrumConfig) -> str:
+        # A transfer never drops tokens (DESIGN.md §8): same here.
+        return self._answer(input_ids, config.with_(allow_drop=False))
+
+    # ------------------------------------------------------------------ internals
+
+    def _answer(self, input_ids: torch.Tensor, config: SpectrumConfig | None) -> str:
+        tokens = self.generate(input_ids.tolist(), config)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], config: SpectrumConfig | None = None) -> list[int]:
+        """Greedy answer token ids for the prompt ``ids`` (KV degraded by ``config``)."""
+        from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+        from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+        from sglang.srt.sampling.sampling_params import SamplingParams
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+        mr = self.mr
+        need = len(ids) + self.max_new_tokens
+        if need > probe_capacity(mr):
+            raise ProbeEngineError(
+                f"probe request of {need} tokens does not fit (room for {probe_capacity(mr)})"
+            )
+        allocator, req_pool = mr.token_to_kv_pool_allocator, mr.req_to_token_pool
+        free_tokens, free_reqs = allocator.available_size(), req_pool.available_size()
+
+        req = Req(
+            rid=f"spectrum-probe-{next(_ids)}",
+            origin_input_text="",
+            origin_input_ids=list(ids),
+            sampling_params=SamplingParams(temperature=0, max_new_tokens=self.max_new_tokens),
+        )
+        req.fill_ids = list(ids)
+        req.logprob_start_len = -1
+        req.set_extend_input_len(len(req.fill_ids))
+        tree_cache = _ProbeTreeCache(
+            page_size=int(getattr(allocator, "page_size", 1) or 1),
+            device=mr.device,
+            token_to_kv_pool_allocator=allocator,
+            req_to_token_pool=req_pool,
+        )
+        batch = ScheduleBatch.init_new(
+            reqs=[req],
+            req_to_token_pool=req_pool,
+            token_to_kv_pool_allocator=allocator,
+            tree_cache=tree_cache,
+            model_config=mr.model_config,
+            enable_overlap=False,
+            spec_algorithm=SpeculativeAlgorithm.NONE,
+        )
+        allocated = 0  # KV slots of this request (prefix of its req_to_token row)
+        out: list[int] = []
+        try:
+            batch.prepare_for_extend()
+            allocated = int(batch.seq_lens_cpu[0])
+            next_id = self._forward(batch, ForwardBatch)
+            if config is not None:
+                self._degrade(req.req_pool_idx, len(ids), config)
+            while True:
+                out.append(next_id)
+                if next_id in self.eos or len(out) >= self.max_new_tokens:
+                    break
+                batch.output_ids = torch.tensor([next_id], dtype=torch.int64, device=mr.device)
+                batch.prepare_for_decode()
+                allocated = int(batch.seq_lens_cpu[0])
+                next_id = self._forward(batch, ForwardBatch)
+        finally:
+            if req.req_pool_idx is not None:
+                if allocated:
+                    slots = req_pool.req_to_token[req.req_pool_idx, :allocated]
+                    allocator.free(slots.to(torch.int64))
+                req_pool.free(req)
+        after = (allocator.available_size(), req_pool.available_size())
+        if after != (free_tokens, free_reqs):
+            raise ProbeEngineError(
+                f"probe leaked pool slots: tokens {free_tokens} -> {after[0]},"
+                f" requests {free_reqs} -> {after[1]}"
+            )
+        return out
+
+    def _forward(self, batch: Any, ForwardBatch: Any) -> int:
+        worker_batch = batch.get_model_worker_batch()
+        forward_batch = ForwardBatch.init_new(worker_batch, self.mr)
+        logits = self.mr.forward(forward_batch).logits_output.next_token_logits
+        self.forwards += 1
+        return int(logits[0].argmax())
+
+    def _degrade(self, req_pool_idx: int, n: int, config: SpectrumConfig) -> None:
+        """Pack the prompt's pool KV as a transfer would and write it back in place."""
+        slots = self.mr.req_to_token_pool.req_to_token[req_pool_idx, :n].to(torch.int64)
+        k_pools, v_pools = self.pool.k_buffer, self.pool.v_buffer
+        keys = [k[slots] for k in k_pools]
+        values = [v[slots] for v in v_pools]
+        packed = pack_kv(keys, values, config)
+        info = unpack_kv(packed.to_tensor(), k_pools, v_pools, slots)
+        self.last_tier_counts = info.tier_counts
