@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 BUDGET_ENV = "SGLANG_SPECTRUM_PROBE_BUDGET"
 CONTEXT_ENV = "SGLANG_SPECTRUM_PROBE_CONTEXT"
 CACHE_ENV = "SGLANG_SPECTRUM_PROBE_CACHE_DIR"
-METRIC_PASS = "spectrum_probe_int4_pass"
-METRIC_TIERS = "spectrum_tier_mode"
+METRIC_PASS = "spectrumkv_probe_int4_pass"  # same prefix as .metrics
+METRIC_TIERS = "spectrumkv_probe_tier_mode"
 
 _lock = threading.Lock()
 _decision: dict[str, Any] = {}
@@ -262,6 +262,7 @@ def _publish(server_args: Any, tiers: str, passed: bool | None, source: str) -> 
             "model_name": str(
                 getattr(server_args, "served_model_name", None) or server_args.model_path
             ),
+            "role": "prefill",
             "source": source,
         }
         if not _gauges:
@@ -273,7 +274,7 @@ def _publish(server_args: Any, tiers: str, passed: bool | None, source: str) -> 
             )
             _gauges[METRIC_TIERS] = Gauge(
                 METRIC_TIERS,
-                "SpectrumKV tier mode in force: 3 (FP16+INT8+INT4) or 2 (FP16+INT8).",
+                "SpectrumKV tier mode decided at startup: 3 (FP16+INT8+INT4) or 2 (FP16+INT8).",
                 labelnames=list(labels),
                 multiprocess_mode="mostrecent",
             )
