@@ -189,8 +189,15 @@ def test_options_parse_and_reach_scheduler_pickle(smollm2):
         "tiers": "2",
         "allocator": "optimal",
         "probe_refresh": True,
+        "arena_mb": 0.0,
     }
-    defaults = {"budget": 0.5, "tiers": "auto", "allocator": "paper", "probe_refresh": False}
+    defaults = {
+        "budget": 0.5,
+        "tiers": "auto",
+        "allocator": "paper",
+        "probe_refresh": False,
+        "arena_mb": 0.0,
+    }
     assert out["defaults"] == defaults
     assert out["programmatic"] == defaults
 
@@ -314,7 +321,8 @@ def test_prefill_refuses_rooms_of_incompatible_decode():
         m._peer_lock = threading.Lock(); m._decode_sessions = {}; m._failed_rooms = set()
         m._pinned_failures = {}; m.request_status = {}; m.failure_records = {}
         m.failure_lock = threading.Lock(); m.attn_tp_rank = m.pp_rank = m.attn_cp_rank = 0
-        m.pp_size = m.attn_cp_size = 1
+        m.pp_size = m.attn_cp_size = m.attn_tp_size = 1
+        m.identity = conn.wire_identity(); m._grants = {}
         sent = []
         class Sock:
             def send_multipart(self, frames): sent.append([f.decode() for f in frames])

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "spectrum_tiers": "auto",
     "spectrum_allocator": "paper",
     "spectrum_probe_refresh": False,
+    "spectrum_arena_mb": 0.0,
 }
 _MARK = "_sglang_spectrum_options"
 
@@ -48,6 +49,7 @@ class SpectrumServerOptions:
     tiers: str = DEFAULTS["spectrum_tiers"]
     allocator: str = DEFAULTS["spectrum_allocator"]
     probe_refresh: bool = DEFAULTS["spectrum_probe_refresh"]
+    arena_mb: float = DEFAULTS["spectrum_arena_mb"]
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
@@ -63,6 +65,10 @@ class SpectrumServerOptions:
             )
         object.__setattr__(self, "budget", float(self.budget))
         object.__setattr__(self, "probe_refresh", bool(self.probe_refresh))
+        arena = float(self.arena_mb or 0.0)
+        if math.isnan(arena) or arena < 0:
+            raise SpectrumOptionError(f"--spectrum-arena-mb must be >= 0, got {self.arena_mb}")
+        object.__setattr__(self, "arena_mb", arena)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +96,7 @@ def options_from_server_args(server_args: Any) -> SpectrumServerOptions:
         probe_refresh=getattr(
             server_args, "spectrum_probe_refresh", DEFAULTS["spectrum_probe_refresh"]
         ),
+        arena_mb=getattr(server_args, "spectrum_arena_mb", DEFAULTS["spectrum_arena_mb"]),
     )
 
 
@@ -196,6 +203,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="Re-run the INT4-tolerance probe instead of using a cached result.",
+    )
+    group.add_argument(
+        "--spectrum-arena-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="Size of the Mooncake-registered packed-KV arena (prefill: send buffers,"
+        " decode: receive buffers). 0 = auto: a quarter of the KV pool, 64 MiB to 1 GiB."
+        " A full decode arena defers new transfers until a region frees.",
     )
 
 
