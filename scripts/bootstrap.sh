@@ -25,10 +25,12 @@ fi
 pip_install() {
   # The machine's pip config lists local indexes; hide their "is ignored" noise.
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints-cpu.txt "$@" \
-    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    2> >(grep -v -e "is ignored: it is neither a file nor a directory" \
+                 -e "^sglang 0.5.10.post1 requires" -e "dependency resolver does not" >&2)
 }
 echo "[bootstrap] installing torch (CPU) ..."
 pip_install torch==2.13.0
+# pip then reports sglang's unmet CUDA pins (torch==2.9.1, sglang-kernel, ...): expected, hidden.
 echo "[bootstrap] installing sglang 0.5.10.post1 (no deps; CUDA-only deps left out) ..."
 pip_install --no-deps sglang==0.5.10.post1
 echo "[bootstrap] installing runtime and test dependencies ..."
