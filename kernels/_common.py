@@ -1,0 +1,88 @@
+"""Helpers shared by the launchers: dtype maps, pointer tables, launch options."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton.language as tl
+
+from ..codec import KVLayout
+from ..config import SpectrumConfigError
+
+TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def interpreted(kernel) -> bool:
+    """True when ``kernel`` runs in Triton's CPU interpreter (it was decorated while
+    ``TRITON_INTERPRET=1`` was set; the variable itself may be gone by now)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def launch_options(device: torch.device) -> dict:
+    """Compile options: no mul+add contraction into FMA, so the quantiser rounds
+    every float32 step exactly like the torch reference (separate kernels)."""
+    return {} if device.type != "cuda" else {"enable_fp_fusion": False}
+
+
+def wire_dtype(dtype: torch.dtype):
+    """Triton dtype of the FP16 tier on the wire for a pool of ``dtype``."""
+    return tl.float16 if dtype == torch.float32 else TL_DTYPES[dtype]
+
+
+_TABLES: dict[tuple, tuple[torch.dtype, torch.Tensor]] = {}
+
+
+def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64 ``[n]`` device tensor of the tensors' data pointers (one launch, all layers)."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
+
+
+def pool_table(
+    layout: KVLayout, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor],
+    error=None,
+) -> tuple[torch.dtype, torch.Tensor]:
+    """Validated pools: their dtype and the int64 ``[2L]`` device table of K then V pointers.
+
+    Cached by the pools' addresses (plus the first pool's dtype and shape), so
+    SGLang's long-lived pools are checked and copied to the device once, and a
+    launch neither waits on a pageable copy nor spends ~100 us in Python checks.
+    """
+    pools = [*k_pools, *v_pools]
+    ref = pools[0]
+    key = (str(ref.device), ref.dtype, tuple(ref.shape), layout.num_layers, layout.num_kv_heads,
+           layout.head_dim, *(t.data_ptr() for t in pools))
+    hit = _TABLES.get(key)
+    if hit is None:
+        dtype = check_pools(layout, k_pools, v_pools, error)
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        hit = _TABLES[key] = (dtype, pointer_table(pools, ref.device))
+    return hit
+
+
+def check_pools(
+    layout: KVLayout, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], error=None
+) -> torch.dtype:
+    """Validate per-layer ``[num_slots, H, D]`` pools; returns their common dtype.
+
+    Pools must be contiguous, on one device, of one dtype (bf16, fp16 or fp32).
+    """
+    error = error or SpectrumConfigError
+    if len(k_pools) != layout.num_layers or len(v_pools) != layout.num_layers:
+        raise error(
+            f"layout has {layout.num_layers} layers, got {len(k_pools)} K and"
+            f" {len(v_pools)} V pools"
+        )
+    ref = k_pools[0]
+    want = (layout.num_kv_heads, layout.head_dim)
+    for layer, (k, v) in enumerate(zip(k_pools, v_pools)):
+        for x in (k, v):
+            if x.dim() != 3 or tuple(x.shape[1:]) != want:
+                raise error(f"layer {layer}: pools must be [slots, {want[0]}, {want[1]}],"
+                            f" got {tuple(x.shape)}")
+            if x.dtype != ref.dtype or x.device != ref.device or not x.is_contiguous():
+                raise error(f"layer {layer}: pools must be contiguous, of one dtype and device")
+    if ref.dtype not in TL_DTYPES:
+        raise error(f"unsupported pool dtype {ref.dtype}")
+    return ref.dtype

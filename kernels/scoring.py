@@ -1,0 +1,73 @@
+"""Fused key-norm importance straight from the K pools.
+
+Same scores as :func:`scoring.key_norm_scores` on the gathered keys (per-layer
+rank of the head-averaged L2 norm, ``(rank + 1) / n``, 1 = smallest norm), but
+the norms come from one launch over all layers that reads only the keys, with
+no gathered copy. Norms agree with torch to float32 rounding (another summation
+order), so two tokens whose norms tie within ~1e-7 may swap ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TL_DTYPES, launch_options, pointer_table
+
+
+@triton.jit
+def _key_norm_kernel(ptrs, slots, first, out, num_tokens, DT: tl.constexpr, H: tl.constexpr,
+                     HP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    layer = tl.program_id(1)
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    ok = (t >= tl.load(first + layer)) & (t < num_tokens)
+    addr = tl.multiple_of(tl.load(ptrs + layer), 16)
+    pool = tl.multiple_of(addr.to(tl.pointer_type(DT)), 16)
+    slot = tl.load(slots + t, mask=ok, other=0)
+    h = tl.arange(0, HP)
+    off = (slot[:, None, None] * H + h[None, :, None]) * D + tl.arange(0, D)[None, None, :]
+    mask = ok[:, None, None] & (h < H)[None, :, None]
+    x = tl.load(pool + off, mask=mask, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(x * x, 2))  # [BT, HP]
+    tl.store(out + layer * num_tokens + t, tl.sum(norm, 1) / H, mask=ok)
+
+
+def key_norm_scores_from_pools(
+    k_pools: Sequence[torch.Tensor], slots: torch.Tensor, layer_first_pos: Sequence[int]
+) -> torch.Tensor:
+    """Key-norm scores of one request, float32 ``[L, T]`` on the pools' device.
+
+    Args:
+        k_pools: per layer ``[num_slots, H, D]`` contiguous K pools.
+        slots: int ``[T]`` pool slot of each prompt position.
+        layer_first_pos: first position each layer holds (0 at positions before).
+    """
+    device = k_pools[0].device
+    num_layers, num_tokens = len(k_pools), int(slots.numel())
+    _, heads, head_dim = k_pools[0].shape
+    hp = triton.next_power_of_2(heads)
+    bt = max(1, 4096 // (hp * head_dim))
+    norms = torch.empty(num_layers, num_tokens, dtype=torch.float32, device=device)
+    first = torch.tensor(list(layer_first_pos), dtype=torch.int64).to(device)
+    grid = (triton.cdiv(num_tokens, bt), num_layers)
+    _key_norm_kernel[grid](
+        pointer_table(k_pools, device), slots.to(device=device, dtype=torch.int64), first, norms,
+        num_tokens, DT=TL_DTYPES[k_pools[0].dtype], H=heads, HP=hp, D=head_dim, BT=bt,
+        **launch_options(device),
+    )
+    out = torch.zeros_like(norms)
+    for f in sorted(set(layer_first_pos)):  # layers sharing a window rank in one batch
+        rows = [i for i, g in enumerate(layer_first_pos) if g == f]
+        n = num_tokens - f
+        if n <= 0:
+            continue
+        idx = torch.tensor(rows, device=device)
+        order = torch.argsort(norms[idx, f:], dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(order, dtype=torch.float32)
+        ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32, device=device).expand_as(
+            ranks).contiguous())
+        out[idx, f:] = (ranks + 1) / n
+    return out

@@ -1,0 +1,211 @@
+"""Fused dequantise + scatter: SpectrumKV payload -> SGLang KV pools.
+
+The mirror of :mod:`.pack`: one launch, grid ``(blocks, 2 * L)``; each program
+reads ``BR`` (token, head) rows of one tier of one segment, dequantises them
+(``q * scale + minimum`` in float32, then the pool dtype, as the reference)
+and stores them at their pool slots. Dropped tokens are not listed, so their
+slots are never written. With ``rotation="hadamard"`` the INT tiers go
+through a float32 scratch and a torch matmul (fallback, not fused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..codec import KVLayout, UnpackInfo, hadamard, read_header
+from ..config import SpectrumFormatError
+from ..policy import TIER_NAMES, Tier
+from ._common import (
+    TL_DTYPES,
+    interpreted,
+    launch_options,
+    pointer_table,
+    pool_table,
+    wire_dtype,
+)
+from .pack import _locate, _pool_rows
+from .plan import TransferPlan, kernel_supported, plan_transfer
+
+
+@triton.jit
+def _dequantize(payload, seg, n_seg, dst, valid, BITS: tl.constexpr, BR: tl.constexpr,
+                H: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
+    """float32 ``[BR, D]`` rows ``dst`` of an INT8/INT4 segment."""
+    codes = payload + seg
+    if BITS == 8:
+        q = tl.load(codes + dst[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None],
+                    other=0)
+    else:
+        c = tl.load(codes + dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
+                    mask=valid[:, None], other=0)
+        q = tl.reshape(tl.join(c & 15, c >> 4), [BR, D])
+    sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
+    pair = (dst[:, None, None] * G + tl.arange(0, G)[None, :, None]) * 2
+    pair = pair + tl.arange(0, 2)[None, None, :]
+    s, m = tl.split(tl.load(sc + pair, mask=valid[:, None, None], other=0.0).to(tl.float32))
+    xg = tl.reshape(q.to(tl.float32), [BR, G, D // G]) * s[:, :, None] + m[:, :, None]
+    return tl.reshape(xg, [BR, D])
+
+
+@triton.jit
+def _cast(x, DST: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """``x.to(DST)``; SOFT_BF16 rounds to bf16 to nearest even by hand (the CPU
+    interpreter truncates, the GPU's cvt.rn rounds like torch)."""
+    if SOFT_BF16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DST)
+
+
+@triton.jit(do_not_specialize=["blk_lo", "b1", "b2", "n0", "n1", "n2"])
+def _unpack_kernel(
+    payload,  # uint8 [payload_nbytes]
+    dst_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
+    rows,  # int64 [N]: destination row of each listed token (pool slot)
+    meta,  # int64: plan table
+    blk_lo,  # first block of this launch
+    b1, b2, n0, n1, n2,  # first block of INT8 / INT4; tokens per tier
+    num_layers,
+    DST: tl.constexpr,  # pool dtype
+    WIRE: tl.constexpr,  # FP16-tier wire dtype
+    H: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    BR: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64) + blk_lo
+    layer = tl.program_id(1) // 2
+    kv = tl.program_id(1) % 2
+    tier, list0, n_seg, seg, r, live, valid, dst = _locate(
+        meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, BR)
+    pool, off = _pool_rows(dst_ptrs, rows, layer + kv * num_layers, list0, r, live, DST, H, D)
+    if tier == 0:
+        src = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
+        x16 = tl.load(src + dst[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None])
+        tl.store(pool + off, _cast(x16, DST, SOFT_BF16), mask=valid[:, None])
+    elif tier == 1:
+        x8 = _dequantize(payload, seg, n_seg, dst, valid, 8, BR, H, D, G)
+        tl.store(pool + off, _cast(x8, DST, SOFT_BF16), mask=valid[:, None])
+    else:
+        x4 = _dequantize(payload, seg, n_seg, dst, valid, 4, BR, H, D, G)
+        tl.store(pool + off, _cast(x4, DST, SOFT_BF16), mask=valid[:, None])
+
+
+def _launch_unpack(plan: TransferPlan, payload, ptrs, rows, dtype, blk_lo, blk_hi) -> None:
+    if blk_hi <= blk_lo:
+        return
+    lay = plan.layout
+    _unpack_kernel[(blk_hi - blk_lo, 2 * lay.num_layers)](
+        payload, ptrs, rows, plan.meta, blk_lo, *plan.block_starts[1:3], *plan.counts,
+        lay.num_layers,
+        DST=TL_DTYPES[dtype], WIRE=wire_dtype(_wire_source(lay)), H=lay.num_kv_heads,
+        D=lay.head_dim, G=lay.groups, BR=plan.block_rows,
+        SOFT_BF16=interpreted(_unpack_kernel) and dtype == torch.bfloat16,
+        num_warps=plan.num_warps, **launch_options(payload.device),
+    )
+
+
+def _wire_source(layout: KVLayout) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(layout.dtype, torch.float32)
+
+
+def unpack_payload(
+    payload: torch.Tensor,
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
+    plan: TransferPlan,
+) -> None:
+    """Run the unpack kernel: write the payload's kept tokens into the pools.
+
+    Args:
+        payload: uint8 ``[>= plan.payload_nbytes]`` on the pools' device (already
+            validated: this does no checking of the bytes).
+        k_pools, v_pools: per layer ``[num_slots, H, D]`` contiguous bf16/fp16/fp32.
+        plan: from :func:`plan_transfer` with the destination slots.
+    """
+    lay = plan.layout
+    dtype, ptrs = pool_table(lay, k_pools, v_pools)
+    device = k_pools[0].device
+    pools = [*k_pools, *v_pools]
+    _, b1, _, b3 = plan.block_starts
+    if lay.rotation != "hadamard":
+        _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b3)
+        return
+    _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1)
+    n0 = plan.counts[0]
+    n_int = plan.rows.numel() - n0
+    if not n_int:
+        return
+    scratch = torch.empty(2 * lay.num_layers, n_int, lay.num_kv_heads, lay.head_dim,
+                          dtype=torch.float32, device=device)
+    local = torch.arange(-n0, n_int, dtype=torch.int64, device=device)
+    _launch_unpack(plan, payload, pointer_table(list(scratch), device), local, torch.float32,
+                   b1, b3)
+    rot = hadamard(lay.head_dim, device)
+    for i, pool in enumerate(pools):  # post-step per tier and layer, like decode_rows
+        for k in (Tier.INT8, Tier.INT4):
+            lo, hi = plan.tier_range(int(k), i % lay.num_layers)
+            if hi > lo:
+                pool[plan.rows[lo:hi]] = (scratch[i, lo - n0 : hi - n0] @ rot).to(dtype)
+
+
+def unpack_to_pools(
+    buffer: torch.Tensor | bytes,
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
+    slots: torch.Tensor | Sequence[int],
+) -> UnpackInfo:
+    """Validate a packed buffer and scatter its dequantised KV into the pools.
+
+    The kernel twin of :func:`codec.unpack_kv`. Everything is validated first
+    (:func:`codec.read_header`: prefix, header CRC, offsets, length, payload
+    checksum; then pools and slots): on any error it raises
+    :class:`SpectrumFormatError` and writes nothing.
+
+    Args:
+        buffer: the whole packed buffer, uint8 tensor (ideally already on the
+            pools' device) or bytes.
+        k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]``.
+        slots: int ``[T]``: destination pool slot of each prompt position.
+    Returns:
+        :class:`UnpackInfo` (dropped positions are not written).
+    """
+    header, payload = read_header(buffer)
+    layout = header.layout
+    dtype, _ = pool_table(layout, k_pools, v_pools, SpectrumFormatError)
+    device = k_pools[0].device
+    slots = torch.as_tensor(slots)
+    if slots.dim() != 1 or slots.numel() != layout.num_tokens or slots.dtype.is_floating_point:
+        raise SpectrumFormatError(
+            f"slots must be an integer vector of {layout.num_tokens} entries,"
+            f" got shape {tuple(slots.shape)} dtype {slots.dtype}"
+        )
+    slots = slots.to(device=device, dtype=torch.int64)
+    size = int(k_pools[0].shape[0])
+    if int(slots.min()) < 0 or int(slots.max()) >= size:
+        raise SpectrumFormatError(f"slots out of range for pools of {size} slots")
+    tiers = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+    payload = payload.to(device)
+    if kernel_supported(layout):
+        unpack_payload(payload, k_pools, v_pools, plan_transfer(layout, tiers, slots))
+    else:
+        from ..codec import iter_decoded_layers
+
+        for layer, positions, k, v in iter_decoded_layers(header, payload):
+            dst = slots[positions.to(device)]
+            k_pools[layer][dst] = k.to(dtype)
+            v_pools[layer][dst] = v.to(dtype)
+    counts = torch.bincount(tiers.long(), minlength=4)
+    return UnpackInfo(
+        num_tokens=layout.num_tokens,
+        dropped=torch.nonzero(tiers == int(Tier.DROP)).flatten(),
+        tier_counts={name: int(c) for name, c in zip(TIER_NAMES, counts)},
+        layout=layout,
+    )
