@@ -41,19 +41,34 @@ def _model_label(model: str) -> str:
     return Path(model).name if Path(model).is_dir() else model
 
 
-def _probe_decision(model: str, args) -> str:
-    """The cached probe decision for ``spectrum-auto`` (runs the probe if needed)."""
-    result = _run_probe(model, refresh=False, budget=getattr(args, "probe_budget", 0.3))
-    print(result.summary(), file=sys.stderr)
-    return result.decision
+def _auto_tiers(model: str, args):
+    """``spectrum-auto``'s tiers per method: the cached probe decision for the
+    method's codec (the probe runs once per codec if not cached)."""
+    decisions: dict = {}
+
+    def resolve(method) -> str:
+        key = (method.rotation, method.group_size)
+        if key not in decisions:
+            result = _run_probe(model, False, args.probe_budget, *key)
+            print(result.summary(), file=sys.stderr)
+            decisions[key] = result.decision
+        return decisions[key]
+
+    return resolve
 
 
-def _run_probe(model: str, refresh: bool, budget: float = 0.3):
+def _run_probe(
+    model: str,
+    refresh: bool,
+    budget: float = 0.3,
+    rotation: str = "none",
+    group_size: int | None = None,
+):
     from .eval.probe import ProbeSettings, cached_probe, run_probe
     from .eval.runner import HFProbeEngine
     from .models import ensure_model, weights_identity
 
-    settings = ProbeSettings(budget=budget)
+    settings = ProbeSettings(budget=budget, rotation=rotation, group_size=group_size)
     path = ensure_model(model)
 
     def run():
@@ -63,13 +78,15 @@ def _run_probe(model: str, refresh: bool, budget: float = 0.3):
     return cached_probe(weights_identity(path), run, settings, refresh=refresh)
 
 
-def probe_record(model: str, result) -> dict:
+def probe_record(model: str, result, args) -> dict:
     passed = sum(t["degraded_ok"] for t in result.trials)
+    codec = "" if args.rotation == "none" else "+had"
+    codec += f"+g{args.group_size}" if args.group_size else ""
     return {
         "model": model,
-        "method": "probe",
+        "method": f"probe{codec}",
         "allocator": "paper",
-        "budget": 0.3,
+        "budget": args.budget,
         "metric": "probe_int4_pass",
         "context": result.context,
         "value": float(result.passed),
@@ -84,7 +101,7 @@ def probe_record(model: str, result) -> dict:
 
 
 def cmd_probe(args) -> int:
-    result = _run_probe(args.model, refresh=args.refresh, budget=args.budget)
+    result = _run_probe(args.model, args.refresh, args.budget, args.rotation, args.group_size)
     print(result.summary())
     for t in result.trials:
         print(
@@ -94,7 +111,7 @@ def cmd_probe(args) -> int:
     if args.out:
         from .eval.report import merge_records
 
-        merge_records(args.out, [probe_record(_model_label(args.model), result)])
+        merge_records(args.out, [probe_record(_model_label(args.model), result, args)])
     return 0
 
 
@@ -122,11 +139,7 @@ def cmd_eval_ppl(args) -> int:
     from .eval.ppl import evaluate_ppl, load_wikitext
 
     runs = expand_runs(args.methods, args.budgets, args.allocators)
-    auto = (
-        _probe_decision(args.model, args)
-        if any(m.base == "spectrum-auto" for m, _, _ in runs)
-        else "2"
-    )
+    auto = _auto_tiers(args.model, args)
     model, tok = _load(args.model)
     records = evaluate_ppl(
         model,
@@ -148,11 +161,7 @@ def cmd_eval_niah(args) -> int:
     from .eval.ppl import load_wikitext
 
     runs = expand_runs(args.methods, args.budgets, args.allocators)
-    auto = (
-        _probe_decision(args.model, args)
-        if any(m.base == "spectrum-auto" for m, _, _ in runs)
-        else "2"
-    )
+    auto = _auto_tiers(args.model, args)
     model, tok = _load(args.model)
     text = load_wikitext(args.wikitext)
     details: list = []
@@ -234,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True)
     pr.add_argument("--budget", type=float, default=0.3)
     pr.add_argument("--refresh", action="store_true", help="ignore the cached decision")
+    pr.add_argument("--rotation", choices=["none", "hadamard"], default="none")
+    pr.add_argument("--group-size", type=int, default=None)
     pr.add_argument("--out", default=None, help="also merge a record into this JSON")
     pr.set_defaults(func=cmd_probe)
 

@@ -13,6 +13,7 @@ Every method goes through the same codec and byte accounting.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import SpectrumConfig, SpectrumConfigError
@@ -46,8 +47,14 @@ class Method:
     def uses_allocator(self) -> bool:
         return self.base in ALLOCATOR_METHODS
 
-    def config(self, budget: float, allocator: str = "paper", auto_tiers: str = "2"):
-        """The codec configuration of this method at ``budget``."""
+    def config(self, budget: float, allocator: str = "paper", auto_tiers: AutoTiers = "2"):
+        """The codec configuration of this method at ``budget``.
+
+        ``auto_tiers`` ("3"/"2", or a callable of this method) resolves
+        ``spectrum-auto``: the INT4 probe's decision for this method's codec.
+        """
+        if callable(auto_tiers):
+            auto_tiers = auto_tiers(self) if self.base == "spectrum-auto" else "2"
         common = {"rotation": self.rotation, "group_size": self.group_size}
         if self.base == "full":
             return SpectrumConfig(budget=1.0, method="full", **common)
@@ -55,6 +62,10 @@ class Method:
             return SpectrumConfig(budget=budget, method=self.base, **common)
         tiers = {"spectrum-3tier": "3", "spectrum-2tier": "2"}.get(self.base, auto_tiers)
         return SpectrumConfig(budget=budget, tiers=tiers, allocator=allocator, **common)
+
+
+# How spectrum-auto resolves: a fixed "3"/"2", or the probe's decision per method's codec.
+AutoTiers = str | Callable[[Method], str]
 
 
 def parse_method(name: str) -> Method:

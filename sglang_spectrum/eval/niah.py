@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import SpectrumConfigError
-from .methods import Method, expand_runs
+from .methods import AutoTiers, Method, expand_runs
 from .ppl import load_wikitext
 from .runner import apply_method
 
@@ -103,7 +103,7 @@ def evaluate_niah(
     context: int = 4096,
     trials: int = 20,
     max_new_tokens: int = 10,
-    auto_tiers: str = "2",
+    auto_tiers: AutoTiers = "2",
     obs_window: int = 32,
     seed: int = 0,
     text: str | None = None,

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import SpectrumConfigError
-from .methods import Method, expand_runs
+from .methods import AutoTiers, Method, expand_runs
 from .runner import apply_method
 
 WIKITEXT_ENV = "SPECTRUM_WIKITEXT"
@@ -90,7 +90,7 @@ def evaluate_ppl(
     continuation: int = 256,
     windows: int = 16,
     text: str | None = None,
-    auto_tiers: str = "2",
+    auto_tiers: AutoTiers = "2",
     obs_window: int = 32,
     progress: bool = True,
 ) -> list[dict]:

@@ -52,6 +52,18 @@ class ProbeSettings:
     seed: int = 1234
     allocator: str = "paper"
     max_new_tokens: int = 10
+    rotation: str = "none"  # the codec the server will really use
+    group_size: int | None = None
+
+    def config(self) -> SpectrumConfig:
+        """The aggressive 3-tier policy the trials run under."""
+        return SpectrumConfig(
+            budget=self.budget,
+            tiers="3",
+            allocator=self.allocator,
+            rotation=self.rotation,
+            group_size=self.group_size,
+        )
 
     def key(self) -> str:
         blob = (
@@ -93,7 +105,7 @@ def run_probe(
     t0 = time.perf_counter()
     text = text if text is not None else load_wikitext()
     hay = tokenizer(text[:400_000], return_tensors="pt", add_special_tokens=False).input_ids[0]
-    config = SpectrumConfig(budget=s.budget, tiers="3", allocator=s.allocator)
+    config = s.config()
     context = s.context
     while True:
         depths = [s.depths[i % len(s.depths)] for i in range(s.trials)]

@@ -10,7 +10,7 @@ import torch
 
 from ..codec import decode_kv, pack_kv
 from ..config import ALLOCATORS, SpectrumConfig
-from .methods import Method, parse_method
+from .methods import AutoTiers, Method, parse_method
 
 
 def degrade(kv, config: SpectrumConfig, use_queries: bool = True, dtype=None):
@@ -31,7 +31,7 @@ def degrade(kv, config: SpectrumConfig, use_queries: bool = True, dtype=None):
     return keys, values, kept, packed.bytes_ratio, key
 
 
-def method_config(method: Method, allocator: str, budget: float, auto_tiers: str):
+def method_config(method: Method, allocator: str, budget: float, auto_tiers: AutoTiers):
     return method.config(budget, allocator if allocator in ALLOCATORS else "paper", auto_tiers)
 
 
@@ -41,7 +41,7 @@ def apply_method(
     method: Method | str,
     allocator: str,
     budget: float,
-    auto_tiers: str = "2",
+    auto_tiers: AutoTiers = "2",
     *,
     next_ids: torch.Tensor | None = None,
     max_new_tokens: int | None = None,
