@@ -1,16 +1,27 @@
-"""End-to-end PD serving on CPU with real servers (slow, about 1-2 min per deployment).
+"""End-to-end PD serving on CPU with real servers (slow: each deployment starts in ~1 min).
 
 A prefill server, a decode server and the router run as real processes
-(:mod:`pd_harness`), once with ``--disaggregation-transfer-backend mooncake``
-and once with ``spectrum``: greedy outputs must be identical (this stage moves
-KV exactly like Mooncake), and a secret that appears only in the prompt must
-come back from the decode server (so the KV really crossed over). Further
-deployments check that mismatched peers are refused with a clear message.
-Every server is stopped by PID (process group) in a finalizer, also on failure.
+(:mod:`pd_harness`, i.e. :mod:`sglang_spectrum.sglang_plugin.launch`); every
+process is stopped by PID (process group) in a finalizer, also on failure.
+
+* ``full``: the same prompts through ``mooncake`` and through ``spectrum`` at
+  budget 1.0 (everything FP16, lossless for the bf16 pool): greedy outputs
+  must be identical, and a prompt-only secret must come back.
+* ``half``: one ``spectrum`` deployment at budget 0.5 with 3 tiers,
+  ``--page-size 16`` on both sides and ``--chunked-prefill-size 256``: the
+  bytes that crossed Mooncake (prefill's sent counter, decode's received
+  counter, on their ``/metrics``) are <= 0.5 of the 16-bit KV size of the same
+  prompts; a secret only in a ~1,500-token prompt is answered; finally the
+  decode server is SIGKILLed during a transfer, the request fails, the
+  prefill frees its slots, and after a new decode server starts on the same
+  ports the next request is served.
+* refusals: mismatched format versions and a mooncake prefill are refused
+  at bootstrap with a clear message.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -20,17 +31,29 @@ from pd_harness import PDDeployment, start_deployment
 
 from sglang_spectrum.models import ensure_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
     "List three colors of the rainbow:",
     "Water boils at a temperature of",
+    "A short story about a lighthouse keeper. " * 30 + "The keeper",
 ]
 SECRET = "48151623"
 SECRET_PROMPT = f"The secret code is {SECRET}. What is the secret code? Answer with the code only."
 MAX_NEW_TOKENS = 24
+FILLER = "The grass is green. The sky is blue. The sun is warm. "
+# ~1,500 tokens; the secret appears only at its start
+LONG_SECRET_PROMPT = (
+    f"The secret code is {SECRET}. Remember it. "
+    + FILLER * 110
+    + "Question: what is the secret code? Answer: the secret code is"
+)
+# SmolLM2-135M: 30 layers x (K,V) x 3 KV heads x 64 x 2 bytes per token
+FULL_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
+CHUNK = 256
+KILL_DELAY_S = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -52,44 +75,192 @@ def _collect(d: PDDeployment) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(request, model_path) -> dict:
-    """Outputs of the same prompts through a mooncake and a spectrum deployment (one at a time)."""
+def full(request, model_path) -> dict:
+    """Outputs of the same prompts through mooncake and spectrum at budget 1.0 (one at a time)."""
     out = {}
-    for backend in ("mooncake", "spectrum"):
-        d = PDDeployment(model_path, backend=backend)
+    for name, backend, args in (
+        ("mooncake", "mooncake", []),
+        ("spectrum", "spectrum", ["--spectrum-budget", "1.0", "--spectrum-tiers", "3"]),
+    ):
+        d = PDDeployment(model_path, backend=backend, prefill_args=args)
         request.addfinalizer(d.stop)
         d.start()
         try:
-            out[backend] = _collect(d)
+            out[name] = _collect(d)
         finally:
             d.stop()
         print(
-            f"\n[{backend}] startup {out[backend]['startup_s']} s,"
-            f" request latency {out[backend]['latency_s']} s, logs {d.log_dir}"
+            f"\n[{name}] startup {out[name]['startup_s']} s,"
+            f" request latency {out[name]['latency_s']} s, logs {d.log_dir}"
         )
     return out
 
 
-def test_spectrum_outputs_identical_to_mooncake(results):
-    mooncake, spectrum = results["mooncake"], results["spectrum"]
+def test_budget_1_outputs_identical_to_mooncake(full):
+    mooncake, spectrum = full["mooncake"], full["spectrum"]
     assert all(t.strip() for t in mooncake["texts"]), mooncake["texts"]
     assert spectrum["texts"] == mooncake["texts"]
     assert spectrum["secret_answer"] == mooncake["secret_answer"]
 
 
 @pytest.mark.parametrize("backend", ["mooncake", "spectrum"])
-def test_prompt_only_secret_comes_back(results, backend):
-    assert SECRET in results[backend]["secret_answer"], results[backend]["secret_answer"]
+def test_prompt_only_secret_comes_back(full, backend):
+    assert SECRET in full[backend]["secret_answer"], full[backend]["secret_answer"]
 
 
-def test_spectrum_plugin_active_in_scheduler_processes(results):
-    logs = results["spectrum"]["logs"]
+def test_spectrum_plugin_active_in_scheduler_processes(full):
+    logs = full["spectrum"]["logs"]
     assert "SpectrumKV prefill manager ready" in logs["prefill"]
     assert "SpectrumKV decode manager ready" in logs["decode"]
     for side in ("prefill", "decode"):
         assert "SpectrumKV: KV pool attached (MHATokenToKVPool" in logs[side]
-    assert "verified (format v" in logs["decode"]  # decode checked the prefill's version
-    assert "SpectrumKV" not in results["mooncake"]["logs"]["prefill"]
+    # decode checked the prefill's version, layout and tier mode at bootstrap
+    assert "verified (format v" in logs["decode"] and "tiers 3, budget 1.0" in logs["decode"]
+    assert "SpectrumKV" not in full["mooncake"]["logs"]["prefill"]
+
+
+# --------------------------------------------------------------------------- budget 0.5
+
+
+@pytest.fixture(scope="module")
+def half(request, model_path) -> PDDeployment:
+    """Spectrum at budget 0.5 (3 tiers), page size 16, chunked prefill 256, metrics on."""
+    # SGLang's paged allocator (page_size > 1) is a Triton kernel
+    # (mem_cache/allocator.py:427): on CPU it runs in Triton's interpreter.
+    env = {"TRITON_INTERPRET": "1"}
+    return start_deployment(
+        request,
+        model_path=model_path,
+        backend="spectrum",
+        common_args=[
+            "--page-size",
+            "16",
+            "--chunked-prefill-size",
+            str(CHUNK),
+            "--enable-metrics",
+        ],  # fmt: skip
+        prefill_args=["--spectrum-budget", "0.5", "--spectrum-tiers", "3"],
+        prefill_env={**env, "SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S": str(KILL_DELAY_S)},
+        decode_env=env,
+        router_args=[
+            "--disable-retries",
+            "--disable-circuit-breaker",
+            "--health-check-interval-secs",
+            "2",
+            "--health-failure-threshold",
+            "1",
+            "--health-success-threshold",
+            "1",
+        ],  # fmt: skip
+        stats=True,
+    )
+
+
+def _counters(d: PDDeployment) -> dict[str, float]:
+    return {
+        "sent": d.metric(d.prefill_url, "spectrumkv_sent_bytes_total", role="prefill"),
+        "p_full": d.metric(d.prefill_url, "spectrumkv_full_bytes_total", role="prefill"),
+        "received": d.metric(d.decode_url, "spectrumkv_received_bytes_total", role="decode"),
+        "d_full": d.metric(d.decode_url, "spectrumkv_full_bytes_total", role="decode"),
+    }
+
+
+def test_half_budget_page16_both_sides(half):
+    for side in ("prefill", "decode"):
+        log = half.proc(side).log_path.read_text(errors="replace")
+        assert "dtype=bfloat16, page_size=16)" in log, side
+
+
+def test_half_budget_bytes_counted_on_both_sides(half):
+    before = _counters(half)
+    prompt_tokens = 0
+    for i, n in enumerate((60, 90, 120)):
+        r = half.generate(f"Document {i}. " + FILLER * n + "Summary:", max_new_tokens=4)
+        prompt_tokens += r["meta_info"]["prompt_tokens"]
+    after = _counters(half)
+    delta = {k: after[k] - before[k] for k in after}
+    full_bytes = prompt_tokens * FULL_BYTES_PER_TOKEN  # 16-bit KV of the same prompts
+    print(f"\nbytes: {delta}, 16-bit KV of {prompt_tokens} tokens = {full_bytes}")
+    assert delta["p_full"] == full_bytes and delta["d_full"] == full_bytes
+    assert delta["sent"] == delta["received"] > 0
+    assert delta["sent"] <= 0.5 * full_bytes, delta["sent"] / full_bytes
+    assert delta["received"] <= 0.5 * full_bytes
+    # per request too, and with all three tiers in use
+    records = [s for s in half.spectrum_stats() if s["role"] == "prefill"][-3:]
+    assert all(s["sent_bytes"] <= 0.5 * s["full_bytes"] for s in records), records
+    assert all(s["tiers"]["int4"] > 0 and s["tiers"]["int8"] > 0 for s in records), records
+    metrics = half.metrics_text(half.prefill_url)
+    for name in ("spectrumkv_pack_seconds", "spectrumkv_transfer_seconds", "spectrumkv_tier_mode"):
+        assert name in metrics
+    assert half.metric(half.prefill_url, "spectrumkv_tier_mode", role="prefill", mode="3") == 1
+    assert half.metric(half.prefill_url, "spectrumkv_tier_mode", role="prefill", mode="2") == 0
+    assert "spectrumkv_unpack_seconds" in half.metrics_text(half.decode_url)
+
+
+def test_secret_only_in_long_prompt_at_half_budget(half):
+    r = half.generate(LONG_SECRET_PROMPT, max_new_tokens=12, rid="e2e-long-secret")
+    n = r["meta_info"]["prompt_tokens"]
+    assert n > 1300, n
+    assert n > 4 * CHUNK  # several prefill chunks: earlier chunks' pages held until the last
+    assert SECRET in r["text"], r["text"]
+    stats = [s for s in half.spectrum_stats() if s["rid"] == "e2e-long-secret"]
+    roles = {s["role"]: s for s in stats}
+    assert roles["prefill"]["num_tokens"] == n and roles["decode"]["num_tokens"] == n
+    assert roles["prefill"]["ratio"] <= 0.5
+    assert roles["decode"]["received_bytes"] == roles["prefill"]["sent_bytes"]
+
+
+def test_prompt_longer_than_chunked_prefill_size(half):
+    prompt = "Chapter one. " + FILLER * 40 + "The end. In one word, the sky is"
+    r = half.generate(prompt, max_new_tokens=6)
+    assert CHUNK < r["meta_info"]["prompt_tokens"] < 2 * CHUNK + 200
+    assert r["text"].strip(), r
+
+
+def test_decode_killed_mid_transfer(half):
+    """Kill decode while a long prompt's transfer is in flight; restart it; serve again."""
+    assert half.wait_idle(half.prefill_url) == 0
+    result: dict = {}
+
+    def long_request():
+        try:
+            result["r"] = half.generate(
+                LONG_SECRET_PROMPT, max_new_tokens=8, rid="kill-spectrum-delay-1", timeout_s=180
+            )
+        except Exception as e:  # what the client sees
+            result["e"] = e
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    plog = half.proc("prefill").log_path
+    deadline = time.monotonic() + 120
+    while "transfer starts in" not in plog.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the delayed transfer never started"
+        time.sleep(0.2)
+    half.kill_decode()  # packed, waiting for its Mooncake write
+    thread.join(timeout=180)
+    assert "e" in result, result  # that request failed
+    assert isinstance(result["e"], requests.RequestException)
+    # the prefill saw the failed write and freed the request's slots
+    assert half.wait_idle(half.prefill_url, timeout_s=60) == 0
+    log = plog.read_text(errors="replace")
+    assert "Mooncake write of room" in log and "Prefill transfer failed" in log
+    assert requests.get(f"{half.prefill_url}/health", timeout=10).status_code == 200
+    # a new decode server joins on the same ports; the next request is served
+    half.restart_decode()
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            r = half.generate(LONG_SECRET_PROMPT, max_new_tokens=12, timeout_s=120)
+            break
+        except requests.RequestException:
+            assert time.monotonic() < deadline, "no request served after the decode restart"
+            time.sleep(2)
+    assert SECRET in r["text"], r["text"]
+    assert half.wait_idle(half.prefill_url) == 0 and half.wait_idle(half.decode_url) == 0
+
+
+# --------------------------------------------------------------------------- refusals
 
 
 def test_version_mismatch_is_refused_with_clear_message(request, model_path):
@@ -98,6 +269,7 @@ def test_version_mismatch_is_refused_with_clear_message(request, model_path):
         model_path=model_path,
         backend="spectrum",
         prefill_env={"SGLANG_SPECTRUM_TEST_FORMAT_VERSION": "999"},
+        router_args=["--disable-retries"],
     )
     t0 = time.monotonic()
     with pytest.raises(requests.HTTPError) as exc:
@@ -113,7 +285,11 @@ def test_version_mismatch_is_refused_with_clear_message(request, model_path):
 
 def test_spectrum_decode_refuses_mooncake_prefill(request, model_path):
     d = start_deployment(
-        request, model_path=model_path, backend="mooncake", decode_backend="spectrum"
+        request,
+        model_path=model_path,
+        backend="mooncake",
+        decode_backend="spectrum",
+        router_args=["--disable-retries"],
     )
     with pytest.raises(requests.HTTPError) as exc:
         d.generate(PROMPTS[0], max_new_tokens=4, timeout_s=120)

@@ -406,3 +406,75 @@ def test_reference_patch_is_not_applied_by_apply(tmp_path):
     assert ref, "the extension-point patch must be in patches/"
     site = patching.find_site_packages()
     assert all(patching.patch_state(site, p) == "applicable" for p in ref)
+
+
+# --------------------------------------------------------------------------- packed path units
+
+
+def test_arena_first_fit_coalesces_and_regions_release_once():
+    from sglang_spectrum.sglang_plugin.conn import ARENA_ALIGN, RegisteredArena
+
+    arena = RegisteredArena(10 * ARENA_ALIGN, "cpu", None, "test")
+    a, b, c = arena.alloc(100), arena.alloc(ARENA_ALIGN), arena.alloc(5 * ARENA_ALIGN)
+    assert (a.offset, b.offset, c.offset) == (0, 2 * ARENA_ALIGN, 3 * ARENA_ALIGN)
+    assert a.capacity == 2 * ARENA_ALIGN and arena.alloc(3 * ARENA_ALIGN) is None  # full: defer
+    b.release()
+    b.release()  # idempotent
+    a.release()
+    assert arena.in_use == 5 * ARENA_ALIGN
+    d = arena.alloc(3 * ARENA_ALIGN)  # a and b coalesced at the front
+    assert d is not None and d.offset == 0
+    assert d.ptr == arena.base and d.view(10).numel() == 10
+
+
+def test_receive_capacity_bounds_real_packed_sizes():
+    import torch
+
+    from sglang_spectrum.codec import pack_kv
+    from sglang_spectrum.config import SpectrumConfig
+    from sglang_spectrum.sglang_plugin.conn import receive_capacity
+
+    layout = {"layers": 3, "kv_heads": 2, "head_dim": 64, "dtype": "bfloat16", "page_size": 1}
+    torch.manual_seed(0)
+    for n in (1, 5, 37, 300):
+        keys = [torch.randn(n, 2, 64).to(torch.bfloat16) for _ in range(3)]
+        values = [torch.randn(n, 2, 64).to(torch.bfloat16) for _ in range(3)]
+        for budget in (1.0, 0.5, 0.3):
+            for tiers in ("3", "2"):
+                cfg = SpectrumConfig(budget=budget, tiers=tiers, allow_drop=False)
+                packed = pack_kv(keys, values, cfg)
+                assert packed.nbytes <= receive_capacity(layout, n, budget), (n, budget, tiers)
+        assert receive_capacity(layout, n, 0.5) <= receive_capacity(layout, n, 1.0)
+
+
+def test_fault_switch_and_expand_pages(monkeypatch):
+    from sglang_spectrum.sglang_plugin import conn
+
+    monkeypatch.delenv(conn.FAULT_ENV, raising=False)
+    assert conn.fault_for("x", [0]) is None
+    monkeypatch.setenv(conn.FAULT_ENV, "truncate")
+    counter = [0]
+    assert [conn.fault_for("r", counter) for _ in range(3)] == ["truncate", None, None]
+    monkeypatch.setenv(conn.FAULT_ENV, "rid")
+    assert conn.fault_for("a-spectrum-fault-header-1", [0]) == "header"
+    assert conn.fault_for("plain", [0]) is None
+    monkeypatch.setenv(conn.TEST_DELAY_ENV, "2.5")
+    assert conn.test_delay_s("k-spectrum-delay-1") == 2.5 and conn.test_delay_s("k") == 0.0
+    assert conn.expand_pages([3, 5], 4).tolist() == [12, 13, 14, 15, 20, 21, 22, 23]
+    assert conn.expand_pages([7, 2], 1).tolist() == [7, 2]
+
+
+def test_bootstrap_refuses_layout_and_tp_mismatch():
+    from sglang_spectrum.sglang_plugin import conn
+
+    lay = {"layers": 30, "kv_heads": 3, "head_dim": 64, "dtype": "bfloat16", "page_size": 1}
+    me = dict(conn.wire_identity(), layout=lay, attn_tp_size=1)
+    assert conn.incompatibility(dict(me, tiers_resolved="3"), "prefill at h:1", "decode", me) == ""
+    other = dict(me, layout=dict(lay, head_dim=128))
+    msg = conn.incompatibility(other, "prefill at h:1", "decode", me)
+    assert msg.startswith("SpectrumKV KV layout mismatch: prefill at h:1 has layers=30")
+    assert "head_dim=128" in msg and "head_dim=64" in msg
+    msg = conn.incompatibility(dict(me, attn_tp_size=2), "decode at h:2", "prefill", me)
+    assert "same attention-TP size" in msg and "attn_tp_size=2" in msg
+    msg = conn.incompatibility(dict(me, tiers_resolved="5"), "prefill at h:1", "decode", me)
+    assert "unknown tier mode" in msg

@@ -77,7 +77,7 @@ TEST_VERSION_ENV = "SGLANG_SPECTRUM_TEST_FORMAT_VERSION"
 # Testing only: damage packed buffers (see fault_for).
 FAULT_ENV = "SGLANG_SPECTRUM_FAULT"
 FAULT_MODES = ("corrupt", "header", "truncate", "stale")
-# Testing only: sleep this long in the transfer worker before the write (kill tests).
+# Testing only: sleep this long before the write of rids with "spectrum-delay" (kill tests).
 TEST_DELAY_ENV = "SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S"
 ARENA_ALIGN = 64
 # How long decode waits for SPECTRUM_SENT after the Success status (both go
@@ -200,6 +200,17 @@ def fault_for(rid: str | None, counter: list[int]) -> str | None:
         counter[0] += 1
         return spec if counter[0] == 1 else None
     return None
+
+
+def test_delay_s(rid: str | None) -> float:
+    """Test-only: seconds to wait before the Mooncake write of a request whose rid
+    contains ``spectrum-delay`` (``SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S``), so a
+    test can kill the decode server while that transfer is in flight."""
+    try:
+        delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    except ValueError:
+        return 0.0
+    return delay if delay > 0 and rid and "spectrum-delay" in rid else 0.0
 
 
 # --------------------------------------------------------------------------- arenas
@@ -919,7 +930,7 @@ class SpectrumKVManager(MooncakeKVManager):
         if grant is None or info is None or chunk.region is None:
             logger.error("SpectrumKV: room %s lost its receive grant for %s", room, session)
             return -1
-        delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+        delay = test_delay_s(chunk.stats.get("rid"))
         if delay > 0:
             logger.warning("SpectrumKV TEST: room %s transfer starts in %.1f s", room, delay)
             time.sleep(delay)

@@ -1,0 +1,450 @@
+"""Start and stop a real SGLang prefill-decode deployment on 127.0.0.1.
+
+Shared by ``spectrumkv demo`` (:mod:`.demo`), the end-to-end tests
+(``tests/pd_harness.py``) and the serving benchmark (``bench/serving.py``).
+
+One :class:`PDDeployment` = a prefill server, a decode server (both
+``python -m sglang.launch_server``) and the router (``sglang_router.launch_router
+--pd-disaggregation``), each a process in its own session/process group with
+its log file under ``log_dir``. Every port (HTTP, bootstrap, router, router
+metrics) is a free one, so several deployments may run side by side.
+
+    with PDDeployment(model_path, backend="spectrum") as d:
+        print(d.generate("Hello", max_new_tokens=8)["text"])
+
+``stop()`` (also on ``__exit__`` and on a failed ``start()``) terminates each
+process group by PID: SIGTERM, then SIGKILL after a grace period. A failed
+start raises :class:`DeploymentError` whose message holds the tail of every log.
+With ``stats=True`` both servers append per-request SpectrumKV records to
+``log_dir/spectrum_stats.jsonl`` (see :mod:`.metrics`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1", "MC_FORCE_TCP": "1"}
+SERVER_FLAGS = ["--host", "127.0.0.1", "--max-total-tokens", "16384"]
+CPU_FLAGS = ["--device", "cpu"]
+HOST = "127.0.0.1"
+_handed_out: set[int] = set()
+
+
+class DeploymentError(RuntimeError):
+    """A server did not come up (message includes the tail of the logs)."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now and not handed out before by this process."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port found")
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+    return "\n".join(text[-lines:])
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+@dataclass(eq=False)
+class ManagedProcess:
+    """A child process in its own process group, logging to one file."""
+
+    name: str
+    cmd: list[str]
+    log_path: Path
+    env: dict[str, str]
+    popen: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {' '.join(self.cmd)}\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,  # own process group: killpg reaches its children
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def group_members(self) -> list[int]:
+        """PIDs of live (non-zombie) processes in this process group."""
+        import psutil
+
+        if self.popen is None:
+            return []
+        pgid = self.popen.pid  # == pgid because of start_new_session
+        members = []
+        for proc in psutil.process_iter(["pid", "status"]):
+            try:
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                    members.append(proc.pid)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return members
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group now (fault tests) and reap the leader."""
+        if self.popen is None:
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 30
+        while self.group_members() and time.monotonic() < deadline:
+            self.popen.poll()
+            time.sleep(0.2)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop(self, grace_s: float = 15.0) -> int | None:
+        """SIGTERM the process group, SIGKILL what is left after ``grace_s``; returns exit code."""
+        if self.popen is None:
+            return None
+        pgid = self.popen.pid
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            if not self.group_members():
+                break
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                self.popen.poll()  # reap the leader
+                if not self.group_members():
+                    break
+                time.sleep(0.2)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.popen.returncode
+
+    def tail(self, lines: int = 60) -> str:
+        return tail(self.log_path, lines)
+
+
+@dataclass(eq=False)
+class PDDeployment:
+    """Prefill + decode + router for one model and one transfer backend."""
+
+    model_path: str | os.PathLike[str]
+    backend: str = "mooncake"
+    decode_backend: str | None = None  # default: same as ``backend``
+    prefill_args: Sequence[str] = ()
+    decode_args: Sequence[str] = ()
+    common_args: Sequence[str] = ()  # given to both servers
+    prefill_env: Mapping[str, str] = field(default_factory=dict)
+    decode_env: Mapping[str, str] = field(default_factory=dict)
+    router_args: Sequence[str] = ()
+    log_dir: str | os.PathLike[str] | None = None
+    startup_timeout_s: float = 300.0
+    mini_lb: bool = False
+    stats: bool = False  # SGLANG_SPECTRUM_STATS_FILE=log_dir/spectrum_stats.jsonl on both
+    device: str | None = None  # None: cuda if available, else cpu
+    python: str = sys.executable
+    procs: list[ManagedProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix=f"pd-{self.backend}-"))
+        self.prefill_port = free_port()
+        self.decode_port = free_port()
+        self.bootstrap_port = free_port()
+        self.router_port = free_port()
+        self.router_metrics_port = free_port()
+        self.startup_s = float("nan")
+        if self.device is None:
+            self.device = "cuda" if _has_cuda() else "cpu"
+
+    # ------------------------------------------------------------------ urls
+
+    @property
+    def prefill_url(self) -> str:
+        return f"http://{HOST}:{self.prefill_port}"
+
+    @property
+    def decode_url(self) -> str:
+        return f"http://{HOST}:{self.decode_port}"
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{HOST}:{self.router_port}"
+
+    @property
+    def stats_path(self) -> Path:
+        return Path(self.log_dir, "spectrum_stats.jsonl")
+
+    def proc(self, name: str) -> ManagedProcess:
+        for p in reversed(self.procs):
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.device == "cpu":
+            env.update(CPU_ENV)
+        if self.stats:
+            env["SGLANG_SPECTRUM_STATS_FILE"] = str(self.stats_path)
+        env.update(extra)
+        return env
+
+    def _server_cmd(self, mode: str, port: int, extra: Sequence[str]) -> list[str]:
+        backend = self.decode_backend if mode == "decode" and self.decode_backend else self.backend
+        return [
+            self.python, "-m", "sglang.launch_server",
+            "--model-path", str(self.model_path),
+            "--port", str(port),
+            *SERVER_FLAGS,
+            *(CPU_FLAGS if self.device == "cpu" else []),
+            "--disaggregation-mode", mode,
+            "--disaggregation-transfer-backend", backend,
+            "--disaggregation-bootstrap-port", str(self.bootstrap_port),
+            *self.common_args,
+            *extra,
+        ]  # fmt: skip
+
+    def _new_server(self, mode: str) -> ManagedProcess:
+        port = self.prefill_port if mode == "prefill" else self.decode_port
+        args = self.prefill_args if mode == "prefill" else self.decode_args
+        env = self.prefill_env if mode == "prefill" else self.decode_env
+        return ManagedProcess(
+            mode,
+            self._server_cmd(mode, port, args),
+            Path(self.log_dir, f"{mode}.log"),
+            self._env(env),
+        )
+
+    def start(self) -> PDDeployment:
+        t0 = time.monotonic()
+        try:
+            prefill, decode = self._new_server("prefill"), self._new_server("decode")
+            for p in (prefill, decode):
+                self.procs.append(p)
+                p.start()
+            self._wait_healthy([(prefill, self.prefill_url), (decode, self.decode_url)], t0)
+            router_cmd = [
+                self.python, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+                "--prefill", self.prefill_url, str(self.bootstrap_port),
+                "--decode", self.decode_url,
+                "--host", HOST, "--port", str(self.router_port),
+                "--prometheus-host", HOST, "--prometheus-port", str(self.router_metrics_port),
+                *self.router_args,
+            ] + (["--mini-lb"] if self.mini_lb else [])  # fmt: skip
+            router = ManagedProcess(
+                "router", router_cmd, Path(self.log_dir, "router.log"), self._env({})
+            )
+            self.procs.append(router)
+            router.start()
+            self._wait_healthy(
+                [(router, self.router_url)], time.monotonic(), 120, self._router_ready
+            )
+        except BaseException as e:
+            report = self.report(f"PD deployment ({self.backend}) failed to start: {e}")
+            self.stop()
+            print(report, file=sys.stderr)
+            if isinstance(e, DeploymentError):
+                raise DeploymentError(report) from None
+            raise
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def kill_decode(self) -> None:
+        """SIGKILL the decode server's process group (fault tests)."""
+        self.proc("decode").kill()
+
+    def restart_decode(self, timeout_s: float | None = None) -> float:
+        """Start a new decode server on the same ports (after :meth:`kill_decode`);
+        returns once it and the router's view of it are healthy. Returns seconds."""
+        t0 = time.monotonic()
+        old = self.proc("decode")
+        if old.alive():
+            old.stop()
+        decode = self._new_server("decode")
+        self.procs.insert(self.procs.index(old) + 1, decode)
+        decode.start()
+        self._wait_healthy([(decode, self.decode_url)], t0, timeout_s)
+        return time.monotonic() - t0
+
+    @staticmethod
+    def _server_ready(url: str) -> bool:
+        return requests.get(f"{url}/health", timeout=5).status_code == 200
+
+    @staticmethod
+    def _router_ready(url: str) -> bool:
+        # /health answers before the workers are registered; /readiness waits for them
+        if requests.get(f"{url}/readiness", timeout=5).status_code != 200:
+            return False
+        stats = requests.get(f"{url}/workers", timeout=5).json().get("stats", {})
+        return stats.get("prefill_count", 0) >= 1 and stats.get("decode_count", 0) >= 1
+
+    def _wait_healthy(
+        self,
+        targets: list[tuple[ManagedProcess, str]],
+        t0: float,
+        timeout_s: float | None = None,
+        ready: Any = None,
+    ) -> None:
+        timeout_s = timeout_s or self.startup_timeout_s
+        ready = ready or self._server_ready
+        deadline = t0 + timeout_s
+        pending = dict(targets)
+        while pending:
+            for proc, url in list(pending.items()):
+                if not proc.alive():
+                    raise DeploymentError(
+                        f"{proc.name} exited with code {proc.popen.returncode} during startup"
+                    )
+                try:
+                    if ready(url):
+                        del pending[proc]
+                except (requests.RequestException, ValueError):
+                    pass
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(p.name for p in pending)
+                raise DeploymentError(f"{names} not ready after {timeout_s:.0f} s")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        """Stop router, decode, prefill (each process group by PID); idempotent."""
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"launch: stopping {proc.name} failed: {e}", file=sys.stderr)
+
+    def report(self, title: str, lines: int = 60) -> str:
+        parts = [title, f"logs: {self.log_dir}"]
+        for p in self.procs:
+            parts.append(f"----- {p.name} (pid {p.pid}) {p.log_path} -----\n{p.tail(lines)}")
+        return "\n".join(parts)
+
+    def __enter__(self) -> PDDeployment:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ requests
+
+    def generate(
+        self,
+        text: str,
+        max_new_tokens: int = 16,
+        timeout_s: float = 180.0,
+        rid: str | None = None,
+        **sampling: Any,
+    ) -> dict[str, Any]:
+        """Greedy ``/generate`` through the router; raises on HTTP errors (with the body).
+
+        ``rid`` (optional) is the request id on both servers (it names the
+        request in the SpectrumKV stats of prefill and decode)."""
+        params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, **sampling}
+        body: dict[str, Any] = {"text": text, "sampling_params": params}
+        if rid is not None:
+            body["rid"] = rid
+        r = requests.post(f"{self.router_url}/generate", json=body, timeout=timeout_s)
+        if r.status_code != 200:
+            raise requests.HTTPError(f"/generate -> {r.status_code}: {r.text}", response=r)
+        return r.json()
+
+    def chat(self, content: str, max_tokens: int = 32, timeout_s: float = 180.0, **kw: Any) -> str:
+        """Greedy ``/v1/chat/completions`` through the router; returns the message text."""
+        r = requests.post(
+            f"{self.router_url}/v1/chat/completions",
+            json={
+                "model": "default",
+                "messages": [{"role": "user", "content": content}],
+                "temperature": 0.0,
+                "max_tokens": max_tokens,
+                **kw,
+            },
+            timeout=timeout_s,
+        )
+        if r.status_code != 200:
+            raise requests.HTTPError(f"chat -> {r.status_code}: {r.text}", response=r)
+        return r.json()["choices"][0]["message"]["content"]
+
+    # ------------------------------------------------------------------ observation
+
+    @staticmethod
+    def metrics_text(url: str) -> str:
+        """The Prometheus text of a server (``--enable-metrics``)."""
+        r = requests.get(f"{url}/metrics", timeout=10)
+        r.raise_for_status()
+        return r.text
+
+    def metric(self, url: str, name: str, **labels: str) -> float:
+        from .metrics import parse_prometheus
+
+        return parse_prometheus(self.metrics_text(url), name, **labels)
+
+    @staticmethod
+    def used_tokens(url: str) -> int:
+        """KV tokens in use (locked/allocated, not evictable cache) + queued, from ``/get_load``."""
+        r = requests.get(f"{url}/get_load", timeout=10)
+        r.raise_for_status()
+        data = r.json()
+        data = data if isinstance(data, list) else [data]
+        return sum(int(d.get("num_tokens", 0)) for d in data)
+
+    def wait_idle(self, url: str, idle: int = 0, timeout_s: float = 60.0) -> int:
+        """Wait until ``used_tokens(url) <= idle``; returns the last value seen."""
+        deadline = time.monotonic() + timeout_s
+        n = self.used_tokens(url)
+        while n > idle and time.monotonic() < deadline:
+            time.sleep(0.5)
+            n = self.used_tokens(url)
+        return n
+
+    def spectrum_stats(self) -> list[dict[str, Any]]:
+        from .metrics import read_stats
+
+        return read_stats(self.stats_path)
