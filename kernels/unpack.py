@@ -27,21 +27,36 @@ from ._common import (
     pool_table,
     wire_dtype,
 )
+from .checksum import fast_checksum
 from .pack import _locate, _pool_rows
 from .plan import TransferPlan, kernel_supported, plan_transfer
 
 
 @triton.jit
-def _dequantize(payload, seg, n_seg, dst, valid, BITS: tl.constexpr, BR: tl.constexpr,
-                H: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
+def _dequantize(
+    payload,
+    seg,
+    n_seg,
+    dst,
+    valid,
+    BITS: tl.constexpr,
+    BR: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+):
     """float32 ``[BR, D]`` rows ``dst`` of an INT8/INT4 segment."""
     codes = payload + seg
     if BITS == 8:
-        q = tl.load(codes + dst[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None],
-                    other=0)
+        q = tl.load(
+            codes + dst[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None], other=0
+        )
     else:
-        c = tl.load(codes + dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
-                    mask=valid[:, None], other=0)
+        c = tl.load(
+            codes + dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
+            mask=valid[:, None],
+            other=0,
+        )
         q = tl.reshape(tl.join(c & 15, c >> 4), [BR, D])
     sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
     pair = (dst[:, None, None] * G + tl.arange(0, G)[None, :, None]) * 2
@@ -70,7 +85,11 @@ def _unpack_kernel(
     rows,  # int64 [N]: destination row of each listed token (pool slot)
     meta,  # int64: plan table
     blk_lo,  # first block of this launch
-    b1, b2, n0, n1, n2,  # first block of INT8 / INT4; tokens per tier
+    b1,
+    b2,
+    n0,
+    n1,
+    n2,  # first block of INT8 / INT4; tokens per tier
     num_layers,
     DST: tl.constexpr,  # pool dtype
     WIRE: tl.constexpr,  # FP16-tier wire dtype
@@ -84,7 +103,8 @@ def _unpack_kernel(
     layer = tl.program_id(1) // 2
     kv = tl.program_id(1) % 2
     tier, list0, n_seg, seg, r, live, valid, dst = _locate(
-        meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, BR)
+        meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, BR
+    )
     pool, off = _pool_rows(dst_ptrs, rows, layer + kv * num_layers, list0, r, live, DST, H, D)
     if tier == 0:
         src = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
@@ -103,12 +123,23 @@ def _launch_unpack(plan: TransferPlan, payload, ptrs, rows, dtype, blk_lo, blk_h
         return
     lay = plan.layout
     _unpack_kernel[(blk_hi - blk_lo, 2 * lay.num_layers)](
-        payload, ptrs, rows, plan.meta, blk_lo, *plan.block_starts[1:3], *plan.counts,
+        payload,
+        ptrs,
+        rows,
+        plan.meta,
+        blk_lo,
+        *plan.block_starts[1:3],
+        *plan.counts,
         lay.num_layers,
-        DST=TL_DTYPES[dtype], WIRE=wire_dtype(_wire_source(lay)), H=lay.num_kv_heads,
-        D=lay.head_dim, G=lay.groups, BR=plan.block_rows,
+        DST=TL_DTYPES[dtype],
+        WIRE=wire_dtype(_wire_source(lay)),
+        H=lay.num_kv_heads,
+        D=lay.head_dim,
+        G=lay.groups,
+        BR=plan.block_rows,
         SOFT_BF16=interpreted(_unpack_kernel) and dtype == torch.bfloat16,
-        num_warps=plan.num_warps, **launch_options(payload.device),
+        num_warps=plan.num_warps,
+        **launch_options(payload.device),
     )
 
 
@@ -143,11 +174,18 @@ def unpack_payload(
     n_int = plan.rows.numel() - n0
     if not n_int:
         return
-    scratch = torch.empty(2 * lay.num_layers, n_int, lay.num_kv_heads, lay.head_dim,
-                          dtype=torch.float32, device=device)
+    scratch = torch.empty(
+        2 * lay.num_layers,
+        n_int,
+        lay.num_kv_heads,
+        lay.head_dim,
+        dtype=torch.float32,
+        device=device,
+    )
     local = torch.arange(-n0, n_int, dtype=torch.int64, device=device)
-    _launch_unpack(plan, payload, pointer_table(list(scratch), device), local, torch.float32,
-                   b1, b3)
+    _launch_unpack(
+        plan, payload, pointer_table(list(scratch), device), local, torch.float32, b1, b3
+    )
     rot = hadamard(lay.head_dim, device)
     for i, pool in enumerate(pools):  # post-step per tier and layer, like decode_rows
         for k in (Tier.INT8, Tier.INT4):
@@ -177,7 +215,7 @@ def unpack_to_pools(
     Returns:
         :class:`UnpackInfo` (dropped positions are not written).
     """
-    header, payload = read_header(buffer)
+    header, payload = read_header(buffer, checksum=fast_checksum)
     layout = header.layout
     dtype, _ = pool_table(layout, k_pools, v_pools, SpectrumFormatError)
     device = k_pools[0].device

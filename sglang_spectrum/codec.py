@@ -45,7 +45,7 @@ import math
 import struct
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -537,12 +537,14 @@ def _as_uint8(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tens
 
 def read_header(
     data: bytes | bytearray | memoryview | torch.Tensor,
+    checksum: Callable[[torch.Tensor], int] = payload_checksum,
 ) -> tuple[PackedHeader, torch.Tensor]:
     """Parse and validate a packed buffer; returns (header, payload view).
 
     Checks magic, version, header CRC, layout consistency, segment offsets,
-    length and payload checksum. Trailing bytes after the payload are ignored
-    (receive buffers may be larger than the message).
+    length and payload checksum (``checksum``: this reference, or a faster
+    function computing the same value, e.g. the GPU kernel's). Trailing bytes
+    after the payload are ignored (receive buffers may be larger than the message).
 
     Raises:
         SpectrumFormatError: anything malformed, truncated, corrupted or of
@@ -593,7 +595,7 @@ def read_header(
             f"truncated buffer: {total} bytes, expected {payload_start + payload_nbytes}"
         )
     payload = buf[payload_start : payload_start + payload_nbytes]
-    if payload_checksum(payload) != header.checksum:
+    if checksum(payload) != header.checksum:
         raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")
     return header, payload
 
