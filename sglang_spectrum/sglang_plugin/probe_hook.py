@@ -149,13 +149,27 @@ def _probe(scheduler: Any, server_args: Any, allocator: str, refresh: bool):
     weights_id = weights_identity(server_args.model_path)
     cache_dir = probe_cache_dir(str(pool.k_buffer[0].dtype).removeprefix("torch."))
 
+    engines = []
+
     def run():
         tokenizer = _tokenizer(scheduler, server_args)
         engine = SGLangProbeEngine(model_runner, tokenizer, settings.max_new_tokens)
+        engines.append(engine)
         return run_probe(engine, tokenizer, settings)
 
     t0 = time.perf_counter()
     result = cached_probe(weights_id, run, settings, refresh=refresh, cache_dir=cache_dir)
+    if engines:
+        e = engines[0]
+        logger.info(
+            "SpectrumKV: probe run: %d forwards, extend %.1f s, decode %.1f s, pack+unpack"
+            " %.1f s, last 3-tier tier counts %s",
+            e.forwards,
+            e.seconds["extend"],
+            e.seconds["decode"],
+            e.seconds["codec"],
+            e.last_tier_counts,
+        )
     return result, settings, time.perf_counter() - t0
 
 

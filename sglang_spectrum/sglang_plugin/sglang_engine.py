@@ -17,11 +17,23 @@ answer:
 3. decode greedily (argmax) up to ``max_new_tokens`` or EOS;
 4. free the request's KV slots and its ``req_to_token`` row, and check that
    both pools are back to their size before the call (a leak raises).
+
+The probe asks for the full answer of a prompt before its degraded answer, so
+a full answer keeps a CPU copy of the prompt's pool KV and its first token
+(the last ``memo`` prompts): the degraded answer then allocates the slots,
+writes the unpacked KV straight into them and starts decoding, without a
+second prefill forward (the prefill is deterministic, so this is the KV a
+second extend would produce; it is also exactly what a PD decode server
+receives: the prompt KV and the first token).
 """
 
 from __future__ import annotations
 
 import itertools
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,6 +43,7 @@ from sglang_spectrum.codec import pack_kv, unpack_kv
 from sglang_spectrum.config import SpectrumConfig
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NUMBER_DONE = re.compile(r"\d[^\d,]")  # a digit run (commas allowed) followed by a non-digit
 _ids = itertools.count()
 
 
@@ -100,6 +113,7 @@ class SGLangProbeEngine:
         tokenizer: Any,
         max_new_tokens: int = 10,
         eos_token_ids: set[int] | None = None,
+        memo: int = 4,
     ):
         self.mr = model_runner
         self.tokenizer = tokenizer
@@ -113,7 +127,11 @@ class SGLangProbeEngine:
                 eos_token_ids |= {int(t) for t in gen}
         self.eos = set(eos_token_ids)
         self.last_tier_counts: dict[str, int] | None = None
-        self.forwards = 0
+        self.forwards = 0  # model forwards run (extend or decode steps)
+        self.seconds = {"extend": 0.0, "decode": 0.0, "codec": 0.0}
+        self.memo_size = memo
+        # prompt ids -> (per-layer K, per-layer V on CPU, first answer token)
+        self._memo: OrderedDict[tuple[int, ...], tuple[list, list, int]] = OrderedDict()
 
     # ------------------------------------------------------------------ API
 
@@ -127,12 +145,24 @@ class SGLangProbeEngine:
     # ------------------------------------------------------------------ internals
 
     def _answer(self, input_ids: torch.Tensor, config: SpectrumConfig | None) -> str:
-        tokens = self.generate(input_ids.tolist(), config)
+        tokens = self.generate(input_ids.tolist(), config, stop=self._number_complete)
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def _number_complete(self, tokens: list[int]) -> bool:
+        """True once the answer holds a whole number: the probe scores the first
+        number only (``niah.answer_matches``), later tokens cannot change it."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return _NUMBER_DONE.search(text) is not None
+
     @torch.no_grad()
-    def generate(self, ids: list[int], config: SpectrumConfig | None = None) -> list[int]:
-        """Greedy answer token ids for the prompt ``ids`` (KV degraded by ``config``)."""
+    def generate(
+        self,
+        ids: list[int],
+        config: SpectrumConfig | None = None,
+        stop: Callable[[list[int]], bool] | None = None,
+    ) -> list[int]:
+        """Greedy answer token ids for the prompt ``ids`` (KV degraded by ``config``);
+        stops at EOS, ``max_new_tokens`` or when ``stop(tokens)`` is true."""
         from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
         from sglang.srt.model_executor.forward_batch_info import ForwardBatch
         from sglang.srt.sampling.sampling_params import SamplingParams
@@ -173,15 +203,26 @@ class SGLangProbeEngine:
         )
         allocated = 0  # KV slots of this request (prefix of its req_to_token row)
         out: list[int] = []
+        key = tuple(ids)
+        memo = self._memo.get(key) if config is not None else None
         try:
-            batch.prepare_for_extend()
+            batch.prepare_for_extend()  # allocates the slots (no forward yet)
             allocated = int(batch.seq_lens_cpu[0])
-            next_id = self._forward(batch, ForwardBatch)
-            if config is not None:
-                self._degrade(req.req_pool_idx, len(ids), config)
+            slots = req_pool.req_to_token[req.req_pool_idx, : len(ids)].to(torch.int64)
+            if memo is not None:  # the prompt's full-precision KV: no second prefill
+                keys, values, next_id = memo
+                self._degrade(slots, keys, values, config)
+            else:
+                next_id = self._forward(batch, ForwardBatch)
+                if config is None and self.memo_size > 0:
+                    self._remember(key, slots, next_id)
+                if config is not None:
+                    self._degrade(slots, None, None, config)
             while True:
                 out.append(next_id)
                 if next_id in self.eos or len(out) >= self.max_new_tokens:
+                    break
+                if stop is not None and stop(out):
                     break
                 batch.output_ids = torch.tensor([next_id], dtype=torch.int64, device=mr.device)
                 batch.prepare_for_decode()
@@ -202,18 +243,46 @@ class SGLangProbeEngine:
         return out
 
     def _forward(self, batch: Any, ForwardBatch: Any) -> int:
+        t0 = time.perf_counter()
         worker_batch = batch.get_model_worker_batch()
         forward_batch = ForwardBatch.init_new(worker_batch, self.mr)
         logits = self.mr.forward(forward_batch).logits_output.next_token_logits
         self.forwards += 1
-        return int(logits[0].argmax())
+        token = int(logits[0].argmax())
+        kind = "decode" if batch.forward_mode.is_decode() else "extend"
+        self.seconds[kind] += time.perf_counter() - t0
+        return token
 
-    def _degrade(self, req_pool_idx: int, n: int, config: SpectrumConfig) -> None:
-        """Pack the prompt's pool KV as a transfer would and write it back in place."""
-        slots = self.mr.req_to_token_pool.req_to_token[req_pool_idx, :n].to(torch.int64)
+    def _remember(self, key: tuple[int, ...], slots: torch.Tensor, first: int) -> None:
+        keys = [k[slots].cpu() for k in self.pool.k_buffer]
+        values = [v[slots].cpu() for v in self.pool.v_buffer]
+        self._memo[key] = (keys, values, first)
+        while len(self._memo) > self.memo_size:
+            self._memo.popitem(last=False)
+
+    def _degrade(
+        self,
+        slots: torch.Tensor,
+        keys: list[torch.Tensor] | None,
+        values: list[torch.Tensor] | None,
+        config: SpectrumConfig,
+    ) -> None:
+        """Pack the prompt's KV as a transfer would and write the result into ``slots``.
+
+        ``keys``/``values``: the prompt's full-precision KV (default: read from
+        the slots themselves, i.e. after an extend).
+        """
+        t0 = time.perf_counter()
         k_pools, v_pools = self.pool.k_buffer, self.pool.v_buffer
-        keys = [k[slots] for k in k_pools]
-        values = [v[slots] for v in v_pools]
+        if keys is None or values is None:
+            keys = [k[slots] for k in k_pools]
+            values = [v[slots] for v in v_pools]
+        device = k_pools[0].device
+        keys = [k.to(device) for k in keys]
+        values = [v.to(device) for v in values]
         packed = pack_kv(keys, values, config)
         info = unpack_kv(packed.to_tensor(), k_pools, v_pools, slots)
+        if info.dropped.numel():  # allow_drop=False: never; a dropped slot would hold stale KV
+            raise ProbeEngineError(f"the codec dropped {info.dropped.numel()} prompt tokens")
         self.last_tier_counts = info.tier_counts
+        self.seconds["codec"] += time.perf_counter() - t0
