@@ -89,9 +89,13 @@ class ProbeUnavailable(RuntimeError):
     """The probe cannot run on this server (the message says why)."""
 
 
-def probe_settings(allocator: str, capacity: int | None = None):
+def probe_settings(allocator: str, capacity: int | None = None, codec: Any = None):
     """The :class:`ProbeSettings` for this server: defaults, env overrides, and a
-    context shrunk (halved) until prompt + answer fit ``capacity`` tokens."""
+    context shrunk (halved) until prompt + answer fit ``capacity`` tokens.
+
+    ``codec``: the server's options; a ``rotation`` / ``group_size`` there (if
+    the serving path ever gets them) is what the trials must pack with too.
+    """
     from sglang_spectrum.eval.probe import ProbeSettings
 
     base = ProbeSettings()
@@ -114,6 +118,8 @@ def probe_settings(allocator: str, capacity: int | None = None):
         context=context,
         min_context=min(base.min_context, context),
         allocator=allocator,
+        rotation=getattr(codec, "rotation", base.rotation),
+        group_size=getattr(codec, "group_size", base.group_size),
     )
 
 
@@ -136,7 +142,7 @@ def _tokenizer(scheduler: Any, server_args: Any) -> Any:
     )
 
 
-def _probe(scheduler: Any, server_args: Any, allocator: str, refresh: bool):
+def _probe(scheduler: Any, server_args: Any, opts: Any):
     """Run (or read) the probe; returns (ProbeResult, settings, lookup seconds)."""
     from sglang_spectrum.eval.probe import cached_probe, run_probe
     from sglang_spectrum.models import weights_identity
@@ -145,7 +151,7 @@ def _probe(scheduler: Any, server_args: Any, allocator: str, refresh: bool):
 
     model_runner = scheduler.tp_worker.model_runner
     pool = kv_pool_of(model_runner)
-    settings = probe_settings(allocator, probe_capacity(model_runner))
+    settings = probe_settings(opts.allocator, probe_capacity(model_runner), opts)
     weights_id = weights_identity(server_args.model_path)
     cache_dir = probe_cache_dir(str(pool.k_buffer[0].dtype).removeprefix("torch."))
 
@@ -158,6 +164,7 @@ def _probe(scheduler: Any, server_args: Any, allocator: str, refresh: bool):
         return run_probe(engine, tokenizer, settings)
 
     t0 = time.perf_counter()
+    refresh = opts.probe_refresh
     result = cached_probe(weights_id, run, settings, refresh=refresh, cache_dir=cache_dir)
     if engines:
         e = engines[0]
@@ -205,9 +212,7 @@ def run_startup_probe(scheduler: Any, server_args: Any) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     try:
-        result, settings, lookup_s = _probe(
-            scheduler, server_args, opts.allocator, opts.probe_refresh
-        )
+        result, settings, lookup_s = _probe(scheduler, server_args, opts)
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         logger.warning(
