@@ -15,8 +15,9 @@ process is stopped by PID (process group) in a finalizer, also on failure.
   decode server is SIGKILLed during a transfer, the request fails, the
   prefill frees its slots, and after a new decode server starts on the same
   ports the next request is served.
-* refusals: mismatched format versions and a mooncake prefill are refused
-  at bootstrap with a clear message.
+* refusals (run before ``half`` starts, so only one deployment runs at a
+  time): mismatched format versions and a mooncake prefill are refused at
+  bootstrap with a clear message.
 """
 
 from __future__ import annotations
@@ -117,6 +118,43 @@ def test_spectrum_plugin_active_in_scheduler_processes(full):
     # decode checked the prefill's version, layout and tier mode at bootstrap
     assert "verified (format v" in logs["decode"] and "tiers 3, budget 1.0" in logs["decode"]
     assert "SpectrumKV" not in full["mooncake"]["logs"]["prefill"]
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_version_mismatch_is_refused_with_clear_message(request, model_path):
+    d = start_deployment(
+        request,
+        model_path=model_path,
+        backend="spectrum",
+        prefill_env={"SGLANG_SPECTRUM_TEST_FORMAT_VERSION": "999"},
+        router_args=["--disable-retries"],
+    )
+    t0 = time.monotonic()
+    with pytest.raises(requests.HTTPError) as exc:
+        d.generate(PROMPTS[0], max_new_tokens=4, timeout_s=120)
+    assert time.monotonic() - t0 < 60  # refused at handshake, not after a timeout
+    msg = str(exc.value)
+    assert "SpectrumKV format version mismatch" in msg and "speaks v999" in msg, msg
+    # both servers survive and the prefill freed the request at once
+    assert requests.get(f"{d.decode_url}/health", timeout=10).status_code == 200
+    assert requests.get(f"{d.prefill_url}/health", timeout=10).status_code == 200
+    assert "decode server refused the transfer" in d.procs[0].log_path.read_text()
+
+
+def test_spectrum_decode_refuses_mooncake_prefill(request, model_path):
+    d = start_deployment(
+        request,
+        model_path=model_path,
+        backend="mooncake",
+        decode_backend="spectrum",
+        router_args=["--disable-retries"],
+    )
+    with pytest.raises(requests.HTTPError) as exc:
+        d.generate(PROMPTS[0], max_new_tokens=4, timeout_s=120)
+    assert "is not a SpectrumKV server" in str(exc.value), str(exc.value)
+    assert requests.get(f"{d.decode_url}/health", timeout=10).status_code == 200
 
 
 # --------------------------------------------------------------------------- budget 0.5
@@ -258,40 +296,3 @@ def test_decode_killed_mid_transfer(half):
             time.sleep(2)
     assert SECRET in r["text"], r["text"]
     assert half.wait_idle(half.prefill_url) == 0 and half.wait_idle(half.decode_url) == 0
-
-
-# --------------------------------------------------------------------------- refusals
-
-
-def test_version_mismatch_is_refused_with_clear_message(request, model_path):
-    d = start_deployment(
-        request,
-        model_path=model_path,
-        backend="spectrum",
-        prefill_env={"SGLANG_SPECTRUM_TEST_FORMAT_VERSION": "999"},
-        router_args=["--disable-retries"],
-    )
-    t0 = time.monotonic()
-    with pytest.raises(requests.HTTPError) as exc:
-        d.generate(PROMPTS[0], max_new_tokens=4, timeout_s=120)
-    assert time.monotonic() - t0 < 60  # refused at handshake, not after a timeout
-    msg = str(exc.value)
-    assert "SpectrumKV format version mismatch" in msg and "speaks v999" in msg, msg
-    # both servers survive and the prefill freed the request at once
-    assert requests.get(f"{d.decode_url}/health", timeout=10).status_code == 200
-    assert requests.get(f"{d.prefill_url}/health", timeout=10).status_code == 200
-    assert "decode server refused the transfer" in d.procs[0].log_path.read_text()
-
-
-def test_spectrum_decode_refuses_mooncake_prefill(request, model_path):
-    d = start_deployment(
-        request,
-        model_path=model_path,
-        backend="mooncake",
-        decode_backend="spectrum",
-        router_args=["--disable-retries"],
-    )
-    with pytest.raises(requests.HTTPError) as exc:
-        d.generate(PROMPTS[0], max_new_tokens=4, timeout_s=120)
-    assert "is not a SpectrumKV server" in str(exc.value), str(exc.value)
-    assert requests.get(f"{d.decode_url}/health", timeout=10).status_code == 200
