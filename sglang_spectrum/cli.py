@@ -31,10 +31,12 @@ def _names(s: str) -> list[str]:
     return [x for x in s.split(",") if x]
 
 
-def _load(model: str):
+def _load(model: str, attn: str = "sdpa"):
     from .models import load_model
 
-    return load_model(model)
+    # sdpa honours the bridge's additive masks (tested) and is much faster than
+    # eager on long prompts.
+    return load_model(model, attn_implementation=attn)
 
 
 def _model_label(model: str) -> str:
@@ -140,7 +142,7 @@ def cmd_eval_ppl(args) -> int:
 
     runs = expand_runs(args.methods, args.budgets, args.allocators)
     auto = _auto_tiers(args.model, args)
-    model, tok = _load(args.model)
+    model, tok = _load(args.model, args.attn)
     records = evaluate_ppl(
         model,
         tok,
@@ -162,7 +164,7 @@ def cmd_eval_niah(args) -> int:
 
     runs = expand_runs(args.methods, args.budgets, args.allocators)
     auto = _auto_tiers(args.model, args)
-    model, tok = _load(args.model)
+    model, tok = _load(args.model, args.attn)
     text = load_wikitext(args.wikitext)
     details: list = []
     records = []
@@ -258,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--wikitext", default=None, help="path to wiki.test.raw")
     common.add_argument("--out", default=str(DEFAULT_RESULTS))
     common.add_argument("--probe-budget", type=float, default=0.3)
+    common.add_argument(
+        "--attn",
+        choices=["sdpa", "eager"],
+        default="sdpa",
+        help="attention implementation of the HF model",
+    )
     pp = esub.add_parser("ppl", parents=[common], help="PD perplexity on WikiText-2")
     pp.add_argument("--context", type=int, default=1024)
     pp.add_argument("--continuation", type=int, default=256)
