@@ -100,3 +100,32 @@ def expand_runs(
             for b in budgets:
                 runs.append((m, alloc, float(b)))
     return runs
+
+
+def resolve_runs(
+    runs: list[tuple[Method, str, float]] | None,
+    methods: list[str] | None = None,
+    budgets: list[float] | None = None,
+    allocators: list[str] | None = None,
+) -> list[tuple[Method, str, float]]:
+    """``runs`` (or the expansion of methods x budgets x allocators) with ``full``
+    first if missing: every metric is relative to full precision on the same prompts."""
+    if runs is None:
+        runs = expand_runs(methods or ["full"], budgets or [0.5], allocators or ["paper"])
+    if not any(m.base == "full" for m, _, _ in runs):
+        runs = expand_runs(["full"], [1.0], ["paper"]) + runs
+    return runs
+
+
+def record_base(
+    method: Method, allocator: str, budget: float, context: int, ratios: list[float]
+) -> dict:
+    """The fields every result record shares (metric, value and stderr are added)."""
+    return {
+        "method": method.name,
+        "allocator": allocator,
+        "budget": budget,
+        "context": context,
+        "n": len(ratios),
+        "bytes_ratio": float(sum(ratios) / len(ratios)),
+    }

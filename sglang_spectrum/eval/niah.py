@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import SpectrumConfigError
-from .methods import AutoTiers, Method, expand_runs
+from .methods import AutoTiers, Method, record_base, resolve_runs
 from .ppl import load_wikitext
 from .runner import apply_method
 
@@ -113,10 +113,7 @@ def evaluate_niah(
     """Accuracy and retention (accuracy / full accuracy on the same trials) per run."""
     from .hf_bridge import prefill
 
-    if runs is None:
-        runs = expand_runs(methods or ["full"], budgets or [0.5], allocators or ["paper"])
-    if not any(m.base == "full" for m, _, _ in runs):
-        runs = expand_runs(["full"], [1.0], ["paper"]) + runs
+    runs = resolve_runs(runs, methods, budgets, allocators)
     prompts = make_trials(tokenizer, context, trials, seed, text)
     hits = {i: [] for i in range(len(runs))}
     ratios = {i: [] for i in range(len(runs))}
@@ -159,14 +156,7 @@ def evaluate_niah(
         n = len(hits[i])
         acc = sum(hits[i]) / n
         se = (acc * (1 - acc) / n) ** 0.5
-        base = {
-            "method": method.name,
-            "allocator": alloc,
-            "budget": budget,
-            "context": context,
-            "n": n,
-            "bytes_ratio": float(sum(ratios[i]) / n),
-        }
+        base = record_base(method, alloc, budget, context, ratios[i])
         records.append({**base, "metric": "niah_acc", "value": acc, "stderr": se})
         if full_acc > 0:
             # Retention on the same trials: passes among the trials full precision passed.

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import SpectrumConfigError
-from .methods import AutoTiers, Method, expand_runs
+from .methods import AutoTiers, Method, record_base, resolve_runs
 from .runner import apply_method
 
 WIKITEXT_ENV = "SPECTRUM_WIKITEXT"
@@ -101,10 +101,7 @@ def evaluate_ppl(
     """
     from .hf_bridge import prefill  # transformers is only needed here
 
-    if runs is None:
-        runs = expand_runs(methods or ["full"], budgets or [0.5], allocators or ["paper"])
-    if not any(m.base == "full" for m, _, _ in runs):
-        runs = expand_runs(["full"], [1.0], ["paper"]) + runs
+    runs = resolve_runs(runs, methods, budgets, allocators)
     text = text if text is not None else load_wikitext()
     wins = wikitext_windows(tokenizer, text, context, continuation, windows)
     nll = {i: [] for i in range(len(runs))}  # per run: per-window mean NLL
@@ -143,14 +140,7 @@ def evaluate_ppl(
         d = x - full
         se_nll = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
         se_ppl = float(x.std(unbiased=True) / math.sqrt(n)) * ppl if n > 1 else float("nan")
-        base = {
-            "method": method.name,
-            "allocator": alloc,
-            "budget": budget,
-            "context": context,
-            "n": n,
-            "bytes_ratio": float(sum(ratios[i]) / n),
-        }
+        base = record_base(method, alloc, budget, context, ratios[i])
         records.append({**base, "metric": "ppl", "value": ppl, "stderr": se_ppl})
         records.append(
             {
