@@ -31,6 +31,24 @@ def degrade(kv, config: SpectrumConfig, use_queries: bool = True, dtype=None):
     return keys, values, kept, packed.bytes_ratio, key
 
 
+def generate_on(model, kv, keys, values, kept, max_new_tokens: int, eos_token_id) -> list[int]:
+    """Greedy answer on degraded prompt KV; the first token comes from the
+    prefill's own (full-precision) last logits, as on a real prefill node."""
+    from .hf_bridge import greedy_generate_from_kv
+
+    return greedy_generate_from_kv(
+        model,
+        keys,
+        values,
+        kv.layer_first_pos,
+        kv.num_tokens,
+        kept,
+        kv.logits_last,
+        max_new_tokens,
+        eos_token_id,
+    )
+
+
 def method_config(method: Method, allocator: str, budget: float, auto_tiers: AutoTiers):
     return method.config(budget, allocator if allocator in ALLOCATORS else "paper", auto_tiers)
 
@@ -59,7 +77,7 @@ def apply_method(
     ``post`` maps the output (e.g. logits to a mean NLL) before it is
     returned and memoised.
     """
-    from .hf_bridge import continue_from_kv, greedy_generate_from_kv
+    from .hf_bridge import continue_from_kv
 
     method = parse_method(method) if isinstance(method, str) else method
     config = method_config(method, allocator, budget, auto_tiers)
@@ -71,17 +89,7 @@ def apply_method(
             model, keys, values, kv.layer_first_pos, kv.num_tokens, kept, next_ids
         )
     else:
-        out = greedy_generate_from_kv(
-            model,
-            keys,
-            values,
-            kv.layer_first_pos,
-            kv.num_tokens,
-            kept,
-            kv.logits_last,
-            max_new_tokens or 10,
-            eos_token_id,
-        )
+        out = generate_on(model, kv, keys, values, kept, max_new_tokens or 10, eos_token_id)
     if post is not None:
         out = post(out)
     if memo is not None:
@@ -107,20 +115,10 @@ class HFProbeEngine:
         return self._kv
 
     def _answer(self, input_ids: torch.Tensor, config: SpectrumConfig) -> str:
-        from .hf_bridge import greedy_generate_from_kv
-
         kv = self._prefill(input_ids)
         keys, values, kept, _, _ = degrade(kv, config)
-        tokens = greedy_generate_from_kv(
-            self.model,
-            keys,
-            values,
-            kv.layer_first_pos,
-            kv.num_tokens,
-            kept,
-            kv.logits_last,
-            self.max_new_tokens,
-            self.tokenizer.eos_token_id,
+        tokens = generate_on(
+            self.model, kv, keys, values, kept, self.max_new_tokens, self.tokenizer.eos_token_id
         )
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
