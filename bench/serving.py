@@ -103,6 +103,16 @@ def run_config(name: str, args: argparse.Namespace, model_path: Path, data: Path
         backend=backend,
         prefill_args=extra,
         common_args=["--enable-metrics"],
+        # the router is not under test: on an overloaded CPU a slow /health must not
+        # take a worker out of rotation (default: 3 timeouts -> "no available workers")
+        router_args=[
+            "--disable-circuit-breaker",
+            "--health-check-timeout-secs",
+            "60",
+            "--health-failure-threshold",
+            "100",
+            "--disable-retries",
+        ],  # fmt: skip
         log_dir=out_dir,
     )
     bench_cmd = [
@@ -119,6 +129,7 @@ def run_config(name: str, args: argparse.Namespace, model_path: Path, data: Path
         "--num-prompts", str(args.num_prompts),
         "--request-rate", str(args.request_rate),
         "--seed", str(args.seed),
+        *(["--max-concurrency", str(args.max_concurrency)] if args.max_concurrency else []),
         "--warmup-requests", "1",
         "--disable-tqdm",
         "--output-file", str(out_dir / "bench_serving.jsonl"),
@@ -176,17 +187,18 @@ def run_config(name: str, args: argparse.Namespace, model_path: Path, data: Path
     return row
 
 
-def write_markdown(results: dict, path: Path) -> None:
+def write_markdown(results: dict, path: Path, append: bool = False) -> None:
     rows = results["runs"]
     base = next(r for r in rows if r["backend"] == "mooncake")
     w = results["workload"]
     lines = [
-        "# Serving benchmark: mooncake vs spectrum (CPU, SmolLM2-135M)",
+        f"# Serving benchmark: mooncake vs spectrum (CPU, SmolLM2-135M){results['title']}",
         "",
         f"`sglang.bench_serving` against the PD router; random dataset (WikiText-2 text),"
         f" {w['num_prompts']} prompts, input {w['input_range'][0]}-{w['input_range'][1]}"
         f" tokens, output {w['output_range'][0]}-{w['output_range'][1]} tokens,"
-        f" {w['request_rate']} req/s, seed {w['seed']}; a 2-core CPU shared with other jobs."
+        f" {w['request_rate']} req/s, max concurrency {w.get('max_concurrency') or '-'},"
+        f" seed {w['seed']}; a 2-core CPU shared with other jobs."
         " Command: see bench/README.md (Serving).",
         "",
         "| config | bytes/request | bytes ratio | mean TTFT ms | median TTFT ms | p99 TTFT ms"
@@ -223,7 +235,11 @@ def write_markdown(results: dict, path: Path) -> None:
             f" | {r['output_throughput'] / base['output_throughput']:.3f} |"
         )
     lines += ["", results.get("notes", ""), ""]
-    path.write_text("\n".join(lines))
+    if append and path.exists():
+        lines[0] = "#" + lines[0]  # a subsection of the existing file
+        path.write_text(path.read_text() + "\n" + "\n".join(lines))
+    else:
+        path.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,10 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--range-ratio", type=float, default=0.67)
     p.add_argument("--request-rate", type=float, default=0.1)
+    p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--work-dir", default="/tmp/spectrumkv-bench-serving")
     p.add_argument("--out", default=str(REPO / "bench/results/serving.json"))
     p.add_argument("--md", default=str(REPO / "bench/serving.md"))
+    p.add_argument("--md-append", action="store_true", help="append to --md instead")
     args = p.parse_args(argv)
     model_path = ensure_model(args.model)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
@@ -250,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run_config(name, args, model_path, data))
         print(json.dumps(runs[-1], indent=1), flush=True)
     lo = lambda n: max(1, int(n * args.range_ratio))  # bench_serving's compute_random_lens
+    mode = (
+        f", closed loop, {args.max_concurrency} at a time"
+        if args.max_concurrency
+        else f", open loop at {args.request_rate} req/s"
+    )
     results = {
+        "title": mode,
         "model": args.model,
         "workload": {
             "dataset": "random (WikiText-2 passages, local ShareGPT-format file)",
@@ -258,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             "input_range": [lo(args.input_len), args.input_len],
             "output_range": [lo(args.output_len), args.output_len],
             "request_rate": args.request_rate,
+            "max_concurrency": args.max_concurrency,
             "seed": args.seed,
         },
         "command": "python bench/serving.py " + " ".join(argv or sys.argv[1:]),
@@ -272,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=1))
-    write_markdown(results, Path(args.md))
+    write_markdown(results, Path(args.md), append=args.md_append)
     print(f"wrote {out} and {args.md}")
     return 0
 

@@ -13,10 +13,17 @@ For each: the client gets an HTTP error naming the problem, the KV slots are
 freed on both sides (``/get_load`` token counts back to idle), the failure is
 counted on the decode's ``/metrics``, and both servers then serve the next
 request exactly as before the fault.
+
+The decode's receive arena is small (``--spectrum-arena-mb 24``): two
+concurrent ~1,500-token requests (about 17.6 MB of receive buffer each at
+budget 0.5) do not fit at once, so the second one waits (back-pressure) and
+both succeed; a request bigger than the whole arena fails with a message
+naming the option.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,6 +36,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 PROBE_PROMPT = "The capital of France is"
 LONG_PROMPT = "Notes. " + "The river flows to the sea. " * 60 + "Where does the river flow? To the"
+ARENA_MB = 24
+FILLER = "The grass is green. The sky is blue. The sun is warm. "
 EXPECTED = {
     "corrupt": "payload checksum mismatch: the KV data is corrupted",
     "header": "header checksum mismatch: the header is corrupted",
@@ -46,6 +55,7 @@ def faulty(request) -> dict:
         common_args=["--enable-metrics"],
         prefill_args=["--spectrum-budget", "0.5", "--spectrum-tiers", "3"],
         prefill_env={"SGLANG_SPECTRUM_FAULT": "rid"},
+        decode_args=["--spectrum-arena-mb", str(ARENA_MB)],
         router_args=["--disable-retries", "--disable-circuit-breaker"],
         stats=True,
     )
@@ -94,3 +104,35 @@ def test_logs_explain_the_faults(faulty):
     assert "rejected: SpectrumFormatError" in decode_log
     assert "Traceback" not in decode_log and "Traceback" not in prefill_log
     assert isinstance(Path(d.log_dir), Path)
+
+
+def test_full_receive_arena_defers_instead_of_failing(faulty):
+    d: PDDeployment = faulty["d"]
+    prompts = [f"Report {i}. " + FILLER * 110 + "In one word, the sky is" for i in range(2)]
+    out: dict = {}
+
+    def run(i: int) -> None:
+        try:
+            out[i] = d.generate(prompts[i], max_new_tokens=4, timeout_s=300)["text"]
+        except Exception as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=400)
+    assert all(isinstance(out.get(i), str) for i in range(2)), out
+    log = d.proc("decode").log_path.read_text(errors="replace")
+    assert "SpectrumKV: receive arena full" in log  # the second request waited
+    assert d.wait_idle(d.prefill_url) == 0 and d.wait_idle(d.decode_url) == 0
+
+
+def test_request_larger_than_receive_arena_fails_cleanly(faulty):
+    d: PDDeployment = faulty["d"]
+    with pytest.raises(requests.HTTPError) as exc:
+        d.generate("Long log. " + FILLER * 240 + "Summary:", max_new_tokens=4)
+    msg = str(exc.value)
+    assert "receive arena has" in msg and "--spectrum-arena-mb" in msg, msg
+    assert d.wait_idle(d.prefill_url) == 0 and d.wait_idle(d.decode_url) == 0
+    assert d.generate(PROBE_PROMPT, max_new_tokens=12)["text"] == faulty["baseline"][PROBE_PROMPT]

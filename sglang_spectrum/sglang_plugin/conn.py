@@ -866,16 +866,6 @@ class SpectrumKVManager(MooncakeKVManager):
             checksum=checksum,
             stats=stats,
         )
-        logger.debug(
-            "SpectrumKV room %s packed: %d tokens, %d -> %d bytes (%.3f), tiers %s, %.1f ms",
-            room,
-            stats["num_tokens"],
-            stats["full_bytes"],
-            send_n,
-            stats["ratio"],
-            stats["tiers"],
-            pack_ms,
-        )
         self._enqueue(chunk)
 
     @staticmethod
@@ -1105,6 +1095,8 @@ class SpectrumKVReceiver(MooncakeKVReceiver):
         self._region: Region | None = None
         self._pages: npt.NDArray[Any] | None = None
         self._deferred: tuple[Any, Any, Any] | None = None
+        self._deferred_logged = False
+        self._need = 0
         self._extra_frames: list[bytes] = []
         self._spectrum_state: int | None = None
         self._success_seen_at: float | None = None
@@ -1166,7 +1158,7 @@ class SpectrumKVReceiver(MooncakeKVReceiver):
         if self.bootstrap_infos is None or self.conclude_state is not None:
             return super().send_metadata(kv_indices, aux_index, state_indices)
         if mgr.arena is None or mgr.layout is None:
-            self._fail("SpectrumKV decode has no receive arena (KV pool not attached)")
+            self._refuse("SpectrumKV decode has no receive arena (KV pool not attached)")
             return
         self._pages = np.asarray(kv_indices).copy()
         self._need = receive_capacity(
@@ -1174,8 +1166,8 @@ class SpectrumKVReceiver(MooncakeKVReceiver):
             len(self._pages) * int(mgr.layout["page_size"]),
             mgr.prefill_budget(self.bootstrap_addr),
         )
-        if self._need > mgr.arena.size:
-            self._fail(
+        if self._need > mgr.arena.size:  # tell the prefill too (it would wait for a timeout)
+            self._refuse(
                 f"SpectrumKV: request {self.bootstrap_room} needs a {self._need}-byte receive"
                 f" buffer but the decode receive arena has {mgr.arena.size} bytes; raise"
                 f" --spectrum-arena-mb on the decode server"
@@ -1186,8 +1178,19 @@ class SpectrumKVReceiver(MooncakeKVReceiver):
 
     def _try_send_deferred(self) -> bool:
         """Reserve the receive region and send the room message; False while the arena is full."""
-        region = self.kv_mgr.arena.alloc(self._need)
+        arena = self.kv_mgr.arena
+        region = arena.alloc(self._need)
         if region is None:
+            if not self._deferred_logged:
+                self._deferred_logged = True
+                logger.info(
+                    "SpectrumKV: receive arena full (%d of %d bytes in use): request %s"
+                    " (%d bytes) waits for a free region",
+                    arena.in_use,
+                    arena.size,
+                    self.bootstrap_room,
+                    self._need,
+                )
             return False
         kv_indices, aux_index, state_indices = self._deferred
         self._deferred = None
