@@ -320,6 +320,7 @@ def test_probe_pass_cached_restart_and_int4_end_to_end(request, tmp_path, smollm
         prefill_args=[*args, "--spectrum-budget", "0.3"],
         prefill_env={**env, "SGLANG_SPECTRUM_STATS_FILE": str(stats)},
         log_dir=tmp_path / "pd",
+        startup_timeout_s=900,  # the probe runs inside the startup (slow on a busy CPU)
     )
     log2 = d.procs[0].log_path.read_text(errors="replace")
     m2 = _probe_line(log2)
@@ -362,6 +363,7 @@ def test_probe_fail_serves_two_tiers(request, tmp_path):
             "SGLANG_SPECTRUM_STATS_FILE": str(stats),
         },
         log_dir=tmp_path / "pd",
+        startup_timeout_s=900,  # the probe runs inside the startup (slow on a busy CPU)
     )
     m = _probe_line(d.procs[0].log_path.read_text(errors="replace"))
     assert m.group(1) == "FAIL" and m.group(3) == "2" and m.group(4) == "probe run", m.group(0)
