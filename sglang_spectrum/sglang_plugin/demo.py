@@ -61,6 +61,8 @@ def pd_demo(model: str = "smollm2-135m", budget: float = 0.5, tiers: str = "auto
         log_dir=log_dir,
     )
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C stops the deployment even where SIGINT came in ignored (background jobs)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     ok = True
     try:
         _say(
@@ -139,4 +141,5 @@ def pd_demo(model: str = "smollm2-135m", budget: float = 0.5, tiers: str = "auto
         _say("stopping all processes")
         d.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     return 0 if ok else 1

@@ -287,7 +287,8 @@ class PDDeployment:
         except BaseException as e:
             report = self.report(f"PD deployment ({self.backend}) failed to start: {e}")
             self.stop()
-            print(report, file=sys.stderr)
+            if not isinstance(e, KeyboardInterrupt):
+                print(report, file=sys.stderr)
             if isinstance(e, DeploymentError):
                 raise DeploymentError(report) from None
             raise
