@@ -45,14 +45,15 @@ def markdown_tables(records: list[dict]) -> str:
     probes = [r for r in records if r["metric"].startswith("probe")]
     if probes:
         out += [
-            "## INT4 probe decisions",
+            "## INT4 probe decisions (3-tier NIAH trials at b=0.3)",
             "",
-            "| model | decision | trials passed | context |",
-            "|---|---|---|---|",
+            "| model | codec | decision | trials passed | context |",
+            "|---|---|---|---|---|",
         ]
         for r in probes:
             out.append(
-                f"| {r['model']} | tiers {r.get('decision')} | {r.get('passed_trials')}/{r['n']}"
+                f"| {r['model']} | {r['method'].removeprefix('probe') or 'plain'}"
+                f" | tiers {r.get('decision')} | {r.get('passed_trials')}/{r['n']}"
                 f" | {r['context']} |"
             )
         out.append("")
