@@ -13,6 +13,7 @@ matmul first (fallback, see :func:`pack_payload`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +40,14 @@ from ._common import (
     wire_dtype,
 )
 from .checksum import fast_checksum
-from .plan import META_HEAD, META_STRIDE, TransferPlan, kernel_supported, plan_transfer
+from .plan import (
+    BLOCK_ELEMS,
+    META_HEAD,
+    META_STRIDE,
+    TransferPlan,
+    kernel_supported,
+    plan_transfer,
+)
 
 _META_HEAD = tl.constexpr(META_HEAD)
 _META_STRIDE = tl.constexpr(META_STRIDE)
@@ -89,30 +97,91 @@ def _clamp16(x):
 
 
 @triton.jit
+def _bf16_pair(w):
+    """The two bf16 of int32 words ``w`` as float32 (element 2j is the low half)."""
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _min_bf16x2(a, b):
+    return tl.inline_asm_elementwise("min.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _max_bf16x2(a, b):
+    return tl.inline_asm_elementwise("max.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _group_range(x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, WORDS: tl.constexpr,
+                 PTX: tl.constexpr):
+    """float32 values ``[BR, G, GS]`` and their per-group minimum and maximum.
+
+    With ``WORDS``, ``x`` is ``[BR, G*GS/2]`` int32 words of bf16 pairs: min/max
+    run on the packed pairs (``min.bf16x2``, exact: bf16 -> float32 is exact),
+    two elements per instruction, and the widening is a shift and a mask. The
+    interpreter (no inline PTX) reduces the even and odd halves instead: the
+    same numbers.
+    """
+    if WORDS:
+        wg = tl.reshape(x, [BR, G, GS // 2])
+        if PTX:
+            lo_a, lo_b = _bf16_pair(tl.reduce(wg, 2, _min_bf16x2))
+            hi_a, hi_b = _bf16_pair(tl.reduce(wg, 2, _max_bf16x2))
+            even, odd = _bf16_pair(wg)
+        else:
+            even, odd = _bf16_pair(wg)
+            lo_a, lo_b = tl.min(even, 2), tl.min(odd, 2)
+            hi_a, hi_b = tl.max(even, 2), tl.max(odd, 2)
+        xg = tl.reshape(tl.join(even, odd), [BR, G, GS])
+        return xg, tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
+    else:
+        xg = tl.reshape(x.to(tl.float32), [BR, G, GS])
+        return xg, tl.min(xg, 2), tl.max(xg, 2)
+
+
+@triton.jit
 def _quantize(x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
-              RZ: tl.constexpr):
+              RZ: tl.constexpr, WORDS: tl.constexpr):
     """Reference quantiser on ``[BR, G*GS]``: codes, fp16 scale and minimum ``[BR, G]``.
 
     Same float32 steps as ``codec.quantize`` with fewer instructions (the pack is
-    otherwise issue-bound): the clamp to the fp16 range runs per element only in
-    blocks that exceed it (min/max commute with it); ``clamp(floor(v))`` is
-    computed as ``floor(clamp(v))`` (equal for every non-NaN v), and with ``RZ``
-    floor is a round-toward-zero add of 2**23 (full-rate FADD instead of
-    FRND + F2I on the quarter-rate conversion pipe), so the code sits in the low
-    bits of the returned int32 (mask it; the interpreter path returns it clean).
+    issue-bound). ``clamp(floor(v))`` is computed as ``floor(clamp(v))`` (equal
+    for every non-NaN v), and with ``RZ`` floor is a round-toward-zero add of
+    2**23 (full-rate FADD instead of FRND + F2I on the quarter-rate conversion
+    pipe), so the code sits in the low bits of the returned int32 (truncate it;
+    the interpreter path returns it clean).
+
+    The per-element clamps are skipped when the whole block provably needs none
+    (one block-wide flag, computed per group): the float32 steps are monotone in
+    ``x`` (``inv >= 0``), so when every value is inside +-65504 (the fp16-range
+    clamp is then the identity; min/max commute with it anyway) and each group's
+    minimum and maximum quantise to ``0 <= v < qmax + 1``, every element of the
+    group does too and ``floor(v)`` is already in range. Groups whose range is
+    tiny against their magnitude can miss this (the fp16 rounding of the minimum
+    is then many steps): such blocks take the exact clamped path.
     """
-    xg = tl.reshape(x.to(tl.float32), [BR, G, GS])
-    lo, hi = tl.min(xg, 2), tl.max(xg, 2)
-    if (tl.min(tl.min(lo, 1), 0) < -65504.0) | (tl.max(tl.max(hi, 1), 0) > 65504.0):
-        xg = _clamp16(xg)
-    lo, hi = _clamp16(lo), _clamp16(hi)
+    xg, lo_x, hi_x = _group_range(x, BR, G, GS, WORDS, RZ)
+    lo, hi = _clamp16(lo_x), _clamp16(hi_x)
     scale = tl.math.div_rn(hi - lo, tl.full([BR, G], QMAX, tl.float32)).to(tl.float16)
     mn = lo.to(tl.float16)
     s = scale.to(tl.float32)
+    m = mn.to(tl.float32)
     safe = tl.where(s > 0, s, 1.0)  # 1/0 never computed
     inv = tl.where(s > 0, tl.math.div_rn(tl.full([BR, G], 1.0, tl.float32), safe), 0.0)
-    v = (xg - mn.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5
-    v = tl.minimum(tl.maximum(v, 0.0), QMAX)
+    # >= 0 iff the group needs no clamp (the sign of a float32 difference is exact;
+    # the upper bound qmax + 1 - 2**-8 is a float32 number)
+    v_lo = (lo - m) * inv + 0.5
+    v_hi = (hi - m) * inv + 0.5
+    margin = tl.minimum(tl.minimum(v_lo, (QMAX + 0.99609375) - v_hi),
+                        tl.minimum(lo_x + 65504.0, 65504.0 - hi_x))
+    if tl.min(tl.min(margin, 1), 0) < 0.0:
+        v = (_clamp16(xg) - m[:, :, None]) * inv[:, :, None] + 0.5
+        v = tl.minimum(tl.maximum(v, 0.0), QMAX)
+    else:
+        v = (xg - m[:, :, None]) * inv[:, :, None] + 0.5
     if RZ:
         q = libdevice.add_rz(v, 8388608.0).to(tl.int32, bitcast=True)  # 2**23 + floor(v)
     else:
@@ -122,20 +191,46 @@ def _quantize(x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, QMAX: tl.c
 
 @triton.jit
 def _store_quantized(x, payload, seg, n_seg, dst, valid, BITS: tl.constexpr, BR: tl.constexpr,
-                     H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, RZ: tl.constexpr):
-    q, scale, mn = _quantize(x, BR, G, D // G, (1 << BITS) - 1, RZ)
+                     H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, RZ: tl.constexpr,
+                     WORDS: tl.constexpr):
+    q, scale, mn = _quantize(x, BR, G, D // G, (1 << BITS) - 1, RZ, WORDS)
     codes = payload + seg
     if BITS == 8:
         tl.store(codes + dst[:, None] * D + tl.arange(0, D)[None, :], q.to(tl.uint8),
                  mask=valid[:, None])
     else:  # element 2j in the low nibble, 2j+1 in the high one
-        lo, hi = tl.split(tl.reshape(q, [BR, D // 2, 2]))
+        lo, hi = tl.split(tl.reshape(q, [BR, D // 2, 2]))  # low byte of hi*16 + lo: no masks
         tl.store(codes + dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
-                 ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8), mask=valid[:, None])
+                 ((hi << 4) + lo).to(tl.uint8), mask=valid[:, None])
     sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
     pair = (dst[:, None, None] * G + tl.arange(0, G)[None, :, None]) * 2
     pair = pair + tl.arange(0, 2)[None, None, :]
     tl.store(sc + pair, tl.join(scale, mn), mask=valid[:, None, None])
+
+
+@triton.jit
+def _pack_block(meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H: tl.constexpr,
+                D: tl.constexpr, BR: tl.constexpr, IDX: tl.constexpr):
+    """:func:`_locate` and :func:`_pool_rows` in one, with the row arithmetic in
+    ``IDX`` (int32 unless the request has ``2**31`` elements or more: half the
+    integer instructions of int64). The pool offsets stay int64.
+
+    Returns (tier, n_seg, seg, valid, dst, off, live): ``off`` int64 ``[BR]``
+    element offsets of the rows in their pool.
+    """
+    tier = (pid >= b1).to(tl.int32) + (pid >= b2).to(tl.int32)
+    blk0 = tl.where(tier == 0, 0, tl.where(tier == 1, b1, b2))
+    list0 = tl.where(tier == 0, 0, tl.where(tier == 1, n0, n0 + n1))
+    n_tier = tl.where(tier == 0, n0, tl.where(tier == 1, n1, n2))
+    r = ((pid - blk0) * BR).to(IDX) + tl.arange(0, BR).to(IDX)
+    live = r < (n_tier * H).to(IDX)
+    slot = tl.load(rows + list0 + r // H, mask=live, other=0)
+    off = (slot * H + r % H) * D
+    e = _META_HEAD + (tier * num_layers + layer) * _META_STRIDE
+    base = tl.load(meta + e).to(IDX)
+    n_seg = tl.load(meta + e + 1)
+    seg = tl.multiple_of(tl.load(meta + e + 2 + kv), 16)  # segments are 16-byte aligned
+    return tier, n_seg, seg, live & (r >= base * H), r - base * H, off, live
 
 
 @triton.jit(do_not_specialize=["blk_lo", "b1", "b2", "n0", "n1", "n2"])
@@ -154,35 +249,86 @@ def _pack_kernel(
     G: tl.constexpr,
     BR: tl.constexpr,
     RZ: tl.constexpr,  # round with add.rz (GPU); the interpreter lacks libdevice
+    IDX: tl.constexpr,  # row arithmetic: tl.int32, or tl.int64 for huge requests
+    WORDS: tl.constexpr,  # bf16 pools: move and reduce int32 words of bf16 pairs
 ):
-    pid = tl.program_id(0).to(tl.int64) + blk_lo
+    pid = tl.program_id(0).to(IDX) + blk_lo
     layer = tl.program_id(1) // 2
     kv = tl.program_id(1) % 2
-    tier, list0, n_seg, seg, r, live, valid, dst = _locate(
-        meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, BR)
-    pool, off = _pool_rows(src_ptrs, rows, layer + kv * num_layers, list0, r, live, SRC, H, D)
-    x = tl.load(pool + off, mask=live[:, None], other=0.0)  # rows out of a window: unused
-    if tier == 0:
-        out = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
-        tl.store(out + dst[:, None] * D + tl.arange(0, D)[None, :], x.to(WIRE),
-                 mask=valid[:, None])
-    elif tier == 1:
-        _store_quantized(x, payload, seg, n_seg, dst, valid, 8, BR, H, D, G, RZ)
+    tier, n_seg, seg, valid, dst, off, live = _pack_block(
+        meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, D, BR, IDX)
+    addr = tl.multiple_of(tl.load(src_ptrs + layer + kv * num_layers), 16)
+    if WORDS:  # int32 words, each a pair of bf16 (the FP16 tier moves them as they are)
+        pool = tl.multiple_of(addr.to(tl.pointer_type(tl.int32)), 16)
+        x = tl.load(pool + (off // 2)[:, None] + tl.arange(0, D // 2)[None, :],
+                    mask=live[:, None], other=0)
+        out = (payload + seg).to(tl.pointer_type(tl.int32), bitcast=True)
+        row = dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
     else:
-        _store_quantized(x, payload, seg, n_seg, dst, valid, 4, BR, H, D, G, RZ)
+        pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)  # caching allocator: >= 256 B
+        x = tl.load(pool + off[:, None] + tl.arange(0, D)[None, :], mask=live[:, None],
+                    other=0.0)
+        out = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
+        row = dst[:, None] * D + tl.arange(0, D)[None, :]
+    if tier == 0:  # rows out of a window (live, not valid) are read but not written
+        tl.store(out + row, x.to(out.dtype.element_ty), mask=valid[:, None])
+    elif tier == 1:
+        _store_quantized(x, payload, seg, n_seg, dst, valid, 8, BR, H, D, G, RZ, WORDS)
+    else:
+        _store_quantized(x, payload, seg, n_seg, dst, valid, 4, BR, H, D, G, RZ, WORDS)
 
 
-def _launch_pack(plan: TransferPlan, ptrs, rows, payload, dtype, blk_lo, blk_hi) -> None:
+# Launch shape of the pack kernel when the plan has the default one: (KV
+# elements per program, warps), from the sweep on the H200 (bench/README.md).
+# A plan built with an explicit other shape (plan_transfer's block_elems /
+# num_warps, as the benchmark's sweep does) is launched as given.
+PACK_SHAPE = (4096, 4)
+
+
+def pack_shape(plan: TransferPlan) -> tuple[int, int, tuple[int, int, int, int]]:
+    """(rows per program, warps, first block of each tier and the total) of the
+    pack launch for ``plan`` (its own decomposition: unpack keeps the plan's)."""
+    lay = plan.layout
+    rows, warps = plan.block_rows, plan.num_warps
+    if (rows, warps) == (max(1, BLOCK_ELEMS // lay.head_dim), 4):
+        rows, warps = max(1, PACK_SHAPE[0] // lay.head_dim), PACK_SHAPE[1]
+    if rows == plan.block_rows:
+        return rows, warps, plan.block_starts
+    starts = [0]
+    for n in plan.counts:
+        starts.append(starts[-1] + -(-n * lay.num_kv_heads // rows))
+    return rows, warps, tuple(starts)
+
+
+def _bf16_words(dtype: torch.dtype, device: torch.device) -> bool:
+    """bf16 pools take the packed-word path (``min.bf16x2`` needs sm_80; the
+    interpreter emulates it)."""
+    if dtype != torch.bfloat16 or interpreted(_pack_kernel):
+        return dtype == torch.bfloat16
+    return _sm80(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _sm80(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def _launch_pack(plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_hi) -> None:
+    """Pack tiers ``tier_lo .. tier_hi - 1`` (0: FP16, 1: INT8, 2: INT4)."""
+    block_rows, warps, starts = pack_shape(plan)
+    blk_lo, blk_hi = starts[tier_lo], starts[tier_hi]
     if blk_hi <= blk_lo:
         return
     lay = plan.layout
     grid = (blk_hi - blk_lo, 2 * lay.num_layers)
+    # largest row-arithmetic value: (rows of a tier + a block) * head_dim
+    huge = (sum(plan.counts) * lay.num_kv_heads + block_rows) * lay.head_dim >= 2**31
     _pack_kernel[grid](
-        ptrs, rows, plan.meta, payload, blk_lo, *plan.block_starts[1:3], *plan.counts,
-        lay.num_layers,
+        ptrs, rows, plan.meta, payload, blk_lo, *starts[1:3], *plan.counts, lay.num_layers,
         SRC=TL_DTYPES[dtype], WIRE=wire_dtype(dtype), H=lay.num_kv_heads, D=lay.head_dim,
-        G=lay.groups, BR=plan.block_rows, RZ=not interpreted(_pack_kernel),
-        num_warps=plan.num_warps, **launch_options(payload.device),
+        G=lay.groups, BR=block_rows, RZ=not interpreted(_pack_kernel),
+        IDX=tl.int64 if huge else tl.int32, WORDS=_bf16_words(dtype, payload.device),
+        num_warps=warps, **launch_options(payload.device),
     )
 
 
@@ -225,11 +371,10 @@ def pack_payload(
     if plan.gaps.numel():
         payload[plan.gaps] = 0
     pools = [*k_pools, *v_pools]
-    _, b1, _, b3 = plan.block_starts
     if lay.rotation != "hadamard":
-        _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, b3)
+        _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3)
         return payload
-    _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, b1)
+    _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1)
     n0 = plan.counts[0]
     n_int = plan.rows.numel() - n0
     if n_int:
@@ -238,7 +383,7 @@ def pack_payload(
         rotate_rows(pools, plan, lambda lo, hi: plan.rows[lo:hi], scratch)
         local = torch.arange(-n0, n_int, dtype=torch.int64, device=device)  # scratch rows
         _launch_pack(plan, pointer_table(list(scratch), device), local, payload,
-                     torch.float32, b1, b3)
+                     torch.float32, 1, 3)
     return payload
 
 
