@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codec import KVLayout, UnpackInfo, hadamard, read_header
+from ..codec import KVLayout, UnpackInfo, hadamard, header_tier_map, read_header
 from ..config import SpectrumFormatError
-from ..policy import TIER_NAMES, Tier
+from ..policy import Tier
 from ._common import (
     TL_DTYPES,
     interpreted,
@@ -229,7 +229,7 @@ def unpack_to_pools(
     size = int(k_pools[0].shape[0])
     if int(slots.min()) < 0 or int(slots.max()) >= size:
         raise SpectrumFormatError(f"slots out of range for pools of {size} slots")
-    tiers = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+    tiers = header_tier_map(header)
     payload = payload.to(device)
     if kernel_supported(layout):
         unpack_payload(payload, k_pools, v_pools, plan_transfer(layout, tiers, slots))
@@ -240,10 +240,4 @@ def unpack_to_pools(
             dst = slots[positions.to(device)]
             k_pools[layer][dst] = k.to(dtype)
             v_pools[layer][dst] = v.to(dtype)
-    counts = torch.bincount(tiers.long(), minlength=4)
-    return UnpackInfo(
-        num_tokens=layout.num_tokens,
-        dropped=torch.nonzero(tiers == int(Tier.DROP)).flatten(),
-        tier_counts={name: int(c) for name, c in zip(TIER_NAMES, counts)},
-        layout=layout,
-    )
+    return UnpackInfo.of(header)

@@ -148,6 +148,17 @@ class PackedHeader(msgspec.Struct, forbid_unknown_fields=True):
     policy: str = ""  # informational, e.g. "spectrum/paper/3/b=0.5"
 
 
+def header_tier_map(header: PackedHeader) -> torch.Tensor:
+    """uint8 ``[T]`` tier map of a header (a CPU tensor over a copy of its bytes)."""
+    return torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+
+
+def count_tiers(tier_map: torch.Tensor) -> dict[str, int]:
+    """Tokens per tier name of a uint8 tier map."""
+    counts = torch.bincount(tier_map.long().cpu(), minlength=4)
+    return {name: int(c) for name, c in zip(TIER_NAMES, counts)}
+
+
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -332,12 +343,11 @@ class PackedKV:
     @property
     def tiers(self) -> torch.Tensor:
         """uint8 ``[T]`` tier map."""
-        return torch.frombuffer(bytearray(self.header.tier_map), dtype=torch.uint8)
+        return header_tier_map(self.header)
 
     @property
     def tier_counts(self) -> dict[str, int]:
-        counts = torch.bincount(self.tiers.long(), minlength=4)
-        return {name: int(c) for name, c in zip(TIER_NAMES, counts)}
+        return count_tiers(self.tiers)
 
     def to_bytes(self) -> bytes:
         return self.header_bytes + self.payload.cpu().numpy().tobytes()
@@ -584,7 +594,7 @@ def read_header(
         raise SpectrumFormatError(
             f"tier map has {len(header.tier_map)} entries for {layout.num_tokens} tokens"
         )
-    tier_map = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+    tier_map = header_tier_map(header)
     if int(tier_map.max()) > int(Tier.DROP):
         raise SpectrumFormatError(f"tier map holds an unknown tier {int(tier_map.max())}")
     offsets, payload_nbytes = segment_offsets(layout, tier_map)
@@ -609,6 +619,17 @@ class UnpackInfo:
     tier_counts: dict[str, int]
     layout: KVLayout
 
+    @classmethod
+    def of(cls, header: PackedHeader) -> UnpackInfo:
+        """What unpacking a buffer with this header writes and drops."""
+        tier_map = header_tier_map(header)
+        return cls(
+            num_tokens=header.layout.num_tokens,
+            dropped=torch.nonzero(tier_map == int(Tier.DROP)).flatten(),
+            tier_counts=count_tiers(tier_map),
+            layout=header.layout,
+        )
+
     @property
     def kept(self) -> torch.Tensor:
         """bool ``[T]``: True where the position was written."""
@@ -621,7 +642,7 @@ def iter_decoded_layers(header: PackedHeader, payload: torch.Tensor):
     """Yield ``(layer, positions, keys, values)`` per layer: the int64 positions
     (absolute, ascending) the layer carries and their float32 ``[n, H, D]`` rows."""
     layout = header.layout
-    tier_map = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8).to(payload.device)
+    tier_map = header_tier_map(header).to(payload.device)
     seg_index = {}
     i = 0
     for tier in PACKED_TIERS:
@@ -698,14 +719,7 @@ def unpack_kv(
         dst = slots.to(k_pools[layer].device)[positions.to(k_pools[layer].device)]
         k_pools[layer][dst] = k.to(k_pools[layer].device, k_pools[layer].dtype)
         v_pools[layer][dst] = v.to(v_pools[layer].device, v_pools[layer].dtype)
-    tier_map = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
-    counts = torch.bincount(tier_map.long(), minlength=4)
-    return UnpackInfo(
-        num_tokens=layout.num_tokens,
-        dropped=torch.nonzero(tier_map == int(Tier.DROP)).flatten(),
-        tier_counts={name: int(c) for name, c in zip(TIER_NAMES, counts)},
-        layout=layout,
-    )
+    return UnpackInfo.of(header)
 
 
 def decode_kv(
@@ -726,5 +740,4 @@ def decode_kv(
         local = positions - layout.layer_first_pos[layer]
         keys[layer][local] = k.to(dtype)
         values[layer][local] = v.to(dtype)
-    tier_map = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
-    return keys, values, tier_map != int(Tier.DROP)
+    return keys, values, header_tier_map(header) != int(Tier.DROP)
