@@ -18,6 +18,7 @@ from pathlib import Path
 from .config import SpectrumError
 
 DEFAULT_RESULTS = Path("bench/results/quality.json")
+DEVICE_HELP = "where the HF model runs: auto (cuda if available), cpu, cuda, cuda:N"
 
 
 def _floats(s: str) -> list[float]:
@@ -31,12 +32,30 @@ def _names(s: str) -> list[str]:
     return [x for x in s.split(",") if x]
 
 
-def _load(model: str, attn: str = "sdpa"):
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpectrumError(f"--device {name}: no CUDA device is available here")
+    return name
+
+
+def _hardware(device: str) -> str:
+    """What the model ran on, for the result records."""
+    import torch
+
+    dev = _device(device)
+    return torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu"
+
+
+def _load(model: str, attn: str = "sdpa", device: str = "auto"):
     from .models import load_model
 
     # sdpa honours the bridge's additive masks (tested) and is much faster than
-    # eager on long prompts.
-    return load_model(model, attn_implementation=attn)
+    # eager on long prompts. fp32 matmuls stay full fp32 on the GPU (no TF32).
+    return load_model(model, attn_implementation=attn, device=_device(device))
 
 
 def _model_label(model: str) -> str:
@@ -51,7 +70,7 @@ def _auto_tiers(model: str, args):
     def resolve(method) -> str:
         key = (method.rotation, method.group_size)
         if key not in decisions:
-            result = _run_probe(model, False, args.probe_budget, *key)
+            result = _run_probe(model, False, args.probe_budget, *key, args.device)
             print(result.summary(), file=sys.stderr)
             decisions[key] = result.decision
         return decisions[key]
@@ -65,6 +84,7 @@ def _run_probe(
     budget: float = 0.3,
     rotation: str = "none",
     group_size: int | None = None,
+    device: str = "auto",
 ):
     from .eval.probe import ProbeSettings, cached_probe, run_probe
     from .eval.runner import HFProbeEngine
@@ -74,7 +94,7 @@ def _run_probe(
     path = ensure_model(model)
 
     def run():
-        m, tok = _load(model)
+        m, tok = _load(model, device=device)
         return run_probe(HFProbeEngine(m, tok, settings.max_new_tokens), tok, settings)
 
     return cached_probe(weights_identity(path), run, settings, refresh=refresh)
@@ -103,7 +123,9 @@ def probe_record(model: str, result, args) -> dict:
 
 
 def cmd_probe(args) -> int:
-    result = _run_probe(args.model, args.refresh, args.budget, args.rotation, args.group_size)
+    result = _run_probe(
+        args.model, args.refresh, args.budget, args.rotation, args.group_size, args.device
+    )
     print(result.summary())
     for t in result.trials:
         print(
@@ -121,8 +143,10 @@ def _write(args, records: list[dict], kind: str) -> None:
     from .eval.report import markdown_tables, merge_records
 
     label = _model_label(args.model)
+    hardware = _hardware(args.device)
     for r in records:
         r["model"] = label
+        r["hardware"] = hardware
     merged = merge_records(args.out, records)
     md = Path(args.out).with_suffix(".md")
     md.write_text(markdown_tables(merged))
@@ -142,7 +166,7 @@ def cmd_eval_ppl(args) -> int:
 
     runs = expand_runs(args.methods, args.budgets, args.allocators)
     auto = _auto_tiers(args.model, args)
-    model, tok = _load(args.model, args.attn)
+    model, tok = _load(args.model, args.attn, args.device)
     records = evaluate_ppl(
         model,
         tok,
@@ -164,7 +188,7 @@ def cmd_eval_niah(args) -> int:
 
     runs = expand_runs(args.methods, args.budgets, args.allocators)
     auto = _auto_tiers(args.model, args)
-    model, tok = _load(args.model, args.attn)
+    model, tok = _load(args.model, args.attn, args.device)
     text = load_wikitext(args.wikitext)
     details: list = []
     records = []
@@ -248,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rotation", choices=["none", "hadamard"], default="none")
     pr.add_argument("--group-size", type=int, default=None)
     pr.add_argument("--out", default=None, help="also merge a record into this JSON")
+    pr.add_argument("--device", default="auto", help=DEVICE_HELP)
     pr.set_defaults(func=cmd_probe)
 
     e = sub.add_parser("eval", help="quality evaluation")
@@ -260,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--wikitext", default=None, help="path to wiki.test.raw")
     common.add_argument("--out", default=str(DEFAULT_RESULTS))
     common.add_argument("--probe-budget", type=float, default=0.3)
+    common.add_argument("--device", default="auto", help=DEVICE_HELP)
     common.add_argument(
         "--attn",
         choices=["sdpa", "eager"],

@@ -550,8 +550,10 @@ def load_model(
     name_or_path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
+    device: str | torch.device = "cpu",
 ):
-    """Load ``(model, tokenizer)`` in eval mode for a short name or a local folder.
+    """Load ``(model, tokenizer)`` in eval mode for a short name or a local folder,
+    with the weights on ``device``.
 
     Eager attention by default: it honours arbitrary 4D masks (needed by
     :mod:`sglang_spectrum.eval.hf_bridge` to hide dropped prompt tokens) and can return
@@ -560,9 +562,13 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = ensure_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation
-    ).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
+        .eval()
+        .to(device)
+    )
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok
 
