@@ -20,10 +20,9 @@ from pathlib import Path
 
 BUDGETS = "0.25,0.3,0.4,0.5,0.75"
 SCAN = (512, 1024, 2048, 3072, 4096)
-NIAH_METHODS = (
-    "full,int8,int4,int4+had+g32,pdtrim,snapkv,spectrum-3tier,spectrum-3tier+had+g32,"
-    "spectrum-2tier,spectrum-auto,spectrum-auto+had+g32"
-)
+NIAH_CORE = "full,int4,int4+had+g32,pdtrim,snapkv,spectrum-3tier,spectrum-3tier+had+g32"
+NIAH_REST = "full,int8,spectrum-2tier,spectrum-auto,spectrum-auto+had+g32"
+NIAH_METHODS = f"{NIAH_CORE},{NIAH_REST.removeprefix('full,')}"
 PPL_BASELINES = "full,int8,int4,int4+had+g32,pdtrim,snapkv"
 PPL_SPECTRUM = (
     "full,spectrum-3tier,spectrum-2tier,spectrum-auto,spectrum-3tier+had+g32,"
@@ -45,29 +44,32 @@ def jobs(model: str, out: Path, windows: int, trials: int) -> list[tuple[str, li
     """(name, spectrumkv argv) in priority order; later jobs may read earlier results."""
     sk = ["--model", model]
     scan = out / f"{model}__niah_scan.json"
-    todo = [
-        ("niah_scan", ["eval", "niah", *sk, "--methods", "full", "--trials", str(trials),
-                       "--context", ",".join(map(str, SCAN))]),
-        ("probe", ["probe", *sk]),
-        ("probe_had_g32", ["probe", *sk, "--rotation", "hadamard", "--group-size", "32"]),
-        ("niah_4096", ["eval", "niah", *sk, "--methods", NIAH_METHODS, "--budgets", BUDGETS,
-                       "--allocators", "paper", "--trials", str(trials), "--context", "4096"]),
+    niah = ["eval", "niah", *sk, "--allocators", "paper", "--trials", str(trials)]
+    todo = [  # NIAH at 4096 in pieces that each fit a device call (~2-5 min on an H200)
+        ("niah_4096_core", [*niah, "--methods", NIAH_CORE, "--budgets", "0.3,0.5",
+                            "--context", "4096"]),
+        ("niah_scan", [*niah, "--methods", "full", "--context", ",".join(map(str, SCAN))]),
+        ("niah_4096_rest", [*niah, "--methods", NIAH_REST, "--budgets", BUDGETS,
+                            "--context", "4096"]),
+        ("niah_4096_budgets", [*niah, "--methods", NIAH_CORE, "--budgets", "0.25,0.4,0.75",
+                               "--context", "4096"]),
     ]  # fmt: skip
     if scan.exists():
         best = longest_ok(scan)
         if best is not None and best < 4096:
             todo.append(
-                (f"niah_{best}", ["eval", "niah", *sk, "--methods", NIAH_METHODS,
-                                  "--budgets", BUDGETS, "--allocators", "paper",
-                                  "--trials", str(trials), "--context", str(best)])
+                (f"niah_{best}", [*niah, "--methods", NIAH_METHODS, "--budgets", BUDGETS,
+                                  "--context", str(best)])
             )  # fmt: skip
     ppl = ["eval", "ppl", *sk, "--windows", str(windows), "--budgets", BUDGETS]
     todo += [
+        ("probe", ["probe", *sk]),
+        ("probe_had_g32", ["probe", *sk, "--rotation", "hadamard", "--group-size", "32"]),
         ("ppl_spectrum", [*ppl, "--methods", PPL_SPECTRUM, "--allocators", "paper,optimal"]),
         ("ppl_baselines", [*ppl, "--methods", PPL_BASELINES, "--allocators", "paper"]),
-        ("niah_4096_optimal", ["eval", "niah", *sk, "--budgets", BUDGETS, "--trials", str(trials),
+        ("niah_4096_optimal", [*niah[:-4], "--allocators", "optimal", "--trials", str(trials),
                                "--methods", "full,spectrum-3tier,spectrum-2tier,spectrum-auto",
-                               "--allocators", "optimal", "--context", "4096"]),
+                               "--budgets", BUDGETS, "--context", "4096"]),
     ]  # fmt: skip
     return todo
 

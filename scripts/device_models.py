@@ -123,6 +123,7 @@ def _read(key: str) -> bytes:
 
 def build(name: str) -> None:
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from sglang_spectrum.models import MARKER_FILE, MODEL_SPECS, cache_root
@@ -138,8 +139,19 @@ def build(name: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
     final = cache_root() / "models" / name
     shutil.rmtree(final, ignore_errors=True)
-    model.save_pretrained(final, safe_serialization=True)
-    del model
+    final.mkdir(parents=True)
+    # transformers refuses save_pretrained on a GGUF-loaded model: save the local
+    # folder's tensor names ourselves (clones, so tied weights are written once each).
+    state = model.state_dict()
+    missing = sorted(set(manifest["tensors"]) - set(state))
+    if missing:
+        raise SystemExit(f"{name}: tensors of the local model not in the GGUF model: {missing[:5]}")
+    save_file(
+        {k: state[k].detach().contiguous().clone() for k in manifest["tensors"]},
+        str(final / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    del model, state
     index = json.loads((DEVICE_STAGE / "index.json").read_text())
     for key in index:  # the local folder's config and tokenizer, verbatim
         if key.startswith(f"{name}/") and key.endswith(".gz"):

@@ -68,7 +68,9 @@ def wikitext_windows(
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return torch.nn.functional.cross_entropy(
+        logits.float(), targets.to(logits.device), reduction="none"
+    )
 
 
 def plain_hf_nll(model, window: torch.Tensor, context: int) -> torch.Tensor:
