@@ -39,7 +39,7 @@ def _alloc_pages(lengths, page, gen):
     perm = torch.randperm(sum(need) + 5, generator=gen)
     slots, at = [], 0
     for t, n in zip(lengths, need):
-        pages = perm[at:at + n]
+        pages = perm[at : at + n]
         at += n
         slots.append((pages[:, None] * page + torch.arange(page)).reshape(-1)[:t].cuda())
     return slots, (sum(need) + 5) * page
@@ -60,10 +60,14 @@ def _run(page: int, budget: float, lengths=(37, 300, 1025), seed=0):
 
     def pools(fill=None):
         if fill is not None:
-            return [torch.full((num_slots, KV_HEADS, HEAD_DIM), fill, dtype=DTYPE, device="cuda")
-                    for _ in range(LAYERS)]
-        return [(torch.randn(num_slots, KV_HEADS, HEAD_DIM, generator=gen) * 2).to(DTYPE).cuda()
-                for _ in range(LAYERS)]
+            return [
+                torch.full((num_slots, KV_HEADS, HEAD_DIM), fill, dtype=DTYPE, device="cuda")
+                for _ in range(LAYERS)
+            ]
+        return [
+            (torch.randn(num_slots, KV_HEADS, HEAD_DIM, generator=gen) * 2).to(DTYPE).cuda()
+            for _ in range(LAYERS)
+        ]
 
     pk, pv = pools(), pools()  # prefill side
     dk, dv = pools(float("nan")), pools(float("nan"))  # decode side, poisoned
@@ -93,14 +97,24 @@ def _run(page: int, budget: float, lengths=(37, 300, 1025), seed=0):
     indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
-    wrapper.plan(indptr.cuda(), torch.cat(indices).int(), torch.tensor(last, dtype=torch.int32,
-                 device="cuda"), Q_HEADS, KV_HEADS, HEAD_DIM, page, q_data_type=DTYPE,
-                 kv_data_type=DTYPE)
+    wrapper.plan(
+        indptr.cuda(),
+        torch.cat(indices).int(),
+        torch.tensor(last, dtype=torch.int32, device="cuda"),
+        Q_HEADS,
+        KV_HEADS,
+        HEAD_DIM,
+        page,
+        q_data_type=DTYPE,
+        kv_data_type=DTYPE,
+    )
     worst = lossy = 0.0
     for layer in range(LAYERS):
         q = torch.randn(len(lengths), Q_HEADS, HEAD_DIM, generator=gen).to(DTYPE).cuda()
-        cache = (dk[layer].view(-1, page, KV_HEADS, HEAD_DIM),
-                 dv[layer].view(-1, page, KV_HEADS, HEAD_DIM))
+        cache = (
+            dk[layer].view(-1, page, KV_HEADS, HEAD_DIM),
+            dv[layer].view(-1, page, KV_HEADS, HEAD_DIM),
+        )
         out = wrapper.run(q, cache)
         for b, ((rk, rv), m, (ok, ov)) in enumerate(zip(refs, kept, origs)):
             ref = _reference_attention(q[b], rk[layer][m], rv[layer][m])
@@ -112,8 +126,10 @@ def _run(page: int, budget: float, lengths=(37, 300, 1025), seed=0):
             # For scale: the same attention over the original (unquantised) KV.
             orig = _reference_attention(q[b], ok[layer][m], ov[layer][m])
             lossy = max(lossy, float((out[b].float() - orig).abs().max()))
-    print(f"flashinfer page={page} budget={budget} lengths={lengths} tiers(last)={counts}"
-          f" max|out-ref(decode_kv)|={worst:.2e} (vs original KV: {lossy:.2e})")
+    print(
+        f"flashinfer page={page} budget={budget} lengths={lengths} tiers(last)={counts}"
+        f" max|out-ref(decode_kv)|={worst:.2e} (vs original KV: {lossy:.2e})"
+    )
     return counts
 
 

@@ -78,13 +78,27 @@ class Request:
         return keys, values
 
     def empty_pools(self, fill=float("nan")):
-        return ([torch.full_like(k, fill) for k in self.k_pools],
-                [torch.full_like(v, fill) for v in self.v_pools])
+        return (
+            [torch.full_like(k, fill) for k in self.k_pools],
+            [torch.full_like(v, fill) for v in self.v_pools],
+        )
 
 
-def make_request(device=DEV, *, layers=2, heads=2, head_dim=64, tokens=37, page=16,
-                 dtype=torch.bfloat16, group=None, window=True, rotation="none",
-                 tiers=None, seed=0) -> Request:
+def make_request(
+    device=DEV,
+    *,
+    layers=2,
+    heads=2,
+    head_dim=64,
+    tokens=37,
+    page=16,
+    dtype=torch.bfloat16,
+    group=None,
+    window=True,
+    rotation="none",
+    tiers=None,
+    seed=0,
+) -> Request:
     """Random request in paged pools: pages of ``page`` slots, shuffled, with spare
     pages; KV with per-channel scales and a few outliers; last layer a sliding window."""
     gen = torch.Generator().manual_seed(seed)
@@ -102,14 +116,26 @@ def make_request(device=DEV, *, layers=2, heads=2, head_dim=64, tokens=37, page=
     first = [0] * layers
     if window and layers > 1:
         first[-1] = tokens // 3
-    layout = KVLayout(num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
-                      dtype=str(dtype).removeprefix("torch."), group_size=group or head_dim,
-                      num_tokens=tokens, layer_first_pos=first, rotation=rotation)
+    layout = KVLayout(
+        num_layers=layers,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        dtype=str(dtype).removeprefix("torch."),
+        group_size=group or head_dim,
+        num_tokens=tokens,
+        layer_first_pos=first,
+        rotation=rotation,
+    )
     if tiers is None:
         tiers = torch.randint(0, 4, (tokens,), generator=gen, dtype=torch.uint8)
         tiers[0] = int(Tier.FP16)
-    return Request(layout, tiers, slots.to(device),
-                   [pool(2.0) for _ in range(layers)], [pool(1.0) for _ in range(layers)])
+    return Request(
+        layout,
+        tiers,
+        slots.to(device),
+        [pool(2.0) for _ in range(layers)],
+        [pool(1.0) for _ in range(layers)],
+    )
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -137,16 +163,16 @@ def code_diff(ref: torch.Tensor, got: torch.Tensor, layout: KVLayout, tiers: tor
                 if tier == Tier.FP16 or not n:
                     continue
                 codes = n * layout.num_kv_heads * layout.head_dim * (8 if k == 1 else 4) // 8
-                a, b = ref[start:start + codes].int(), got[start:start + codes].int()
+                a, b = ref[start : start + codes].int(), got[start : start + codes].int()
                 if k == 2:
                     a, b = torch.cat([a & 15, a >> 4]), torch.cat([b & 15, b >> 4])
-                code_bytes += int((ref[start:start + codes] != got[start:start + codes]).sum())
+                code_bytes += int((ref[start : start + codes] != got[start : start + codes]).sum())
                 lsb = max(lsb, int((a - b).abs().max()))
-                sa = ref[start + codes:start + size].view(torch.int16).int()
-                sb = got[start + codes:start + size].view(torch.int16).int()
+                sa = ref[start + codes : start + size].view(torch.int16).int()
+                sb = got[start + codes : start + size].view(torch.int16).int()
                 scale_words += int((sa != sb).sum())
                 ulps = max(ulps, int((sa - sb).abs().max()))
-                covered[start:start + size] = True
+                covered[start : start + size] = True
     other = int(((ref != got) & ~covered).sum())
     return code_bytes, lsb, scale_words, ulps, other
 
@@ -163,18 +189,22 @@ def check_request(req: Request, mode: str = "same") -> dict:
     """
     keys, values = req.gathered()
     ref = pack_tiers(keys, values, req.layout, req.tiers, policy="t")
-    got = K.pack_from_pools(req.k_pools, req.v_pools, req.slots, req.layout, req.tiers,
-                            policy="t")
+    got = K.pack_from_pools(req.k_pools, req.v_pools, req.slots, req.layout, req.tiers, policy="t")
     assert got.header.offsets == ref.header.offsets == segment_offsets(req.layout, req.tiers)[0]
-    stats = dict(zip(("code_bytes", "max_lsb", "scale_words", "max_ulp", "other"),
-                     code_diff(ref.payload, got.payload, req.layout, req.tiers)))
+    stats = dict(
+        zip(
+            ("code_bytes", "max_lsb", "scale_words", "max_ulp", "other"),
+            code_diff(ref.payload, got.payload, req.layout, req.tiers),
+        )
+    )
     stats["payload_bytes"] = ref.payload.numel()
     if mode != "same":
         assert stats["other"] == 0 and stats["max_lsb"] <= 1 and stats["max_ulp"] <= 1, stats
         assert stats["code_bytes"] <= max(2, 1e-3 * stats["payload_bytes"]), stats
     if mode == "cpu":
-        ref = pack_tiers([k.cpu() for k in keys], [v.cpu() for v in values], req.layout,
-                         req.tiers, policy="t")
+        ref = pack_tiers(
+            [k.cpu() for k in keys], [v.cpu() for v in values], req.layout, req.tiers, policy="t"
+        )
     strict = mode != "bound"
     if strict:
         assert torch.equal(ref.payload.cpu(), got.payload.cpu()), stats
@@ -260,8 +290,9 @@ def _fields(layout):
 
 @pytest.mark.parametrize("nbytes", [1, 3, 4, 64, 4 * 8192 + 7, 3 * 4 * 8192 + 64])
 def test_fast_checksum_matches_reference(nbytes):
-    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(nbytes))
+    data = torch.randint(
+        0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes)
+    )
     assert K.fast_checksum(data) == payload_checksum(data)
 
 
@@ -281,15 +312,24 @@ def test_unpack_rejects_bad_input_and_writes_nothing():
     bad = good.clone()
     bad[-1] ^= 0x40  # payload corruption: checksum
     short = good[:-8]
-    for buf, slots in ((bad, req.slots), (short, req.slots), (good, req.slots[:-1]),
-                       (good[:10], req.slots)):
+    for buf, slots in (
+        (bad, req.slots),
+        (short, req.slots),
+        (good, req.slots[:-1]),
+        (good[:10], req.slots),
+    ):
         kk, kv = req.empty_pools(1.0)
         with pytest.raises(SpectrumFormatError):
             K.unpack_to_pools(buf, kk, kv, slots)
         assert all(bool((p == 1.0).all()) for p in kk + kv)
     with pytest.raises(SpectrumConfigError):  # layout / pool dtype mismatch on pack
-        K.pack_from_pools([p.half() for p in req.k_pools], [p.half() for p in req.v_pools],
-                          req.slots, req.layout, req.tiers)
+        K.pack_from_pools(
+            [p.half() for p in req.k_pools],
+            [p.half() for p in req.v_pools],
+            req.slots,
+            req.layout,
+            req.tiers,
+        )
 
 
 def test_plan_reuse_and_tables():
@@ -344,8 +384,9 @@ def test_gpu_pack_unpack_byte_identical(case, tokens):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("head_dim,group", [(128, 128), (128, 32), (64, 16)])
 def test_gpu_hadamard_within_one_lsb(head_dim, group):
-    req = make_request("cuda", layers=4, heads=8, tokens=2000, head_dim=head_dim, group=group,
-                       rotation="hadamard")
+    req = make_request(
+        "cuda", layers=4, heads=8, tokens=2000, head_dim=head_dim, group=group, rotation="hadamard"
+    )
     stats = check_request(req, mode="bound")
     print(f"GPU hadamard D={head_dim} g={group}: {stats}")
 
@@ -367,8 +408,12 @@ def test_gpu_torch_divides_by_reciprocal():
     x = torch.randn(1 << 20) * 100
     on_cpu, on_gpu = x / 15, (x.cuda() / 15).cpu()
     recip = x * torch.tensor(1.0 / 15, dtype=torch.float32)
-    print("CUDA x/15 != CPU x/15:", int((on_cpu != on_gpu).sum()),
-          "; CUDA x/15 == x*fp32(1/15):", torch.equal(on_gpu, recip))
+    print(
+        "CUDA x/15 != CPU x/15:",
+        int((on_cpu != on_gpu).sum()),
+        "; CUDA x/15 == x*fp32(1/15):",
+        torch.equal(on_gpu, recip),
+    )
 
 
 @pytest.mark.gpu

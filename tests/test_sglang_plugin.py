@@ -173,7 +173,9 @@ def test_options_parse_and_reach_scheduler_pickle(smollm2):
                 "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "spectrum"]
         a = prepare_server_args(base + ["--spectrum-budget", "0.6", "--spectrum-tiers", "2",
                                         "--spectrum-allocator", "optimal",
-                                        "--spectrum-probe-refresh"])
+                                        "--spectrum-probe-refresh",
+                                        "--spectrum-rotation", "hadamard",
+                                        "--spectrum-group-size", "32"])
         b = pickle.loads(pickle.dumps(a))  # what mp spawn does for the schedulers
         d = prepare_server_args(base)
         from sglang_spectrum.sglang_plugin.options import options_from_server_args
@@ -190,6 +192,8 @@ def test_options_parse_and_reach_scheduler_pickle(smollm2):
         "allocator": "optimal",
         "probe_refresh": True,
         "arena_mb": 0.0,
+        "rotation": "hadamard",
+        "group_size": 32,
     }
     defaults = {
         "budget": 0.5,
@@ -197,6 +201,8 @@ def test_options_parse_and_reach_scheduler_pickle(smollm2):
         "allocator": "paper",
         "probe_refresh": False,
         "arena_mb": 0.0,
+        "rotation": "none",
+        "group_size": None,
     }
     assert out["defaults"] == defaults
     assert out["programmatic"] == defaults
@@ -239,6 +245,20 @@ OPTION_ERRORS = {
         "error: --spectrum-budget 0.4 is below 0.531, the least 2 tiers (FP16+INT8) can send",
     ),
     "drop3": (["--spectrum-budget", "0.25"], "error: --spectrum-budget 0.25 is below 0.281"),
+    "drop_g32": (
+        ["--spectrum-budget", "0.3", "--spectrum-tiers", "3", "--spectrum-group-size", "32"],
+        "error: --spectrum-budget 0.3 is below 0.312, the least 3 tiers (FP16+INT8+INT4) can"
+        " send for head_dim 64 and group size 32",
+    ),
+    "rot": (["--spectrum-rotation", "x"], "argument --spectrum-rotation: invalid choice: 'x'"),
+    "group_odd": (
+        ["--spectrum-group-size", "3"],
+        "error: --spectrum-group-size must be an even integer >= 2 (0 = head_dim), got 3",
+    ),
+    "group_div": (
+        ["--spectrum-group-size", "48"],
+        "error: --spectrum-group-size 48 does not divide the model's head_dim 64",
+    ),
     "nomode": (["--disaggregation-mode", "null"], "needs --disaggregation-mode prefill|decode"),
 }
 
@@ -280,6 +300,9 @@ def test_no_drop_floor_matches_codec_accounting():
     assert no_drop_floor("auto", 64) == no_drop_floor("3", 64)
     assert no_drop_floor("2", 64) == pytest.approx((64 + 4) / 128)
     assert no_drop_floor("2", 128) < no_drop_floor("2", 64)
+    # group 32: two (scale, zero) fp16 pairs per row instead of one
+    assert no_drop_floor("3", 64, 32) == pytest.approx((32 + 8) / 128)
+    assert no_drop_floor("3", 256, 32) == pytest.approx((128 + 32) / 512)
 
 
 # --------------------------------------------------------------------------- wire identity
@@ -441,10 +464,21 @@ def test_receive_capacity_bounds_real_packed_sizes():
         values = [torch.randn(n, 2, 64).to(torch.bfloat16) for _ in range(3)]
         for budget in (1.0, 0.5, 0.3):
             for tiers in ("3", "2"):
-                cfg = SpectrumConfig(budget=budget, tiers=tiers, allow_drop=False)
-                packed = pack_kv(keys, values, cfg)
-                assert packed.nbytes <= receive_capacity(layout, n, budget), (n, budget, tiers)
+                for group, rotation in ((None, "none"), (32, "hadamard"), (16, "none")):
+                    cfg = SpectrumConfig(
+                        budget=budget,
+                        tiers=tiers,
+                        allow_drop=False,
+                        group_size=group,
+                        rotation=rotation,
+                    )
+                    packed = pack_kv(keys, values, cfg)
+                    cap = receive_capacity(layout, n, budget, group)
+                    assert packed.nbytes <= cap, (n, budget, tiers, group)
         assert receive_capacity(layout, n, 0.5) <= receive_capacity(layout, n, 1.0)
+        # 2-tier mode with group 32 at b=0.5 needs more than the head_dim-group bound
+        if n == 300:
+            assert receive_capacity(layout, n, 0.5, 32) > receive_capacity(layout, n, 0.5)
 
 
 def test_fault_switch_and_expand_pages(monkeypatch):

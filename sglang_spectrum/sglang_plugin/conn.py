@@ -338,8 +338,11 @@ def pool_layout(kv_pool: Any) -> dict[str, Any]:
     }
 
 
-def receive_capacity(layout: dict[str, Any], num_tokens: int, budget: float) -> int:
-    """Upper bound of the packed size of ``num_tokens`` tokens at ``budget`` (allow_drop=False).
+def receive_capacity(
+    layout: dict[str, Any], num_tokens: int, budget: float, group_size: int | None = None
+) -> int:
+    """Upper bound of the packed size of ``num_tokens`` tokens at ``budget`` (allow_drop=False)
+    with the prefill's quantisation ``group_size`` (None = head_dim).
 
     Uses the 2-tier floor (every non-sink token at INT8), which is at least the
     3-tier one, so it holds whatever tier mode the prefill resolved.
@@ -347,7 +350,9 @@ def receive_capacity(layout: dict[str, Any], num_tokens: int, budget: float) -> 
     from sglang_spectrum.codec import KVLayout, fixed_overhead, token_budget
     from sglang_spectrum.config import SpectrumConfig
 
-    cfg = SpectrumConfig(budget=min(max(budget, 1e-6), 1.0), tiers="2", allow_drop=False)
+    cfg = SpectrumConfig(
+        budget=min(max(budget, 1e-6), 1.0), tiers="2", group_size=group_size, allow_drop=False
+    )
     lay = KVLayout(
         num_layers=layout["layers"],
         num_kv_heads=layout["kv_heads"],
@@ -543,7 +548,7 @@ class SpectrumKVManager(MooncakeKVManager):
             if opts.tiers == "auto":
                 from .options import no_drop_floor
 
-                floor = no_drop_floor(tiers, self.layout["head_dim"])
+                floor = no_drop_floor(tiers, self.layout["head_dim"], opts.group_size)
                 if opts.budget < floor:
                     logger.warning(
                         "SpectrumKV: the probe chose %s tiers; --spectrum-budget %g is below"
@@ -754,6 +759,8 @@ class SpectrumKVManager(MooncakeKVManager):
             budget=opts.budget,
             tiers=resolved_tiers(opts.tiers),
             allocator=opts.allocator,
+            rotation=opts.rotation,
+            group_size=opts.group_size,
             allow_drop=False,
         )
         if keys[0].is_cuda:
@@ -986,13 +993,15 @@ class SpectrumKVManager(MooncakeKVManager):
             peer = self._prefill_peers.get(bootstrap_addr, {})
             logger.info(
                 "SpectrumKV: prefill at %s verified (format v%s, protocol %s, layout %s,"
-                " tiers %s, budget %s)",
+                " tiers %s, budget %s, rotation %s, group size %s)",
                 bootstrap_addr,
                 format_version(),
                 PROTOCOL_VERSION,
                 _layout_desc(peer.get("layout") or {}),
                 peer.get("tiers_resolved"),
                 (peer.get("options") or {}).get("budget"),
+                (peer.get("options") or {}).get("rotation"),
+                (peer.get("options") or {}).get("group_size") or "head_dim",
             )
         return True
 
@@ -1037,9 +1046,10 @@ class SpectrumKVManager(MooncakeKVManager):
     def prefill_is_spectrum(self, bootstrap_addr: str) -> bool:
         return self._prefill_is_spectrum.get(bootstrap_addr, False)
 
-    def prefill_budget(self, bootstrap_addr: str) -> float:
-        peer = self._prefill_peers.get(bootstrap_addr) or {}
-        return float((peer.get("options") or {}).get("budget", 1.0))
+    def prefill_budget_and_group(self, bootstrap_addr: str) -> tuple[float, int | None]:
+        """The prefill's announced budget and quantisation group size (None = head_dim)."""
+        options = (self._prefill_peers.get(bootstrap_addr) or {}).get("options") or {}
+        return float(options.get("budget", 1.0)), options.get("group_size")
 
 
 # --------------------------------------------------------------------------- sender
@@ -1164,7 +1174,7 @@ class SpectrumKVReceiver(MooncakeKVReceiver):
         self._need = receive_capacity(
             mgr.layout,
             len(self._pages) * int(mgr.layout["page_size"]),
-            mgr.prefill_budget(self.bootstrap_addr),
+            *mgr.prefill_budget_and_group(self.bootstrap_addr),
         )
         if self._need > mgr.arena.size:  # tell the prefill too (it would wait for a timeout)
             self._refuse(

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 TIER_CHOICES = ("auto", "3", "2")
 ALLOCATOR_CHOICES = ("paper", "optimal")
+ROTATION_CHOICES = ("none", "hadamard")
 # attribute on ServerArgs -> default
 DEFAULTS: dict[str, Any] = {
     "spectrum_budget": 0.5,
@@ -33,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "spectrum_allocator": "paper",
     "spectrum_probe_refresh": False,
     "spectrum_arena_mb": 0.0,
+    "spectrum_rotation": "none",
+    "spectrum_group_size": 0,
 }
 _MARK = "_sglang_spectrum_options"
 
@@ -50,6 +53,8 @@ class SpectrumServerOptions:
     allocator: str = DEFAULTS["spectrum_allocator"]
     probe_refresh: bool = DEFAULTS["spectrum_probe_refresh"]
     arena_mb: float = DEFAULTS["spectrum_arena_mb"]
+    rotation: str = DEFAULTS["spectrum_rotation"]
+    group_size: int | None = None  # quantisation group along head_dim; None = head_dim
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
@@ -69,6 +74,12 @@ class SpectrumServerOptions:
         if math.isnan(arena) or arena < 0:
             raise SpectrumOptionError(f"--spectrum-arena-mb must be >= 0, got {self.arena_mb}")
         object.__setattr__(self, "arena_mb", arena)
+        if self.rotation not in ROTATION_CHOICES:
+            raise SpectrumOptionError(
+                f"--spectrum-rotation must be one of {', '.join(ROTATION_CHOICES)},"
+                f" got {self.rotation!r}"
+            )
+        object.__setattr__(self, "group_size", check_group_size(self.group_size))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +98,25 @@ def check_budget(value: Any) -> float:
     return budget
 
 
+def check_group_size(value: Any) -> int | None:
+    """The group size as int (None for 0/None = head_dim), or :class:`SpectrumOptionError`."""
+    if value is None:
+        return None
+    try:
+        group = int(value)
+    except (TypeError, ValueError):
+        raise SpectrumOptionError(
+            f"--spectrum-group-size must be an even integer >= 2 (0 = head_dim), got {value!r}"
+        ) from None
+    if group == 0:
+        return None
+    if group < 2 or group % 2:
+        raise SpectrumOptionError(
+            f"--spectrum-group-size must be an even integer >= 2 (0 = head_dim), got {value}"
+        )
+    return group
+
+
 def options_from_server_args(server_args: Any) -> SpectrumServerOptions:
     """Read (and validate) the options stored on a ``ServerArgs``."""
     return SpectrumServerOptions(
@@ -97,21 +127,24 @@ def options_from_server_args(server_args: Any) -> SpectrumServerOptions:
             server_args, "spectrum_probe_refresh", DEFAULTS["spectrum_probe_refresh"]
         ),
         arena_mb=getattr(server_args, "spectrum_arena_mb", DEFAULTS["spectrum_arena_mb"]),
+        rotation=getattr(server_args, "spectrum_rotation", DEFAULTS["spectrum_rotation"]),
+        group_size=getattr(server_args, "spectrum_group_size", DEFAULTS["spectrum_group_size"]),
     )
 
 
-def no_drop_floor(tiers: str, head_dim: int) -> float:
+def no_drop_floor(tiers: str, head_dim: int, group_size: int | None = None) -> float:
     """Smallest budget at which long prompts need no dropped tokens.
 
     Every token at the lowest enabled tier (INT4 for 3 tiers and for ``auto``
-    before the probe ran, INT8 for 2 tiers), in the codec's byte accounting.
-    Short prompts need more (attention sinks stay FP16, the header is fixed).
+    before the probe ran, INT8 for 2 tiers), in the codec's byte accounting
+    (smaller groups carry more scales). Short prompts need more (attention
+    sinks stay FP16, the header is fixed).
     """
     from sglang_spectrum.codec import KVLayout
     from sglang_spectrum.config import SpectrumConfig
     from sglang_spectrum.policy import Tier
 
-    group = SpectrumConfig().resolved_group_size(head_dim)
+    group = SpectrumConfig(group_size=group_size).resolved_group_size(head_dim)
     layout = KVLayout(
         num_layers=1,
         num_kv_heads=1,
@@ -129,16 +162,26 @@ def check_no_drop(opts: SpectrumServerOptions, head_dim: int | None) -> None:
     """Refuse budgets that force dropped tokens (not supported when serving, DESIGN.md §8)."""
     if head_dim is None:
         return
-    floor = no_drop_floor(opts.tiers, int(head_dim))
+    if opts.group_size is not None and int(head_dim) % opts.group_size:
+        raise SpectrumOptionError(
+            f"--spectrum-group-size {opts.group_size} does not divide the model's"
+            f" head_dim {head_dim}"
+        )
+    floor = no_drop_floor(opts.tiers, int(head_dim), opts.group_size)
     if opts.budget < floor:
         mode = {"2": "2 tiers (FP16+INT8)", "3": "3 tiers (FP16+INT8+INT4)"}.get(
             opts.tiers, "any tier mode (auto: at best FP16+INT8+INT4)"
         )
         raise SpectrumOptionError(
             f"--spectrum-budget {opts.budget:g} is below {floor:.3f}, the least {mode} can send"
-            f" for head_dim {head_dim} without dropping tokens; SGLang's decode path cannot"
+            f" for head_dim {head_dim}{_group_desc(opts.group_size)} without dropping tokens;"
+            " SGLang's decode path cannot"
             f" drop tokens (no per-request position offset), use a budget >= {floor:.3f}"
         )
+
+
+def _group_desc(group_size: int | None) -> str:
+    return "" if group_size is None else f" and group size {group_size}"
 
 
 def _model_head_dim(server_args: Any) -> int | None:
@@ -163,12 +206,24 @@ def validate_server_args(server_args: Any, head_dim: int | None = None) -> Spect
 # --------------------------------------------------------------------------- argparse
 
 
-class _BudgetAction(argparse.Action):
+class _CheckedAction(argparse.Action):
+    """Store ``check(value)``; a :class:`SpectrumOptionError` becomes argparse's usage error."""
+
+    check = staticmethod(lambda value: value)
+
     def __call__(self, parser, namespace, values, option_string=None):
         try:
-            setattr(namespace, self.dest, check_budget(values))
+            setattr(namespace, self.dest, self.check(values))
         except SpectrumOptionError as e:
             parser.error(str(e))
+
+
+class _BudgetAction(_CheckedAction):
+    check = staticmethod(check_budget)
+
+
+class _GroupSizeAction(_CheckedAction):
+    check = staticmethod(lambda v: check_group_size(v) or 0)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +252,22 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Tier allocator: paper = rank-ordered waterfall, optimal = error-minimising"
         f" knapsack (default {DEFAULTS['spectrum_allocator']}).",
+    )
+    group.add_argument(
+        "--spectrum-rotation",
+        choices=ROTATION_CHOICES,
+        default=None,
+        help="Rotate each K/V head by a normalised Hadamard matrix before INT8/INT4"
+        " quantisation (undone on unpack): spreads outlier channels, much lower INT4 error"
+        f" (default {DEFAULTS['spectrum_rotation']}).",
+    )
+    group.add_argument(
+        "--spectrum-group-size",
+        action=_GroupSizeAction,
+        default=None,
+        metavar="G",
+        help="INT8/INT4 quantisation group along head_dim (even, divides head_dim); smaller"
+        " groups cost more scale bytes, counted in the budget. 0 = head_dim (default).",
     )
     group.add_argument(
         "--spectrum-probe-refresh",
