@@ -34,8 +34,60 @@ def _fmt(r: dict) -> str:
     return f"{v:.3f}"
 
 
+HEADLINE_METHODS = (
+    ("spectrum-auto", "paper"),
+    ("spectrum-auto+had+g32", "paper"),
+    ("spectrum-3tier", "paper"),
+    ("spectrum-3tier+had+g32", "paper"),
+    ("pdtrim", "-"),
+    ("snapkv", "-"),
+    ("int4", "-"),
+    ("int4+had+g32", "-"),
+)
+
+
+def niah_context(records: list[dict], model: str) -> int | None:
+    """The longest NIAH context with method runs where full precision retrieves >= 95 %
+    (else the longest with method runs): where retention says most."""
+    runs = {r["context"] for r in records if r["model"] == model and r["metric"] == "niah_acc"
+            and r["method"] != "full"}  # fmt: skip
+    ok = [
+        r["context"]
+        for r in records
+        if r["model"] == model and r["metric"] == "niah_acc" and r["method"] == "full"
+        and r["value"] >= 0.95 and r["context"] in runs
+    ]  # fmt: skip
+    return max(ok) if ok else max(runs, default=None)
+
+
+def headline_table(records: list[dict], budgets: tuple[float, ...] = (0.3, 0.5)) -> list[str]:
+    """Per model: perplexity change and NIAH retention at ``budgets`` for SpectrumKV and
+    the baselines (the issue's headline)."""
+    index = {(r["model"], r["method"], r["allocator"], r["budget"], r["metric"], r["context"]): r
+             for r in records}  # fmt: skip
+    out = []
+    for model in sorted({r["model"] for r in records}):
+        ctx = niah_context(records, model)
+        ppl_ctx = next((r["context"] for r in records if r["model"] == model
+                        and r["metric"] == "ppl_delta_pct"), None)  # fmt: skip
+        cols = [f"ppl Δ b={b:g}" for b in budgets] + [f"NIAH ret. b={b:g}" for b in budgets]
+        out += [f"### {model} (ppl: C={ppl_ctx}; NIAH: {ctx} tokens)", ""]
+        out += ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for method, alloc in HEADLINE_METHODS:
+            cells = []
+            for metric, c in (("ppl_delta_pct", ppl_ctx), ("niah_retention", ctx)):
+                for b in budgets:
+                    r = index.get((model, method, alloc, b, metric, c))
+                    cells.append(_fmt(r) if r else "")
+            if any(cells):
+                out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def markdown_tables(records: list[dict]) -> str:
-    """One table per (model, metric, context): rows method/allocator, columns budgets."""
+    """The headline, then one table per (model, metric, context): rows method/allocator,
+    columns budgets."""
     groups = defaultdict(list)
     for r in records:
         if r["metric"].startswith("probe"):
@@ -57,6 +109,9 @@ def markdown_tables(records: list[dict]) -> str:
                 f" | {r['context']} |"
             )
         out.append("")
+    if any(r["metric"] in ("ppl_delta_pct", "niah_retention") for r in records):
+        out += ["## Headline: SpectrumKV vs PDTrim, SnapKV and uniform INT4", ""]
+        out += headline_table(records)
     for (model, metric, context), rows in sorted(groups.items(), key=lambda x: str(x[0])):
         budgets = sorted({r["budget"] for r in rows if r["method"] != "full"})
         out += [f"## {model}: {metric} (context {context})", ""]
@@ -92,20 +147,25 @@ def plot_records(records: list[dict], out_dir: str | os.PathLike[str]) -> list[P
     written = []
     models = sorted({r["model"] for r in records})
     for model in models:
-        panels = [
-            ("ppl_delta_pct", "perplexity change vs full (%)"),
-            ("niah_acc", "NIAH accuracy"),
-        ]
-        present = [
-            p for p in panels if any(r["model"] == model and r["metric"] == p[0] for r in records)
-        ]
+        mine = [r for r in records if r["model"] == model]
+        panels = [("ppl_delta_pct", "perplexity change vs full (%)", None)]
+        niah_ctx = {
+            r["context"] for r in mine if r["metric"] == "niah_acc" and r["method"] != "full"
+        }
+        panels += [("niah_acc", "NIAH accuracy", c) for c in sorted(niah_ctx, reverse=True)]
+        present = [p for p in panels if any(r["metric"] == p[0] for r in mine)]
         if not present:
             continue
-        fig, axes = plt.subplots(1, len(present), figsize=(6.5 * len(present), 4.5), squeeze=False)
-        for ax, (metric, label) in zip(axes[0], present):
-            rows = [r for r in records if r["model"] == model and r["metric"] == metric]
-            contexts = sorted({r["context"] for r in rows})
-            ctx = max(contexts)
+        names = sorted({(r["method"], r["allocator"]) for r in mine if r["method"] != "full"})
+        cmap = plt.get_cmap("tab20")
+        colors = {name: cmap(i % 20) for i, name in enumerate(names)}  # same colour every panel
+        handles = {}
+        fig, axes = plt.subplots(
+            1, len(present), figsize=(6 * len(present) + 2.5, 4.5), squeeze=False
+        )
+        for ax, (metric, label, ctx) in zip(axes[0], present):
+            rows = [r for r in mine if r["metric"] == metric]
+            ctx = ctx if ctx is not None else max(r["context"] for r in rows)
             series = defaultdict(list)
             for r in rows:
                 if r["context"] == ctx and r["method"] != "full":
@@ -114,10 +174,14 @@ def plot_records(records: list[dict], out_dir: str | os.PathLike[str]) -> list[P
                 pts.sort()
                 name = method if alloc == "-" else f"{method} ({alloc})"
                 style = "-o" if method.startswith("spectrum") else "--s"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=4)
+                (line,) = ax.plot(
+                    [p[0] for p in pts], [p[1] for p in pts], style, ms=4,
+                    color=colors[(method, alloc)],
+                )  # fmt: skip
+                handles[name] = line
             full = [r for r in rows if r["method"] == "full" and r["context"] == ctx]
             if full and metric == "niah_acc":
-                ax.axhline(full[0]["value"], color="k", lw=0.8, ls=":", label="full precision")
+                handles["full precision"] = ax.axhline(full[0]["value"], color="k", lw=0.8, ls=":")
             if metric == "ppl_delta_pct":
                 ax.set_yscale("symlog", linthresh=1.0)
                 ax.axhline(0, color="k", lw=0.8, ls=":")
@@ -125,8 +189,8 @@ def plot_records(records: list[dict], out_dir: str | os.PathLike[str]) -> list[P
             ax.set_ylabel(label)
             ax.set_title(f"{model} (context {ctx})")
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
+        fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center right")
         path = out / f"quality_{model}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
