@@ -83,10 +83,12 @@ def kernel_supported(layout: KVLayout) -> bool:
     """Whether the Triton kernels handle this layout (else use the torch codec).
 
     They need a power-of-two head_dim >= 8 (16-byte rows, register tiles) and a
-    power-of-two group size.
+    power-of-two group size, and scale keys per token (per-channel key blocks
+    are torch-only so far).
     """
     d, g = layout.head_dim, layout.group_size
-    return d >= 8 and d & (d - 1) == 0 and g & (g - 1) == 0 and d % g == 0
+    per_token = layout.key_block == 0
+    return per_token and d >= 8 and d & (d - 1) == 0 and g & (g - 1) == 0 and d % g == 0
 
 
 @dataclass

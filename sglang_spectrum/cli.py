@@ -68,7 +68,7 @@ def _auto_tiers(model: str, args):
     decisions: dict = {}
 
     def resolve(method) -> str:
-        key = (method.rotation, method.group_size)
+        key = (method.rotation, method.group_size, method.key_scales)
         if key not in decisions:
             result = _run_probe(model, False, args.probe_budget, *key, args.device)
             print(result.summary(), file=sys.stderr)
@@ -84,13 +84,16 @@ def _run_probe(
     budget: float = 0.3,
     rotation: str = "none",
     group_size: int | None = None,
+    key_scales: str = "token",
     device: str = "auto",
 ):
     from .eval.probe import ProbeSettings, cached_probe, run_probe
     from .eval.runner import HFProbeEngine
     from .models import ensure_model, weights_identity
 
-    settings = ProbeSettings(budget=budget, rotation=rotation, group_size=group_size)
+    settings = ProbeSettings(
+        budget=budget, rotation=rotation, group_size=group_size, key_scales=key_scales
+    )
     path = ensure_model(model)
 
     def run():
@@ -104,6 +107,7 @@ def probe_record(model: str, result, args) -> dict:
     passed = sum(t["degraded_ok"] for t in result.trials)
     codec = "" if args.rotation == "none" else "+had"
     codec += f"+g{args.group_size}" if args.group_size else ""
+    codec += "+kc" if args.key_scales == "channel" else ""
     return {
         "model": model,
         "method": f"probe{codec}",
@@ -124,7 +128,13 @@ def probe_record(model: str, result, args) -> dict:
 
 def cmd_probe(args) -> int:
     result = _run_probe(
-        args.model, args.refresh, args.budget, args.rotation, args.group_size, args.device
+        args.model,
+        args.refresh,
+        args.budget,
+        args.rotation,
+        args.group_size,
+        args.key_scales,
+        args.device,
     )
     print(result.summary())
     for t in result.trials:
@@ -270,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--budget", type=float, default=0.3)
     pr.add_argument("--refresh", action="store_true", help="ignore the cached decision")
     pr.add_argument("--rotation", choices=["none", "hadamard"], default="none")
+    pr.add_argument(
+        "--key-scales",
+        choices=["token", "channel"],
+        default="token",
+        help="channel: INT8/INT4 keys scaled per channel over 64-token blocks (KIVI)",
+    )
     pr.add_argument("--group-size", type=int, default=None)
     pr.add_argument("--out", default=None, help="also merge a record into this JSON")
     pr.add_argument("--device", default="auto", help=DEVICE_HELP)

@@ -78,6 +78,7 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_tokens: int
     layer_first_pos: list[int]
     rotation: str = "none"
+    key_block: int = 0  # > 0: INT8/INT4 keys scaled per channel over blocks of this many rows
 
     @property
     def wire_dtype(self) -> torch.dtype:
@@ -91,8 +92,29 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def tokens_held(self, layer: int) -> int:
         return self.num_tokens - self.layer_first_pos[layer]
 
+    def key_scaled_per_channel(self, tier: Tier) -> bool:
+        return self.key_block > 0 and tier in (Tier.INT8, Tier.INT4)
+
+    def seg_nbytes(self, tier: Tier, rows: int, key: bool) -> int:
+        """Bytes of a segment of ``rows`` K (``key``) or V rows at ``tier``."""
+        if key and self.key_scaled_per_channel(tier):
+            elems = self.num_kv_heads * self.head_dim
+            blocks = -(-rows // self.key_block)
+            return rows * elems * QUANT_BITS[tier] // 8 + blocks * elems * SCALE_BYTES
+        return rows * self.row_nbytes(tier)
+
+    def key_row_nbytes(self, tier: Tier) -> int:
+        """Budgeted bytes of one K row: :meth:`row_nbytes`, or with per-channel key
+        scales the codes plus the block's scales spread over its rows (rounded up;
+        a last, partial block is in :func:`fixed_overhead`)."""
+        if not self.key_scaled_per_channel(tier):
+            return self.row_nbytes(tier)
+        elems = self.num_kv_heads * self.head_dim
+        return elems * QUANT_BITS[tier] // 8 + -(-elems * SCALE_BYTES // self.key_block)
+
     def row_nbytes(self, tier: Tier) -> int:
-        """Bytes of one token of one layer, K or V, at ``tier`` (data + scales)."""
+        """Bytes of one token of one layer at ``tier`` (data + scales): a V row, and a
+        K row unless keys are scaled per channel (see :meth:`key_row_nbytes`)."""
         elems = self.num_kv_heads * self.head_dim
         scales = self.num_kv_heads * self.groups * SCALE_BYTES
         return {
@@ -113,7 +135,9 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         held = torch.zeros(self.num_tokens, dtype=torch.int64)
         for first in self.layer_first_pos:
             held[first:] += 1
-        per_row = torch.tensor([2 * self.row_nbytes(t) for t in Tier], dtype=torch.int64)
+        per_row = torch.tensor(
+            [self.key_row_nbytes(t) + self.row_nbytes(t) for t in Tier], dtype=torch.int64
+        )
         return held[:, None] * per_row[None, :]
 
     def validate(self) -> None:
@@ -129,6 +153,8 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             problems.append(f"unknown dtype {self.dtype!r}")
         if self.rotation not in ("none", "hadamard"):
             problems.append(f"unknown rotation {self.rotation!r}")
+        if self.key_block < 0 or self.key_block == 1:
+            problems.append(f"key_block must be 0 or >= 2, got {self.key_block}")
         if len(self.layer_first_pos) != self.num_layers or any(
             not 0 <= p <= self.num_tokens for p in self.layer_first_pos
         ):
@@ -168,13 +194,12 @@ def segment_offsets(layout: KVLayout, tier_map: torch.Tensor) -> tuple[list[int]
     offsets, pos = [], 0
     tier_map = tier_map.cpu()
     for tier in PACKED_TIERS:
-        row = layout.row_nbytes(tier)
         for layer in range(layout.num_layers):
             n = int((tier_map[layout.layer_first_pos[layer] :] == int(tier)).sum())
-            for _kv in range(2):
+            for kv in range(2):
                 pos = _align(pos, SEGMENT_ALIGN)
                 offsets.append(pos)
-                pos += n * row
+                pos += layout.seg_nbytes(tier, n, key=kv == 0)
     return offsets, pos
 
 
@@ -191,7 +216,15 @@ def fixed_overhead(layout: KVLayout) -> int:
     )
     header = PREFIX.size + len(msgspec.msgpack.encode(worst))
     segments = len(PACKED_TIERS) * layout.num_layers * 2
-    return _align(header, HEADER_ALIGN) + segments * (SEGMENT_ALIGN - 1)
+    # per-channel key scales: each K segment may end in a partial block
+    partial = sum(
+        layout.num_kv_heads * layout.head_dim * SCALE_BYTES
+        for tier in PACKED_TIERS
+        if layout.key_scaled_per_channel(tier)
+    )
+    return (
+        _align(header, HEADER_ALIGN) + segments * (SEGMENT_ALIGN - 1) + partial * layout.num_layers
+    )
 
 
 def payload_checksum(payload: torch.Tensor) -> int:
@@ -247,44 +280,99 @@ def quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor,
     s, m = scale.float(), minimum.float()
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
     q = torch.floor((xg - m[..., None]) * inv[..., None] + 0.5).clamp_(0, qmax).to(torch.uint8)
-    q = q.reshape(n, h, d)
+    return _pack_codes(q.reshape(n, h, d), bits), torch.stack([scale, minimum], dim=-1)
+
+
+def _pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[..., D]`` -> two 4-bit codes per byte along D (8 bit: as is)."""
+    return q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
+
+
+def _unpack_codes(codes: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return q, torch.stack([scale, minimum], dim=-1)
+        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1)
+    return codes.reshape(*codes.shape[:2], head_dim)
+
+
+def quantize_channels(x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric quantisation with one (scale, minimum) per channel over blocks of
+    ``block`` consecutive rows (KIVI's key quantisation); same rounding as :func:`quantize`.
+
+    Args:
+        x: ``[N, H, D]`` float tensor.
+    Returns:
+        codes: uint8 ``[N, H, D]`` (8 bit) or ``[N, H, D/2]`` (4 bit, two per byte).
+        scales: float16 ``[ceil(N / block), H, D, 2]`` holding (scale, minimum).
+    """
+    n, h, d = x.shape
+    qmax = (1 << bits) - 1
+    nb = -(-n // block)
+    xf = x.float().clamp(-_FP16_MAX, _FP16_MAX)
+    pad = xf[-1:].expand(nb * block - n, h, d)  # repeats a row: min/max unchanged
+    xb = torch.cat([xf, pad]).reshape(nb, block, h, d)
+    lo = xb.amin(1)
+    scale = ((xb.amax(1) - lo) / qmax).to(torch.float16)
+    minimum = lo.to(torch.float16)
+    s, m = scale.float(), minimum.float()
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    q = torch.floor((xb - m[:, None]) * inv[:, None] + 0.5).clamp_(0, qmax).to(torch.uint8)
+    q = q.reshape(nb * block, h, d)[:n]
+    return _pack_codes(q, bits), torch.stack([scale, minimum], dim=-1)
+
+
+def dequantize_channels(
+    codes: torch.Tensor, scales: torch.Tensor, bits: int, head_dim: int, block: int
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_channels`: float32 ``[N, H, head_dim]``."""
+    q = _unpack_codes(codes, bits, head_dim).float()
+    rows = torch.arange(q.shape[0], device=q.device) // block
+    s, m = scales[rows, ..., 0].float(), scales[rows, ..., 1].float()
+    return q * s + m
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     """Inverse of :func:`quantize`: float32 ``[N, H, head_dim]``."""
     n, h = codes.shape[:2]
-    if bits == 4:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(n, h, head_dim)
     groups = scales.shape[2]
-    q = codes.float().reshape(n, h, groups, head_dim // groups)
+    q = _unpack_codes(codes, bits, head_dim).float().reshape(n, h, groups, head_dim // groups)
     s, m = scales[..., 0].float(), scales[..., 1].float()
     return (q * s[..., None] + m[..., None]).reshape(n, h, head_dim)
 
 
-def encode_rows(x: torch.Tensor, tier: Tier, layout: KVLayout) -> torch.Tensor:
-    """Encode rows ``[n, H, D]`` at ``tier`` into flat uint8 segment bytes."""
+def encode_rows(x: torch.Tensor, tier: Tier, layout: KVLayout, key: bool = False) -> torch.Tensor:
+    """Encode K (``key``) or V rows ``[n, H, D]`` at ``tier`` into flat uint8 segment
+    bytes: codes ``[n, H, D * bits / 8]``, then the scales (see :func:`quantize`,
+    :func:`quantize_channels`)."""
     if tier == Tier.FP16:
         return x.to(layout.wire_dtype).contiguous().view(torch.uint8).reshape(-1)
     xf = x.float()
     if layout.rotation == "hadamard":
         xf = xf @ hadamard(layout.head_dim, x.device)
-    codes, scales = quantize(xf, QUANT_BITS[tier], layout.group_size)
+    if key and layout.key_scaled_per_channel(tier):
+        codes, scales = quantize_channels(xf, QUANT_BITS[tier], layout.key_block)
+    else:
+        codes, scales = quantize(xf, QUANT_BITS[tier], layout.group_size)
     return torch.cat([codes.reshape(-1), scales.contiguous().view(torch.uint8).reshape(-1)])
 
 
-def decode_rows(seg: torch.Tensor, n: int, tier: Tier, layout: KVLayout) -> torch.Tensor:
-    """Decode ``n`` rows of one segment (flat uint8) into float32 ``[n, H, D]``."""
+def decode_rows(
+    seg: torch.Tensor, n: int, tier: Tier, layout: KVLayout, key: bool = False
+) -> torch.Tensor:
+    """Decode ``n`` K (``key``) or V rows of one segment (flat uint8) into float32
+    ``[n, H, D]``."""
     h, d = layout.num_kv_heads, layout.head_dim
     if tier == Tier.FP16:
         return seg.view(layout.wire_dtype).reshape(n, h, d).float()
     bits = QUANT_BITS[tier]
     code_bytes = n * h * d * bits // 8
     codes = seg[:code_bytes].reshape(n, h, d * bits // 8)
-    scales = seg[code_bytes:].view(torch.float16).reshape(n, h, layout.groups, 2)
-    out = dequantize(codes, scales, bits, d)
+    if key and layout.key_scaled_per_channel(tier):
+        blocks = -(-n // layout.key_block)
+        scales = seg[code_bytes:].view(torch.float16).reshape(blocks, h, d, 2)
+        out = dequantize_channels(codes, scales, bits, d, layout.key_block)
+    else:
+        scales = seg[code_bytes:].view(torch.float16).reshape(n, h, layout.groups, 2)
+        out = dequantize(codes, scales, bits, d)
     if layout.rotation == "hadamard":
         out = out @ hadamard(d, seg.device)
     return out
@@ -300,14 +388,14 @@ def measure_tier_errors(
     err = torch.zeros(layout.num_tokens, 4, dtype=torch.float64)
     for layer, pair in enumerate(zip(keys, values)):
         first = layout.layer_first_pos[layer]
-        for x in pair:
+        for kv, x in enumerate(pair):
             xf = x.float()
             for tier in Tier:
                 if tier == Tier.DROP:
                     approx = torch.zeros_like(xf)
                 else:
-                    enc = encode_rows(x, tier, layout)
-                    approx = decode_rows(enc, x.shape[0], tier, layout)
+                    enc = encode_rows(x, tier, layout, key=kv == 0)
+                    approx = decode_rows(enc, x.shape[0], tier, layout, key=kv == 0)
                 err[first:, tier] += ((xf - approx) ** 2).sum(dim=(1, 2)).double().cpu()
     return err
 
@@ -399,6 +487,7 @@ def make_layout(
         num_tokens=total,
         layer_first_pos=first,
         rotation=config.rotation,
+        key_block=config.resolved_key_block,
     )
     if config.rotation == "hadamard":
         hadamard(head_dim)  # fails early for non power-of-two head_dim
@@ -473,9 +562,9 @@ def pack_tiers(
         for layer in range(layout.num_layers):
             held = tiers_dev[layout.layer_first_pos[layer] :]
             rows = torch.nonzero(held == int(tier)).flatten()
-            for x in (keys[layer], values[layer]):
+            for kv, x in enumerate((keys[layer], values[layer])):
                 if rows.numel():
-                    seg = encode_rows(x[rows], tier, layout)
+                    seg = encode_rows(x[rows], tier, layout, key=kv == 0)
                     payload[offsets[i] : offsets[i] + seg.numel()] = seg
                 i += 1
     header = PackedHeader(
@@ -659,11 +748,11 @@ def iter_decoded_layers(header: PackedHeader, payload: torch.Tensor):
             if not n:
                 continue
             j = seg_index[(tier, layer)]
-            size = n * layout.row_nbytes(tier)
-            k_seg = payload[header.offsets[j] : header.offsets[j] + size]
-            v_seg = payload[header.offsets[j + 1] : header.offsets[j + 1] + size]
+            k_size, v_size = layout.seg_nbytes(tier, n, True), layout.seg_nbytes(tier, n, False)
+            k_seg = payload[header.offsets[j] : header.offsets[j] + k_size]
+            v_seg = payload[header.offsets[j + 1] : header.offsets[j + 1] + v_size]
             pos_parts.append(rows + first)
-            k_parts.append(decode_rows(k_seg, n, tier, layout))
+            k_parts.append(decode_rows(k_seg, n, tier, layout, key=True))
             v_parts.append(decode_rows(v_seg, n, tier, layout))
         if pos_parts:
             yield layer, torch.cat(pos_parts), torch.cat(k_parts), torch.cat(v_parts)

@@ -14,6 +14,7 @@ METHODS = ("spectrum", "full", "int8", "int4", "pdtrim", "snapkv")
 ALLOCATORS = ("paper", "optimal")
 TIER_MODES = ("3", "2")
 ROTATIONS = ("none", "hadamard")
+KEY_SCALES = ("token", "channel")
 
 
 class SpectrumError(Exception):
@@ -52,6 +53,12 @@ class SpectrumConfig:
         rotation: ``"hadamard"`` rotates each head vector by an orthonormal
             Hadamard matrix before INT8/INT4 quantisation (inverted on unpack;
             free in bytes); ``"none"`` quantises the raw vectors.
+        key_scales: ``"token"``: keys like values, one (scale, min) per token and
+            group; ``"channel"``: INT8/INT4 keys get one (scale, min) per channel
+            over blocks of ``key_block`` consecutive rows of a tier segment (as
+            KIVI does): keys have outlier channels (large RoPE'd / biased
+            dimensions) that per-token scales cannot resolve. Values stay per token.
+        key_block: rows per key scale block with ``key_scales="channel"``.
         pdtrim_head_fraction: share of PDTrim's kept tokens taken from the
             start of the prompt (at least ``sinks``); the rest from the end.
         allow_drop: False never drops a token: when the budget cannot hold
@@ -68,6 +75,8 @@ class SpectrumConfig:
     group_size: int | None = None
     method: str = "spectrum"
     rotation: str = "none"
+    key_scales: str = "token"
+    key_block: int = 64
     pdtrim_head_fraction: float = 0.1
     allow_drop: bool = True
 
@@ -107,12 +116,23 @@ class SpectrumConfig:
                 f"group_size must be an even number >= 2 (or None for head_dim),"
                 f" got {self.group_size!r}"
             )
+        if self.key_scales not in KEY_SCALES:
+            raise SpectrumConfigError(
+                f"key_scales must be one of {KEY_SCALES}, got {self.key_scales!r}"
+            )
+        if int(self.key_block) < 2:
+            raise SpectrumConfigError(f"key_block must be >= 2, got {self.key_block!r}")
         if not (0.0 <= self.pdtrim_head_fraction <= 1.0):
             raise SpectrumConfigError("pdtrim_head_fraction must be in [0, 1]")
 
     def with_(self, **changes) -> SpectrumConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+    @property
+    def resolved_key_block(self) -> int:
+        """Rows per key scale block on the wire; 0 = per-token key scales."""
+        return int(self.key_block) if self.key_scales == "channel" else 0
 
     def resolved_group_size(self, head_dim: int) -> int:
         """The group size used for this head_dim; must divide head_dim."""

@@ -19,12 +19,14 @@ from sglang_spectrum import (
 )
 from sglang_spectrum.codec import (
     PREFIX,
+    dequantize_channels,
     encode_header,
     fixed_overhead,
     make_layout,
     pack_tiers,
     payload_checksum,
     quantize,
+    quantize_channels,
 )
 
 BUDGETS = (0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
@@ -240,6 +242,91 @@ def test_hadamard_rotation_round_trip_and_outlier_channels():
         )
 
 
+# --- per-channel key scales (KIVI) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dim,rows,block", [(64, 150, 64), (128, 64, 64), (64, 7, 4)])
+def test_channel_quantiser_error_bound(bits, dim, rows, block):
+    g = torch.Generator().manual_seed(dim + rows)
+    x = torch.randn(rows, 2, dim, generator=g) * torch.rand(1, 1, dim, generator=g) * 10
+    codes, scales = quantize_channels(x, bits, block)
+    assert codes.shape == (rows, 2, dim * bits // 8)
+    assert scales.shape == (-(-rows // block), 2, dim, 2) and scales.dtype == torch.float16
+    err = (dequantize_channels(codes, scales, bits, dim, block) - x).abs()
+    # the per-group bound of quant_bound, with groups = (block of rows, head, channel)
+    pad = torch.cat([x, x[-1:].expand(-(-rows // block) * block - rows, 2, dim)])
+    blocks = pad.reshape(-1, block, 2, dim).permute(0, 2, 3, 1)  # [nb, H, D, block]
+    bound = quant_bound(blocks.reshape(-1, 2 * dim, block), bits, block)
+    bound = bound.reshape(-1, 2, dim, block).permute(0, 3, 1, 2).reshape(-1, 2, dim)[:rows]
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+def outlier_keys(layers=3, tokens=300, heads=2, dim=64, seed=0):
+    """Random KV whose keys have a large and a shifted channel, as RoPE'd / biased keys do."""
+    keys, values = random_kv(layers, tokens, heads, dim, torch.float32, seed, short=(1,))
+    for k in keys:
+        k[..., 5] *= 30
+        k[..., 9] += 20
+    return [k.to(torch.bfloat16) for k in keys], [v.to(torch.bfloat16) for v in values]
+
+
+@pytest.mark.parametrize("tiers", ["3", "2"])
+@pytest.mark.parametrize("budget", [0.25, 0.3, 0.5, 0.75])
+def test_channel_key_scales_within_budget_and_round_trip(tiers, budget):
+    keys, values = outlier_keys()
+    cfg = SpectrumConfig(budget=budget, tiers=tiers, key_scales="channel", allocator="optimal")
+    packed = pack_kv(keys, values, cfg)
+    assert packed.layout.key_block == 64
+    assert packed.nbytes <= math.floor(budget * packed.full_nbytes)
+    assert packed.nbytes >= 0.95 * budget * packed.full_nbytes  # one partial block reserved
+    dk, dv, kept = decode_kv(packed.to_bytes(), dtype=torch.float32)
+    kp, vp = empty_pools(3, 300, 2, 64)
+    info = unpack_kv(packed.to_bytes(), kp, vp, torch.arange(300))
+    for layer in range(3):
+        first = 300 - keys[layer].shape[0]
+        held = kept[first:]
+        assert torch.equal(kp[layer][first:][held].float(), dk[layer][held].bfloat16().float())
+        assert torch.equal(vp[layer][first:][held].float(), dv[layer][held].bfloat16().float())
+    assert info.dropped.numel() == int((~kept).sum())
+
+
+def test_channel_key_scales_resolve_outlier_channels():
+    keys, values = outlier_keys()
+    errs = {}
+    for ks in ("token", "channel"):
+        packed = pack_kv(keys, values, SpectrumConfig(budget=1.0, method="int4", key_scales=ks))
+        dk, dv, _ = decode_kv(packed.to_bytes(), dtype=torch.float32)
+        errs[ks] = sum(float(((a - k.float()) ** 2).sum()) for a, k in zip(dk, keys))
+        v_err = sum(float(((a - v.float()) ** 2).sum()) for a, v in zip(dv, values))
+        errs[ks + " values"] = v_err
+        errs[ks + " ratio"] = packed.bytes_ratio
+    # same bytes per token at head_dim 64 (64 rows x 4 bytes of scales per channel),
+    # plus each layer's last, partial block
+    assert errs["token ratio"] < errs["channel ratio"] < errs["token ratio"] + 0.003
+    assert errs["channel"] < 0.5 * errs["token"]
+    assert errs["channel values"] == errs["token values"]  # values stay per token
+
+
+def test_header_claiming_other_key_scales_is_rejected():
+    keys, values = random_kv(tokens=128)
+    packed = pack_kv(keys, values, SpectrumConfig(budget=0.4))
+    h = packed.header
+    layout = type(h.layout)(**{**msgspec_fields(h.layout), "key_block": 64})
+    forged = type(h)(layout, h.tier_map, h.offsets, h.payload_nbytes, h.checksum)
+    kp, vp = empty_pools(4, 128, 3, 64)
+    with pytest.raises(SpectrumFormatError, match="offsets"):
+        unpack_kv(encode_header(forged) + packed.payload.numpy().tobytes(), kp, vp, range(128))
+    layout = type(h.layout)(**{**msgspec_fields(h.layout), "key_block": 1})
+    forged = type(h)(layout, h.tier_map, h.offsets, h.payload_nbytes, h.checksum)
+    with pytest.raises(SpectrumFormatError, match="key_block"):
+        unpack_kv(encode_header(forged) + packed.payload.numpy().tobytes(), kp, vp, range(128))
+
+
+def msgspec_fields(struct) -> dict:
+    return {f: getattr(struct, f) for f in struct.__struct_fields__}
+
+
 # --- malformed input ----------------------------------------------------------------------
 
 
@@ -335,6 +422,8 @@ def test_trailing_bytes_are_ignored(packed_and_pools):
         ({"method": "full", "budget": 0.5}, "full"),
         ({"group_size": 3}, "group_size"),
         ({"rotation": "fourier"}, "rotation"),
+        ({"key_scales": "block"}, "key_scales"),
+        ({"key_block": 1}, "key_block"),
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs, message):

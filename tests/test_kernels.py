@@ -98,6 +98,7 @@ def make_request(
     rotation="none",
     tiers=None,
     seed=0,
+    key_block=0,
 ) -> Request:
     """Random request in paged pools: pages of ``page`` slots, shuffled, with spare
     pages; KV with per-channel scales and a few outliers; last layer a sliding window."""
@@ -125,6 +126,7 @@ def make_request(
         num_tokens=tokens,
         layer_first_pos=first,
         rotation=rotation,
+        key_block=key_block,
     )
     if tiers is None:
         tiers = torch.randint(0, 4, (tokens,), generator=gen, dtype=torch.uint8)
@@ -303,6 +305,9 @@ def test_edge_cases_all_dropped_single_token_and_fallback():
     odd = make_request("cpu", head_dim=6, group=2, tokens=9)  # not kernel-supported: reference
     assert not K.kernel_supported(odd.layout)
     check_request(odd)
+    kivi = make_request("cpu", tokens=100, key_block=64)  # per-channel keys: torch path
+    assert not K.kernel_supported(kivi.layout)
+    check_request(kivi)
 
 
 def test_unpack_rejects_bad_input_and_writes_nothing():

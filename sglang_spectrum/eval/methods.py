@@ -5,8 +5,10 @@ A method name is a base name plus optional ``+option`` suffixes:
 - bases: ``full``, ``int8``, ``int4``, ``pdtrim``, ``snapkv``, ``spectrum-3tier``,
   ``spectrum-2tier``, ``spectrum-auto`` (3 or 2 tiers, as the INT4 probe decided);
 - options: ``+had`` (Hadamard rotation before quantisation), ``+gNN`` (group
-  size NN along head_dim), ``+kn`` (key-norm scores instead of observation-window
-  attention, i.e. what the SGLang backend uses, which sees no queries).
+  size NN along head_dim), ``+kc`` (INT8/INT4 keys scaled per channel over blocks
+  of 64 tokens, as KIVI does), ``+kn`` (key-norm scores instead of
+  observation-window attention, i.e. what the SGLang backend uses, which sees no
+  queries).
 
 Every method goes through the same codec and byte accounting.
 """
@@ -41,6 +43,7 @@ class Method:
     base: str
     rotation: str = "none"
     group_size: int | None = None
+    key_scales: str = "token"
     key_norm: bool = False
 
     @property
@@ -55,7 +58,11 @@ class Method:
         """
         if callable(auto_tiers):
             auto_tiers = auto_tiers(self) if self.base == "spectrum-auto" else "2"
-        common = {"rotation": self.rotation, "group_size": self.group_size}
+        common = {
+            "rotation": self.rotation,
+            "group_size": self.group_size,
+            "key_scales": self.key_scales,
+        }
         if self.base == "full":
             return SpectrumConfig(budget=1.0, method="full", **common)
         if self.base in ("int8", "int4", "pdtrim", "snapkv"):
@@ -69,7 +76,7 @@ AutoTiers = str | Callable[[Method], str]
 
 
 def parse_method(name: str) -> Method:
-    """Parse ``base[+had][+gNN][+kn]``; raises SpectrumConfigError on unknown parts."""
+    """Parse ``base[+had][+gNN][+kc][+kn]``; raises SpectrumConfigError on unknown parts."""
     base, *opts = name.split("+")
     if base not in BASE_METHODS:
         raise SpectrumConfigError(f"unknown method {base!r}; choose from {', '.join(BASE_METHODS)}")
@@ -79,10 +86,14 @@ def parse_method(name: str) -> Method:
             kwargs["rotation"] = "hadamard"
         elif opt == "kn":
             kwargs["key_norm"] = True
+        elif opt == "kc":
+            kwargs["key_scales"] = "channel"
         elif opt.startswith("g") and opt[1:].isdigit():
             kwargs["group_size"] = int(opt[1:])
         else:
-            raise SpectrumConfigError(f"unknown method option {opt!r} in {name!r} (had, gNN, kn)")
+            raise SpectrumConfigError(
+                f"unknown method option {opt!r} in {name!r} (had, gNN, kc, kn)"
+            )
     return Method(name=name, base=base, **kwargs)
 
 

@@ -54,6 +54,7 @@ class ProbeSettings:
     max_new_tokens: int = 10
     rotation: str = "none"  # the codec the server will really use
     group_size: int | None = None
+    key_scales: str = "token"
 
     def config(self) -> SpectrumConfig:
         """The aggressive 3-tier policy the trials run under."""
@@ -63,12 +64,14 @@ class ProbeSettings:
             allocator=self.allocator,
             rotation=self.rotation,
             group_size=self.group_size,
+            key_scales=self.key_scales,
         )
 
     def key(self) -> str:
-        blob = (
-            json.dumps(asdict(self), sort_keys=True) + f"|p{PROBE_POLICY_VERSION}|f{FORMAT_VERSION}"
-        )
+        fields = asdict(self)
+        if fields["key_scales"] == "token":  # keys of caches made before the option existed
+            del fields["key_scales"]
+        blob = json.dumps(fields, sort_keys=True) + f"|p{PROBE_POLICY_VERSION}|f{FORMAT_VERSION}"
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
