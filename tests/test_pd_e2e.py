@@ -8,11 +8,11 @@ process is stopped by PID (process group) in a finalizer, also on failure.
   budget 1.0 (everything FP16, lossless for the bf16 pool): greedy outputs
   must be identical, and a prompt-only secret must come back.
 * ``half``: one ``spectrum`` deployment at budget 0.5 with 3 tiers and the
-  Hadamard-rotated, group-32 codec (plain INT4 serving is covered by
-  test_pd_faults.py), ``--page-size 16`` on both sides and ``--chunked-prefill-size 256``: the
-  bytes that crossed Mooncake (prefill's sent counter, decode's received
-  counter, on their ``/metrics``) are <= 0.5 of the 16-bit KV size of the same
-  prompts; a secret only in a ~1,500-token prompt is answered; finally the
+  Hadamard-rotated, group-32 codec with per-channel key scales (plain INT4
+  serving is covered by test_pd_faults.py), ``--page-size 16`` on both sides
+  and ``--chunked-prefill-size 256``: the bytes that crossed Mooncake
+  (prefill's sent counter, decode's received counter, on their ``/metrics``)
+  are <= 0.5 of the 16-bit KV size of the same prompts; a secret only in a ~1,500-token prompt is answered; finally the
   decode server is SIGKILLed during a transfer, the request fails, the
   prefill frees its slots, and after a new decode server starts on the same
   ports the next request is served.
@@ -163,7 +163,8 @@ def test_spectrum_decode_refuses_mooncake_prefill(request, model_path):
 
 @pytest.fixture(scope="module")
 def half(request, model_path) -> PDDeployment:
-    """Spectrum at budget 0.5 (3 tiers, Hadamard rotation, group 32), page size 16,
+    """Spectrum at budget 0.5 (3 tiers, Hadamard rotation, group 32, per-channel key
+    scales), page size 16,
     chunked prefill 256, metrics on."""
     # SGLang's paged allocator (page_size > 1) is a Triton kernel
     # (mem_cache/allocator.py:427): on CPU it runs in Triton's interpreter.
@@ -180,7 +181,8 @@ def half(request, model_path) -> PDDeployment:
             "--enable-metrics",
         ],  # fmt: skip
         prefill_args=["--spectrum-budget", "0.5", "--spectrum-tiers", "3"]
-        + ["--spectrum-rotation", "hadamard", "--spectrum-group-size", "32"],
+        + ["--spectrum-rotation", "hadamard", "--spectrum-group-size", "32"]
+        + ["--spectrum-key-scales", "channel"],
         prefill_env={**env, "SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S": str(KILL_DELAY_S)},
         decode_env=env,
         router_args=[
@@ -237,7 +239,8 @@ def test_half_budget_bytes_counted_on_both_sides(half):
     assert half.metric(half.prefill_url, "spectrumkv_tier_mode", role="prefill", mode="2") == 0
     assert "spectrumkv_unpack_seconds" in half.metrics_text(half.decode_url)
     # the decode learnt the prefill's codec at bootstrap (the packed headers carry it too)
-    assert "rotation hadamard, group size 32)" in half.proc("decode").log_path.read_text()
+    log = half.proc("decode").log_path.read_text()
+    assert "rotation hadamard, group size 32, key scales channel)" in log
 
 
 def test_secret_only_in_long_prompt_at_half_budget(half):

@@ -175,7 +175,8 @@ def test_options_parse_and_reach_scheduler_pickle(smollm2):
                                         "--spectrum-allocator", "optimal",
                                         "--spectrum-probe-refresh",
                                         "--spectrum-rotation", "hadamard",
-                                        "--spectrum-group-size", "32"])
+                                        "--spectrum-group-size", "32",
+                                        "--spectrum-key-scales", "channel"])
         b = pickle.loads(pickle.dumps(a))  # what mp spawn does for the schedulers
         d = prepare_server_args(base)
         from sglang_spectrum.sglang_plugin.options import options_from_server_args
@@ -194,6 +195,7 @@ def test_options_parse_and_reach_scheduler_pickle(smollm2):
         "arena_mb": 0.0,
         "rotation": "hadamard",
         "group_size": 32,
+        "key_scales": "channel",
     }
     defaults = {
         "budget": 0.5,
@@ -203,6 +205,7 @@ def test_options_parse_and_reach_scheduler_pickle(smollm2):
         "arena_mb": 0.0,
         "rotation": "none",
         "group_size": None,
+        "key_scales": "token",
     }
     assert out["defaults"] == defaults
     assert out["programmatic"] == defaults
@@ -303,6 +306,9 @@ def test_no_drop_floor_matches_codec_accounting():
     # group 32: two (scale, zero) fp16 pairs per row instead of one
     assert no_drop_floor("3", 64, 32) == pytest.approx((32 + 8) / 128)
     assert no_drop_floor("3", 256, 32) == pytest.approx((128 + 32) / 512)
+    # per-channel key scales: 4 bytes per channel per 64-row block, spread over the rows
+    assert no_drop_floor("3", 64, None, "channel") == no_drop_floor("3", 64)
+    assert no_drop_floor("3", 128, None, "channel") == pytest.approx((64 + 8 + 64 + 4) / 512)
 
 
 # --------------------------------------------------------------------------- wire identity
@@ -464,16 +470,22 @@ def test_receive_capacity_bounds_real_packed_sizes():
         values = [torch.randn(n, 2, 64).to(torch.bfloat16) for _ in range(3)]
         for budget in (1.0, 0.5, 0.3):
             for tiers in ("3", "2"):
-                for group, rotation in ((None, "none"), (32, "hadamard"), (16, "none")):
+                codecs = (
+                    (None, "none", "token"),
+                    (32, "hadamard", "token"),
+                    (16, "none", "channel"),
+                )
+                for group, rotation, key_scales in codecs:
                     cfg = SpectrumConfig(
                         budget=budget,
                         tiers=tiers,
                         allow_drop=False,
                         group_size=group,
                         rotation=rotation,
+                        key_scales=key_scales,
                     )
                     packed = pack_kv(keys, values, cfg)
-                    cap = receive_capacity(layout, n, budget, group)
+                    cap = receive_capacity(layout, n, budget, group, key_scales)
                     assert packed.nbytes <= cap, (n, budget, tiers, group)
         assert receive_capacity(layout, n, 0.5) <= receive_capacity(layout, n, 1.0)
         # 2-tier mode with group 32 at b=0.5 needs more than the head_dim-group bound

@@ -339,10 +339,14 @@ def pool_layout(kv_pool: Any) -> dict[str, Any]:
 
 
 def receive_capacity(
-    layout: dict[str, Any], num_tokens: int, budget: float, group_size: int | None = None
+    layout: dict[str, Any],
+    num_tokens: int,
+    budget: float,
+    group_size: int | None = None,
+    key_scales: str = "token",
 ) -> int:
     """Upper bound of the packed size of ``num_tokens`` tokens at ``budget`` (allow_drop=False)
-    with the prefill's quantisation ``group_size`` (None = head_dim).
+    with the prefill's quantisation ``group_size`` (None = head_dim) and ``key_scales``.
 
     Uses the 2-tier floor (every non-sink token at INT8), which is at least the
     3-tier one, so it holds whatever tier mode the prefill resolved.
@@ -351,7 +355,11 @@ def receive_capacity(
     from sglang_spectrum.config import SpectrumConfig
 
     cfg = SpectrumConfig(
-        budget=min(max(budget, 1e-6), 1.0), tiers="2", group_size=group_size, allow_drop=False
+        budget=min(max(budget, 1e-6), 1.0),
+        tiers="2",
+        group_size=group_size,
+        key_scales=key_scales,
+        allow_drop=False,
     )
     lay = KVLayout(
         num_layers=layout["layers"],
@@ -361,6 +369,7 @@ def receive_capacity(
         group_size=cfg.resolved_group_size(layout["head_dim"]),
         num_tokens=max(int(num_tokens), 1),
         layer_first_pos=[0] * layout["layers"],
+        key_block=cfg.resolved_key_block,
     )
     return int(token_budget(lay, cfg) + fixed_overhead(lay))
 
@@ -548,7 +557,9 @@ class SpectrumKVManager(MooncakeKVManager):
             if opts.tiers == "auto":
                 from .options import no_drop_floor
 
-                floor = no_drop_floor(tiers, self.layout["head_dim"], opts.group_size)
+                floor = no_drop_floor(
+                    tiers, self.layout["head_dim"], opts.group_size, opts.key_scales
+                )
                 if opts.budget < floor:
                     logger.warning(
                         "SpectrumKV: the probe chose %s tiers; --spectrum-budget %g is below"
@@ -750,17 +761,14 @@ class SpectrumKVManager(MooncakeKVManager):
         self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor
     ) -> Any:
         from sglang_spectrum.codec import pack_kv, plan_tiers
-        from sglang_spectrum.config import SpectrumConfig
 
         from .probe_hook import resolved_tiers
 
         opts = self.spectrum_options
-        cfg = SpectrumConfig(
+        cfg = opts.codec_config(
             budget=opts.budget,
             tiers=resolved_tiers(opts.tiers),
             allocator=opts.allocator,
-            rotation=opts.rotation,
-            group_size=opts.group_size,
             allow_drop=False,
         )
         if keys[0].is_cuda:
@@ -993,7 +1001,7 @@ class SpectrumKVManager(MooncakeKVManager):
             peer = self._prefill_peers.get(bootstrap_addr, {})
             logger.info(
                 "SpectrumKV: prefill at %s verified (format v%s, protocol %s, layout %s,"
-                " tiers %s, budget %s, rotation %s, group size %s)",
+                " tiers %s, budget %s, rotation %s, group size %s, key scales %s)",
                 bootstrap_addr,
                 format_version(),
                 PROTOCOL_VERSION,
@@ -1002,6 +1010,7 @@ class SpectrumKVManager(MooncakeKVManager):
                 (peer.get("options") or {}).get("budget"),
                 (peer.get("options") or {}).get("rotation"),
                 (peer.get("options") or {}).get("group_size") or "head_dim",
+                (peer.get("options") or {}).get("key_scales", "token"),
             )
         return True
 
@@ -1046,10 +1055,15 @@ class SpectrumKVManager(MooncakeKVManager):
     def prefill_is_spectrum(self, bootstrap_addr: str) -> bool:
         return self._prefill_is_spectrum.get(bootstrap_addr, False)
 
-    def prefill_budget_and_group(self, bootstrap_addr: str) -> tuple[float, int | None]:
-        """The prefill's announced budget and quantisation group size (None = head_dim)."""
+    def prefill_codec(self, bootstrap_addr: str) -> tuple[float, int | None, str]:
+        """The prefill's announced budget, quantisation group size (None = head_dim) and
+        key scales: what bounds the size of its packed buffers."""
         options = (self._prefill_peers.get(bootstrap_addr) or {}).get("options") or {}
-        return float(options.get("budget", 1.0)), options.get("group_size")
+        return (
+            float(options.get("budget", 1.0)),
+            options.get("group_size"),
+            options.get("key_scales", "token"),
+        )
 
 
 # --------------------------------------------------------------------------- sender
@@ -1174,7 +1188,7 @@ class SpectrumKVReceiver(MooncakeKVReceiver):
         self._need = receive_capacity(
             mgr.layout,
             len(self._pages) * int(mgr.layout["page_size"]),
-            *mgr.prefill_budget_and_group(self.bootstrap_addr),
+            *mgr.prefill_codec(self.bootstrap_addr),
         )
         if self._need > mgr.arena.size:  # tell the prefill too (it would wait for a timeout)
             self._refuse(

@@ -93,8 +93,8 @@ def probe_settings(allocator: str, capacity: int | None = None, codec: Any = Non
     """The :class:`ProbeSettings` for this server: defaults, env overrides, and a
     context shrunk (halved) until prompt + answer fit ``capacity`` tokens.
 
-    ``codec``: the server's options; a ``rotation`` / ``group_size`` there (if
-    the serving path ever gets them) is what the trials must pack with too.
+    ``codec``: the server's options; its ``rotation`` / ``group_size`` /
+    ``key_scales`` are what the trials must pack with too.
     """
     from sglang_spectrum.eval.probe import ProbeSettings
 
@@ -120,6 +120,7 @@ def probe_settings(allocator: str, capacity: int | None = None, codec: Any = Non
         allocator=allocator,
         rotation=getattr(codec, "rotation", base.rotation),
         group_size=getattr(codec, "group_size", base.group_size),
+        key_scales=getattr(codec, "key_scales", base.key_scales),
     )
 
 
