@@ -12,10 +12,10 @@ process is stopped by PID (process group) in a finalizer, also on failure.
   serving is covered by test_pd_faults.py), ``--page-size 16`` on both sides
   and ``--chunked-prefill-size 256``: the bytes that crossed Mooncake
   (prefill's sent counter, decode's received counter, on their ``/metrics``)
-  are <= 0.5 of the 16-bit KV size of the same prompts; a secret only in a ~1,500-token prompt is answered; finally the
-  decode server is SIGKILLed during a transfer, the request fails, the
-  prefill frees its slots, and after a new decode server starts on the same
-  ports the next request is served.
+  are <= 0.5 of the 16-bit KV size of the same prompts; a secret only in a
+  ~1,500-token prompt is answered; finally the decode server is SIGKILLed
+  during a transfer, the request fails, the prefill frees its slots, and after
+  a new decode server starts on the same ports the next request is served.
 * refusals (run before ``half`` starts, so only one deployment runs at a
   time): mismatched format versions and a mooncake prefill are refused at
   bootstrap with a clear message.
