@@ -1,6 +1,9 @@
 """Merge the per-run quality JSON files into bench/results/quality.json (+ .md, plots).
 
-.venv/bin/python bench/merge_results.py bench/results/quality_*.json
+.venv/bin/python bench/merge_results.py bench/results/gpu/*.json bench/results/cpu/*.json
+
+Later files win for records with the same key (model, method, allocator, budget,
+metric, context); records of bench/results/quality.json no file replaces stay.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ OUT = Path(__file__).resolve().parent / "results"
 def main(paths: list[str]) -> int:
     records: list[dict] = []
     for p in paths:
+        if p.endswith("_details.json"):  # per-trial NIAH answers, not records
+            continue
         records += json.loads(Path(p).read_text())
     merged = merge_records(OUT / "quality.json", records)
     (OUT / "quality.md").write_text(markdown_tables(merged))

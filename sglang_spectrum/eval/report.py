@@ -35,12 +35,15 @@ def _fmt(r: dict) -> str:
 
 
 HEADLINE_METHODS = (
+    ("spectrum-auto+kc", "paper"),
     ("spectrum-auto", "paper"),
     ("spectrum-auto+had+g32", "paper"),
+    ("spectrum-3tier+kc", "paper"),
     ("spectrum-3tier", "paper"),
     ("spectrum-3tier+had+g32", "paper"),
     ("pdtrim", "-"),
     ("snapkv", "-"),
+    ("int4+kc", "-"),
     ("int4", "-"),
     ("int4+had+g32", "-"),
 )
