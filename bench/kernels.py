@@ -137,10 +137,18 @@ class Recorder:
             self.copy_gbps = gbps
         elif op == "copy_triton":  # the ceiling is the faster of the two copies
             self.copy_gbps = max(self.copy_gbps, gbps)
-        row = dict(op=op, tokens=tokens, budget=budget, ms=round(ms, 4), gbps=round(gbps, 1),
-                   ratio_to_copy=round(gbps / self.copy_gbps, 3),
-                   ratio_to_sglang=round(ms / anchor, 3) if anchor else None,
-                   bytes_read=read, bytes_written=written, **more)
+        row = dict(
+            op=op,
+            tokens=tokens,
+            budget=budget,
+            ms=round(ms, 4),
+            gbps=round(gbps, 1),
+            ratio_to_copy=round(gbps / self.copy_gbps, 3),
+            ratio_to_sglang=round(ms / anchor, 3) if anchor else None,
+            bytes_read=read,
+            bytes_written=written,
+            **more,
+        )
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         return row
@@ -177,12 +185,13 @@ def bench_sglang(rec, staging, tokens, full, page, perm, slots, pk, pv, dk, dv, 
 
     def gather():
         staging._fused_gather_to_staging_kernel[grid](
-            ptrs, page_idx, stage, tokens, elems, 0, per_layer, elems, page, 1024)
+            ptrs, page_idx, stage, tokens, elems, 0, per_layer, elems, page, 1024
+        )
 
     def scatter():
         staging._fused_scatter_from_staging_kernel[grid](
-            dptrs, page_idx, stage, heads0, tokens, elems, per_layer, elems, page, 2 * LAYERS,
-            1024)
+            dptrs, page_idx, stage, heads0, tokens, elems, per_layer, elems, page, 2 * LAYERS, 1024
+        )
 
     gather_ms = timeit(gather, iters, graph=True)
     rec("sglang_gather", tokens, gather_ms, full, full, anchor=gather_ms)
@@ -194,8 +203,9 @@ def bench_sglang(rec, staging, tokens, full, page, perm, slots, pk, pv, dk, dv, 
     return gather_ms, scatter_ms
 
 
-def bench_budget(rec, tokens, budget, keys, values, slots, pk, pv, dk, dv, anchors, iters,
-                 extra, sweep: bool) -> None:
+def bench_budget(
+    rec, tokens, budget, keys, values, slots, pk, pv, dk, dv, anchors, iters, extra, sweep: bool
+) -> None:
     gather_ms, scatter_ms = anchors
     t0 = time.perf_counter()
     layout, tiers = plan_tiers(keys, values, SpectrumConfig(budget=budget))
@@ -204,9 +214,12 @@ def bench_budget(rec, tokens, budget, keys, values, slots, pk, pv, dk, dv, ancho
     packed = K.pack_from_pools(pk, pv, slots, layout, tiers, plan=plan)
     ref = pack_tiers(keys, values, layout, tiers)
     kept, pay = plan.kept_nbytes(), plan.payload_nbytes
-    common = dict(tier_counts=packed.tier_counts, nbytes=packed.nbytes,
-                  full_nbytes=layout.full_nbytes,
-                  identical_to_reference=torch.equal(ref.payload, packed.payload))
+    common = dict(
+        tier_counts=packed.tier_counts,
+        nbytes=packed.nbytes,
+        full_nbytes=layout.full_nbytes,
+        identical_to_reference=torch.equal(ref.payload, packed.payload),
+    )
     del ref
     pack_ms = timeit(lambda: K.pack_payload(pk, pv, plan), iters, graph=True)
     eager_ms = timeit(lambda: K.pack_payload(pk, pv, plan), iters)
@@ -221,7 +234,8 @@ def bench_budget(rec, tokens, budget, keys, values, slots, pk, pv, dk, dv, ancho
     keep = keep.to(DEVICE)
     common["unpack_identical_to_reference"] = all(
         torch.equal(d[slots[keep]].view(torch.int16), r[keep].view(torch.int16))
-        for d, r in zip(dk + dv, dec_k + dec_v))
+        for d, r in zip(dk + dv, dec_k + dec_v)
+    )
     del dec_k, dec_v
     rec("pack", tokens, pack_ms, kept, pay, budget, gather_ms, **common)
     rec("pack_eager", tokens, eager_ms, kept, pay, budget, gather_ms, **common)
@@ -229,22 +243,20 @@ def bench_budget(rec, tokens, budget, keys, values, slots, pk, pv, dk, dv, ancho
     rec("unpack", tokens, unpack_ms, pay, kept, budget, scatter_ms, **common)
     rec("unpack_eager", tokens, unpack_eager_ms, pay, kept, budget, scatter_ms, **common)
     rec("unpack_e2e", tokens, unpack_e2e_ms, pay, kept, budget, scatter_ms, **common)
-    rec("checksum_torch", tokens, timeit(lambda: payload_checksum(payload), iters), pay, 0,
-        budget)
-    rec("checksum_triton", tokens, timeit(lambda: K.fast_checksum(payload), iters), pay, 0,
-        budget)
+    rec("checksum_torch", tokens, timeit(lambda: payload_checksum(payload), iters), pay, 0, budget)
+    rec("checksum_triton", tokens, timeit(lambda: K.fast_checksum(payload), iters), pay, 0, budget)
     if sweep:  # launch-shape sweep (default: 4096 elements, 4 warps per program)
         for be, nw in ((2048, 4), (8192, 4), (4096, 8), (8192, 8), (16384, 8)):
             alt = K.plan_transfer(layout, tiers, slots, block_elems=be, num_warps=nw)
             ms = timeit(lambda alt=alt: K.pack_payload(pk, pv, alt), iters, graph=True)
             rec(f"pack@{be}/w{nw}", tokens, ms, kept, pay, budget, gather_ms, **common)
-            ms = timeit(lambda alt=alt: K.unpack_payload(payload, dk, dv, alt), iters,
-                        graph=True)
+            ms = timeit(lambda alt=alt: K.unpack_payload(payload, dk, dv, alt), iters, graph=True)
             rec(f"unpack@{be}/w{nw}", tokens, ms, pay, kept, budget, scatter_ms, **common)
 
 
-def bench_tokens(tokens: int, budgets, page: int, iters: int, staging, rec: Recorder,
-                 extra: dict) -> None:
+def bench_tokens(
+    tokens: int, budgets, page: int, iters: int, staging, rec: Recorder, extra: dict
+) -> None:
     gen = torch.Generator(device=DEVICE).manual_seed(tokens)
     pages = tokens // page
     spare = pages // 4 + 1
@@ -254,8 +266,9 @@ def bench_tokens(tokens: int, budgets, page: int, iters: int, staging, rec: Reco
     dk, dv = [torch.empty_like(x) for x in pk], [torch.empty_like(x) for x in pv]
     full = tokens * LAYERS * 2 * HEADS * HEAD_DIM * 2
     bench_copy(rec, tokens, full, iters, gen)
-    anchors = bench_sglang(rec, staging, tokens, full, page, perm, slots, pk, pv, dk, dv, iters,
-                           extra)
+    anchors = bench_sglang(
+        rec, staging, tokens, full, page, perm, slots, pk, pv, dk, dv, iters, extra
+    )
     # Importance scoring (budget-independent): reference on gathered keys vs fused.
     first = [0] * LAYERS
     ms = timeit(lambda: key_norm_scores([k[slots] for k in pk]), iters)
@@ -265,8 +278,9 @@ def bench_tokens(tokens: int, budgets, page: int, iters: int, staging, rec: Reco
     keys, values = [k[slots] for k in pk], [v[slots] for v in pv]
     for budget in budgets:
         sweep = tokens == max(extra["tokens"])
-        bench_budget(rec, tokens, budget, keys, values, slots, pk, pv, dk, dv, anchors, iters,
-                     extra, sweep)
+        bench_budget(
+            rec, tokens, budget, keys, values, slots, pk, pv, dk, dv, anchors, iters, extra, sweep
+        )
 
 
 def transfer_model(rows: list, min_tokens: int = 4096) -> list:
@@ -284,44 +298,63 @@ def transfer_model(rows: list, min_tokens: int = 4096) -> list:
             wire = r["nbytes"] / rate * 1e3
             full = r["full_nbytes"] / rate * 1e3
             total = r["ms"] + wire + unpack["ms"]
-            out.append(dict(
-                tokens=tokens, budget=budget, link_gbps=gbit, full_ms=round(full, 3),
-                pack_ms=r["ms"], wire_ms=round(wire, 3), unpack_ms=unpack["ms"],
-                spectrum_ms=round(total, 3), speedup=round(full / total, 2),
-                kernels_only_ms=round(kernels + wire, 3),
-                speedup_kernels_only=round(full / (kernels + wire), 2),
-                spectrum_with_scoring_ms=round(total + score["ms"], 3),
-                speedup_with_scoring=round(full / (total + score["ms"]), 2),
-                bytes_ratio=round(r["nbytes"] / r["full_nbytes"], 4)))
+            out.append(
+                dict(
+                    tokens=tokens,
+                    budget=budget,
+                    link_gbps=gbit,
+                    full_ms=round(full, 3),
+                    pack_ms=r["ms"],
+                    wire_ms=round(wire, 3),
+                    unpack_ms=unpack["ms"],
+                    spectrum_ms=round(total, 3),
+                    speedup=round(full / total, 2),
+                    kernels_only_ms=round(kernels + wire, 3),
+                    speedup_kernels_only=round(full / (kernels + wire), 2),
+                    spectrum_with_scoring_ms=round(total + score["ms"], 3),
+                    speedup_with_scoring=round(full / (total + score["ms"]), 2),
+                    bytes_ratio=round(r["nbytes"] / r["full_nbytes"], 4),
+                )
+            )
     return out
 
 
 def markdown(rows: list, model: list, meta: dict) -> tuple[str, str]:
-    head = (f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}. "
-            f"Llama-3-8B KV ({meta['shape'][0]} x 8 x 128, bf16), page {meta['page']}, "
-            f"median of {meta['iters']} CUDA-event timings. gbps = (bytes read + written) / "
-            "time; ratio_to_copy = gbps / the faster copy's gbps; ratio_to_sglang = ms / "
-            "SGLang gather (pack side) or scatter (unpack side) ms.\n\n")
-    t = ["| op | tokens | budget | ms | GB/s | x copy BW | x SGLang time | tiers f/8/4/drop |",
-         "|---|---:|---:|---:|---:|---:|---:|---|"]
+    head = (
+        f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}. "
+        f"Llama-3-8B KV ({meta['shape'][0]} x 8 x 128, bf16), page {meta['page']}, "
+        f"median of {meta['iters']} CUDA-event timings. gbps = (bytes read + written) / "
+        "time; ratio_to_copy = gbps / the faster copy's gbps; ratio_to_sglang = ms / "
+        "SGLang gather (pack side) or scatter (unpack side) ms.\n\n"
+    )
+    t = [
+        "| op | tokens | budget | ms | GB/s | x copy BW | x SGLang time | tiers f/8/4/drop |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         tc = r.get("tier_counts")
         tiers = "/".join(str(tc[k]) for k in ("fp16", "int8", "int4", "drop")) if tc else ""
-        t.append(f"| {r['op']} | {r['tokens']} | {r['budget'] if r['budget'] else ''} |"
-                 f" {r['ms']:.4f} | {r['gbps']:.0f} | {r['ratio_to_copy']:.2f} |"
-                 f" {r['ratio_to_sglang'] if r['ratio_to_sglang'] is not None else ''} |"
-                 f" {tiers} |")
+        t.append(
+            f"| {r['op']} | {r['tokens']} | {r['budget'] if r['budget'] else ''} |"
+            f" {r['ms']:.4f} | {r['gbps']:.0f} | {r['ratio_to_copy']:.2f} |"
+            f" {r['ratio_to_sglang'] if r['ratio_to_sglang'] is not None else ''} |"
+            f" {tiers} |"
+        )
     kern = "# Kernel benchmark\n\n" + head + "\n".join(t) + "\n"
-    m = ["| tokens | budget | link Gb/s | full ms | pack ms | wire ms | unpack ms |"
-         " SpectrumKV ms | speedup | + scoring ms | speedup w/ scoring | kernels-only"
-         " speedup | bytes ratio |",
-         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    m = [
+        "| tokens | budget | link Gb/s | full ms | pack ms | wire ms | unpack ms |"
+        " SpectrumKV ms | speedup | + scoring ms | speedup w/ scoring | kernels-only"
+        " speedup | bytes ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in model:
-        m.append(f"| {r['tokens']} | {r['budget']} | {r['link_gbps']} | {r['full_ms']} |"
-                 f" {r['pack_ms']} | {r['wire_ms']} | {r['unpack_ms']} | {r['spectrum_ms']} |"
-                 f" {r['speedup']} | {r['spectrum_with_scoring_ms']} |"
-                 f" {r['speedup_with_scoring']} | {r['speedup_kernels_only']} |"
-                 f" {r['bytes_ratio']} |")
+        m.append(
+            f"| {r['tokens']} | {r['budget']} | {r['link_gbps']} | {r['full_ms']} |"
+            f" {r['pack_ms']} | {r['wire_ms']} | {r['unpack_ms']} | {r['spectrum_ms']} |"
+            f" {r['speedup']} | {r['spectrum_with_scoring_ms']} |"
+            f" {r['speedup_with_scoring']} | {r['speedup_kernels_only']} |"
+            f" {r['bytes_ratio']} |"
+        )
     assumptions = (
         "Assumptions: one request, the link fully used by it at its nominal rate "
         "(no protocol overhead, no RDMA per-page cost), no overlap of pack, wire and unpack "
@@ -331,7 +364,8 @@ def markdown(rows: list, model: list, meta: dict) -> tuple[str, str]:
         "precision path is bytes / link only (no staging). 'with scoring' adds the fused "
         "key-norm scoring; 'kernels-only' uses the graph-replayed pack and unpack kernels "
         "(plan, checksum and validation excluded). The CPU allocator (`plan_tiers`) time "
-        "is in kernels.json (`plan_tiers_s`).\n\n")
+        "is in kernels.json (`plan_tiers_s`).\n\n"
+    )
     model_md = "# Transfer model\n\n" + head + assumptions + "\n".join(m) + "\n"
     return kern, model_md
 
@@ -365,9 +399,15 @@ def main(argv=None) -> None:
     rows: list = []
     rec = Recorder(rows)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
-    meta = dict(device=name, torch=torch.__version__,
-                triton=triton.__version__, iters=args.iters, page=args.page,
-                tokens=args.tokens, shape=[LAYERS, HEADS, HEAD_DIM, str(DTYPE)])
+    meta = dict(
+        device=name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        iters=args.iters,
+        page=args.page,
+        tokens=args.tokens,
+        shape=[LAYERS, HEADS, HEAD_DIM, str(DTYPE)],
+    )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for tokens in args.tokens:

@@ -39,7 +39,9 @@ def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torc
 
 
 def pool_table(
-    layout: KVLayout, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor],
+    layout: KVLayout,
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
     error=None,
 ) -> tuple[torch.dtype, torch.Tensor]:
     """Validated pools: their dtype and the int64 ``[2L]`` device table of K then V pointers.
@@ -50,8 +52,15 @@ def pool_table(
     """
     pools = [*k_pools, *v_pools]
     ref = pools[0]
-    key = (str(ref.device), ref.dtype, tuple(ref.shape), layout.num_layers, layout.num_kv_heads,
-           layout.head_dim, *(t.data_ptr() for t in pools))
+    key = (
+        str(ref.device),
+        ref.dtype,
+        tuple(ref.shape),
+        layout.num_layers,
+        layout.num_kv_heads,
+        layout.head_dim,
+        *(t.data_ptr() for t in pools),
+    )
     hit = _TABLES.get(key)
     if hit is None:
         dtype = check_pools(layout, k_pools, v_pools, error)
@@ -79,8 +88,10 @@ def check_pools(
     for layer, (k, v) in enumerate(zip(k_pools, v_pools)):
         for x in (k, v):
             if x.dim() != 3 or tuple(x.shape[1:]) != want:
-                raise error(f"layer {layer}: pools must be [slots, {want[0]}, {want[1]}],"
-                            f" got {tuple(x.shape)}")
+                raise error(
+                    f"layer {layer}: pools must be [slots, {want[0]}, {want[1]}],"
+                    f" got {tuple(x.shape)}"
+                )
             if x.dtype != ref.dtype or x.device != ref.device or not x.is_contiguous():
                 raise error(f"layer {layer}: pools must be contiguous, of one dtype and device")
     if ref.dtype not in TL_DTYPES:

@@ -44,8 +44,9 @@ def fast_checksum(payload: torch.Tensor) -> int:
     blocks = triton.cdiv(n_main, _BLOCK)
     parts = torch.zeros(blocks + 1, 2, dtype=torch.int64, device=flat.device)
     if blocks:
-        _checksum_kernel[(blocks,)](words, n_main, parts, BLOCK=_BLOCK,
-                                    **launch_options(flat.device))
+        _checksum_kernel[(blocks,)](
+            words, n_main, parts, BLOCK=_BLOCK, **launch_options(flat.device)
+        )
     tail = words[n_main:].to(torch.int64) & 0xFFFFFFFF  # < 16 words, exact in torch
     weight = torch.arange(n_main, words.numel(), device=flat.device) % 65521 + 1
     parts[blocks, 0] = tail.sum() % _P

@@ -54,8 +54,9 @@ _META_STRIDE = tl.constexpr(META_STRIDE)
 
 
 @triton.jit
-def _locate(meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H: tl.constexpr,
-            BR: tl.constexpr):
+def _locate(
+    meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H: tl.constexpr, BR: tl.constexpr
+):
     """Tier, list start, segment rows and byte offset, and the rows of this block.
 
     The tier-level numbers come as arguments (``b1``, ``b2``: first blocks of
@@ -81,8 +82,7 @@ def _locate(meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H: tl.constexp
 
 
 @triton.jit
-def _pool_rows(ptrs, rows, idx, list0, r, live, DT: tl.constexpr, H: tl.constexpr,
-               D: tl.constexpr):
+def _pool_rows(ptrs, rows, idx, list0, r, live, DT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
     """Element offsets ``[BR, D]`` of rows ``r`` in the pool ``ptrs[idx]`` and its base."""
     addr = tl.multiple_of(tl.load(ptrs + idx), 16)
     pool = tl.multiple_of(addr.to(tl.pointer_type(DT)), 16)  # caching allocator: >= 256 B
@@ -104,19 +104,22 @@ def _bf16_pair(w):
 
 @triton.jit
 def _min_bf16x2(a, b):
-    return tl.inline_asm_elementwise("min.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
-                                     dtype=tl.int32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(
+        "min.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+    )
 
 
 @triton.jit
 def _max_bf16x2(a, b):
-    return tl.inline_asm_elementwise("max.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
-                                     dtype=tl.int32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(
+        "max.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+    )
 
 
 @triton.jit
-def _group_range(x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, WORDS: tl.constexpr,
-                 PTX: tl.constexpr):
+def _group_range(
+    x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, WORDS: tl.constexpr, PTX: tl.constexpr
+):
     """float32 values ``[BR, G, GS]`` and their per-group minimum and maximum.
 
     With ``WORDS``, ``x`` is ``[BR, G*GS/2]`` int32 words of bf16 pairs: min/max
@@ -143,8 +146,15 @@ def _group_range(x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, WORDS: 
 
 
 @triton.jit
-def _quantize(x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, QMAX: tl.constexpr,
-              RZ: tl.constexpr, WORDS: tl.constexpr):
+def _quantize(
+    x,
+    BR: tl.constexpr,
+    G: tl.constexpr,
+    GS: tl.constexpr,
+    QMAX: tl.constexpr,
+    RZ: tl.constexpr,
+    WORDS: tl.constexpr,
+):
     """Reference quantiser on ``[BR, G*GS]``: codes, fp16 scale and minimum ``[BR, G]``.
 
     Same float32 steps as ``codec.quantize`` with fewer instructions (the pack is
@@ -175,8 +185,9 @@ def _quantize(x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, QMAX: tl.c
     # the upper bound qmax + 1 - 2**-8 is a float32 number)
     v_lo = (lo - m) * inv + 0.5
     v_hi = (hi - m) * inv + 0.5
-    margin = tl.minimum(tl.minimum(v_lo, (QMAX + 0.99609375) - v_hi),
-                        tl.minimum(lo_x + 65504.0, 65504.0 - hi_x))
+    margin = tl.minimum(
+        tl.minimum(v_lo, (QMAX + 0.99609375) - v_hi), tl.minimum(lo_x + 65504.0, 65504.0 - hi_x)
+    )
     if tl.min(tl.min(margin, 1), 0) < 0.0:
         v = (_clamp16(xg) - m[:, :, None]) * inv[:, :, None] + 0.5
         v = tl.minimum(tl.maximum(v, 0.0), QMAX)
@@ -190,18 +201,34 @@ def _quantize(x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, QMAX: tl.c
 
 
 @triton.jit
-def _store_quantized(x, payload, seg, n_seg, dst, valid, BITS: tl.constexpr, BR: tl.constexpr,
-                     H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, RZ: tl.constexpr,
-                     WORDS: tl.constexpr):
+def _store_quantized(
+    x,
+    payload,
+    seg,
+    n_seg,
+    dst,
+    valid,
+    BITS: tl.constexpr,
+    BR: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    RZ: tl.constexpr,
+    WORDS: tl.constexpr,
+):
     q, scale, mn = _quantize(x, BR, G, D // G, (1 << BITS) - 1, RZ, WORDS)
     codes = payload + seg
     if BITS == 8:
-        tl.store(codes + dst[:, None] * D + tl.arange(0, D)[None, :], q.to(tl.uint8),
-                 mask=valid[:, None])
+        tl.store(
+            codes + dst[:, None] * D + tl.arange(0, D)[None, :], q.to(tl.uint8), mask=valid[:, None]
+        )
     else:  # element 2j in the low nibble, 2j+1 in the high one
         lo, hi = tl.split(tl.reshape(q, [BR, D // 2, 2]))  # low byte of hi*16 + lo: no masks
-        tl.store(codes + dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
-                 ((hi << 4) + lo).to(tl.uint8), mask=valid[:, None])
+        tl.store(
+            codes + dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
+            ((hi << 4) + lo).to(tl.uint8),
+            mask=valid[:, None],
+        )
     sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
     pair = (dst[:, None, None] * G + tl.arange(0, G)[None, :, None]) * 2
     pair = pair + tl.arange(0, 2)[None, None, :]
@@ -209,8 +236,23 @@ def _store_quantized(x, payload, seg, n_seg, dst, valid, BITS: tl.constexpr, BR:
 
 
 @triton.jit
-def _pack_block(meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H: tl.constexpr,
-                D: tl.constexpr, BR: tl.constexpr, IDX: tl.constexpr):
+def _pack_block(
+    meta,
+    rows,
+    pid,
+    layer,
+    kv,
+    num_layers,
+    b1,
+    b2,
+    n0,
+    n1,
+    n2,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BR: tl.constexpr,
+    IDX: tl.constexpr,
+):
     """:func:`_locate` and :func:`_pool_rows` in one, with the row arithmetic in
     ``IDX`` (int32 unless the request has ``2**31`` elements or more: half the
     integer instructions of int64). The pool offsets stay int64.
@@ -240,7 +282,11 @@ def _pack_kernel(
     meta,  # int64: plan table
     payload,  # uint8 [payload_nbytes]
     blk_lo,  # first block of this launch
-    b1, b2, n0, n1, n2,  # first block of INT8 / INT4; tokens per tier
+    b1,
+    b2,
+    n0,
+    n1,
+    n2,  # first block of INT8 / INT4; tokens per tier
     num_layers,
     SRC: tl.constexpr,  # pool dtype
     WIRE: tl.constexpr,  # FP16-tier wire dtype
@@ -256,18 +302,19 @@ def _pack_kernel(
     layer = tl.program_id(1) // 2
     kv = tl.program_id(1) % 2
     tier, n_seg, seg, valid, dst, off, live = _pack_block(
-        meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, D, BR, IDX)
+        meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, D, BR, IDX
+    )
     addr = tl.multiple_of(tl.load(src_ptrs + layer + kv * num_layers), 16)
     if WORDS:  # int32 words, each a pair of bf16 (the FP16 tier moves them as they are)
         pool = tl.multiple_of(addr.to(tl.pointer_type(tl.int32)), 16)
-        x = tl.load(pool + (off // 2)[:, None] + tl.arange(0, D // 2)[None, :],
-                    mask=live[:, None], other=0)
+        x = tl.load(
+            pool + (off // 2)[:, None] + tl.arange(0, D // 2)[None, :], mask=live[:, None], other=0
+        )
         out = (payload + seg).to(tl.pointer_type(tl.int32), bitcast=True)
         row = dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
     else:
         pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)  # caching allocator: >= 256 B
-        x = tl.load(pool + off[:, None] + tl.arange(0, D)[None, :], mask=live[:, None],
-                    other=0.0)
+        x = tl.load(pool + off[:, None] + tl.arange(0, D)[None, :], mask=live[:, None], other=0.0)
         out = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
         row = dst[:, None] * D + tl.arange(0, D)[None, :]
     if tier == 0:  # rows out of a window (live, not valid) are read but not written
@@ -324,11 +371,25 @@ def _launch_pack(plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_h
     # largest row-arithmetic value: (rows of a tier + a block) * head_dim
     huge = (sum(plan.counts) * lay.num_kv_heads + block_rows) * lay.head_dim >= 2**31
     _pack_kernel[grid](
-        ptrs, rows, plan.meta, payload, blk_lo, *starts[1:3], *plan.counts, lay.num_layers,
-        SRC=TL_DTYPES[dtype], WIRE=wire_dtype(dtype), H=lay.num_kv_heads, D=lay.head_dim,
-        G=lay.groups, BR=block_rows, RZ=not interpreted(_pack_kernel),
-        IDX=tl.int64 if huge else tl.int32, WORDS=_bf16_words(dtype, payload.device),
-        num_warps=warps, **launch_options(payload.device),
+        ptrs,
+        rows,
+        plan.meta,
+        payload,
+        blk_lo,
+        *starts[1:3],
+        *plan.counts,
+        lay.num_layers,
+        SRC=TL_DTYPES[dtype],
+        WIRE=wire_dtype(dtype),
+        H=lay.num_kv_heads,
+        D=lay.head_dim,
+        G=lay.groups,
+        BR=block_rows,
+        RZ=not interpreted(_pack_kernel),
+        IDX=tl.int64 if huge else tl.int32,
+        WORDS=_bf16_words(dtype, payload.device),
+        num_warps=warps,
+        **launch_options(payload.device),
     )
 
 
@@ -366,8 +427,11 @@ def pack_payload(
     lay = plan.layout
     dtype, ptrs = pool_table(lay, k_pools, v_pools)
     device = k_pools[0].device
-    payload = torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=device) if out is None \
+    payload = (
+        torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=device)
+        if out is None
         else out[: plan.payload_nbytes]
+    )
     if plan.gaps.numel():
         payload[plan.gaps] = 0
     pools = [*k_pools, *v_pools]
@@ -378,12 +442,19 @@ def pack_payload(
     n0 = plan.counts[0]
     n_int = plan.rows.numel() - n0
     if n_int:
-        scratch = torch.empty(2 * lay.num_layers, n_int, lay.num_kv_heads, lay.head_dim,
-                              dtype=torch.float32, device=device)
+        scratch = torch.empty(
+            2 * lay.num_layers,
+            n_int,
+            lay.num_kv_heads,
+            lay.head_dim,
+            dtype=torch.float32,
+            device=device,
+        )
         rotate_rows(pools, plan, lambda lo, hi: plan.rows[lo:hi], scratch)
         local = torch.arange(-n0, n_int, dtype=torch.int64, device=device)  # scratch rows
-        _launch_pack(plan, pointer_table(list(scratch), device), local, payload,
-                     torch.float32, 1, 3)
+        _launch_pack(
+            plan, pointer_table(list(scratch), device), local, payload, torch.float32, 1, 3
+        )
     return payload
 
 

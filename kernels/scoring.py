@@ -19,8 +19,18 @@ from ._common import TL_DTYPES, launch_options, pointer_table
 
 
 @triton.jit
-def _key_norm_kernel(ptrs, slots, first, out, num_tokens, DT: tl.constexpr, H: tl.constexpr,
-                     HP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+def _key_norm_kernel(
+    ptrs,
+    slots,
+    first,
+    out,
+    num_tokens,
+    DT: tl.constexpr,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+):
     layer = tl.program_id(1)
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     ok = (t >= tl.load(first + layer)) & (t < num_tokens)
@@ -54,8 +64,16 @@ def key_norm_scores_from_pools(
     first = torch.tensor(list(layer_first_pos), dtype=torch.int64).to(device)
     grid = (triton.cdiv(num_tokens, bt), num_layers)
     _key_norm_kernel[grid](
-        pointer_table(k_pools, device), slots.to(device=device, dtype=torch.int64), first, norms,
-        num_tokens, DT=TL_DTYPES[k_pools[0].dtype], H=heads, HP=hp, D=head_dim, BT=bt,
+        pointer_table(k_pools, device),
+        slots.to(device=device, dtype=torch.int64),
+        first,
+        norms,
+        num_tokens,
+        DT=TL_DTYPES[k_pools[0].dtype],
+        H=heads,
+        HP=hp,
+        D=head_dim,
+        BT=bt,
         **launch_options(device),
     )
     out = torch.zeros_like(norms)
@@ -67,7 +85,10 @@ def key_norm_scores_from_pools(
         idx = torch.tensor(rows, device=device)
         order = torch.argsort(norms[idx, f:], dim=1, descending=True, stable=True)
         ranks = torch.empty_like(order, dtype=torch.float32)
-        ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32, device=device).expand_as(
-            ranks).contiguous())
+        ranks.scatter_(
+            1,
+            order,
+            torch.arange(n, dtype=torch.float32, device=device).expand_as(ranks).contiguous(),
+        )
         out[idx, f:] = (ranks + 1) / n
     return out
