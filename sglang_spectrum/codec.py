@@ -31,6 +31,12 @@ Quantisation is asymmetric per (token, KV head, group of g along head_dim):
 ``rotation="hadamard"`` each head vector is multiplied by the orthonormal
 Hadamard matrix before quantisation and again after dequantisation.
 
+With ``layout.key_block = B > 0`` (``key_scales="channel"``) the INT8/INT4
+*key* segments keep the same codes but scale per channel over blocks of B
+consecutive rows of the segment (KIVI): scales ``[ceil(n/B), kv_heads,
+head_dim, 2]`` float16, same formulas with min/max taken over the block's rows.
+Value segments are unchanged.
+
 Layers whose cache holds only a suffix of the prompt (sliding window) carry
 only the positions they hold: layer l holds ``layer_first_pos[l] .. T-1``.
 Dropped tokens appear in the tier map only.
