@@ -61,33 +61,17 @@ class SpectrumServerOptions:
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
-        if str(self.tiers) not in TIER_CHOICES:
-            raise SpectrumOptionError(
-                f"--spectrum-tiers must be one of {', '.join(TIER_CHOICES)}, got {self.tiers!r}"
-            )
-        object.__setattr__(self, "tiers", str(self.tiers))
-        if self.allocator not in ALLOCATOR_CHOICES:
-            raise SpectrumOptionError(
-                f"--spectrum-allocator must be one of {', '.join(ALLOCATOR_CHOICES)},"
-                f" got {self.allocator!r}"
-            )
+        object.__setattr__(self, "tiers", _choice("tiers", str(self.tiers), TIER_CHOICES))
+        _choice("allocator", self.allocator, ALLOCATOR_CHOICES)
+        _choice("rotation", self.rotation, ROTATION_CHOICES)
+        _choice("key-scales", self.key_scales, KEY_SCALE_CHOICES)
         object.__setattr__(self, "budget", float(self.budget))
         object.__setattr__(self, "probe_refresh", bool(self.probe_refresh))
         arena = float(self.arena_mb or 0.0)
         if math.isnan(arena) or arena < 0:
             raise SpectrumOptionError(f"--spectrum-arena-mb must be >= 0, got {self.arena_mb}")
         object.__setattr__(self, "arena_mb", arena)
-        if self.rotation not in ROTATION_CHOICES:
-            raise SpectrumOptionError(
-                f"--spectrum-rotation must be one of {', '.join(ROTATION_CHOICES)},"
-                f" got {self.rotation!r}"
-            )
         object.__setattr__(self, "group_size", check_group_size(self.group_size))
-        if self.key_scales not in KEY_SCALE_CHOICES:
-            raise SpectrumOptionError(
-                f"--spectrum-key-scales must be one of {', '.join(KEY_SCALE_CHOICES)},"
-                f" got {self.key_scales!r}"
-            )
 
     def codec_config(self, **kwargs: Any):
         """A :class:`SpectrumConfig` with this server's codec options (and ``kwargs``)."""
@@ -102,6 +86,14 @@ class SpectrumServerOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _choice(flag: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        raise SpectrumOptionError(
+            f"--spectrum-{flag} must be one of {', '.join(choices)}, got {value!r}"
+        )
+    return value
 
 
 def check_budget(value: Any) -> float:
