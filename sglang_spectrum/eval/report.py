@@ -41,6 +41,7 @@ HEADLINE_METHODS = (
     ("spectrum-3tier+kc", "paper"),
     ("spectrum-3tier", "paper"),
     ("spectrum-3tier+had+g32", "paper"),
+    ("spectrum-3tier+had+g32+kc", "paper"),
     ("pdtrim", "-"),
     ("snapkv", "-"),
     ("int4+kc", "-"),
