@@ -268,22 +268,7 @@ class PDDeployment:
                 self.procs.append(p)
                 p.start()
             self._wait_healthy([(prefill, self.prefill_url), (decode, self.decode_url)], t0)
-            router_cmd = [
-                self.python, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-                "--prefill", self.prefill_url, str(self.bootstrap_port),
-                "--decode", self.decode_url,
-                "--host", HOST, "--port", str(self.router_port),
-                "--prometheus-host", HOST, "--prometheus-port", str(self.router_metrics_port),
-                *self.router_args,
-            ] + (["--mini-lb"] if self.mini_lb else [])  # fmt: skip
-            router = ManagedProcess(
-                "router", router_cmd, Path(self.log_dir, "router.log"), self._env({})
-            )
-            self.procs.append(router)
-            router.start()
-            self._wait_healthy(
-                [(router, self.router_url)], time.monotonic(), 120, self._router_ready
-            )
+            self._start_router()
         except BaseException as e:
             report = self.report(f"PD deployment ({self.backend}) failed to start: {e}")
             self.stop()
@@ -294,6 +279,36 @@ class PDDeployment:
             raise
         self.startup_s = time.monotonic() - t0
         return self
+
+    def _start_router(self, attempts: int = 3) -> None:
+        """Start the router on ports picked just now; a port taken in between (by
+        any process's outgoing connection, say) means a new pair of ports, not a
+        failed deployment."""
+        for attempt in range(attempts):
+            self.router_port, self.router_metrics_port = free_port(), free_port()
+            router_cmd = [
+                self.python, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+                "--prefill", self.prefill_url, str(self.bootstrap_port),
+                "--decode", self.decode_url,
+                "--host", HOST, "--port", str(self.router_port),
+                "--prometheus-host", HOST, "--prometheus-port", str(self.router_metrics_port),
+                *self.router_args,
+            ] + (["--mini-lb"] if self.mini_lb else [])  # fmt: skip
+            log = Path(self.log_dir, "router.log" if not attempt else f"router.{attempt}.log")
+            router = ManagedProcess("router", router_cmd, log, self._env({}))
+            self.procs.append(router)
+            router.start()
+            try:
+                self._wait_healthy(
+                    [(router, self.router_url)], time.monotonic(), 120, self._router_ready
+                )
+                return
+            except DeploymentError:
+                in_use = "Address already in use" in tail(log, 200)
+                if not in_use or attempt == attempts - 1:
+                    raise
+                router.stop()
+                self.procs.remove(router)
 
     def kill_decode(self) -> None:
         """SIGKILL the decode server's process group (fault tests)."""
