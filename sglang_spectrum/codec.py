@@ -278,15 +278,22 @@ def quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor,
         scales: float16 ``[N, H, D/g, 2]`` holding (scale, minimum).
     """
     n, h, d = x.shape
+    q, scales = _quantize_groups(x.float().reshape(n, h, d // group_size, group_size), bits)
+    return _pack_codes(q.reshape(n, h, d), bits), scales
+
+
+def _quantize_groups(xg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The format's arithmetic on float32 groups along the last dim: uint8 codes
+    (same shape) and float16 ``[..., 2]`` (scale, minimum) per group."""
     qmax = (1 << bits) - 1
-    xg = x.float().reshape(n, h, d // group_size, group_size).clamp(-_FP16_MAX, _FP16_MAX)
+    xg = xg.clamp(-_FP16_MAX, _FP16_MAX)
     lo = xg.amin(-1)
     scale = ((xg.amax(-1) - lo) / qmax).to(torch.float16)
     minimum = lo.to(torch.float16)
     s, m = scale.float(), minimum.float()
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
     q = torch.floor((xg - m[..., None]) * inv[..., None] + 0.5).clamp_(0, qmax).to(torch.uint8)
-    return _pack_codes(q.reshape(n, h, d), bits), torch.stack([scale, minimum], dim=-1)
+    return q, torch.stack([scale, minimum], dim=-1)
 
 
 def _pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -311,19 +318,13 @@ def quantize_channels(x: torch.Tensor, bits: int, block: int) -> tuple[torch.Ten
         scales: float16 ``[ceil(N / block), H, D, 2]`` holding (scale, minimum).
     """
     n, h, d = x.shape
-    qmax = (1 << bits) - 1
     nb = -(-n // block)
-    xf = x.float().clamp(-_FP16_MAX, _FP16_MAX)
+    xf = x.float()
     pad = xf[-1:].expand(nb * block - n, h, d)  # repeats a row: min/max unchanged
     xb = torch.cat([xf, pad]).reshape(nb, block, h, d)
-    lo = xb.amin(1)
-    scale = ((xb.amax(1) - lo) / qmax).to(torch.float16)
-    minimum = lo.to(torch.float16)
-    s, m = scale.float(), minimum.float()
-    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    q = torch.floor((xb - m[:, None]) * inv[:, None] + 0.5).clamp_(0, qmax).to(torch.uint8)
-    q = q.reshape(nb * block, h, d)[:n]
-    return _pack_codes(q, bits), torch.stack([scale, minimum], dim=-1)
+    q, scales = _quantize_groups(xb.permute(0, 2, 3, 1), bits)  # groups: a block's rows
+    q = q.permute(0, 3, 1, 2).reshape(nb * block, h, d)[:n]
+    return _pack_codes(q, bits), scales
 
 
 def dequantize_channels(

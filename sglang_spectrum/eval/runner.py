@@ -25,10 +25,8 @@ def degrade(kv, config: SpectrumConfig, use_queries: bool = True, dtype=None):
     """
     queries = kv.queries if use_queries else None
     packed = pack_kv(kv.keys, kv.values, config, queries=queries, num_tokens=kv.num_tokens)
-    wire: bytes | torch.Tensor = packed.to_bytes()
-    device = kv.keys[0].device
-    if device.type != "cpu":  # the bytes arrive in the decode node's GPU memory
-        wire = torch.frombuffer(bytearray(wire), dtype=torch.uint8).to(device)
+    # On a GPU the buffer arrives in the decode node's GPU memory.
+    wire = packed.to_bytes() if kv.keys[0].device.type == "cpu" else packed.to_tensor()
     keys, values, kept = decode_kv(wire, dtype=dtype or kv.keys[0].dtype)
     h = packed.header
     key = (h.tier_map, h.checksum, h.payload_nbytes, msgspec.msgpack.encode(h.layout))
