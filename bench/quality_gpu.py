@@ -18,6 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sglang_spectrum.eval.report import longest_retrieving_context  # noqa: E402
+
 BUDGETS = "0.25,0.3,0.4,0.5,0.75"
 SCAN = (512, 1024, 2048, 3072, 4096)
 NIAH_CORE = "full,int4,int4+had+g32,pdtrim,snapkv,spectrum-3tier,spectrum-3tier+had+g32"
@@ -30,21 +34,12 @@ PPL_SPECTRUM = (
 )
 
 
-def longest_ok(scan_json: Path, floor: float = 0.95) -> int | None:
-    """Longest scanned context where full precision retrieves >= floor."""
-    ok = [
-        r["context"]
-        for r in json.loads(scan_json.read_text())
-        if r["metric"] == "niah_acc" and r["method"] == "full" and r["value"] >= floor
-    ]
-    return max(ok) if ok else None
-
-
 def jobs(model: str, out: Path, windows: int, trials: int) -> list[tuple[str, list[str]]]:
     """(name, spectrumkv argv) in priority order; later jobs may read earlier results."""
     sk = ["--model", model]
     scan = out / f"{model}__niah_scan.json"
-    niah = ["eval", "niah", *sk, "--allocators", "paper", "--trials", str(trials)]
+    niah_any = ["eval", "niah", *sk, "--trials", str(trials)]
+    niah = [*niah_any, "--allocators", "paper"]
     todo = [  # NIAH at 4096 in pieces that each fit a device call (~2-5 min on an H200)
         ("niah_4096_core", [*niah, "--methods", NIAH_CORE, "--budgets", "0.3,0.5",
                             "--context", "4096"]),
@@ -55,7 +50,7 @@ def jobs(model: str, out: Path, windows: int, trials: int) -> list[tuple[str, li
                                "--context", "4096"]),
     ]  # fmt: skip
     if scan.exists():
-        best = longest_ok(scan)
+        best = longest_retrieving_context(json.loads(scan.read_text()), model)
         if best is not None and best < 4096:
             todo.append(
                 (f"niah_{best}", [*niah, "--methods", NIAH_METHODS, "--budgets", BUDGETS,
@@ -67,9 +62,9 @@ def jobs(model: str, out: Path, windows: int, trials: int) -> list[tuple[str, li
         ("probe_had_g32", ["probe", *sk, "--rotation", "hadamard", "--group-size", "32"]),
         ("ppl_spectrum", [*ppl, "--methods", PPL_SPECTRUM, "--allocators", "paper,optimal"]),
         ("ppl_baselines", [*ppl, "--methods", PPL_BASELINES, "--allocators", "paper"]),
-        ("niah_4096_optimal", [*niah[:-4], "--allocators", "optimal", "--trials", str(trials),
+        ("niah_4096_optimal", [*niah_any, "--allocators", "optimal", "--budgets", BUDGETS,
                                "--methods", "full,spectrum-3tier,spectrum-2tier,spectrum-auto",
-                               "--budgets", BUDGETS, "--context", "4096"]),
+                               "--context", "4096"]),
     ]  # fmt: skip
     return todo
 

@@ -476,6 +476,30 @@ def _check_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> N
         raise SpectrumConfigError(f"unsupported KV dtype {ref.dtype}")
 
 
+def config_layout(
+    config: SpectrumConfig,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype | str,
+    num_tokens: int,
+    layer_first_pos: list[int] | None = None,
+) -> KVLayout:
+    """The :class:`KVLayout` ``config`` packs a KV of this shape with (every layer
+    holding all ``num_tokens`` unless ``layer_first_pos`` says otherwise)."""
+    return KVLayout(
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=str(dtype).removeprefix("torch."),
+        group_size=config.resolved_group_size(head_dim),
+        num_tokens=num_tokens,
+        layer_first_pos=[0] * num_layers if layer_first_pos is None else layer_first_pos,
+        rotation=config.rotation,
+        key_block=config.resolved_key_block,
+    )
+
+
 def make_layout(
     keys: Sequence[torch.Tensor], config: SpectrumConfig, num_tokens: int | None = None
 ) -> KVLayout:
@@ -485,17 +509,7 @@ def make_layout(
     _, heads, head_dim = keys[0].shape
     if head_dim % 2:
         raise SpectrumConfigError(f"head_dim must be even for INT4 packing, got {head_dim}")
-    layout = KVLayout(
-        num_layers=len(keys),
-        num_kv_heads=heads,
-        head_dim=head_dim,
-        dtype=str(keys[0].dtype).removeprefix("torch."),
-        group_size=config.resolved_group_size(head_dim),
-        num_tokens=total,
-        layer_first_pos=first,
-        rotation=config.rotation,
-        key_block=config.resolved_key_block,
-    )
+    layout = config_layout(config, len(keys), heads, head_dim, keys[0].dtype, total, first)
     if config.rotation == "hadamard":
         hadamard(head_dim)  # fails early for non power-of-two head_dim
     if total < 1:

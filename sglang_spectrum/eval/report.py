@@ -10,13 +10,18 @@ from pathlib import Path
 KEY_FIELDS = ("model", "method", "allocator", "budget", "metric", "context")
 
 
+def record_key(r: dict) -> tuple:
+    """What identifies a record: a later one with the same key replaces it."""
+    return tuple(r.get(k) for k in KEY_FIELDS)
+
+
 def merge_records(path: str | os.PathLike[str], new: list[dict]) -> list[dict]:
     """Add ``new`` to the JSON list at ``path`` (replacing records with the same key)."""
     p = Path(path)
     old = json.loads(p.read_text()) if p.is_file() else []
-    index = {tuple(r.get(k) for k in KEY_FIELDS): r for r in old}
+    index = {record_key(r): r for r in old}
     for r in new:
-        index[tuple(r.get(k) for k in KEY_FIELDS)] = r
+        index[record_key(r)] = r
     records = sorted(index.values(), key=lambda r: tuple(str(r.get(k)) for k in KEY_FIELDS))
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
@@ -50,25 +55,32 @@ HEADLINE_METHODS = (
 )
 
 
+def longest_retrieving_context(
+    records: list[dict], model: str, floor: float = 0.95, among: set[int] | None = None
+) -> int | None:
+    """The longest NIAH context (of ``among``, if given) where full precision
+    retrieves >= ``floor``."""
+    ok = [
+        r["context"]
+        for r in records
+        if r["model"] == model and r["metric"] == "niah_acc" and r["method"] == "full"
+        and r["value"] >= floor and (among is None or r["context"] in among)
+    ]  # fmt: skip
+    return max(ok, default=None)
+
+
 def niah_context(records: list[dict], model: str) -> int | None:
     """The longest NIAH context with method runs where full precision retrieves >= 95 %
     (else the longest with method runs): where retention says most."""
     runs = {r["context"] for r in records if r["model"] == model and r["metric"] == "niah_acc"
             and r["method"] != "full"}  # fmt: skip
-    ok = [
-        r["context"]
-        for r in records
-        if r["model"] == model and r["metric"] == "niah_acc" and r["method"] == "full"
-        and r["value"] >= 0.95 and r["context"] in runs
-    ]  # fmt: skip
-    return max(ok) if ok else max(runs, default=None)
+    return longest_retrieving_context(records, model, among=runs) or max(runs, default=None)
 
 
 def headline_table(records: list[dict], budgets: tuple[float, ...] = (0.3, 0.5)) -> list[str]:
     """Per model: perplexity change and NIAH retention at ``budgets`` for SpectrumKV and
     the baselines (the issue's headline)."""
-    index = {(r["model"], r["method"], r["allocator"], r["budget"], r["metric"], r["context"]): r
-             for r in records}  # fmt: skip
+    index = {record_key(r): r for r in records}
     out = []
     for model in sorted({r["model"] for r in records}):
         ctx = niah_context(records, model)

@@ -351,7 +351,7 @@ def receive_capacity(
     Uses the 2-tier floor (every non-sink token at INT8), which is at least the
     3-tier one, so it holds whatever tier mode the prefill resolved.
     """
-    from sglang_spectrum.codec import KVLayout, fixed_overhead, token_budget
+    from sglang_spectrum.codec import config_layout, fixed_overhead, token_budget
     from sglang_spectrum.config import SpectrumConfig
 
     cfg = SpectrumConfig(
@@ -361,15 +361,13 @@ def receive_capacity(
         key_scales=key_scales,
         allow_drop=False,
     )
-    lay = KVLayout(
-        num_layers=layout["layers"],
-        num_kv_heads=layout["kv_heads"],
-        head_dim=layout["head_dim"],
-        dtype=layout["dtype"],
-        group_size=cfg.resolved_group_size(layout["head_dim"]),
-        num_tokens=max(int(num_tokens), 1),
-        layer_first_pos=[0] * layout["layers"],
-        key_block=cfg.resolved_key_block,
+    lay = config_layout(
+        cfg,
+        layout["layers"],
+        layout["kv_heads"],
+        layout["head_dim"],
+        layout["dtype"],
+        max(int(num_tokens), 1),
     )
     return int(token_budget(lay, cfg) + fixed_overhead(lay))
 

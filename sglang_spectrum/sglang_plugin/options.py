@@ -154,21 +154,12 @@ def no_drop_floor(
     (smaller groups carry more scales). Short prompts need more (attention
     sinks stay FP16, the header is fixed).
     """
-    from sglang_spectrum.codec import KVLayout
+    from sglang_spectrum.codec import config_layout
     from sglang_spectrum.config import SpectrumConfig
     from sglang_spectrum.policy import Tier
 
     cfg = SpectrumConfig(group_size=group_size, key_scales=key_scales)
-    layout = KVLayout(
-        num_layers=1,
-        num_kv_heads=1,
-        head_dim=head_dim,
-        dtype="bfloat16",
-        group_size=cfg.resolved_group_size(head_dim),
-        num_tokens=1,
-        layer_first_pos=[0],
-        key_block=cfg.resolved_key_block,
-    )
+    layout = config_layout(cfg, 1, 1, head_dim, "bfloat16", 1)
     lowest = Tier.INT8 if tiers == "2" else Tier.INT4
     row = layout.key_row_nbytes(lowest) + layout.row_nbytes(lowest)
     return row / (2 * layout.row_nbytes(Tier.FP16))
