@@ -1,7 +1,7 @@
 """Which INT4 hurts a model: keys or values, per-token or per-channel scales?
 
-A diagnostic beside the codec (fake quantisation in float, the codec's
-asymmetric min/max rounding with fp16 scales): every prompt token of a
+A diagnostic beside the codec (its own quantisers, applied to K and/or V
+separately, without the tier policy): every prompt token of a
 WikiText-2 window (C=1024) is quantised one way, the next M=256 tokens are
 scored on top (the PD perplexity protocol of `spectrumkv eval ppl`), and the
 perplexity change against full precision is reported per variant:
@@ -27,40 +27,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sglang_spectrum.codec import hadamard  # noqa: E402
+from sglang_spectrum.codec import (  # noqa: E402
+    dequantize,
+    dequantize_channels,
+    hadamard,
+    quantize,
+    quantize_channels,
+)
 
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Asymmetric min/max quantisation of groups of ``group`` along the last dim (float)."""
-    shape = x.shape
-    xg = x.float().reshape(*shape[:-1], shape[-1] // group, group)
-    lo = xg.amin(-1, keepdim=True).half().float()
-    scale = ((xg.amax(-1, keepdim=True) - lo) / ((1 << bits) - 1)).half().float()
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    q = torch.floor((xg - lo) * inv + 0.5).clamp(0, (1 << bits) - 1)
-    return (q * scale + lo).reshape(shape)
-
-
 def per_token(x: torch.Tensor, group: int | None = None, rotate: bool = False) -> torch.Tensor:
-    """``x`` [T, H, D] quantised per token (and head) in groups along D."""
+    """``x`` [T, H, D] through INT4 per token (and head) in groups along D."""
     d = x.shape[-1]
-    if not rotate:
-        return fake_quant(x, 4, group or d)
-    h = hadamard(d).to(x.device)
-    return fake_quant(x.float() @ h, 4, group or d) @ h.T
+    h = hadamard(d).to(x.device) if rotate else None
+    xf = x.float() @ h if rotate else x.float()
+    out = dequantize(*quantize(xf, 4, group or d), 4, d)
+    return out @ h.T if rotate else out
 
 
 def per_channel(x: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """``x`` [T, H, D] quantised per channel over blocks of ``block`` consecutive tokens."""
-    out = torch.empty_like(x, dtype=torch.float32)
-    for start in range(0, x.shape[0], block):
-        blk = x[start : start + block].float()  # [b, H, D]
-        out[start : start + block] = fake_quant(blk.permute(1, 2, 0), 4, blk.shape[0]).permute(
-            2, 0, 1
-        )
-    return out
+    """``x`` [T, H, D] through INT4 per channel over blocks of ``block`` consecutive tokens."""
+    d = x.shape[-1]
+    return dequantize_channels(*quantize_channels(x.float(), 4, block), 4, d, block)
 
 
 VARIANTS = {
