@@ -1,0 +1,600 @@
+"""The request path: pack one request straight from the KV pools into a send region,
+validate and unpack a received buffer into the pools (SGLang-free).
+
+The SGLang backend, the benchmark (``bench/request_path.py``) and the GPU tests
+call exactly these two functions::
+
+    bound = packed_size_bound(T, L, H, D, dtype, config)      # region sizes
+    info = pack_request(k_pools, v_pools, slots, config, out=send_region)
+    # ... out[:info.nbytes] travels; info.checksum goes along in the notification
+    unpack_request(recv_region, k_pools, v_pools, slots, expected_checksum=info.checksum)
+
+Two implementations write the same wire format (:mod:`.codec`):
+
+- ``"torch"`` (CPU pools, or no Triton): the reference: gather, ``score_tokens``,
+  ``allocate_tiers``, ``pack_tiers`` / ``read_header`` + ``iter_decoded_layers``.
+- ``"kernels"`` (CUDA pools, Triton importable): scoring, allocation and planning
+  on the GPU (see :func:`_pack_kernels`); only the sizes, the tier map and the
+  checksum cross to the host (the header needs them).
+
+Every pool holds every position (SGLang's MHA pool), so the layout has
+``layer_first_pos = [0] * L`` and every token costs the same per tier.
+
+Streams and threads: everything runs on the caller's current CUDA stream
+(``with torch.cuda.stream(s): pack_request(...)`` packs on ``s``); the
+functions return once the bytes are in ``out`` / the pools (the stream is
+synchronised). Module-level caches (layouts, plan tables) are guarded by a lock,
+so pack and unpack may run on other threads than the scheduler's.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+import torch
+
+from .codec import (
+    _DTYPES,
+    FORMAT_VERSION,
+    HEADER_ALIGN,
+    MAGIC,
+    PACKED_TIERS,
+    PREFIX,
+    KVLayout,
+    PackedHeader,
+    UnpackInfo,
+    _align,
+    config_layout,
+    count_tiers,
+    fixed_overhead,
+    iter_decoded_layers,
+    measure_tier_errors,
+    pack_tiers,
+    segment_offsets,
+    token_budget,
+)
+from .config import SpectrumConfig, SpectrumConfigError, SpectrumFormatError
+from .policy import TIER_NAMES, Tier, allocate_tiers, allowed_tiers
+from .scoring import score_tokens
+
+__all__ = ["PackedRequest", "pack_request", "packed_size_bound", "unpack_request"]
+
+
+@dataclass(frozen=True)
+class PackedRequest:
+    """What :func:`pack_request` wrote.
+
+    Attributes:
+        nbytes: bytes written at ``out[:nbytes]`` (prefix + header + padding + payload).
+        checksum: payload checksum (``codec.payload_checksum`` value), as in the header.
+        num_tokens: tokens packed (``len(slots)``).
+        full_nbytes: 16-bit bytes of those tokens (the budget's denominator).
+        tier_counts: tokens per tier name (``fp16``, ``int8``, ``int4``, ``drop``).
+        path: ``"kernels"`` or ``"torch"``: which implementation packed.
+        timings_ms: host wall clock of the steps (``plan``, ``pack``, ``total``, ...).
+    """
+
+    nbytes: int
+    checksum: int
+    num_tokens: int
+    full_nbytes: int
+    tier_counts: dict[str, int]
+    path: str
+    timings_ms: dict[str, float]
+
+
+# --------------------------------------------------------------------------- layout constants
+
+_LOCK = threading.Lock()
+_CACHE_SIZE = 256
+
+
+class _LRU(OrderedDict):
+    """A small thread-safe LRU (``get`` / ``put``) for per-layout constants."""
+
+    def __init__(self, size: int = _CACHE_SIZE):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make):
+        with _LOCK:
+            if key in self:
+                self.move_to_end(key)
+                return self[key]
+        value = make()
+        with _LOCK:
+            self[key] = value
+            if len(self) > self.size:
+                self.popitem(last=False)
+        return value
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Constants of one (shape, T, config) layout: computed once, cached."""
+
+    layout: KVLayout
+    costs: tuple[int, int, int, int]  # bytes of one token (all layers, K and V) per tier
+    full_nbytes: int
+    overhead: int  # codec.fixed_overhead
+    policy: str
+
+
+_LAYOUTS = _LRU()
+
+
+def _config_key(config: SpectrumConfig) -> tuple:
+    return (
+        config.budget,
+        config.tiers,
+        config.allocator,
+        config.method,
+        config.sinks,
+        config.window,
+        config.group_size,
+        config.rotation,
+        config.key_scales,
+        config.key_block,
+        config.allow_drop,
+    )
+
+
+def _policy(config: SpectrumConfig) -> str:
+    return f"{config.method}/{config.allocator}/{config.tiers}/b={config.budget:g}"
+
+
+def _layout_info(
+    num_tokens: int, num_layers: int, heads: int, head_dim: int, dtype: str, config: SpectrumConfig
+) -> _Layout:
+    key = (num_tokens, num_layers, heads, head_dim, dtype, _config_key(config))
+
+    def make() -> _Layout:
+        lay = config_layout(config, num_layers, heads, head_dim, dtype, num_tokens)
+        lay.validate()
+        per_row = [lay.key_row_nbytes(t) + lay.row_nbytes(t) for t in Tier]
+        return _Layout(
+            layout=lay,
+            costs=tuple(num_layers * c for c in per_row),
+            full_nbytes=lay.full_nbytes,
+            overhead=fixed_overhead(lay),
+            policy=_policy(config),
+        )
+
+    return _LAYOUTS.get_or(key, make)
+
+
+def _budget(info: _Layout, config: SpectrumConfig) -> int:
+    """``codec.token_budget`` for a layout whose tokens all cost ``info.costs`` (every
+    layer holds every position): the same integer, without the ``[T, 4]`` table."""
+    lay, c = info.layout, info.costs
+    t = lay.num_tokens
+    budget = math.floor(config.budget * info.full_nbytes) - info.overhead
+    if config.budget >= 1.0:
+        budget = max(budget, t * c[Tier.FP16])
+    if not config.allow_drop:
+        sinks = min(config.sinks, t)
+        base = allowed_tiers(config)[-1]
+        budget = max(budget, sinks * c[Tier.FP16] + (t - sinks) * c[base])
+    return budget
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise SpectrumConfigError(f"unsupported KV dtype {dtype}")
+    return name
+
+
+def packed_size_bound(
+    num_tokens: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype | str,
+    config: SpectrumConfig,
+) -> int:
+    """Upper bound of :attr:`PackedRequest.nbytes` for any request of this size under
+    ``config`` with ``allow_drop=False`` (as in serving): the send region the prefill
+    allocates and the receive region the decode reserves. Cached per layout.
+
+    ``token_budget + fixed_overhead`` of the layout (the codec's own guarantee);
+    context slots only lower it (fewer forced sinks among the sent tokens).
+    """
+    config = config if not config.allow_drop else config.with_(allow_drop=False)
+    info = _layout_info(
+        max(int(num_tokens), 1), num_layers, num_kv_heads, head_dim, _dtype_name(dtype), config
+    )
+    return _budget(info, config) + info.overhead
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_pools(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], error):
+    if not isinstance(k_pools, (list, tuple)) or not isinstance(v_pools, (list, tuple)):
+        raise error("k_pools and v_pools must be lists of per-layer tensors")
+    if not k_pools or len(k_pools) != len(v_pools):
+        raise error(f"got {len(k_pools)} K and {len(v_pools)} V pools (need the same, >= 1)")
+    ref = k_pools[0]
+    if ref.dim() != 3:
+        raise error(f"pools must be [num_slots, kv_heads, head_dim], got {tuple(ref.shape)}")
+    for layer, (k, v) in enumerate(zip(k_pools, v_pools)):
+        for x in (k, v):
+            if x.shape != ref.shape or x.dtype != ref.dtype or x.device != ref.device:
+                raise error(f"layer {layer}: pools must share shape, dtype and device")
+            if not x.is_contiguous():
+                raise error(f"layer {layer}: pools must be contiguous")
+    _dtype_name(ref.dtype)
+    return ref
+
+
+def _as_slots(slots, name: str, size: int, device: torch.device, error) -> torch.Tensor:
+    """int64 ``[n]`` slots on ``device``, range-checked against pools of ``size`` slots."""
+    s = torch.as_tensor(slots)
+    if s.dim() != 1 or s.dtype.is_floating_point or s.dtype == torch.bool:
+        raise error(f"{name} must be an integer vector, got shape {tuple(s.shape)} {s.dtype}")
+    if s.numel():
+        lo, hi = (int(x) for x in torch.aminmax(s))
+        if lo < 0 or hi >= size:
+            raise error(f"{name} out of range for pools of {size} slots ([{lo}, {hi}])")
+    return s.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
+def _kernels():
+    """``sglang_spectrum.kernels`` or None when Triton is unavailable."""
+    try:
+        from . import kernels  # installed mapping of the repo's kernels/
+    except ImportError:
+        return None
+    return kernels
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+# --------------------------------------------------------------------------- pack
+
+
+def _sent_config(config: SpectrumConfig, context: int) -> SpectrumConfig:
+    """The allocation config of the sent tokens: sinks are the first ``config.sinks``
+    positions of the whole prompt, so ``context`` earlier positions take them."""
+    sinks = max(0, config.sinks - context)
+    return config if sinks == config.sinks else config.with_(sinks=sinks)
+
+
+def _torch_scores(
+    k_pools: Sequence[torch.Tensor], all_slots: torch.Tensor, config: SpectrumConfig, context: int
+) -> torch.Tensor:
+    """float32 ``[T]`` reference scores of the sent positions (whole prompt scored)."""
+    keys = [k[all_slots] for k in k_pools]
+    scores = score_tokens(keys, sinks=config.sinks, window=config.window)
+    return scores[context:]
+
+
+def pack_request(
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    config: SpectrumConfig,
+    *,
+    out: torch.Tensor,
+    context_slots: torch.Tensor | None = None,
+) -> PackedRequest:
+    """Score, allocate and pack one request from the pools straight into ``out``.
+
+    Args:
+        k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]`` (SGLang's MHA
+            pool), contiguous, bf16/fp16/fp32, CPU or CUDA.
+        slots: int ``[T]``: pool slots of the positions to send, in position order.
+        config: budget, tiers, allocator, codec options.
+        out: uint8 ``[>= packed_size_bound(...)]`` on the pools' device (the send region);
+            the whole buffer is written to ``out[:nbytes]``.
+        context_slots: int ``[P]``: slots of the ``P`` positions before ``slots`` that the
+            receiver already holds: scored with the sent ones (sinks are the first
+            ``config.sinks`` positions of the whole prompt) but not packed.
+
+    Returns:
+        :class:`PackedRequest`. Runs on the current CUDA stream and returns once the
+        bytes are in ``out``. Never drops tokens when ``config.allow_drop`` is False.
+
+    Raises:
+        SpectrumConfigError: bad pools, slots, ``out`` or a budget that cannot hold the sinks.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(config, SpectrumConfig):
+        raise SpectrumConfigError(f"config must be a SpectrumConfig, got {type(config)}")
+    ref = _check_pools(k_pools, v_pools, SpectrumConfigError)
+    device, num_slots = ref.device, int(ref.shape[0])
+    sent = _as_slots(slots, "slots", num_slots, device, SpectrumConfigError)
+    if sent.numel() < 1:
+        raise SpectrumConfigError("cannot pack a request of 0 tokens")
+    context = 0
+    if context_slots is not None:
+        ctx = _as_slots(context_slots, "context_slots", num_slots, device, SpectrumConfigError)
+        context = int(ctx.numel())
+        all_slots = torch.cat([ctx, sent]) if context else sent
+    else:
+        all_slots = sent
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.device != device:
+        raise SpectrumConfigError(f"out must be a uint8 tensor on {device}")
+    if not out.is_contiguous():
+        raise SpectrumConfigError("out must be contiguous")
+    out = out.reshape(-1)
+    num_layers, heads, head_dim = len(k_pools), int(ref.shape[1]), int(ref.shape[2])
+    dtype = _dtype_name(ref.dtype)
+    bound = packed_size_bound(sent.numel(), num_layers, heads, head_dim, dtype, config)
+    if out.numel() < bound:
+        raise SpectrumConfigError(
+            f"out holds {out.numel()} bytes, a request of {sent.numel()} tokens needs up to"
+            f" {bound} (packed_size_bound)"
+        )
+    cfg = _sent_config(config, context)
+    info = _layout_info(int(sent.numel()), num_layers, heads, head_dim, dtype, config)
+    kern = _kernels() if device.type == "cuda" else None
+    if kern is not None and _kernel_path_ok(kern, info, cfg):
+        return _pack_kernels(kern, k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0)
+    return _pack_torch(k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0)
+
+
+def _kernel_path_ok(kern, info: _Layout, cfg: SpectrumConfig) -> bool:
+    return bool(kern.kernel_supported(info.layout)) and not (
+        cfg.method == "pdtrim" or (cfg.method == "spectrum" and cfg.allocator == "optimal")
+    )
+
+
+def _pack_torch(k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0) -> PackedRequest:
+    """The reference: gather, score, ``allocate_tiers``, ``pack_tiers``, copy into out."""
+    lay = info.layout
+    keys = [k[sent] for k in k_pools]
+    values = [v[sent] for v in v_pools]
+    scores = _torch_scores(k_pools, all_slots, cfg, context)
+    errors = None
+    if cfg.method == "spectrum" and cfg.allocator == "optimal":
+        errors = measure_tier_errors(keys, values, lay)
+    budget = token_budget(lay, cfg)
+    tiers = allocate_tiers(scores, lay.token_costs(), budget, cfg, errors)
+    t1 = time.perf_counter()
+    packed = pack_tiers(keys, values, lay, tiers, info.policy)
+    head = torch.frombuffer(bytearray(packed.header_bytes), dtype=torch.uint8)
+    h, nbytes = head.numel(), packed.nbytes
+    out[:h].copy_(head)
+    out[h:nbytes].copy_(packed.payload)
+    _sync(out.device)
+    t2 = time.perf_counter()
+    return PackedRequest(
+        nbytes=nbytes,
+        checksum=int(packed.header.checksum),
+        num_tokens=lay.num_tokens,
+        full_nbytes=info.full_nbytes,
+        tier_counts=count_tiers(tiers),
+        path="torch",
+        timings_ms={
+            "plan": (t1 - t0) * 1e3,
+            "pack": (t2 - t1) * 1e3,
+            "total": (t2 - t0) * 1e3,
+        },
+    )
+
+
+def _pack_kernels(
+    kern, k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0
+) -> PackedRequest:
+    """Kernel path (first version: reference planning on the device, fused pack)."""
+    lay = info.layout
+    scores = _torch_scores(k_pools, all_slots, cfg, context)
+    budget = _budget(info, cfg)
+    tiers = allocate_tiers(scores, lay.token_costs(), budget, cfg)
+    plan = kern.plan_transfer(lay, tiers, sent)
+    t1 = time.perf_counter()
+    header = PackedHeader(
+        layout=lay,
+        tier_map=plan.tiers.numpy().tobytes(),
+        offsets=plan.offsets,
+        payload_nbytes=plan.payload_nbytes,
+        checksum=(1 << 63) - 1,
+        policy=info.policy,
+    )
+    start = _payload_start(header)
+    payload = kern.pack_payload(k_pools, v_pools, plan, out=out[start:])
+    header.checksum = kern.fast_checksum(payload)
+    head = _header_bytes(header)
+    if head.numel() != start:  # a short checksum: the payload moves (practically never)
+        payload = payload.clone()
+        out[head.numel() : head.numel() + payload.numel()].copy_(payload)
+    out[: head.numel()].copy_(head.to(out.device))
+    _sync(out.device)
+    t2 = time.perf_counter()
+    return PackedRequest(
+        nbytes=head.numel() + plan.payload_nbytes,
+        checksum=int(header.checksum),
+        num_tokens=lay.num_tokens,
+        full_nbytes=info.full_nbytes,
+        tier_counts=count_tiers(tiers),
+        path="kernels",
+        timings_ms={
+            "plan": (t1 - t0) * 1e3,
+            "pack": (t2 - t1) * 1e3,
+            "total": (t2 - t0) * 1e3,
+        },
+    )
+
+
+def _header_bytes(header: PackedHeader) -> torch.Tensor:
+    """uint8 CPU tensor: prefix + msgpack header + zero padding (``codec.encode_header``)."""
+    body = msgspec.msgpack.encode(header)
+    raw = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(body), zlib.crc32(body)) + body
+    buf = bytearray(_align(len(raw), HEADER_ALIGN))
+    buf[: len(raw)] = raw
+    return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def _payload_start(header: PackedHeader) -> int:
+    return _align(PREFIX.size + len(msgspec.msgpack.encode(header)), HEADER_ALIGN)
+
+
+# --------------------------------------------------------------------------- unpack
+
+
+def _parse(buf: torch.Tensor, num_layers: int, num_tokens: int) -> tuple[PackedHeader, int]:
+    """Validate prefix, header CRC, header, tier map and offsets; (header, payload start).
+
+    One device-to-host copy of the buffer's head (sized for ``num_tokens`` tokens),
+    a second one only if the header is longer than that.
+    """
+    total = buf.numel()
+    if total < PREFIX.size:
+        raise SpectrumFormatError(f"buffer of {total} bytes is shorter than the 16-byte prefix")
+    guess = min(total, PREFIX.size + num_tokens + 64 * num_layers * 9 + 1024)
+    head = buf[:guess].cpu().numpy().tobytes()
+    magic, version, flags, header_len, header_crc = PREFIX.unpack(head[: PREFIX.size])
+    if magic != MAGIC:
+        raise SpectrumFormatError(f"not a SpectrumKV buffer (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise SpectrumFormatError(
+            f"format version mismatch: buffer is v{version}, this SpectrumKV reads"
+            f" v{FORMAT_VERSION}; run the same sglang-spectrum version on prefill and decode"
+        )
+    if flags != 0:
+        raise SpectrumFormatError(f"unknown flags {flags:#x} in the prefix")
+    start = _align(PREFIX.size + header_len, HEADER_ALIGN)
+    if total < start:
+        raise SpectrumFormatError(
+            f"truncated buffer: {total} bytes, the header alone needs {start}"
+        )
+    if PREFIX.size + header_len > len(head):
+        head = buf[: PREFIX.size + header_len].cpu().numpy().tobytes()
+    body = head[PREFIX.size : PREFIX.size + header_len]
+    if zlib.crc32(body) != header_crc:
+        raise SpectrumFormatError("header checksum mismatch: the header is corrupted")
+    try:
+        header = msgspec.msgpack.decode(body, type=PackedHeader)
+    except msgspec.DecodeError as exc:
+        raise SpectrumFormatError(f"malformed header: {exc}") from None
+    lay = header.layout
+    lay.validate()
+    if len(header.tier_map) != lay.num_tokens:
+        raise SpectrumFormatError(
+            f"tier map has {len(header.tier_map)} entries for {lay.num_tokens} tokens"
+        )
+    if header.tier_map and max(header.tier_map) > int(Tier.DROP):
+        raise SpectrumFormatError(f"tier map holds an unknown tier {max(header.tier_map)}")
+    offsets, payload_nbytes = _offsets_of(lay, header.tier_map)
+    if header.offsets != offsets or header.payload_nbytes != payload_nbytes:
+        raise SpectrumFormatError("segment offsets disagree with the tier map and layout")
+    if total < start + payload_nbytes:
+        raise SpectrumFormatError(
+            f"truncated buffer: {total} bytes, expected {start + payload_nbytes}"
+        )
+    return header, start
+
+
+def _offsets_of(lay: KVLayout, tier_map: bytes) -> tuple[list[int], int]:
+    """``codec.segment_offsets`` (fast when every layer holds every position)."""
+    tiers = torch.frombuffer(bytearray(tier_map), dtype=torch.uint8)
+    if any(lay.layer_first_pos):
+        return segment_offsets(lay, tiers)
+    counts = torch.bincount(tiers.long(), minlength=4).tolist()
+    return _uniform_offsets(lay, tuple(counts[:3]))
+
+
+def _uniform_offsets(lay: KVLayout, counts: tuple[int, int, int]) -> tuple[list[int], int]:
+    """Segment offsets and payload size when every layer holds every position."""
+    offsets, pos = [], 0
+    for tier, n in zip(PACKED_TIERS, counts):
+        k_size, v_size = lay.seg_nbytes(tier, n, True), lay.seg_nbytes(tier, n, False)
+        for _ in range(lay.num_layers):
+            for size in (k_size, v_size):
+                pos = _align(pos, 16)
+                offsets.append(pos)
+                pos += size
+    return offsets, pos
+
+
+def unpack_request(
+    buffer: torch.Tensor,
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    *,
+    expected_checksum: int | None = None,
+) -> UnpackInfo:
+    """Validate a received buffer once, then write its dequantised KV into the pools.
+
+    Args:
+        buffer: uint8 ``[>= nbytes]`` (the receive region, any device; trailing bytes
+            are ignored).
+        k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]``, contiguous.
+        slots: int ``[T]``: destination pool slot of each packed position.
+        expected_checksum: the checksum the sender announced; must equal the header's.
+
+    Returns:
+        :class:`codec.UnpackInfo`.
+
+    Raises:
+        SpectrumFormatError: malformed, truncated or corrupted buffer, a layout that does
+            not match the pools, wrong slots, another checksum. Nothing is written then.
+    """
+    if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8:
+        raise SpectrumFormatError("buffer must be a uint8 tensor")
+    buf = buffer.reshape(-1)
+    ref = _check_pools(k_pools, v_pools, SpectrumFormatError)
+    device, num_slots = ref.device, int(ref.shape[0])
+    s = torch.as_tensor(slots)
+    header, start = _parse(buf, len(k_pools), max(int(s.numel()), 1))
+    lay = header.layout
+    want = (lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype)
+    got = (len(k_pools), int(ref.shape[1]), int(ref.shape[2]), _dtype_name(ref.dtype))
+    if want[:3] != got[:3]:
+        raise SpectrumFormatError(
+            f"buffer holds {want[0]} layers x {want[1]} KV heads x {want[2]}, pools are"
+            f" {got[0]} x {got[1]} x {got[2]}"
+        )
+    if s.dim() != 1 or s.numel() != lay.num_tokens:
+        raise SpectrumFormatError(
+            f"slots must be a vector of {lay.num_tokens} entries, got shape {tuple(s.shape)}"
+        )
+    dst = _as_slots(s, "slots", num_slots, device, SpectrumFormatError)
+    if expected_checksum is not None and int(expected_checksum) != int(header.checksum):
+        raise SpectrumFormatError(
+            "payload checksum differs from the one the sender announced (stale or foreign"
+            " data in the receive buffer)"
+        )
+    payload = buf[start : start + header.payload_nbytes]
+    kern = _kernels() if device.type == "cuda" else None
+    if payload.device != device:
+        payload = payload.to(device)
+    checksum = kern.fast_checksum if kern is not None else _ref_checksum
+    if checksum(payload) != header.checksum:
+        raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")
+    tiers = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+    if kern is not None and kern.kernel_supported(lay):
+        plan = kern.plan_transfer(lay, tiers, dst)
+        kern.unpack_payload(payload, k_pools, v_pools, plan)
+    else:
+        for layer, positions, k, v in iter_decoded_layers(header, payload):
+            rows = dst[positions.to(device)]
+            k_pools[layer][rows] = k.to(ref.dtype)
+            v_pools[layer][rows] = v.to(ref.dtype)
+    _sync(device)
+    counts = torch.bincount(tiers.long(), minlength=4).tolist()
+    return UnpackInfo(
+        num_tokens=lay.num_tokens,
+        dropped=torch.nonzero(tiers == int(Tier.DROP)).flatten(),
+        tier_counts=dict(zip(TIER_NAMES, counts)),
+        layout=lay,
+    )
+
+
+def _ref_checksum(payload: torch.Tensor) -> int:
+    from .codec import payload_checksum
+
+    return payload_checksum(payload)

@@ -1,0 +1,273 @@
+"""The request path (``sglang_spectrum.transfer``): pack_request / unpack_request.
+
+CPU tests run the torch path on real tensors against the codec reference
+(``pack_kv`` bytes, ``decode_kv`` rows). Tests marked ``gpu`` run the kernel path
+on CUDA pools and skip cleanly without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_spectrum.codec import (
+    config_layout,
+    decode_kv,
+    fixed_overhead,
+    pack_kv,
+    read_header,
+    token_budget,
+)
+from sglang_spectrum.config import SpectrumConfig, SpectrumConfigError, SpectrumFormatError
+from sglang_spectrum.policy import allocate_tiers
+from sglang_spectrum.scoring import score_tokens
+from sglang_spectrum.transfer import (
+    PackedRequest,
+    pack_request,
+    packed_size_bound,
+    unpack_request,
+)
+
+CUDA = torch.cuda.is_available()
+
+
+def make_pools(
+    layers=3,
+    heads=2,
+    head_dim=32,
+    tokens=150,
+    page=16,
+    dtype=torch.bfloat16,
+    device="cpu",
+    seed=0,
+    spare_pages=3,
+):
+    """Paged pools with shuffled pages; KV with per-channel scales and outliers.
+
+    Returns (k_pools, v_pools, slots int64 [tokens])."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = -(-tokens // page)
+    perm = torch.randperm(pages + spare_pages, generator=gen)[:pages]
+    slots = (perm[:, None] * page + torch.arange(page)).reshape(-1)[:tokens]
+    num_slots = (pages + spare_pages) * page
+
+    def pool(scale):
+        chan = torch.exp(torch.randn(heads, head_dim, generator=gen))
+        mag = torch.rand(num_slots, 1, 1, generator=gen) * 3 + 0.1
+        x = torch.randn(num_slots, heads, head_dim, generator=gen) * chan * mag * scale
+        x[torch.rand(x.shape, generator=gen) < 1e-3] *= 30.0
+        return x.to(dtype).to(device)
+
+    return (
+        [pool(2.0) for _ in range(layers)],
+        [pool(1.0) for _ in range(layers)],
+        slots.to(device),
+    )
+
+
+def region(k_pools, slots, config, extra=0):
+    """A send region of exactly packed_size_bound (+ extra) bytes, filled with junk."""
+    _, heads, head_dim = k_pools[0].shape
+    n = packed_size_bound(slots.numel(), len(k_pools), heads, head_dim, k_pools[0].dtype, config)
+    return torch.full((n + extra,), 0xA5, dtype=torch.uint8, device=k_pools[0].device)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+CONFIGS = [
+    SpectrumConfig(budget=0.5, allow_drop=False),
+    SpectrumConfig(budget=0.3, allow_drop=False, key_scales="channel"),
+    SpectrumConfig(budget=0.3, allow_drop=False, tiers="2", group_size=16),
+    SpectrumConfig(budget=0.4, allocator="optimal", allow_drop=False),
+    SpectrumConfig(budget=0.25, method="int4", allow_drop=True),
+    SpectrumConfig(budget=0.2, method="snapkv", allow_drop=True),
+    SpectrumConfig(budget=1.0, allow_drop=False, key_scales="channel", key_block=16),
+    SpectrumConfig(budget=0.5, rotation="hadamard", group_size=16, allow_drop=False),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.budget}-{c.key_scales}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_pack_matches_pack_kv_and_round_trips(config, dtype):
+    kp, vp, slots = make_pools(dtype=dtype, seed=hash(config) % 1000)
+    out = region(kp, slots, config, extra=100)
+    before = out.clone()
+    res = pack_request(kp, vp, slots, config, out=out)
+    assert isinstance(res, PackedRequest) and res.path == "torch"
+    keys, values = [k[slots] for k in kp], [v[slots] for v in vp]
+    ref = pack_kv(keys, values, config)
+    assert res.nbytes == ref.nbytes and res.checksum == ref.header.checksum
+    assert out[: res.nbytes].numpy().tobytes() == ref.to_bytes()
+    assert torch.equal(out[res.nbytes :], before[res.nbytes :]), "wrote past nbytes"
+    assert res.num_tokens == slots.numel() and res.full_nbytes == ref.full_nbytes
+    assert res.tier_counts == ref.tier_counts
+    assert sum(res.tier_counts.values()) == slots.numel()
+    if not config.allow_drop:
+        assert res.tier_counts["drop"] == 0
+    assert res.nbytes <= packed_size_bound(
+        slots.numel(), len(kp), kp[0].shape[1], kp[0].shape[2], dtype, config
+    )
+    assert set(res.timings_ms) >= {"plan", "pack", "total"}
+
+    # unpack into other pools at other slots: the decoded rows, bit for bit
+    dk, dv, kept = decode_kv(out[: res.nbytes])
+    ok, ov, dst = make_pools(dtype=dtype, seed=7, tokens=slots.numel(), spare_pages=5)
+    ok = [torch.full_like(p, float("nan")) for p in ok]
+    ov = [torch.full_like(p, float("nan")) for p in ov]
+    info = unpack_request(out, ok, ov, dst, expected_checksum=res.checksum)
+    assert info.tier_counts == res.tier_counts and info.num_tokens == slots.numel()
+    assert torch.equal(info.dropped, torch.nonzero(~kept).flatten())
+    for layer in range(len(kp)):
+        for pools, dec in ((ok, dk), (ov, dv)):
+            got = pools[layer][dst]
+            assert same_bits(got[kept], dec[layer][kept].to(dtype))
+            assert torch.isnan(got[~kept].float()).all()
+
+
+def test_packed_size_bound_is_the_codec_bound_and_cached():
+    cfg = SpectrumConfig(budget=0.3, allow_drop=False, key_scales="channel")
+    for t in (1, 5, 300, 4096):
+        lay = config_layout(cfg, 4, 8, 128, torch.bfloat16, t)
+        want = token_budget(lay, cfg) + fixed_overhead(lay)
+        assert packed_size_bound(t, 4, 8, 128, torch.bfloat16, cfg) == want
+        assert packed_size_bound(t, 4, 8, 128, "bfloat16", cfg) == want
+    # allow_drop=True configs are bounded as serving packs them (no drop)
+    loose = cfg.with_(allow_drop=True)
+    assert packed_size_bound(5, 4, 8, 128, "bfloat16", loose) == packed_size_bound(
+        5, 4, 8, 128, "bfloat16", cfg
+    )
+
+
+def test_short_prompts_never_drop_and_fit_the_bound():
+    for tokens in (1, 2, 5, 40):
+        kp, vp, slots = make_pools(tokens=tokens, seed=tokens)
+        cfg = SpectrumConfig(budget=0.25, allow_drop=False, key_scales="channel")
+        out = region(kp, slots, cfg)
+        res = pack_request(kp, vp, slots, cfg, out=out)
+        assert res.tier_counts["drop"] == 0 and res.nbytes <= out.numel()
+
+
+def test_context_slots_score_the_whole_prompt_but_pack_the_rest():
+    kp, vp, slots = make_pools(tokens=200, seed=3)
+    ctx, sent = slots[:70], slots[70:]
+    cfg = SpectrumConfig(budget=0.3, allow_drop=False, sinks=4, window=16)
+    out = region(kp, sent, cfg)
+    res = pack_request(kp, vp, sent, cfg, out=out, context_slots=ctx)
+    header, _ = read_header(out[: res.nbytes])
+    assert header.layout.num_tokens == 130
+    # reference: score all 200 positions, allocate the last 130, no sinks among them
+    scores = score_tokens([k[slots] for k in kp], sinks=4, window=16)[70:]
+    lay = config_layout(cfg, 3, 2, 32, torch.bfloat16, 130)
+    sent_cfg = cfg.with_(sinks=0)
+    want = allocate_tiers(scores, lay.token_costs(), token_budget(lay, sent_cfg), sent_cfg)
+    got = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+    assert torch.equal(got, want)
+    assert res.tier_counts["drop"] == 0
+    # the sent positions differ from packing them alone (their own sinks, scores)
+    alone = pack_request(kp, vp, sent, cfg, out=torch.zeros_like(out))
+    assert alone.tier_counts != res.tier_counts or alone.checksum != res.checksum
+    # a context shorter than the sinks leaves the rest of the sinks among the sent
+    out = region(kp, slots[2:], cfg)
+    res2 = pack_request(kp, vp, slots[2:], cfg, out=out, context_slots=slots[:2])
+    header2, _ = read_header(out[: res2.nbytes])
+    assert bytes(header2.tier_map[:2]) == b"\x00\x00"
+    # round trip of the sent part
+    ok = [torch.zeros_like(p) for p in kp]
+    ov = [torch.zeros_like(p) for p in vp]
+    unpack_request(out, ok, ov, slots[2:])
+    dk, _, _ = decode_kv(out[: res2.nbytes])
+    assert same_bits(ok[1][slots[2:]], dk[1])
+
+
+def test_out_too_small_and_bad_inputs():
+    kp, vp, slots = make_pools()
+    cfg = SpectrumConfig(budget=0.5, allow_drop=False)
+    out = region(kp, slots, cfg)
+    with pytest.raises(SpectrumConfigError, match="packed_size_bound"):
+        pack_request(kp, vp, slots, cfg, out=out[:-1])
+    with pytest.raises(SpectrumConfigError):
+        pack_request(kp, vp, slots, cfg, out=out.view(torch.int8))
+    with pytest.raises(SpectrumConfigError, match="out of range"):
+        pack_request(kp, vp, slots + 10_000, cfg, out=out)
+    with pytest.raises(SpectrumConfigError):
+        pack_request(kp, vp, slots.float(), cfg, out=out)
+    with pytest.raises(SpectrumConfigError):
+        pack_request(kp, vp[:-1], slots, cfg, out=out)
+    with pytest.raises(SpectrumConfigError):
+        pack_request(kp, [v.half() for v in vp], slots, cfg, out=out)
+    with pytest.raises(SpectrumConfigError):
+        pack_request(kp, vp, slots[:0], cfg, out=out)
+
+
+def test_unpack_errors_write_nothing():
+    kp, vp, slots = make_pools(tokens=100)
+    cfg = SpectrumConfig(budget=0.5, allow_drop=False, key_scales="channel")
+    out = region(kp, slots, cfg)
+    res = pack_request(kp, vp, slots, cfg, out=out)
+    good = out[: res.nbytes].clone()
+    corrupt_payload = good.clone()
+    corrupt_payload[-5] ^= 0x10
+    corrupt_header = good.clone()
+    corrupt_header[40] ^= 0x01
+    bad_magic = good.clone()
+    bad_magic[0] = 0
+    other_heads = [torch.zeros(p.shape[0], 4, p.shape[2], dtype=p.dtype) for p in kp]
+    cases = [
+        (corrupt_payload, kp, vp, slots, None),
+        (corrupt_header, kp, vp, slots, None),
+        (bad_magic, kp, vp, slots, None),
+        (good[: res.nbytes - 1], kp, vp, slots, None),
+        (good[:10], kp, vp, slots, None),
+        (good, kp, vp, slots[:-1], None),
+        (good, kp, vp, slots + 100_000, None),
+        (good, kp, vp, slots, res.checksum ^ 1),
+        (good, kp[:2], vp[:2], slots, None),
+        (good, other_heads, other_heads, slots, None),
+    ]
+    for buf, kk, vv, ss, expected in cases:
+        pools_k = [torch.full_like(p, 1.0) for p in kk]
+        pools_v = [torch.full_like(p, 1.0) for p in vv]
+        with pytest.raises(SpectrumFormatError):
+            unpack_request(buf, pools_k, pools_v, ss, expected_checksum=expected)
+        assert all(bool((p == 1.0).all()) for p in pools_k + pools_v)
+    # the good buffer still unpacks
+    pools_k = [torch.zeros_like(p) for p in kp]
+    pools_v = [torch.zeros_like(p) for p in vp]
+    unpack_request(good, pools_k, pools_v, slots, expected_checksum=res.checksum)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("key_scales", ["token", "channel"])
+@pytest.mark.parametrize("tokens", [1, 333, 4096])
+def test_gpu_request_path_round_trip(key_scales, tokens):
+    """Kernel path: the packed buffer reads back with the reference reader, unpacks
+    bit-identically to ``decode_kv`` and equals the reference pack of its tier map."""
+    from sglang_spectrum.codec import PackedKV, header_tier_map, pack_tiers
+
+    kp, vp, slots = make_pools(
+        layers=4, heads=8, head_dim=128, tokens=tokens, page=64, device="cuda", seed=tokens
+    )
+    cfg = SpectrumConfig(budget=0.3, allow_drop=False, key_scales=key_scales)
+    out = region(kp, slots, cfg)
+    res = pack_request(kp, vp, slots, cfg, out=out)
+    assert res.path == "kernels" and res.tier_counts["drop"] == 0
+    header, payload = read_header(out[: res.nbytes])
+    assert header.checksum == res.checksum
+    # same bytes as the CPU reference packing the same tier map
+    keys = [k[slots].cpu() for k in kp]
+    values = [v[slots].cpu() for v in vp]
+    ref = pack_tiers(keys, values, header.layout, header_tier_map(header), header.policy)
+    assert isinstance(ref, PackedKV)
+    assert torch.equal(ref.payload, payload.cpu())
+    dk, dv, kept = decode_kv(out[: res.nbytes])
+    ok = [torch.full_like(p, float("nan")) for p in kp]
+    ov = [torch.full_like(p, float("nan")) for p in vp]
+    info = unpack_request(out, ok, ov, slots, expected_checksum=res.checksum)
+    assert info.tier_counts == res.tier_counts
+    for layer in range(4):
+        assert same_bits(ok[layer][slots], dk[layer])
+        assert same_bits(ov[layer][slots], dv[layer])
