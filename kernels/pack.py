@@ -297,10 +297,12 @@ def _pack_kernel(
     RZ: tl.constexpr,  # round with add.rz (GPU); the interpreter lacks libdevice
     IDX: tl.constexpr,  # row arithmetic: tl.int32, or tl.int64 for huge requests
     WORDS: tl.constexpr,  # bf16 pools: move and reduce int32 words of bf16 pairs
+    NKV: tl.constexpr = 2,  # 2: K and V (grid axis 1 = 2L); 1: only KV0
+    KV0: tl.constexpr = 0,
 ):
     pid = tl.program_id(0).to(IDX) + blk_lo
-    layer = tl.program_id(1) // 2
-    kv = tl.program_id(1) % 2
+    layer = tl.program_id(1) // NKV
+    kv = KV0 + tl.program_id(1) % NKV
     tier, n_seg, seg, valid, dst, off, live = _pack_block(
         meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, D, BR, IDX
     )
@@ -360,14 +362,18 @@ def _sm80(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
-def _launch_pack(plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_hi) -> None:
-    """Pack tiers ``tier_lo .. tier_hi - 1`` (0: FP16, 1: INT8, 2: INT4)."""
+def _launch_pack(
+    plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_hi, values_only=False
+) -> None:
+    """Pack tiers ``tier_lo .. tier_hi - 1`` (0: FP16, 1: INT8, 2: INT4) of K and V,
+    or of V alone (``values_only``: per-channel keys go through :func:`_launch_pack_channel`)."""
     block_rows, warps, starts = pack_shape(plan)
     blk_lo, blk_hi = starts[tier_lo], starts[tier_hi]
     if blk_hi <= blk_lo:
         return
     lay = plan.layout
-    grid = (blk_hi - blk_lo, 2 * lay.num_layers)
+    nkv = 1 if values_only else 2
+    grid = (blk_hi - blk_lo, nkv * lay.num_layers)
     # largest row-arithmetic value: (rows of a tier + a block) * head_dim
     huge = (sum(plan.counts) * lay.num_kv_heads + block_rows) * lay.head_dim >= 2**31
     _pack_kernel[grid](
@@ -388,9 +394,167 @@ def _launch_pack(plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_h
         RZ=not interpreted(_pack_kernel),
         IDX=tl.int64 if huge else tl.int32,
         WORDS=_bf16_words(dtype, payload.device),
+        NKV=nkv,
+        KV0=1 if values_only else 0,
         num_warps=warps,
         **launch_options(payload.device),
     )
+
+
+@triton.jit
+def _channel_segment(
+    meta, pid, b1, n0, n1, num_layers, layer, kv, KB: tl.constexpr, IDX: tl.constexpr
+):
+    """Key block ``pid`` (INT8 blocks first, then INT4) of one layer's K|V segment:
+    (tier, block, segment rows ``j`` [KB], ok [KB], list index of row 0, n_seg, seg)."""
+    tier = 1 + (pid >= b1).to(tl.int32)
+    blk = tl.where(tier == 1, pid, pid - b1).to(IDX)
+    list0 = tl.where(tier == 1, n0, n0 + n1)
+    e = _META_HEAD + (tier * num_layers + layer) * _META_STRIDE
+    base = tl.load(meta + e)
+    n_seg = tl.load(meta + e + 1)
+    seg = tl.multiple_of(tl.load(meta + e + 2 + kv), 16)
+    j = blk * KB + tl.arange(0, KB).to(IDX)
+    return tier, blk, j, j < n_seg, list0 + base, n_seg, seg
+
+
+@triton.jit
+def _store_channel(
+    x,
+    ok,
+    payload,
+    seg,
+    n_seg,
+    blk,
+    j,
+    h,
+    c0,
+    BITS: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    KB: tl.constexpr,
+):
+    """Quantise ``x`` float32 ``[KB, DC]`` (rows ``j`` of a key segment, head ``h``,
+    channels ``c``) with one (scale, minimum) per channel over the block's valid rows
+    (``codec.quantize_channels``: same float32 steps) and store codes and scales."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    c = c0 + tl.arange(0, DC)
+    xc = _clamp16(x)
+    lo = tl.min(tl.where(ok[:, None], xc, float("inf")), 0)
+    hi = tl.max(tl.where(ok[:, None], xc, float("-inf")), 0)
+    lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
+    hi = tl.where(lo <= hi, hi, 0.0)
+    scale = tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16)
+    mn = lo.to(tl.float16)
+    s = scale.to(tl.float32)
+    m = mn.to(tl.float32)
+    safe = tl.where(s > 0, s, 1.0)
+    inv = tl.where(s > 0, tl.math.div_rn(tl.full([DC], 1.0, tl.float32), safe), 0.0)
+    v = (xc - m[None, :]) * inv[None, :] + 0.5
+    q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
+    codes = payload + seg
+    row = j * H + h
+    if BITS == 8:
+        tl.store(codes + row[:, None] * D + c[None, :], q.to(tl.uint8), mask=ok[:, None])
+    else:  # channel 2i in the low nibble, 2i+1 in the high one
+        lo4, hi4 = tl.split(tl.reshape(q, [KB, DC // 2, 2]))
+        half = c0 // 2 + tl.arange(0, DC // 2)
+        tl.store(
+            codes + row[:, None] * (D // 2) + half[None, :],
+            ((hi4 << 4) + lo4).to(tl.uint8),
+            mask=ok[:, None],
+        )
+    sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
+    pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
+    tl.store(sc + pair, tl.join(scale, mn))
+
+
+@triton.jit(do_not_specialize=["b1", "n0", "n1"])
+def _pack_channel_kernel(
+    src_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
+    rows,  # int64 [N]: source row of each listed token
+    meta,  # int64: plan table
+    payload,  # uint8 [payload_nbytes]
+    b1,  # key blocks of the INT8 tier (then those of INT4)
+    n0,
+    n1,  # tokens of FP16 and INT8
+    num_layers,
+    SRC: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,  # channels per program
+    KB: tl.constexpr,  # rows per key scale block
+    IDX: tl.constexpr,
+):
+    """INT8/INT4 key segments with per-channel scales: one program per (key block,
+    head and channel chunk, layer); grid ``(blocks, H * D / DC, L)``."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1) // (D // DC)
+    c0 = (tl.program_id(1) % (D // DC)) * DC
+    c = c0 + tl.arange(0, DC)
+    layer = tl.program_id(2)
+    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
+        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
+    )
+    if blk * KB < n_seg:
+        slot = tl.load(rows + first + j, mask=ok, other=0)
+        addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
+        pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
+        off = (slot * H + h) * D
+        x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+        x = x.to(tl.float32)
+        if tier == 1:
+            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
+        else:
+            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB)
+
+
+def channel_grid(plan: TransferPlan) -> tuple[int, int, int]:
+    """(INT8 key blocks, INT8 + INT4 key blocks, channels per program) of the
+    per-channel key kernels (upper bounds: a sliding-window layer has fewer)."""
+    lay = plan.layout
+    kb = lay.key_block
+    b1 = -(-plan.counts[1] // kb)
+    b2 = b1 + -(-plan.counts[2] // kb)
+    dc = min(lay.head_dim, max(8, 8192 // kb))
+    return b1, b2, dc
+
+
+def _launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
+    """Pack the INT8/INT4 key segments of a layout with per-channel key scales."""
+    lay = plan.layout
+    b1, b2, dc = channel_grid(plan)
+    if not b2:
+        return
+    n_rows = (sum(plan.counts) + lay.key_block) * lay.num_kv_heads
+    _pack_channel_kernel[(b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)](
+        ptrs,
+        rows,
+        plan.meta,
+        payload,
+        b1,
+        plan.counts[0],
+        plan.counts[1],
+        lay.num_layers,
+        SRC=TL_DTYPES[dtype],
+        H=lay.num_kv_heads,
+        D=lay.head_dim,
+        DC=dc,
+        KB=lay.key_block,
+        IDX=tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
+        num_warps=8 if lay.key_block * dc >= 8192 else 4,
+        **launch_options(payload.device),
+    )
+
+
+def _launch_pack_int(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
+    """The INT8 and INT4 tiers: one launch, or V rows plus the per-channel key kernel."""
+    if plan.layout.key_block:
+        _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3, values_only=True)
+        _launch_pack_channel(plan, ptrs, rows, payload, dtype)
+    else:
+        _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3)
 
 
 def rotate_rows(
@@ -436,7 +600,11 @@ def pack_payload(
         payload[plan.gaps] = 0
     pools = [*k_pools, *v_pools]
     if lay.rotation != "hadamard":
-        _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3)
+        if lay.key_block:
+            _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1)
+            _launch_pack_int(plan, ptrs, plan.rows, payload, dtype)
+        else:
+            _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3)
         return payload
     _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1)
     n0 = plan.counts[0]
@@ -452,9 +620,7 @@ def pack_payload(
         )
         rotate_rows(pools, plan, lambda lo, hi: plan.rows[lo:hi], scratch)
         local = torch.arange(-n0, n_int, dtype=torch.int64, device=device)  # scratch rows
-        _launch_pack(
-            plan, pointer_table(list(scratch), device), local, payload, torch.float32, 1, 3
-        )
+        _launch_pack_int(plan, pointer_table(list(scratch), device), local, payload, torch.float32)
     return payload
 
 

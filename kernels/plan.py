@@ -55,12 +55,11 @@ def _offsets(layout: KVLayout, base: torch.Tensor) -> tuple[list[int], int]:
     held = (base[:, -1:] - base[:, :-1]).tolist()  # [3][L] tokens per segment
     offsets, pos = [], 0
     for k, tier in enumerate(PACKED_TIERS):
-        row = layout.row_nbytes(tier)
         for n in held[k]:
-            for _kv in range(2):
+            for kv in range(2):
                 pos = _align(pos, SEGMENT_ALIGN)
                 offsets.append(pos)
-                pos += n * row
+                pos += layout.seg_nbytes(tier, n, key=kv == 0)
     return offsets, pos
 
 
@@ -82,13 +81,13 @@ def segment_table(layout: KVLayout, tiers: torch.Tensor) -> tuple[torch.Tensor, 
 def kernel_supported(layout: KVLayout) -> bool:
     """Whether the Triton kernels handle this layout (else use the torch codec).
 
-    They need a power-of-two head_dim >= 8 (16-byte rows, register tiles) and a
-    power-of-two group size, and scale keys per token (per-channel key blocks
-    are torch-only so far).
+    They need a power-of-two head_dim >= 8 (16-byte rows, register tiles), a
+    power-of-two group size and, with per-channel key scales, a power-of-two key
+    block of at most 256 rows.
     """
-    d, g = layout.head_dim, layout.group_size
-    per_token = layout.key_block == 0
-    return per_token and d >= 8 and d & (d - 1) == 0 and g & (g - 1) == 0 and d % g == 0
+    d, g, kb = layout.head_dim, layout.group_size, layout.key_block
+    blocks = kb == 0 or (kb & (kb - 1) == 0 and 2 <= kb <= 256)
+    return blocks and d >= 8 and d & (d - 1) == 0 and g & (g - 1) == 0 and d % g == 0
 
 
 @dataclass
@@ -165,7 +164,7 @@ def _gaps(layout: KVLayout, base: torch.Tensor, offsets: list[int], total: int) 
     ends = []
     for k, tier in enumerate(PACKED_TIERS):
         for n in held[k]:
-            ends += [n * layout.row_nbytes(tier)] * 2
+            ends += [layout.seg_nbytes(tier, n, key=True), layout.seg_nbytes(tier, n, key=False)]
     gaps: list[int] = []
     for i, start in enumerate(offsets):
         nxt = offsets[i + 1] if i + 1 < len(offsets) else total
@@ -193,8 +192,9 @@ def plan_transfer(
     """
     if not kernel_supported(layout):
         raise SpectrumConfigError(
-            f"kernels need power-of-two head_dim >= 8 and group size, got"
-            f" head_dim={layout.head_dim} group_size={layout.group_size}"
+            f"kernels need power-of-two head_dim >= 8, group size and key block (<= 256),"
+            f" got head_dim={layout.head_dim} group_size={layout.group_size}"
+            f" key_block={layout.key_block}"
         )
     tiers = tiers.detach().cpu().to(torch.uint8).reshape(-1)
     if tiers.numel() != layout.num_tokens or slots.numel() != layout.num_tokens:

@@ -28,7 +28,7 @@ from ._common import (
     wire_dtype,
 )
 from .checksum import fast_checksum
-from .pack import _locate, _pool_rows
+from .pack import _channel_segment, _locate, _pool_rows, channel_grid
 from .plan import TransferPlan, kernel_supported, plan_transfer
 
 
@@ -98,10 +98,12 @@ def _unpack_kernel(
     G: tl.constexpr,
     BR: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    NKV: tl.constexpr = 2,  # 2: K and V (grid axis 1 = 2L); 1: only KV0
+    KV0: tl.constexpr = 0,
 ):
     pid = tl.program_id(0).to(tl.int64) + blk_lo
-    layer = tl.program_id(1) // 2
-    kv = tl.program_id(1) % 2
+    layer = tl.program_id(1) // NKV
+    kv = KV0 + tl.program_id(1) % NKV
     tier, list0, n_seg, seg, r, live, valid, dst = _locate(
         meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, BR
     )
@@ -118,11 +120,100 @@ def _unpack_kernel(
         tl.store(pool + off, _cast(x4, DST, SOFT_BF16), mask=valid[:, None])
 
 
-def _launch_unpack(plan: TransferPlan, payload, ptrs, rows, dtype, blk_lo, blk_hi) -> None:
+@triton.jit(do_not_specialize=["b1", "n0", "n1"])
+def _unpack_channel_kernel(
+    payload,  # uint8 [payload_nbytes]
+    dst_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
+    rows,  # int64 [N]: destination row of each listed token
+    meta,  # int64: plan table
+    b1,  # key blocks of the INT8 tier (then those of INT4)
+    n0,
+    n1,
+    num_layers,
+    DST: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    KB: tl.constexpr,
+    IDX: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
+    """Mirror of ``pack._pack_channel_kernel``: dequantise per-channel-scaled key rows
+    (``codec.dequantize_channels``: ``q * scale + minimum`` in float32) into the pools."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1) // (D // DC)
+    c0 = (tl.program_id(1) % (D // DC)) * DC
+    c = c0 + tl.arange(0, DC)
+    layer = tl.program_id(2)
+    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
+        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
+    )
+    if blk * KB < n_seg:
+        codes = payload + seg
+        row = j * H + h
+        if tier == 1:
+            q = tl.load(codes + row[:, None] * D + c[None, :], mask=ok[:, None], other=0)
+            sc = (codes + n_seg * (H * D)).to(tl.pointer_type(tl.float16), bitcast=True)
+        else:
+            half = c0 // 2 + tl.arange(0, DC // 2)
+            b = tl.load(codes + row[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
+            q = tl.reshape(tl.join(b & 15, b >> 4), [KB, DC])
+            sc = (codes + n_seg * (H * D // 2)).to(tl.pointer_type(tl.float16), bitcast=True)
+        pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
+        s, m = tl.split(tl.load(sc + pair).to(tl.float32))
+        x = q.to(tl.float32) * s[None, :] + m[None, :]
+        slot = tl.load(rows + first + j, mask=ok, other=0)
+        addr = tl.multiple_of(tl.load(dst_ptrs + layer), 16)
+        pool = tl.multiple_of(addr.to(tl.pointer_type(DST)), 16)
+        off = (slot * H + h) * D
+        tl.store(pool + off[:, None] + c[None, :], _cast(x, DST, SOFT_BF16), mask=ok[:, None])
+
+
+def _launch_unpack_channel(plan: TransferPlan, payload, ptrs, rows, dtype) -> None:
+    lay = plan.layout
+    b1, b2, dc = channel_grid(plan)
+    if not b2:
+        return
+    n_rows = (sum(plan.counts) + lay.key_block) * lay.num_kv_heads
+    _unpack_channel_kernel[(b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)](
+        payload,
+        ptrs,
+        rows,
+        plan.meta,
+        b1,
+        plan.counts[0],
+        plan.counts[1],
+        lay.num_layers,
+        DST=TL_DTYPES[dtype],
+        H=lay.num_kv_heads,
+        D=lay.head_dim,
+        DC=dc,
+        KB=lay.key_block,
+        IDX=tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
+        SOFT_BF16=interpreted(_unpack_channel_kernel) and dtype == torch.bfloat16,
+        num_warps=8 if lay.key_block * dc >= 8192 else 4,
+        **launch_options(payload.device),
+    )
+
+
+def _launch_unpack_int(plan: TransferPlan, payload, ptrs, rows, dtype) -> None:
+    """The INT8 and INT4 tiers: one launch, or V rows plus the per-channel key kernel."""
+    _, b1, _, b3 = plan.block_starts
+    if plan.layout.key_block:
+        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, values_only=True)
+        _launch_unpack_channel(plan, payload, ptrs, rows, dtype)
+    else:
+        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3)
+
+
+def _launch_unpack(
+    plan: TransferPlan, payload, ptrs, rows, dtype, blk_lo, blk_hi, values_only=False
+) -> None:
     if blk_hi <= blk_lo:
         return
     lay = plan.layout
-    _unpack_kernel[(blk_hi - blk_lo, 2 * lay.num_layers)](
+    nkv = 1 if values_only else 2
+    _unpack_kernel[(blk_hi - blk_lo, nkv * lay.num_layers)](
         payload,
         ptrs,
         rows,
@@ -138,6 +229,8 @@ def _launch_unpack(plan: TransferPlan, payload, ptrs, rows, dtype, blk_lo, blk_h
         G=lay.groups,
         BR=plan.block_rows,
         SOFT_BF16=interpreted(_unpack_kernel) and dtype == torch.bfloat16,
+        NKV=nkv,
+        KV0=1 if values_only else 0,
         num_warps=plan.num_warps,
         **launch_options(payload.device),
     )
@@ -167,7 +260,11 @@ def unpack_payload(
     pools = [*k_pools, *v_pools]
     _, b1, _, b3 = plan.block_starts
     if lay.rotation != "hadamard":
-        _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b3)
+        if lay.key_block:
+            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1)
+            _launch_unpack_int(plan, payload, ptrs, plan.rows, dtype)
+        else:
+            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b3)
         return
     _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1)
     n0 = plan.counts[0]
@@ -183,9 +280,7 @@ def unpack_payload(
         device=device,
     )
     local = torch.arange(-n0, n_int, dtype=torch.int64, device=device)
-    _launch_unpack(
-        plan, payload, pointer_table(list(scratch), device), local, torch.float32, b1, b3
-    )
+    _launch_unpack_int(plan, payload, pointer_table(list(scratch), device), local, torch.float32)
     rot = hadamard(lay.head_dim, device)
     for i, pool in enumerate(pools):  # post-step per tier and layer, like decode_rows
         for k in (Tier.INT8, Tier.INT4):

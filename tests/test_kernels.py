@@ -159,8 +159,8 @@ def code_diff(ref: torch.Tensor, got: torch.Tensor, layout: KVLayout, tiers: tor
     i = 0
     for k, tier in enumerate(PACKED_TIERS):
         for n in held[k]:
-            for _kv in range(2):
-                start, size = offsets[i], n * layout.row_nbytes(tier)
+            for kv in range(2):
+                start, size = offsets[i], layout.seg_nbytes(tier, n, key=kv == 0)
                 i += 1
                 if tier == Tier.FP16 or not n:
                     continue
@@ -255,6 +255,38 @@ def test_pack_unpack_byte_identical(case):
     check_request(make_request("cpu", **case))
 
 
+CHANNEL_CASES = [
+    dict(dtype=torch.bfloat16, head_dim=64, group=64, page=16, key_block=16, tokens=70),
+    dict(dtype=torch.float16, head_dim=32, group=16, page=1, key_block=8, tokens=45),
+    dict(dtype=torch.float32, head_dim=16, group=16, page=16, key_block=4, tokens=30, heads=3),
+    dict(dtype=torch.bfloat16, head_dim=16, group=8, page=4, key_block=64, tokens=150, layers=3),
+]
+
+
+@pytest.mark.parametrize("case", CHANNEL_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_channel_keys_byte_identical(case):
+    """Per-channel key scales (KIVI blocks, partial last blocks, a sliding-window
+    layer): the kernels write and read the reference's bytes."""
+    req = make_request("cpu", **case)
+    assert K.kernel_supported(req.layout)
+    check_request(req)
+
+
+def test_channel_keys_edge_values():
+    req = make_request("cpu", dtype=torch.float32, head_dim=16, group=16, tokens=40, key_block=8)
+    for i, p in enumerate(req.k_pools):
+        p[req.slots[:8]] = 3.0  # a constant block: scale 0
+        p[req.slots[8:16], 0, :4] = 1e6 * (i + 1)  # beyond the fp16 range
+        p[req.slots[16:24]] *= 1e-6
+    req.tiers[:24] = torch.tensor([1, 2] * 12, dtype=torch.uint8)
+    check_request(req)
+
+
+def test_channel_keys_hadamard_within_one_lsb():
+    req = make_request("cpu", head_dim=16, group=8, tokens=40, key_block=8, rotation="hadamard")
+    check_request(req, mode="bound")
+
+
 def test_hadamard_within_one_lsb():
     stats = check_request(make_request("cpu", group=32, rotation="hadamard"), mode="bound")
     print("hadamard diff (interpreter):", stats)
@@ -305,9 +337,12 @@ def test_edge_cases_all_dropped_single_token_and_fallback():
     odd = make_request("cpu", head_dim=6, group=2, tokens=9)  # not kernel-supported: reference
     assert not K.kernel_supported(odd.layout)
     check_request(odd)
-    kivi = make_request("cpu", tokens=100, key_block=64)  # per-channel keys: torch path
-    assert not K.kernel_supported(kivi.layout)
+    kivi = make_request("cpu", tokens=100, key_block=64, head_dim=16)  # per-channel keys
+    assert K.kernel_supported(kivi.layout)
     check_request(kivi)
+    odd_block = make_request("cpu", tokens=20, key_block=6, head_dim=16)  # not a power of two
+    assert not K.kernel_supported(odd_block.layout)
+    check_request(odd_block)
 
 
 def test_unpack_rejects_bad_input_and_writes_nothing():
@@ -383,6 +418,27 @@ def test_gpu_pack_unpack_byte_identical(case, tokens):
     req = make_request("cuda", layers=4, heads=8, tokens=tokens, seed=tokens, **case)
     stats = check_request(req, mode="cpu")
     print(f"GPU {case} T={tokens} vs CUDA torch reference: {stats}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 100, 3000])
+def test_gpu_channel_keys_byte_identical(dtype, tokens):
+    """Per-channel key scales (64-row blocks) on the GPU: byte-identical to the CPU
+    reference, within 1 LSB / 1 fp16 ulp of torch's CUDA reference."""
+    req = make_request(
+        "cuda",
+        layers=4,
+        heads=8,
+        head_dim=128,
+        tokens=tokens,
+        seed=tokens,
+        dtype=dtype,
+        key_block=64,
+    )
+    stats = check_request(req, mode="cpu")
+    print(f"GPU channel keys {dtype} T={tokens} vs CUDA torch reference: {stats}")
 
 
 @pytest.mark.gpu
