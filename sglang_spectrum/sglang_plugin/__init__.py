@@ -1,41 +1,32 @@
 """SGLang integration of SpectrumKV (the only SGLang-specific code of the project).
 
-After ``pip install`` the file ``sglang_spectrum_autoload.pth`` makes every Python
-process install a tiny import hook (:mod:`.autoload`). When SGLang's
-``server_args`` / ``disaggregation`` modules are imported (in the launcher and in
-every spawned scheduler process) the hook registers:
+SGLang (>= 0.5.14) loads :func:`.plugin.register` through the entry point
+``spectrumkv`` of the group ``sglang.srt.plugins`` in the launcher, the Engine
+and every scheduler process. It registers:
 
-* ``--disaggregation-transfer-backend spectrum`` (enum value, ``get_kv_class``
-  dispatch, argparse choice),
+* ``--disaggregation-transfer-backend spectrum`` (choice, enum value,
+  ``get_kv_class`` dispatch to :mod:`.manager` / :mod:`.endpoints`),
 * the ``--spectrum-*`` options (:mod:`.options`),
-* the KV-pool hand-over to our KV manager at scheduler start (:mod:`.startup`).
+* the KV-pool hand-over to our KV manager at scheduler start.
+
+One job per module: :mod:`.compat` (every SGLang-version difference),
+:mod:`.options`, :mod:`.plugin` (registration), :mod:`.identity`,
+:mod:`.messages` and :mod:`.transport` (the wire), :mod:`.manager` and
+:mod:`.endpoints` (SGLang's ``Common*`` contract), :mod:`.metrics`,
+:mod:`.probe_hook` / :mod:`.sglang_engine` (startup probe), :mod:`.launch` /
+:mod:`.demo` (deployments). Packing and unpacking are SGLang-free:
+:mod:`sglang_spectrum.transfer`.
 
 Set ``SGLANG_SPECTRUM_DISABLE=1`` to turn all of it off (SGLang then runs
-unmodified). See ``DESIGN.md`` next to this file for the SGLang internals used.
-
-This module must stay import-light: it is imported by the hooks only, never at
-interpreter start.
+unmodified). This module must stay import-light.
 """
 
 from __future__ import annotations
 
 BACKEND_NAME = "spectrum"
 DISABLE_ENV = "SGLANG_SPECTRUM_DISABLE"
-PTH_NAME = "sglang_spectrum_autoload.pth"
 # Version of the plugin's own bootstrap/ZMQ protocol (independent of the codec's
 # FORMAT_VERSION; both are exchanged and must match).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
-
-def activate() -> bool:
-    """Register the backend now, also into SGLang modules that are already imported.
-
-    For processes without the ``.pth`` file (or started before installation).
-    Returns True if the plugin is active.
-    """
-    from . import autoload
-
-    return autoload.activate()
-
-
-__all__ = ["BACKEND_NAME", "DISABLE_ENV", "PROTOCOL_VERSION", "PTH_NAME", "activate"]
+__all__ = ["BACKEND_NAME", "DISABLE_ENV", "PROTOCOL_VERSION"]

@@ -1,23 +1,29 @@
-"""The ``--spectrum-*`` server options: CLI registration, storage on ServerArgs, validation.
+"""The ``--spectrum-*`` server options: CLI registration, hand-over to the scheduler, checks.
 
-Values live as plain attributes of the ``ServerArgs`` instance
-(``server_args.spectrum_budget`` ...): instance attributes are pickled with it,
-so they reach the spawned scheduler processes. Class-level defaults make the
-attributes exist on every ``ServerArgs`` (also one built programmatically).
+SGLang's ``ServerArgs`` is a sealed record (0.5.17) or a msgspec-backed one
+(0.5.23): a plugin cannot add fields to it. The options are therefore parsed
+in the launcher (an AFTER hook on ``ServerArgs.add_cli_args`` adds the
+``--spectrum-*`` group, one on ``ServerArgs.from_cli_args`` validates them) and
+handed to every process the launcher spawns through one environment variable,
+``SGLANG_SPECTRUM_OPTIONS`` (JSON): scheduler processes inherit it. A program
+that builds ``ServerArgs`` itself (``sglang.Engine``) sets that variable, or
+gets the defaults.
 
 Option values are validated by argparse actions (``parser.error`` -> usage line,
 ``error: --spectrum-budget must be in (0, 1], got 1.5``, exit code 2); checks
-that need several options or the model run after ``from_cli_args`` and exit
-the same way.
+that need several options run in the ``from_cli_args`` hook and exit the same
+way; checks that need the model (head_dim) run when the KV manager starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from . import BACKEND_NAME
@@ -37,9 +43,9 @@ DEFAULTS: dict[str, Any] = {
     "spectrum_arena_mb": 0.0,
     "spectrum_rotation": "none",
     "spectrum_group_size": 0,
-    "spectrum_key_scales": "token",
+    "spectrum_key_scales": "channel",
 }
-_MARK = "_sglang_spectrum_options"
+OPTIONS_ENV = "SGLANG_SPECTRUM_OPTIONS"
 
 
 class SpectrumOptionError(ValueError):
@@ -128,20 +134,35 @@ def check_group_size(value: Any) -> int | None:
     return group
 
 
-def options_from_server_args(server_args: Any) -> SpectrumServerOptions:
-    """Read (and validate) the options stored on a ``ServerArgs``."""
-    return SpectrumServerOptions(
-        budget=getattr(server_args, "spectrum_budget", DEFAULTS["spectrum_budget"]),
-        tiers=getattr(server_args, "spectrum_tiers", DEFAULTS["spectrum_tiers"]),
-        allocator=getattr(server_args, "spectrum_allocator", DEFAULTS["spectrum_allocator"]),
-        probe_refresh=getattr(
-            server_args, "spectrum_probe_refresh", DEFAULTS["spectrum_probe_refresh"]
-        ),
-        arena_mb=getattr(server_args, "spectrum_arena_mb", DEFAULTS["spectrum_arena_mb"]),
-        rotation=getattr(server_args, "spectrum_rotation", DEFAULTS["spectrum_rotation"]),
-        group_size=getattr(server_args, "spectrum_group_size", DEFAULTS["spectrum_group_size"]),
-        key_scales=getattr(server_args, "spectrum_key_scales", DEFAULTS["spectrum_key_scales"]),
-    )
+def options_from_dict(values: dict[str, Any]) -> SpectrumServerOptions:
+    """Options from a dict of :class:`SpectrumServerOptions` fields (unknown keys refused)."""
+    known = {f.name for f in fields(SpectrumServerOptions)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SpectrumOptionError(f"unknown SpectrumKV option(s): {', '.join(unknown)}")
+    return SpectrumServerOptions(**values)
+
+
+def publish_options(opts: SpectrumServerOptions) -> None:
+    """Hand the options to the processes this one spawns (scheduler processes)."""
+    os.environ[OPTIONS_ENV] = json.dumps(opts.to_dict(), sort_keys=True)
+
+
+def current_options() -> SpectrumServerOptions:
+    """The options of this server process (defaults when none were published).
+
+    Raises :class:`SpectrumOptionError` for a malformed ``SGLANG_SPECTRUM_OPTIONS``.
+    """
+    raw = os.environ.get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return SpectrumServerOptions()
+    try:
+        values = json.loads(raw)
+    except ValueError as e:
+        raise SpectrumOptionError(f"{OPTIONS_ENV} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise SpectrumOptionError(f"{OPTIONS_ENV} must be a JSON object, got {raw!r}")
+    return options_from_dict(values)
 
 
 def no_drop_floor(
@@ -189,25 +210,6 @@ def check_no_drop(opts: SpectrumServerOptions, head_dim: int | None) -> None:
 
 def _group_desc(group_size: int | None) -> str:
     return "" if group_size is None else f" and group size {group_size}"
-
-
-def _model_head_dim(server_args: Any) -> int | None:
-    try:
-        return int(server_args.get_model_config().head_dim)
-    except Exception as e:  # the scheduler checks again with the KV pool's head_dim
-        logger.debug("spectrum: model head_dim unknown at argument time: %s", e)
-        return None
-
-
-def validate_server_args(server_args: Any, head_dim: int | None = None) -> SpectrumServerOptions:
-    """All checks for a server that uses the spectrum backend (raises SpectrumOptionError)."""
-    opts = options_from_server_args(server_args)
-    if getattr(server_args, "disaggregation_mode", "null") == "null":
-        raise SpectrumOptionError(
-            "--disaggregation-transfer-backend spectrum needs --disaggregation-mode prefill|decode"
-        )
-    check_no_drop(opts, head_dim)
-    return opts
 
 
 # --------------------------------------------------------------------------- argparse
@@ -283,8 +285,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="token: INT8/INT4 keys get one scale per token and group, like values;"
         " channel: one scale per channel over 64-token blocks (KIVI), for models whose keys"
         " have outlier channels (e.g. Qwen2.5: INT4 perplexity +13.3%% -> +0.6%%, same bytes"
-        " at head_dim 64). Torch path: the Triton kernels need token scales"
-        f" (default {DEFAULTS['spectrum_key_scales']}).",
+        f" at head_dim 64) (default {DEFAULTS['spectrum_key_scales']}).",
     )
     group.add_argument(
         "--spectrum-probe-refresh",
@@ -308,67 +309,49 @@ def _exit_error(msg: str) -> None:
     sys.exit(2)
 
 
-def apply_cli_namespace(server_args: Any, ns: argparse.Namespace) -> None:
-    """Copy given ``--spectrum-*`` values onto ``server_args`` and run the startup checks."""
+def model_head_dim(model_path: str | None) -> int | None:
+    """head_dim from a local model folder's config.json (None when unknown: the KV
+    manager checks again with the KV pool's head_dim)."""
+    try:
+        with open(os.path.join(str(model_path), "config.json")) as f:
+            cfg = json.load(f)
+        cfg = cfg.get("text_config", cfg)
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        return int(head_dim)
+    except Exception:
+        return None
+
+
+def options_from_namespace(ns: argparse.Namespace) -> SpectrumServerOptions:
+    """The options given on the command line (defaults for the others)."""
     given = {k: getattr(ns, k) for k in DEFAULTS if getattr(ns, k, None) is not None}
-    for key, value in given.items():
-        setattr(server_args, key, value)
-    if getattr(server_args, "disaggregation_transfer_backend", None) != BACKEND_NAME:
+    return options_from_dict({k.removeprefix("spectrum_"): v for k, v in given.items()})
+
+
+def apply_cli_namespace(ns: argparse.Namespace) -> SpectrumServerOptions | None:
+    """Validate the ``--spectrum-*`` values of a parsed command line and publish them.
+
+    Exits with a one-line error (code 2) on an invalid combination. Returns None
+    (and warns about given options) when the server does not use the backend.
+    """
+    given = [k for k in DEFAULTS if getattr(ns, k, None) is not None]
+    if getattr(ns, "disaggregation_transfer_backend", None) != BACKEND_NAME:
         if given:
             logger.warning(
                 "%s ignored: only used with --disaggregation-transfer-backend %s",
                 ", ".join("--" + k.replace("_", "-") for k in given),
                 BACKEND_NAME,
             )
-        return
+        return None
+    if getattr(ns, "disaggregation_mode", "null") in (None, "null"):
+        _exit_error(
+            f"--disaggregation-transfer-backend {BACKEND_NAME} needs"
+            " --disaggregation-mode prefill|decode"
+        )
     try:
-        validate_server_args(server_args, _model_head_dim(server_args))
+        opts = options_from_namespace(ns)
+        check_no_drop(opts, model_head_dim(getattr(ns, "model_path", None)))
     except SpectrumOptionError as e:
         _exit_error(str(e))
-    validate_ib = getattr(server_args, "_validate_ib_devices", None)
-    if validate_ib is not None:  # upstream does this for "mooncake" only (server_args.py:3286)
-        server_args.disaggregation_ib_device = validate_ib(server_args.disaggregation_ib_device)
-
-
-# --------------------------------------------------------------------------- hook
-
-
-def install(server_args_module: Any) -> None:
-    """Hook for ``sglang.srt.server_args``: choices, options, ServerArgs defaults (idempotent)."""
-    ServerArgs = server_args_module.ServerArgs
-    if getattr(ServerArgs, _MARK, False):
-        return
-    # The backend must exist before it becomes a valid choice: importing the
-    # utils module runs (or we run) registry.install; if that fails, "spectrum"
-    # stays an invalid choice instead of crashing later in the scheduler.
-    import importlib
-
-    utils = importlib.import_module("sglang.srt.disaggregation.utils")
-    from . import registry
-
-    registry.install(utils)
-
-    for key, value in DEFAULTS.items():
-        if not hasattr(ServerArgs, key):
-            setattr(ServerArgs, key, value)
-
-    orig_add = ServerArgs.__dict__["add_cli_args"].__func__
-    orig_from = ServerArgs.__dict__["from_cli_args"].__func__
-
-    def add_cli_args_with_spectrum(parser: argparse.ArgumentParser) -> None:
-        orig_add(parser)
-        add_cli_args(parser)
-
-    def from_cli_args_with_spectrum(cls, args: argparse.Namespace):
-        server_args = orig_from(cls, args)
-        apply_cli_namespace(server_args, args)
-        return server_args
-
-    add_cli_args_with_spectrum.__wrapped__ = orig_add  # type: ignore[attr-defined]
-    from_cli_args_with_spectrum.__wrapped__ = orig_from  # type: ignore[attr-defined]
-    ServerArgs.add_cli_args = staticmethod(add_cli_args_with_spectrum)
-    ServerArgs.from_cli_args = classmethod(from_cli_args_with_spectrum)
-    choices = server_args_module.DISAGG_TRANSFER_BACKEND_CHOICES
-    if BACKEND_NAME not in choices:
-        server_args_module.add_disagg_transfer_backend_choices([BACKEND_NAME])
-    setattr(ServerArgs, _MARK, True)
+    publish_options(opts)
+    return opts

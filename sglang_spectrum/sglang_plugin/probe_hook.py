@@ -1,9 +1,10 @@
 """The tier mode in force in this server process (``--spectrum-tiers auto|3|2``).
 
 ``auto`` is resolved by the INT4-tolerance probe at scheduler startup
-(:func:`run_startup_probe`, called from the prefill KV-manager hook in
-:mod:`.startup` *before* the manager registers at the bootstrap server); until
-a decision exists, and whenever the probe cannot run, the safe 2-tier mode
+(:func:`run_startup_probe`, called once in each prefill scheduler process by
+an AFTER hook on ``Scheduler.__init__`` registered through SGLang's plugin
+``HookRegistry``, before the scheduler serves its first request); until a
+decision exists, and whenever the probe cannot run, the safe 2-tier mode
 (FP16+INT8) is used.
 
 The probe is :func:`sglang_spectrum.eval.probe.run_probe` on the served model
@@ -131,41 +132,35 @@ def probe_cache_dir(kv_dtype: str) -> str:
     return os.path.join(root, f"sglang-{kv_dtype}")
 
 
-def _tokenizer(scheduler: Any, server_args: Any) -> Any:
-    tok = getattr(scheduler, "tokenizer", None)
-    if tok is not None and callable(tok) and hasattr(tok, "apply_chat_template"):
-        return tok
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(
-        server_args.tokenizer_path or server_args.model_path,
-        trust_remote_code=getattr(server_args, "trust_remote_code", False),
-    )
-
-
-def _probe(scheduler: Any, server_args: Any, opts: Any):
+def _probe(scheduler: Any, opts: Any):
     """Run (or read) the probe; returns (ProbeResult, settings, lookup seconds)."""
     from sglang_spectrum.eval.probe import cached_probe, run_probe
     from sglang_spectrum.models import weights_identity
 
-    from .sglang_engine import SGLangProbeEngine, kv_pool_of, probe_capacity
+    from .sglang_engine import (
+        SGLangProbeEngine,
+        kv_dtype_name,
+        model_path_of,
+        model_runner_of,
+        probe_capacity,
+        tokenizer_of,
+    )
 
-    model_runner = scheduler.tp_worker.model_runner
-    pool = kv_pool_of(model_runner)
+    model_runner = model_runner_of(scheduler)
+    cache_dir = probe_cache_dir(kv_dtype_name(model_runner))  # also checks the pool
     settings = probe_settings(opts.allocator, probe_capacity(model_runner), opts)
-    weights_id = weights_identity(server_args.model_path)
-    cache_dir = probe_cache_dir(str(pool.k_buffer[0].dtype).removeprefix("torch."))
+    weights_id = weights_identity(model_path_of(model_runner))
 
     engines = []
 
     def run():
-        tokenizer = _tokenizer(scheduler, server_args)
+        tokenizer = tokenizer_of(scheduler, model_runner)
         engine = SGLangProbeEngine(model_runner, tokenizer, settings.max_new_tokens)
         engines.append(engine)
         return run_probe(engine, tokenizer, settings)
 
     t0 = time.perf_counter()
-    refresh = opts.probe_refresh
+    refresh = bool(getattr(opts, "probe_refresh", False))
     result = cached_probe(weights_id, run, settings, refresh=refresh, cache_dir=cache_dir)
     if engines:
         e = engines[0]
@@ -181,51 +176,47 @@ def _probe(scheduler: Any, server_args: Any, opts: Any):
     return result, settings, time.perf_counter() - t0
 
 
-def run_startup_probe(scheduler: Any, server_args: Any) -> dict[str, Any]:
-    """Resolve ``--spectrum-tiers`` for this prefill server; never raises.
+def _fallback(server_args: Any, reason: str, seconds: float) -> dict[str, Any]:
+    logger.warning(
+        "SpectrumKV: INT4 probe could not run, falling back to --spectrum-tiers 2 (%s)", reason
+    )
+    set_decision("2", {"source": "fallback", "passed": None, "reason": reason, "seconds": seconds})
+    _publish(server_args, "2", None, "fallback")
+    return decision()
 
-    Does nothing (returns ``{}``) unless this is a SpectrumKV prefill server.
-    ``3``/``2``: recorded as given. ``auto``: the probe (or its cached result)
-    decides; a probe that cannot run logs one WARNING and falls back to "2".
-    Returns :func:`decision`.
+
+def run_startup_probe(scheduler: Any, server_args: Any, options: Any = None) -> dict[str, Any]:
+    """Resolve ``--spectrum-tiers`` for this prefill scheduler process; never raises.
+
+    Called once per prefill scheduler (every TP rank) at the end of
+    ``Scheduler.__init__`` with the server's :class:`~.options.SpectrumServerOptions`
+    (``None``: read from ``server_args``). ``3``/``2``: recorded as given.
+    ``auto``: the probe (or its cached result) decides; a probe that cannot run
+    logs one WARNING and falls back to "2". Returns :func:`decision`: at least
+    ``tiers`` ("3"|"2"), ``passed`` (True/False, None without a probe result)
+    and ``source`` ("probe"|"cache"|"fallback"|"option").
     """
-    from . import BACKEND_NAME
-
-    try:
-        if getattr(server_args, "disaggregation_transfer_backend", None) != BACKEND_NAME:
-            return {}
-        if str(getattr(server_args, "disaggregation_mode", "null")) != "prefill":
-            return {}
-        from .options import options_from_server_args
-
-        opts = options_from_server_args(server_args)
-    except Exception as e:
-        logger.warning("SpectrumKV: INT4 probe skipped, tiers 2 (%s: %s)", type(e).__name__, e)
-        set_decision("2", {"source": "fallback", "reason": f"{type(e).__name__}: {e}"})
-        _publish(server_args, "2", None, "fallback")
-        return decision()
-
-    if opts.tiers in ("3", "2"):
-        set_decision(opts.tiers, {"source": "option"})
-        logger.info("SpectrumKV: --spectrum-tiers %s given, INT4 probe not run", opts.tiers)
-        _publish(server_args, opts.tiers, None, "option")
-        return decision()
-
     t0 = time.perf_counter()
     try:
-        result, settings, lookup_s = _probe(scheduler, server_args, opts)
+        opts = options
+        if opts is None:
+            from .options import options_from_server_args
+
+            opts = options_from_server_args(server_args)
+        tiers = str(opts.tiers)
     except Exception as e:
-        reason = f"{type(e).__name__}: {e}"
-        logger.warning(
-            "SpectrumKV: INT4 probe could not run, falling back to --spectrum-tiers 2 (%s)",
-            reason,
-        )
-        set_decision(
-            "2",
-            {"source": "fallback", "reason": reason, "seconds": time.perf_counter() - t0},
-        )
-        _publish(server_args, "2", None, "fallback")
+        return _fallback(server_args, f"{type(e).__name__}: {e}", time.perf_counter() - t0)
+
+    if tiers in ("3", "2"):
+        set_decision(tiers, {"source": "option", "passed": None})
+        logger.info("SpectrumKV: --spectrum-tiers %s given, INT4 probe not run", tiers)
+        _publish(server_args, tiers, None, "option")
         return decision()
+
+    try:
+        result, settings, lookup_s = _probe(scheduler, opts)
+    except Exception as e:
+        return _fallback(server_args, f"{type(e).__name__}: {e}", time.perf_counter() - t0)
 
     source = "cache" if result.cached else "probe"
     set_decision(
@@ -273,14 +264,17 @@ def run_startup_probe(scheduler: Any, server_args: Any) -> dict[str, Any]:
 
 def _publish(server_args: Any, tiers: str, passed: bool | None, source: str) -> None:
     """Prometheus gauges (only with ``--enable-metrics``)."""
-    if not getattr(server_args, "enable_metrics", False):
-        return
     try:
+        from .sglang_engine import server_arg
+
+        if not server_arg(server_args, "enable_metrics", False):
+            return
         from prometheus_client import Gauge
 
         labels = {
             "model_name": str(
-                getattr(server_args, "served_model_name", None) or server_args.model_path
+                server_arg(server_args, "served_model_name")
+                or server_arg(server_args, "model_path")
             ),
             "role": "prefill",
             "source": source,

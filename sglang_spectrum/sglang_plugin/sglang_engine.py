@@ -1,19 +1,19 @@
 """The INT4 probe's engine on SGLang's own model runner (no scheduler loop).
 
-Drives ``ModelRunner`` the way ``sglang/bench_one_batch.py`` does (``Req`` ->
-``ScheduleBatch.prepare_for_extend`` -> ``get_model_worker_batch`` ->
-``ForwardBatch.init_new`` -> ``model_runner.forward``, then
-``prepare_for_decode`` steps), with the server's real pools and allocators but
-a dummy prefix cache (the probe's prompts never enter the radix tree). One
-answer:
+Drives ``ModelRunner`` the way ``sglang/benchmark/one_batch.py`` does
+(``Req`` -> ``ScheduleBatch.init_new`` -> ``prepare_for_extend`` ->
+``ForwardBatch.init_new(batch, model_runner)`` -> ``model_runner.forward``,
+then ``prepare_for_decode`` steps), with the server's real pools and
+allocators but a dummy prefix cache (the probe's prompts never enter the radix
+tree). One answer:
 
 1. extend the prompt (full precision, like the prefill server); the first
    answer token comes from these logits, as in PD serving;
-2. degraded only: read the prompt's K/V from its pool slots
-   (``req_to_token`` -> ``k_buffer[l]`` / ``v_buffer[l]``), ``pack_kv`` under
-   the probe's 3-tier config (``allow_drop=False``, as a transfer packs:
-   no queries, K-only importance) and ``unpack_kv`` back into the same slots,
-   i.e. the decode server's view of the transferred KV;
+2. degraded only: pack the prompt's pool KV with
+   :func:`sglang_spectrum.transfer.pack_request` under the probe's 3-tier
+   config (``allow_drop=False``, no queries: exactly what a transfer sends) and
+   :func:`~sglang_spectrum.transfer.unpack_request` it back into the same
+   slots, i.e. the decode server's view of the transferred KV;
 3. decode greedily (argmax) up to ``max_new_tokens`` or EOS;
 4. free the request's KV slots and its ``req_to_token`` row, and check that
    both pools are back to their size before the call (a leak raises).
@@ -21,10 +21,14 @@ answer:
 The probe asks for the full answer of a prompt before its degraded answer, so
 a full answer keeps a CPU copy of the prompt's pool KV and its first token
 (the last ``memo`` prompts): the degraded answer then allocates the slots,
-writes the unpacked KV straight into them and starts decoding, without a
-second prefill forward (the prefill is deterministic, so this is the KV a
-second extend would produce; it is also exactly what a PD decode server
-receives: the prompt KV and the first token).
+writes the full-precision KV back into them, packs and unpacks it there and
+starts decoding, without a second prefill forward (the prefill is
+deterministic, so this is the KV a second extend would produce; it is also
+exactly what a PD decode server receives: the prompt KV and the first token).
+
+Every SGLang access that differs between the supported releases (0.5.17 and
+0.5.23) is one of the small helpers in the first section below; the rest of
+the module only calls them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -39,7 +44,6 @@ from typing import Any
 
 import torch
 
-from sglang_spectrum.codec import pack_kv, unpack_kv
 from sglang_spectrum.config import SpectrumConfig
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,15 +55,178 @@ class ProbeEngineError(RuntimeError):
     """The probe cannot run on this model runner (the reason is the message)."""
 
 
+# =========================================================================== SGLang access
+# One helper per SGLang object the probe touches. Where 0.5.17 and 0.5.23
+# differ, the helper says how (file:line of each release in the docstring).
+
+
+def sglang_version() -> str:
+    from sglang.version import __version__
+
+    return str(__version__)
+
+
+def model_runner_of(scheduler: Any) -> Any:
+    """The scheduler's ``ModelRunner``: ``scheduler.tp_worker.model_runner`` in both
+    releases (0.5.17 managers/scheduler.py:899 + tp_worker.py:80; 0.5.23
+    managers/scheduler.py:1033 + tp_worker.py:87)."""
+    return scheduler.tp_worker.model_runner
+
+
+def server_arg(server_args: Any, name: str, default: Any = None) -> Any:
+    """A resolved ``ServerArgs`` field.
+
+    0.5.23: ``ServerArgs`` is a msgspec record whose fields keep the raw input;
+    what resolution decided lives in declarations read by
+    ``arg_groups.overrides.resolution_result`` (overrides.py:178). 0.5.17: the
+    declarations are materialised into the (sealed) fields, a plain read.
+    """
+    if server_args is None:
+        return default
+    try:
+        from sglang.srt.arg_groups.overrides import resolution_result
+    except ImportError:  # 0.5.17
+        return getattr(server_args, name, default)
+    try:
+        return resolution_result(server_args, name, default)
+    except Exception:  # not a ServerArgs (a stand-in object)
+        return getattr(server_args, name, default)
+
+
+def kv_pool_of(model_runner: Any) -> Any:
+    """The MHA token pool holding per-layer ``k_buffer``/``v_buffer`` ``[slots, heads, dim]``
+    (``model_runner.token_to_kv_pool``: 0.5.17 model_runner.py:781, 0.5.23
+    model_runner.py:988); anything else raises :class:`ProbeEngineError`.
+
+    Refused: hybrid/SWA pools (``full_kv_pool``), MLA (no ``v_buffer``), 0.5.23's
+    HND / vectorized-5D layouts (``kv_cache_layout`` != "nhd",
+    mem_cache/memory_pool.py:2252-2280), FP8/FP4 storage. K and V sharing one
+    allocation (0.5.23 memory_pool.py:2631) is fine: they are separate views.
+    """
+    pool = getattr(model_runner, "token_to_kv_pool", None)
+    if pool is None:
+        raise ProbeEngineError("the model runner has no token_to_kv_pool")
+    if hasattr(pool, "full_kv_pool"):
+        raise ProbeEngineError(f"hybrid KV pool {type(pool).__name__} is not supported")
+    if not (getattr(pool, "k_buffer", None) and getattr(pool, "v_buffer", None)):
+        raise ProbeEngineError(f"KV pool {type(pool).__name__} has no k_buffer/v_buffer (MLA?)")
+    layout = getattr(pool, "kv_cache_layout", "nhd")  # 0.5.17 pools have only NHD
+    if layout != "nhd" or getattr(pool, "use_hnd", False):
+        raise ProbeEngineError(f"KV pool layout {layout!r} is not supported (NHD only)")
+    k0 = pool.k_buffer[0]
+    if k0.dim() != 3 or pool.v_buffer[0].dim() != 3:
+        raise ProbeEngineError(f"KV buffers of shape {tuple(k0.shape)} are not [slots, heads, dim]")
+    if k0.dtype not in _SUPPORTED_DTYPES:
+        raise ProbeEngineError(f"KV pool dtype {k0.dtype} is not supported (16/32-bit float only)")
+    return pool
+
+
+def kv_dtype_name(model_runner: Any) -> str:
+    """``bfloat16`` / ``float16`` / ``float32``: the pool's storage dtype."""
+    return str(kv_pool_of(model_runner).k_buffer[0].dtype).removeprefix("torch.")
+
+
+def token_allocator_of(model_runner: Any) -> Any:
+    """``model_runner.token_to_kv_pool_allocator`` (0.5.17 model_runner.py:782, 0.5.23
+    model_runner.py:989); ``available_size()``, ``free(indices)``, ``page_size``."""
+    return model_runner.token_to_kv_pool_allocator
+
+
+def req_to_token_pool_of(model_runner: Any) -> Any:
+    """``model_runner.req_to_token_pool`` (0.5.17 model_runner.py:780, 0.5.23
+    model_runner.py:987): ``req_to_token[row, pos]`` -> KV slot, ``free(req)``."""
+    return model_runner.req_to_token_pool
+
+
+def page_size_of(model_runner: Any) -> int:
+    """The allocator's page (0.5.23 reads ``get_schedule().page_size`` for the tree
+    cache, one_batch.py:500; 0.5.17 ``server_args.page_size``, one_batch.py:485; the
+    allocator's own ``page_size`` is the same number in both)."""
+    return int(getattr(token_allocator_of(model_runner), "page_size", 1) or 1)
+
+
+def model_path_of(model_runner: Any) -> str:
+    """The served weights' folder: ``model_runner.model_config.model_path`` (0.5.17
+    configs/model_config.py:272, 0.5.23 configs/model_config.py:593)."""
+    return str(model_runner.model_config.model_path)
+
+
+def tokenizer_of(scheduler: Any, model_runner: Any) -> Any:
+    """The scheduler's tokenizer (``Scheduler.init_tokenizer``: 0.5.17 and 0.5.23
+    ``scheduler.tokenizer``, 0.5.23 managers/scheduler.py:891), else the model
+    folder's (``--skip-tokenizer-init`` servers)."""
+    tok = getattr(scheduler, "tokenizer", None)
+    if tok is not None and callable(tok) and hasattr(tok, "decode"):
+        return tok
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path_of(model_runner))
+
+
+def needs_mlp_sync(model_runner: Any) -> bool:
+    """True where a forward needs the DP-attention MLP sync (the probe refuses it):
+    ``require_mlp_sync()`` (0.5.23 utils/common.py:4163, reads the runtime context)
+    or ``require_mlp_sync(server_args)`` (0.5.17 utils/common.py:3626)."""
+    import inspect
+
+    from sglang.srt.utils import require_mlp_sync
+
+    if inspect.signature(require_mlp_sync).parameters:  # 0.5.17
+        return bool(require_mlp_sync(model_runner.server_args))
+    return bool(require_mlp_sync())
+
+
+def new_probe_req(ids: list[int], max_new_tokens: int) -> Any:
+    """A greedy ``Req`` over the whole prompt (no prefix), as
+    ``prepare_synthetic_inputs_for_latency_test`` builds it.
+
+    0.5.23 (one_batch.py:465-470): ``req.extend_end = len(ids)``; 0.5.17
+    (one_batch.py:453-458): ``req.set_extend_range(0, len(ids))``. Both:
+    ``origin_input_ids`` an ``array('q')`` aliased by ``full_untruncated_fill_ids``.
+    """
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    origin = array("q", ids)
+    req = Req(
+        rid=f"spectrum-probe-{next(_ids)}",
+        origin_input_text="",
+        origin_input_ids=origin,
+        sampling_params=SamplingParams(temperature=0, max_new_tokens=int(max_new_tokens)),
+    )
+    req.full_untruncated_fill_ids = req.origin_input_ids
+    req.logprob_start_len = -1
+    if hasattr(req, "set_extend_range"):  # 0.5.17
+        req.set_extend_range(0, len(origin))
+    else:  # 0.5.23
+        req.extend_end = len(origin)
+    return req
+
+
+def req_pool_idx(req: Any) -> int | None:
+    """The request's ``req_to_token`` row: ``req.kv.req_pool_idx`` (0.5.23,
+    schedule_batch.py:955 ``ReqKvInfo``) or ``req.req_pool_idx`` (0.5.17,
+    schedule_batch.py:899)."""
+    kv = getattr(req, "kv", None)
+    if kv is not None and hasattr(kv, "req_pool_idx"):
+        return kv.req_pool_idx
+    return req.req_pool_idx
+
+
 class _ProbeTreeCache(SimpleNamespace):
-    """Minimal prefix cache for ``ScheduleBatch`` (as ``bench_one_batch`` uses):
-    allocation only, nothing cached, nothing evictable."""
+    """Minimal prefix cache for ``ScheduleBatch``: allocation only, nothing cached,
+    nothing evictable. The union of one_batch's ``TreeCacheNamespace`` in 0.5.17
+    (one_batch.py:462-475: ``is_chunk_cache``/``is_tree_cache``) and 0.5.23
+    (one_batch.py:479-494: ``supports_prefix_sharing``/``maybe_hand_to_session``)."""
 
     def supports_swa(self) -> bool:
         return False
 
     def supports_mamba(self) -> bool:
         return False
+
+    def supports_prefix_sharing(self) -> bool:
+        return True
 
     def is_chunk_cache(self) -> bool:
         return False
@@ -70,6 +237,9 @@ class _ProbeTreeCache(SimpleNamespace):
     def evict(self, params: Any) -> None:
         pass
 
+    def maybe_hand_to_session(self, req: Any) -> None:
+        pass
+
     def pretty_print(self) -> None:
         pass
 
@@ -77,30 +247,116 @@ class _ProbeTreeCache(SimpleNamespace):
         return f"available={self.token_to_kv_pool_allocator.available_size()}"
 
 
-def kv_pool_of(model_runner: Any) -> Any:
-    """The MHA pool holding ``k_buffer``/``v_buffer`` (raises ProbeEngineError otherwise)."""
-    pool = model_runner.token_to_kv_pool
-    if hasattr(pool, "full_kv_pool"):
-        raise ProbeEngineError(f"hybrid KV pool {type(pool).__name__} is not supported")
-    if not (hasattr(pool, "k_buffer") and hasattr(pool, "v_buffer")):
-        raise ProbeEngineError(f"KV pool {type(pool).__name__} has no k_buffer/v_buffer (MLA?)")
-    dtype = pool.k_buffer[0].dtype
-    if dtype not in _SUPPORTED_DTYPES:
-        raise ProbeEngineError(f"KV pool dtype {dtype} is not supported (16/32-bit float only)")
-    return pool
+def new_schedule_batch(req: Any, model_runner: Any) -> Any:
+    """``ScheduleBatch.init_new`` for one request with a dummy tree cache (same
+    keywords in 0.5.17 one_batch.py:489 and 0.5.23 one_batch.py:505)."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    allocator, req_pool = token_allocator_of(model_runner), req_to_token_pool_of(model_runner)
+    tree_cache = _ProbeTreeCache(
+        page_size=page_size_of(model_runner),
+        device=model_runner.device,
+        token_to_kv_pool_allocator=allocator,
+        req_to_token_pool=req_pool,
+    )
+    return ScheduleBatch.init_new(
+        reqs=[req],
+        req_to_token_pool=req_pool,
+        token_to_kv_pool_allocator=allocator,
+        tree_cache=tree_cache,
+        model_config=model_runner.model_config,
+        enable_overlap=False,
+        spec_algorithm=SpeculativeAlgorithm.NONE,
+    )
+
+
+def forward_logits(batch: Any, model_runner: Any) -> torch.Tensor:
+    """One forward of a prepared batch; the next-token logits ``[bs, vocab]``.
+
+    ``get_model_worker_batch`` is gone in both releases: ``ForwardBatch.init_new``
+    takes the ``ScheduleBatch`` itself (keyword ``return_hidden_states_before_norm``
+    required; 0.5.17 forward_batch_info.py:706, 0.5.23 one_batch.py:525). An
+    extend leaves its token ids on the host in ``prefill_input_ids_cpu``; they
+    are moved to ``input_ids`` first, as one_batch.py does (0.5.17 :501, 0.5.23 :516).
+    """
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
+        batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
+        batch.prefill_input_ids_cpu = None
+    forward_batch = ForwardBatch.init_new(
+        batch, model_runner, return_hidden_states_before_norm=False
+    )
+    return model_runner.forward(forward_batch).logits_output.next_token_logits
+
+
+def prepare_decode_step(batch: Any, token_id: int) -> None:
+    """Feed the last token and allocate one slot: ``batch.input_ids`` then
+    ``prepare_for_decode()`` (0.5.17 one_batch.py:531, 0.5.23 one_batch.py:537)."""
+    batch.input_ids = torch.tensor([token_id], dtype=torch.int64, device=batch.device)
+    batch.prepare_for_decode()
+
+
+def release_req(req: Any, model_runner: Any, allocated: int) -> None:
+    """Give back the request's first ``allocated`` KV slots and its ``req_to_token``
+    row (the server's ``release_kv_cache`` would insert them into the radix tree).
+    ``req_to_token_pool.free(req)``: 0.5.17 memory_pool.py:319, 0.5.23
+    memory_pool.py:461 (clears ``req.kv.req_pool_idx``)."""
+    row = req_pool_idx(req)
+    if row is None:
+        return
+    req_pool = req_to_token_pool_of(model_runner)
+    if allocated:
+        slots = req_pool.req_to_token[row, :allocated].to(torch.int64)
+        token_allocator_of(model_runner).free(slots)
+    req_pool.free(req)
+    kv = getattr(req, "kv", None)
+    if kv is not None and hasattr(kv, "mark_kv_released"):  # 0.5.23 bookkeeping
+        kv.mark_kv_released()
+
+
+# =========================================================================== the engine
 
 
 def probe_capacity(model_runner: Any) -> int:
     """Most tokens (prompt + answer) one probe request may hold right now."""
+    allocator, req_pool = token_allocator_of(model_runner), req_to_token_pool_of(model_runner)
+    if req_pool.available_size() < 1:
+        return 0
     limits = [
-        int(model_runner.token_to_kv_pool_allocator.available_size()),
-        int(model_runner.req_to_token_pool.max_context_len),
+        int(allocator.available_size()),
+        int(req_pool.max_context_len),
         int(model_runner.model_config.context_len),
     ]
-    if model_runner.req_to_token_pool.available_size() < 1:
-        return 0
-    page = int(getattr(model_runner.token_to_kv_pool_allocator, "page_size", 1) or 1)
-    return max(0, min(limits) - page)  # one page of headroom for paged allocation
+    return max(0, min(limits) - page_size_of(model_runner))  # a page of headroom
+
+
+def pack_unpack(
+    k_pools: list[torch.Tensor],
+    v_pools: list[torch.Tensor],
+    slots: torch.Tensor,
+    config: SpectrumConfig,
+) -> dict[str, int]:
+    """Send the KV in ``slots`` through the serving request path and back: pack it with
+    :func:`sglang_spectrum.transfer.pack_request` into a send region of
+    :func:`~sglang_spectrum.transfer.packed_size_bound` bytes, then
+    :func:`~sglang_spectrum.transfer.unpack_request` it (checksum verified) into the
+    same slots. Returns the tier counts."""
+    from sglang_spectrum.transfer import pack_request, packed_size_bound, unpack_request
+
+    ref = k_pools[0]
+    bound = packed_size_bound(
+        int(slots.numel()), len(k_pools), int(ref.shape[1]), int(ref.shape[2]), ref.dtype, config
+    )
+    region = torch.empty(bound, dtype=torch.uint8, device=ref.device)
+    sent = pack_request(k_pools, v_pools, slots, config, out=region)
+    info = unpack_request(
+        region[: sent.nbytes], k_pools, v_pools, slots, expected_checksum=sent.checksum
+    )
+    if info.dropped.numel():  # allow_drop=False: never; a dropped slot would hold stale KV
+        raise ProbeEngineError(f"the codec dropped {info.dropped.numel()} prompt tokens")
+    return dict(info.tier_counts)
 
 
 class SGLangProbeEngine:
@@ -115,6 +371,8 @@ class SGLangProbeEngine:
         eos_token_ids: set[int] | None = None,
         memo: int = 4,
     ):
+        if needs_mlp_sync(model_runner):
+            raise ProbeEngineError("DP attention (MLP sync) is not supported by the probe")
         self.mr = model_runner
         self.tokenizer = tokenizer
         self.max_new_tokens = int(max_new_tokens)
@@ -163,44 +421,17 @@ class SGLangProbeEngine:
     ) -> list[int]:
         """Greedy answer token ids for the prompt ``ids`` (KV degraded by ``config``);
         stops at EOS, ``max_new_tokens`` or when ``stop(tokens)`` is true."""
-        from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
-        from sglang.srt.model_executor.forward_batch_info import ForwardBatch
-        from sglang.srt.sampling.sampling_params import SamplingParams
-        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
-
         mr = self.mr
         need = len(ids) + self.max_new_tokens
         if need > probe_capacity(mr):
             raise ProbeEngineError(
                 f"probe request of {need} tokens does not fit (room for {probe_capacity(mr)})"
             )
-        allocator, req_pool = mr.token_to_kv_pool_allocator, mr.req_to_token_pool
+        allocator, req_pool = token_allocator_of(mr), req_to_token_pool_of(mr)
         free_tokens, free_reqs = allocator.available_size(), req_pool.available_size()
 
-        req = Req(
-            rid=f"spectrum-probe-{next(_ids)}",
-            origin_input_text="",
-            origin_input_ids=list(ids),
-            sampling_params=SamplingParams(temperature=0, max_new_tokens=self.max_new_tokens),
-        )
-        req.fill_ids = list(ids)
-        req.logprob_start_len = -1
-        req.set_extend_input_len(len(req.fill_ids))
-        tree_cache = _ProbeTreeCache(
-            page_size=int(getattr(allocator, "page_size", 1) or 1),
-            device=mr.device,
-            token_to_kv_pool_allocator=allocator,
-            req_to_token_pool=req_pool,
-        )
-        batch = ScheduleBatch.init_new(
-            reqs=[req],
-            req_to_token_pool=req_pool,
-            token_to_kv_pool_allocator=allocator,
-            tree_cache=tree_cache,
-            model_config=mr.model_config,
-            enable_overlap=False,
-            spec_algorithm=SpeculativeAlgorithm.NONE,
-        )
+        req = new_probe_req(ids, self.max_new_tokens)
+        batch = new_schedule_batch(req, mr)
         allocated = 0  # KV slots of this request (prefix of its req_to_token row)
         out: list[int] = []
         key = tuple(ids)
@@ -208,32 +439,31 @@ class SGLangProbeEngine:
         try:
             batch.prepare_for_extend()  # allocates the slots (no forward yet)
             allocated = int(batch.seq_lens_cpu[0])
-            slots = req_pool.req_to_token[req.req_pool_idx, : len(ids)].to(torch.int64)
+            slots = req_pool.req_to_token[req_pool_idx(req), : len(ids)].to(torch.int64)
             if memo is not None:  # the prompt's full-precision KV: no second prefill
                 keys, values, next_id = memo
-                self._degrade(slots, keys, values, config)
+                for pool, src in zip(self.pool.k_buffer, keys):
+                    pool[slots] = src.to(pool.device)
+                for pool, src in zip(self.pool.v_buffer, values):
+                    pool[slots] = src.to(pool.device)
+                self._degrade(slots, config)
             else:
-                next_id = self._forward(batch, ForwardBatch)
+                next_id = self._forward(batch, "extend")
                 if config is None and self.memo_size > 0:
                     self._remember(key, slots, next_id)
                 if config is not None:
-                    self._degrade(slots, None, None, config)
+                    self._degrade(slots, config)
             while True:
                 out.append(next_id)
                 if next_id in self.eos or len(out) >= self.max_new_tokens:
                     break
                 if stop is not None and stop(out):
                     break
-                batch.output_ids = torch.tensor([next_id], dtype=torch.int64, device=mr.device)
-                batch.prepare_for_decode()
+                prepare_decode_step(batch, next_id)
                 allocated = int(batch.seq_lens_cpu[0])
-                next_id = self._forward(batch, ForwardBatch)
+                next_id = self._forward(batch, "decode")
         finally:
-            if req.req_pool_idx is not None:
-                if allocated:
-                    slots = req_pool.req_to_token[req.req_pool_idx, :allocated]
-                    allocator.free(slots.to(torch.int64))
-                req_pool.free(req)
+            release_req(req, mr, allocated)
         after = (allocator.available_size(), req_pool.available_size())
         if after != (free_tokens, free_reqs):
             raise ProbeEngineError(
@@ -242,14 +472,11 @@ class SGLangProbeEngine:
             )
         return out
 
-    def _forward(self, batch: Any, ForwardBatch: Any) -> int:
+    def _forward(self, batch: Any, kind: str) -> int:
         t0 = time.perf_counter()
-        worker_batch = batch.get_model_worker_batch()
-        forward_batch = ForwardBatch.init_new(worker_batch, self.mr)
-        logits = self.mr.forward(forward_batch).logits_output.next_token_logits
+        logits = forward_logits(batch, self.mr)
         self.forwards += 1
         token = int(logits[0].argmax())
-        kind = "decode" if batch.forward_mode.is_decode() else "extend"
         self.seconds[kind] += time.perf_counter() - t0
         return token
 
@@ -260,29 +487,8 @@ class SGLangProbeEngine:
         while len(self._memo) > self.memo_size:
             self._memo.popitem(last=False)
 
-    def _degrade(
-        self,
-        slots: torch.Tensor,
-        keys: list[torch.Tensor] | None,
-        values: list[torch.Tensor] | None,
-        config: SpectrumConfig,
-    ) -> None:
-        """Pack the prompt's KV as a transfer would and write the result into ``slots``.
-
-        ``keys``/``values``: the prompt's full-precision KV (default: read from
-        the slots themselves, i.e. after an extend).
-        """
+    def _degrade(self, slots: torch.Tensor, config: SpectrumConfig) -> None:
+        """Pack the prompt's KV in ``slots`` as a transfer would, unpack it back there."""
         t0 = time.perf_counter()
-        k_pools, v_pools = self.pool.k_buffer, self.pool.v_buffer
-        if keys is None or values is None:
-            keys = [k[slots] for k in k_pools]
-            values = [v[slots] for v in v_pools]
-        device = k_pools[0].device
-        keys = [k.to(device) for k in keys]
-        values = [v.to(device) for v in values]
-        packed = pack_kv(keys, values, config)
-        info = unpack_kv(packed.to_tensor(), k_pools, v_pools, slots)
-        if info.dropped.numel():  # allow_drop=False: never; a dropped slot would hold stale KV
-            raise ProbeEngineError(f"the codec dropped {info.dropped.numel()} prompt tokens")
-        self.last_tier_counts = info.tier_counts
+        self.last_tier_counts = pack_unpack(self.pool.k_buffer, self.pool.v_buffer, slots, config)
         self.seconds["codec"] += time.perf_counter() - t0

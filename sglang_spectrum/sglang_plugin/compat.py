@@ -1,0 +1,94 @@
+"""Every difference between the SGLang versions the backend supports, in one place.
+
+Supported: SGLang 0.5.17 (the newest release on torch 2.11) and 0.5.23 (the
+current release). The backend itself (:mod:`.backend`) is written against the
+``disaggregation/base`` and ``disaggregation/common`` contracts that both
+versions share; what differs between them, and the few scheduler objects the
+plugin reads because no contract exposes them, is reached through the
+functions below. Each names the SGLang file and line it depends on per version
+(``srt/`` omitted).
+
+* Sender/receiver constructors are called with keyword arguments that differ
+  (0.5.17 passes ``dest_tp_ranks`` and ``pp_rank`` to the sender): the backend
+  forwards ``**kwargs`` to the ``Common*`` constructors untouched.
+* ``CommonKVSender.send``/``poll`` and ``CommonKVReceiver.send_metadata``/``poll``
+  are stubs in 0.5.17 and real in 0.5.23: the backend implements all four.
+* 0.5.23's receiver ``send_metadata`` takes ``destination`` and
+  ``device_kv_indices`` besides 0.5.17's ``decode_prefix_len``: the backend
+  accepts both and refuses host destinations.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+SUPPORTED_VERSIONS = ("0.5.17", "0.5.23")
+
+
+class UnsupportedSGLangError(RuntimeError):
+    """The installed SGLang is not one the backend supports."""
+
+
+def sglang_version() -> str:
+    try:
+        return version("sglang")
+    except PackageNotFoundError:
+        import sglang
+
+        return str(getattr(sglang, "__version__", "unknown"))
+
+
+def check_sglang_version(found: str | None = None) -> str:
+    """The installed version, or :class:`UnsupportedSGLangError` with one clear line."""
+    found = found or sglang_version()
+    if found not in SUPPORTED_VERSIONS:
+        raise UnsupportedSGLangError(
+            f"SpectrumKV supports SGLang {' and '.join(SUPPORTED_VERSIONS)}; found SGLang"
+            f" {found}. Install one of them (pip install sglang=={SUPPORTED_VERSIONS[-1]})"
+            " or run the stock backends (unset --disaggregation-transfer-backend spectrum)"
+        )
+    return found
+
+
+def kv_pool(scheduler: Any) -> Any:
+    """The token-to-KV pool (``mem_cache/allocator/base.py:60`` in 0.5.17, ``:202`` in 0.5.23)."""
+    return scheduler.token_to_kv_pool_allocator.get_kvcache()
+
+
+def kv_manager(scheduler: Any) -> Any:
+    """The scheduler's PD KV manager, or None (``managers/scheduler.py:1340/1375`` in
+    0.5.17, ``:1593/1625`` in 0.5.23: the prealloc / bootstrap queue own it)."""
+    for name in ("disagg_prefill_bootstrap_queue", "disagg_decode_prealloc_queue"):
+        queue = getattr(scheduler, name, None)
+        if queue is not None and getattr(queue, "kv_manager", None) is not None:
+            return queue.kv_manager
+    return None
+
+
+def _req_pool_idx(req: Any) -> int | None:
+    kv = getattr(req, "kv", None)  # 0.5.23: Req.kv.req_pool_idx (disaggregation/prefill.py:1581)
+    if kv is not None and getattr(kv, "req_pool_idx", None) is not None:
+        return int(kv.req_pool_idx)
+    idx = getattr(req, "req_pool_idx", None)  # 0.5.17 (disaggregation/prefill.py:989)
+    return None if idx is None else int(idx)
+
+
+def prompt_slots(scheduler: Any, room: int) -> tuple[Any, str] | None:
+    """``(slots, rid)`` of a prefill request at its last chunk: int64 ``[prompt_len]``
+    pool slots of every prompt position (prefix the decode holds included), or None.
+
+    The request sits in ``disagg_prefill_inflight_queue`` when its last chunk is
+    sent (``disaggregation/prefill.py:505`` in 0.5.17, ``:1158`` region in 0.5.23).
+    Only used to score importance over the whole prompt when the decode reuses
+    a prefix; without it the sent tokens are scored alone.
+    """
+    for req in reversed(getattr(scheduler, "disagg_prefill_inflight_queue", None) or []):
+        if getattr(req, "bootstrap_room", None) != room:
+            continue
+        idx = _req_pool_idx(req)
+        if idx is None:
+            return None
+        n = len(req.origin_input_ids)
+        return scheduler.req_to_token_pool.req_to_token[idx, :n].to("cpu").long(), str(req.rid)
+    return None

@@ -1,0 +1,441 @@
+"""The ``spectrum`` sender, receiver and bootstrap server on SGLang's ``Common*`` classes.
+
+Sender (prefill, scheduler thread): remembers the page indices of every chunk
+(SGLang keeps the pages of earlier chunks allocated and locked until the
+request leaves the inflight queue, i.e. until this transfer ends) and, at the
+last chunk, hands the request to the manager's transfer thread
+(:meth:`.manager.SpectrumKVManager.submit`): the scheduler never packs.
+
+Receiver (decode): ``send_metadata`` reserves a receive region in the
+registered arena (capacity from the tokens it asks for and the prefill's
+codec) and grants it to the prefill ranks; a full arena defers the grant
+(back-pressure: ``poll`` retries, the prefill waits). The manager's control
+thread unpacks when the prefill's ``Sent`` arrives; ``poll`` only reads the
+status. An aborted receiver keeps its region until the prefill acknowledges
+that nothing more can be written into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.common.conn import (
+    CommonKVBootstrapServer,
+    CommonKVReceiver,
+    CommonKVSender,
+    KVTransferError,
+)
+
+from . import compat, messages
+from .identity import wire_identity
+from .manager import SpectrumKVManager, expand_pages
+from .metrics import write_stats
+from .transport import Region
+
+logger = logging.getLogger(__name__)
+
+
+class SpectrumKVSender(CommonKVSender):
+    kv_mgr: SpectrumKVManager
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._pages: list[np.ndarray] = []
+        self._submitted = False
+        super().__init__(*args, **kwargs)
+
+    def init(self, num_kv_indices: int, aux_index: int | None = None) -> None:
+        super().init(num_kv_indices, aux_index)
+        if self.init_time is None:  # 0.5.17 starts the bootstrap clock nowhere else
+            self.init_time = time.time()
+
+    def send(
+        self,
+        kv_indices: npt.NDArray[np.int32],
+        state_indices: list | None = None,
+        num_kv_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.conclude_state is not None or self._submitted:
+            return
+        pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1).copy()
+        self._pages.append(pages)
+        self.curr_idx += len(pages)
+        if self.curr_idx < self.num_kv_indices:
+            return  # earlier chunk: its pages stay locked until the request is done
+        self._submitted = True
+        mgr = self.kv_mgr
+        page_size = int(mgr.kv_args.page_size)
+        prefix = mgr.req_to_decode_prefix_len.get(self.bootstrap_room, 0)
+        found = compat.prompt_slots(mgr.scheduler, self.bootstrap_room)
+        slots = torch.from_numpy(expand_pages(np.concatenate(self._pages), page_size))
+        context, rid = None, ""
+        if found is not None:
+            full, rid = found
+            slots = full[prefix:]  # the prompt's own row: exact length, no page padding
+            context = full[:prefix] if prefix else None
+        elif page_size != 1:
+            mgr.fail_room(
+                self.bootstrap_room,
+                f"request of room {self.bootstrap_room} not found at its last chunk; cannot"
+                f" tell its prompt length with page size {page_size}",
+            )
+            return
+        mgr.submit(self, rid, slots, context)
+
+    def poll(self) -> int:
+        if self.conclude_state is not None:
+            return self.conclude_state
+        status = self.kv_mgr.request_status.get(self.bootstrap_room, KVPoll.Failed)
+        if status == KVPoll.Bootstrapping:
+            status = self._check_bootstrap_timeout() or status
+        if status in (KVPoll.Success, KVPoll.Failed):
+            self.conclude_state = status
+        return status
+
+    def failure_exception(self):
+        self.conclude_state = KVPoll.Failed
+        self.clear()
+        with self.kv_mgr.failure_lock:
+            reason = self.kv_mgr.failure_records.pop(self.bootstrap_room, None)
+        raise KVTransferError(self.bootstrap_room, reason or "SpectrumKV transfer failed")
+
+    def clear(self) -> None:
+        super().clear()
+        self.kv_mgr.forget_room(self.bootstrap_room)
+
+    def abort(self) -> None:
+        super().abort()
+        self.kv_mgr.fail_room(self.bootstrap_room, "Aborted by AbortReq.")
+
+
+class SpectrumKVReceiver(CommonKVReceiver):
+    kv_mgr: SpectrumKVManager
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._state_lock = threading.Lock()
+        self._region: Region | None = None
+        self._pages: np.ndarray | None = None
+        self._aux_index: int | None = None
+        self._prefix_len = 0
+        self._need = 0
+        self._deferred = False
+        self._deferred_logged = False
+        self._granted = False
+        self._aborted_at: float | None = None
+        self._cleared = False
+        super().__init__(*args, **kwargs)
+        self.kv_mgr.register_receiver(self.bootstrap_room, self)
+
+    # -- bootstrap
+
+    def init(self, prefill_dp_rank: int) -> None:
+        super().init(prefill_dp_rank)
+        if self.conclude_state == KVPoll.Failed:
+            return
+        reason = self.kv_mgr.prefill_verdict(self.bootstrap_addr)
+        if reason:
+            self._fail(reason)
+        elif self.kv_mgr.request_status.get(self.bootstrap_room) == KVPoll.Bootstrapping:
+            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.WaitingForInput)
+
+    def _register_kv_args(self) -> bool:
+        """Introduce this decode rank to each prefill rank (once per connection)."""
+        mgr = self.kv_mgr
+        msg = messages.Register(mgr.session_id, mgr.local_ip, int(mgr.rank_port), mgr.identity())
+        for info in self.bootstrap_infos or []:
+            if not self._send(info, msg):
+                return False
+        return True
+
+    def _send(self, info: dict, msg: Any) -> bool:
+        try:
+            sock, lock = self._connect_to_bootstrap_server(info)
+            with lock:
+                sock.send_multipart(messages.encode(msg))
+            return True
+        except Exception as e:
+            self._fail(f"cannot reach prefill rank {info.get('rank_ip')}:{info.get('rank_port')}: {e}")
+            return False
+
+    def _fail(self, reason: str) -> int:
+        self.kv_mgr.record_failure(self.bootstrap_room, reason)
+        self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+        self.conclude_state = KVPoll.Failed
+        if self.kv_mgr.metrics is not None:
+            self.kv_mgr.metrics.observe_failure()
+        self._release_region()
+        return KVPoll.Failed
+
+    # -- receive region
+
+    def send_metadata(
+        self,
+        kv_indices: npt.NDArray[np.int32],
+        aux_index: int | None = None,
+        state_indices: list | None = None,
+        decode_prefix_len: int | None = None,
+        destination: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        from sglang_spectrum.transfer import packed_size_bound
+
+        if self.conclude_state is not None:
+            return
+        if getattr(self, "bootstrap_infos", None) is None:
+            self._fail(f"could not fetch the prefill's parallel info from {self.bootstrap_addr}")
+            return
+        if destination is not None and str(getattr(destination, "value", destination)) != "device":
+            self._fail("SpectrumKV receives into the device KV pool only (no host destinations)")
+            return
+        mgr = self.kv_mgr
+        if mgr.arena is None or mgr.layout is None:
+            self._fail("SpectrumKV decode has no receive arena (KV pool not attached)")
+            return
+        self._pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1).copy()
+        self._aux_index = aux_index
+        self._prefix_len = int(decode_prefix_len or 0)
+        lay = mgr.layout
+        tokens = max(1, len(self._pages) * int(lay["page_size"]))
+        self._need = packed_size_bound(
+            tokens,
+            lay["layers"],
+            lay["kv_heads"],
+            lay["head_dim"],
+            lay["dtype"],
+            mgr.prefill_codec(self.bootstrap_addr),
+        )
+        if self._need > mgr.arena.size:
+            reason = (
+                f"SpectrumKV: request {self.bootstrap_room} needs a {self._need}-byte receive"
+                f" buffer but the decode receive arena has {mgr.arena.size} bytes; raise"
+                " --spectrum-arena-mb on the decode server"
+            )
+            self._send_abort_notification()
+            self._fail(reason)
+            return
+        self._deferred = True
+        self._try_grant()
+
+    def _try_grant(self) -> bool:
+        """Reserve the region and grant it to the prefill ranks; False while the arena is full."""
+        mgr = self.kv_mgr
+        region = mgr.arena.alloc(self._need)
+        if region is None:
+            if not self._deferred_logged:
+                self._deferred_logged = True
+                logger.info(
+                    "SpectrumKV: receive arena full (%d of %d bytes in use): request %s"
+                    " (%d bytes) waits for a free region",
+                    mgr.arena.in_use,
+                    mgr.arena.size,
+                    self.bootstrap_room,
+                    self._need,
+                )
+            return False
+        with self._state_lock:
+            self._region = region
+            self._deferred = False
+        grant = messages.Grant(
+            room=self.bootstrap_room,
+            session=mgr.session_id,
+            endpoint=mgr.local_ip,
+            port=int(mgr.rank_port),
+            region_ptr=region.ptr,
+            capacity=self._need,
+            num_pages=len(self._pages),
+            prefix_len=self._prefix_len,
+            aux_index=-1 if self._aux_index is None else int(self._aux_index),
+            required=int(getattr(self, "required_dst_info_num", 1) or 1),
+        )
+        for info in self.bootstrap_infos:
+            if not self._send(info, grant):
+                return True
+        self._granted = True
+        self.init_time = time.time()
+        return True
+
+    def _release_region(self) -> None:
+        with self._state_lock:
+            region, self._region = self._region, None
+            self._deferred = False
+        if region is not None:
+            region.release()
+
+    # -- completion (manager control thread)
+
+    def on_sent(self, sent: messages.Sent) -> None:
+        """Validate and unpack the packed KV, write the metadata row, report success."""
+        mgr = self.kv_mgr
+        with self._state_lock:
+            if self._aborted_at is not None or self.conclude_state is not None:
+                return  # the slots may already belong to another request
+            region = self._region
+            t0 = time.perf_counter()
+            try:
+                if region is None:
+                    raise ValueError("no receive region reserved")
+                if not 0 < sent.nbytes <= region.capacity:
+                    raise ValueError(f"announced size {sent.nbytes} outside the receive buffer")
+                page_size = int(mgr.layout["page_size"])
+                slots = expand_pages(self._pages, page_size)
+                n = int(sent.stats.get("num_tokens", 0))
+                if not (len(self._pages) - 1) * page_size < n <= len(slots):
+                    raise ValueError(
+                        f"the prefill sent {n} tokens for {len(self._pages)} pages of {page_size}"
+                    )
+                info = mgr.unpack_into_pool(region.view(sent.nbytes), slots[:n], sent)
+                if len(info.dropped):
+                    raise ValueError(f"{len(info.dropped)} dropped tokens (serving never drops)")
+                if self._aux_index is not None and sent.aux:
+                    mgr.write_aux(self._aux_index, sent.aux)
+            except Exception as e:
+                reason = (
+                    f"SpectrumKV: packed KV of request {self.bootstrap_room} rejected:"
+                    f" {type(e).__name__}: {e}"
+                )
+                logger.error(reason)
+                self._fail(reason)
+                return
+            unpack_ms = (time.perf_counter() - t0) * 1e3
+            self._region = None
+        region.release()
+        stats = {
+            "role": "decode",
+            "rid": sent.stats.get("rid", ""),
+            "room": self.bootstrap_room,
+            "num_tokens": n,
+            "prefix_tokens": self._prefix_len,
+            "full_bytes": int(info.layout.full_nbytes),
+            "received_bytes": int(sent.nbytes),
+            "tiers": {k: v for k, v in info.tier_counts.items() if k != "drop"},
+            "unpack_ms": round(unpack_ms, 3),
+            "prefill": sent.stats,
+        }
+        if mgr.metrics is not None:
+            mgr.metrics.observe_received(stats)
+        write_stats(stats)
+        mgr.update_status(self.bootstrap_room, KVPoll.Success)
+
+    def on_failed(self, reason: str) -> None:
+        with self._state_lock:
+            if self.conclude_state is not None and self._aborted_at is None:
+                return
+        self._fail(reason)  # the prefill writes nothing after Failed: the region is free
+
+    def on_abort_ack(self) -> None:
+        """The prefill will not write into the region any more: free it."""
+        self._release_region()
+        if self._cleared:
+            self.kv_mgr.unregister_receiver(self.bootstrap_room, self)
+
+    def expire_abort(self, timeout_s: float) -> None:
+        """Free an aborted request's region after ``timeout_s`` without an ack."""
+        if self._aborted_at is not None and time.time() - self._aborted_at > timeout_s:
+            if self._region is not None:
+                logger.warning(
+                    "SpectrumKV: no abort ack for room %s in %.0f s; region freed",
+                    self.bootstrap_room,
+                    timeout_s,
+                )
+            self.on_abort_ack()
+
+    # -- scheduler-side API
+
+    def poll(self) -> int:
+        if self.conclude_state is not None:
+            return self.conclude_state
+        if self._deferred and not self._try_grant():
+            return KVPoll.WaitingForInput  # back-pressure: the arena is full
+        status = self.kv_mgr.request_status.get(self.bootstrap_room, KVPoll.Failed)
+        if status in (KVPoll.Success, KVPoll.Failed):
+            self.conclude_state = status
+            return status
+        if self._granted:
+            timeout = self._check_waiting_timeout()
+            if timeout is not None:
+                return timeout
+        return status
+
+    def _send_abort_notification(self, *args: Any, **kwargs: Any) -> None:
+        """Tell the prefill ranks (SGLang calls this on abort and waiting timeout)."""
+        mgr = self.kv_mgr
+        with self._state_lock:
+            if self._aborted_at is not None:
+                return
+            self._aborted_at = time.time()
+            holds_region = self._region is not None and self._granted
+        msg = messages.Abort(self.bootstrap_room, mgr.local_ip, int(mgr.rank_port))
+        for info in getattr(self, "bootstrap_infos", None) or []:
+            try:
+                sock, lock = self._connect_to_bootstrap_server(info)
+                with lock:
+                    sock.send_multipart(messages.encode(msg))
+            except Exception as e:
+                logger.debug("SpectrumKV: abort notification failed: %s", e)
+        if not holds_region:  # nothing was granted: nobody can write into the region
+            self._release_region()
+
+    def abort(self) -> None:
+        if self.conclude_state != KVPoll.Failed:
+            self.kv_mgr.record_failure(self.bootstrap_room, "Aborted by AbortReq.")
+            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+            self.conclude_state = KVPoll.Failed
+        self._send_abort_notification()
+        self.abort_notified = True
+
+    def is_abort_release_safe(self) -> bool:
+        with self._state_lock:
+            return self._region is None
+
+    def failure_exception(self):
+        self.conclude_state = KVPoll.Failed
+        self.clear()
+        with self.kv_mgr.failure_lock:
+            reason = self.kv_mgr.failure_records.pop(self.bootstrap_room, None)
+        raise KVTransferError(self.bootstrap_room, reason or "SpectrumKV transfer failed")
+
+    def clear(self) -> None:
+        super().clear()
+        self._cleared = True
+        if self._aborted_at is None:
+            self._release_region()
+            self.kv_mgr.unregister_receiver(self.bootstrap_room, self)
+        # an aborted receiver stays registered until the prefill's ack frees its region
+
+
+class SpectrumKVBootstrapServer(CommonKVBootstrapServer):
+    """SGLang's bootstrap server + ``PUT /spectrum/register`` and ``GET /spectrum/info``."""
+
+    def __init__(self, host: str, port: int, *args: Any, **kwargs: Any):
+        self.spectrum_ranks: dict[str, dict[str, Any]] = {}
+        super().__init__(host, port, *args, **kwargs)
+
+    def _setup_routes(self) -> None:
+        super()._setup_routes()
+        self.app.router.add_put("/spectrum/register", self._handle_spectrum_register)
+        self.app.router.add_get("/spectrum/info", self._handle_spectrum_info)
+
+    async def _handle_spectrum_register(self, request):
+        from aiohttp import web
+
+        data = await request.json()
+        key = "/".join(str(data.get(k)) for k in ("attn_dp_rank", "attn_tp_rank"))
+        async with self.lock:
+            self.spectrum_ranks[key] = data
+        return web.Response(text="OK", status=200)
+
+    async def _handle_spectrum_info(self, request):
+        from aiohttp import web
+
+        async with self.lock:
+            ranks = list(self.spectrum_ranks.values())
+        if not ranks:
+            return web.Response(text="No SpectrumKV prefill rank registered yet.", status=503)
+        return web.json_response({"server": wire_identity(), "ranks": ranks}, status=200)

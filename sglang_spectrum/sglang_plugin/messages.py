@@ -1,0 +1,104 @@
+"""The backend's own control messages (ZMQ, two frames: tag + msgpack body).
+
+Decode -> prefill (to the prefill rank's PULL socket, ``CommonKVManager.rank_port``):
+
+* :class:`Register`: once per decode rank and prefill rank, before any room: the
+  decode's wire identity (checked by the prefill) and where to reach it.
+* :class:`Grant`: one per request and decode rank (SGLang's "send metadata"):
+  the receive region reserved for the packed KV, the decode's prefix length,
+  its metadata (aux) row and page count.
+* :class:`Abort`: the decode gave the request up; the prefill acknowledges with
+  :class:`AbortAck` once no write of its own can land in the region any more.
+
+Prefill -> decode (to the decode rank's PULL socket):
+
+* :class:`Sent`: the packed KV is in the receive region (size, checksum, the
+  metadata row bytes, per-request stats); the decode validates and unpacks.
+* :class:`Failed`: the request failed on the prefill side, with the reason.
+* :class:`AbortAck`: see above.
+
+Every message carries the bootstrap room; unknown tags are dropped with a log line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+TAG_REGISTER = b"SPKV_REGISTER"
+TAG_GRANT = b"SPKV_GRANT"
+TAG_ABORT = b"SPKV_ABORT"
+TAG_SENT = b"SPKV_SENT"
+TAG_FAILED = b"SPKV_FAILED"
+TAG_ABORT_ACK = b"SPKV_ABORT_ACK"
+
+
+class Register(msgspec.Struct, frozen=True):
+    session: str  # the decode's Mooncake session id (host:rpc_port)
+    endpoint: str  # the decode rank's ZMQ host
+    port: int  # the decode rank's ZMQ PULL port
+    identity: dict[str, Any]  # wire identity (see backend.wire_identity)
+
+
+class Grant(msgspec.Struct, frozen=True):
+    room: int
+    session: str
+    endpoint: str
+    port: int
+    region_ptr: int  # receive region (decode memory registered with Mooncake)
+    capacity: int  # its size in bytes
+    num_pages: int  # pages the decode allocated for the tokens it asks for
+    prefix_len: int  # tokens the decode already holds (page aligned); 0 = none
+    aux_index: int  # the decode's metadata row
+    required: int = 1  # decode ranks that send a grant for this room (all must arrive)
+
+
+class Abort(msgspec.Struct, frozen=True):
+    room: int
+    endpoint: str
+    port: int
+
+
+class Sent(msgspec.Struct, frozen=True):
+    room: int
+    nbytes: int
+    checksum: int
+    aux: list[bytes]  # the prefill's metadata row, one entry per metadata buffer
+    stats: dict[str, Any]
+
+
+class Failed(msgspec.Struct, frozen=True):
+    room: int
+    reason: str
+
+
+class AbortAck(msgspec.Struct, frozen=True):
+    room: int
+
+
+_TAGS: dict[type, bytes] = {
+    Register: TAG_REGISTER,
+    Grant: TAG_GRANT,
+    Abort: TAG_ABORT,
+    Sent: TAG_SENT,
+    Failed: TAG_FAILED,
+    AbortAck: TAG_ABORT_ACK,
+}
+_TYPES = {tag: cls for cls, tag in _TAGS.items()}
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> list[bytes]:
+    """ZMQ frames of a message."""
+    return [_TAGS[type(msg)], _encoder.encode(msg)]
+
+
+def decode(frames: list[bytes]) -> msgspec.Struct | None:
+    """The message in ``frames``, or None when they are not one of ours (or malformed)."""
+    if len(frames) != 2 or frames[0] not in _TYPES:
+        return None
+    try:
+        return msgspec.msgpack.decode(frames[1], type=_TYPES[frames[0]])
+    except msgspec.DecodeError:
+        return None

@@ -1,0 +1,175 @@
+"""SGLang general plugin (entry point group ``sglang.srt.plugins``, name ``spectrumkv``).
+
+SGLang 0.5.14+ runs :func:`register` through ``sglang.srt.plugins.load_plugins()``
+in every process that matters: the launcher (``launch_server.py``, ``sglang
+serve``), ``sglang.Engine``, and each scheduler process at start
+(``run_scheduler_process``). It registers, with SGLang's ``HookRegistry``:
+
+* the transfer backend ``spectrum``: a choice of ``--disaggregation-transfer-backend``
+  (``add_disagg_transfer_backend_choices``), a ``TransferBackend`` member, and
+  an AROUND hook on ``disaggregation.utils.get_kv_class`` answering our classes
+  for it (every other backend goes to SGLang's function);
+* the ``--spectrum-*`` options: AFTER hooks on ``ServerArgs.add_cli_args`` (the
+  option group) and ``ServerArgs.from_cli_args`` (validation; the values reach
+  the scheduler processes through ``SGLANG_SPECTRUM_OPTIONS``, see :mod:`.options`);
+* the KV-pool hand-over: an AFTER hook on ``Scheduler.__init__`` gives the KV
+  pool to a ``spectrum`` KV manager (then the prefill runs the INT4 probe and
+  publishes its identity).
+
+``SGLANG_SPECTRUM_DISABLE=1`` (or ``SGLANG_PLUGINS`` without ``spectrumkv``)
+leaves SGLang untouched. On an SGLang version the backend does not support,
+only the choice is added, and choosing it stops the launcher with one line
+naming the supported versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from enum import Enum
+from typing import Any
+
+from . import BACKEND_NAME, DISABLE_ENV
+
+logger = logging.getLogger(__name__)
+
+ENUM_NAME = "SPECTRUM"
+_registered = False
+
+
+def is_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_enum_member(enum_cls: type[Enum], name: str, value: Any) -> Enum:
+    """Add a member to an existing (plain) Enum class; returns it (idempotent)."""
+    existing = enum_cls._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    member = object.__new__(enum_cls)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls  # type: ignore[attr-defined]
+    member._sort_order_ = len(enum_cls._member_names_)  # type: ignore[attr-defined]
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(name)  # type: ignore[attr-defined]
+    type.__setattr__(enum_cls, name, member)
+    return member
+
+
+def _add_choice() -> None:
+    from sglang.srt import server_args
+
+    if BACKEND_NAME not in server_args.DISAGG_TRANSFER_BACKEND_CHOICES:
+        server_args.add_disagg_transfer_backend_choices([BACKEND_NAME])
+
+
+# ------------------------------------------------------------------ hooks
+
+
+def _after_add_cli_args(result: Any, parser: Any) -> None:
+    from .options import add_cli_args
+
+    add_cli_args(parser)
+
+
+def _after_from_cli_args(server_args: Any, cls: Any, ns: Any) -> None:
+    from .compat import UnsupportedSGLangError, check_sglang_version
+    from .options import _exit_error, apply_cli_namespace
+
+    if getattr(ns, "disaggregation_transfer_backend", None) == BACKEND_NAME:
+        try:
+            check_sglang_version()
+        except UnsupportedSGLangError as e:
+            _exit_error(str(e))
+    apply_cli_namespace(ns)
+
+
+def _around_get_kv_class(original: Any, transfer_backend: Any, class_type: Any) -> Any:
+    if getattr(transfer_backend, "value", transfer_backend) != BACKEND_NAME:
+        return original(transfer_backend, class_type)
+    from .endpoints import SpectrumKVBootstrapServer, SpectrumKVReceiver, SpectrumKVSender
+    from .manager import SpectrumKVManager
+
+    name = getattr(class_type, "value", class_type)
+    if name == "kvargs":
+        from sglang.srt.disaggregation.base.conn import KVArgs
+
+        return KVArgs
+    return {
+        "manager": SpectrumKVManager,
+        "sender": SpectrumKVSender,
+        "receiver": SpectrumKVReceiver,
+        "bootstrap_server": SpectrumKVBootstrapServer,
+    }.get(name)
+
+
+def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    from .compat import kv_manager
+    from .manager import SpectrumKVManager
+
+    mgr = kv_manager(scheduler)
+    if isinstance(mgr, SpectrumKVManager):
+        mgr.attach(scheduler)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def register() -> None:
+    """Entry point run by SGLang's ``load_plugins()`` (idempotent, never raises)."""
+    global _registered
+    if _registered or is_disabled():
+        return
+    try:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        from .compat import UnsupportedSGLangError, check_sglang_version
+
+        _add_choice()
+        HookRegistry.register(
+            "sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER
+        )
+        HookRegistry.register(
+            "sglang.srt.server_args.ServerArgs.from_cli_args",
+            _after_from_cli_args,
+            HookType.AFTER,
+        )
+        try:
+            check_sglang_version()
+        except UnsupportedSGLangError as e:
+            logger.warning("%s", e)
+            _registered = True
+            return
+        from sglang.srt.disaggregation import utils
+
+        add_enum_member(utils.TransferBackend, ENUM_NAME, BACKEND_NAME)
+        HookRegistry.register(
+            "sglang.srt.disaggregation.utils.get_kv_class", _around_get_kv_class, HookType.AROUND
+        )
+        HookRegistry.register(
+            "sglang.srt.managers.scheduler.Scheduler.__init__",
+            _after_scheduler_init,
+            HookType.AFTER,
+        )
+        _registered = True
+    except Exception as e:  # a broken plugin must never break SGLang
+        logger.warning(
+            "sglang_spectrum: plugin disabled (%s: %s); SGLang runs without the '%s' backend",
+            type(e).__name__,
+            e,
+            BACKEND_NAME,
+        )
+
+
+def is_registered() -> bool:
+    """True if SGLang's enum and dispatch know the spectrum backend in this process."""
+    import sys
+
+    utils = sys.modules.get("sglang.srt.disaggregation.utils")
+    return (
+        utils is not None
+        and BACKEND_NAME in utils.TransferBackend._value2member_map_
+        and getattr(utils.get_kv_class, "__wrapped__", None) is not None
+    )

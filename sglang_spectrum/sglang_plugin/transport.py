@@ -1,0 +1,170 @@
+"""Transport pieces of the backend: Mooncake engine, registered arenas, metadata rows.
+
+* The Mooncake engine is SGLang's shared wrapper
+  (``distributed/device_communicators/mooncake_transfer_engine.py``:
+  ``init_mooncake_transfer_engine`` / ``get_mooncake_transfer_engine``,
+  ``register``, ``transfer_sync``, ``get_session_id``; same API in 0.5.17 and
+  0.5.23). On a machine without RDMA set ``MC_FORCE_TCP=1`` (or
+  ``MOONCAKE_PROTOCOL=tcp``).
+* :class:`RegisteredArena`: one buffer on the KV pool's device, registered with
+  the engine once, carved into per-request :class:`Region` s (prefill: packed
+  send buffers; decode: receive buffers the prefill writes into).
+* Metadata ("aux") rows: SGLang's ``MetadataBuffers`` are host tensors whose
+  pointers and row sizes are in ``KVArgs.aux_data_ptrs`` / ``aux_item_lens``.
+  The prefill reads its row when the last chunk is sent and ships the bytes in
+  its ``Sent`` message; the decode writes them into its row before it reports
+  success (no registration of those buffers needed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ARENA_ALIGN = 64
+MIN_ARENA = 64 << 20
+MAX_ARENA = 16 << 30
+
+
+def mooncake_engine(hostname: str, gpu_id: int, ib_device: str | None) -> Any:
+    """SGLang's shared Mooncake engine of this process (created on first use)."""
+    from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import (
+        get_mooncake_transfer_engine,
+        init_mooncake_transfer_engine,
+    )
+
+    engine = get_mooncake_transfer_engine()
+    if engine is None:
+        engine = init_mooncake_transfer_engine(
+            hostname=hostname, gpu_id=gpu_id, ib_device=ib_device
+        )
+    return engine
+
+
+class RegisteredArena:
+    """One registered buffer carved into per-request regions (first fit, coalescing
+    free list, thread-safe). Regions are released exactly once (:class:`Region`)."""
+
+    def __init__(self, nbytes: int, device: torch.device, engine: Any, name: str):
+        self.name = name
+        self.size = int(nbytes)
+        self.buf = torch.empty(self.size, dtype=torch.uint8, device=device)
+        self.base = int(self.buf.data_ptr())
+        self.engine = engine
+        if engine is not None:
+            engine.register(self.base, self.size)
+        self._free: list[tuple[int, int]] = [(0, self.size)]
+        self._lock = threading.Lock()
+        self.in_use = 0
+
+    def alloc(self, nbytes: int) -> Region | None:
+        """A region of at least ``nbytes`` (64-byte aligned), or None when full."""
+        need = max(ARENA_ALIGN, -(-int(nbytes) // ARENA_ALIGN) * ARENA_ALIGN)
+        with self._lock:
+            for i, (off, length) in enumerate(self._free):
+                if length >= need:
+                    if length == need:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (off + need, length - need)
+                    self.in_use += need
+                    return Region(self, off, need)
+        return None
+
+    def _release(self, off: int, length: int) -> None:
+        with self._lock:
+            self.in_use -= length
+            self._free.append((off, length))
+            self._free.sort()
+            merged: list[tuple[int, int]] = []
+            for o, n in self._free:
+                if merged and merged[-1][0] + merged[-1][1] == o:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + n)
+                else:
+                    merged.append((o, n))
+            self._free = merged
+
+    def close(self) -> None:
+        if self.engine is not None:
+            try:
+                self.engine.deregister(self.base)
+            except Exception:
+                pass
+            self.engine = None
+
+
+@dataclass(eq=False)
+class Region:
+    """A piece of an arena, or a one-off registered buffer; ``release()`` is idempotent."""
+
+    arena: RegisteredArena | None
+    offset: int
+    capacity: int
+    own: torch.Tensor | None = None  # one-off buffer (prefill, arena full)
+    engine: Any = None
+    _released: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def ptr(self) -> int:
+        if self.own is not None:
+            return int(self.own.data_ptr())
+        return self.arena.base + self.offset
+
+    def view(self, nbytes: int | None = None) -> torch.Tensor:
+        """uint8 ``[nbytes]`` view of the region (default: all of it)."""
+        n = self.capacity if nbytes is None else int(nbytes)
+        if self.own is not None:
+            return self.own[:n]
+        return self.arena.buf[self.offset : self.offset + n]
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        if self.own is not None:
+            if self.engine is not None:
+                self.engine.deregister(int(self.own.data_ptr()))
+            self.own = None
+        elif self.arena is not None:
+            self.arena._release(self.offset, self.capacity)
+
+    @staticmethod
+    def one_off(nbytes: int, device: torch.device, engine: Any) -> Region:
+        """A buffer registered for one request (when the arena is full)."""
+        buf = torch.empty(max(int(nbytes), ARENA_ALIGN), dtype=torch.uint8, device=device)
+        engine.register(int(buf.data_ptr()), buf.numel())
+        return Region(None, 0, buf.numel(), own=buf, engine=engine)
+
+
+def pool_nbytes(k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in [*k_pools, *v_pools])
+
+
+def arena_bytes(arena_mb: float, pool_bytes: int, budget: float) -> int:
+    """Arena size: ``--spectrum-arena-mb``, or auto = a quarter of the KV pool's packed
+    size at the budget (room for the packed KV of a quarter of the pool in flight),
+    clamped to 64 MiB .. 16 GiB."""
+    if arena_mb:
+        return int(arena_mb * (1 << 20))
+    return int(min(max(pool_bytes * min(budget, 1.0) / 4, MIN_ARENA), MAX_ARENA))
+
+
+def read_aux_row(ptrs: list[int], item_lens: list[int], index: int) -> list[bytes]:
+    """The bytes of row ``index`` of each metadata buffer (host memory)."""
+    return [ctypes.string_at(p + index * n, n) for p, n in zip(ptrs, item_lens)]
+
+
+def write_aux_row(ptrs: list[int], item_lens: list[int], index: int, rows: list[bytes]) -> None:
+    """Write row ``index`` of each metadata buffer; refuses rows of another size."""
+    if len(rows) != len(ptrs):
+        raise ValueError(f"{len(rows)} metadata rows for {len(ptrs)} metadata buffers")
+    for p, n, row in zip(ptrs, item_lens, rows):
+        if len(row) != n:
+            raise ValueError(f"metadata row of {len(row)} bytes, the buffer's rows have {n}")
+        ctypes.memmove(p + index * n, row, n)
