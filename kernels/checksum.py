@@ -36,6 +36,18 @@ def _checksum_kernel(words, n_words, parts, BLOCK: tl.constexpr):
 
 def fast_checksum(payload: torch.Tensor) -> int:
     """Same value as :func:`codec.payload_checksum` (uint8 tensor, any device Triton runs on)."""
+    return combine_checksum(checksum_parts(payload).tolist())
+
+
+def combine_checksum(parts: list[int]) -> int:
+    """The 62-bit checksum from the ``(s1, s2)`` of :func:`checksum_parts`."""
+    s1, s2 = parts
+    return (int(s2) << 31) | int(s1)
+
+
+def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
+    """int64 ``[2]`` ``(s1, s2)`` of :func:`codec.payload_checksum` on the payload's
+    device, without synchronising (read it with the next host copy you need anyway)."""
     flat = payload.reshape(-1)
     if flat.numel() % 4 or flat.data_ptr() % 4:
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 4)])
@@ -51,5 +63,4 @@ def fast_checksum(payload: torch.Tensor) -> int:
     weight = torch.arange(n_main, words.numel(), device=flat.device) % 65521 + 1
     parts[blocks, 0] = tail.sum() % _P
     parts[blocks, 1] = (tail * weight).sum() % _P
-    s1, s2 = (parts.sum(0) % _P).tolist()
-    return (int(s2) << 31) | int(s1)
+    return parts.sum(0) % _P

@@ -233,3 +233,92 @@ def plan_transfer(
         gaps=gaps_d,
         num_warps=num_warps,
     )
+
+
+_UNIFORM: dict[tuple, tuple] = {}
+
+
+def _uniform_tables(
+    layout: KVLayout, counts: tuple[int, int, int], block_rows: int, device: torch.device
+) -> tuple:
+    """Host and device tables of a plan whose layers all hold every position: they
+    depend only on the layout and the tier counts (cached; one pinned copy)."""
+    key = (
+        str(device),
+        layout.num_layers,
+        layout.num_kv_heads,
+        layout.head_dim,
+        layout.group_size,
+        layout.key_block,
+        layout.num_tokens,
+        counts,
+        block_rows,
+    )
+    hit = _UNIFORM.get(key)
+    if hit is not None:
+        return hit
+    base = torch.zeros(len(PACKED_TIERS), layout.num_layers + 1, dtype=torch.int64)
+    base[:, -1] = torch.tensor(counts, dtype=torch.int64)
+    offsets, total = _offsets(layout, base)
+    heads = layout.num_kv_heads
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + -(-n * heads // block_rows))
+    lists = (0, counts[0], counts[0] + counts[1])
+    meta = _meta(layout, base, offsets, starts, lists, counts)
+    gaps = _gaps(layout, base, offsets, total)
+    host = torch.cat([meta, gaps])
+    if device.type == "cuda":
+        host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    meta_d, gaps_d = torch.split(dev, [meta.numel(), gaps.numel()])
+    hit = (base, offsets, total, tuple(starts), meta_d, gaps_d, host)
+    if len(_UNIFORM) >= 256:
+        _UNIFORM.clear()
+    _UNIFORM[key] = hit
+    return hit
+
+
+def plan_from_counts(
+    layout: KVLayout,
+    tiers: torch.Tensor,
+    counts: tuple[int, int, int],
+    slots: torch.Tensor,
+    block_elems: int = BLOCK_ELEMS,
+    num_warps: int = 4,
+) -> TransferPlan:
+    """:func:`plan_transfer` for a layout whose layers all hold every position, built on
+    the device: the tier counts (known on the host before the tier map is, see
+    ``policy.waterfall_counts``) fix every size and table, the tier map itself
+    stays on the device (one stable sort orders the kept tokens). No synchronisation.
+
+    Args:
+        tiers: uint8 ``[T]`` tier map on ``slots.device``.
+        counts: tokens per packed tier ``(fp16, int8, int4)`` of ``tiers``.
+        slots: int64 ``[T]`` pool slot of each position, on the pools' device.
+    """
+    if not kernel_supported(layout) or any(layout.layer_first_pos):
+        raise SpectrumConfigError("plan_from_counts needs a kernel layout holding every position")
+    counts = tuple(int(c) for c in counts)
+    block_rows = max(1, block_elems // layout.head_dim)
+    base, offsets, total, starts, meta, gaps, _ = _uniform_tables(
+        layout, counts, block_rows, slots.device
+    )
+    kept = sum(counts)
+    order = torch.argsort(tiers.reshape(-1), stable=True)[:kept]
+    rows = torch.index_select(slots.reshape(-1), 0, order)
+    return TransferPlan(
+        layout=layout,
+        tiers=tiers,
+        offsets=offsets,
+        payload_nbytes=total,
+        counts=counts,
+        base=base,
+        block_rows=block_rows,
+        block_starts=starts,
+        meta=meta,
+        positions=order,
+        rows=rows,
+        gaps=gaps,
+        num_warps=num_warps,
+    )

@@ -92,3 +92,58 @@ def key_norm_scores_from_pools(
         )
         out[idx, f:] = (ranks + 1) / n
     return out
+
+
+_FIRST: dict[tuple, torch.Tensor] = {}
+
+
+def key_norm_scores_all_layers(
+    k_pools: Sequence[torch.Tensor], slots: torch.Tensor
+) -> torch.Tensor:
+    """:func:`key_norm_scores_from_pools` when every layer holds every position (SGLang's
+    MHA pool), merged as ``scoring.score_tokens`` merges layers: float32 ``[T]``
+    ``sum_l rank_l / L`` on the pools' device, before the sink / recent lift.
+
+    No host copies (pointer tables cached with the pools), one batched sort."""
+    device = k_pools[0].device
+    num_layers, num_tokens = len(k_pools), int(slots.numel())
+    _, heads, head_dim = k_pools[0].shape
+    hp = triton.next_power_of_2(heads)
+    bt = max(1, 4096 // (hp * head_dim))
+    key = (str(device), num_layers)
+    first = _FIRST.get(key)
+    if first is None:
+        first = _FIRST[key] = torch.zeros(num_layers, dtype=torch.int64, device=device)
+    norms = torch.empty(num_layers, num_tokens, dtype=torch.float32, device=device)
+    _key_norm_kernel[(triton.cdiv(num_tokens, bt), num_layers)](
+        _pointers(k_pools, device),
+        slots.to(device=device, dtype=torch.int64),
+        first,
+        norms,
+        num_tokens,
+        DT=TL_DTYPES[k_pools[0].dtype],
+        H=heads,
+        HP=hp,
+        D=head_dim,
+        BT=bt,
+        **launch_options(device),
+    )
+    order = torch.argsort(norms, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(norms)
+    steps = torch.arange(1, num_tokens + 1, dtype=torch.float32, device=device) / num_tokens
+    ranks.scatter_(1, order, steps.expand_as(ranks))
+    return ranks.sum(dim=0) / num_layers
+
+
+_PTRS: dict[tuple, torch.Tensor] = {}
+
+
+def _pointers(pools: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Cached device table of the pools' data pointers (SGLang's pools live long)."""
+    key = (str(device), *(t.data_ptr() for t in pools))
+    hit = _PTRS.get(key)
+    if hit is None:
+        if len(_PTRS) >= 64:
+            _PTRS.clear()
+        hit = _PTRS[key] = pointer_table(pools, device)
+    return hit

@@ -25,6 +25,7 @@ Allocators:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
 
 import torch
@@ -271,3 +272,81 @@ def allocate_tiers(
             raise SpectrumConfigError("allocator 'optimal' needs the measured per-tier errors")
         return lagrangian(scores, costs, budget_bytes, allowed, forced, errors.detach().cpu())
     return waterfall(scores, costs, budget_bytes, allowed, forced)
+
+
+def waterfall_counts(
+    num_tokens: int,
+    costs: Sequence[int],
+    budget_bytes: int,
+    config: SpectrumConfig,
+    forced: int | None = None,
+) -> list[tuple[Tier, int]]:
+    """The ``paper`` waterfall when every token costs the same (``costs[tier]`` bytes,
+    as when every layer holds every position): the tier of each rank bucket.
+
+    With equal costs :func:`waterfall` depends on the scores only through the ranking
+    (descending score, ties: earlier position first) of the non-forced tokens: the
+    top ``n_0`` ranks get the highest tier, the next ``n_1`` the next one, ... and the
+    rest is dropped. The bucket sizes follow from integers alone, so they are known
+    on the host before the scores are (no device round trip), and
+    :func:`tiers_from_ranks` applied to the scores gives exactly ``allocate_tiers``.
+
+    Args:
+        costs: bytes of one token at FP16, INT8, INT4 (DROP ignored).
+        forced: tokens forced to FP16 at the start; default ``config.sinks`` for the
+            methods that force sinks (``spectrum``, ``snapkv``), else 0.
+
+    Returns:
+        ``[(tier, count), ...]`` for the non-forced tokens in rank order, the last
+        bucket :attr:`Tier.DROP`; the forced tokens come first in the tier map.
+    """
+    if config.method == "pdtrim" or (config.method == "spectrum" and config.allocator != "paper"):
+        raise SpectrumConfigError(f"no rank waterfall for {config.method}/{config.allocator}")
+    if forced is None:
+        forced = config.sinks if config.method in ("spectrum", "snapkv") else 0
+    forced = min(int(forced), num_tokens)
+    allowed = allowed_tiers(config)
+    money = budget_bytes - forced * costs[Tier.FP16]
+    if money < 0:
+        raise SpectrumConfigError(
+            f"budget of {budget_bytes} bytes cannot hold the {forced} attention-sink"
+            f" tokens at FP16 ({budget_bytes - money} bytes): raise the budget or lower `sinks`"
+        )
+    rest = num_tokens - forced
+    base = allowed[-1]
+    kept = min(rest, money // costs[base]) if money > 0 else 0
+    money -= kept * costs[base]
+    tops = [kept]  # tops[i]: ranks at allowed[-1 - i] or higher
+    for lower, upper in zip(allowed[:0:-1], allowed[-2::-1]):
+        delta = costs[upper] - costs[lower]
+        up = min(tops[-1], money // delta) if money > 0 else 0
+        money -= up * delta
+        tops.append(up)
+    buckets = []
+    higher = 0
+    for tier, top in zip(allowed, reversed(tops)):
+        buckets.append((tier, top - higher))
+        higher = top
+    buckets.append((Tier.DROP, rest - kept))
+    return buckets
+
+
+def tiers_from_ranks(
+    scores: torch.Tensor, forced: int, buckets: Sequence[tuple[Tier, int]]
+) -> torch.Tensor:
+    """uint8 ``[T]`` tier map on ``scores.device`` from :func:`waterfall_counts`:
+    the first ``forced`` tokens FP16, the others by descending score (stable)."""
+    num_tokens = scores.numel()
+    device = scores.device
+    tiers = torch.empty(num_tokens, dtype=torch.uint8, device=device)
+    tiers[:forced] = int(Tier.FP16)
+    if forced < num_tokens:
+        order = torch.argsort(scores[forced:], descending=True, stable=True) + forced
+        rank = torch.arange(num_tokens - forced, device=device)
+        by_rank = torch.full_like(rank, int(buckets[0][0]), dtype=torch.uint8)
+        edge = 0
+        for (_, n), (tier, _) in zip(buckets[:-1], buckets[1:]):  # no host-device copies
+            edge += n
+            by_rank = torch.where(rank >= edge, int(tier), by_rank)
+        tiers[order] = by_rank.to(torch.uint8)
+    return tiers

@@ -61,10 +61,20 @@ from .codec import (
     token_budget,
 )
 from .config import SpectrumConfig, SpectrumConfigError, SpectrumFormatError
-from .policy import TIER_NAMES, Tier, allocate_tiers, allowed_tiers
-from .scoring import score_tokens
+from .policy import (
+    TIER_NAMES,
+    Tier,
+    allocate_tiers,
+    allowed_tiers,
+    tiers_from_ranks,
+    waterfall_counts,
+)
+from .scoring import lift_sinks_and_recent, score_tokens
 
 __all__ = ["PackedRequest", "pack_request", "packed_size_bound", "unpack_request"]
+
+# Tests only: run the kernel path on CPU tensors (Triton's interpreter, TRITON_INTERPRET=1).
+_KERNELS_ON_CPU = False
 
 
 @dataclass(frozen=True)
@@ -339,16 +349,14 @@ def pack_request(
         )
     cfg = _sent_config(config, context)
     info = _layout_info(int(sent.numel()), num_layers, heads, head_dim, dtype, config)
-    kern = _kernels() if device.type == "cuda" else None
+    kern = _kernels() if device.type == "cuda" or _KERNELS_ON_CPU else None
     if kern is not None and _kernel_path_ok(kern, info, cfg):
         return _pack_kernels(kern, k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0)
     return _pack_torch(k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0)
 
 
 def _kernel_path_ok(kern, info: _Layout, cfg: SpectrumConfig) -> bool:
-    return bool(kern.kernel_supported(info.layout)) and not (
-        cfg.method == "pdtrim" or (cfg.method == "spectrum" and cfg.allocator == "optimal")
-    )
+    return bool(kern.kernel_supported(info.layout))
 
 
 def _pack_torch(k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0) -> PackedRequest:
@@ -388,44 +396,82 @@ def _pack_torch(k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0) 
 def _pack_kernels(
     kern, k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0
 ) -> PackedRequest:
-    """Kernel path (first version: reference planning on the device, fused pack)."""
+    """Kernel path. Host-side integers fix every size first (tier counts of the
+    equal-cost waterfall, offsets, header length); the device scores (fused key
+    norms straight from the pools), ranks, plans, packs into ``out`` and checksums;
+    one synchronisation brings the tier map and the checksum back for the header,
+    which a last small copy writes in front of the payload."""
     lay = info.layout
-    scores = _torch_scores(k_pools, all_slots, cfg, context)
-    budget = _budget(info, cfg)
-    tiers = allocate_tiers(scores, lay.token_costs(), budget, cfg)
-    plan = kern.plan_transfer(lay, tiers, sent)
-    t1 = time.perf_counter()
+    device = out.device
+    num_tokens = lay.num_tokens
+    if cfg.method == "pdtrim" or (cfg.method == "spectrum" and cfg.allocator != "paper"):
+        tiers = _reference_tiers(k_pools, v_pools, sent, all_slots, cfg, info, context)
+        counts = tuple(torch.bincount(tiers.long(), minlength=4).tolist()[:3])
+        tiers = tiers.to(device)
+    else:
+        forced = min(cfg.sinks, num_tokens) if cfg.method in ("spectrum", "snapkv") else 0
+        buckets = waterfall_counts(num_tokens, info.costs, _budget(info, cfg), cfg, forced)
+        n = dict.fromkeys(Tier, 0)
+        for tier, c in buckets:
+            n[tier] += c
+        n[Tier.FP16] += forced
+        counts = (n[Tier.FP16], n[Tier.INT8], n[Tier.INT4])
+        scores = kern.key_norm_scores_all_layers(k_pools, all_slots)
+        # sinks of the whole prompt: cfg.sinks of them are sent, the others are context
+        scores = lift_sinks_and_recent(scores, cfg.sinks + context, cfg.window)[context:]
+        tiers = tiers_from_ranks(scores, forced, buckets)
+    plan = kern.plan_from_counts(lay, tiers, counts, sent)
+    tier_map = bytes(num_tokens)  # placeholder of the same encoded length
     header = PackedHeader(
         layout=lay,
-        tier_map=plan.tiers.numpy().tobytes(),
+        tier_map=tier_map,
         offsets=plan.offsets,
         payload_nbytes=plan.payload_nbytes,
-        checksum=(1 << 63) - 1,
+        checksum=(1 << 63) - 1,  # the longest encoding: the real one is never longer
         policy=info.policy,
     )
     start = _payload_start(header)
+    t1 = time.perf_counter()
     payload = kern.pack_payload(k_pools, v_pools, plan, out=out[start:])
-    header.checksum = kern.fast_checksum(payload)
+    parts = kern.checksum_parts(payload)
+    host_tiers = torch.empty(num_tokens, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    host_tiers.copy_(tiers, non_blocking=True)
+    header.checksum = kern.combine_checksum(parts.tolist())  # the one synchronisation
+    t2 = time.perf_counter()
+    header.tier_map = host_tiers.numpy().tobytes()
     head = _header_bytes(header)
     if head.numel() != start:  # a short checksum: the payload moves (practically never)
         payload = payload.clone()
         out[head.numel() : head.numel() + payload.numel()].copy_(payload)
-    out[: head.numel()].copy_(head.to(out.device))
-    _sync(out.device)
-    t2 = time.perf_counter()
+    out[: head.numel()].copy_(head)  # pageable host memory: returns when it is in out
+    _sync(device)
+    t3 = time.perf_counter()
     return PackedRequest(
         nbytes=head.numel() + plan.payload_nbytes,
         checksum=int(header.checksum),
-        num_tokens=lay.num_tokens,
+        num_tokens=num_tokens,
         full_nbytes=info.full_nbytes,
-        tier_counts=count_tiers(tiers),
+        tier_counts=dict(zip(TIER_NAMES, (*counts, num_tokens - sum(counts)))),
         path="kernels",
         timings_ms={
             "plan": (t1 - t0) * 1e3,
             "pack": (t2 - t1) * 1e3,
-            "total": (t2 - t0) * 1e3,
+            "header": (t3 - t2) * 1e3,
+            "total": (t3 - t0) * 1e3,
         },
     )
+
+
+def _reference_tiers(k_pools, v_pools, sent, all_slots, cfg, info, context) -> torch.Tensor:
+    """uint8 ``[T]`` CPU tier map of the reference allocator (``optimal``, ``pdtrim``)."""
+    lay = info.layout
+    scores = _torch_scores(k_pools, all_slots, cfg, context)
+    errors = None
+    if cfg.method == "spectrum" and cfg.allocator == "optimal":
+        keys = [k[sent] for k in k_pools]
+        values = [v[sent] for v in v_pools]
+        errors = measure_tier_errors(keys, values, lay)
+    return allocate_tiers(scores, lay.token_costs(), _budget(info, cfg), cfg, errors)
 
 
 def _header_bytes(header: PackedHeader) -> torch.Tensor:
@@ -562,22 +608,45 @@ def unpack_request(
         raise SpectrumFormatError(
             f"slots must be a vector of {lay.num_tokens} entries, got shape {tuple(s.shape)}"
         )
-    dst = _as_slots(s, "slots", num_slots, device, SpectrumFormatError)
     if expected_checksum is not None and int(expected_checksum) != int(header.checksum):
         raise SpectrumFormatError(
             "payload checksum differs from the one the sender announced (stale or foreign"
             " data in the receive buffer)"
         )
+    kern = _kernels() if device.type == "cuda" or _KERNELS_ON_CPU else None
     payload = buf[start : start + header.payload_nbytes]
-    kern = _kernels() if device.type == "cuda" else None
     if payload.device != device:
         payload = payload.to(device)
-    checksum = kern.fast_checksum if kern is not None else _ref_checksum
-    if checksum(payload) != header.checksum:
-        raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")
-    tiers = torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
+    if s.dtype.is_floating_point or s.dtype == torch.bool:
+        raise SpectrumFormatError(f"slots must be an integer vector, got {s.dtype}")
+    if kern is None:
+        dst = _as_slots(s, "slots", num_slots, device, SpectrumFormatError)
+        if _ref_checksum(payload) != header.checksum:
+            raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")
+    else:  # checksum on the device; slot range and checksum come back in one copy
+        dst = s.to(device=device, dtype=torch.int64, non_blocking=True)
+        checks = [kern.checksum_parts(payload)]
+        if dst.numel():
+            lo_hi = torch.aminmax(dst)
+            checks.append(torch.stack([lo_hi.min, lo_hi.max]))
+        got = torch.cat(checks).tolist()
+        if kern.combine_checksum(got[:2]) != header.checksum:
+            raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")
+        if len(got) > 2 and (got[2] < 0 or got[3] >= num_slots):
+            raise SpectrumFormatError(
+                f"slots out of range for pools of {num_slots} slots ([{got[2]}, {got[3]}])"
+            )
+    tier_bytes = bytearray(header.tier_map)
+    tiers = torch.frombuffer(tier_bytes, dtype=torch.uint8)
+    counts = torch.bincount(tiers.long(), minlength=4).tolist()
     if kern is not None and kern.kernel_supported(lay):
-        plan = kern.plan_transfer(lay, tiers, dst)
+        if any(lay.layer_first_pos):
+            plan = kern.plan_transfer(lay, tiers, dst)
+        else:
+            dev_tiers = tiers.pin_memory() if device.type == "cuda" else tiers
+            plan = kern.plan_from_counts(
+                lay, dev_tiers.to(device, non_blocking=True), tuple(counts[:3]), dst
+            )
         kern.unpack_payload(payload, k_pools, v_pools, plan)
     else:
         for layer, positions, k, v in iter_decoded_layers(header, payload):
@@ -585,7 +654,6 @@ def unpack_request(
             k_pools[layer][rows] = k.to(ref.dtype)
             v_pools[layer][rows] = v.to(ref.dtype)
     _sync(device)
-    counts = torch.bincount(tiers.long(), minlength=4).tolist()
     return UnpackInfo(
         num_tokens=lay.num_tokens,
         dropped=torch.nonzero(tiers == int(Tier.DROP)).flatten(),

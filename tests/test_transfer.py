@@ -271,3 +271,156 @@ def test_gpu_request_path_round_trip(key_scales, tokens):
     for layer in range(4):
         assert same_bits(ok[layer][slots], dk[layer])
         assert same_bits(ov[layer][slots], dv[layer])
+
+
+# --------------------------------------------------------------------------- kernel path on CPU
+
+
+def _interpreted_kernels():
+    """The kernels under Triton's interpreter (see tests/test_kernels.py)."""
+    import importlib
+    import os
+    import sys
+
+    if CUDA:
+        return importlib.import_module("sglang_spectrum.kernels")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for name in [m for m in sys.modules if m.startswith("sglang_spectrum.kernels")]:
+            del sys.modules[name]
+        return importlib.import_module("sglang_spectrum.kernels")
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture
+def kernel_path(monkeypatch):
+    """Run pack_request / unpack_request's kernel path on CPU pools (interpreter)."""
+    import sglang_spectrum
+    from sglang_spectrum import transfer
+
+    kern = _interpreted_kernels()
+    monkeypatch.setattr(sglang_spectrum, "kernels", kern, raising=False)
+    monkeypatch.setattr(transfer, "_KERNELS_ON_CPU", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return kern
+
+
+KERNEL_CONFIGS = [
+    SpectrumConfig(budget=0.5, allow_drop=False),
+    SpectrumConfig(budget=0.3, allow_drop=False, key_scales="channel", key_block=8),
+    SpectrumConfig(budget=0.3, allow_drop=False, tiers="2", group_size=8, sinks=2, window=4),
+    SpectrumConfig(budget=0.4, allocator="optimal", allow_drop=False),
+    SpectrumConfig(budget=0.2, method="int4", allow_drop=True),
+    SpectrumConfig(budget=0.2, method="snapkv", allow_drop=True),
+    SpectrumConfig(budget=0.2, method="pdtrim", allow_drop=True),
+]
+
+
+@pytest.mark.parametrize(
+    "config", KERNEL_CONFIGS, ids=lambda c: f"{c.method}-{c.allocator}-{c.budget}-{c.key_scales}"
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_path_matches_reference(kernel_path, config, dtype):
+    """The kernel path's buffer: the reference's tier map (same scores up to float
+    rounding of the fused norms), the reference bytes for that tier map, and an
+    unpack bit-identical to ``decode_kv``."""
+    from sglang_spectrum.codec import encode_header, header_tier_map, pack_tiers
+
+    kp, vp, slots = make_pools(layers=2, heads=2, head_dim=16, tokens=60, page=8, dtype=dtype)
+    out = region(kp, slots, config, extra=64)
+    res = pack_request(kp, vp, slots, config, out=out)
+    assert res.path == "kernels"
+    header, payload = read_header(out[: res.nbytes])
+    assert header.checksum == res.checksum
+    tiers = header_tier_map(header)
+    keys, values = [k[slots] for k in kp], [v[slots] for v in vp]
+    ref = pack_kv(keys, values, config)
+    assert res.nbytes <= ref.nbytes + 64 and res.tier_counts == ref.tier_counts
+    assert float((tiers == ref.tiers).float().mean()) >= 0.9
+    again = pack_tiers(keys, values, header.layout, tiers, header.policy)
+    assert torch.equal(again.payload, payload)
+    assert encode_header(again.header) == out[: res.nbytes - payload.numel()].numpy().tobytes()
+    dk, dv, kept = decode_kv(out[: res.nbytes])
+    ok = [torch.full_like(p, float("nan")) for p in kp]
+    ov = [torch.full_like(p, float("nan")) for p in vp]
+    info = unpack_request(out, ok, ov, slots, expected_checksum=res.checksum)
+    assert info.tier_counts == res.tier_counts
+    for layer in range(2):
+        assert same_bits(ok[layer][slots][kept], dk[layer][kept].to(dtype))
+        assert same_bits(ov[layer][slots][kept], dv[layer][kept].to(dtype))
+        assert torch.isnan(ok[layer][slots][~kept].float()).all()
+
+
+def test_kernel_path_scores_equal_reference_without_ties(kernel_path):
+    """With well separated key norms the fused scores rank like score_tokens: the
+    whole buffer equals pack_kv's, context slots included."""
+    kp, vp, slots = make_pools(layers=2, heads=2, head_dim=16, tokens=80, page=8, seed=5)
+    for p in kp:  # distinct norms: scale each slot's key by its own factor
+        p.mul_(torch.linspace(0.5, 4.0, p.shape[0])[torch.randperm(p.shape[0])][:, None, None])
+    cfg = SpectrumConfig(budget=0.35, allow_drop=False, key_scales="channel", key_block=16)
+    out = region(kp, slots, cfg)
+    res = pack_request(kp, vp, slots, cfg, out=out)
+    ref = pack_kv([k[slots] for k in kp], [v[slots] for v in vp], cfg)
+    assert out[: res.nbytes].numpy().tobytes() == ref.to_bytes()
+    ctx, sent = slots[:30], slots[30:]
+    out = region(kp, sent, cfg)
+    res = pack_request(kp, vp, sent, cfg, out=out, context_slots=ctx)
+    header, _ = read_header(out[: res.nbytes])
+    scores = score_tokens([k[slots] for k in kp], sinks=cfg.sinks, window=cfg.window)[30:]
+    lay = config_layout(cfg, 2, 2, 16, torch.bfloat16, 50)
+    sent_cfg = cfg.with_(sinks=0)
+    want = allocate_tiers(scores, lay.token_costs(), token_budget(lay, sent_cfg), sent_cfg)
+    assert torch.equal(torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8), want)
+
+
+def test_kernel_path_unpack_rejects_and_writes_nothing(kernel_path):
+    kp, vp, slots = make_pools(layers=2, heads=2, head_dim=16, tokens=40, page=8)
+    cfg = SpectrumConfig(budget=0.5, allow_drop=False, key_scales="channel", key_block=8)
+    out = region(kp, slots, cfg)
+    res = pack_request(kp, vp, slots, cfg, out=out)
+    bad = out[: res.nbytes].clone()
+    bad[-3] ^= 0x08
+    for buf, ss in ((bad, slots), (out, slots + 10_000), (out, slots[:-1])):
+        pools_k = [torch.full_like(p, 1.0) for p in kp]
+        pools_v = [torch.full_like(p, 1.0) for p in vp]
+        with pytest.raises(SpectrumFormatError):
+            unpack_request(buf, pools_k, pools_v, ss)
+        assert all(bool((p == 1.0).all()) for p in pools_k + pools_v)
+
+
+def test_waterfall_counts_give_allocate_tiers():
+    """The rank waterfall equals policy.allocate_tiers for equal token costs, ties included."""
+    from sglang_spectrum.policy import tiers_from_ranks, waterfall_counts
+
+    gen = torch.Generator().manual_seed(0)
+    costs = [100, 55, 30, 0]
+    methods = [
+        {},
+        {"tiers": "2"},
+        {"method": "int4"},
+        {"method": "int8"},
+        {"method": "snapkv"},
+        {"sinks": 0},
+        {"method": "full", "budget": 1.0},
+    ]
+    for tokens in (1, 3, 17, 200):
+        for frac in (0.1, 0.3, 0.55, 0.9, 1.2):
+            for extra in methods:
+                cfg = SpectrumConfig(**{"budget": 0.5, **extra})
+                scores = torch.randint(0, 5, (tokens,), generator=gen).float()  # many ties
+                budget = int(frac * tokens * 100)
+                table = torch.tensor(costs)[None].expand(tokens, 4)
+                try:
+                    want = allocate_tiers(scores, table, budget, cfg)
+                except SpectrumConfigError:
+                    with pytest.raises(SpectrumConfigError):
+                        waterfall_counts(tokens, costs, budget, cfg)
+                    continue
+                forced = min(cfg.sinks, tokens) if cfg.method in ("spectrum", "snapkv") else 0
+                got = tiers_from_ranks(scores, forced, waterfall_counts(tokens, costs, budget, cfg))
+                assert torch.equal(got, want), (tokens, frac, extra)
