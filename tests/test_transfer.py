@@ -424,3 +424,25 @@ def test_waterfall_counts_give_allocate_tiers():
                 forced = min(cfg.sinks, tokens) if cfg.method in ("spectrum", "snapkv") else 0
                 got = tiers_from_ranks(scores, forced, waterfall_counts(tokens, costs, budget, cfg))
                 assert torch.equal(got, want), (tokens, frac, extra)
+
+
+def test_request_path_benchmark_smoke(tmp_path):
+    """bench/request_path.py --smoke: the benchmark's code runs on CPU (tiny shapes)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "request_path.py"
+    spec = importlib.util.spec_from_file_location("request_path_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "request_path_smoke.json").read_text())
+    recs = data["records"]
+    assert len(recs) == 2 * 2 * 3
+    need = {"tokens", "budget", "key_scales", "link_gbps", "pack_ms", "unpack_ms"}
+    need |= {"kernel_pack_ms", "kernel_unpack_ms", "packed_bytes", "full_bytes", "speedup"}
+    need |= {"ideal", "hardware"}
+    assert all(need <= set(r) for r in recs)
+    assert all(r["tier_counts"]["drop"] == 0 for r in recs)
+    assert (tmp_path / "request_path_smoke.md").read_text().startswith("# Request path")

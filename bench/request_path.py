@@ -1,0 +1,353 @@
+"""Request-path benchmark: ``transfer.pack_request`` / ``unpack_request`` end to end.
+
+Llama-3-8B KV shape (32 layers x 8 KV heads x 128, bf16) in paged pools (page 64,
+random page permutation, spare pages), synthetic KV with per-channel scales, outliers
+and per-token norm spread. For tokens x budget x key_scales it times, with the very
+functions the SGLang backend calls:
+
+- ``pack_ms``: ``pack_request(k_pools, v_pools, slots, config, out=region)`` wall
+  clock (it synchronises once at its end), median of ``--iters`` after warm-up;
+- ``unpack_ms``: ``unpack_request(region, k_pools2, v_pools2, slots2,
+  expected_checksum=...)`` into a second pool set, same timing;
+- ``kernel_pack_ms`` / ``kernel_unpack_ms``: the Triton pack / unpack launches alone
+  (``pack_payload`` / ``unpack_payload`` on the request's plan), CUDA events;
+- ``copy_ms``: ``dst.copy_(src)`` of the request's full 16-bit KV bytes (bandwidth
+  anchor: ``kernel_*_vs_copy`` = kernel bytes/s over copy bytes/s);
+- ``pack_extra_bytes``: peak device memory ``pack_request`` allocates beyond what was
+  allocated before (no temporary proportional to the full KV).
+
+Per link speed (25/100/400 Gb/s) one record: ``speedup = (full_bytes / link) /
+(pack + packed_bytes / link + unpack)``, ``ideal = full_bytes / packed_bytes``.
+Usage (H200)::
+
+    python bench/request_path.py --out bench/results
+    python bench/request_path.py --smoke --out /tmp/rp     # CPU, tiny shapes (torch path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+
+from sglang_spectrum.config import SpectrumConfig
+from sglang_spectrum.transfer import pack_request, packed_size_bound, unpack_request
+
+LINKS_GBIT = (25, 100, 400)
+TARGETS = {  # (link Gb/s, tokens) -> minimum speedup / ideal
+    (100, 4096): 0.9,
+    (100, 16384): 0.9,
+    (400, 16384): 0.8,
+    (400, 4096): 0.7,
+}
+
+
+def make_pools(layers, heads, head_dim, num_slots, dtype, device, gen):
+    """K and V pools ``[num_slots, H, D]`` per layer: random KV with per-channel scales,
+    per-token magnitudes and rare outliers (generated on the device)."""
+    k_pools, v_pools = [], []
+    for _ in range(layers):
+        for pools, scale in ((k_pools, 2.0), (v_pools, 1.0)):
+            chan = torch.exp(torch.randn(heads, head_dim, device=device, generator=gen))
+            mag = torch.rand(num_slots, 1, 1, device=device, generator=gen) * 3 + 0.1
+            x = torch.randn(num_slots, heads, head_dim, device=device, generator=gen)
+            x = x * chan * mag * scale
+            x = torch.where(torch.rand(x.shape, device=device, generator=gen) < 1e-3, x * 30.0, x)
+            pools.append(x.to(dtype))
+            del x
+    return k_pools, v_pools
+
+
+def paged_slots(tokens, page, num_pages, gen, device):
+    """Slots of ``tokens`` positions in pages drawn at random from ``num_pages``."""
+    pages = -(-tokens // page)
+    perm = torch.randperm(num_pages, generator=gen)[:pages]
+    return (perm[:, None] * page + torch.arange(page)).reshape(-1)[:tokens].to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall(fn, iters, warmup, device) -> float:
+    """Median wall clock (ms) of ``fn`` (which synchronises itself)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def events(fn, iters, warmup) -> float:
+    """Median device time (ms) of ``fn`` by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def kernel_times(kp, vp, kd, vd, slots, dst, region, res, iters, warmup):
+    """(pack ms, unpack ms) of the Triton launches alone on the request's plan."""
+    from sglang_spectrum import kernels as K
+    from sglang_spectrum.codec import header_tier_map, read_header
+
+    header, payload = read_header(region[: res.nbytes], checksum=K.fast_checksum)
+    tiers = header_tier_map(header).to(slots.device)
+    counts = tuple(res.tier_counts[n] for n in ("fp16", "int8", "int4"))
+    plan = K.plan_from_counts(header.layout, tiers, counts, slots)
+    scratch = torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=slots.device)
+    pack = events(lambda: K.pack_payload(kp, vp, plan, out=scratch), iters, warmup)
+    assert torch.equal(scratch, payload), "kernel payload differs from pack_request's"
+    uplan = K.plan_from_counts(header.layout, tiers, counts, dst)
+    unpack = events(lambda: K.unpack_payload(payload, kd, vd, uplan), iters, warmup)
+    return pack, unpack
+
+
+def copy_ms(full_bytes, device, iters, warmup) -> float:
+    src = torch.empty(full_bytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return events(lambda: dst.copy_(src), iters, warmup)
+
+
+def run(args) -> tuple[list[dict], dict]:
+    device = torch.device(args.device)
+    gen_dev = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    layers, heads, head_dim = args.layers, args.heads, args.head_dim
+    max_tokens = max(args.tokens)
+    num_pages = -(-max_tokens // args.page) + 8
+    num_slots = num_pages * args.page
+    kp, vp = make_pools(layers, heads, head_dim, num_slots, torch.bfloat16, device, gen_dev)
+    kd = [torch.zeros_like(p) for p in kp]
+    vd = [torch.zeros_like(p) for p in vp]
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    meta = {
+        "hardware": hardware,
+        "torch": torch.__version__,
+        "shape": [layers, heads, head_dim],
+        "page": args.page,
+        "iters": args.iters,
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    rows = []
+    copies = {}
+    for tokens in args.tokens:
+        slots = paged_slots(tokens, args.page, num_pages, gen, device)
+        dst = paged_slots(tokens, args.page, num_pages, gen, device)
+        for budget in args.budgets:
+            for keys in args.key_scales:
+                cfg = SpectrumConfig(budget=budget, key_scales=keys, allow_drop=False)
+                bound = packed_size_bound(tokens, layers, heads, head_dim, torch.bfloat16, cfg)
+                region = torch.empty(bound, dtype=torch.uint8, device=device)
+                res = pack_request(kp, vp, slots, cfg, out=region)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    res = pack_request(kp, vp, slots, cfg, out=region)
+                    extra = torch.cuda.max_memory_allocated(device) - before
+                else:
+                    extra = None
+                pack = wall(
+                    lambda c=cfg, r=region, s=slots: pack_request(kp, vp, s, c, out=r),
+                    args.iters,
+                    args.warmup,
+                    device,
+                )
+                unpack = wall(
+                    lambda r=region, d=dst, x=res: unpack_request(
+                        r, kd, vd, d, expected_checksum=x.checksum
+                    ),
+                    args.iters,
+                    args.warmup,
+                    device,
+                )
+                # the decode's pools hold the unpacked KV: spot check one layer's FP16 rows
+                k_pack = k_unpack = c_ms = None
+                if device.type == "cuda":
+                    k_pack, k_unpack = kernel_times(
+                        kp, vp, kd, vd, slots, dst, region, res, args.iters, args.warmup
+                    )
+                    if tokens not in copies:
+                        copies[tokens] = copy_ms(res.full_nbytes, device, args.iters, 3)
+                    c_ms = copies[tokens]
+                base = {
+                    "tokens": tokens,
+                    "budget": budget,
+                    "key_scales": keys,
+                    "pack_ms": round(pack, 4),
+                    "unpack_ms": round(unpack, 4),
+                    "kernel_pack_ms": None if k_pack is None else round(k_pack, 4),
+                    "kernel_unpack_ms": None if k_unpack is None else round(k_unpack, 4),
+                    "copy_ms": None if c_ms is None else round(c_ms, 4),
+                    "packed_bytes": res.nbytes,
+                    "full_bytes": res.full_nbytes,
+                    "ideal": round(res.full_nbytes / res.nbytes, 4),
+                    "tier_counts": res.tier_counts,
+                    "path": res.path,
+                    "pack_steps_ms": {k: round(v, 4) for k, v in res.timings_ms.items()},
+                    "pack_extra_bytes": extra,
+                    "hardware": hardware,
+                }
+                if c_ms:
+                    # bytes moved: the pack reads the full KV and writes the payload
+                    moved = res.full_nbytes + res.nbytes
+                    base["kernel_pack_vs_copy"] = round(
+                        (moved / k_pack) / (2 * res.full_nbytes / c_ms), 4
+                    )
+                    base["kernel_unpack_vs_copy"] = round(
+                        (moved / k_unpack) / (2 * res.full_nbytes / c_ms), 4
+                    )
+                for link in args.links:
+                    per_ms = link * 1e9 / 8 / 1e3  # bytes per ms
+                    full_t = res.full_nbytes / per_ms
+                    ours = pack + res.nbytes / per_ms + unpack
+                    rec = dict(base, link_gbps=link)
+                    rec["speedup"] = round(full_t / ours, 4)
+                    rec["of_ideal"] = round(rec["speedup"] / rec["ideal"], 4)
+                    target = TARGETS.get((link, tokens))
+                    rec["target_of_ideal"] = target
+                    rec["target_met"] = None if target is None else rec["of_ideal"] >= target
+                    rows.append(rec)
+                print(
+                    f"T={tokens} b={budget} keys={keys} path={res.path} pack {pack:.2f} ms"
+                    f" (kernel {k_pack}) unpack {unpack:.2f} ms (kernel {k_unpack})"
+                    f" packed {res.nbytes / 1e6:.1f} MB of {res.full_nbytes / 1e6:.1f}"
+                    f" steps {base['pack_steps_ms']} extra {extra}",
+                    flush=True,
+                )
+                del region
+    return rows, meta
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Request path: pack_request + wire + unpack_request",
+        "",
+        f"{meta['hardware']}, torch {meta['torch']}, triton {meta.get('triton', '-')};"
+        f" KV {meta['shape'][0]} layers x {meta['shape'][1]} KV heads x {meta['shape'][2]},"
+        f" bf16, page {meta['page']}, random pages; wall clock median of {meta['iters']}"
+        " after warm-up (pack/unpack synchronise once at the end), kernels by CUDA events.",
+        "speedup = (full / link) / (pack + packed / link + unpack); ideal = full / packed.",
+        "",
+        "| tokens | b | keys | link Gb/s | pack ms | unpack ms | kernel pack / unpack ms"
+        " | kernel vs copy (pack / unpack) | packed MB | speedup | ideal | of ideal | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        target = "-"
+        if r["target_of_ideal"] is not None:
+            ok = "met" if r["target_met"] else "MISSED"
+            target = f">= {r['target_of_ideal']}: {ok}"
+        kern = f"{r['kernel_pack_ms']} / {r['kernel_unpack_ms']}"
+        vs = f"{r.get('kernel_pack_vs_copy', '-')} / {r.get('kernel_unpack_vs_copy', '-')}"
+        lines.append(
+            f"| {r['tokens']} | {r['budget']} | {r['key_scales']} | {r['link_gbps']}"
+            f" | {r['pack_ms']:.2f} | {r['unpack_ms']:.2f} | {kern} | {vs}"
+            f" | {r['packed_bytes'] / 1e6:.1f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x"
+            f" | {r['of_ideal']:.2f} | {target} |"
+        )
+    judged = [r for r in rows if r["target_met"] is not None]
+    met = sum(bool(r["target_met"]) for r in judged)
+    lines += ["", f"Targets met: {met} of {len(judged)}."]
+    extra = [r["pack_extra_bytes"] for r in rows if r["pack_extra_bytes"] is not None]
+    if extra:
+        worst = max(rows, key=lambda r: r["pack_extra_bytes"] or 0)
+        mb = worst["pack_extra_bytes"] / 1e6
+        lines.append(
+            f"Largest extra device memory of one pack_request: {mb:.1f}"
+            f" MB at {worst['tokens']} tokens (full KV {worst['full_bytes'] / 1e6:.0f} MB)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    links = sorted({r["link_gbps"] for r in rows})
+    fig, axes = plt.subplots(1, len(links), figsize=(5 * len(links), 4), sharey=True)
+    for ax, link in zip(axes if len(links) > 1 else [axes], links):
+        for keys, marker in (("token", "o"), ("channel", "s")):
+            for budget in sorted({r["budget"] for r in rows}):
+                sel = [
+                    r
+                    for r in rows
+                    if r["link_gbps"] == link and r["key_scales"] == keys and r["budget"] == budget
+                ]
+                if sel:
+                    ax.plot(
+                        [r["tokens"] for r in sel],
+                        [r["of_ideal"] for r in sel],
+                        marker=marker,
+                        label=f"{keys} b={budget}",
+                    )
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{link} Gb/s")
+        ax.set_xlabel("tokens")
+    (axes[0] if len(links) > 1 else axes).set_ylabel("speedup / ideal")
+    (axes[0] if len(links) > 1 else axes).legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--key-scales", nargs="+", default=["token", "channel"])
+    ap.add_argument("--links", type=int, nargs="+", default=list(LINKS_GBIT))
+    ap.add_argument("--page", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (tests the script)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.tokens, args.layers, args.heads, args.head_dim = "cpu", [64], 2, 2, 16
+        args.page, args.iters, args.warmup = 8, 2, 1
+    rows, meta = run(args)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "request_path_smoke" if args.smoke else "request_path"
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "records": rows}, indent=1))
+    md = markdown(rows, meta)
+    (out / f"{name}.md").write_text(md)
+    if not args.smoke:
+        plot(rows, out / f"{name}.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The one command run on the GPU machine for the request path (issue 10): the GPU
+# tests of the kernels and of transfer.pack_request / unpack_request, then
+# bench/request_path.py, writing logs and results to $OUT.
+#
+# Needs: torch + triton + pytest (the GPU image has them) and msgspec, carried as a
+# cp312 wheel in .carry-rp/ (ignored; fetch it here with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_17_x86_64 -d .carry-rp msgspec==0.23.0
+# ). FlashInfer tests run only if flashinfer is importable (.whl carried).
+# Usage on the device, from the repo root:  bash scripts/device_request_path.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/spectrum_out}
+mkdir -p "$OUT"
+wheels=$(ls .carry-rp/*.whl .whl/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site $wheels || exit 1
+fi
+# sglang_spectrum.kernels maps to kernels/ only when installed: a shim package.
+rm -rf /tmp/shim && mkdir -p /tmp/shim && cp -r sglang_spectrum /tmp/shim/ \
+  && ln -s "$PWD/kernels" /tmp/shim/sglang_spectrum/kernels
+export PYTHONPATH=/tmp/shim:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+python3 -c "import torch, triton, msgspec; print('torch', torch.__version__, 'triton',
+triton.__version__, 'msgspec', msgspec.__version__)" || exit 1
+tests="tests/test_kernels.py tests/test_transfer.py"
+python3 -c "import flashinfer" 2>/dev/null && tests="$tests tests/test_flashinfer_layout.py"
+
+start=$(date +%s)
+timeout ${TEST_TIMEOUT:-200} python3 -m pytest -m gpu $tests -v -s -p no:cacheprovider \
+  > "$OUT/pytest.log" 2>&1
+echo "pytest rc=$? in $(( $(date +%s) - start )) s"
+grep -E "PASSED|FAILED|ERROR|GPU |Error|assert" "$OUT/pytest.log" | cut -c1-200 | tail -40
+tail -3 "$OUT/pytest.log"
+
+start=$(date +%s)
+timeout ${BENCH_TIMEOUT:-220} python3 bench/request_path.py --out "$OUT" ${BENCH_ARGS:-} \
+  > "$OUT/bench.log" 2>&1
+echo "bench rc=$? in $(( $(date +%s) - start )) s"
+tail -60 "$OUT/bench.log"
