@@ -1,23 +1,30 @@
 """The INT4-tolerance probe at prefill scheduler startup (``--spectrum-tiers auto``).
 
 Fast tests: the decision store, the probe's settings (env overrides, context
-shrinking), the no-op / option / fallback / cache paths of
-``run_startup_probe`` on stand-in scheduler objects, and the Prometheus gauges.
+shrinking), the option and exception paths of ``run_startup_probe`` and the
+Prometheus gauges.
 
-Slow tests (real SGLang servers on CPU, each stopped by PID in a finalizer):
+In-process tests (``slow``: real SGLang, real SmolLM2-135M, no server): a
+``ModelRunner`` is built on the CPU the way ``sglang.benchmark.one_batch``
+builds it (from the same CLI flags a server gets), and ``run_startup_probe``
+runs on it, with the scheduler reduced to the two attributes it reads
+(``tp_worker.model_runner`` and ``tokenizer``):
 
-* a prefill server runs the probe on SmolLM2 (pass -> tiers 3); a second start
-  reads the cached decision (the log says so, and the lookup is far faster
-  than the run); a PD deployment on that cache sends a request end to end with
-  INT4 tokens, and the decode side learns the tier mode at bootstrap;
-* a PD deployment of Gemma 3 270M, whose probe fails, serves with tiers 2
-  (no INT4 token);
-* a prefill server whose context is too short for the probe falls back to
-  tiers 2 with one WARNING and keeps serving.
+* the engine itself: greedy answers, a lossless (b=1.0) round trip through
+  ``transfer.pack_request``/``unpack_request`` that leaves the pool KV
+  bit-identical, INT4 tokens at b=0.3, no slot leaked;
+* the probe on a 512-token haystack (PASS -> tiers 3), the cache (a second
+  call reads it in milliseconds), ``probe_refresh`` re-running it, another
+  budget being another cache entry;
+* the fallback when the KV pool has no room for the probe (one WARNING,
+  tiers 2, nothing cached).
+
+Slow tests further down start real servers (prefill alone or a PD deployment).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -30,9 +37,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_spectrum.eval.probe import ProbeResult, cached_probe
-from sglang_spectrum.models import weights_identity
-from sglang_spectrum.sglang_plugin import probe_hook
+if not torch.cuda.is_available():
+    # The in-process ModelRunner runs on SGLang's CPU engine, which SGLang's modules
+    # choose when they are imported: set before anything imports them.
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+
+from sglang_spectrum.sglang_plugin import probe_hook  # noqa: E402
+from sglang_spectrum.sglang_plugin.options import SpectrumServerOptions  # noqa: E402
 
 # --------------------------------------------------------------------------- fast
 
@@ -49,43 +60,9 @@ def _clean_decision(monkeypatch):
 
 
 def _server_args(model_path="unused", **kw) -> SimpleNamespace:
-    base = dict(
-        disaggregation_transfer_backend="spectrum",
-        disaggregation_mode="prefill",
-        spectrum_budget=0.5,
-        spectrum_tiers="auto",
-        spectrum_allocator="paper",
-        spectrum_probe_refresh=False,
-        model_path=str(model_path),
-        tokenizer_path=str(model_path),
-        served_model_name="m",
-        enable_metrics=False,
-    )
+    base = dict(model_path=str(model_path), served_model_name="m", enable_metrics=False)
     base.update(kw)
     return SimpleNamespace(**base)
-
-
-def _fake_scheduler(available=16384, context_len=8192, dtype=torch.bfloat16):
-    """Just what the cache path touches: pools, capacities, no model."""
-    pool = SimpleNamespace(
-        k_buffer=[torch.zeros(4, 1, 8, dtype=dtype)], v_buffer=[torch.zeros(4, 1, 8, dtype=dtype)]
-    )
-    runner = SimpleNamespace(
-        token_to_kv_pool=pool,
-        token_to_kv_pool_allocator=SimpleNamespace(available_size=lambda: available, page_size=1),
-        req_to_token_pool=SimpleNamespace(max_context_len=context_len, available_size=lambda: 8),
-        model_config=SimpleNamespace(context_len=context_len),
-    )
-    return SimpleNamespace(tp_worker=SimpleNamespace(model_runner=runner), tokenizer=None)
-
-
-@pytest.fixture
-def fake_model(tmp_path) -> Path:
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(os.urandom(4096))
-    return folder
 
 
 def test_decision_store_and_bootstrap_fields():
@@ -121,68 +98,30 @@ def test_probe_settings_env_and_shrink(monkeypatch):
         probe_hook.probe_settings("paper")
 
 
-def test_startup_probe_noop_unless_spectrum_prefill():
-    assert (
-        probe_hook.run_startup_probe(None, _server_args(disaggregation_transfer_backend="mooncake"))
-        == {}
-    )
-    assert probe_hook.run_startup_probe(None, _server_args(disaggregation_mode="decode")) == {}
-    assert probe_hook.decision() == {}
+def test_probe_settings_follow_the_codec_options():
+    opts = SpectrumServerOptions(rotation="hadamard", group_size=32, key_scales="channel")
+    s = probe_hook.probe_settings("paper", None, opts)
+    assert (s.rotation, s.group_size, s.key_scales) == ("hadamard", 32, "channel")
+    assert s.key() != probe_hook.probe_settings("paper").key()  # another cache entry
 
 
 def test_startup_probe_option_skips_probe(caplog):
     caplog.set_level(logging.INFO, logger=probe_hook.__name__)
-    d = probe_hook.run_startup_probe(None, _server_args(spectrum_tiers="3"))  # no scheduler needed
-    assert d == {"tiers": "3", "source": "option"}
+    d = probe_hook.run_startup_probe(None, _server_args(), SpectrumServerOptions(tiers="3"))
+    assert d == {"tiers": "3", "source": "option", "passed": None}
+    assert probe_hook.resolved_tiers("auto") == "3"
     assert "not run" in caplog.text
 
 
 def test_startup_probe_falls_back_on_exception(caplog):
     caplog.set_level(logging.INFO, logger=probe_hook.__name__)
-    d = probe_hook.run_startup_probe(object(), _server_args())  # no tp_worker: AttributeError
-    assert d["tiers"] == "2" and d["source"] == "fallback"
-    assert "AttributeError" in d["reason"]
+    d = probe_hook.run_startup_probe(object(), _server_args(), SpectrumServerOptions())
+    assert d["tiers"] == "2" and d["source"] == "fallback" and d["passed"] is None
+    assert "AttributeError" in d["reason"]  # object() has no tp_worker
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "falling back to --spectrum-tiers 2" in warnings[0].getMessage()
     assert probe_hook.resolved_tiers("auto") == "2"
-
-
-def test_startup_probe_falls_back_when_context_too_short(caplog, fake_model):
-    caplog.set_level(logging.WARNING, logger=probe_hook.__name__)
-    d = probe_hook.run_startup_probe(_fake_scheduler(context_len=256), _server_args(fake_model))
-    assert d["source"] == "fallback" and "ProbeUnavailable" in d["reason"]
-    assert len(caplog.records) == 1 and "room for" in caplog.records[0].getMessage()
-
-
-def test_startup_probe_reads_cache_and_refresh_reruns(tmp_path, monkeypatch, caplog, fake_model):
-    monkeypatch.setenv(probe_hook.CACHE_ENV, str(tmp_path / "cache"))
-    settings = probe_hook.probe_settings("paper", capacity=16384 - 1)
-    trial = dict(
-        context=2048, depth=0.5, needle="1234567", full_answer=" 1234567", full_ok=True,
-        degraded_answer=" 1234567", degraded_ok=True,
-    )  # fmt: skip
-    stored = ProbeResult("3", True, "1/1 usable trials kept", 2048, [trial], seconds=42.0)
-    cached_probe(
-        weights_identity(fake_model),
-        lambda: stored,
-        settings,
-        cache_dir=probe_hook.probe_cache_dir("bfloat16"),
-    )
-    caplog.set_level(logging.INFO, logger=probe_hook.__name__)
-    d = probe_hook.run_startup_probe(_fake_scheduler(), _server_args(fake_model))
-    assert d["tiers"] == "3" and d["source"] == "cache" and d["passed"] is True
-    assert d["lookup_seconds"] < 1.0
-    assert "read from cache" in caplog.text and "probe trial 0" in caplog.text
-    # another KV dtype is another cache entry: not found, the probe must run
-    # (here it cannot: the fake folder has no tokenizer) -> fallback
-    d = probe_hook.run_startup_probe(_fake_scheduler(dtype=torch.float16), _server_args(fake_model))
-    assert d["source"] == "fallback"
-    # --spectrum-probe-refresh ignores the cache (and runs, which fails here too)
-    d = probe_hook.run_startup_probe(
-        _fake_scheduler(), _server_args(fake_model, spectrum_probe_refresh=True)
-    )
-    assert d["source"] == "fallback"
 
 
 def test_gauges_published_with_enable_metrics():
@@ -205,6 +144,184 @@ def test_gauges_published_with_enable_metrics():
     assert val(probe_hook.METRIC_PASS, "g2", "fallback") == -1
     assert val(probe_hook.METRIC_TIERS, "g2", "fallback") == 2
     assert val(probe_hook.METRIC_PASS, "g3", "probe") is None
+
+
+# --------------------------------------------------------------------------- in-process (real
+# SGLang ModelRunner on the CPU, real model)
+
+PROBE_CONTEXT = 512  # the smallest haystack the probe accepts: fast on 2 cores
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    from sglang_spectrum.models import ensure_model
+
+    return ensure_model("smollm2-135m")
+
+
+def load_model_runner(model_path: Path, *flags: str):
+    """``(server_args, model_runner, tokenizer)``: SGLang's own ``ModelRunner`` with its
+    pools, built in this process the way ``sglang.benchmark.one_batch`` builds it
+    (0.5.23: ``resolve_once`` + runtime-context ``publish``; 0.5.17: the
+    per-process MoE/GEMM configs from ``server_args``), from the flags a server gets."""
+    from sglang.benchmark import one_batch as ob
+    from sglang.srt.server_args import PortArgs, ServerArgs
+
+    from sglang_spectrum.sglang_plugin.launch import CPU_ENV
+
+    for key, value in CPU_ENV.items():
+        os.environ.setdefault(key, value)
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    server_args = ServerArgs.from_cli_args(
+        parser.parse_args(["--model-path", str(model_path), "--device", "cpu", *flags])
+    )
+    if hasattr(server_args, "resolve_once"):  # 0.5.23
+        server_args.resolve_once()
+    ob._set_envs_and_config(server_args)
+    port_args = PortArgs.init_new(server_args)
+    if hasattr(ob, "publish"):  # 0.5.23
+        ranks = ob.SpawnRanks(
+            world_rank=ob.spawn_world_rank(server_args, tp_rank=0, pp_rank=0), gpu_id=0
+        )
+        ob.publish(server_args, role="scheduler", ranks=ranks)
+        ob._init_process_global_configs()
+    else:  # 0.5.17
+        ob.initialize_moe_config(server_args)
+        ob.initialize_fp8_gemm_config(server_args)
+        ob.initialize_fp4_gemm_config(server_args)
+    bench_runner, tokenizer = ob.load_model(server_args, port_args, 0, 0)
+    return server_args, bench_runner.torch_runner, tokenizer
+
+
+@pytest.fixture(scope="module")
+def runner(smollm2):
+    t0 = time.perf_counter()
+    server_args, model_runner, tokenizer = load_model_runner(
+        smollm2, "--max-total-tokens", "4096", "--context-length", "2048"
+    )
+    print(f"\nModelRunner for SmolLM2 loaded in {time.perf_counter() - t0:.1f} s")
+    scheduler = SimpleNamespace(
+        tp_worker=SimpleNamespace(model_runner=model_runner), tokenizer=tokenizer
+    )
+    return SimpleNamespace(
+        server_args=server_args, mr=model_runner, tokenizer=tokenizer, scheduler=scheduler
+    )
+
+
+def _free(mr) -> tuple[int, int]:
+    return mr.token_to_kv_pool_allocator.available_size(), mr.req_to_token_pool.available_size()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_engine_answers_and_lossless_round_trip(runner):
+    from sglang_spectrum.config import SpectrumConfig
+    from sglang_spectrum.sglang_plugin import sglang_engine as se
+
+    mr, tok = runner.mr, runner.tokenizer
+    assert se.model_runner_of(runner.scheduler) is mr
+    assert se.kv_dtype_name(mr) == "bfloat16"
+    assert se.model_path_of(mr) == str(runner.server_args.model_path)
+    assert se.server_arg(runner.server_args, "enable_metrics") is False
+    before = _free(mr)
+    engine = se.SGLangProbeEngine(mr, tok, max_new_tokens=6)
+    ids = tok("The capital of France is", add_special_tokens=False).input_ids
+    full = engine.generate(ids)
+    assert "Paris" in tok.decode(full), tok.decode(full)
+    assert _free(mr) == before  # slots and the req_to_token row given back
+
+    # b=1.0 keeps every token 16-bit: the round trip through transfer must leave the
+    # pool KV bit-identical, hence the same greedy answer (from the memo, no 2nd prefill)
+    forwards = engine.forwards
+    lossless = engine.generate(ids, SpectrumConfig(budget=1.0, tiers="3", allow_drop=False))
+    assert lossless == full
+    assert engine.forwards - forwards == len(full) - 1  # decode steps only
+    assert engine.last_tier_counts["fp16"] == len(ids) and engine.last_tier_counts["int4"] == 0
+    assert _free(mr) == before
+
+    slots = torch.arange(1, len(ids) + 1)
+    pool = se.kv_pool_of(mr)
+    k0 = [k[slots].clone() for k in pool.k_buffer]
+    counts = se.pack_unpack(
+        pool.k_buffer, pool.v_buffer, slots, SpectrumConfig(budget=1.0, allow_drop=False)
+    )
+    assert counts["fp16"] == len(ids)
+    assert all(torch.equal(a, k[slots]) for a, k in zip(k0, pool.k_buffer))
+
+    # b=0.3 with 3 tiers: INT4 tokens on a longer prompt, still no leak
+    long_ids = tok(" ".join(["the quick brown fox"] * 60), add_special_tokens=False).input_ids
+    engine.generate(long_ids, SpectrumConfig(budget=0.3, tiers="3", allow_drop=False))
+    assert engine.last_tier_counts["int4"] > 0 and engine.last_tier_counts["drop"] == 0
+    assert _free(mr) == before
+    print(f"\nengine: {engine.forwards} forwards, seconds {engine.seconds}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_startup_probe_runs_caches_and_refreshes(runner, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(probe_hook.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(probe_hook.CONTEXT_ENV, str(PROBE_CONTEXT))
+    caplog.set_level(logging.INFO, logger=probe_hook.__name__)
+    opts = SpectrumServerOptions(tiers="auto")
+    before = _free(runner.mr)
+
+    # 1. first start: the probe runs on SGLang's model runner
+    t0 = time.perf_counter()
+    d = probe_hook.run_startup_probe(runner.scheduler, runner.server_args, opts)
+    run_s = time.perf_counter() - t0
+    assert d["source"] == "probe", d
+    assert d["tiers"] == "3" and d["passed"] is True, d  # SmolLM2 tolerates INT4 (README)
+    assert d["context"] == PROBE_CONTEXT and d["budget"] == 0.3
+    assert len(d["trials"]) == 3 and all(t["full_ok"] for t in d["trials"]), d["trials"]
+    assert probe_hook.resolved_tiers("auto") == "3"
+    assert _free(runner.mr) == before
+    assert "probe run in" in caplog.text and "probe trial 2" in caplog.text
+    assert "pack+unpack" in caplog.text and "'int4': 0" not in caplog.text
+    files = list((tmp_path / "cache" / "sglang-bfloat16").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["decision"] == "3"
+
+    # 2. restart: read from the cache, in milliseconds
+    caplog.clear()
+    with probe_hook._lock:
+        probe_hook._decision.clear()
+    d2 = probe_hook.run_startup_probe(runner.scheduler, runner.server_args, opts)
+    assert d2["source"] == "cache" and d2["tiers"] == "3" and d2["passed"] is True
+    assert d2["lookup_seconds"] < 1.0 and d2["lookup_seconds"] * 20 < run_s
+    assert "read from cache" in caplog.text and "probe trial 0" in caplog.text
+    assert "pack+unpack" not in caplog.text
+
+    # 3. --spectrum-probe-refresh runs it again (same answers: deterministic)
+    d3 = probe_hook.run_startup_probe(
+        runner.scheduler, runner.server_args, SpectrumServerOptions(probe_refresh=True)
+    )
+    assert d3["source"] == "probe" and d3["trials"] == d["trials"]
+    print(
+        f"\nprobe (context {PROBE_CONTEXT}): run {run_s:.1f} s, cached lookup"
+        f" {d2['lookup_seconds'] * 1000:.1f} ms, refresh {d3['seconds']:.1f} s"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_startup_probe_falls_back_when_the_pool_is_full(runner, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(probe_hook.CACHE_ENV, str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger=probe_hook.__name__)
+    allocator = runner.mr.token_to_kv_pool_allocator
+    taken = allocator.alloc(allocator.available_size() - 300)  # a busy pool: 300 tokens left
+    try:
+        d = probe_hook.run_startup_probe(
+            runner.scheduler, runner.server_args, SpectrumServerOptions(probe_refresh=True)
+        )
+    finally:
+        allocator.free(taken)
+    assert d["tiers"] == "2" and d["source"] == "fallback" and d["passed"] is None
+    assert "ProbeUnavailable" in d["reason"] and "room for" in d["reason"], d["reason"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "falling back to --spectrum-tiers 2" in warnings[0].getMessage()
+    assert probe_hook.resolved_tiers("auto") == "2"
+    assert not any((tmp_path / "cache").rglob("*.json"))  # nothing cached for a fallback
 
 
 # --------------------------------------------------------------------------- slow (real servers)
@@ -286,13 +403,6 @@ def _metric(url: str, name: str, **labels: str) -> float:
     from sglang_spectrum.sglang_plugin.metrics import parse_prometheus
 
     return parse_prometheus(requests.get(f"{url}/metrics", timeout=10).text, name, **labels)
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    from sglang_spectrum.models import ensure_model
-
-    return ensure_model("smollm2-135m")
 
 
 @pytest.mark.slow
