@@ -92,3 +92,17 @@ def prompt_slots(scheduler: Any, room: int) -> tuple[Any, str] | None:
         n = len(req.origin_input_ids)
         return scheduler.req_to_token_pool.req_to_token[idx, :n].to("cpu").long(), str(req.rid)
     return None
+
+
+def cpu_server_flags(mode: str, found: str | None = None) -> list[str]:
+    """Extra flags a PD server needs to run on a CPU-only torch.
+
+    0.5.23's decode infers ``--disaggregation-decode-retraction-backup host_pool``
+    (``arg_groups/pd_disaggregation_hook.py``), whose pinned host pool needs CUDA
+    (``mem_cache/pool_host/common.py:147``); per-request CPU tensors work. 0.5.17
+    has no such option.
+    """
+    found = found or sglang_version()
+    if mode == "decode" and found != "0.5.17":
+        return ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
+    return []

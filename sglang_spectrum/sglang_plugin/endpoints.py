@@ -161,7 +161,9 @@ class SpectrumKVReceiver(CommonKVReceiver):
                 sock.send_multipart(messages.encode(msg))
             return True
         except Exception as e:
-            self._fail(f"cannot reach prefill rank {info.get('rank_ip')}:{info.get('rank_port')}: {e}")
+            self._fail(
+                f"cannot reach prefill rank {info.get('rank_ip')}:{info.get('rank_port')}: {e}"
+            )
             return False
 
     def _fail(self, reason: str) -> int:

@@ -35,6 +35,8 @@ from typing import Any
 
 import requests
 
+from .compat import cpu_server_flags
+
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1", "MC_FORCE_TCP": "1"}
 SERVER_FLAGS = ["--host", "127.0.0.1", "--max-total-tokens", "16384"]
 CPU_FLAGS = ["--device", "cpu"]
@@ -96,6 +98,9 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env,
+                # not the repo root: `python -m` puts the cwd first on sys.path, and the
+                # repo's kernels/ folder would shadow the `kernels` package SGLang imports
+                cwd=str(self.log_path.parent),
                 start_new_session=True,  # own process group: killpg reaches its children
             )
 
@@ -241,7 +246,7 @@ class PDDeployment:
             "--model-path", str(self.model_path),
             "--port", str(port),
             *SERVER_FLAGS,
-            *(CPU_FLAGS if self.device == "cpu" else []),
+            *(CPU_FLAGS + cpu_server_flags(mode) if self.device == "cpu" else []),
             "--disaggregation-mode", mode,
             "--disaggregation-transfer-backend", backend,
             "--disaggregation-bootstrap-port", str(self.bootstrap_port),

@@ -177,7 +177,9 @@ class SpectrumKVManager(CommonKVManager):
             self.options.arena_mb, pool_nbytes(self.k_pools, self.v_pools), self.options.budget
         )
         device = self.k_pools[0].device
-        self.arena = RegisteredArena(size, device, self.engine, "send" if self.is_prefill else "receive")
+        self.arena = RegisteredArena(
+            size, device, self.engine, "send" if self.is_prefill else "receive"
+        )
         self.metrics = get_metrics(self.server_args, self.role)
         logger.info(
             "SpectrumKV %s: KV pool %s (%s), %s arena %.1f MiB on %s, options %s",
@@ -251,7 +253,9 @@ class SpectrumKVManager(CommonKVManager):
         return NetworkAddress(host, self.bootstrap_port).to_url()
 
     def _publish_identity(self) -> None:
-        payload = dict(self.identity(), attn_tp_rank=self.attn_tp_rank, attn_dp_rank=self.attn_dp_rank)
+        payload = dict(
+            self.identity(), attn_tp_rank=self.attn_tp_rank, attn_dp_rank=self.attn_dp_rank
+        )
         try:
             r = requests.put(f"{self._bootstrap_url()}/spectrum/register", json=payload, timeout=5)
             if r.status_code != 200:
@@ -285,7 +289,9 @@ class SpectrumKVManager(CommonKVManager):
             msg = messages.decode(frames)
             try:
                 if msg is None:
-                    logger.warning("SpectrumKV: dropped a message that is not ours (%d frames)", len(frames))
+                    logger.warning(
+                        "SpectrumKV: dropped a message that is not ours (%d frames)", len(frames)
+                    )
                 elif self.is_prefill:
                     self._on_prefill_message(msg)
                 else:
@@ -313,9 +319,7 @@ class SpectrumKVManager(CommonKVManager):
         with self._lock:
             verdict = self._sessions.get(g.session)
             if verdict is None:
-                verdict = (
-                    f"decode at {g.endpoint}:{g.port} did not register as a SpectrumKV decode"
-                )
+                verdict = f"decode at {g.endpoint}:{g.port} did not register as a SpectrumKV decode"
             if verdict:
                 self.record_failure(g.room, verdict)
                 self.update_status(g.room, KVPoll.Failed)
@@ -356,9 +360,13 @@ class SpectrumKVManager(CommonKVManager):
             try:
                 self.send_to(endpoint, port, messages.AbortAck(room))
             except Exception as e:
-                logger.warning("SpectrumKV: could not acknowledge the abort of room %s: %s", room, e)
+                logger.warning(
+                    "SpectrumKV: could not acknowledge the abort of room %s: %s", room, e
+                )
 
-    def submit(self, sender: Any, rid: str, slots: torch.Tensor, context: torch.Tensor | None) -> None:
+    def submit(
+        self, sender: Any, rid: str, slots: torch.Tensor, context: torch.Tensor | None
+    ) -> None:
         """Scheduler thread, last chunk: hand the request to the transfer thread."""
         room = sender.bootstrap_room
         aux = (
@@ -440,7 +448,12 @@ class SpectrumKVManager(CommonKVManager):
         cfg = self.codec_config()
         lay = self.layout
         bound = packed_size_bound(
-            int(job.slots.numel()), lay["layers"], lay["kv_heads"], lay["head_dim"], lay["dtype"], cfg
+            int(job.slots.numel()),
+            lay["layers"],
+            lay["kv_heads"],
+            lay["head_dim"],
+            lay["dtype"],
+            cfg,
         )
         region = self.arena.alloc(bound)
         one_off = region is None
@@ -455,7 +468,12 @@ class SpectrumKVManager(CommonKVManager):
                     if job.event is not None:
                         stream.wait_event(job.event)
                     packed = pack_request(
-                        self.k_pools, self.v_pools, slots, cfg, out=region.view(), context_slots=context
+                        self.k_pools,
+                        self.v_pools,
+                        slots,
+                        cfg,
+                        out=region.view(),
+                        context_slots=context,
                     )
             else:
                 packed = pack_request(
@@ -518,7 +536,9 @@ class SpectrumKVManager(CommonKVManager):
                 self.fail_room(room, self.failure_records.get(room, "aborted on the prefill"))
             return
         for g in grants:
-            self.send_to(g.endpoint, g.port, messages.Sent(room, int(send_n), int(checksum), job.aux, stats))
+            self.send_to(
+                g.endpoint, g.port, messages.Sent(room, int(send_n), int(checksum), job.aux, stats)
+            )
         self.update_status(room, KVPoll.Success)
         if self.metrics is not None:
             self.metrics.observe_sent(stats)
@@ -563,11 +583,17 @@ class SpectrumKVManager(CommonKVManager):
         device = self.k_pools[0].device
         slots_t = torch.from_numpy(slots).to(device)
         if device.type == "cuda":
-            stream = self._unpack_stream = getattr(self, "_unpack_stream", None) or torch.cuda.Stream(device)
+            stream = self._unpack_stream = getattr(
+                self, "_unpack_stream", None
+            ) or torch.cuda.Stream(device)
             with torch.cuda.stream(stream):
-                info = unpack_request(buf, self.k_pools, self.v_pools, slots_t, expected_checksum=sent.checksum)
+                info = unpack_request(
+                    buf, self.k_pools, self.v_pools, slots_t, expected_checksum=sent.checksum
+                )
         else:
-            info = unpack_request(buf, self.k_pools, self.v_pools, slots_t, expected_checksum=sent.checksum)
+            info = unpack_request(
+                buf, self.k_pools, self.v_pools, slots_t, expected_checksum=sent.checksum
+            )
         return info
 
     def write_aux(self, index: int, rows: list[bytes]) -> None:
@@ -618,7 +644,10 @@ class SpectrumKVManager(CommonKVManager):
             verdict = incompatibility(peer, desc, "decode", self.identity())
             if verdict:
                 return verdict
-        if info is not None and getattr(info, "attn_tp_size", None) not in (None, self.attn_tp_size):
+        if info is not None and getattr(info, "attn_tp_size", None) not in (
+            None,
+            self.attn_tp_size,
+        ):
             return incompatibility(
                 dict(ranks[0], attn_tp_size=info.attn_tp_size), desc, "decode", self.identity()
             )
