@@ -28,15 +28,20 @@ triton.__version__, 'msgspec', msgspec.__version__)" || exit 1
 tests="tests/test_kernels.py tests/test_transfer.py"
 python3 -c "import flashinfer" 2>/dev/null && tests="$tests tests/test_flashinfer_layout.py"
 
+# the request path and the per-channel kernels first, then the older kernel tests
 start=$(date +%s)
-timeout ${TEST_TIMEOUT:-200} python3 -m pytest -m gpu $tests -v -s -p no:cacheprovider \
-  > "$OUT/pytest.log" 2>&1
-echo "pytest rc=$? in $(( $(date +%s) - start )) s"
-grep -E "PASSED|FAILED|ERROR|GPU |Error|assert" "$OUT/pytest.log" | cut -c1-200 | tail -40
-tail -3 "$OUT/pytest.log"
+timeout ${TEST_TIMEOUT:-150} python3 -m pytest -m gpu tests/test_transfer.py tests/test_kernels.py \
+  -k "transfer or channel or gpu_request" -v -s -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+echo "pytest (request path, channel keys) rc=$? in $(( $(date +%s) - start )) s"
+start=$(date +%s)
+timeout ${TEST_TIMEOUT2:-110} python3 -m pytest -m gpu $tests -k "not channel and not gpu_request" \
+  -v -s -p no:cacheprovider >> "$OUT/pytest.log" 2>&1
+echo "pytest (other GPU tests) rc=$? in $(( $(date +%s) - start )) s"
+grep -E "PASSED|FAILED|ERROR|GPU |Error|assert|passed|failed" "$OUT/pytest.log" \
+  | cut -c1-200 | tail -45
 
 start=$(date +%s)
-timeout ${BENCH_TIMEOUT:-220} python3 bench/request_path.py --out "$OUT" ${BENCH_ARGS:-} \
+timeout ${BENCH_TIMEOUT:-170} python3 bench/request_path.py --out "$OUT" ${BENCH_ARGS:-} \
   > "$OUT/bench.log" 2>&1
 echo "bench rc=$? in $(( $(date +%s) - start )) s"
 tail -60 "$OUT/bench.log"
