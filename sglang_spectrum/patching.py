@@ -13,6 +13,12 @@ to run SGLang on CPU); ``SpectrumKV-Patch: reference`` marks documentation
 (the upstream proposal of the plugin extension point): ``check`` verifies that
 it still applies cleanly, ``apply`` leaves it alone.
 
+An optional header line ``SpectrumKV-SGLang: 0.5.23`` (several versions
+separated by spaces or commas) limits a patch to those installed SGLang
+versions (read from the ``sglang-*.dist-info`` next to the package, without
+importing it); patches for other versions are listed as ``skipped``. A patch
+without that line applies to every version.
+
 The applier is pure Python (no ``patch`` binary needed): hunks must match
 exactly (a line offset is tolerated, fuzz is not). A patch is "applied" when
 every hunk's new text is found, "applicable" when every hunk's old text is
@@ -39,6 +45,7 @@ __all__ = [
     "load_patches",
     "main",
     "patch_state",
+    "sglang_version",
 ]
 
 RUNTIME = "runtime"
@@ -46,6 +53,7 @@ REFERENCE = "reference"
 _HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 _KIND_RE = re.compile(r"^SpectrumKV-Patch:\s*(\S+)\s*$", re.MULTILINE)
 _SUBJECT_RE = re.compile(r"^Subject:\s*(.+)$", re.MULTILINE)
+_VERSIONS_RE = re.compile(r"^SpectrumKV-SGLang:\s*(.+?)\s*$", re.MULTILINE)
 
 
 class PatchError(Exception):
@@ -71,6 +79,15 @@ class Patch:
     kind: str  # RUNTIME or REFERENCE
     subject: str
     files: list[FilePatch]
+    sglang_versions: tuple[str, ...] = ()  # empty: every SGLang version
+
+    def fits(self, sglang_version: str | None) -> bool:
+        """Whether this patch is meant for ``sglang_version`` (None: unknown -> yes)."""
+        return (
+            not self.sglang_versions
+            or sglang_version is None
+            or (sglang_version in self.sglang_versions)
+        )
 
 
 def default_patch_dir() -> Path:
@@ -84,6 +101,22 @@ def find_site_packages() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise PatchError("sglang is not installed in this environment")
     return Path(list(spec.submodule_search_locations)[0]).resolve().parent
+
+
+def sglang_version(site: Path | None = None) -> str | None:
+    """Version of the SGLang installed in ``site`` (default: this environment's), or None."""
+    if site is not None:
+        infos = sorted(Path(site).glob("sglang-*.dist-info"))
+        if infos:
+            return infos[-1].name[len("sglang-") : -len(".dist-info")]
+        if (Path(site) / "sglang").is_dir():
+            return None  # a bare copy (tests): fall through to this environment's
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("sglang")
+    except PackageNotFoundError:
+        return None
 
 
 def _strip_prefix(path: str) -> str:
@@ -100,6 +133,9 @@ def parse_patch(text: str, name: str = "<patch>") -> Patch:
     if kind not in (RUNTIME, REFERENCE):
         raise PatchError(f"{name}: unknown 'SpectrumKV-Patch: {kind}' (runtime|reference)")
     subj_m = _SUBJECT_RE.search(text)
+    head = text.split("\n---", 1)[0]
+    ver_m = _VERSIONS_RE.search(head)
+    versions = tuple(v for v in re.split(r"[\s,]+", ver_m.group(1)) if v) if ver_m else ()
     lines = text.splitlines(keepends=True)
     files: list[FilePatch] = []
     i = 0
@@ -145,16 +181,28 @@ def parse_patch(text: str, name: str = "<patch>") -> Patch:
     if not files:
         raise PatchError(f"{name}: no file changes found")
     return Patch(
-        name=name, kind=kind, subject=subj_m.group(1).strip() if subj_m else "", files=files
+        name=name,
+        kind=kind,
+        subject=subj_m.group(1).strip() if subj_m else "",
+        files=files,
+        sglang_versions=versions,
     )
 
 
-def load_patches(patch_dir: Path | None = None) -> list[Patch]:
+def load_patches(
+    patch_dir: Path | None = None, site: Path | None = None, all_versions: bool = False
+) -> list[Patch]:
+    """The patches in ``patch_dir`` meant for the SGLang installed in ``site``
+    (default: this environment's); every patch with ``all_versions``."""
     patch_dir = Path(patch_dir) if patch_dir else default_patch_dir()
     paths = sorted(patch_dir.glob("*.patch"))
     if not paths:
         raise PatchError(f"no *.patch files in {patch_dir}")
-    return [parse_patch(p.read_text(encoding="utf-8"), p.name) for p in paths]
+    patches = [parse_patch(p.read_text(encoding="utf-8"), p.name) for p in paths]
+    if all_versions:
+        return patches
+    ver = sglang_version(site)
+    return [p for p in patches if p.fits(ver)]
 
 
 def _find_block(lines: list[str], block: list[str], hint: int, start: int) -> int:
@@ -260,12 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         site = args.site_packages or find_site_packages()
-        patches = load_patches(args.patch_dir)
+        patches = load_patches(args.patch_dir, all_versions=True)
     except PatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rc = 0
+    ver = sglang_version(args.site_packages)
     for p in patches:
+        if not p.fits(ver):
+            if args.command != "apply":
+                print(
+                    f"{'skipped':<10} {p.name} [{p.kind}] (for sglang {' '.join(p.sglang_versions)})"
+                )
+            continue
         state = patch_state(site, p)
         if args.command == "apply" and p.kind == RUNTIME and state != "applied":
             try:
