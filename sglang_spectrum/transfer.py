@@ -351,7 +351,10 @@ def pack_request(
     info = _layout_info(int(sent.numel()), num_layers, heads, head_dim, dtype, config)
     kern = _kernels() if device.type == "cuda" or _KERNELS_ON_CPU else None
     if kern is not None and _kernel_path_ok(kern, info, cfg):
-        return _pack_kernels(kern, k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0)
+        with _on_device(device):  # Triton launches on the current device: the pools'
+            return _pack_kernels(
+                kern, k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0
+            )
     return _pack_torch(k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0)
 
 
@@ -589,6 +592,13 @@ def unpack_request(
         SpectrumFormatError: malformed, truncated or corrupted buffer, a layout that does
             not match the pools, wrong slots, another checksum. Nothing is written then.
     """
+    pools = k_pools if isinstance(k_pools, (list, tuple)) and k_pools else [torch.empty(0)]
+    device = pools[0].device if isinstance(pools[0], torch.Tensor) else torch.device("cpu")
+    with _on_device(device):  # Triton launches (checksum, unpack) on the pools' device
+        return _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum)
+
+
+def _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum) -> UnpackInfo:
     if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8:
         raise SpectrumFormatError("buffer must be a uint8 tensor")
     buf = buffer.reshape(-1)
@@ -639,6 +649,26 @@ def unpack_request(
     tier_bytes = bytearray(header.tier_map)
     tiers = torch.frombuffer(tier_bytes, dtype=torch.uint8)
     counts = torch.bincount(tiers.long(), minlength=4).tolist()
+    _write(kern, header, payload, tiers, counts, dst, k_pools, v_pools, ref.dtype, device)
+    return UnpackInfo(
+        num_tokens=lay.num_tokens,
+        dropped=torch.nonzero(tiers == int(Tier.DROP)).flatten(),
+        tier_counts=dict(zip(TIER_NAMES, counts)),
+        layout=lay,
+    )
+
+
+def _on_device(device: torch.device):
+    """``torch.cuda.device(device)`` for CUDA (Triton launches on the current device, so a
+    worker thread of another device still packs on the pools' one), else a no-op."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _write(kern, header, payload, tiers, counts, dst, k_pools, v_pools, dtype, device) -> None:
+    """Write a validated payload into the pools (kernels, or the torch reference)."""
+    lay = header.layout
     if kern is not None and kern.kernel_supported(lay):
         if any(lay.layer_first_pos):
             plan = kern.plan_transfer(lay, tiers, dst)
@@ -651,15 +681,9 @@ def unpack_request(
     else:
         for layer, positions, k, v in iter_decoded_layers(header, payload):
             rows = dst[positions.to(device)]
-            k_pools[layer][rows] = k.to(ref.dtype)
-            v_pools[layer][rows] = v.to(ref.dtype)
+            k_pools[layer][rows] = k.to(dtype)
+            v_pools[layer][rows] = v.to(dtype)
     _sync(device)
-    return UnpackInfo(
-        num_tokens=lay.num_tokens,
-        dropped=torch.nonzero(tiers == int(Tier.DROP)).flatten(),
-        tier_counts=dict(zip(TIER_NAMES, counts)),
-        layout=lay,
-    )
 
 
 def _ref_checksum(payload: torch.Tensor) -> int:
