@@ -16,6 +16,7 @@ from sglang_spectrum.sglang_plugin.launch import (
     DeploymentError,
     ManagedProcess,
     PDDeployment,
+    SingleServer,
     free_port,
     tail,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "DeploymentError",
     "ManagedProcess",
     "PDDeployment",
+    "SingleServer",
     "free_port",
     "start_deployment",
     "tail",

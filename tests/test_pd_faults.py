@@ -2,7 +2,7 @@
 
 The prefill server runs with the test-only switch ``SGLANG_SPECTRUM_FAULT=rid``:
 a request whose rid contains ``spectrum-fault-<mode>`` gets that fault after
-packing (:func:`sglang_spectrum.sglang_plugin.conn.fault_for`):
+packing (:func:`sglang_spectrum.sglang_plugin.faults.fault_for`):
 
 * ``corrupt``  one payload byte flipped        -> payload checksum mismatch
 * ``header``   one header byte flipped         -> header checksum mismatch
@@ -42,7 +42,7 @@ EXPECTED = {
     "corrupt": "payload checksum mismatch: the KV data is corrupted",
     "header": "header checksum mismatch: the header is corrupted",
     "truncate": "truncated buffer",
-    "stale": "payload checksum differs from the one the prefill announced",
+    "stale": "payload checksum differs from the one the sender announced",
 }
 
 

@@ -92,6 +92,8 @@ class SpectrumKVSender(CommonKVSender):
     def poll(self) -> int:
         if self.conclude_state is not None:
             return self.conclude_state
+        if self.kv_mgr.room_aborted(self.bootstrap_room):  # the abort beat this sender
+            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
         status = self.kv_mgr.request_status.get(self.bootstrap_room, KVPoll.Failed)
         if status == KVPoll.Bootstrapping:
             status = self._check_bootstrap_timeout() or status
@@ -140,7 +142,8 @@ class SpectrumKVReceiver(CommonKVReceiver):
         if self.conclude_state == KVPoll.Failed:
             return
         reason = self.kv_mgr.prefill_verdict(self.bootstrap_addr)
-        if reason:
+        if reason:  # tell the prefill too, so it frees the request now, not at a timeout
+            self._send_abort_notification(reason=reason)
             self._fail(reason)
         elif self.kv_mgr.request_status.get(self.bootstrap_room) == KVPoll.Bootstrapping:
             self.kv_mgr.update_status(self.bootstrap_room, KVPoll.WaitingForInput)
@@ -219,7 +222,7 @@ class SpectrumKVReceiver(CommonKVReceiver):
                 f" buffer but the decode receive arena has {mgr.arena.size} bytes; raise"
                 " --spectrum-arena-mb on the decode server"
             )
-            self._send_abort_notification()
+            self._send_abort_notification(reason=reason)
             self._fail(reason)
             return
         self._deferred = True
@@ -365,15 +368,18 @@ class SpectrumKVReceiver(CommonKVReceiver):
                 return timeout
         return status
 
-    def _send_abort_notification(self, *args: Any, **kwargs: Any) -> None:
+    def _send_abort_notification(self, *args: Any, reason: str = "", **kwargs: Any) -> None:
         """Tell the prefill ranks (SGLang calls this on abort and waiting timeout)."""
         mgr = self.kv_mgr
+        if mgr.prefill_is_foreign(self.bootstrap_addr):  # another backend: SGLang's ABORT
+            super()._send_abort_notification(*args, **kwargs)
+            return
         with self._state_lock:
             if self._aborted_at is not None:
                 return
             self._aborted_at = time.time()
             holds_region = self._region is not None and self._granted
-        msg = messages.Abort(self.bootstrap_room, mgr.local_ip, int(mgr.rank_port))
+        msg = messages.Abort(self.bootstrap_room, mgr.local_ip, int(mgr.rank_port), reason)
         for info in getattr(self, "bootstrap_infos", None) or []:
             try:
                 sock, lock = self._connect_to_bootstrap_server(info)

@@ -173,6 +173,71 @@ class ManagedProcess:
 
 
 @dataclass(eq=False)
+class SingleServer:
+    """One non-disaggregated SGLang server (the reference PD outputs are compared with)."""
+
+    model_path: str | os.PathLike[str]
+    args: Sequence[str] = ()
+    log_dir: str | os.PathLike[str] | None = None
+    device: str | None = None
+    startup_timeout_s: float = 300.0
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="single-"))
+        self.port = free_port()
+        self.device = self.device or ("cuda" if _has_cuda() else "cpu")
+        self.proc: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> SingleServer:
+        env = dict(os.environ)
+        if self.device == "cpu":
+            env.update(CPU_ENV)
+        cmd = [
+            self.python, "-m", "sglang.launch_server", "--model-path", str(self.model_path),
+            "--port", str(self.port), *SERVER_FLAGS,
+            *(CPU_FLAGS if self.device == "cpu" else []), *self.args,
+        ]  # fmt: skip
+        self.proc = ManagedProcess("single", cmd, Path(self.log_dir, "single.log"), env)
+        self.proc.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if not self.proc.alive():
+                raise DeploymentError(f"single server exited:\n{self.proc.tail()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"single server not ready:\n{self.proc.tail()}")
+            time.sleep(1.0)
+
+    def generate(self, text: str, max_new_tokens: int = 16, **sampling: Any) -> dict[str, Any]:
+        body = {
+            "text": text,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens, **sampling},
+        }
+        r = requests.post(f"{self.url}/generate", json=body, timeout=180)
+        r.raise_for_status()
+        return r.json()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def __enter__(self) -> SingleServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+@dataclass(eq=False)
 class PDDeployment:
     """Prefill + decode + router for one model and one transfer backend."""
 

@@ -133,6 +133,7 @@ class SpectrumKVManager(CommonKVManager):
         self._receivers: dict[int, Any] = {}  # decode: room -> SpectrumKVReceiver
         self._prefill_verdicts: dict[str, str] = {}  # decode: bootstrap addr -> '' | reason
         self._prefill_peers: dict[str, dict[str, Any]] = {}  # decode: addr -> identity
+        self._foreign_prefills: set[str] = set()  # decode: prefills of another backend
         self._jobs: queue.Queue[PackJob | None] = queue.Queue()
         self._fault_counter = [0]
         self._stop = threading.Event()
@@ -345,7 +346,8 @@ class SpectrumKVManager(CommonKVManager):
             state.ack_targets.append((a.endpoint, a.port))
             state.job = None
             in_flight = state.in_flight
-        self.record_failure(a.room, "the decode server aborted the request")
+        logger.info("SpectrumKV: decode at %s:%s aborted room %s", a.endpoint, a.port, a.room)
+        self.record_failure(a.room, a.reason or "the decode server aborted the request")
         self.update_status(a.room, KVPoll.Failed)
         if not in_flight:
             self._ack_abort(a.room)
@@ -423,7 +425,8 @@ class SpectrumKVManager(CommonKVManager):
             try:
                 self._transfer(job, stream)
             except Exception as e:
-                logger.exception("SpectrumKV: transfer of room %s failed", job.room)
+                logger.error("SpectrumKV: transfer of room %s failed: %s", job.room, e)
+                logger.debug("SpectrumKV: transfer failure details", exc_info=True)
                 with self._lock:
                     state = self._rooms.get(job.room)
                     if state is not None:
@@ -632,6 +635,7 @@ class SpectrumKVManager(CommonKVManager):
             logger.warning("SpectrumKV: %s: cannot read /spectrum/info: %s", desc, e)
             return None
         if r.status_code == 404:
+            self._foreign_prefills.add(bootstrap_addr)
             return incompatibility(None, desc, "decode")
         if r.status_code != 200:
             return None
@@ -654,6 +658,15 @@ class SpectrumKVManager(CommonKVManager):
         if ranks:
             self._prefill_peers[bootstrap_addr] = ranks[0]
         return ""
+
+    def prefill_is_foreign(self, bootstrap_addr: str) -> bool:
+        return bootstrap_addr in self._foreign_prefills
+
+    def room_aborted(self, room: int) -> bool:
+        """Prefill: the decode aborted (or refused) this room already."""
+        with self._lock:
+            state = self._rooms.get(room)
+            return state is not None and state.aborted
 
     def prefill_verdict(self, bootstrap_addr: str) -> str:
         with self._lock:

@@ -58,6 +58,7 @@ class Abort(msgspec.Struct, frozen=True):
     room: int
     endpoint: str
     port: int
+    reason: str = ""  # why, when the decode refused the request (shown to the client)
 
 
 class Sent(msgspec.Struct, frozen=True):

@@ -1,0 +1,146 @@
+"""Prefix reuse, client aborts and a load run on a real PD deployment (slow).
+
+One ``spectrum`` deployment at budget 1.0 (lossless: outputs must equal a
+single non-disaggregated server's) with the decode's radix cache on and the
+test-only transfer delay for rids containing ``spectrum-delay``:
+
+* prefix reuse: the decode already holds a page-aligned prefix of the second
+  prompt; the prefill packs and sends only the rest (importance scored over
+  the whole prompt), and the answer is the single server's;
+* a client abort while the transfer waits: the request ends, the prefill
+  acknowledges, nothing lands afterwards (the next requests, whose KV reuses
+  the freed slots, answer exactly as before), token usage returns to 0;
+* load: 200 requests at concurrency 32 through the router, every one answered,
+  bytes sent == bytes received per request, token usage back to 0 on both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from pd_harness import PDDeployment, SingleServer, start_deployment
+
+from sglang_spectrum.models import ensure_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+SECRET = "73920451"
+FILLER = "The grass is green. The sky is blue. The sun is warm. "
+BASE = f"The secret code is {SECRET}. Remember it. " + FILLER * 40
+PROMPTS = [
+    BASE + "Question: what is the secret code? Answer: the secret code is",
+    BASE + "Question: what colour is the sky? Answer: the sky is",
+]
+BASELINE = ["The capital of France is", "def fibonacci(n):"]
+DELAY_S = 6.0
+LOAD_REQUESTS = 200
+LOAD_CONCURRENCY = 32
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return ensure_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def reference(request, model_path) -> dict[str, str]:
+    """Greedy outputs of one non-disaggregated server."""
+    single = SingleServer(model_path)
+    request.addfinalizer(single.stop)
+    single.start()
+    try:
+        return {p: single.generate(p, 12)["text"] for p in PROMPTS + BASELINE}
+    finally:
+        single.stop()
+
+
+@pytest.fixture(scope="module")
+def pd(request, model_path, reference) -> PDDeployment:
+    return start_deployment(
+        request,
+        model_path=model_path,
+        backend="spectrum",
+        prefill_args=["--spectrum-budget", "1.0"],
+        decode_args=["--disaggregation-decode-enable-radix-cache"],
+        prefill_env={"SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S": str(DELAY_S)},
+        router_args=["--disable-retries"],
+        stats=True,
+    )
+
+
+def _records(d: PDDeployment, rid: str) -> dict[str, dict]:
+    return {s["role"]: s for s in d.spectrum_stats() if s["rid"] == rid}
+
+
+def test_decode_prefix_reuse_sends_only_the_rest(pd, reference):
+    first = pd.generate(PROMPTS[0], max_new_tokens=12, rid="prefix-first")
+    assert first["text"] == reference[PROMPTS[0]]
+    second = pd.generate(PROMPTS[1], max_new_tokens=12, rid="prefix-second")
+    assert second["text"] == reference[PROMPTS[1]]
+    rec = _records(pd, "prefix-second")
+    n = second["meta_info"]["prompt_tokens"]
+    prefix = rec["decode"]["prefix_tokens"]
+    assert prefix > 0, rec  # the decode reused its cached prefix
+    assert rec["prefill"]["context_tokens"] == prefix  # scored over the whole prompt
+    assert rec["prefill"]["num_tokens"] == n - prefix == rec["decode"]["num_tokens"]
+    assert rec["decode"]["received_bytes"] == rec["prefill"]["sent_bytes"]
+    assert _records(pd, "prefix-first")["decode"]["prefix_tokens"] == 0
+
+
+def test_client_abort_during_transfer_leaves_nothing_behind(pd, reference):
+    rid = "abort-spectrum-delay-1"
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["r"] = pd.generate(
+                "Abort me. " + FILLER * 20 + "End.", max_new_tokens=8, rid=rid, timeout_s=120
+            )
+        except Exception as e:
+            result["e"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    plog = pd.proc("prefill").log_path
+    deadline = time.monotonic() + 120
+    while "transfer starts in" not in plog.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the delayed transfer never started"
+        time.sleep(0.2)
+    r = requests.post(f"{pd.decode_url}/abort_request", json={"rid": rid}, timeout=10)
+    assert r.status_code == 200
+    thread.join(timeout=120)
+    # the client got no answer built from that KV
+    if "r" in result:
+        assert result["r"]["meta_info"]["finish_reason"]["type"] == "abort", result
+    time.sleep(DELAY_S + 2)  # past the delayed write
+    assert "aborted room" in plog.read_text(errors="replace")
+    assert "decode" not in _records(pd, rid)  # never unpacked
+    assert pd.wait_idle(pd.prefill_url) == 0 and pd.wait_idle(pd.decode_url) == 0
+    for prompt in BASELINE:  # their KV reuses the freed slots: exactly as before
+        assert pd.generate(prompt, max_new_tokens=12)["text"] == reference[prompt]
+
+
+def test_load_200_requests_at_concurrency_32(pd):
+    prompts = [f"Item {i}: " + FILLER * (1 + i % 5) + "Next:" for i in range(LOAD_REQUESTS)]
+
+    def one(i: int) -> dict:
+        return pd.generate(prompts[i], max_new_tokens=4, rid=f"load-{i}", timeout_s=600)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(LOAD_CONCURRENCY) as pool:
+        results = list(pool.map(one, range(LOAD_REQUESTS)))
+    elapsed = time.monotonic() - t0
+    assert all(r["meta_info"]["completion_tokens"] > 0 for r in results)
+    stats = pd.spectrum_stats()
+    sent = {s["rid"]: s["sent_bytes"] for s in stats if s["role"] == "prefill"}
+    received = {s["rid"]: s["received_bytes"] for s in stats if s["role"] == "decode"}
+    rids = {f"load-{i}" for i in range(LOAD_REQUESTS)}
+    assert rids <= set(sent) and rids <= set(received)
+    assert all(sent[r] == received[r] for r in rids)
+    assert pd.wait_idle(pd.prefill_url) == 0 and pd.wait_idle(pd.decode_url) == 0
+    print(f"\nload: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} in {elapsed:.1f} s")
