@@ -104,7 +104,12 @@ class Proc:
         fh.write(f"\n=== {time.strftime('%H:%M:%S')} {shlex.join(self.cmd)}\n".encode())
         fh.flush()
         self.popen = subprocess.Popen(
-            self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            self.cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.log_path.parent,
+            start_new_session=True,
         )
         fh.close()
         return self
@@ -252,7 +257,9 @@ class Runner:
 
     def env(self, stats: Path | None) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(MC_FORCE_TCP="1", PYTHONUNBUFFERED="1")
+        # PYTHONSAFEPATH: neither the cwd nor bench/ on sys.path (the repo's kernels/ and
+        # bench/kernels.py would shadow the `kernels` package transformers probes for)
+        env.update(MC_FORCE_TCP="1", PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1")
         env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
         if self.args.cpu:
             env.update(CPU_ENV)
@@ -573,6 +580,7 @@ class Runner:
                     stderr=subprocess.STDOUT,
                     timeout=max(20, self.remaining() - 10),
                     env=self.env(None),
+                    cwd=self.work,
                 ).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 SITE=${GPU_SITE:-/tmp/site}
 PY=/opt/torch/.venv/bin/python3
 [[ -x $PY ]] || PY=$(command -v python3)
-export PATH=$(dirname "$PY"):$PATH PYTHONPATH=$SITE PYTHONUNBUFFERED=1
+export PATH=$(dirname "$PY"):$PATH PYTHONPATH=$SITE PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 [[ -d /usr/local/cuda ]] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export SPECTRUM_CACHE_DIR=${SPECTRUM_CACHE_DIR:-/tmp/spc}
 export MC_FORCE_TCP=1 MOONCAKE_PROTOCOL=tcp

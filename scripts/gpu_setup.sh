@@ -22,7 +22,7 @@ export SPECTRUM_CACHE_DIR=${SPECTRUM_CACHE_DIR:-/tmp/spc}
 MODEL8B=${GPU_MODEL8B:-/tmp/model8b}
 PY=/opt/torch/.venv/bin/python3
 [[ -x $PY ]] || PY=$(command -v python3)
-export PATH=$(dirname "$PY"):$PATH PYTHONUNBUFFERED=1 PYTHONPATH=$SITE
+export PATH=$(dirname "$PY"):$PATH PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 PYTHONPATH=$SITE
 [[ -d /usr/local/cuda ]] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 mkdir -p "$SITE"
 T0=$(date +%s)
