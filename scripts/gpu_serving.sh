@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SITE=${GPU_SITE:-/tmp/site}
-PY=/opt/torch/.venv/bin/python3
+PY=${GPU_PY:-/opt/torch/.venv/bin/python3}
 [[ -x $PY ]] || PY=$(command -v python3)
 export PATH=$(dirname "$PY"):$PATH PYTHONPATH=$SITE PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 [[ -d /usr/local/cuda ]] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}

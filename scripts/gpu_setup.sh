@@ -20,15 +20,18 @@ cd "$(dirname "$0")/.."
 SITE=${GPU_SITE:-/tmp/site}
 export SPECTRUM_CACHE_DIR=${SPECTRUM_CACHE_DIR:-/tmp/spc}
 MODEL8B=${GPU_MODEL8B:-/tmp/model8b}
-PY=/opt/torch/.venv/bin/python3
+PY=${GPU_PY:-/opt/torch/.venv/bin/python3}
 [[ -x $PY ]] || PY=$(command -v python3)
 export PATH=$(dirname "$PY"):$PATH PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 PYTHONPATH=$SITE
 [[ -d /usr/local/cuda ]] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 mkdir -p "$SITE"
 T0=$(date +%s)
 rc=0
-pipt() { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --disable-pip-version-check --upgrade --target "$SITE" "$@" 2>&1 | grep -v "WARNING" ; }
+pipt() {  # pip install --target $SITE, offline; the exit code is pip's
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --disable-pip-version-check --upgrade --target "$SITE" "$@" 2>&1 | { grep -v "WARNING" || true; }
+  return "${PIPESTATUS[0]}"
+}
 
 for parcel in "$@"; do
   [[ -d $parcel ]] || { echo "no parcel folder $parcel (carry it)"; rc=1; continue; }
@@ -87,10 +90,11 @@ done
 if [[ -d $SITE/sglang ]] && [[ -f pyproject.toml ]]; then
   T=$(mktemp -d)
   if "$PY" -m pip wheel -q --no-deps --no-index --no-build-isolation --disable-pip-version-check \
-      -w "$T" . >/dev/null 2>&1; then
+      -w "$T" . > "$T/log" 2>&1; then
     pipt "$T"/sglang_spectrum-*.whl && echo "sglang_spectrum: installed from the checkout"
   else
-    echo "sglang_spectrum: building from the checkout failed; the carried wheel stays"
+    echo "sglang_spectrum: building from the checkout failed; the carried wheel stays:"
+    grep -v WARNING "$T/log" | tail -3
   fi
   rm -rf "$T" build
 fi
