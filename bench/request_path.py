@@ -318,6 +318,74 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def profile(args) -> None:
+    """torch.profiler over a few pack_request / unpack_request calls per case: where
+    the host time goes (self CPU per op) and the device time (per kernel)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    device = torch.device(args.device)
+    gen_dev = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    layers, heads, head_dim = args.layers, args.heads, args.head_dim
+    num_pages = -(-max(args.tokens) // args.page) + 8
+    kp, vp = make_pools(
+        layers, heads, head_dim, num_pages * args.page, torch.bfloat16, device, gen_dev
+    )
+    kd = [torch.zeros_like(p) for p in kp]
+    vd = [torch.zeros_like(p) for p in vp]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for tokens in args.tokens:
+        slots = paged_slots(tokens, args.page, num_pages, gen, device)
+        dst = paged_slots(tokens, args.page, num_pages, gen, device)
+        for budget in args.budgets:
+            for keys in args.key_scales:
+                cfg = SpectrumConfig(budget=budget, key_scales=keys, allow_drop=False)
+                bound = packed_size_bound(tokens, layers, heads, head_dim, torch.bfloat16, cfg)
+                region = torch.empty(bound, dtype=torch.uint8, device=device)
+                for _ in range(3):
+                    res = pack_request(kp, vp, slots, cfg, out=region)
+                    unpack_request(region, kd, vd, dst, expected_checksum=res.checksum)
+                sync(device)
+                for name, fn in (
+                    ("pack", lambda s=slots, c=cfg, r=region: pack_request(kp, vp, s, c, out=r)),
+                    (
+                        "unpack",
+                        lambda r=region, d=dst, x=res: unpack_request(
+                            r, kd, vd, d, expected_checksum=x.checksum
+                        ),
+                    ),
+                ):
+                    t = time.perf_counter()
+                    for _ in range(5):
+                        fn()
+                    ms = (time.perf_counter() - t) / 5 * 1e3
+                    with tprofile(activities=acts) as prof:
+                        for _ in range(5):
+                            fn()
+                    print(f"=== T={tokens} b={budget} keys={keys} {name}: {ms:.3f} ms/call")
+                    avg = prof.key_averages()
+                    print(
+                        avg.table(
+                            sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48
+                        )
+                    )
+                    if device.type == "cuda":
+                        print(
+                            avg.table(
+                                sort_by="self_device_time_total",
+                                row_limit=14,
+                                max_name_column_width=48,
+                            )
+                        )
+                    if args.out:
+                        out = pathlib.Path(args.out)
+                        out.mkdir(parents=True, exist_ok=True)
+                        prof.export_chrome_trace(
+                            str(out / f"trace_{tokens}_{budget}_{keys}_{name}.json")
+                        )
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
@@ -333,7 +401,11 @@ def main(argv=None) -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (tests the script)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables, no results")
     args = ap.parse_args(argv)
+    if args.profile:
+        profile(args)
+        return
     if args.smoke:
         args.device, args.tokens, args.layers, args.heads, args.head_dim = "cpu", [64], 2, 2, 16
         args.page, args.iters, args.warmup = 8, 2, 1
