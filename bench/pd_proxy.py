@@ -14,10 +14,10 @@ makes SGLang abort it).
 
 Routes: POST /generate, /v1/completions, /v1/chat/completions (PD); POST/GET
 /flush_cache (both servers; best effort: 200 with the failures listed); GET /health,
-/health_generate (both); GET /v1/models, /model_info, /get_model_info (decode); GET /server_info, /get_server_info
-(``{"prefill": [...], "decode": [...]}`` as the router answers, which
-``sglang.bench_serving`` reads). Several ``--prefill``/``--decode`` may be given: each
-request picks one of each at random. Needs only aiohttp.
+/health_generate (both); GET /v1/models, /model_info, /get_model_info (decode); GET
+/server_info, /get_server_info (``{"prefill": [...], "decode": [...]}`` as the router
+answers, which ``sglang.bench_serving`` reads). Several ``--prefill``/``--decode`` may be
+given: each request picks one of each at random. Needs only aiohttp.
 """
 
 from __future__ import annotations
