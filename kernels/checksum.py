@@ -22,13 +22,14 @@ _BLOCK = 8192  # words per program; < 65521 so the weight wraps at most once
 
 
 @triton.jit
-def _checksum_kernel(words, n_words, parts, BLOCK: tl.constexpr):
+def _checksum_kernel(words, n_words, parts, base, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     idx = start + tl.arange(0, BLOCK)
     w = tl.load(words + idx, mask=idx < n_words, other=0)
     w = w.to(tl.uint32, bitcast=True).to(tl.int64)  # the word as unsigned
-    weight = (start % 65521).to(tl.int32) + tl.arange(0, BLOCK) + 1  # (i mod 65521) + 1
+    # (i mod 65521) + 1 of the word's index i = base + idx in the whole payload
+    weight = ((base + start) % 65521).to(tl.int32) + tl.arange(0, BLOCK) + 1
     weight = tl.where(weight > 65521, weight - 65521, weight).to(tl.int64)
     tl.store(parts + 2 * pid, tl.sum(w, 0) % 2147483647)
     tl.store(parts + 2 * pid + 1, tl.sum(w * weight, 0) % 2147483647)
@@ -52,15 +53,18 @@ def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
     if flat.numel() % 4 or flat.data_ptr() % 4:
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 4)])
     words = flat.view(torch.int32)
-    n_main = words.numel() // 16 * 16  # a multiple of 16 lets the loads vectorise
+    n_words = words.numel()
+    n_main = n_words // 16 * 16  # a multiple of 16 lets the loads vectorise
     blocks = triton.cdiv(n_main, _BLOCK)
-    parts = torch.zeros(blocks + 1, 2, dtype=torch.int64, device=flat.device)
+    tail = n_words > n_main
+    parts = torch.empty(blocks + tail, 2, dtype=torch.int64, device=flat.device)
+    opts = launch_options(flat.device)
     if blocks:
-        _checksum_kernel[(blocks,)](
-            words, n_main, parts, BLOCK=_BLOCK, **launch_options(flat.device)
+        _checksum_kernel[(blocks,)](words, n_main, parts, 0, BLOCK=_BLOCK, **opts)
+    if tail:  # < 16 words: one small program (the index base keeps the weights)
+        _checksum_kernel[(1,)](
+            words[n_main:], n_words - n_main, parts[blocks:], n_main, BLOCK=16, **opts
         )
-    tail = words[n_main:].to(torch.int64) & 0xFFFFFFFF  # < 16 words, exact in torch
-    weight = torch.arange(n_main, words.numel(), device=flat.device) % 65521 + 1
-    parts[blocks, 0] = tail.sum() % _P
-    parts[blocks, 1] = (tail * weight).sum() % _P
+    if not blocks + tail:
+        return parts.new_zeros(2)
     return parts.sum(0) % _P

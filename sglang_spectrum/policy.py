@@ -331,6 +331,28 @@ def waterfall_counts(
     return buckets
 
 
+_RANK_TIERS: dict[tuple, torch.Tensor] = {}
+
+
+def _rank_tiers(n: int, buckets: tuple, device: torch.device) -> torch.Tensor:
+    """uint8 ``[n]``: the tier of each rank (``buckets`` in rank order), cached per
+    (n, buckets, device): the request path builds it once per size, not per request."""
+    key = (n, buckets, str(device))
+    hit = _RANK_TIERS.get(key)
+    if hit is None:
+        rank = torch.arange(n)
+        by_rank = torch.full((n,), int(buckets[0][0]), dtype=torch.uint8)
+        edge = 0
+        for (_, count), (tier, _) in zip(buckets[:-1], buckets[1:]):
+            edge += count
+            by_rank = torch.where(rank >= edge, int(tier), by_rank).to(torch.uint8)
+        hit = by_rank.to(device)
+        if len(_RANK_TIERS) >= 64:
+            _RANK_TIERS.clear()
+        _RANK_TIERS[key] = hit
+    return hit
+
+
 def tiers_from_ranks(
     scores: torch.Tensor, forced: int, buckets: Sequence[tuple[Tier, int]]
 ) -> torch.Tensor:
@@ -342,11 +364,6 @@ def tiers_from_ranks(
     tiers[:forced] = int(Tier.FP16)
     if forced < num_tokens:
         order = torch.argsort(scores[forced:], descending=True, stable=True) + forced
-        rank = torch.arange(num_tokens - forced, device=device)
-        by_rank = torch.full_like(rank, int(buckets[0][0]), dtype=torch.uint8)
-        edge = 0
-        for (_, n), (tier, _) in zip(buckets[:-1], buckets[1:]):  # no host-device copies
-            edge += n
-            by_rank = torch.where(rank >= edge, int(tier), by_rank)
-        tiers[order] = by_rank.to(torch.uint8)
+        by_rank = _rank_tiers(num_tokens - forced, tuple(buckets), device)
+        tiers[order] = by_rank
     return tiers
