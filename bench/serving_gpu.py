@@ -67,7 +67,7 @@ RECORD_KEYS = (
 ).split()
 GREEDY_PROMPTS = [
     "The capital of France is",
-    "Write one sentence about the sea.",
+    "Once upon a time, in a small village,",
     "List three prime numbers:",
     "def fibonacci(n):",
 ]
@@ -117,23 +117,19 @@ class Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def stop(self, grace_s: float = 8.0) -> None:
+    def signal(self, sig: int) -> bool:
+        """Signal the process group; False once the group is gone."""
         if self.popen is None:
-            return
-        pgid = self.popen.pid  # its own session: pgid == pid
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            t = time.monotonic()
-            while time.monotonic() - t < wait:
-                if self.popen.poll() is not None:
-                    try:  # the group may outlive its leader (scheduler processes)
-                        os.killpg(pgid, 0)
-                    except ProcessLookupError:
-                        return
-                time.sleep(0.2)
+            return False
+        self.popen.poll()  # reap the leader
+        try:
+            os.killpg(self.popen.pid, sig)  # its own session: pgid == pid
+            return True
+        except ProcessLookupError:
+            return False
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        stop_all([self], grace_s)
 
     def tail(self, n: int = 40) -> str:
         try:
@@ -142,6 +138,21 @@ class Proc:
             return ""
         lines = [ln for ln in lines if "GET /health" not in ln]
         return "\n".join(lines[-n:])
+
+
+def stop_all(procs: list[Proc], grace_s: float = 10.0) -> None:
+    """SIGTERM every process group at once, SIGKILL what is left after ``grace_s``."""
+    live = [p for p in procs if p.signal(signal.SIGTERM)]
+    t = time.monotonic()
+    while live and time.monotonic() - t < grace_s:
+        time.sleep(0.25)
+        live = [p for p in live if p.signal(0)]
+    for p in live:
+        p.signal(signal.SIGKILL)
+    t = time.monotonic()
+    while live and time.monotonic() - t < 5:
+        time.sleep(0.25)
+        live = [p for p in live if p.signal(0)]
 
 
 def http(url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
@@ -189,8 +200,7 @@ class Deployment:
     startup_s: float = float("nan")
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
+        stop_all(self.procs)
 
 
 class Runner:
@@ -362,8 +372,8 @@ class Runner:
             self.live.remove(dep)
 
     def stop_all(self) -> None:
-        for dep in list(self.live):
-            self.stop(dep)
+        stop_all([p for d in self.live for p in d.procs])
+        self.live.clear()
 
     # -------------------------------------------------------------- correctness
 
@@ -441,6 +451,7 @@ class Runner:
             result["error"] = f"{type(e).__name__}: {e}"
             log(f"correct: FAILED: {result['error'][:3000]}")
         finally:
+            stop_all([p for d, _ in deps for p in d.procs])
             for d, _ in deps:
                 self.stop(d)
         self.state["correct"] = result
