@@ -1,8 +1,8 @@
-"""Fast tests of the SGLang plugin: activation, options, validation, patches.
+"""Fast tests of the SGLang plugin: registration, options, validation, wire, patches.
 
 Everything that imports SGLang runs in a fresh subprocess (as a server would),
-so what is tested is the real activation path: the ``.pth`` file installed by
-``pip install (-e) .`` plus the import hook, not an explicit ``activate()``.
+and activates the plugin the way SGLang does: ``sglang.srt.plugins.load_plugins()``
+runs the ``sglang.srt.plugins`` entry points of the installed packages.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sglang_spectrum import patching
-from sglang_spectrum.sglang_plugin import DISABLE_ENV, PTH_NAME
+from sglang_spectrum.sglang_plugin import DISABLE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -28,10 +27,11 @@ PY = sys.executable
 BASE_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1", "MC_FORCE_TCP": "1"}
 
 
-def run_py(code: str, env: dict[str, str] | None = None, timeout: float = 180) -> dict:
+def run_py(code: str, env: dict[str, str] | None = None, timeout: float = 240) -> dict:
     """Run ``code`` in a fresh interpreter (outside the repo dir); it prints one JSON line last."""
     full_env = dict(os.environ, **BASE_ENV)
     full_env.pop(DISABLE_ENV, None)
+    full_env.pop("SGLANG_SPECTRUM_OPTIONS", None)
     full_env.update(env or {})
     proc = subprocess.run(
         [PY, "-W", "ignore", "-c", textwrap.dedent(code)],
@@ -57,63 +57,44 @@ def smollm2() -> Path:
 # --------------------------------------------------------------------------- activation
 
 
-def test_pth_file_installed():
-    site = Path(sysconfig.get_paths()["purelib"])
-    pth = site / PTH_NAME
-    assert pth.is_file(), f"{pth} missing: install the package (pip install -e .)"
-    src = REPO / "sglang_spectrum" / "sglang_plugin" / PTH_NAME
-    assert pth.read_text() == src.read_text(), "installed .pth is stale: reinstall the package"
+def test_entry_point_declared_and_installed():
+    from importlib.metadata import entry_points
 
-
-def test_interpreter_start_is_cheap():
-    out = run_py(
-        """
-        import json, sys
-        finder = sys.meta_path[0]
-        print(json.dumps({
-            "finder": type(finder).__name__,
-            "heavy": sorted(m for m in ("torch", "sglang", "sglang_spectrum", "numpy", "logging")
-                            if m in sys.modules),
-        }))
-        """
-    )
-    assert out["finder"] == "SpectrumImportFinder"
-    assert out["heavy"] == [], "the .pth must not import anything heavy at interpreter start"
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("spectrumkv") == "sglang_spectrum.sglang_plugin.plugin:register", eps
+    assert "sglang.srt.plugins" in (REPO / "pyproject.toml").read_text()
 
 
 REGISTRATION_PROBE = """
-import json, sys
+import json
+from sglang.srt.plugins import load_plugins
+load_plugins()
 import sglang.srt.server_args as sa
 from sglang.srt.disaggregation.utils import KVClassType, TransferBackend
 import sglang.srt.disaggregation.prefill as prefill
 import sglang.srt.disaggregation.decode as decode
-import sglang.srt.managers.disagg_service as disagg_service
+from sglang_spectrum.sglang_plugin import plugin
 out = {
     "choices": list(sa.DISAGG_TRANSFER_BACKEND_CHOICES),
     "enum": [m.value for m in TransferBackend],
-    "has_budget_attr": hasattr(sa.ServerArgs, "spectrum_budget"),
+    "registered": plugin.is_registered(),
 }
 if "spectrum" in out["enum"]:
     sb = TransferBackend("spectrum")
     out["classes"] = {
         t.name: getattr(prefill.get_kv_class(sb, t), "__name__", None) for t in KVClassType
     }
-    gkc = prefill.get_kv_class
-    out["same_dispatch"] = gkc is decode.get_kv_class is disagg_service.get_kv_class
-    out["attach_hooks"] = [
-        getattr(prefill.PrefillBootstrapQueue._init_kv_manager, "_sglang_spectrum_attach", False),
-        getattr(decode.DecodePreallocQueue._init_kv_manager, "_sglang_spectrum_attach", False),
-    ]
+    out["same_dispatch"] = prefill.get_kv_class is decode.get_kv_class
 mooncake = TransferBackend("mooncake")
 out["mooncake_sender"] = prefill.get_kv_class(mooncake, KVClassType.SENDER).__name__
 print(json.dumps(out))
 """
 
 
-def test_backend_registered_in_fresh_process():
+def test_backend_registered_through_sglang_plugin_loader():
     out = run_py(REGISTRATION_PROBE)
-    assert out["choices"][-1] == "spectrum" and "mooncake" in out["choices"]
-    assert "spectrum" in out["enum"]
+    assert "spectrum" in out["choices"] and "mooncake" in out["choices"]
+    assert "spectrum" in out["enum"] and out["registered"] is True
     assert out["classes"] == {
         "KVARGS": "KVArgs",
         "MANAGER": "SpectrumKVManager",
@@ -122,32 +103,32 @@ def test_backend_registered_in_fresh_process():
         "BOOTSTRAP_SERVER": "SpectrumKVBootstrapServer",
     }
     assert out["same_dispatch"] is True
-    assert out["attach_hooks"] == [True, True]
     assert out["mooncake_sender"] == "MooncakeKVSender"  # other backends untouched
 
 
-def test_disable_env_turns_everything_off():
-    out = run_py(REGISTRATION_PROBE, env={DISABLE_ENV: "1"})
-    assert "spectrum" not in out["choices"]
-    assert "spectrum" not in out["enum"]
-    assert out["has_budget_attr"] is False
+@pytest.mark.parametrize("env", [{DISABLE_ENV: "1"}, {"SGLANG_PLUGINS": "someone-else"}])
+def test_disabling_turns_everything_off(env):
+    out = run_py(REGISTRATION_PROBE, env=env)
+    assert "spectrum" not in out["choices"] and "spectrum" not in out["enum"]
+    assert out["registered"] is False
     assert out["mooncake_sender"] == "MooncakeKVSender"
 
 
 def test_broken_plugin_leaves_sglang_working():
     out = run_py(
         """
-        import json, logging, sys
+        import json, logging
         records = []
         class H(logging.Handler):
             def emit(self, r): records.append(r.getMessage())
         logging.getLogger("sglang_spectrum").addHandler(H())
-        import sglang_spectrum.sglang_plugin.registry as registry
-        def boom(module): raise RuntimeError("simulated bug")
-        registry.install = boom
+        from sglang_spectrum.sglang_plugin import plugin
+        def boom(): raise RuntimeError("simulated bug")
+        plugin._add_choice = boom
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
         import sglang.srt.server_args as sa
         from sglang.srt.disaggregation.utils import TransferBackend, KVClassType, get_kv_class
-        args = sa.prepare_server_args(["--model-path", "dummy", "--device", "cpu"])
         print(json.dumps({
             "choices": list(sa.DISAGG_TRANSFER_BACKEND_CHOICES),
             "enum": [m.value for m in TransferBackend],
@@ -161,30 +142,61 @@ def test_broken_plugin_leaves_sglang_working():
     assert any("simulated bug" in w and "plugin disabled" in w for w in out["warnings"])
 
 
+def test_unsupported_sglang_version_is_refused_in_one_line(smollm2):
+    out = run_py(
+        f"""
+        import contextlib, io, json
+        from sglang_spectrum.sglang_plugin import compat
+        compat.sglang_version = lambda: "0.5.10.post1"
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.server_args import prepare_server_args
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                prepare_server_args(["--model-path", "{smollm2}", "--device", "cpu",
+                    "--disaggregation-mode", "prefill",
+                    "--disaggregation-transfer-backend", "spectrum"])
+            res = [None, ""]
+        except SystemExit as e:
+            res = [e.code, err.getvalue().strip().splitlines()[-1]]
+        print(json.dumps(res))
+        """
+    )
+    assert out[0] == 2
+    assert out[1] == (
+        "error: SpectrumKV supports SGLang 0.5.17 and 0.5.23; found SGLang 0.5.10.post1."
+        " Install one of them (pip install sglang==0.5.23) or run the stock backends"
+        " (unset --disaggregation-transfer-backend spectrum)"
+    )
+
+
 # --------------------------------------------------------------------------- options
 
 
-def test_options_parse_and_reach_scheduler_pickle(smollm2):
+def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
     out = run_py(
         f"""
-        import json, pickle
-        from sglang.srt.server_args import prepare_server_args, ServerArgs
-        base = ["--model-path", "{smollm2}", "--device", "cpu",
-                "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "spectrum"]
-        a = prepare_server_args(base + ["--spectrum-budget", "0.6", "--spectrum-tiers", "2",
-                                        "--spectrum-allocator", "optimal",
-                                        "--spectrum-probe-refresh",
-                                        "--spectrum-rotation", "hadamard",
-                                        "--spectrum-group-size", "32",
-                                        "--spectrum-key-scales", "channel"])
-        b = pickle.loads(pickle.dumps(a))  # what mp spawn does for the schedulers
-        d = prepare_server_args(base)
-        from sglang_spectrum.sglang_plugin.options import options_from_server_args
-        print(json.dumps({{
-            "child": options_from_server_args(b).to_dict(),
-            "defaults": options_from_server_args(d).to_dict(),
-            "programmatic": options_from_server_args(ServerArgs(model_path="dummy")).to_dict(),
-        }}))
+        import json, subprocess, sys
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.server_args import prepare_server_args
+        from sglang_spectrum.sglang_plugin.options import current_options
+
+        base = ["--model-path", "{smollm2}", "--device", "cpu", "--disaggregation-mode",
+                "prefill", "--disaggregation-transfer-backend", "spectrum"]
+        defaults = current_options().to_dict()
+        prepare_server_args(base + ["--spectrum-budget", "0.6", "--spectrum-tiers", "2",
+                                    "--spectrum-allocator", "optimal",
+                                    "--spectrum-probe-refresh",
+                                    "--spectrum-rotation", "hadamard",
+                                    "--spectrum-group-size", "32",
+                                    "--spectrum-key-scales", "token"])
+        # a scheduler process is a child of the launcher: it inherits the environment
+        code = ("import json; from sglang_spectrum.sglang_plugin.options import current_options;"
+                " print(json.dumps(current_options().to_dict()))")
+        got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        print(json.dumps({{"child": json.loads(got.stdout), "defaults": defaults}}))
         """
     )
     assert out["child"] == {
@@ -195,9 +207,9 @@ def test_options_parse_and_reach_scheduler_pickle(smollm2):
         "arena_mb": 0.0,
         "rotation": "hadamard",
         "group_size": 32,
-        "key_scales": "channel",
+        "key_scales": "token",
     }
-    defaults = {
+    assert out["defaults"] == {
         "budget": 0.5,
         "tiers": "auto",
         "allocator": "paper",
@@ -205,10 +217,8 @@ def test_options_parse_and_reach_scheduler_pickle(smollm2):
         "arena_mb": 0.0,
         "rotation": "none",
         "group_size": None,
-        "key_scales": "token",
+        "key_scales": "channel",
     }
-    assert out["defaults"] == defaults
-    assert out["programmatic"] == defaults
 
 
 def _launch_server(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -249,11 +259,13 @@ OPTION_ERRORS = {
     ),
     "drop3": (["--spectrum-budget", "0.25"], "error: --spectrum-budget 0.25 is below 0.281"),
     "drop_g32": (
-        ["--spectrum-budget", "0.3", "--spectrum-tiers", "3", "--spectrum-group-size", "32"],
+        ["--spectrum-budget", "0.3", "--spectrum-tiers", "3", "--spectrum-group-size", "32"]
+        + ["--spectrum-key-scales", "token"],
         "error: --spectrum-budget 0.3 is below 0.312, the least 3 tiers (FP16+INT8+INT4) can"
         " send for head_dim 64 and group size 32",
     ),
     "rot": (["--spectrum-rotation", "x"], "argument --spectrum-rotation: invalid choice: 'x'"),
+    "keys": (["--spectrum-key-scales", "x"], "argument --spectrum-key-scales: invalid choice"),
     "group_odd": (
         ["--spectrum-group-size", "3"],
         "error: --spectrum-group-size must be an even integer >= 2 (0 = head_dim), got 3",
@@ -271,6 +283,8 @@ def test_option_errors_exit_2_with_one_line_message(smollm2):
     out = run_py(
         f"""
         import contextlib, io, json, traceback
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
         from sglang.srt.server_args import prepare_server_args
         base = ["--model-path", "{smollm2}", "--device", "cpu", "--disaggregation-mode",
                 "prefill", "--disaggregation-transfer-backend", "spectrum"]
@@ -311,80 +325,53 @@ def test_no_drop_floor_matches_codec_accounting():
     assert no_drop_floor("3", 128, None, "channel") == pytest.approx((64 + 8 + 64 + 4) / 512)
 
 
-# --------------------------------------------------------------------------- wire identity
+def test_options_env_is_validated(monkeypatch):
+    from sglang_spectrum.sglang_plugin import options
+
+    monkeypatch.setenv(options.OPTIONS_ENV, '{"budget": 2}')
+    with pytest.raises(options.SpectrumOptionError, match="must be in"):
+        options.current_options()
+    monkeypatch.setenv(options.OPTIONS_ENV, '{"nope": 1}')
+    with pytest.raises(options.SpectrumOptionError, match="unknown SpectrumKV option"):
+        options.current_options()
+    monkeypatch.setenv(options.OPTIONS_ENV, "not json")
+    with pytest.raises(options.SpectrumOptionError, match="not valid JSON"):
+        options.current_options()
 
 
-def test_wire_identity_checks_in_process():
-    out = run_py(
-        """
-        import json
-        from sglang_spectrum.sglang_plugin import conn
-        me = conn.wire_identity()
-        other = dict(me, format_version=me["format_version"] + 1)
-        msg = [b"1", b"x", conn.TRAILER_TAG, json.dumps(me).encode()]
-        frames, peer = conn.split_trailer(msg)
-        print(json.dumps({
-            "ok": conn.incompatibility(me, "prefill at h:1", "decode"),
-            "version": conn.incompatibility(other, "prefill at h:1", "decode"),
-            "none": conn.incompatibility(None, "decode at h:2", "prefill"),
-            "frames": [f.decode() for f in frames], "peer_ok": peer == me,
-            "plain": conn.split_trailer([b"1", b"2", b"3"])[1],
-        }))
-        """
-    )
-    assert out["ok"] == ""
-    assert out["version"].startswith("SpectrumKV format version mismatch: prefill at h:1 speaks v")
-    assert "run the same sglang-spectrum version" in out["version"]
-    assert "decode at h:2 is not a SpectrumKV server" in out["none"]
-    assert out["frames"] == ["1", "x"] and out["peer_ok"] is True and out["plain"] is None
+# --------------------------------------------------------------------------- wire
 
 
-def test_prefill_refuses_rooms_of_incompatible_decode():
-    """Prefill-side protocol logic on a manager without threads or sockets."""
-    out = run_py(
-        """
-        import json, threading
-        from sglang.srt.disaggregation.base.conn import KVPoll
-        from sglang_spectrum.sglang_plugin import conn
-        m = object.__new__(conn.SpectrumKVManager)
-        m._peer_lock = threading.Lock(); m._decode_sessions = {}; m._failed_rooms = set()
-        m._pinned_failures = {}; m.request_status = {}; m.failure_records = {}
-        m.failure_lock = threading.Lock(); m.attn_tp_rank = m.pp_rank = m.attn_cp_rank = 0
-        m.pp_size = m.attn_cp_size = m.attn_tp_size = 1
-        m.identity = conn.wire_identity(); m._grants = {}
-        sent = []
-        class Sock:
-            def send_multipart(self, frames): sent.append([f.decode() for f in frames])
-        m._connect = lambda endpoint, is_ipv6=False: Sock()
-        def sync(endpoint, port, room, status, rank): sent.append(["status", room, status])
-        m.sync_status_to_decode_endpoint = sync
-        good = conn.wire_identity(); bad = dict(good, format_version=99)
-        trailer = lambda ident: [conn.TRAILER_TAG, json.dumps(ident).encode()]
-        reg = lambda s: [b"None", b"10.0.0.1", b"5000", s.encode()] + [b""] * 11
-        room = lambda r, s: [str(r).encode(), b"10.0.0.1", b"5000", s.encode()] + [b""] * 4
-        res = {}
-        res["reg_good"] = len(m._on_prefill_message(reg("s1") + trailer(good)))
-        res["room_good"] = len(m._on_prefill_message(room(7, "s1") + trailer(good)))
-        res["reg_bad"] = len(m._on_prefill_message(reg("s2") + trailer(bad)))
-        res["room_bad"] = m._on_prefill_message(room(8, "s2") + trailer(bad))
-        res["room_plain"] = m._on_prefill_message(room(9, "s3"))  # mooncake decode
-        m.update_status(8, KVPoll.Bootstrapping)  # sender created after the refusal
-        res["status8"] = m.request_status[8]
-        res["reason8"] = m.failure_records[8]
-        res["sent"] = sent
-        res["reject"] = m._on_prefill_message([conn.REJECT_HEADER, b"11", b"why"])
-        res["status11"] = m.request_status[11]
-        print(json.dumps(res))
-        """
-    )
-    assert out["reg_good"] == 15 and out["room_good"] == 8  # trailer stripped, passed on
-    assert out["reg_bad"] == 15  # registration passes (SGLang keeps its bookkeeping)
-    assert out["room_bad"] is None and out["room_plain"] is None  # consumed
-    assert out["status8"] == 0 and "format version mismatch" in out["reason8"]  # Failed sticks
-    fail_msgs = [s for s in out["sent"] if s[0] == "SPECTRUM_FAIL"]
-    assert [s[1] for s in fail_msgs] == ["8"]  # only a SpectrumKV decode gets the reason
-    assert ["status", 8, 0] in out["sent"] and ["status", 9, 0] in out["sent"]
-    assert out["reject"] is None and out["status11"] == 0
+def test_wire_identity_checks():
+    from sglang_spectrum.sglang_plugin.identity import incompatibility, wire_identity
+
+    lay = {"layers": 30, "kv_heads": 3, "head_dim": 64, "dtype": "bfloat16", "page_size": 1}
+    me = wire_identity(layout=lay, attn_tp_size=1)
+    assert incompatibility(dict(me, tiers_resolved="3"), "prefill at h:1", "decode", me) == ""
+    other = dict(me, format_version=me["format_version"] + 1)
+    msg = incompatibility(other, "prefill at h:1", "decode")
+    assert msg.startswith("SpectrumKV format version mismatch: prefill at h:1 speaks v")
+    assert "run the same sglang-spectrum version" in msg
+    assert "decode at h:2 is not a SpectrumKV server" in incompatibility(None, "decode at h:2", "p")
+    msg = incompatibility(dict(me, layout=dict(lay, head_dim=128)), "prefill at h:1", "decode", me)
+    assert msg.startswith("SpectrumKV KV layout mismatch: prefill at h:1 has layers=30")
+    assert "head_dim=128" in msg and "head_dim=64" in msg
+    msg = incompatibility(dict(me, attn_tp_size=2), "decode at h:2", "prefill", me)
+    assert "same attention-TP size" in msg and "attn_tp_size=2" in msg
+    msg = incompatibility(dict(me, tiers_resolved="5"), "prefill at h:1", "decode", me)
+    assert "unknown tier mode" in msg
+
+
+def test_messages_round_trip_and_reject_garbage():
+    from sglang_spectrum.sglang_plugin import messages as m
+
+    grant = m.Grant(7, "h:1", "10.0.0.1", 5000, 1 << 40, 4096, 3, 16, 2, required=1)
+    sent = m.Sent(7, 100, 2**62 + 5, [b"\x00" * 8, b"ab"], {"rid": "r", "ms": 1.5})
+    for msg in (grant, sent, m.Abort(7, "h", 1, "why"), m.AbortAck(7), m.Failed(7, "x")):
+        assert m.decode(m.encode(msg)) == msg
+    assert m.decode([b"ROOM", b"1"]) is None  # not ours (e.g. SGLang's own ABORT)
+    assert m.decode([m.TAG_GRANT, b"\xc1garbage"]) is None
+    assert m.decode([m.TAG_SENT]) is None
 
 
 # --------------------------------------------------------------------------- patches
@@ -437,11 +424,11 @@ def test_reference_patch_is_not_applied_by_apply(tmp_path):
     assert all(patching.patch_state(site, p) == "applicable" for p in ref)
 
 
-# --------------------------------------------------------------------------- packed path units
+# --------------------------------------------------------------------------- transport units
 
 
 def test_arena_first_fit_coalesces_and_regions_release_once():
-    from sglang_spectrum.sglang_plugin.conn import ARENA_ALIGN, RegisteredArena
+    from sglang_spectrum.sglang_plugin.transport import ARENA_ALIGN, RegisteredArena
 
     arena = RegisteredArena(10 * ARENA_ALIGN, "cpu", None, "test")
     a, b, c = arena.alloc(100), arena.alloc(ARENA_ALIGN), arena.alloc(5 * ARENA_ALIGN)
@@ -456,71 +443,73 @@ def test_arena_first_fit_coalesces_and_regions_release_once():
     assert d.ptr == arena.base and d.view(10).numel() == 10
 
 
-def test_receive_capacity_bounds_real_packed_sizes():
+def test_arena_size_follows_pool_and_budget():
+    from sglang_spectrum.sglang_plugin.transport import MAX_ARENA, MIN_ARENA, arena_bytes
+
+    gib = 1 << 30
+    assert arena_bytes(0, 40 * gib, 0.5) == 5 * gib  # a quarter of the pool, packed at b
+    assert arena_bytes(0, 100 << 20, 0.5) == MIN_ARENA
+    assert arena_bytes(0, 1000 * gib, 1.0) == MAX_ARENA
+    assert arena_bytes(24, 40 * gib, 0.5) == 24 << 20  # --spectrum-arena-mb wins
+
+
+def test_metadata_rows_round_trip_through_host_buffers():
     import torch
 
-    from sglang_spectrum.codec import pack_kv
-    from sglang_spectrum.config import SpectrumConfig
-    from sglang_spectrum.sglang_plugin.conn import receive_capacity
+    from sglang_spectrum.sglang_plugin.transport import read_aux_row, write_aux_row
 
-    layout = {"layers": 3, "kv_heads": 2, "head_dim": 64, "dtype": "bfloat16", "page_size": 1}
+    src = [torch.arange(64, dtype=torch.int32).reshape(4, 16), torch.rand(4, 8)]
+    dst = [torch.zeros_like(t) for t in src]
+    lens = [t[0].nbytes for t in src]
+    rows = read_aux_row([t.data_ptr() for t in src], lens, 2)
+    write_aux_row([t.data_ptr() for t in dst], lens, 1, rows)
+    assert all(torch.equal(d[1], s[2]) for d, s in zip(dst, src))
+    assert all(not d[0].any() and not d[2:].any() for d in dst)
+    with pytest.raises(ValueError, match="metadata row of"):
+        write_aux_row([dst[0].data_ptr()], [lens[0]], 0, [b"short"])
+
+
+def test_receive_bound_holds_real_packed_sizes():
+    import torch
+
+    from sglang_spectrum.config import SpectrumConfig
+    from sglang_spectrum.transfer import pack_request, packed_size_bound
+
     torch.manual_seed(0)
+    layers, heads, dim = 3, 2, 64
+    k = [torch.randn(400, heads, dim).to(torch.bfloat16) for _ in range(layers)]
+    v = [torch.randn(400, heads, dim).to(torch.bfloat16) for _ in range(layers)]
     for n in (1, 5, 37, 300):
-        keys = [torch.randn(n, 2, 64).to(torch.bfloat16) for _ in range(3)]
-        values = [torch.randn(n, 2, 64).to(torch.bfloat16) for _ in range(3)]
-        for budget in (1.0, 0.5, 0.3):
-            for tiers in ("3", "2"):
-                codecs = (
-                    (None, "none", "token"),
-                    (32, "hadamard", "token"),
-                    (16, "none", "channel"),
+        slots = torch.randperm(400)[:n]
+        for budget in (1.0, 0.6, 0.3):
+            for key_scales in ("token", "channel"):
+                # what the decode reserves: the prefill's codec at 2 tiers bounds both modes
+                bound_cfg = SpectrumConfig(
+                    budget=budget, tiers="2", key_scales=key_scales, allow_drop=False
                 )
-                for group, rotation, key_scales in codecs:
-                    cfg = SpectrumConfig(
-                        budget=budget,
-                        tiers=tiers,
-                        allow_drop=False,
-                        group_size=group,
-                        rotation=rotation,
-                        key_scales=key_scales,
+                bound = packed_size_bound(n, layers, heads, dim, "bfloat16", bound_cfg)
+                for tiers in ("3", "2"):
+                    cfg = bound_cfg.with_(tiers=tiers)
+                    out = torch.empty(
+                        packed_size_bound(n, layers, heads, dim, "bfloat16", cfg), dtype=torch.uint8
                     )
-                    packed = pack_kv(keys, values, cfg)
-                    cap = receive_capacity(layout, n, budget, group, key_scales)
-                    assert packed.nbytes <= cap, (n, budget, tiers, group)
-        assert receive_capacity(layout, n, 0.5) <= receive_capacity(layout, n, 1.0)
-        # 2-tier mode with group 32 at b=0.5 needs more than the head_dim-group bound
-        if n == 300:
-            assert receive_capacity(layout, n, 0.5, 32) > receive_capacity(layout, n, 0.5)
+                    packed = pack_request(k, v, slots, cfg, out=out)
+                    assert packed.nbytes <= bound, (n, budget, key_scales, tiers)
 
 
 def test_fault_switch_and_expand_pages(monkeypatch):
-    from sglang_spectrum.sglang_plugin import conn
+    from sglang_spectrum.sglang_plugin import faults
+    from sglang_spectrum.sglang_plugin.manager import expand_pages
 
-    monkeypatch.delenv(conn.FAULT_ENV, raising=False)
-    assert conn.fault_for("x", [0]) is None
-    monkeypatch.setenv(conn.FAULT_ENV, "truncate")
+    monkeypatch.delenv(faults.FAULT_ENV, raising=False)
+    assert faults.fault_for("x", [0]) is None
+    monkeypatch.setenv(faults.FAULT_ENV, "truncate")
     counter = [0]
-    assert [conn.fault_for("r", counter) for _ in range(3)] == ["truncate", None, None]
-    monkeypatch.setenv(conn.FAULT_ENV, "rid")
-    assert conn.fault_for("a-spectrum-fault-header-1", [0]) == "header"
-    assert conn.fault_for("plain", [0]) is None
-    monkeypatch.setenv(conn.TEST_DELAY_ENV, "2.5")
-    assert conn.test_delay_s("k-spectrum-delay-1") == 2.5 and conn.test_delay_s("k") == 0.0
-    assert conn.expand_pages([3, 5], 4).tolist() == [12, 13, 14, 15, 20, 21, 22, 23]
-    assert conn.expand_pages([7, 2], 1).tolist() == [7, 2]
-
-
-def test_bootstrap_refuses_layout_and_tp_mismatch():
-    from sglang_spectrum.sglang_plugin import conn
-
-    lay = {"layers": 30, "kv_heads": 3, "head_dim": 64, "dtype": "bfloat16", "page_size": 1}
-    me = dict(conn.wire_identity(), layout=lay, attn_tp_size=1)
-    assert conn.incompatibility(dict(me, tiers_resolved="3"), "prefill at h:1", "decode", me) == ""
-    other = dict(me, layout=dict(lay, head_dim=128))
-    msg = conn.incompatibility(other, "prefill at h:1", "decode", me)
-    assert msg.startswith("SpectrumKV KV layout mismatch: prefill at h:1 has layers=30")
-    assert "head_dim=128" in msg and "head_dim=64" in msg
-    msg = conn.incompatibility(dict(me, attn_tp_size=2), "decode at h:2", "prefill", me)
-    assert "same attention-TP size" in msg and "attn_tp_size=2" in msg
-    msg = conn.incompatibility(dict(me, tiers_resolved="5"), "prefill at h:1", "decode", me)
-    assert "unknown tier mode" in msg
+    assert [faults.fault_for("r", counter) for _ in range(3)] == ["truncate", None, None]
+    monkeypatch.setenv(faults.FAULT_ENV, "rid")
+    assert faults.fault_for("a-spectrum-fault-header-1", [0]) == "header"
+    assert faults.fault_for("plain", [0]) is None
+    monkeypatch.setenv(faults.TEST_DELAY_ENV, "2.5")
+    assert faults.test_delay_s("k-spectrum-delay-1") == 2.5 and faults.test_delay_s("k") == 0.0
+    assert expand_pages([3, 5], 4).tolist() == [12, 13, 14, 15, 20, 21, 22, 23]
+    assert expand_pages([7, 2], 1).tolist() == [7, 2]

@@ -221,6 +221,10 @@ class SpectrumKVManager(CommonKVManager):
         if self.options.tiers != "auto":
             self.tiers = self.options.tiers
             return
+        if self.options.budget >= 1.0:  # everything FP16: no INT4 to decide on
+            logger.info("SpectrumKV: budget 1.0 sends every token at FP16; INT4 probe skipped")
+            self.tiers = "3"
+            return
         from .probe_hook import run_startup_probe
 
         decision = run_startup_probe(scheduler, self.server_args, self.options)
