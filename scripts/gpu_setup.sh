@@ -100,7 +100,10 @@ if [[ -d $SITE/sglang ]] && [[ -f pyproject.toml ]]; then
 fi
 # A normal pip install puts our .pth into site-packages, where Python runs it at start;
 # /tmp/site is only on PYTHONPATH, so make the interpreter treat it as a site folder.
-if ls "$SITE"/*.pth >/dev/null 2>&1; then
+# Only into the GPU machine's own interpreter (or with GPU_SITE_HOOK=1): a test run
+# elsewhere must not touch another environment.
+if ls "$SITE"/*.pth >/dev/null 2>&1 \
+    && [[ ${GPU_SITE_HOOK:-0} == 1 || $PY == /opt/torch/.venv/bin/python3 ]]; then
   SP=$("$PY" -c "import site; print(site.getsitepackages()[0])")
   echo "import os, site; os.path.isdir('$SITE') and site.addsitedir('$SITE')" \
     > "$SP/zz_gpu_tmp_site.pth" && echo "site hook: $SP/zz_gpu_tmp_site.pth -> $SITE"
