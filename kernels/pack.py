@@ -419,84 +419,55 @@ def _channel_segment(
 
 
 @triton.jit
-def _channel_params(lo_x, hi_x, QMAX: tl.constexpr):
-    """Per-channel (scale, minimum) of ``codec.quantize_channels`` from the channels'
-    row minimum and maximum (float32 ``[N]``; ``clamp16`` commutes with min/max), the
-    float32 minimum and reciprocal the codes use, and the smallest fast-path margin
-    (>= 0: no element of these channels needs a clamp, see :func:`_quantize`)."""
-    lo, hi = _clamp16(lo_x), _clamp16(hi_x)
-    scale = tl.math.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32)).to(tl.float16)
-    mn = lo.to(tl.float16)
-    s = scale.to(tl.float32)
-    m = mn.to(tl.float32)
-    safe = tl.where(s > 0, s, 1.0)  # 1/0 never computed
-    inv = tl.where(s > 0, tl.math.div_rn(tl.full(lo.shape, 1.0, tl.float32), safe), 0.0)
-    v_lo = (lo - m) * inv + 0.5
-    v_hi = (hi - m) * inv + 0.5
-    margin = tl.minimum(
-        tl.minimum(v_lo, (QMAX + 0.99609375) - v_hi), tl.minimum(lo_x + 65504.0, 65504.0 - hi_x)
-    )
-    return scale, mn, m, inv, tl.min(margin, 0)
-
-
-@triton.jit
-def _channel_codes(x, m, inv, fast, QMAX: tl.constexpr, RZ: tl.constexpr):
-    """int32 codes of ``x`` ``[KB, N]`` with per-channel ``m``, ``inv`` ``[N]``; with
-    ``RZ`` the code sits in the low bits (``2**23 + code``, see :func:`_quantize`)."""
-    if fast:
-        v = (x - m[None, :]) * inv[None, :] + 0.5
-    else:
-        v = (_clamp16(x) - m[None, :]) * inv[None, :] + 0.5
-        v = tl.minimum(tl.maximum(v, 0.0), QMAX)
-    if RZ:
-        return libdevice.add_rz(v, 8388608.0).to(tl.int32, bitcast=True)
-    return tl.floor(v).to(tl.int32)
-
-
-@triton.jit
 def _store_channel(
-    even,
-    odd,
-    lo_e,
-    hi_e,
-    lo_o,
-    hi_o,
+    x,
     ok,
-    codes,
+    payload,
+    seg,
     n_seg,
     blk,
     j,
     h,
+    c0,
     BITS: tl.constexpr,
     H: tl.constexpr,
     D: tl.constexpr,
+    DC: tl.constexpr,
     KB: tl.constexpr,
-    RZ: tl.constexpr,
 ):
-    """Quantise the even / odd channels ``[KB, D/2]`` of key rows ``j`` (head ``h``) with
-    their per-channel ranges and store codes (rows ``ok``) and the block's scales."""
+    """Quantise ``x`` float32 ``[KB, DC]`` (rows ``j`` of a key segment, head ``h``,
+    channels ``c``) with one (scale, minimum) per channel over the block's valid rows
+    (``codec.quantize_channels``: same float32 steps) and store codes and scales."""
     QMAX: tl.constexpr = (1 << BITS) - 1
-    se, me, m_e, inv_e, g_e = _channel_params(lo_e, hi_e, QMAX)
-    so, mo, m_o, inv_o, g_o = _channel_params(lo_o, hi_o, QMAX)
-    fast = tl.minimum(g_e, g_o) >= 0.0
-    qe = _channel_codes(even, m_e, inv_e, fast, QMAX, RZ)
-    qo = _channel_codes(odd, m_o, inv_o, fast, QMAX, RZ)
+    c = c0 + tl.arange(0, DC)
+    xc = _clamp16(x)
+    lo = tl.min(tl.where(ok[:, None], xc, float("inf")), 0)
+    hi = tl.max(tl.where(ok[:, None], xc, float("-inf")), 0)
+    lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
+    hi = tl.where(lo <= hi, hi, 0.0)
+    scale = tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16)
+    mn = lo.to(tl.float16)
+    s = scale.to(tl.float32)
+    m = mn.to(tl.float32)
+    safe = tl.where(s > 0, s, 1.0)
+    inv = tl.where(s > 0, tl.math.div_rn(tl.full([DC], 1.0, tl.float32), safe), 0.0)
+    v = (xc - m[None, :]) * inv[None, :] + 0.5
+    q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
+    codes = payload + seg
     row = j * H + h
     if BITS == 8:
-        q = tl.reshape(tl.join(qe, qo), [KB, D])
+        tl.store(codes + row[:, None] * D + c[None, :], q.to(tl.uint8), mask=ok[:, None])
+    else:  # channel 2i in the low nibble, 2i+1 in the high one
+        lo4, hi4 = tl.split(tl.reshape(q, [KB, DC // 2, 2]))
+        half = c0 // 2 + tl.arange(0, DC // 2)
         tl.store(
-            codes + row[:, None] * D + tl.arange(0, D)[None, :], q.to(tl.uint8), mask=ok[:, None]
-        )
-    else:  # low byte of odd*16 + even: the high bits of RZ codes sit above it
-        tl.store(
-            codes + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
-            ((qo << 4) + qe).to(tl.uint8),
+            codes + row[:, None] * (D // 2) + half[None, :],
+            ((hi4 << 4) + lo4).to(tl.uint8),
             mask=ok[:, None],
         )
     sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
-    # (scale, minimum) of channel c at ((blk * H + h) * D + c) * 2: [D/2, even|odd, s|m]
-    pairs = tl.reshape(tl.join(tl.join(se, so), tl.join(me, mo)), [2 * D])
-    tl.store(sc + (blk * H + h) * (2 * D) + tl.arange(0, 2 * D), pairs)
+    pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
+    tl.store(sc + pair, tl.join(scale, mn))
 
 
 @triton.jit(do_not_specialize=["b1", "n0", "n1"])
@@ -512,87 +483,31 @@ def _pack_channel_kernel(
     SRC: tl.constexpr,
     H: tl.constexpr,
     D: tl.constexpr,
+    DC: tl.constexpr,  # channels per program
     KB: tl.constexpr,  # rows per key scale block
     IDX: tl.constexpr,
-    RZ: tl.constexpr,  # GPU: add.rz rounding and min/max.bf16x2 (the interpreter lacks them)
-    WORDS: tl.constexpr,  # bf16 pools: load int32 words of bf16 pairs
 ):
     """INT8/INT4 key segments with per-channel scales: one program per (key block,
-    head, layer), grid ``(blocks, H, L)``, all ``D`` channels of the head.
-
-    The channels are handled as even / odd halves (``[KB, D/2]`` each: the two bf16 of
-    a loaded word, or a split of the row): INT4 packs channel 2i into the low nibble
-    and 2i+1 into the high one, so a byte is ``odd << 4 | even`` without shuffles.
-    Rows past the segment end load the segment's last row (``codec.quantize_channels``
-    pads with it), so the row min/max need no masks; the per-element clamps are
-    skipped when the whole block provably needs none (as in :func:`_quantize`)."""
+    head and channel chunk, layer); grid ``(blocks, H * D / DC, L)``."""
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1) // (D // DC)
+    c0 = (tl.program_id(1) % (D // DC)) * DC
+    c = c0 + tl.arange(0, DC)
     layer = tl.program_id(2)
     tier, blk, j, ok, first, n_seg, seg = _channel_segment(
         meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
     )
     if blk * KB < n_seg:
-        jl = tl.minimum(j, n_seg - 1)
-        slot = tl.load(rows + first + jl)
+        slot = tl.load(rows + first + j, mask=ok, other=0)
         addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
-        if WORDS:
-            pool = tl.multiple_of(addr.to(tl.pointer_type(tl.int32)), 16)
-            w = tl.load(pool + ((slot * H + h) * (D // 2))[:, None] + tl.arange(0, D // 2)[None, :])
-            if RZ:
-                lo_e, lo_o = _bf16_pair(tl.reduce(w, 0, _min_bf16x2))
-                hi_e, hi_o = _bf16_pair(tl.reduce(w, 0, _max_bf16x2))
-                even, odd = _bf16_pair(w)
-            else:
-                even, odd = _bf16_pair(w)
-                lo_e, lo_o = tl.min(even, 0), tl.min(odd, 0)
-                hi_e, hi_o = tl.max(even, 0), tl.max(odd, 0)
-        else:
-            pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
-            x = tl.load(pool + ((slot * H + h) * D)[:, None] + tl.arange(0, D)[None, :])
-            even, odd = tl.split(tl.reshape(x.to(tl.float32), [KB, D // 2, 2]))
-            lo_e, lo_o = tl.min(even, 0), tl.min(odd, 0)
-            hi_e, hi_o = tl.max(even, 0), tl.max(odd, 0)
+        pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
+        off = (slot * H + h) * D
+        x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+        x = x.to(tl.float32)
         if tier == 1:
-            _store_channel(
-                even,
-                odd,
-                lo_e,
-                hi_e,
-                lo_o,
-                hi_o,
-                ok,
-                payload + seg,
-                n_seg,
-                blk,
-                j,
-                h,
-                8,
-                H,
-                D,
-                KB,
-                RZ,
-            )
+            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
         else:
-            _store_channel(
-                even,
-                odd,
-                lo_e,
-                hi_e,
-                lo_o,
-                hi_o,
-                ok,
-                payload + seg,
-                n_seg,
-                blk,
-                j,
-                h,
-                4,
-                H,
-                D,
-                KB,
-                RZ,
-            )
+            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB)
 
 
 def channel_grid(plan: TransferPlan) -> tuple[int, int, int]:
@@ -609,11 +524,11 @@ def channel_grid(plan: TransferPlan) -> tuple[int, int, int]:
 def _launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
     """Pack the INT8/INT4 key segments of a layout with per-channel key scales."""
     lay = plan.layout
-    b1, b2, _ = channel_grid(plan)
+    b1, b2, dc = channel_grid(plan)
     if not b2:
         return
     n_rows = (sum(plan.counts) + lay.key_block) * lay.num_kv_heads
-    _pack_channel_kernel[(b2, lay.num_kv_heads, lay.num_layers)](
+    _pack_channel_kernel[(b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)](
         ptrs,
         rows,
         plan.meta,
@@ -625,11 +540,10 @@ def _launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None
         SRC=TL_DTYPES[dtype],
         H=lay.num_kv_heads,
         D=lay.head_dim,
+        DC=dc,
         KB=lay.key_block,
         IDX=tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
-        RZ=not interpreted(_pack_channel_kernel),
-        WORDS=_bf16_words(dtype, payload.device),
-        num_warps=8 if lay.key_block * lay.head_dim >= 8192 else 4,
+        num_warps=8 if lay.key_block * dc >= 8192 else 4,
         **launch_options(payload.device),
     )
 
