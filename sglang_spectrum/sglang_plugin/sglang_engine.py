@@ -101,7 +101,7 @@ def kv_pool_of(model_runner: Any) -> Any:
     Refused: hybrid/SWA pools (``full_kv_pool``), MLA (no ``v_buffer``), 0.5.23's
     HND / vectorized-5D layouts (``kv_cache_layout`` != "nhd",
     mem_cache/memory_pool.py:2252-2280), FP8/FP4 storage. K and V sharing one
-    allocation (0.5.23 memory_pool.py:2631) is fine: they are separate views.
+    allocation (0.5.23 memory_pool.py:2644) is fine: they are separate views.
     """
     pool = getattr(model_runner, "token_to_kv_pool", None)
     if pool is None:
@@ -139,9 +139,9 @@ def req_to_token_pool_of(model_runner: Any) -> Any:
 
 
 def page_size_of(model_runner: Any) -> int:
-    """The allocator's page (0.5.23 reads ``get_schedule().page_size`` for the tree
-    cache, one_batch.py:500; 0.5.17 ``server_args.page_size``, one_batch.py:485; the
-    allocator's own ``page_size`` is the same number in both)."""
+    """The allocator's page (one_batch.py reads ``get_schedule().page_size`` in 0.5.23,
+    :500, ``server_args.page_size`` in 0.5.17, :485; the allocator's own ``page_size``,
+    mem_cache/allocator/token.py, is the same number in both)."""
     return int(getattr(token_allocator_of(model_runner), "page_size", 1) or 1)
 
 
@@ -152,8 +152,8 @@ def model_path_of(model_runner: Any) -> str:
 
 
 def tokenizer_of(scheduler: Any, model_runner: Any) -> Any:
-    """The scheduler's tokenizer (``Scheduler.init_tokenizer``: 0.5.17 and 0.5.23
-    ``scheduler.tokenizer``, 0.5.23 managers/scheduler.py:891), else the model
+    """The scheduler's tokenizer (``scheduler.tokenizer``, set by
+    ``Scheduler.init_tokenizer``: managers/scheduler.py, 0.5.17 :790, 0.5.23 :891), else the model
     folder's (``--skip-tokenizer-init`` servers)."""
     tok = getattr(scheduler, "tokenizer", None)
     if tok is not None and callable(tok) and hasattr(tok, "decode"):
@@ -180,8 +180,9 @@ def new_probe_req(ids: list[int], max_new_tokens: int) -> Any:
     """A greedy ``Req`` over the whole prompt (no prefix), as
     ``prepare_synthetic_inputs_for_latency_test`` builds it.
 
-    0.5.23 (one_batch.py:465-470): ``req.extend_end = len(ids)``; 0.5.17
-    (one_batch.py:453-458): ``req.set_extend_range(0, len(ids))``. Both:
+    0.5.23 (benchmark/one_batch.py:473): ``req.extend_end = len(ids)``; 0.5.17
+    (benchmark/one_batch.py:458): ``req.set_extend_range(0, len(ids))``. Both
+    (``Req``: 0.5.17 managers/schedule_batch.py:771, 0.5.23 :1033):
     ``origin_input_ids`` an ``array('q')`` aliased by ``full_untruncated_fill_ids``.
     """
     from sglang.srt.managers.schedule_batch import Req
@@ -216,8 +217,8 @@ def req_pool_idx(req: Any) -> int | None:
 class _ProbeTreeCache(SimpleNamespace):
     """Minimal prefix cache for ``ScheduleBatch``: allocation only, nothing cached,
     nothing evictable. The union of one_batch's ``TreeCacheNamespace`` in 0.5.17
-    (one_batch.py:462-475: ``is_chunk_cache``/``is_tree_cache``) and 0.5.23
-    (one_batch.py:479-494: ``supports_prefix_sharing``/``maybe_hand_to_session``)."""
+    (benchmark/one_batch.py:464: ``is_chunk_cache``/``is_tree_cache``) and 0.5.23
+    (benchmark/one_batch.py:479: ``supports_prefix_sharing``/``maybe_hand_to_session``)."""
 
     def supports_swa(self) -> bool:
         return False
@@ -248,8 +249,10 @@ class _ProbeTreeCache(SimpleNamespace):
 
 
 def new_schedule_batch(req: Any, model_runner: Any) -> Any:
-    """``ScheduleBatch.init_new`` for one request with a dummy tree cache (same
-    keywords in 0.5.17 one_batch.py:489 and 0.5.23 one_batch.py:505)."""
+    """``ScheduleBatch.init_new`` for one request with a dummy tree cache (same keywords
+    in both: 0.5.17 managers/schedule_batch.py:2102, called as in one_batch.py:490;
+    0.5.23 schedule_batch.py:2673, one_batch.py:505). ``prepare_for_extend`` then
+    allocates the row and the slots (0.5.17 schedule_batch.py:2281, 0.5.23 :2847)."""
     from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
@@ -276,9 +279,10 @@ def forward_logits(batch: Any, model_runner: Any) -> torch.Tensor:
 
     ``get_model_worker_batch`` is gone in both releases: ``ForwardBatch.init_new``
     takes the ``ScheduleBatch`` itself (keyword ``return_hidden_states_before_norm``
-    required; 0.5.17 forward_batch_info.py:706, 0.5.23 one_batch.py:525). An
-    extend leaves its token ids on the host in ``prefill_input_ids_cpu``; they
-    are moved to ``input_ids`` first, as one_batch.py does (0.5.17 :501, 0.5.23 :516).
+    required; model_executor/forward_batch_info.py: 0.5.17 :706, 0.5.23 :958), then
+    ``model_runner.forward`` (model_runner.py: 0.5.17 :1382, 0.5.23 :1813). An extend
+    leaves its token ids on the host in ``prefill_input_ids_cpu``; they are moved to
+    ``input_ids`` first, as one_batch.py does (0.5.17 :505, 0.5.23 :520).
     """
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
@@ -293,7 +297,8 @@ def forward_logits(batch: Any, model_runner: Any) -> torch.Tensor:
 
 def prepare_decode_step(batch: Any, token_id: int) -> None:
     """Feed the last token and allocate one slot: ``batch.input_ids`` then
-    ``prepare_for_decode()`` (0.5.17 one_batch.py:531, 0.5.23 one_batch.py:537)."""
+    ``prepare_for_decode()`` (one_batch.py: 0.5.17 :522, 0.5.23 :537;
+    schedule_batch.py: 0.5.17 :2949, 0.5.23 :3736)."""
     batch.input_ids = torch.tensor([token_id], dtype=torch.int64, device=batch.device)
     batch.prepare_for_decode()
 
@@ -301,8 +306,9 @@ def prepare_decode_step(batch: Any, token_id: int) -> None:
 def release_req(req: Any, model_runner: Any, allocated: int) -> None:
     """Give back the request's first ``allocated`` KV slots and its ``req_to_token``
     row (the server's ``release_kv_cache`` would insert them into the radix tree).
-    ``req_to_token_pool.free(req)``: 0.5.17 memory_pool.py:319, 0.5.23
-    memory_pool.py:461 (clears ``req.kv.req_pool_idx``)."""
+    ``req_to_token_pool.free(req)``: mem_cache/memory_pool.py, 0.5.17 :319, 0.5.23
+    :462 (clears ``req.kv.req_pool_idx``); ``token_to_kv_pool_allocator.free(slots)``:
+    mem_cache/allocator/token.py, 0.5.17 :66, 0.5.23 :65."""
     row = req_pool_idx(req)
     if row is None:
         return
