@@ -317,9 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in patches:
         if not p.fits(ver):
             if args.command != "apply":
-                print(
-                    f"{'skipped':<10} {p.name} [{p.kind}] (for sglang {' '.join(p.sglang_versions)})"
-                )
+                wanted = " ".join(p.sglang_versions)
+                print(f"{'skipped':<10} {p.name} [{p.kind}] (for sglang {wanted})")
             continue
         state = patch_state(site, p)
         if args.command == "apply" and p.kind == RUNTIME and state != "applied":
