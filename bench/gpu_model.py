@@ -1,6 +1,7 @@
 """Write a Llama-3-8B-shaped model folder for ``--load-format dummy`` serving benchmarks.
 
     python bench/gpu_model.py /tmp/model8b [--layers 32] [--max-len 32768]
+    python bench/gpu_model.py --real smollm2-135m   # GGUF already in the cache -> folder
 
 The folder holds ``config.json`` (Llama-3-8B's shape: 32 layers, hidden 4096, 32 query
 heads, 8 KV heads of 128, vocabulary 128256, bf16), ``generation_config.json`` and a
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"],
@@ -112,7 +114,44 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int = 2) -> int:
     )
 
 
+def real_model(name: str) -> str:
+    """The safetensors folder of a real model whose verified GGUF is already in the cache
+    (scripts/gpu_setup.sh puts it there): ``sglang_spectrum.models.ensure_model``, the
+    project's conversion with its round-trip check. transformers 5.x refuses
+    ``save_pretrained`` on a GGUF-loaded model ("quantized with GGUF and is not
+    serializable") although the weights are dequantised by then: for the conversion,
+    models loaded from a GGUF are handed over without their quantizer."""
+    import transformers
+
+    from sglang_spectrum.models import ensure_model
+
+    try:
+        return str(ensure_model(name, progress=False))
+    except ValueError as e:
+        if "not serializable" not in str(e):
+            raise
+    auto = transformers.AutoModelForCausalLM
+    original = auto.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        model = original(*args, **kwargs)
+        if kwargs.get("gguf_file"):
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        return model
+
+    auto.from_pretrained = from_pretrained
+    try:
+        return str(ensure_model(name, progress=False))
+    finally:
+        auto.from_pretrained = original
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--real":
+        print(f"{sys.argv[2]}: {real_model(sys.argv[2])}")
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder")
     ap.add_argument("--layers", type=int, default=32)

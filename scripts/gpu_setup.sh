@@ -11,7 +11,7 @@
 # itself, so the code under test is the checkout's), gguf.NN -> written at its offset
 # into the SmolLM2 GGUF; once all slices are in and the SHA-256 matches, the GGUF is
 # converted to a safetensors folder with sglang_spectrum.models.ensure_model
-# (-> /tmp/spc/models/smollm2-135m). Every call also writes the Llama-3-8B-shaped dummy
+# (bench/gpu_model.py --real; -> /tmp/spc/models/smollm2-135m). Every call also writes the Llama-3-8B-shaped dummy
 # model (bench/gpu_model.py -> /tmp/model8b) and ends with an import check and whether
 # SGLang sees our plugin entry point. Exit code 0 when every step ran; the import check
 # fails (rc 3) only once siteA, siteB and mooncake are all in.
@@ -115,10 +115,8 @@ if [[ -f $SPECTRUM_CACHE_DIR/models/smollm2-135m/.spectrum_complete.json ]]; the
   echo "smollm2-135m: ready at $SPECTRUM_CACHE_DIR/models/smollm2-135m"
 elif [[ -n $GGUF_OK && -d $SITE/transformers ]]; then
   t=$(date +%s)
-  CUDA_VISIBLE_DEVICES= "$PY" -c "
-from sglang_spectrum.models import ensure_model
-print('smollm2-135m: converted to', ensure_model('smollm2-135m', progress=False))" 2>&1 \
-    | grep -v "it/s\]" | tail -5 || rc=1
+  CUDA_VISIBLE_DEVICES= "$PY" bench/gpu_model.py --real smollm2-135m 2>&1 | grep -v "it/s\]" | tail -5
+  [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
   echo "convert_s=$(( $(date +%s) - t ))"
 fi
 
