@@ -10,10 +10,10 @@
 # there), sglang_spectrum-*.whl -> pip --target /tmp/site (then rebuilt from the checkout
 # itself, so the code under test is the checkout's), gguf.NN -> written at its offset
 # into the SmolLM2 GGUF; once all slices are in and the SHA-256 matches, the GGUF is
-# converted to a safetensors folder with sglang_spectrum.models.ensure_model
-# (bench/gpu_model.py --real; -> /tmp/spc/models/smollm2-135m). Every call also writes the Llama-3-8B-shaped dummy
-# model (bench/gpu_model.py -> /tmp/model8b) and ends with an import check and whether
-# SGLang sees our plugin entry point. Exit code 0 when every step ran; the import check
+# converted to a safetensors folder with sglang_spectrum.models.ensure_model (through
+# bench/gpu_model.py --real; -> /tmp/spc/models/smollm2-135m). Every call also writes the
+# Llama-3-8B-shaped dummy model (bench/gpu_model.py -> /tmp/model8b), ends with an import
+# check and whether SGLang sees our plugin entry point. Exit code 0 when every step ran; the import check
 # fails (rc 3) only once siteA, siteB and mooncake are all in.
 set -uo pipefail
 cd "$(dirname "$0")/.."
