@@ -436,6 +436,11 @@ def _convert(spec: ModelSpec, gguf: Path, out_dir: Path, progress: bool) -> dict
     model.config.architectures = [spec.architecture]
     if spec.extra_eos:
         model.generation_config.eos_token_id = [model.config.eos_token_id, *spec.extra_eos]
+    # The weights are already dequantised; transformers >= 5.19 refuses to save a model
+    # still attached to its GGUF "quantizer" ("... is not serializable"), so detach it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     # save_pretrained writes the dtype of the tensors; force the serving dtype in json.

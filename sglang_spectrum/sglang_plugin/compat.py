@@ -23,6 +23,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import torch
+
 SUPPORTED_VERSIONS = ("0.5.17", "0.5.23")
 
 
@@ -76,7 +78,8 @@ def _req_pool_idx(req: Any) -> int | None:
 
 def prompt_slots(scheduler: Any, room: int) -> tuple[Any, str] | None:
     """``(slots, rid)`` of a prefill request at its last chunk: int64 ``[prompt_len]``
-    pool slots of every prompt position (prefix the decode holds included), or None.
+    pool slots of every prompt position (prefix the decode holds included; on the
+    pool's device), or None.
 
     The request sits in ``disagg_prefill_inflight_queue`` when its last chunk is
     sent (``disaggregation/prefill.py:505`` in 0.5.17, ``:1158`` region in 0.5.23).
@@ -90,7 +93,9 @@ def prompt_slots(scheduler: Any, room: int) -> tuple[Any, str] | None:
         if idx is None:
             return None
         n = len(req.origin_input_ids)
-        return scheduler.req_to_token_pool.req_to_token[idx, :n].to("cpu").long(), str(req.rid)
+        # a copy on the pool's device, queued on the scheduler's stream (no host sync here)
+        row = scheduler.req_to_token_pool.req_to_token[idx, :n]
+        return row.to(torch.int64, copy=True), str(req.rid)
     return None
 
 
