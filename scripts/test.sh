@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
-# Set up .venv/ (idempotent) and run the test suite. Extra arguments go to pytest.
+# Set up .venv/ (SGLang 0.5.23, idempotent) and run the test suite there; extra arguments
+# go to pytest. Without arguments it then also sets up .venv-0.5.17/ and runs the
+# plugin tests, one PD round trip and one fault test on SGLang 0.5.17
+# (SPECTRUM_SKIP_0517=1 skips that part).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+run_pytest() {  # pytest's exit code 5 (nothing collected) is a failure here
+  local py="$1"
+  shift
+  set +e
+  "$py" -m pytest "$@"
+  local rc=$?
+  set -e
+  if [[ $rc -eq 5 ]]; then
+    echo "error: pytest collected no tests" >&2
+    return 1
+  fi
+  return $rc
+}
+
 bash scripts/bootstrap.sh
 # Real models for the tests (downloaded once into ~/.cache/sglang_spectrum).
 .venv/bin/spectrumkv models fetch smollm2-135m >/dev/null
-set +e
-.venv/bin/python -m pytest "$@"
-rc=$?
-set -e
-if [[ $rc -eq 5 ]]; then
-  echo "error: pytest collected no tests" >&2
-  exit 1
+run_pytest .venv/bin/python "$@"
+
+if [[ $# -eq 0 && "${SPECTRUM_SKIP_0517:-0}" != "1" ]]; then
+  echo "[test] SGLang 0.5.17: plugin, one PD round trip, one fault test"
+  SPECTRUM_SGLANG=0.5.17 SPECTRUM_VENV=.venv-0.5.17 bash scripts/bootstrap.sh
+  run_pytest .venv-0.5.17/bin/python -p no:cacheprovider \
+    tests/test_sglang_plugin.py tests/test_pd_faults.py \
+    -k "registered or options_parse or option_errors or unsupported or corrupt"
 fi
-exit $rc
