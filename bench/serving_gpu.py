@@ -271,6 +271,8 @@ class Runner:
         # bench/kernels.py would shadow the `kernels` package transformers probes for)
         env.update(MC_FORCE_TCP="1", PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1")
         env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+        # the INT4 probe (--spectrum-tiers auto) reads WikiText: the text that travels
+        env.setdefault("SPECTRUM_WIKITEXT", str(WIKITEXT))
         if self.args.cpu:
             env.update(CPU_ENV)
         env.pop("SGLANG_SPECTRUM_STATS_FILE", None)
@@ -319,12 +321,15 @@ class Runner:
         key_scales: str | None,
         mem: tuple[float, float],
         extra: list[str],
+        tiers: str | None = None,
     ) -> tuple:
         stats = self.work / f"{tag}.stats.jsonl"
         stats.unlink(missing_ok=True)
         boot = free_port()
         common = ["--disaggregation-transfer-backend", backend] + extra
         if backend == "spectrum":
+            if tiers:
+                common += ["--spectrum-tiers", tiers]
             if budget is not None:
                 common += ["--spectrum-budget", f"{budget:g}"]
             if key_scales:
@@ -539,7 +544,9 @@ class Runner:
                 return
             tag = f"speed-{backend}" + (f"-b{budget:g}" if budget is not None else "")
             extra = ["--load-format", "dummy", "--chunked-prefill-size", str(a.chunked_prefill)]
-            dep, targets = self.launch_pair(tag, model, backend, budget, ks, mem, extra)
+            dep, targets = self.launch_pair(
+                tag, model, backend, budget, ks, mem, extra, a.speed_tiers or None
+            )
             try:
                 self.wait([(dep, targets)], a.startup_timeout_s)
                 self.warm_up(dep)
@@ -551,6 +558,9 @@ class Runner:
                     if rec is not None:
                         self.state["records"].append(rec)
                         self.save()
+                    dead = [p for p in dep.procs if not p.alive()]
+                    if dead:
+                        raise RuntimeError(f"{dead[0].name} died:\n{dead[0].tail()}")
             except Exception as e:
                 log(f"speed: {tag} FAILED: {type(e).__name__}: {str(e)[:3000]}")
                 self.state.setdefault("errors", []).append(f"{tag}: {type(e).__name__}: {e}"[:2000])
@@ -602,6 +612,13 @@ class Runner:
             tail = blog.read_text(errors="replace")[-2500:] if blog.exists() else ""
             log(f"{dep.tag} L={L} C={C}: bench_serving rc={rc}, no result:\n{tail}")
             return None
+        done_n = int(res.get("completed") or 0)
+        if done_n == 0:
+            tail = blog.read_text(errors="replace")[-1500:]
+            log(f"{dep.tag} L={L} C={C}: no request completed (not recorded):\n{tail}")
+            return None
+        if done_n < a.num_prompts:
+            log(f"{dep.tag} L={L} C={C}: only {done_n} of {a.num_prompts} requests completed")
         self.state["sec_per_req"][str(L)] = dur / (a.num_prompts + 1) * max(1, min(C, 4)) ** 0.5
         rec = self.record(backend, budget, ks, L, C, res, read_jsonl(dep.stats_path))
         rec["bench_s"] = round(dur, 1)
@@ -642,6 +659,7 @@ class Runner:
             "backend": backend,
             "budget": budget if backend == "spectrum" else 1.0,
             "key_scales": key_scales if backend == "spectrum" else None,
+            "tier_mode": pre[0].get("tier_mode") if pre else None,
             "input_len": L,
             "concurrency": C,
             "ttft_mean_ms": res.get("mean_ttft_ms"),
@@ -833,6 +851,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-prompts", type=int, default=20)
     ap.add_argument("--output-len", type=int, default=8)
     ap.add_argument("--chunked-prefill", type=int, default=CHUNKED_PREFILL)
+    ap.add_argument(
+        "--speed-tiers",
+        default="3",
+        help="--spectrum-tiers for the dummy-weight speed servers (the INT4 probe means "
+        "nothing on random weights and falls back to 2 tiers); '' = server default",
+    )
     ap.add_argument("--correct-budgets", type=csv(float), default=[1.0, 0.5])
     ap.add_argument("--secret-tokens", type=int, default=2500)
     ap.add_argument("--secret-trials", type=int, default=3)
