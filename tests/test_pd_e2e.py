@@ -98,7 +98,8 @@ def full(request, model_path) -> dict:
         out["spectrum"]["stats"] = d.spectrum_stats()
     finally:
         d.stop()
-    print(f"\n[spectrum] startup {out['spectrum']['startup_s']} s, latency {out['spectrum']['latency_s']}")
+    sp = out["spectrum"]
+    print(f"\n[spectrum] startup {sp['startup_s']} s, latency {sp['latency_s']}")
     return out
 
 
@@ -118,7 +119,9 @@ def test_budget_1_is_lossless_and_counted(full):
     decode = {r["rid"]: r for r in records if r["role"] == "decode"}
     assert len(prefill) >= len(PROMPTS)
     for r in prefill:
-        assert r["tiers"]["int8"] == r["tiers"]["int4"] == 0 and r["tiers"]["fp16"] == r["num_tokens"]
+        assert (
+            r["tiers"]["int8"] == r["tiers"]["int4"] == 0 and r["tiers"]["fp16"] == r["num_tokens"]
+        )
         assert r["num_tokens"] * FULL_BYTES_PER_TOKEN == r["full_bytes"]
         assert decode[r["rid"]]["received_bytes"] == r["sent_bytes"]
         assert r["path"] == "torch"  # CPU pools: the torch reference packs

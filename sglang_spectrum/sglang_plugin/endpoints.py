@@ -151,6 +151,8 @@ class SpectrumKVReceiver(CommonKVReceiver):
     def _register_kv_args(self) -> bool:
         """Introduce this decode rank to each prefill rank (once per connection)."""
         mgr = self.kv_mgr
+        if mgr.prefill_verdict(self.bootstrap_addr):
+            return True  # refused (maybe another backend): send it nothing it cannot parse
         msg = messages.Register(mgr.session_id, mgr.local_ip, int(mgr.rank_port), mgr.identity())
         for info in self.bootstrap_infos or []:
             if not self._send(info, msg):
