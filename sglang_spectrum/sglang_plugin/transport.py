@@ -27,7 +27,7 @@ import torch
 
 ARENA_ALIGN = 64
 MIN_ARENA = 64 << 20
-MAX_ARENA = 16 << 30
+MAX_ARENA = 8 << 30
 
 
 def mooncake_engine(hostname: str, gpu_id: int, ib_device: str | None) -> Any:
@@ -149,7 +149,7 @@ def pool_nbytes(k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> int
 def arena_bytes(arena_mb: float, pool_bytes: int, budget: float) -> int:
     """Arena size: ``--spectrum-arena-mb``, or auto = a quarter of the KV pool's packed
     size at the budget (room for the packed KV of a quarter of the pool in flight),
-    clamped to 64 MiB .. 16 GiB."""
+    clamped to 64 MiB .. 8 GiB."""
     if arena_mb:
         return int(arena_mb * (1 << 20))
     return int(min(max(pool_bytes * min(budget, 1.0) / 4, MIN_ARENA), MAX_ARENA))
