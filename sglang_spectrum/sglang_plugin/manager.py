@@ -465,8 +465,11 @@ class SpectrumKVManager(CommonKVManager):
         region = self.arena.alloc(bound)
         one_off = region is None
         device = self.k_pools[0].device
-        if one_off:  # arena full: a buffer registered for this request
+        register_ms = 0.0
+        if one_off:  # arena full: a buffer registered for this request (cost in the stats)
+            t_reg = time.perf_counter()
             region = Region.one_off(bound, device, self.engine)
+            register_ms = (time.perf_counter() - t_reg) * 1e3
         try:
             slots = job.slots.to(device, non_blocking=True)
             context = None if job.context is None else job.context.to(device, non_blocking=True)
@@ -531,6 +534,7 @@ class SpectrumKVManager(CommonKVManager):
             "pack_timings_ms": packed.timings_ms,
             "transfer_ms": round(transfer_ms, 3),
             "one_off_region": one_off,
+            "register_ms": round(register_ms, 3),
             "fault": fault,
         }
         with self._lock:
