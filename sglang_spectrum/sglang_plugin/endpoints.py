@@ -70,6 +70,7 @@ class SpectrumKVSender(CommonKVSender):
         if self.curr_idx < self.num_kv_indices:
             return  # earlier chunk: its pages stay locked until the request is done
         self._submitted = True
+        t_start = time.perf_counter()
         mgr = self.kv_mgr
         page_size = int(mgr.kv_args.page_size)
         prefix = mgr.req_to_decode_prefix_len.get(self.bootstrap_room, 0)
@@ -87,7 +88,7 @@ class SpectrumKVSender(CommonKVSender):
                 f" tell its prompt length with page size {page_size}",
             )
             return
-        mgr.submit(self, rid, slots, context)
+        mgr.submit(self, rid, slots, context, t_start)
 
     def poll(self) -> int:
         if self.conclude_state is not None:

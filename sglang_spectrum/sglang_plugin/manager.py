@@ -71,6 +71,7 @@ class PackJob:
     event: Any  # torch.cuda.Event recorded after the KV was written, or None
     rid: str
     enqueued: float = field(default_factory=time.perf_counter)
+    scheduler_ms: float = 0.0  # time the scheduler thread spent on this request's send
 
 
 @dataclass
@@ -371,9 +372,15 @@ class SpectrumKVManager(CommonKVManager):
                 )
 
     def submit(
-        self, sender: Any, rid: str, slots: torch.Tensor, context: torch.Tensor | None
+        self,
+        sender: Any,
+        rid: str,
+        slots: torch.Tensor,
+        context: torch.Tensor | None,
+        t_start: float,
     ) -> None:
-        """Scheduler thread, last chunk: hand the request to the transfer thread."""
+        """Scheduler thread, last chunk: hand the request to the transfer thread
+        (``t_start``: when the scheduler entered the sender, for the stats)."""
         room = sender.bootstrap_room
         aux = (
             read_aux_row(self.kv_args.aux_data_ptrs, self.kv_args.aux_item_lens, sender.aux_index)
@@ -385,6 +392,7 @@ class SpectrumKVManager(CommonKVManager):
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.k_pools[0].device))
         job = PackJob(room, slots, context, aux, event, rid)
+        job.scheduler_ms = (time.perf_counter() - t_start) * 1e3
         with self._lock:
             state = self._rooms.setdefault(room, PrefillRoom())
             if state.aborted:
@@ -529,6 +537,7 @@ class SpectrumKVManager(CommonKVManager):
             "budget": self.options.budget,
             "key_scales": self.options.key_scales,
             "path": packed.path,
+            "scheduler_ms": round(job.scheduler_ms, 3),
             "queue_ms": round((t0 - job.enqueued) * 1e3, 3),
             "pack_ms": round(pack_ms, 3),
             "pack_timings_ms": packed.timings_ms,
