@@ -60,12 +60,6 @@ class ProbeEngineError(RuntimeError):
 # differ, the helper says how (file:line of each release in the docstring).
 
 
-def sglang_version() -> str:
-    from sglang.version import __version__
-
-    return str(__version__)
-
-
 def model_runner_of(scheduler: Any) -> Any:
     """The scheduler's ``ModelRunner``: ``scheduler.tp_worker.model_runner`` in both
     releases (0.5.17 managers/scheduler.py:899 + tp_worker.py:80; 0.5.23
