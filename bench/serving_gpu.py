@@ -398,11 +398,16 @@ class Runner:
             return
         m = a.mem_small
         split = self.split()
-        deps = [self.launch_single("single", model, m, [])]
+        # several servers share a GPU and start at once: a static fraction each would see the
+        # others' memory as used; a high fraction with a token cap sizes every pool alike
+        cap = ["--max-total-tokens", str(a.small_max_tokens)] if a.small_max_tokens else []
+        deps = [self.launch_single("single", model, m, cap)]
         budgets = [1.0] + [b for b in a.correct_budgets if b != 1.0]
         for b in budgets:
-            mem = (m, 0.4 if split else m)
-            deps.append(self.launch_pair(f"pd-b{b:g}", model, "spectrum", b, a.key_scales, mem, []))
+            mem = (m, m if split and not cap else m) if cap else (m, 0.4 if split else m)
+            deps.append(
+                self.launch_pair(f"pd-b{b:g}", model, "spectrum", b, a.key_scales, mem, cap)
+            )
         result: dict = {"model": model, "hardware": self.hardware(), "budgets": budgets}
         try:
             self.wait(deps, a.startup_timeout_s)
@@ -860,7 +865,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--correct-budgets", type=csv(float), default=[1.0, 0.5])
     ap.add_argument("--secret-tokens", type=int, default=2500)
     ap.add_argument("--secret-trials", type=int, default=3)
-    ap.add_argument("--mem-small", type=float, default=0.12, help="SmolLM2 servers")
+    ap.add_argument("--mem-small", type=float, default=0.85, help="SmolLM2 servers")
+    ap.add_argument(
+        "--small-max-tokens", type=int, default=131072, help="KV cap of each SmolLM2 server"
+    )
     ap.add_argument("--mem-big", type=float, default=0.4, help="8B servers sharing one GPU")
     ap.add_argument("--mem-big-split", type=float, default=0.85, help="8B servers, own GPU")
     ap.add_argument("--one-gpu", action="store_true", help="share GPU 0 even with more GPUs")
