@@ -111,3 +111,10 @@ def cpu_server_flags(mode: str, found: str | None = None) -> list[str]:
     if mode == "decode" and found != "0.5.17":
         return ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
     return []
+
+
+def cpu_server_env() -> dict[str, str]:
+    """Environment a PD server needs on a CPU-only torch: 0.5.23's prefill sends a cached
+    prefix early and records a ``torch.cuda.Event`` for it
+    (``disaggregation/prefill.py:1494``), which a CPU torch cannot create."""
+    return {"SGLANG_DISAGG_PREFILL_EARLY_SEND_CACHED_PREFIX": "0"}

@@ -35,9 +35,14 @@ from typing import Any
 
 import requests
 
-from .compat import cpu_server_flags
+from .compat import cpu_server_env, cpu_server_flags
 
-CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1", "MC_FORCE_TCP": "1"}
+CPU_ENV = {
+    "SGLANG_USE_CPU_ENGINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "MC_FORCE_TCP": "1",
+    **cpu_server_env(),
+}
 SERVER_FLAGS = ["--host", "127.0.0.1", "--max-total-tokens", "16384"]
 CPU_FLAGS = ["--device", "cpu"]
 HOST = "127.0.0.1"
@@ -514,12 +519,11 @@ class PDDeployment:
 
     @staticmethod
     def used_tokens(url: str) -> int:
-        """KV tokens in use (locked/allocated, not evictable cache) + queued, from ``/get_load``."""
-        r = requests.get(f"{url}/get_load", timeout=10)
+        """KV tokens held by requests (running + queued, not evictable cache), from
+        ``/v1/loads`` (SGLang 0.5.17 and 0.5.23; ``/get_load`` is gone in 0.5.23)."""
+        r = requests.get(f"{url}/v1/loads", params={"include": "core"}, timeout=10)
         r.raise_for_status()
-        data = r.json()
-        data = data if isinstance(data, list) else [data]
-        return sum(int(d.get("num_tokens", 0)) for d in data)
+        return sum(int(d.get("num_total_tokens", 0)) for d in r.json().get("loads", []))
 
     def wait_idle(self, url: str, idle: int = 0, timeout_s: float = 60.0) -> int:
         """Wait until ``used_tokens(url) <= idle``; returns the last value seen."""
