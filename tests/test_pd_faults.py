@@ -10,7 +10,7 @@ packing (:func:`sglang_spectrum.sglang_plugin.faults.fault_for`):
 * ``stale``    blob announced with another checksum -> stale/foreign data
 
 For each: the client gets an HTTP error naming the problem, the KV slots are
-freed on both sides (``/get_load`` token counts back to idle), the failure is
+freed on both sides (``/v1/loads`` token counts back to idle), the failure is
 counted on the decode's ``/metrics``, and both servers then serve the next
 request exactly as before the fault.
 
