@@ -3,12 +3,13 @@
 # tests of the kernels and of transfer.pack_request / unpack_request, then
 # bench/request_path.py, writing logs and results to $OUT.
 #
-# Needs: torch + triton + pytest (the GPU image has them) and msgspec, carried as a
-# cp312 wheel in .carry-rp/ (ignored; fetch it here with
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_17_x86_64 -d .carry-rp msgspec==0.23.0
-# ). FlashInfer tests run only if flashinfer is importable (.whl carried).
-# Usage on the device, from the repo root:  bash scripts/device_request_path.sh
+# Needs: torch + triton + pytest (the GPU image has them), msgspec and flashinfer. The
+# committed way to get them there (two commands):
+#   here:       bash scripts/gpu_fetch.sh        (cp312 wheels -> parcels in .gpu/)
+#   on device:  carry [".gpu/p1"], bash scripts/gpu_setup.sh .gpu/p1 && bash scripts/device_request_path.sh
+# (gpu_setup.sh unpacks siteA: msgspec, flashinfer 0.6.15 and their dependencies, into
+# /tmp/site). Wheels in .carry-rp/ or .whl/ are installed too when present.
+# FlashInfer tests run only if flashinfer is importable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spectrum_out}
