@@ -42,6 +42,16 @@ from .transport import Region
 logger = logging.getLogger(__name__)
 
 
+def _raise_failure(endpoint: Any) -> None:
+    """Conclude a sender/receiver as failed and raise SGLang's error with the recorded reason."""
+    endpoint.conclude_state = KVPoll.Failed
+    endpoint.clear()
+    mgr = endpoint.kv_mgr
+    with mgr.failure_lock:
+        reason = mgr.failure_records.pop(endpoint.bootstrap_room, None)
+    raise KVTransferError(endpoint.bootstrap_room, reason or "SpectrumKV transfer failed")
+
+
 class SpectrumKVSender(CommonKVSender):
     kv_mgr: SpectrumKVManager
 
@@ -103,11 +113,7 @@ class SpectrumKVSender(CommonKVSender):
         return status
 
     def failure_exception(self):
-        self.conclude_state = KVPoll.Failed
-        self.clear()
-        with self.kv_mgr.failure_lock:
-            reason = self.kv_mgr.failure_records.pop(self.bootstrap_room, None)
-        raise KVTransferError(self.bootstrap_room, reason or "SpectrumKV transfer failed")
+        _raise_failure(self)
 
     def clear(self) -> None:
         super().clear()
@@ -406,11 +412,7 @@ class SpectrumKVReceiver(CommonKVReceiver):
             return self._region is None
 
     def failure_exception(self):
-        self.conclude_state = KVPoll.Failed
-        self.clear()
-        with self.kv_mgr.failure_lock:
-            reason = self.kv_mgr.failure_records.pop(self.bootstrap_room, None)
-        raise KVTransferError(self.bootstrap_room, reason or "SpectrumKV transfer failed")
+        _raise_failure(self)
 
     def clear(self) -> None:
         super().clear()
