@@ -655,6 +655,65 @@ def _as_uint8(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tens
         return torch.frombuffer(data, dtype=torch.uint8)
 
 
+def _read_prefix(buf: torch.Tensor, head_nbytes: int = PREFIX.size) -> tuple[bytes, int, int, int]:
+    """Validate the prefix of the uint8 buffer ``buf`` and that it holds the whole header;
+    (its first ``head_nbytes`` bytes, fewer if it is shorter; header length; header CRC;
+    payload start). One device-to-host copy.
+    """
+    total = buf.numel()
+    if total < PREFIX.size:
+        raise SpectrumFormatError(f"buffer of {total} bytes is shorter than the 16-byte prefix")
+    head = buf[: min(total, head_nbytes)].cpu().numpy().tobytes()
+    magic, version, flags, header_len, header_crc = PREFIX.unpack(head[: PREFIX.size])
+    if magic != MAGIC:
+        raise SpectrumFormatError(f"not a SpectrumKV buffer (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise SpectrumFormatError(
+            f"format version mismatch: buffer is v{version}, this SpectrumKV reads"
+            f" v{FORMAT_VERSION}; run the same sglang-spectrum version on prefill and decode"
+        )
+    if flags != 0:
+        raise SpectrumFormatError(f"unknown flags {flags:#x} in the prefix")
+    payload_start = _align(PREFIX.size + header_len, HEADER_ALIGN)
+    if total < payload_start:
+        raise SpectrumFormatError(
+            f"truncated buffer: {total} bytes, the header alone needs {payload_start}"
+        )
+    return head, header_len, header_crc, payload_start
+
+
+def _decode_header(body: bytes, header_crc: int) -> PackedHeader:
+    """Check the header's CRC, decode it, validate its layout and tier map."""
+    if zlib.crc32(body) != header_crc:
+        raise SpectrumFormatError("header checksum mismatch: the header is corrupted")
+    try:
+        header = msgspec.msgpack.decode(body, type=PackedHeader)
+    except msgspec.DecodeError as exc:
+        raise SpectrumFormatError(f"malformed header: {exc}") from None
+    layout = header.layout
+    layout.validate()
+    if len(header.tier_map) != layout.num_tokens:
+        raise SpectrumFormatError(
+            f"tier map has {len(header.tier_map)} entries for {layout.num_tokens} tokens"
+        )
+    if header.tier_map and max(header.tier_map) > int(Tier.DROP):
+        raise SpectrumFormatError(f"tier map holds an unknown tier {max(header.tier_map)}")
+    return header
+
+
+def _check_extent(
+    header: PackedHeader, offsets: list[int], payload_nbytes: int, total: int, payload_start: int
+) -> None:
+    """Check the header's segment offsets and payload size against those computed from its
+    tier map and layout, and that a buffer of ``total`` bytes holds the payload."""
+    if header.offsets != offsets or header.payload_nbytes != payload_nbytes:
+        raise SpectrumFormatError("segment offsets disagree with the tier map and layout")
+    if total < payload_start + payload_nbytes:
+        raise SpectrumFormatError(
+            f"truncated buffer: {total} bytes, expected {payload_start + payload_nbytes}"
+        )
+
+
 def read_header(
     data: bytes | bytearray | memoryview | torch.Tensor,
     checksum: Callable[[torch.Tensor], int] = payload_checksum,
@@ -671,49 +730,11 @@ def read_header(
             another format version.
     """
     buf = _as_uint8(data)
-    total = buf.numel()
-    if total < PREFIX.size:
-        raise SpectrumFormatError(f"buffer of {total} bytes is shorter than the 16-byte prefix")
-    magic, version, flags, header_len, header_crc = PREFIX.unpack(
-        buf[: PREFIX.size].cpu().numpy().tobytes()
-    )
-    if magic != MAGIC:
-        raise SpectrumFormatError(f"not a SpectrumKV buffer (magic {magic!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise SpectrumFormatError(
-            f"format version mismatch: buffer is v{version}, this SpectrumKV reads"
-            f" v{FORMAT_VERSION}; run the same sglang-spectrum version on prefill and decode"
-        )
-    if flags != 0:
-        raise SpectrumFormatError(f"unknown flags {flags:#x} in the prefix")
-    payload_start = _align(PREFIX.size + header_len, HEADER_ALIGN)
-    if total < payload_start:
-        raise SpectrumFormatError(
-            f"truncated buffer: {total} bytes, the header alone needs {payload_start}"
-        )
+    _, header_len, header_crc, payload_start = _read_prefix(buf)
     body = buf[PREFIX.size : PREFIX.size + header_len].cpu().numpy().tobytes()
-    if zlib.crc32(body) != header_crc:
-        raise SpectrumFormatError("header checksum mismatch: the header is corrupted")
-    try:
-        header = msgspec.msgpack.decode(body, type=PackedHeader)
-    except msgspec.DecodeError as exc:
-        raise SpectrumFormatError(f"malformed header: {exc}") from None
-    layout = header.layout
-    layout.validate()
-    if len(header.tier_map) != layout.num_tokens:
-        raise SpectrumFormatError(
-            f"tier map has {len(header.tier_map)} entries for {layout.num_tokens} tokens"
-        )
-    tier_map = header_tier_map(header)
-    if int(tier_map.max()) > int(Tier.DROP):
-        raise SpectrumFormatError(f"tier map holds an unknown tier {int(tier_map.max())}")
-    offsets, payload_nbytes = segment_offsets(layout, tier_map)
-    if header.offsets != offsets or header.payload_nbytes != payload_nbytes:
-        raise SpectrumFormatError("segment offsets disagree with the tier map and layout")
-    if total < payload_start + payload_nbytes:
-        raise SpectrumFormatError(
-            f"truncated buffer: {total} bytes, expected {payload_start + payload_nbytes}"
-        )
+    header = _decode_header(body, header_crc)
+    offsets, payload_nbytes = segment_offsets(header.layout, header_tier_map(header))
+    _check_extent(header, offsets, payload_nbytes, buf.numel(), payload_start)
     payload = buf[payload_start : payload_start + payload_nbytes]
     if checksum(payload) != header.checksum:
         raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")

@@ -51,6 +51,9 @@ from .codec import (
     PackedHeader,
     UnpackInfo,
     _align,
+    _check_extent,
+    _decode_header,
+    _read_prefix,
     config_layout,
     count_tiers,
     fixed_overhead,
@@ -512,50 +515,14 @@ def _parse(buf: torch.Tensor, num_layers: int, num_tokens: int) -> tuple[PackedH
     One device-to-host copy of the buffer's head (sized for ``num_tokens`` tokens),
     a second one only if the header is longer than that.
     """
-    total = buf.numel()
-    if total < PREFIX.size:
-        raise SpectrumFormatError(f"buffer of {total} bytes is shorter than the 16-byte prefix")
-    guess = min(total, PREFIX.size + num_tokens + 64 * num_layers * 9 + 1024)
-    head = buf[:guess].cpu().numpy().tobytes()
-    magic, version, flags, header_len, header_crc = PREFIX.unpack(head[: PREFIX.size])
-    if magic != MAGIC:
-        raise SpectrumFormatError(f"not a SpectrumKV buffer (magic {magic!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise SpectrumFormatError(
-            f"format version mismatch: buffer is v{version}, this SpectrumKV reads"
-            f" v{FORMAT_VERSION}; run the same sglang-spectrum version on prefill and decode"
-        )
-    if flags != 0:
-        raise SpectrumFormatError(f"unknown flags {flags:#x} in the prefix")
-    start = _align(PREFIX.size + header_len, HEADER_ALIGN)
-    if total < start:
-        raise SpectrumFormatError(
-            f"truncated buffer: {total} bytes, the header alone needs {start}"
-        )
+    head, header_len, header_crc, start = _read_prefix(
+        buf, PREFIX.size + num_tokens + 64 * num_layers * 9 + 1024
+    )
     if PREFIX.size + header_len > len(head):
         head = buf[: PREFIX.size + header_len].cpu().numpy().tobytes()
-    body = head[PREFIX.size : PREFIX.size + header_len]
-    if zlib.crc32(body) != header_crc:
-        raise SpectrumFormatError("header checksum mismatch: the header is corrupted")
-    try:
-        header = msgspec.msgpack.decode(body, type=PackedHeader)
-    except msgspec.DecodeError as exc:
-        raise SpectrumFormatError(f"malformed header: {exc}") from None
-    lay = header.layout
-    lay.validate()
-    if len(header.tier_map) != lay.num_tokens:
-        raise SpectrumFormatError(
-            f"tier map has {len(header.tier_map)} entries for {lay.num_tokens} tokens"
-        )
-    if header.tier_map and max(header.tier_map) > int(Tier.DROP):
-        raise SpectrumFormatError(f"tier map holds an unknown tier {max(header.tier_map)}")
-    offsets, payload_nbytes, counts = _offsets_of(lay, header.tier_map)
-    if header.offsets != offsets or header.payload_nbytes != payload_nbytes:
-        raise SpectrumFormatError("segment offsets disagree with the tier map and layout")
-    if total < start + payload_nbytes:
-        raise SpectrumFormatError(
-            f"truncated buffer: {total} bytes, expected {start + payload_nbytes}"
-        )
+    header = _decode_header(head[PREFIX.size : PREFIX.size + header_len], header_crc)
+    offsets, payload_nbytes, counts = _offsets_of(header.layout, header.tier_map)
+    _check_extent(header, offsets, payload_nbytes, buf.numel(), start)
     return header, start, counts
 
 
