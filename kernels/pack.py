@@ -521,30 +521,36 @@ def channel_grid(plan: TransferPlan) -> tuple[int, int, int]:
     return b1, b2, dc
 
 
-def _launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
-    """Pack the INT8/INT4 key segments of a layout with per-channel key scales."""
+def channel_launch(plan: TransferPlan, device: torch.device) -> tuple[tuple, tuple, dict] | None:
+    """Grid, trailing arguments ``(b1, n0, n1, num_layers)`` and the launch options
+    shared by the per-channel key kernels; None when there are no INT8/INT4 key blocks."""
     lay = plan.layout
     b1, b2, dc = channel_grid(plan)
     if not b2:
-        return
+        return None
     n_rows = (sum(plan.counts) + lay.key_block) * lay.num_kv_heads
-    _pack_channel_kernel[(b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)](
-        ptrs,
-        rows,
-        plan.meta,
-        payload,
-        b1,
-        plan.counts[0],
-        plan.counts[1],
-        lay.num_layers,
-        SRC=TL_DTYPES[dtype],
-        H=lay.num_kv_heads,
-        D=lay.head_dim,
-        DC=dc,
-        KB=lay.key_block,
-        IDX=tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
-        num_warps=8 if lay.key_block * dc >= 8192 else 4,
-        **launch_options(payload.device),
+    grid = (b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)
+    args = (b1, plan.counts[0], plan.counts[1], lay.num_layers)
+    options = {
+        "H": lay.num_kv_heads,
+        "D": lay.head_dim,
+        "DC": dc,
+        "KB": lay.key_block,
+        "IDX": tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
+        "num_warps": 8 if lay.key_block * dc >= 8192 else 4,
+        **launch_options(device),
+    }
+    return grid, args, options
+
+
+def _launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
+    """Pack the INT8/INT4 key segments of a layout with per-channel key scales."""
+    launch = channel_launch(plan, payload.device)
+    if launch is None:
+        return
+    grid, args, options = launch
+    _pack_channel_kernel[grid](
+        ptrs, rows, plan.meta, payload, *args, SRC=TL_DTYPES[dtype], **options
     )
 
 
@@ -569,6 +575,28 @@ def rotate_rows(
             lo, hi = plan.tier_range(int(k), i % lay.num_layers)
             if hi > lo:
                 out[i, lo - n0 : hi - n0] = pool[rows_of(lo, hi)].float() @ rot
+
+
+def int_scratch(
+    plan: TransferPlan, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """float32 scratch ``[2L, n_int, H, D]`` of the INT tiers' rotated rows and the
+    scratch row of each of them (``-n0 ..``, so list index ``n0`` is row 0); None
+    without INT-tier rows."""
+    lay = plan.layout
+    n0 = plan.counts[0]
+    n_int = plan.rows.numel() - n0
+    if not n_int:
+        return None
+    scratch = torch.empty(
+        2 * lay.num_layers,
+        n_int,
+        lay.num_kv_heads,
+        lay.head_dim,
+        dtype=torch.float32,
+        device=device,
+    )
+    return scratch, torch.arange(-n0, n_int, dtype=torch.int64, device=device)
 
 
 def pack_payload(
@@ -607,19 +635,10 @@ def pack_payload(
             _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3)
         return payload
     _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1)
-    n0 = plan.counts[0]
-    n_int = plan.rows.numel() - n0
-    if n_int:
-        scratch = torch.empty(
-            2 * lay.num_layers,
-            n_int,
-            lay.num_kv_heads,
-            lay.head_dim,
-            dtype=torch.float32,
-            device=device,
-        )
+    scratch_rows = int_scratch(plan, device)
+    if scratch_rows is not None:
+        scratch, local = scratch_rows
         rotate_rows(pools, plan, lambda lo, hi: plan.rows[lo:hi], scratch)
-        local = torch.arange(-n0, n_int, dtype=torch.int64, device=device)  # scratch rows
         _launch_pack_int(plan, pointer_table(list(scratch), device), local, payload, torch.float32)
     return payload
 

@@ -28,7 +28,7 @@ from ._common import (
     wire_dtype,
 )
 from .checksum import fast_checksum
-from .pack import _channel_segment, _locate, _pool_rows, channel_grid
+from .pack import _channel_segment, _locate, _pool_rows, channel_launch, int_scratch
 from .plan import TransferPlan, kernel_supported, plan_transfer
 
 
@@ -170,29 +170,19 @@ def _unpack_channel_kernel(
 
 
 def _launch_unpack_channel(plan: TransferPlan, payload, ptrs, rows, dtype) -> None:
-    lay = plan.layout
-    b1, b2, dc = channel_grid(plan)
-    if not b2:
+    launch = channel_launch(plan, payload.device)
+    if launch is None:
         return
-    n_rows = (sum(plan.counts) + lay.key_block) * lay.num_kv_heads
-    _unpack_channel_kernel[(b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)](
+    grid, args, options = launch
+    _unpack_channel_kernel[grid](
         payload,
         ptrs,
         rows,
         plan.meta,
-        b1,
-        plan.counts[0],
-        plan.counts[1],
-        lay.num_layers,
+        *args,
         DST=TL_DTYPES[dtype],
-        H=lay.num_kv_heads,
-        D=lay.head_dim,
-        DC=dc,
-        KB=lay.key_block,
-        IDX=tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
         SOFT_BF16=interpreted(_unpack_channel_kernel) and dtype == torch.bfloat16,
-        num_warps=8 if lay.key_block * dc >= 8192 else 4,
-        **launch_options(payload.device),
+        **options,
     )
 
 
@@ -267,19 +257,11 @@ def unpack_payload(
             _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b3)
         return
     _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1)
-    n0 = plan.counts[0]
-    n_int = plan.rows.numel() - n0
-    if not n_int:
+    scratch_rows = int_scratch(plan, device)
+    if scratch_rows is None:
         return
-    scratch = torch.empty(
-        2 * lay.num_layers,
-        n_int,
-        lay.num_kv_heads,
-        lay.head_dim,
-        dtype=torch.float32,
-        device=device,
-    )
-    local = torch.arange(-n0, n_int, dtype=torch.int64, device=device)
+    scratch, local = scratch_rows
+    n0 = plan.counts[0]
     _launch_unpack_int(plan, payload, pointer_table(list(scratch), device), local, torch.float32)
     rot = hadamard(lay.head_dim, device)
     for i, pool in enumerate(pools):  # post-step per tier and layer, like decode_rows
