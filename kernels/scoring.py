@@ -45,26 +45,20 @@ def _key_norm_kernel(
     tl.store(out + layer * num_tokens + t, tl.sum(norm, 1) / H, mask=ok)
 
 
-def key_norm_scores_from_pools(
-    k_pools: Sequence[torch.Tensor], slots: torch.Tensor, layer_first_pos: Sequence[int]
+def _key_norms(
+    k_pools: Sequence[torch.Tensor], ptrs: torch.Tensor, slots: torch.Tensor, first: torch.Tensor
 ) -> torch.Tensor:
-    """Key-norm scores of one request, float32 ``[L, T]`` on the pools' device.
-
-    Args:
-        k_pools: per layer ``[num_slots, H, D]`` contiguous K pools.
-        slots: int ``[T]`` pool slot of each prompt position.
-        layer_first_pos: first position each layer holds (0 at positions before).
-    """
+    """Run the key-norm kernel: float32 ``[L, T]`` head-averaged key L2 norms on the pools'
+    device (``ptrs``: the pools' pointer table; ``first``: int64 ``[L]`` first position
+    each layer holds; positions before it are not written)."""
     device = k_pools[0].device
     num_layers, num_tokens = len(k_pools), int(slots.numel())
     _, heads, head_dim = k_pools[0].shape
     hp = triton.next_power_of_2(heads)
     bt = max(1, 4096 // (hp * head_dim))
     norms = torch.empty(num_layers, num_tokens, dtype=torch.float32, device=device)
-    first = torch.tensor(list(layer_first_pos), dtype=torch.int64).to(device)
-    grid = (triton.cdiv(num_tokens, bt), num_layers)
-    _key_norm_kernel[grid](
-        pointer_table(k_pools, device),
+    _key_norm_kernel[(triton.cdiv(num_tokens, bt), num_layers)](
+        ptrs,
         slots.to(device=device, dtype=torch.int64),
         first,
         norms,
@@ -76,6 +70,23 @@ def key_norm_scores_from_pools(
         BT=bt,
         **launch_options(device),
     )
+    return norms
+
+
+def key_norm_scores_from_pools(
+    k_pools: Sequence[torch.Tensor], slots: torch.Tensor, layer_first_pos: Sequence[int]
+) -> torch.Tensor:
+    """Key-norm scores of one request, float32 ``[L, T]`` on the pools' device.
+
+    Args:
+        k_pools: per layer ``[num_slots, H, D]`` contiguous K pools.
+        slots: int ``[T]`` pool slot of each prompt position.
+        layer_first_pos: first position each layer holds (0 at positions before).
+    """
+    device = k_pools[0].device
+    num_tokens = int(slots.numel())
+    first = torch.tensor(list(layer_first_pos), dtype=torch.int64).to(device)
+    norms = _key_norms(k_pools, pointer_table(k_pools, device), slots, first)
     out = torch.zeros_like(norms)
     for f in sorted(set(layer_first_pos)):  # layers sharing a window rank in one batch
         rows = [i for i, g in enumerate(layer_first_pos) if g == f]
@@ -107,27 +118,11 @@ def key_norm_scores_all_layers(
     No host copies (pointer tables cached with the pools), one batched sort."""
     device = k_pools[0].device
     num_layers, num_tokens = len(k_pools), int(slots.numel())
-    _, heads, head_dim = k_pools[0].shape
-    hp = triton.next_power_of_2(heads)
-    bt = max(1, 4096 // (hp * head_dim))
     key = (str(device), num_layers)
     first = _FIRST.get(key)
     if first is None:
         first = _FIRST[key] = torch.zeros(num_layers, dtype=torch.int64, device=device)
-    norms = torch.empty(num_layers, num_tokens, dtype=torch.float32, device=device)
-    _key_norm_kernel[(triton.cdiv(num_tokens, bt), num_layers)](
-        _pointers(k_pools, device),
-        slots.to(device=device, dtype=torch.int64),
-        first,
-        norms,
-        num_tokens,
-        DT=TL_DTYPES[k_pools[0].dtype],
-        H=heads,
-        HP=hp,
-        D=head_dim,
-        BT=bt,
-        **launch_options(device),
-    )
+    norms = _key_norms(k_pools, _pointers(k_pools, device), slots, first)
     order = torch.argsort(norms, dim=1, descending=True, stable=True)
     ranks = torch.empty_like(norms)
     steps = torch.arange(1, num_tokens + 1, dtype=torch.float32, device=device) / num_tokens
