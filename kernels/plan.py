@@ -172,6 +172,53 @@ def _gaps(layout: KVLayout, base: torch.Tensor, offsets: list[int], total: int) 
     return torch.tensor(gaps, dtype=torch.int64)
 
 
+def _block_tables(
+    layout: KVLayout,
+    base: torch.Tensor,
+    offsets: list[int],
+    total: int,
+    counts: tuple[int, int, int],
+    block_rows: int,
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Host tables of a plan: first block of each tier and the total, ``meta``, gaps."""
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + -(-n * layout.num_kv_heads // block_rows))
+    lists = (0, counts[0], counts[0] + counts[1])
+    meta = _meta(layout, base, offsets, starts, lists, counts)
+    return starts, meta, _gaps(layout, base, offsets, total)
+
+
+def _make_plan(
+    layout: KVLayout,
+    tiers: torch.Tensor,
+    counts: tuple[int, int, int],
+    block_rows: int,
+    tables: tuple,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    num_warps: int,
+) -> TransferPlan:
+    """The plan of ``tables`` = (base, offsets, payload size, block starts, device meta,
+    device gaps)."""
+    base, offsets, total, starts, meta, gaps = tables
+    return TransferPlan(
+        layout=layout,
+        tiers=tiers,
+        offsets=offsets,
+        payload_nbytes=total,
+        counts=counts,
+        base=base,
+        block_rows=block_rows,
+        block_starts=starts,
+        meta=meta,
+        positions=positions,
+        rows=rows,
+        gaps=gaps,
+        num_warps=num_warps,
+    )
+
+
 def plan_transfer(
     layout: KVLayout,
     tiers: torch.Tensor,
@@ -205,34 +252,15 @@ def plan_transfer(
     order, base = _order_and_base(layout, tiers)
     offsets, total = _offsets(layout, base)
     counts = tuple(int(c) for c in base[:, -1])
-    heads = layout.num_kv_heads
     block_rows = max(1, block_elems // layout.head_dim)
-    starts = [0]
-    for n in counts:
-        starts.append(starts[-1] + -(-n * heads // block_rows))
-    lists = (0, counts[0], counts[0] + counts[1])
+    starts, meta, gaps = _block_tables(layout, base, offsets, total, counts, block_rows)
     kept = sum(counts)
-    meta = _meta(layout, base, offsets, starts, lists, counts)
-    gaps = _gaps(layout, base, offsets, total)
     host = torch.cat([meta, order, gaps])
     dev = host.to(slots.device, non_blocking=False)
     meta_d, order_d, gaps_d = torch.split(dev, [meta.numel(), kept, gaps.numel()])
     rows = torch.index_select(slots.reshape(-1).to(torch.int64), 0, order_d)
-    return TransferPlan(
-        layout=layout,
-        tiers=tiers,
-        offsets=offsets,
-        payload_nbytes=total,
-        counts=counts,
-        base=base,
-        block_rows=block_rows,
-        block_starts=tuple(starts),
-        meta=meta_d,
-        positions=order_d,
-        rows=rows,
-        gaps=gaps_d,
-        num_warps=num_warps,
-    )
+    tables = (base, offsets, total, tuple(starts), meta_d, gaps_d)
+    return _make_plan(layout, tiers, counts, block_rows, tables, order_d, rows, num_warps)
 
 
 _UNIFORM: dict[tuple, tuple] = {}
@@ -260,13 +288,7 @@ def _uniform_tables(
     base = torch.zeros(len(PACKED_TIERS), layout.num_layers + 1, dtype=torch.int64)
     base[:, -1] = torch.tensor(counts, dtype=torch.int64)
     offsets, total = _offsets(layout, base)
-    heads = layout.num_kv_heads
-    starts = [0]
-    for n in counts:
-        starts.append(starts[-1] + -(-n * heads // block_rows))
-    lists = (0, counts[0], counts[0] + counts[1])
-    meta = _meta(layout, base, offsets, starts, lists, counts)
-    gaps = _gaps(layout, base, offsets, total)
+    starts, meta, gaps = _block_tables(layout, base, offsets, total, counts, block_rows)
     host = torch.cat([meta, gaps])
     if device.type == "cuda":
         host = host.pin_memory()
@@ -301,24 +323,8 @@ def plan_from_counts(
         raise SpectrumConfigError("plan_from_counts needs a kernel layout holding every position")
     counts = tuple(int(c) for c in counts)
     block_rows = max(1, block_elems // layout.head_dim)
-    base, offsets, total, starts, meta, gaps, _ = _uniform_tables(
-        layout, counts, block_rows, slots.device
-    )
+    tables = _uniform_tables(layout, counts, block_rows, slots.device)[:6]
     kept = sum(counts)
     order = torch.argsort(tiers.reshape(-1), stable=True)[:kept]
     rows = torch.index_select(slots.reshape(-1), 0, order)
-    return TransferPlan(
-        layout=layout,
-        tiers=tiers,
-        offsets=offsets,
-        payload_nbytes=total,
-        counts=counts,
-        base=base,
-        block_rows=block_rows,
-        block_starts=starts,
-        meta=meta,
-        positions=order,
-        rows=rows,
-        gaps=gaps,
-        num_warps=num_warps,
-    )
+    return _make_plan(layout, tiers, counts, block_rows, tables, order, rows, num_warps)
