@@ -39,6 +39,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from request_path import event_ms  # bench/ (this script's folder) is on sys.path
 
 from sglang_spectrum import kernels as K
 from sglang_spectrum.codec import decode_kv, pack_tiers, payload_checksum, plan_tiers
@@ -102,12 +103,7 @@ def timeit(fn, iters: int, warmup: int = 5, graph: bool = False) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
             continue
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(event_ms(fn))
     return statistics.median(times)
 
 

@@ -92,15 +92,17 @@ def events(fn, iters, warmup) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return statistics.median(event_ms(fn) for _ in range(iters))
+
+
+def event_ms(fn) -> float:
+    """Device time (ms) of one call of ``fn`` by CUDA events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
 
 
 def kernel_times(kp, vp, kd, vd, slots, dst, region, res, iters, warmup):
@@ -126,22 +128,53 @@ def copy_ms(full_bytes, device, iters, warmup) -> float:
     return events(lambda: dst.copy_(src), iters, warmup)
 
 
-def run(args) -> tuple[list[dict], dict]:
+def setup(args) -> tuple[torch.device, int, tuple[list, list, list, list]]:
+    """Device, page count and pools of a run: source ``kp, vp`` (random KV) and
+    destination ``kd, vd`` (zeros), room for the largest token count plus 8 pages."""
     device = torch.device(args.device)
     gen_dev = torch.Generator(device=device).manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    layers, heads, head_dim = args.layers, args.heads, args.head_dim
-    max_tokens = max(args.tokens)
-    num_pages = -(-max_tokens // args.page) + 8
-    num_slots = num_pages * args.page
-    kp, vp = make_pools(layers, heads, head_dim, num_slots, torch.bfloat16, device, gen_dev)
+    num_pages = -(-max(args.tokens) // args.page) + 8
+    kp, vp = make_pools(
+        args.layers,
+        args.heads,
+        args.head_dim,
+        num_pages * args.page,
+        torch.bfloat16,
+        device,
+        gen_dev,
+    )
     kd = [torch.zeros_like(p) for p in kp]
     vd = [torch.zeros_like(p) for p in vp]
+    return device, num_pages, (kp, vp, kd, vd)
+
+
+def cases(args, device, num_pages):
+    """Each case ``(tokens, budget, key_scales, slots, dst, config, region)``: source and
+    destination slots drawn per token count (one host generator), a packing region of
+    ``packed_size_bound`` bytes (released before the next case's, once the caller
+    drops it)."""
+    gen = torch.Generator().manual_seed(0)
+    for tokens in args.tokens:
+        slots = paged_slots(tokens, args.page, num_pages, gen, device)
+        dst = paged_slots(tokens, args.page, num_pages, gen, device)
+        for budget in args.budgets:
+            for keys in args.key_scales:
+                cfg = SpectrumConfig(budget=budget, key_scales=keys, allow_drop=False)
+                bound = packed_size_bound(
+                    tokens, args.layers, args.heads, args.head_dim, torch.bfloat16, cfg
+                )
+                region = torch.empty(bound, dtype=torch.uint8, device=device)
+                yield tokens, budget, keys, slots, dst, cfg, region
+                del region
+
+
+def run(args) -> tuple[list[dict], dict]:
+    device, num_pages, (kp, vp, kd, vd) = setup(args)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {
         "hardware": hardware,
         "torch": torch.__version__,
-        "shape": [layers, heads, head_dim],
+        "shape": [args.layers, args.heads, args.head_dim],
         "page": args.page,
         "iters": args.iters,
     }
@@ -153,92 +186,83 @@ def run(args) -> tuple[list[dict], dict]:
         pass
     rows = []
     copies = {}
-    for tokens in args.tokens:
-        slots = paged_slots(tokens, args.page, num_pages, gen, device)
-        dst = paged_slots(tokens, args.page, num_pages, gen, device)
-        for budget in args.budgets:
-            for keys in args.key_scales:
-                cfg = SpectrumConfig(budget=budget, key_scales=keys, allow_drop=False)
-                bound = packed_size_bound(tokens, layers, heads, head_dim, torch.bfloat16, cfg)
-                region = torch.empty(bound, dtype=torch.uint8, device=device)
-                res = pack_request(kp, vp, slots, cfg, out=region)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    before = torch.cuda.memory_allocated(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    res = pack_request(kp, vp, slots, cfg, out=region)
-                    extra = torch.cuda.max_memory_allocated(device) - before
-                else:
-                    extra = None
-                pack = wall(
-                    lambda c=cfg, r=region, s=slots: pack_request(kp, vp, s, c, out=r),
-                    args.iters,
-                    args.warmup,
-                    device,
-                )
-                unpack = wall(
-                    lambda r=region, d=dst, x=res: unpack_request(
-                        r, kd, vd, d, expected_checksum=x.checksum
-                    ),
-                    args.iters,
-                    args.warmup,
-                    device,
-                )
-                # the decode's pools hold the unpacked KV: spot check one layer's FP16 rows
-                k_pack = k_unpack = c_ms = None
-                if device.type == "cuda":
-                    k_pack, k_unpack = kernel_times(
-                        kp, vp, kd, vd, slots, dst, region, res, args.iters, args.warmup
-                    )
-                    if tokens not in copies:
-                        copies[tokens] = copy_ms(res.full_nbytes, device, args.iters, 3)
-                    c_ms = copies[tokens]
-                base = {
-                    "tokens": tokens,
-                    "budget": budget,
-                    "key_scales": keys,
-                    "pack_ms": round(pack, 4),
-                    "unpack_ms": round(unpack, 4),
-                    "kernel_pack_ms": None if k_pack is None else round(k_pack, 4),
-                    "kernel_unpack_ms": None if k_unpack is None else round(k_unpack, 4),
-                    "copy_ms": None if c_ms is None else round(c_ms, 4),
-                    "packed_bytes": res.nbytes,
-                    "full_bytes": res.full_nbytes,
-                    "ideal": round(res.full_nbytes / res.nbytes, 4),
-                    "tier_counts": res.tier_counts,
-                    "path": res.path,
-                    "pack_steps_ms": {k: round(v, 4) for k, v in res.timings_ms.items()},
-                    "pack_extra_bytes": extra,
-                    "hardware": hardware,
-                }
-                if c_ms:
-                    # bytes moved: the pack reads the full KV and writes the payload
-                    moved = res.full_nbytes + res.nbytes
-                    base["kernel_pack_vs_copy"] = round(
-                        (moved / k_pack) / (2 * res.full_nbytes / c_ms), 4
-                    )
-                    base["kernel_unpack_vs_copy"] = round(
-                        (moved / k_unpack) / (2 * res.full_nbytes / c_ms), 4
-                    )
-                for link in args.links:
-                    per_ms = link * 1e9 / 8 / 1e3  # bytes per ms
-                    full_t = res.full_nbytes / per_ms
-                    ours = pack + res.nbytes / per_ms + unpack
-                    rec = dict(base, link_gbps=link)
-                    rec["speedup"] = round(full_t / ours, 4)
-                    rec["of_ideal"] = round(rec["speedup"] / rec["ideal"], 4)
-                    target = TARGETS.get((link, tokens))
-                    rec["target_of_ideal"] = target
-                    rec["target_met"] = None if target is None else rec["of_ideal"] >= target
-                    rows.append(rec)
-                print(
-                    f"T={tokens} b={budget} keys={keys} path={res.path} pack {pack:.2f} ms"
-                    f" (kernel {k_pack}) unpack {unpack:.2f} ms (kernel {k_unpack})"
-                    f" packed {res.nbytes / 1e6:.1f} MB of {res.full_nbytes / 1e6:.1f}"
-                    f" steps {base['pack_steps_ms']} extra {extra}",
-                    flush=True,
-                )
-                del region
+    for tokens, budget, keys, slots, dst, cfg, region in cases(args, device, num_pages):
+        res = pack_request(kp, vp, slots, cfg, out=region)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            res = pack_request(kp, vp, slots, cfg, out=region)
+            extra = torch.cuda.max_memory_allocated(device) - before
+        else:
+            extra = None
+        pack = wall(
+            lambda c=cfg, r=region, s=slots: pack_request(kp, vp, s, c, out=r),
+            args.iters,
+            args.warmup,
+            device,
+        )
+        unpack = wall(
+            lambda r=region, d=dst, x=res: unpack_request(
+                r, kd, vd, d, expected_checksum=x.checksum
+            ),
+            args.iters,
+            args.warmup,
+            device,
+        )
+        # the decode's pools hold the unpacked KV: spot check one layer's FP16 rows
+        k_pack = k_unpack = c_ms = None
+        if device.type == "cuda":
+            k_pack, k_unpack = kernel_times(
+                kp, vp, kd, vd, slots, dst, region, res, args.iters, args.warmup
+            )
+            if tokens not in copies:
+                copies[tokens] = copy_ms(res.full_nbytes, device, args.iters, 3)
+            c_ms = copies[tokens]
+        base = {
+            "tokens": tokens,
+            "budget": budget,
+            "key_scales": keys,
+            "pack_ms": round(pack, 4),
+            "unpack_ms": round(unpack, 4),
+            "kernel_pack_ms": None if k_pack is None else round(k_pack, 4),
+            "kernel_unpack_ms": None if k_unpack is None else round(k_unpack, 4),
+            "copy_ms": None if c_ms is None else round(c_ms, 4),
+            "packed_bytes": res.nbytes,
+            "full_bytes": res.full_nbytes,
+            "ideal": round(res.full_nbytes / res.nbytes, 4),
+            "tier_counts": res.tier_counts,
+            "path": res.path,
+            "pack_steps_ms": {k: round(v, 4) for k, v in res.timings_ms.items()},
+            "pack_extra_bytes": extra,
+            "hardware": hardware,
+        }
+        if c_ms:
+            # bytes moved: the pack reads the full KV and writes the payload
+            moved = res.full_nbytes + res.nbytes
+            base["kernel_pack_vs_copy"] = round((moved / k_pack) / (2 * res.full_nbytes / c_ms), 4)
+            base["kernel_unpack_vs_copy"] = round(
+                (moved / k_unpack) / (2 * res.full_nbytes / c_ms), 4
+            )
+        for link in args.links:
+            per_ms = link * 1e9 / 8 / 1e3  # bytes per ms
+            full_t = res.full_nbytes / per_ms
+            ours = pack + res.nbytes / per_ms + unpack
+            rec = dict(base, link_gbps=link)
+            rec["speedup"] = round(full_t / ours, 4)
+            rec["of_ideal"] = round(rec["speedup"] / rec["ideal"], 4)
+            target = TARGETS.get((link, tokens))
+            rec["target_of_ideal"] = target
+            rec["target_met"] = None if target is None else rec["of_ideal"] >= target
+            rows.append(rec)
+        print(
+            f"T={tokens} b={budget} keys={keys} path={res.path} pack {pack:.2f} ms"
+            f" (kernel {k_pack}) unpack {unpack:.2f} ms (kernel {k_unpack})"
+            f" packed {res.nbytes / 1e6:.1f} MB of {res.full_nbytes / 1e6:.1f}"
+            f" steps {base['pack_steps_ms']} extra {extra}",
+            flush=True,
+        )
+        del region
     return rows, meta
 
 
@@ -324,66 +348,44 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    device = torch.device(args.device)
-    gen_dev = torch.Generator(device=device).manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    layers, heads, head_dim = args.layers, args.heads, args.head_dim
-    num_pages = -(-max(args.tokens) // args.page) + 8
-    kp, vp = make_pools(
-        layers, heads, head_dim, num_pages * args.page, torch.bfloat16, device, gen_dev
-    )
-    kd = [torch.zeros_like(p) for p in kp]
-    vd = [torch.zeros_like(p) for p in vp]
+    device, num_pages, (kp, vp, kd, vd) = setup(args)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for tokens in args.tokens:
-        slots = paged_slots(tokens, args.page, num_pages, gen, device)
-        dst = paged_slots(tokens, args.page, num_pages, gen, device)
-        for budget in args.budgets:
-            for keys in args.key_scales:
-                cfg = SpectrumConfig(budget=budget, key_scales=keys, allow_drop=False)
-                bound = packed_size_bound(tokens, layers, heads, head_dim, torch.bfloat16, cfg)
-                region = torch.empty(bound, dtype=torch.uint8, device=device)
-                for _ in range(3):
-                    res = pack_request(kp, vp, slots, cfg, out=region)
-                    unpack_request(region, kd, vd, dst, expected_checksum=res.checksum)
-                sync(device)
-                for name, fn in (
-                    ("pack", lambda s=slots, c=cfg, r=region: pack_request(kp, vp, s, c, out=r)),
-                    (
-                        "unpack",
-                        lambda r=region, d=dst, x=res: unpack_request(
-                            r, kd, vd, d, expected_checksum=x.checksum
-                        ),
-                    ),
-                ):
-                    t = time.perf_counter()
-                    for _ in range(5):
-                        fn()
-                    ms = (time.perf_counter() - t) / 5 * 1e3
-                    with tprofile(activities=acts) as prof:
-                        for _ in range(5):
-                            fn()
-                    print(f"=== T={tokens} b={budget} keys={keys} {name}: {ms:.3f} ms/call")
-                    avg = prof.key_averages()
-                    print(
-                        avg.table(
-                            sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48
-                        )
+    for tokens, budget, keys, slots, dst, cfg, region in cases(args, device, num_pages):
+        for _ in range(3):
+            res = pack_request(kp, vp, slots, cfg, out=region)
+            unpack_request(region, kd, vd, dst, expected_checksum=res.checksum)
+        sync(device)
+        for name, fn in (
+            ("pack", lambda s=slots, c=cfg, r=region: pack_request(kp, vp, s, c, out=r)),
+            (
+                "unpack",
+                lambda r=region, d=dst, x=res: unpack_request(
+                    r, kd, vd, d, expected_checksum=x.checksum
+                ),
+            ),
+        ):
+            t = time.perf_counter()
+            for _ in range(5):
+                fn()
+            ms = (time.perf_counter() - t) / 5 * 1e3
+            with tprofile(activities=acts) as prof:
+                for _ in range(5):
+                    fn()
+            print(f"=== T={tokens} b={budget} keys={keys} {name}: {ms:.3f} ms/call")
+            avg = prof.key_averages()
+            print(avg.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48))
+            if device.type == "cuda":
+                print(
+                    avg.table(
+                        sort_by="self_device_time_total",
+                        row_limit=14,
+                        max_name_column_width=48,
                     )
-                    if device.type == "cuda":
-                        print(
-                            avg.table(
-                                sort_by="self_device_time_total",
-                                row_limit=14,
-                                max_name_column_width=48,
-                            )
-                        )
-                    if args.out:
-                        out = pathlib.Path(args.out)
-                        out.mkdir(parents=True, exist_ok=True)
-                        prof.export_chrome_trace(
-                            str(out / f"trace_{tokens}_{budget}_{keys}_{name}.json")
-                        )
+                )
+            if args.out:
+                out = pathlib.Path(args.out)
+                out.mkdir(parents=True, exist_ok=True)
+                prof.export_chrome_trace(str(out / f"trace_{tokens}_{budget}_{keys}_{name}.json"))
 
 
 def main(argv=None) -> None:
