@@ -128,7 +128,7 @@ class SpectrumKVReceiver(CommonKVReceiver):
     kv_mgr: SpectrumKVManager
 
     def __init__(self, *args: Any, **kwargs: Any):
-        self._state_lock = threading.Lock()
+        self._state_lock = threading.RLock()  # _fail -> _release_region re-enters it
         self._region: Region | None = None
         self._pages: np.ndarray | None = None
         self._aux_index: int | None = None
