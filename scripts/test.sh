@@ -6,12 +6,15 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# The repo's kernels/ folder must not shadow the `kernels` package SGLang imports:
+# never put the working directory on sys.path (python -m / -c would).
+export PYTHONSAFEPATH=1
 
 run_pytest() {  # pytest's exit code 5 (nothing collected) is a failure here
-  local py="$1"
+  local venv="$1"
   shift
   set +e
-  "$py" -m pytest "$@"
+  "$venv/bin/pytest" "$@"
   local rc=$?
   set -e
   if [[ $rc -eq 5 ]]; then
@@ -24,12 +27,12 @@ run_pytest() {  # pytest's exit code 5 (nothing collected) is a failure here
 bash scripts/bootstrap.sh
 # Real models for the tests (downloaded once into ~/.cache/sglang_spectrum).
 .venv/bin/spectrumkv models fetch smollm2-135m >/dev/null
-run_pytest .venv/bin/python "$@"
+run_pytest .venv "$@"
 
 if [[ $# -eq 0 && "${SPECTRUM_SKIP_0517:-0}" != "1" ]]; then
   echo "[test] SGLang 0.5.17: plugin, one PD round trip, one fault test"
   SPECTRUM_SGLANG=0.5.17 SPECTRUM_VENV=.venv-0.5.17 bash scripts/bootstrap.sh
-  run_pytest .venv-0.5.17/bin/python -p no:cacheprovider \
+  run_pytest .venv-0.5.17 -p no:cacheprovider \
     tests/test_sglang_plugin.py tests/test_pd_faults.py \
     -k "registered or options_parse or option_errors or unsupported or corrupt"
 fi
