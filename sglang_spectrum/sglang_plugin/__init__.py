@@ -11,7 +11,8 @@ and every scheduler process. It registers:
 
 One job per module: :mod:`.compat` (every SGLang-version difference),
 :mod:`.options`, :mod:`.plugin` (registration), :mod:`.identity`,
-:mod:`.messages` and :mod:`.transport` (the wire), :mod:`.manager` and
+:mod:`.messages` and :mod:`.transport` (the wire), :mod:`.manager` (+ :mod:`.prefill_side`,
+:mod:`.decode_side`) and
 :mod:`.endpoints` (SGLang's ``Common*`` contract), :mod:`.metrics`,
 :mod:`.probe_hook` / :mod:`.sglang_engine` (startup probe), :mod:`.launch` /
 :mod:`.demo` (deployments). Packing and unpacking are SGLang-free:

@@ -1,0 +1,159 @@
+"""Decode side of the ``spectrum`` KV manager: prefill verification, ``Sent`` handling.
+
+A mixin of :class:`.manager.SpectrumKVManager`. The control thread hands each
+``Sent``/``Failed``/``AbortAck`` to the request's receiver
+(:mod:`.endpoints`), which unpacks through :meth:`DecodeSide.unpack_into_pool`
+(:func:`sglang_spectrum.transfer.unpack_request`) off the scheduler loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import requests
+import torch
+
+from . import messages
+from .identity import incompatibility, layout_desc
+from .transport import write_aux_row
+
+logger = logging.getLogger(__name__)
+
+ABORT_ACK_TIMEOUT_S = 60.0  # decode: keep an aborted region at most this long without ack
+
+
+class DecodeSide:
+    """Decode-side behaviour of the manager (see the module docstring)."""
+
+    def register_receiver(self, room: int, receiver: Any) -> None:
+        with self._lock:
+            self._receivers[room] = receiver
+
+    def unregister_receiver(self, room: int, receiver: Any) -> None:
+        with self._lock:
+            if self._receivers.get(room) is receiver:
+                del self._receivers[room]
+
+    def _sweep_aborted(self) -> None:
+        """Free the regions of aborted requests whose prefill never acknowledged."""
+        with self._lock:
+            receivers = list(self._receivers.values())
+        for receiver in receivers:
+            receiver.expire_abort(ABORT_ACK_TIMEOUT_S)
+
+    def _on_decode_message(self, msg: Any) -> None:
+        with self._lock:
+            receiver = self._receivers.get(msg.room)
+        if receiver is None:
+            logger.debug("SpectrumKV: %s for unknown room %s dropped", type(msg).__name__, msg.room)
+            return
+        if isinstance(msg, messages.Sent):
+            receiver.on_sent(msg)
+        elif isinstance(msg, messages.Failed):
+            receiver.on_failed(msg.reason)
+        elif isinstance(msg, messages.AbortAck):
+            receiver.on_abort_ack()
+
+    def unpack_into_pool(self, buf: torch.Tensor, slots: np.ndarray, sent: messages.Sent) -> Any:
+        """Decode control thread: validate and unpack one request, write its metadata row."""
+        from sglang_spectrum.transfer import unpack_request
+
+        device = self.k_pools[0].device
+        slots_t = torch.from_numpy(slots).to(device)
+        if device.type == "cuda":
+            stream = self._unpack_stream = getattr(
+                self, "_unpack_stream", None
+            ) or torch.cuda.Stream(device)
+            with torch.cuda.stream(stream):
+                info = unpack_request(
+                    buf, self.k_pools, self.v_pools, slots_t, expected_checksum=sent.checksum
+                )
+        else:
+            info = unpack_request(
+                buf, self.k_pools, self.v_pools, slots_t, expected_checksum=sent.checksum
+            )
+        return info
+
+    def write_aux(self, index: int, rows: list[bytes]) -> None:
+        write_aux_row(self.kv_args.aux_data_ptrs, self.kv_args.aux_item_lens, index, rows)
+
+    def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
+        if bootstrap_addr in self._prefill_verdicts:
+            return super().try_ensure_parallel_info(bootstrap_addr)
+        if not super().try_ensure_parallel_info(bootstrap_addr):
+            return False
+        verdict = self._fetch_prefill_verdict(bootstrap_addr)
+        if verdict is None:  # not every prefill rank registered yet: ask again later
+            self.prefill_info_table.pop(bootstrap_addr, None)
+            return False
+        with self._lock:
+            self._prefill_verdicts[bootstrap_addr] = verdict
+        if verdict:
+            logger.error("SpectrumKV: %s", verdict)
+        else:
+            peer = self._prefill_peers.get(bootstrap_addr, {})
+            logger.info(
+                "SpectrumKV: prefill at %s verified (layout %s, tiers %s, options %s)",
+                bootstrap_addr,
+                layout_desc(peer.get("layout") or {}),
+                peer.get("tiers_resolved"),
+                peer.get("options"),
+            )
+        return True
+
+    def _fetch_prefill_verdict(self, bootstrap_addr: str) -> str | None:
+        """'' = compatible, reason = refuse, None = ask again later."""
+        desc = f"prefill at {bootstrap_addr}"
+        try:
+            r = requests.get(f"http://{bootstrap_addr}/spectrum/info", timeout=5)
+        except Exception as e:
+            logger.warning("SpectrumKV: %s: cannot read /spectrum/info: %s", desc, e)
+            return None
+        if r.status_code == 404:
+            self._foreign_prefills.add(bootstrap_addr)
+            return incompatibility(None, desc, "decode")
+        if r.status_code != 200:
+            return None
+        ranks = r.json().get("ranks", [])
+        info = self.prefill_info_table.get(bootstrap_addr)
+        expected = getattr(info, "attn_tp_size", 1) * getattr(info, "dp_size", 1) if info else 1
+        if len(ranks) < expected:
+            return None
+        for peer in ranks:
+            verdict = incompatibility(peer, desc, "decode", self.identity())
+            if verdict:
+                return verdict
+        if info is not None and getattr(info, "attn_tp_size", None) not in (
+            None,
+            self.attn_tp_size,
+        ):
+            return incompatibility(
+                dict(ranks[0], attn_tp_size=info.attn_tp_size), desc, "decode", self.identity()
+            )
+        if ranks:
+            self._prefill_peers[bootstrap_addr] = ranks[0]
+        return ""
+
+    def prefill_is_foreign(self, bootstrap_addr: str) -> bool:
+        return bootstrap_addr in self._foreign_prefills
+
+    def prefill_verdict(self, bootstrap_addr: str) -> str:
+        with self._lock:
+            return self._prefill_verdicts.get(bootstrap_addr, "")
+
+    def prefill_codec(self, bootstrap_addr: str) -> Any:
+        """The codec config the prefill at ``bootstrap_addr`` packs with (its budget and
+        codec options, 2 tiers: the larger no-drop floor bounds either tier mode)."""
+        from sglang_spectrum.config import SpectrumConfig
+
+        o = (self._prefill_peers.get(bootstrap_addr) or {}).get("options") or {}
+        return SpectrumConfig(
+            budget=float(o.get("budget", 1.0)),
+            tiers="2",
+            group_size=o.get("group_size"),
+            rotation=o.get("rotation", "none"),
+            key_scales=o.get("key_scales", "token"),
+            allow_drop=False,
+        )
