@@ -10,13 +10,11 @@ realistic shapes and skip cleanly without CUDA.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import CUDA, import_kernels, paged_slots, same_bits
 
 from sglang_spectrum.codec import (
     PACKED_TIERS,
@@ -32,26 +30,7 @@ from sglang_spectrum.config import SpectrumConfigError, SpectrumFormatError
 from sglang_spectrum.policy import Tier
 from sglang_spectrum.scoring import key_norm_scores
 
-CUDA = torch.cuda.is_available()
-
-
-def _import_kernels():
-    if CUDA:
-        return importlib.import_module("sglang_spectrum.kernels")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        for name in [m for m in sys.modules if m.startswith("sglang_spectrum.kernels")]:
-            del sys.modules[name]  # a compiled-mode copy cannot run here anyway
-        return importlib.import_module("sglang_spectrum.kernels")
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-K = _import_kernels()
+K = import_kernels()
 DEV = "cuda" if CUDA else "cpu"
 
 
@@ -103,10 +82,7 @@ def make_request(
     """Random request in paged pools: pages of ``page`` slots, shuffled, with spare
     pages; KV with per-channel scales and a few outliers; last layer a sliding window."""
     gen = torch.Generator().manual_seed(seed)
-    pages = -(-tokens // page)
-    perm = torch.randperm(pages + 3, generator=gen)[:pages]
-    slots = (perm[:, None] * page + torch.arange(page)).reshape(-1)[:tokens]
-    num_slots = (pages + 3) * page
+    slots, num_slots = paged_slots(tokens, page, 3, gen)
 
     def pool(scale):
         chan = torch.exp(torch.randn(heads, head_dim, generator=gen))
@@ -138,11 +114,6 @@ def make_request(
         [pool(2.0) for _ in range(layers)],
         [pool(1.0) for _ in range(layers)],
     )
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
-    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
 
 
 def code_diff(ref: torch.Tensor, got: torch.Tensor, layout: KVLayout, tiers: torch.Tensor):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CUDA, import_kernels, paged_slots, same_bits
 
 from sglang_spectrum.codec import (
     config_layout,
@@ -28,8 +29,6 @@ from sglang_spectrum.transfer import (
     unpack_request,
 )
 
-CUDA = torch.cuda.is_available()
-
 
 def make_pools(
     layers=3,
@@ -46,10 +45,7 @@ def make_pools(
 
     Returns (k_pools, v_pools, slots int64 [tokens])."""
     gen = torch.Generator().manual_seed(seed)
-    pages = -(-tokens // page)
-    perm = torch.randperm(pages + spare_pages, generator=gen)[:pages]
-    slots = (perm[:, None] * page + torch.arange(page)).reshape(-1)[:tokens]
-    num_slots = (pages + spare_pages) * page
+    slots, num_slots = paged_slots(tokens, page, spare_pages, gen)
 
     def pool(scale):
         chan = torch.exp(torch.randn(heads, head_dim, generator=gen))
@@ -72,9 +68,16 @@ def region(k_pools, slots, config, extra=0):
     return torch.full((n + extra,), 0xA5, dtype=torch.uint8, device=k_pools[0].device)
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
-    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+def unpack_vs_decode(out, res, k_pools, v_pools, slots):
+    """``decode_kv`` of the packed bytes and ``unpack_request`` of ``out`` into NaN-filled
+    pools shaped like ``k_pools, v_pools`` at ``slots`` (tier counts checked):
+    (keys, values, kept, k pools, v pools, unpack info)."""
+    dk, dv, kept = decode_kv(out[: res.nbytes])
+    ok = [torch.full_like(p, float("nan")) for p in k_pools]
+    ov = [torch.full_like(p, float("nan")) for p in v_pools]
+    info = unpack_request(out, ok, ov, slots, expected_checksum=res.checksum)
+    assert info.tier_counts == res.tier_counts
+    return dk, dv, kept, ok, ov, info
 
 
 CONFIGS = [
@@ -113,12 +116,9 @@ def test_pack_matches_pack_kv_and_round_trips(config, dtype):
     assert set(res.timings_ms) >= {"plan", "pack", "total"}
 
     # unpack into other pools at other slots: the decoded rows, bit for bit
-    dk, dv, kept = decode_kv(out[: res.nbytes])
-    ok, ov, dst = make_pools(dtype=dtype, seed=7, tokens=slots.numel(), spare_pages=5)
-    ok = [torch.full_like(p, float("nan")) for p in ok]
-    ov = [torch.full_like(p, float("nan")) for p in ov]
-    info = unpack_request(out, ok, ov, dst, expected_checksum=res.checksum)
-    assert info.tier_counts == res.tier_counts and info.num_tokens == slots.numel()
+    pk, pv, dst = make_pools(dtype=dtype, seed=7, tokens=slots.numel(), spare_pages=5)
+    dk, dv, kept, ok, ov, info = unpack_vs_decode(out, res, pk, pv, dst)
+    assert info.num_tokens == slots.numel()
     assert torch.equal(info.dropped, torch.nonzero(~kept).flatten())
     for layer in range(len(kp)):
         for pools, dec in ((ok, dk), (ov, dv)):
@@ -263,11 +263,7 @@ def test_gpu_request_path_round_trip(key_scales, tokens):
     ref = pack_tiers(keys, values, header.layout, header_tier_map(header), header.policy)
     assert isinstance(ref, PackedKV)
     assert torch.equal(ref.payload, payload.cpu())
-    dk, dv, kept = decode_kv(out[: res.nbytes])
-    ok = [torch.full_like(p, float("nan")) for p in kp]
-    ov = [torch.full_like(p, float("nan")) for p in vp]
-    info = unpack_request(out, ok, ov, slots, expected_checksum=res.checksum)
-    assert info.tier_counts == res.tier_counts
+    dk, dv, kept, ok, ov, _ = unpack_vs_decode(out, res, kp, vp, slots)
     for layer in range(4):
         assert same_bits(ok[layer][slots], dk[layer])
         assert same_bits(ov[layer][slots], dv[layer])
@@ -276,34 +272,13 @@ def test_gpu_request_path_round_trip(key_scales, tokens):
 # --------------------------------------------------------------------------- kernel path on CPU
 
 
-def _interpreted_kernels():
-    """The kernels under Triton's interpreter (see tests/test_kernels.py)."""
-    import importlib
-    import os
-    import sys
-
-    if CUDA:
-        return importlib.import_module("sglang_spectrum.kernels")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        for name in [m for m in sys.modules if m.startswith("sglang_spectrum.kernels")]:
-            del sys.modules[name]
-        return importlib.import_module("sglang_spectrum.kernels")
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 @pytest.fixture
 def kernel_path(monkeypatch):
     """Run pack_request / unpack_request's kernel path on CPU pools (interpreter)."""
     import sglang_spectrum
     from sglang_spectrum import transfer
 
-    kern = _interpreted_kernels()
+    kern = import_kernels()
     monkeypatch.setattr(sglang_spectrum, "kernels", kern, raising=False)
     monkeypatch.setattr(transfer, "_KERNELS_ON_CPU", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -345,11 +320,7 @@ def test_kernel_path_matches_reference(kernel_path, config, dtype):
     again = pack_tiers(keys, values, header.layout, tiers, header.policy)
     assert torch.equal(again.payload, payload)
     assert encode_header(again.header) == out[: res.nbytes - payload.numel()].numpy().tobytes()
-    dk, dv, kept = decode_kv(out[: res.nbytes])
-    ok = [torch.full_like(p, float("nan")) for p in kp]
-    ov = [torch.full_like(p, float("nan")) for p in vp]
-    info = unpack_request(out, ok, ov, slots, expected_checksum=res.checksum)
-    assert info.tier_counts == res.tier_counts
+    dk, dv, kept, ok, ov, _ = unpack_vs_decode(out, res, kp, vp, slots)
     for layer in range(2):
         assert same_bits(ok[layer][slots][kept], dk[layer][kept].to(dtype))
         assert same_bits(ov[layer][slots][kept], dv[layer][kept].to(dtype))
