@@ -39,7 +39,6 @@ import time
 import torch
 import triton
 import triton.language as tl
-from request_path import event_ms  # bench/ (this script's folder) is on sys.path
 
 from sglang_spectrum import kernels as K
 from sglang_spectrum.codec import decode_kv, pack_tiers, payload_checksum, plan_tiers
@@ -59,10 +58,22 @@ def load_staging():
         return staging_buffer
     except Exception:  # noqa: BLE001 - sglang is not installed on the GPU machine
         path = pathlib.Path(__file__).resolve().parents[1] / ".carry" / "staging_buffer.py"
-        spec = importlib.util.spec_from_file_location("sglang_staging_buffer", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+        return load_file("sglang_staging_buffer", path)
+
+
+def load_file(name: str, path: pathlib.Path):
+    """The module of a Python file, by path (the scripts run with PYTHONSAFEPATH:
+    bench/ is not on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# the CUDA-event timer of bench/request_path.py
+event_ms = load_file(
+    "request_path_bench", pathlib.Path(__file__).resolve().with_name("request_path.py")
+).event_ms
 
 
 def as_graph(fn):
