@@ -83,7 +83,7 @@ class SpectrumKVSender(CommonKVSender):
         t_start = time.perf_counter()
         mgr = self.kv_mgr
         page_size = int(mgr.kv_args.page_size)
-        prefix = mgr.req_to_decode_prefix_len.get(self.bootstrap_room, 0)
+        prefix = mgr.room_prefix_len(self.bootstrap_room)
         found = compat.prompt_slots(mgr.scheduler, self.bootstrap_room)
         slots = torch.from_numpy(expand_pages(np.concatenate(self._pages), page_size))
         context, rid = None, ""

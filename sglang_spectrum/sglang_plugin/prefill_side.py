@@ -46,6 +46,7 @@ class PrefillRoom:
 
     grants: dict[str, messages.Grant] = field(default_factory=dict)
     required: int = 1
+    prefix_len: int = 0  # tokens the decode already holds (SGLang pops its own copy)
     job: PackJob | None = None  # parked until every grant is there
     in_flight: bool = False
     aborted: bool = False  # decode aborted: ack once nothing can be written any more
@@ -84,6 +85,7 @@ class PrefillSide:
             state = self._rooms.setdefault(g.room, PrefillRoom())
             state.grants[g.session] = g
             state.required = max(1, g.required)
+            state.prefix_len = g.prefix_len
             self.req_to_decode_prefix_len[g.room] = g.prefix_len
             complete = len(state.grants) >= state.required
             job = state.job if complete else None
@@ -314,6 +316,12 @@ class PrefillSide:
             self.metrics.observe_sent(stats)
         write_stats(stats)
         logger.debug("SpectrumKV room %s sent: %s", room, stats)
+
+    def room_prefix_len(self, room: int) -> int:
+        """Tokens of this room's prompt the decode holds already (from its grant)."""
+        with self._lock:
+            state = self._rooms.get(room)
+            return state.prefix_len if state is not None else 0
 
     def room_aborted(self, room: int) -> bool:
         """Prefill: the decode aborted (or refused) this room already."""
