@@ -7,6 +7,8 @@ waits, log tails) lives in the package, shared with ``spectrumkv demo`` and
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from sglang_spectrum.sglang_plugin.launch import (
@@ -34,6 +36,7 @@ __all__ = [
     "PDDeployment",
     "SingleServer",
     "free_port",
+    "start_delayed_request",
     "start_deployment",
     "tail",
 ]
@@ -44,3 +47,29 @@ def start_deployment(request: Any, **kwargs: Any) -> PDDeployment:
     d = PDDeployment(**kwargs)
     request.addfinalizer(d.stop)
     return d.start()
+
+
+def start_delayed_request(
+    d: PDDeployment, prompt: str, rid: str, max_new_tokens: int, timeout_s: float
+) -> tuple[threading.Thread, dict]:
+    """Send a request whose transfer the prefill delays (rid contains ``spectrum-delay``,
+    ``SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S`` set) and return once it is packed and
+    waiting for its write: (the client thread, its result dict: ``r`` or ``e``)."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["r"] = d.generate(
+                prompt, max_new_tokens=max_new_tokens, rid=rid, timeout_s=timeout_s
+            )
+        except Exception as e:  # what the client sees
+            result["e"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    plog = d.proc("prefill").log_path
+    deadline = time.monotonic() + 120
+    while "transfer starts in" not in plog.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the delayed transfer never started"
+        time.sleep(0.2)
+    return thread, result

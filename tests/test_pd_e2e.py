@@ -25,13 +25,12 @@ process is stopped by PID (process group) in a finalizer, also on failure.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from pd_harness import PDDeployment, SingleServer, start_deployment
+from pd_harness import PDDeployment, SingleServer, start_delayed_request, start_deployment
 
 from sglang_spectrum.models import ensure_model
 
@@ -283,23 +282,10 @@ def test_prompt_longer_than_chunked_prefill_size(half):
 def test_decode_killed_mid_transfer(half):
     """Kill decode while a long prompt's transfer is in flight; restart it; serve again."""
     assert half.wait_idle(half.prefill_url) == 0
-    result: dict = {}
-
-    def long_request():
-        try:
-            result["r"] = half.generate(
-                LONG_SECRET_PROMPT, max_new_tokens=8, rid="kill-spectrum-delay-1", timeout_s=180
-            )
-        except Exception as e:  # what the client sees
-            result["e"] = e
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
+    thread, result = start_delayed_request(
+        half, LONG_SECRET_PROMPT, "kill-spectrum-delay-1", 8, 180
+    )
     plog = half.proc("prefill").log_path
-    deadline = time.monotonic() + 120
-    while "transfer starts in" not in plog.read_text(errors="replace"):
-        assert time.monotonic() < deadline, "the delayed transfer never started"
-        time.sleep(0.2)
     half.kill_decode()  # packed, waiting for its Mooncake write
     thread.join(timeout=180)
     assert "e" in result, result  # that request failed

@@ -16,14 +16,13 @@ test-only transfer delay for rids containing ``spectrum-delay``:
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
-from pd_harness import PDDeployment, SingleServer, start_deployment
+from pd_harness import PDDeployment, SingleServer, start_delayed_request, start_deployment
 
 from sglang_spectrum.models import ensure_model
 
@@ -94,23 +93,9 @@ def test_decode_prefix_reuse_sends_only_the_rest(pd, reference):
 
 def test_client_abort_during_transfer_leaves_nothing_behind(pd, reference):
     rid = "abort-spectrum-delay-1"
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["r"] = pd.generate(
-                "Abort me. " + FILLER * 20 + "End.", max_new_tokens=8, rid=rid, timeout_s=120
-            )
-        except Exception as e:
-            result["e"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    prompt = "Abort me. " + FILLER * 20 + "End."
+    thread, result = start_delayed_request(pd, prompt, rid, 8, 120)
     plog = pd.proc("prefill").log_path
-    deadline = time.monotonic() + 120
-    while "transfer starts in" not in plog.read_text(errors="replace"):
-        assert time.monotonic() < deadline, "the delayed transfer never started"
-        time.sleep(0.2)
     r = requests.post(f"{pd.decode_url}/abort_request", json={"rid": rid}, timeout=10)
     assert r.status_code == 200
     thread.join(timeout=120)
