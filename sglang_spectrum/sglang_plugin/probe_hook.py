@@ -199,10 +199,10 @@ def run_startup_probe(scheduler: Any, server_args: Any, options: Any = None) -> 
     t0 = time.perf_counter()
     try:
         opts = options
-        if opts is None:
-            from .options import options_from_server_args
+        if opts is None:  # this server's options (SGLANG_SPECTRUM_OPTIONS)
+            from .options import current_options
 
-            opts = options_from_server_args(server_args)
+            opts = current_options()
         tiers = str(opts.tiers)
     except Exception as e:
         return _fallback(server_args, f"{type(e).__name__}: {e}", time.perf_counter() - t0)
