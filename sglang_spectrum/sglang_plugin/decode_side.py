@@ -8,6 +8,7 @@ A mixin of :class:`.manager.SpectrumKVManager`. The control thread hands each
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 
 from . import messages
 from .identity import incompatibility, layout_desc
+from .options import SpectrumServerOptions, options_from_dict
 from .transport import write_aux_row
 
 logger = logging.getLogger(__name__)
@@ -62,19 +64,15 @@ class DecodeSide:
 
         device = self.k_pools[0].device
         slots_t = torch.from_numpy(slots).to(device)
-        if device.type == "cuda":
-            stream = self._unpack_stream = getattr(
-                self, "_unpack_stream", None
-            ) or torch.cuda.Stream(device)
-            with torch.cuda.stream(stream):
-                info = unpack_request(
-                    buf, self.k_pools, self.v_pools, slots_t, expected_checksum=sent.checksum
-                )
-        else:
-            info = unpack_request(
+        stream = None
+        if device.type == "cuda":  # the control thread's own stream, made once
+            stream = self._unpack_stream = getattr(self, "_unpack_stream", None) or (
+                torch.cuda.Stream(device)
+            )
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return unpack_request(
                 buf, self.k_pools, self.v_pools, slots_t, expected_checksum=sent.checksum
             )
-        return info
 
     def write_aux(self, index: int, rows: list[bytes]) -> None:
         write_aux_row(self.kv_args.aux_data_ptrs, self.kv_args.aux_item_lens, index, rows)
@@ -146,14 +144,7 @@ class DecodeSide:
     def prefill_codec(self, bootstrap_addr: str) -> Any:
         """The codec config the prefill at ``bootstrap_addr`` packs with (its budget and
         codec options, 2 tiers: the larger no-drop floor bounds either tier mode)."""
-        from sglang_spectrum.config import SpectrumConfig
-
-        o = (self._prefill_peers.get(bootstrap_addr) or {}).get("options") or {}
-        return SpectrumConfig(
-            budget=float(o.get("budget", 1.0)),
-            tiers="2",
-            group_size=o.get("group_size"),
-            rotation=o.get("rotation", "none"),
-            key_scales=o.get("key_scales", "token"),
-            allow_drop=False,
-        )
+        announced = (self._prefill_peers.get(bootstrap_addr) or {}).get("options")
+        # (an unverified prefill: the largest bound, everything at FP16)
+        opts = options_from_dict(announced) if announced else SpectrumServerOptions(budget=1.0)
+        return opts.codec_config(budget=opts.budget, tiers="2", allow_drop=False)

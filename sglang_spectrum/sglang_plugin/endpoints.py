@@ -85,13 +85,14 @@ class SpectrumKVSender(CommonKVSender):
         page_size = int(mgr.kv_args.page_size)
         prefix = mgr.room_prefix_len(self.bootstrap_room)
         found = compat.prompt_slots(mgr.scheduler, self.bootstrap_room)
-        slots = torch.from_numpy(expand_pages(np.concatenate(self._pages), page_size))
         context, rid = None, ""
         if found is not None:
             full, rid = found
             slots = full[prefix:]  # the prompt's own row: exact length, no page padding
             context = full[:prefix] if prefix else None
-        elif page_size != 1:
+        elif page_size == 1:  # one slot per page: the pages are the slots
+            slots = torch.from_numpy(np.concatenate(self._pages))
+        else:
             mgr.fail_room(
                 self.bootstrap_room,
                 f"request of room {self.bootstrap_room} not found at its last chunk; cannot"

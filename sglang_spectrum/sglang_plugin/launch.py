@@ -82,6 +82,40 @@ def _has_cuda() -> bool:
         return False
 
 
+def server_ready(url: str) -> bool:
+    """An SGLang server answers ``/health``."""
+    return requests.get(f"{url}/health", timeout=5).status_code == 200
+
+
+def wait_healthy(
+    targets: list[tuple[ManagedProcess, str]],
+    t0: float,
+    timeout_s: float,
+    ready: Any = server_ready,
+) -> None:
+    """Wait until ``ready(url)`` holds for every (process, url), counting from ``t0``;
+    :class:`DeploymentError` when a process exits or the time is up."""
+    deadline = t0 + timeout_s
+    pending = dict(targets)
+    while pending:
+        for proc, url in list(pending.items()):
+            if not proc.alive():
+                raise DeploymentError(
+                    f"{proc.name} exited with code {proc.popen.returncode} during startup"
+                )
+            try:
+                if ready(url):
+                    del pending[proc]
+            except (requests.RequestException, ValueError):
+                pass
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(p.name for p in pending)
+            raise DeploymentError(f"{names} not ready after {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
 @dataclass(eq=False)
 class ManagedProcess:
     """A child process in its own process group, logging to one file."""
@@ -209,18 +243,11 @@ class SingleServer:
         ]  # fmt: skip
         self.proc = ManagedProcess("single", cmd, Path(self.log_dir, "single.log"), env)
         self.proc.start()
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            if not self.proc.alive():
-                raise DeploymentError(f"single server exited:\n{self.proc.tail()}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"single server not ready:\n{self.proc.tail()}")
-            time.sleep(1.0)
+        try:
+            wait_healthy([(self.proc, self.url)], time.monotonic(), self.startup_timeout_s)
+        except DeploymentError as e:
+            raise DeploymentError(f"{e}:\n{self.proc.tail()}") from None
+        return self
 
     def generate(self, text: str, max_new_tokens: int = 16, **sampling: Any) -> dict[str, Any]:
         body = {
@@ -403,10 +430,6 @@ class PDDeployment:
         return time.monotonic() - t0
 
     @staticmethod
-    def _server_ready(url: str) -> bool:
-        return requests.get(f"{url}/health", timeout=5).status_code == 200
-
-    @staticmethod
     def _router_ready(url: str) -> bool:
         # /health answers before the workers are registered; /readiness waits for them
         if requests.get(f"{url}/readiness", timeout=5).status_code != 200:
@@ -421,27 +444,7 @@ class PDDeployment:
         timeout_s: float | None = None,
         ready: Any = None,
     ) -> None:
-        timeout_s = timeout_s or self.startup_timeout_s
-        ready = ready or self._server_ready
-        deadline = t0 + timeout_s
-        pending = dict(targets)
-        while pending:
-            for proc, url in list(pending.items()):
-                if not proc.alive():
-                    raise DeploymentError(
-                        f"{proc.name} exited with code {proc.popen.returncode} during startup"
-                    )
-                try:
-                    if ready(url):
-                        del pending[proc]
-                except (requests.RequestException, ValueError):
-                    pass
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                names = ", ".join(p.name for p in pending)
-                raise DeploymentError(f"{names} not ready after {timeout_s:.0f} s")
-            time.sleep(1.0)
+        wait_healthy(targets, t0, timeout_s or self.startup_timeout_s, ready or server_ready)
 
     def stop(self) -> None:
         """Stop router, decode, prefill (each process group by PID); idempotent."""

@@ -9,6 +9,7 @@ makes one Mooncake write per decode rank and reports ``Sent``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -191,15 +192,28 @@ class PrefillSide:
             except Exception as e:
                 logger.error("SpectrumKV: transfer of room %s failed: %s", job.room, e)
                 logger.debug("SpectrumKV: transfer failure details", exc_info=True)
-                with self._lock:
-                    state = self._rooms.get(job.room)
-                    if state is not None:
-                        state.in_flight = False
-                    aborted = state is not None and state.aborted
-                if aborted:
-                    self._ack_abort(job.room)
-                else:
-                    self.fail_room(job.room, f"SpectrumKV could not send the KV cache: {e}")
+                self._conclude_unsent(
+                    job.room,
+                    self._leave_flight(job.room),
+                    f"SpectrumKV could not send the KV cache: {e}",
+                )
+
+    def _leave_flight(self, room: int) -> bool:
+        """The transfer of ``room`` is over (no write can land any more); returns whether
+        the decode aborted it. Atomic with :meth:`_on_abort`'s look at ``in_flight``."""
+        with self._lock:
+            state = self._rooms.get(room)
+            if state is None:
+                return False
+            state.in_flight = False
+            return state.aborted
+
+    def _conclude_unsent(self, room: int, aborted: bool, reason: str) -> None:
+        """A transfer ended without ``Sent``: acknowledge the decode's abort, or tell it why."""
+        if aborted:
+            self._ack_abort(room)
+        else:
+            self.fail_room(room, reason)
 
     def _transfer(self, job: PackJob, stream: Any) -> None:
         from sglang_spectrum.transfer import pack_request, packed_size_bound
@@ -233,19 +247,9 @@ class PrefillSide:
         try:
             slots = job.slots.to(device, non_blocking=True)
             context = None if job.context is None else job.context.to(device, non_blocking=True)
-            if stream is not None:
-                with torch.cuda.stream(stream):
-                    if job.event is not None:
-                        stream.wait_event(job.event)
-                    packed = pack_request(
-                        self.k_pools,
-                        self.v_pools,
-                        slots,
-                        cfg,
-                        out=region.view(),
-                        context_slots=context,
-                    )
-            else:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if job.event is not None:  # the KV of the last chunk is written
+                    stream.wait_event(job.event)
                 packed = pack_request(
                     self.k_pools, self.v_pools, slots, cfg, out=region.view(), context_slots=context
                 )
@@ -298,14 +302,11 @@ class PrefillSide:
             "register_ms": round(register_ms, 3),
             "fault": fault,
         }
-        with self._lock:
-            state.in_flight = False
-            aborted = state.aborted
+        aborted = self._leave_flight(room)
         if aborted or self.request_status.get(room) == KVPoll.Failed:
-            if aborted:
-                self._ack_abort(room)
-            else:  # aborted on this side while writing: the decode learns it now
-                self.fail_room(room, self.failure_records.get(room, "aborted on the prefill"))
+            # aborted by the decode, or on this side while writing: the decode learns it now
+            reason = self.failure_records.get(room, "aborted on the prefill")
+            self._conclude_unsent(room, aborted, reason)
             return
         for g in grants:
             self.send_to(
