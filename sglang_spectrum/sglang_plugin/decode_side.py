@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from .transport import write_aux_row
 logger = logging.getLogger(__name__)
 
 ABORT_ACK_TIMEOUT_S = 60.0  # decode: keep an aborted region at most this long without ack
+FOREIGN_ABORT_REPEATS_S = (1.0, 3.0, 10.0)  # resend SGLang's ABORT to a foreign prefill at
 
 
 class DecodeSide:
@@ -38,12 +41,35 @@ class DecodeSide:
             if self._receivers.get(room) is receiver:
                 del self._receivers[room]
 
+    def repeat_foreign_abort(self, notify: Callable[[], None]) -> None:
+        """Call ``notify`` again :data:`FOREIGN_ABORT_REPEATS_S` seconds from now (control
+        thread): a prefill of another backend forgets an ABORT that beats its request."""
+        with self._lock:
+            self._foreign_aborts.append((time.monotonic(), notify))
+
     def _sweep_aborted(self) -> None:
-        """Free the regions of aborted requests whose prefill never acknowledged."""
+        """Free the regions of aborted requests whose prefill never acknowledged, and
+        repeat due ABORTs to foreign prefills."""
         with self._lock:
             receivers = list(self._receivers.values())
         for receiver in receivers:
             receiver.expire_abort(ABORT_ACK_TIMEOUT_S)
+        now = time.monotonic()
+        with self._lock:
+            due = [
+                (t0, f)
+                for t0, f in self._foreign_aborts
+                if any(self._last_sweep < t0 + d <= now for d in FOREIGN_ABORT_REPEATS_S)
+            ]
+            self._foreign_aborts = [
+                (t0, f) for t0, f in self._foreign_aborts if now < t0 + FOREIGN_ABORT_REPEATS_S[-1]
+            ]
+            self._last_sweep = now
+        for _, notify in due:
+            try:
+                notify()
+            except Exception as e:  # best effort, like SGLang's own notification
+                logger.debug("SpectrumKV: repeated abort notification failed: %s", e)
 
     def _on_decode_message(self, msg: Any) -> None:
         with self._lock:

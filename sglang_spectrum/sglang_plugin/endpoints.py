@@ -17,6 +17,7 @@ that nothing more can be written into it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -382,7 +383,11 @@ class SpectrumKVReceiver(CommonKVReceiver):
         """Tell the prefill ranks (SGLang calls this on abort and waiting timeout)."""
         mgr = self.kv_mgr
         if mgr.prefill_is_foreign(self.bootstrap_addr):  # another backend: SGLang's ABORT
-            super()._send_abort_notification(*args, **kwargs)
+            notify = functools.partial(super()._send_abort_notification, *args, **kwargs)
+            notify()
+            # its prefill drops an ABORT for a request it has not seen yet (the router
+            # sends the request to both servers at once): repeat it for a few seconds
+            mgr.repeat_foreign_abort(notify)
             return
         with self._state_lock:
             if self._aborted_at is not None:

@@ -104,6 +104,8 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         self._prefill_verdicts: dict[str, str] = {}  # decode: bootstrap addr -> '' | reason
         self._prefill_peers: dict[str, dict[str, Any]] = {}  # decode: addr -> identity
         self._foreign_prefills: set[str] = set()  # decode: prefills of another backend
+        self._foreign_aborts: list[tuple[float, Any]] = []  # decode: (first sent, notify)
+        self._last_sweep = 0.0
         self._jobs: queue.Queue[PackJob | None] = queue.Queue()
         self._fault_counter = [0]
         self._stop = threading.Event()
