@@ -35,6 +35,7 @@ CPU-only SGLang (for checking the script here, not for numbers).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import math
@@ -75,6 +76,22 @@ QUESTION = "What is the passcode stated at the beginning of the text? Answer wit
 ANSWER_PREFIX = "The passcode is"
 
 T_START = time.monotonic()
+
+
+def _report_module():
+    """bench/serving_gpu_report.py, loaded by path: bench/ stays off sys.path (its
+    kernels.py would shadow the ``kernels`` package transformers probes for)."""
+    spec = importlib.util.spec_from_file_location(
+        "serving_gpu_report", HERE / "serving_gpu_report.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_report = _report_module()
+read_jsonl, per_rank, plot = _report.read_jsonl, _report.per_rank, _report.plot
+markdown, summary = _report.markdown, _report.summary
 
 
 def log(msg: str) -> None:
@@ -256,10 +273,12 @@ class Runner:
         except (OSError, subprocess.SubprocessError):
             return 1, "unknown GPU"
 
-    def hardware(self) -> str:
+    def hardware(self, tp: int = 1) -> str:
         if self.args.cpu:
             return f"CPU ({os.cpu_count()} cores), Mooncake TCP loopback"
         where = "prefill GPU 0 -> decode GPU 1" if self.split() else "prefill and decode on 1 GPU"
+        if tp > 1:
+            where = f"TP {tp}: prefill and decode each on GPUs 0-{tp - 1}"
         return f"{self.gpu_name} x{self.gpus}; {where}; Mooncake TCP loopback (MC_FORCE_TCP=1)"
 
     def split(self) -> bool:
@@ -296,18 +315,29 @@ class Runner:
     # -------------------------------------------------------------- deployments
 
     def server(
-        self, tag: str, model: str, mode: str, mem: float, gpu: int, extra: list[str], stats
+        self,
+        tag: str,
+        model: str,
+        mode: str,
+        mem: float,
+        gpu: int,
+        extra: list[str],
+        stats,
+        tp: int = 1,
     ) -> tuple[Proc, str]:
         port = free_port()
         cmd = [PY, "-m", "sglang.launch_server", "--model-path", model]
         cmd += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
         cmd += self.device_flags(mode, mem, gpu) + extra
+        cmd += ["--tp-size", str(tp)] if tp > 1 else []
         name = f"{tag}-{mode}"
         p = Proc(name, cmd, self.logs / f"{name}.log", self.env(stats))
         return p, f"http://{HOST}:{port}"
 
-    def launch_single(self, tag: str, model: str, mem: float, extra: list[str]) -> tuple:
-        p, url = self.server(tag, model, "single", mem, 0, extra, None)
+    def launch_single(
+        self, tag: str, model: str, mem: float, extra: list[str], tp: int = 1
+    ) -> tuple:
+        p, url = self.server(tag, model, "single", mem, 0, extra, None, tp)
         dep = Deployment(tag, [p.start()], url)
         self.live.append(dep)
         return dep, [(p, url + "/health")]
@@ -322,7 +352,9 @@ class Runner:
         mem: tuple[float, float],
         extra: list[str],
         tiers: str | None = None,
+        tp: int = 1,
     ) -> tuple:
+        """A PD pair and its proxy; ``tp`` > 1: both servers over GPUs 0..tp-1."""
         stats = self.work / f"{tag}.stats.jsonl"
         stats.unlink(missing_ok=True)
         boot = free_port()
@@ -343,15 +375,17 @@ class Runner:
             ["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(boot)]
             + common,
             stats,
+            tp,
         )
         dec, dec_url = self.server(
             tag,
             model,
             "decode",
             mem[1],
-            1 if self.split() else 0,
+            1 if self.split() and tp == 1 else 0,
             ["--disaggregation-mode", "decode"] + common,
             stats,
+            tp,
         )
         port = free_port()
         proxy_cmd = [PY, str(HERE / "pd_proxy.py"), "--prefill", pre_url, str(boot)]
@@ -401,6 +435,8 @@ class Runner:
         # several servers share a GPU and start at once: a static fraction each would see the
         # others' memory as used; a high fraction with a token cap sizes every pool alike
         cap = ["--max-total-tokens", str(a.small_max_tokens)] if a.small_max_tokens else []
+        # chunks shorter than the secret prompts: the PD pairs send them in parts
+        cap += ["--chunked-prefill-size", str(a.correct_chunked_prefill)]
         deps = [self.launch_single("single", model, m, cap)]
         budgets = [1.0] + [b for b in a.correct_budgets if b != 1.0]
         for b in budgets:
@@ -408,7 +444,12 @@ class Runner:
             deps.append(
                 self.launch_pair(f"pd-b{b:g}", model, "spectrum", b, a.key_scales, mem, cap)
             )
-        result: dict = {"model": model, "hardware": self.hardware(), "budgets": budgets}
+        result: dict = {
+            "model": model,
+            "hardware": self.hardware(),
+            "budgets": budgets,
+            "chunked_prefill_size": a.correct_chunked_prefill,
+        }
         try:
             self.wait(deps, a.startup_timeout_s)
             single = deps[0][0]
@@ -449,6 +490,10 @@ class Runner:
             result["stats"] = stats
             result["paths"] = {
                 k: sorted({str(r.get("path")) for r in v if r.get("role") == "prefill"})
+                for k, v in stats.items()
+            }
+            result["parts"] = {
+                k: sorted({r.get("parts") for r in v if r.get("role") == "prefill"})
                 for k, v in stats.items()
             }
             log(
@@ -514,8 +559,8 @@ class Runner:
         return out
 
     @staticmethod
-    def point_key(backend: str, budget, ks, L: int, C: int) -> str:
-        return f"{backend}|{budget}|{ks}|{L}|{C}"
+    def point_key(backend: str, budget, ks, L: int, C: int, tp: int = 1) -> str:
+        return f"{backend}|{budget}|{ks}|{L}|{C}" + (f"|tp{tp}" if tp > 1 else "")
 
     def est_s(self, L: int, C: int) -> float:
         """Seconds a point will take: measured seconds per request at this length, else a
@@ -532,46 +577,162 @@ class Runner:
         if not Path(model, "config.json").is_file():
             log(f"speed: no model folder {model} (bench/gpu_model.py {model})")
             return
-        mem = (a.mem_big, a.mem_big) if not self.split() else (a.mem_big_split, a.mem_big_split)
         done = {self.point_key(*r["_key"]) for r in self.state["records"] if "_key" in r}
+        todo = {}
         for backend, budget, ks in self.configs():
-            todo = [
+            points = [
                 (L, C)
                 for L in a.lengths
                 for C in a.concurrency
                 if self.point_key(backend, budget, ks, L, C) not in done
             ]
-            if not todo:
-                continue
-            need = a.startup_budget_s + self.est_s(*todo[0])
+            if points:
+                todo[(backend, budget, ks)] = points
+        extra = ["--load-format", "dummy", "--chunked-prefill-size", str(a.chunked_prefill)]
+        if a.together:  # every pair at once: one start for all (token caps size the pools)
+            if self.remaining() < a.startup_budget_s + 60:
+                log(f"speed: {self.remaining():.0f} s left: stop here (resume)")
+                return
+            mem = (a.mem_big_split, a.mem_big_split)
+            extra += ["--max-total-tokens", str(a.big_max_tokens)]
+            deps = {
+                cfg: self.launch_pair(
+                    self.speed_tag(*cfg), model, *cfg, mem, extra, a.speed_tiers or None
+                )
+                for cfg in todo
+            }
+            try:
+                self.wait(list(deps.values()), a.startup_timeout_s)
+                for cfg, (dep, _) in deps.items():
+                    self.run_points(dep, cfg, todo[cfg])
+            finally:
+                for dep, _ in deps.values():
+                    self.stop(dep)
+            return
+        mem = (a.mem_big, a.mem_big) if not self.split() else (a.mem_big_split, a.mem_big_split)
+        for cfg, points in todo.items():
+            need = a.startup_budget_s + self.est_s(*points[0])
             if self.remaining() < need:
                 log(f"speed: {self.remaining():.0f} s left < {need:.0f} s: stop here (resume)")
                 return
-            tag = f"speed-{backend}" + (f"-b{budget:g}" if budget is not None else "")
-            extra = ["--load-format", "dummy", "--chunked-prefill-size", str(a.chunked_prefill)]
             dep, targets = self.launch_pair(
-                tag, model, backend, budget, ks, mem, extra, a.speed_tiers or None
+                self.speed_tag(*cfg), model, *cfg, mem, extra, a.speed_tiers or None
             )
             try:
                 self.wait([(dep, targets)], a.startup_timeout_s)
-                self.warm_up(dep)
-                for L, C in todo:
-                    if self.remaining() < self.est_s(L, C) + 15:
-                        log(f"speed: {self.remaining():.0f} s left: {tag} L={L} C={C} next call")
-                        break
-                    rec = self.run_point(dep, backend, budget, ks, L, C)
-                    if rec is not None:
-                        self.state["records"].append(rec)
-                        self.save()
-                    dead = [p for p in dep.procs if not p.alive()]
-                    if dead:
-                        raise RuntimeError(f"{dead[0].name} died:\n{dead[0].tail()}")
-            except Exception as e:
-                log(f"speed: {tag} FAILED: {type(e).__name__}: {str(e)[:3000]}")
-                self.state.setdefault("errors", []).append(f"{tag}: {type(e).__name__}: {e}"[:2000])
-                self.save()
+                self.run_points(dep, cfg, points)
             finally:
                 self.stop(dep)
+
+    @staticmethod
+    def speed_tag(backend: str, budget: float | None, ks: str | None, tp: int = 1) -> str:
+        tag = f"speed-{backend}" + (f"-b{budget:g}" if budget is not None else "")
+        return tag + (f"-tp{tp}" if tp > 1 else "")
+
+    def run_points(self, dep: Deployment, cfg: tuple, points: list, tp: int = 1) -> None:
+        """Warm ``dep`` up, then one bench_serving run per (length, concurrency) point."""
+        try:
+            self.warm_up(dep)
+            for L, C in points:
+                if self.remaining() < self.est_s(L, C) + 15:
+                    log(f"speed: {self.remaining():.0f} s left: {dep.tag} L={L} C={C} next call")
+                    return
+                rec = self.run_point(dep, *cfg, L, C, tp)
+                if rec is not None:
+                    self.state["records"].append(rec)
+                    self.save()
+                dead = [p for p in dep.procs if not p.alive()]
+                if dead:
+                    raise RuntimeError(f"{dead[0].name} died:\n{dead[0].tail()}")
+        except Exception as e:
+            log(f"speed: {dep.tag} FAILED: {type(e).__name__}: {str(e)[:3000]}")
+            self.state.setdefault("errors", []).append(f"{dep.tag}: {type(e).__name__}: {e}"[:2000])
+            self.save()
+
+    # -------------------------------------------------------------- tensor parallelism
+
+    def phase_tp(self) -> None:
+        """TP 2 on two GPUs: a single server and PD pairs (spectrum b=1.0, b=0.5,
+        mooncake) of the 8B-shaped model (seeded dummy weights: every TP-2 server holds
+        the same shards), all at once. Greedy outputs of short text prompts and of
+        3000/12000-token id prompts (12000 > the chunk: sent in parts) from each pair
+        against the single server; what each rank sent; then the --tp-points."""
+        a = self.args
+        if self.state.get("tp") and not a.redo:
+            log("tp: done before (state); --redo to run again")
+            return
+        if self.gpus < 2 or a.cpu:
+            log(f"tp: needs 2 GPUs, {self.gpus} here: skipped")
+            return
+        tp, model = 2, a.model8b
+        mem = (a.mem_big_split, a.mem_big_split)
+        extra = ["--load-format", "dummy", "--chunked-prefill-size", str(a.chunked_prefill)]
+        extra += ["--max-total-tokens", str(a.big_max_tokens)]
+        deps = [self.launch_single("tp-single", model, mem[0], extra, tp)]
+        cfgs = [("spectrum", 1.0, a.key_scales), ("spectrum", 0.5, a.key_scales)]
+        cfgs.append(("mooncake", None, None))
+        for cfg in cfgs:
+            tag = self.speed_tag(*cfg, tp)
+            deps.append(self.launch_pair(tag, model, *cfg, mem, extra, a.speed_tiers or None, tp))
+        hw = f"{self.gpu_name} x{self.gpus}; TP {tp}: prefill and decode each on GPUs 0-1"
+        result: dict = {"tp": tp, "hardware": hw + "; Mooncake TCP loopback (MC_FORCE_TCP=1)"}
+        result["model"] = "Llama-3-8B-shaped (bench/gpu_model.py), --load-format dummy"
+        try:
+            self.wait(deps, a.startup_timeout_s)
+            names = ["single", "b1", "b0.5", "mooncake"]
+            by_name = {n: d for n, (d, _) in zip(names, deps)}
+            rng = random.Random(7)
+            prompts = [{"text": t} for t in GREEDY_PROMPTS]
+            prompts += [
+                {"input_ids": [rng.randrange(300, 120000) for _ in range(n)]} for n in (3000, 12000)
+            ]
+            rows = []
+            for i, p in enumerate(prompts):
+                body = dict(p, sampling_params={"temperature": 0, "max_new_tokens": 16})
+                row: dict = {"prompt": i}
+                for name, dep in by_name.items():
+                    st, data = http(dep.url + "/generate", body, timeout=a.request_timeout_s)
+                    try:
+                        j = json.loads(data)
+                        row[name] = j.get("output_ids") or j["text"]
+                        row["prompt_tokens"] = j.get("meta_info", {}).get("prompt_tokens")
+                    except (ValueError, KeyError, TypeError):
+                        row[name] = None
+                        row[f"{name}_error"] = f"{st} {data[:300]!r}"
+                rows.append(row)
+                log(
+                    f"tp prompt {i} ({row.get('prompt_tokens')} tokens): "
+                    + ", ".join(
+                        f"{n}={'same' if row[n] == row['single'] else row[n]!r:.40}"
+                        for n in names[1:]
+                    )
+                )
+            result["rows"] = rows
+            for n in names[1:]:
+                result[f"{n}_identical_to_single"] = all(
+                    r["single"] is not None and r[n] == r["single"] for r in rows
+                )
+            result["per_rank"] = {
+                n: per_rank(read_jsonl(by_name[n].stats_path)) for n in ("b1", "b0.5")
+            }
+            log(
+                "tp: identical to single: "
+                + ", ".join(f"{n} {result[f'{n}_identical_to_single']}" for n in names[1:])
+                + f"; per rank {result['per_rank']}"
+            )
+            self.state["tp"] = result
+            self.save()
+            for L, C in a.tp_points:
+                for cfg, n in ((cfgs[2], "mooncake"), (cfgs[1], "b0.5")):
+                    self.run_points(by_name[n], cfg, [(L, C)], tp)
+        except Exception as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+            log(f"tp: FAILED: {result['error'][:3000]}")
+        finally:
+            for d, _ in deps:
+                self.stop(d)
+        self.state["tp"] = result
+        self.save()
 
     def warm_up(self, dep: Deployment) -> None:
         """One small request through the proxy (JIT-compiles FlashInfer's kernels the
@@ -584,7 +745,7 @@ class Runner:
             raise RuntimeError(f"warm-up request failed: {st} {data[:500]!r}")
         log(f"{dep.tag}: warm-up request {time.monotonic() - t:.1f} s")
 
-    def run_point(self, dep, backend, budget, ks, L: int, C: int) -> dict | None:
+    def run_point(self, dep, backend, budget, ks, L: int, C: int, tp: int = 1) -> dict | None:
         a = self.args
         if dep.stats_path is not None:
             dep.stats_path.write_text("")
@@ -625,7 +786,7 @@ class Runner:
         if done_n < a.num_prompts:
             log(f"{dep.tag} L={L} C={C}: only {done_n} of {a.num_prompts} requests completed")
         self.state["sec_per_req"][str(L)] = dur / (a.num_prompts + 1) * max(1, min(C, 4)) ** 0.5
-        rec = self.record(backend, budget, ks, L, C, res, read_jsonl(dep.stats_path))
+        rec = self.record(backend, budget, ks, L, C, res, read_jsonl(dep.stats_path), tp)
         rec["bench_s"] = round(dur, 1)
         log(
             f"{dep.tag} L={L} C={C}: ttft p50 {rec['ttft_p50_ms']:.0f} ms mean "
@@ -637,21 +798,24 @@ class Runner:
         )
         return rec
 
-    def record(self, backend, budget, ks, L, C, res: dict, stats: list[dict]) -> dict:
+    def record(self, backend, budget, ks, L, C, res: dict, stats: list[dict], tp: int = 1) -> dict:
+        """One point's record; with ``tp`` > 1 every rank writes a stats line per request
+        (bytes per request: all ranks; times: medians over ranks and requests)."""
         cfg = json.loads(Path(self.args.model8b, "config.json").read_text())
         full = L * 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
         pre = [r for r in stats if r.get("role") == "prefill"]
         dec = [r for r in stats if r.get("role") == "decode"]
-        if len(pre) > self.args.num_prompts:  # the bench's warm-up request came first
-            warm = {r.get("room") for r in pre[: len(pre) - self.args.num_prompts]}
-            pre = pre[len(pre) - self.args.num_prompts :]
+        keep = self.args.num_prompts * tp
+        if len(pre) > keep:  # the bench's warm-up request came first
+            warm = {r.get("room") for r in pre[: len(pre) - keep]}
+            pre = pre[len(pre) - keep :]
             dec = [r for r in dec if r.get("room") not in warm]
 
         def med(rows, k):
             v = [float(r[k]) for r in rows if isinstance(r.get(k), (int, float))]
             return round(statistics.median(v), 3) if v else None
 
-        sent = [float(r["sent_bytes"]) for r in pre if "sent_bytes" in r]
+        sent = [float(r["sent_bytes"]) * tp for r in pre if "sent_bytes" in r]
         rates = [
             r["sent_bytes"] * 8 / (r["transfer_ms"] * 1e6)
             for r in pre
@@ -676,7 +840,7 @@ class Runner:
             "transfer_ms": med(pre, "transfer_ms"),
             "unpack_ms": med(dec, "unpack_ms"),
             "link_gbps": round(statistics.median(rates), 2) if rates else None,
-            "hardware": self.hardware(),
+            "hardware": self.hardware(tp),
             "full_bytes_per_req": full,
             "num_prompts": self.args.num_prompts,
             "completed": res.get("completed"),
@@ -686,8 +850,12 @@ class Runner:
             "mean_e2e_ms": res.get("mean_e2e_latency_ms"),
             "paths": sorted({str(r.get("path")) for r in pre}) if pre else None,
             "queue_ms": med(pre, "queue_ms"),
+            "parts": med(pre, "parts"),
+            "last_pack_ms": med(pre, "last_pack_ms"),
+            "last_transfer_ms": med(pre, "last_transfer_ms"),
+            "tp": tp,
             "stats_records": {"prefill": len(pre), "decode": len(dec)},
-            "_key": [backend, budget, ks, L, C],
+            "_key": [backend, budget, ks, L, C, tp],
         }
         return rec
 
@@ -700,7 +868,13 @@ class Runner:
             (self.out / "serving_gpu_correct.json").write_text(
                 json.dumps(self.state["correct"], indent=1) + "\n"
             )
-        (self.out / "serving_gpu.md").write_text(markdown(recs, self.state.get("correct")))
+        if self.state.get("tp"):
+            (self.out / "serving_gpu_tp.json").write_text(
+                json.dumps(self.state["tp"], indent=1) + "\n"
+            )
+        (self.out / "serving_gpu.md").write_text(
+            markdown(recs, self.state.get("correct"), self.state.get("tp"))
+        )
 
     def phase_report(self) -> None:
         self.write_outputs()
@@ -717,120 +891,6 @@ class Runner:
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
         print(summary(recs, self.state.get("correct")), flush=True)
-
-
-# ---------------------------------------------------------------------------- outputs
-
-
-def read_jsonl(path: Path | None) -> list[dict]:
-    if path is None:
-        return []
-    try:
-        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    except (OSError, ValueError):
-        return []
-
-
-def _f(v, fmt: str = ".0f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def label(r: dict) -> str:
-    if r["backend"] != "spectrum":
-        return r["backend"]
-    ks = f", {r['key_scales']} keys" if r.get("key_scales") else ""
-    return f"spectrum b={r['budget']:g}{ks}"
-
-
-def markdown(recs: list[dict], correct: dict | None) -> str:
-    lines = ["# SGLang PD serving on the GPU: spectrum against mooncake", ""]
-    if recs:
-        lines += [f"Hardware: {recs[0]['hardware']}.", ""]
-        lines += [
-            "| backend | input | conc | TTFT mean | p50 | p99 ms | vs mooncake p50 | req/s "
-            "| MiB/req | pack | transfer | unpack ms | link Gb/s | path |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        base = {
-            (r["input_len"], r["concurrency"]): r["ttft_p50_ms"]
-            for r in recs
-            if r["backend"] == "mooncake"
-        }
-        for r in sorted(recs, key=lambda r: (r["input_len"], r["concurrency"], label(r))):
-            b = base.get((r["input_len"], r["concurrency"]))
-            rel = f"{r['ttft_p50_ms'] / b:.2f}x" if b and r["ttft_p50_ms"] else "-"
-            lines.append(
-                f"| {label(r)} | {r['input_len']} | {r['concurrency']} | {_f(r['ttft_mean_ms'])} "
-                f"| {_f(r['ttft_p50_ms'])} | {_f(r['ttft_p99_ms'])} | {rel} "
-                f"| {_f(r['req_per_s'], '.2f')} | {_f(r['bytes_per_req'] / 2**20, '.0f')} "
-                f"| {_f(r['pack_ms'], '.1f')} | {_f(r['transfer_ms'], '.1f')} "
-                f"| {_f(r['unpack_ms'], '.1f')} | {_f(r['link_gbps'], '.1f')} "
-                f"| {','.join(r.get('paths') or []) or '-'} |"
-            )
-        lines.append("")
-    if correct:
-        lines += ["## Correctness (SmolLM2-135M, real weights)", ""]
-        if correct.get("error"):
-            lines += [f"Failed: `{correct['error'][:500]}`", ""]
-        for k in ("b1_identical_to_single", "secret_single", "paths"):
-            if k in correct:
-                lines.append(f"- {k}: {correct[k]}")
-        for b in correct.get("budgets", []):
-            if f"secret_b{b:g}" in correct:
-                lines.append(f"- secret_b{b:g}: {correct[f'secret_b{b:g}']}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def summary(recs: list[dict], correct: dict | None) -> str:
-    out = ["", "=== serving_gpu summary ==="]
-    if correct:
-        out.append(
-            f"correct: b1 identical {correct.get('b1_identical_to_single')}, secret single "
-            f"{correct.get('secret_single')}, "
-            + ", ".join(
-                f"b{b:g} {correct.get(f'secret_b{b:g}')}" for b in correct.get("budgets", [])
-            )
-            + f", paths {correct.get('paths')}"
-            + (f", ERROR {correct['error'][:200]}" if correct.get("error") else "")
-        )
-    out.append(f"{'backend':28} {'L':>6} {'C':>2} {'p50':>7} {'p99':>7} {'req/s':>6} {'MiB':>6}")
-    for r in sorted(recs, key=lambda r: (r["input_len"], r["concurrency"], label(r))):
-        out.append(
-            f"{label(r):28} {r['input_len']:>6} {r['concurrency']:>2} {_f(r['ttft_p50_ms']):>7} "
-            f"{_f(r['ttft_p99_ms']):>7} {_f(r['req_per_s'], '.2f'):>6} "
-            f"{r['bytes_per_req'] / 2**20:>6.0f}"
-        )
-    return "\n".join(out)
-
-
-def plot(recs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in recs:
-        groups.setdefault((label(r), r["concurrency"]), []).append(r)
-    for (lab, c), rows in sorted(groups.items()):
-        rows.sort(key=lambda r: r["input_len"])
-        ax.plot(
-            [r["input_len"] for r in rows],
-            [r["ttft_p50_ms"] for r in rows],
-            marker="o",
-            linestyle="-" if c == 1 else "--",
-            label=f"{lab}, concurrency {c}",
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("TTFT p50 (ms)")
-    ax.set_title(f"PD TTFT, {recs[0]['hardware'].split(';')[0]}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 # ---------------------------------------------------------------------------- main
@@ -861,6 +921,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="3",
         help="--spectrum-tiers for the dummy-weight speed servers (the INT4 probe means "
         "nothing on random weights and falls back to 2 tiers); '' = server default",
+    )
+    ap.add_argument(
+        "--together", action="store_true", help="speed: start every pair at once (token caps)"
+    )
+    ap.add_argument(
+        "--big-max-tokens", type=int, default=81920, help="KV cap of 8B servers started together"
+    )
+    ap.add_argument(
+        "--tp-points",
+        type=lambda s: [tuple(int(v) for v in p.split("x")) for p in s.split(",") if p],
+        default=[(16384, 1)],
+        help="tp phase: LENxCONC points for mooncake and spectrum b=0.5 at TP 2",
+    )
+    ap.add_argument(
+        "--correct-chunked-prefill",
+        type=int,
+        default=1024,
+        help="correct phase: --chunked-prefill-size (below the secret prompts: parts)",
     )
     ap.add_argument("--correct-budgets", type=csv(float), default=[1.0, 0.5])
     ap.add_argument("--secret-tokens", type=int, default=2500)
@@ -905,6 +983,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "correct" in args.phases:
             r.phase_correct()
+        if "tp" in args.phases:
+            r.phase_tp()
         if "speed" in args.phases:
             r.phase_speed()
     except KeyboardInterrupt:

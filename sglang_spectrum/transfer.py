@@ -74,7 +74,16 @@ from .policy import (
 )
 from .scoring import lift_sinks_and_recent, score_tokens
 
-__all__ = ["PackedRequest", "pack_request", "packed_size_bound", "unpack_request"]
+__all__ = [
+    "PART_ALIGN",
+    "PackedRequest",
+    "pack_request",
+    "packed_size_bound",
+    "part_offset",
+    "unpack_request",
+]
+
+PART_ALIGN = 4096  # bytes: start of each part of a request sent in parts
 
 # Tests only: run the kernel path on CPU tensors (Triton's interpreter, TRITON_INTERPRET=1).
 _KERNELS_ON_CPU = False
@@ -212,6 +221,7 @@ def packed_size_bound(
     head_dim: int,
     dtype: torch.dtype | str,
     config: SpectrumConfig,
+    parts: int = 1,
 ) -> int:
     """Upper bound of :attr:`PackedRequest.nbytes` for any request of this size under
     ``config`` with ``allow_drop=False`` (as in serving): the send region the prefill
@@ -219,12 +229,28 @@ def packed_size_bound(
 
     ``token_budget + fixed_overhead`` of the layout (the codec's own guarantee);
     context slots only lower it (fewer forced sinks among the sent tokens).
+
+    ``parts > 1``: room for the request packed as up to ``parts`` consecutive
+    buffers, each starting at a multiple of :data:`PART_ALIGN` (one per prefill
+    chunk): each extra part may add a fixed overhead, its alignment and, while the
+    no-drop floor rules, the FP16 rows of the sinks. A sender of parts still checks
+    each part against the region it was given (this slack only makes room).
     """
     config = config if not config.allow_drop else config.with_(allow_drop=False)
     info = _layout_info(
         max(int(num_tokens), 1), num_layers, num_kv_heads, head_dim, _dtype_name(dtype), config
     )
-    return _budget(info, config) + info.overhead
+    bound = _budget(info, config) + info.overhead
+    if parts > 1:
+        sinks = min(config.sinks, info.layout.num_tokens) * info.costs[Tier.FP16]
+        bound += (parts - 1) * (info.overhead + PART_ALIGN) + sinks
+    return bound
+
+
+def part_offset(nbytes: int) -> int:
+    """Where the part after ``nbytes`` of earlier parts starts (a multiple of
+    :data:`PART_ALIGN`, so every part's segments stay aligned)."""
+    return -(-int(nbytes) // PART_ALIGN) * PART_ALIGN
 
 
 # --------------------------------------------------------------------------- input checks

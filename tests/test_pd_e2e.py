@@ -270,6 +270,10 @@ def test_secret_only_in_long_prompt_at_half_budget(half):
     assert roles["prefill"]["num_tokens"] == n and roles["decode"]["num_tokens"] == n
     assert roles["prefill"]["ratio"] <= 0.5
     assert roles["decode"]["received_bytes"] == roles["prefill"]["sent_bytes"]
+    # --spectrum-stream chunks (default): earlier chunks went as their own parts,
+    # written while the next chunk was computed; the decode unpacked every one
+    assert roles["prefill"]["parts"] >= 2, roles["prefill"]
+    assert roles["decode"]["parts"] == roles["prefill"]["parts"]
 
 
 def test_prompt_longer_than_chunked_prefill_size(half):

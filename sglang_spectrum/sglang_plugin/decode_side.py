@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 ABORT_ACK_TIMEOUT_S = 60.0  # decode: keep an aborted region at most this long without ack
 FOREIGN_ABORT_REPEATS_S = (1.0, 3.0, 10.0)  # resend SGLang's ABORT to a foreign prefill at
+MAX_PARTS = 64  # receive room for at most this many parts (the prefill merges beyond)
 
 
 class DecodeSide:
@@ -84,8 +85,9 @@ class DecodeSide:
         elif isinstance(msg, messages.AbortAck):
             receiver.on_abort_ack()
 
-    def unpack_into_pool(self, buf: torch.Tensor, slots: np.ndarray, sent: messages.Sent) -> Any:
-        """Decode control thread: validate and unpack one request, write its metadata row."""
+    def unpack_into_pool(self, buf: torch.Tensor, slots: np.ndarray, checksum: int) -> Any:
+        """Decode control thread: validate and unpack one part of a request into the
+        pool slots ``slots`` (int64 ``[T]``)."""
         from sglang_spectrum.transfer import unpack_request
 
         device = self.k_pools[0].device
@@ -97,7 +99,7 @@ class DecodeSide:
             )
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             return unpack_request(
-                buf, self.k_pools, self.v_pools, slots_t, expected_checksum=sent.checksum
+                buf, self.k_pools, self.v_pools, slots_t, expected_checksum=checksum
             )
 
     def write_aux(self, index: int, rows: list[bytes]) -> None:
@@ -167,10 +169,26 @@ class DecodeSide:
         with self._lock:
             return self._prefill_verdicts.get(bootstrap_addr, "")
 
-    def prefill_codec(self, bootstrap_addr: str) -> Any:
-        """The codec config the prefill at ``bootstrap_addr`` packs with (its budget and
-        codec options, 2 tiers: the larger no-drop floor bounds either tier mode)."""
-        announced = (self._prefill_peers.get(bootstrap_addr) or {}).get("options")
+    def receive_bound(self, bootstrap_addr: str, num_tokens: int) -> int:
+        """Receive-region bytes for ``num_tokens`` tokens from the prefill at
+        ``bootstrap_addr``: its codec (budget and codec options; 2 tiers, whose no-drop
+        floor bounds either tier mode) and room for a part per chunk it streams (chunk
+        ends need not fall on ours: one more) and one for a cached prefix sent ahead."""
+        from sglang_spectrum.transfer import packed_size_bound
+
+        peer = self._prefill_peers.get(bootstrap_addr) or {}
+        announced = peer.get("options")
         # (an unverified prefill: the largest bound, everything at FP16)
         opts = options_from_dict(announced) if announced else SpectrumServerOptions(budget=1.0)
-        return opts.codec_config(budget=opts.budget, tiers="2", allow_drop=False)
+        chunk = int(peer.get("stream_chunk_tokens") or 0)
+        parts = min(2 + -(-num_tokens // chunk), MAX_PARTS) if chunk > 0 else 1
+        lay = self.layout
+        return packed_size_bound(
+            num_tokens,
+            lay["layers"],
+            lay["kv_heads"],
+            lay["head_dim"],
+            lay["dtype"],
+            opts.codec_config(budget=opts.budget, tiers="2", allow_drop=False),
+            parts=parts,
+        )

@@ -2,16 +2,19 @@
 
 Sender (prefill, scheduler thread): remembers the page indices of every chunk
 (SGLang keeps the pages of earlier chunks allocated and locked until the
-request leaves the inflight queue, i.e. until this transfer ends) and, at the
-last chunk, hands the request to the manager's transfer thread
-(:meth:`.manager.SpectrumKVManager.submit`): the scheduler never packs.
+request leaves the inflight queue, i.e. until this transfer ends). With
+``--spectrum-stream chunks`` each earlier chunk of at least
+:data:`STREAM_MIN_TOKENS` tokens is offered to the transfer thread as one part
+(:meth:`.manager.SpectrumKVManager.submit_part`; refused while the decode has not
+granted, then it joins the next part); at the last chunk the rest of the
+request goes (:meth:`.manager.SpectrumKVManager.submit`): the scheduler never packs.
 
 Receiver (decode): ``send_metadata`` reserves a receive region in the
 registered arena (capacity from the tokens it asks for and the prefill's
 codec) and grants it to the prefill ranks; a full arena defers the grant
 (back-pressure: ``poll`` retries, the prefill waits). The manager's control
-thread unpacks when the prefill's ``Sent`` arrives; ``poll`` only reads the
-status. An aborted receiver keeps its region until the prefill acknowledges
+thread unpacks every part when the prefill's ``Sent`` arrives; ``poll`` only
+reads the status. An aborted receiver keeps its region until the prefill acknowledges
 that nothing more can be written into it.
 """
 
@@ -42,6 +45,10 @@ from .transport import Region
 
 logger = logging.getLogger(__name__)
 
+# Smallest earlier chunk sent as its own part: below it the part's fixed costs
+# (a pack launch, a header, a Mooncake write) outweigh what the overlap hides.
+STREAM_MIN_TOKENS = 256
+
 
 def _raise_failure(endpoint: Any) -> None:
     """Conclude a sender/receiver as failed and raise SGLang's error with the recorded reason."""
@@ -58,6 +65,8 @@ class SpectrumKVSender(CommonKVSender):
 
     def __init__(self, *args: Any, **kwargs: Any):
         self._pages: list[np.ndarray] = []
+        self._streamed_pages = 0  # entries of _pages sent as earlier parts
+        self._streamed_tokens = 0
         self._submitted = False
         super().__init__(*args, **kwargs)
 
@@ -79,20 +88,23 @@ class SpectrumKVSender(CommonKVSender):
         self._pages.append(pages)
         self.curr_idx += len(pages)
         if self.curr_idx < self.num_kv_indices:
-            return  # earlier chunk: its pages stay locked until the request is done
+            # earlier chunk: its pages stay locked until the request is done
+            self._stream_part(compat.pending_kv_event(self))
+            return
         self._submitted = True
         t_start = time.perf_counter()
         mgr = self.kv_mgr
         page_size = int(mgr.kv_args.page_size)
-        prefix = mgr.room_prefix_len(self.bootstrap_room)
+        start = mgr.room_prefix_len(self.bootstrap_room) + self._streamed_tokens
         found = compat.prompt_slots(mgr.scheduler, self.bootstrap_room)
         context, rid = None, ""
         if found is not None:
             full, rid = found
-            slots = full[prefix:]  # the prompt's own row: exact length, no page padding
-            context = full[:prefix] if prefix else None
+            slots = full[start:]  # the prompt's own row: exact length, no page padding
+            context = full[:start] if start else None
         elif page_size == 1:  # one slot per page: the pages are the slots
-            slots = torch.from_numpy(np.concatenate(self._pages))
+            slots = torch.from_numpy(np.concatenate(self._pages[self._streamed_pages :]))
+            context = self._streamed_slots(page_size)
         else:
             mgr.fail_room(
                 self.bootstrap_room,
@@ -101,6 +113,29 @@ class SpectrumKVSender(CommonKVSender):
             )
             return
         mgr.submit(self, rid, slots, context, t_start)
+
+    def _streamed_slots(self, page_size: int) -> torch.Tensor | None:
+        """int64 slots of the tokens sent in earlier parts (None: none yet)."""
+        done = self._pages[: self._streamed_pages]
+        return torch.from_numpy(expand_pages(np.concatenate(done), page_size)) if done else None
+
+    def _stream_part(self, event: Any) -> None:
+        """Offer the pages not sent yet (whole pages: an earlier chunk ends on a page
+        boundary) as one part. Its context is the earlier parts' tokens (a prefix the
+        decode holds is not among them: at most a few sinks more stay FP16)."""
+        mgr = self.kv_mgr
+        if mgr.options.stream != "chunks":
+            return
+        page_size = int(mgr.kv_args.page_size)
+        pending = self._pages[self._streamed_pages :]
+        tokens = sum(len(p) for p in pending) * page_size
+        if tokens < STREAM_MIN_TOKENS:
+            return
+        slots = torch.from_numpy(expand_pages(np.concatenate(pending), page_size))
+        rest = (self.num_kv_indices - self.curr_idx) * page_size
+        if mgr.submit_part(self, slots, self._streamed_slots(page_size), rest, event):
+            self._streamed_pages = len(self._pages)
+            self._streamed_tokens += tokens
 
     def poll(self) -> int:
         if self.conclude_state is not None:
@@ -200,8 +235,6 @@ class SpectrumKVReceiver(CommonKVReceiver):
         destination: Any = None,
         **kwargs: Any,
     ) -> None:
-        from sglang_spectrum.transfer import packed_size_bound
-
         if self.conclude_state is not None:
             return
         if getattr(self, "bootstrap_infos", None) is None:
@@ -217,16 +250,8 @@ class SpectrumKVReceiver(CommonKVReceiver):
         self._pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1).copy()
         self._aux_index = aux_index
         self._prefix_len = int(decode_prefix_len or 0)
-        lay = mgr.layout
-        tokens = max(1, len(self._pages) * int(lay["page_size"]))
-        self._need = packed_size_bound(
-            tokens,
-            lay["layers"],
-            lay["kv_heads"],
-            lay["head_dim"],
-            lay["dtype"],
-            mgr.prefill_codec(self.bootstrap_addr),
-        )
+        tokens = max(1, len(self._pages) * int(mgr.layout["page_size"]))
+        self._need = mgr.receive_bound(self.bootstrap_addr, tokens)
         if self._need > mgr.arena.size:
             reason = (
                 f"SpectrumKV: request {self.bootstrap_room} needs a {self._need}-byte receive"
@@ -287,7 +312,8 @@ class SpectrumKVReceiver(CommonKVReceiver):
     # -- completion (manager control thread)
 
     def on_sent(self, sent: messages.Sent) -> None:
-        """Validate and unpack the packed KV, write the metadata row, report success."""
+        """Validate and unpack every part of the packed KV, write the metadata row,
+        report success."""
         mgr = self.kv_mgr
         with self._state_lock:
             if self._aborted_at is not None or self.conclude_state is not None:
@@ -297,18 +323,27 @@ class SpectrumKVReceiver(CommonKVReceiver):
             try:
                 if region is None:
                     raise ValueError("no receive region reserved")
-                if not 0 < sent.nbytes <= region.capacity:
-                    raise ValueError(f"announced size {sent.nbytes} outside the receive buffer")
                 page_size = int(mgr.layout["page_size"])
                 slots = expand_pages(self._pages, page_size)
-                n = int(sent.stats.get("num_tokens", 0))
+                parts = sent.parts or [[0, sent.nbytes, sent.checksum, len(slots)]]
+                n = sum(int(p[3]) for p in parts)
                 if not (len(self._pages) - 1) * page_size < n <= len(slots):
                     raise ValueError(
                         f"the prefill sent {n} tokens for {len(self._pages)} pages of {page_size}"
                     )
-                info = mgr.unpack_into_pool(region.view(sent.nbytes), slots[:n], sent)
-                if len(info.dropped):
-                    raise ValueError(f"{len(info.dropped)} dropped tokens (serving never drops)")
+                infos, first = [], 0
+                for offset, nbytes, checksum, tokens in parts:
+                    if not (0 <= offset and 0 < nbytes and offset + nbytes <= region.capacity):
+                        raise ValueError(
+                            f"part of {nbytes} bytes at {offset} outside the receive buffer"
+                        )
+                    buf = region.view(offset + nbytes)[offset:]
+                    part_slots = slots[first : first + tokens]
+                    infos.append(mgr.unpack_into_pool(buf, part_slots, checksum))
+                    first += tokens
+                dropped = sum(len(info.dropped) for info in infos)
+                if dropped:
+                    raise ValueError(f"{dropped} dropped tokens (serving never drops)")
                 if self._aux_index is not None and sent.aux:
                     mgr.write_aux(self._aux_index, sent.aux)
             except Exception as e:
@@ -326,11 +361,17 @@ class SpectrumKVReceiver(CommonKVReceiver):
             "role": "decode",
             "rid": sent.stats.get("rid", ""),
             "room": self.bootstrap_room,
+            "tp_rank": int(mgr.attn_tp_rank),
             "num_tokens": n,
             "prefix_tokens": self._prefix_len,
-            "full_bytes": int(info.layout.full_nbytes),
+            "full_bytes": sum(int(info.layout.full_nbytes) for info in infos),
             "received_bytes": int(sent.nbytes),
-            "tiers": {k: v for k, v in info.tier_counts.items() if k != "drop"},
+            "parts": len(parts),
+            "tiers": {
+                k: sum(info.tier_counts[k] for info in infos)
+                for k in infos[0].tier_counts
+                if k != "drop"
+            },
             "unpack_ms": round(unpack_ms, 3),
             "prefill": sent.stats,
         }

@@ -219,7 +219,13 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         )
         if self.is_prefill:
             fields["tiers_resolved"] = self.tiers
+            fields["stream_chunk_tokens"] = self.stream_chunk_tokens()
         return wire_identity(self.options.to_dict(), **fields)
+
+    def stream_chunk_tokens(self) -> int:
+        """Prefill: the chunk size its requests are sent in parts of (0 = one part)."""
+        size = int(getattr(self.server_args, "chunked_prefill_size", None) or 0)
+        return size if self.options.stream == "chunks" and size > 0 else 0
 
     def _bootstrap_url(self) -> str:
         # the host CommonKVManager.register_to_bootstrap registers at

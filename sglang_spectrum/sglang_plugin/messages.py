@@ -12,8 +12,9 @@ Decode -> prefill (to the prefill rank's PULL socket, ``CommonKVManager.rank_por
 
 Prefill -> decode (to the decode rank's PULL socket):
 
-* :class:`Sent`: the packed KV is in the receive region (size, checksum, the
-  metadata row bytes, per-request stats); the decode validates and unpacks.
+* :class:`Sent`: the packed KV is in the receive region (its parts: offset,
+  size, checksum, tokens; the metadata row bytes, per-request stats); the
+  decode validates and unpacks each part.
 * :class:`Failed`: the request failed on the prefill side, with the reason.
 * :class:`AbortAck`: see above.
 
@@ -63,10 +64,13 @@ class Abort(msgspec.Struct, frozen=True):
 
 class Sent(msgspec.Struct, frozen=True):
     room: int
-    nbytes: int
-    checksum: int
+    nbytes: int  # all parts together
+    checksum: int  # of the last part
     aux: list[bytes]  # the prefill's metadata row, one entry per metadata buffer
     stats: dict[str, Any]
+    # [offset in the region, bytes, checksum, tokens] of each part, in token order
+    # (one per prefill chunk streamed, the last chunk's included)
+    parts: list[list[int]] = msgspec.field(default_factory=list)
 
 
 class Failed(msgspec.Struct, frozen=True):

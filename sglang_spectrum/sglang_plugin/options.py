@@ -34,6 +34,7 @@ TIER_CHOICES = ("auto", "3", "2")
 ALLOCATOR_CHOICES = ("paper", "optimal")
 ROTATION_CHOICES = ("none", "hadamard")
 KEY_SCALE_CHOICES = ("token", "channel")
+STREAM_CHOICES = ("chunks", "off")
 # attribute on ServerArgs -> default
 DEFAULTS: dict[str, Any] = {
     "spectrum_budget": 0.5,
@@ -44,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "spectrum_rotation": "none",
     "spectrum_group_size": 0,
     "spectrum_key_scales": "channel",
+    "spectrum_stream": "chunks",
 }
 OPTIONS_ENV = "SGLANG_SPECTRUM_OPTIONS"
 
@@ -64,6 +66,7 @@ class SpectrumServerOptions:
     rotation: str = DEFAULTS["spectrum_rotation"]
     group_size: int | None = None  # quantisation group along head_dim; None = head_dim
     key_scales: str = DEFAULTS["spectrum_key_scales"]
+    stream: str = DEFAULTS["spectrum_stream"]
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
@@ -71,6 +74,7 @@ class SpectrumServerOptions:
         _choice("allocator", self.allocator, ALLOCATOR_CHOICES)
         _choice("rotation", self.rotation, ROTATION_CHOICES)
         _choice("key-scales", self.key_scales, KEY_SCALE_CHOICES)
+        _choice("stream", self.stream, STREAM_CHOICES)
         object.__setattr__(self, "budget", float(self.budget))
         object.__setattr__(self, "probe_refresh", bool(self.probe_refresh))
         arena = float(self.arena_mb or 0.0)
@@ -286,6 +290,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         " channel: one scale per channel over 64-token blocks (KIVI), for models whose keys"
         " have outlier channels (e.g. Qwen2.5: INT4 perplexity +13.3%% -> +0.6%%, same bytes"
         f" at head_dim 64) (default {DEFAULTS['spectrum_key_scales']}).",
+    )
+    group.add_argument(
+        "--spectrum-stream",
+        choices=STREAM_CHOICES,
+        default=None,
+        help="chunks: with chunked prefill, pack and send each chunk's KV (its own share of"
+        " the budget) while the next chunk is computed, like the stock backends' per-chunk"
+        " sends; off: one allocation over the whole prompt, sent after the last chunk"
+        f" (default {DEFAULTS['spectrum_stream']}).",
     )
     group.add_argument(
         "--spectrum-probe-refresh",
