@@ -783,6 +783,10 @@ class Runner:
             tail = blog.read_text(errors="replace")[-1500:]
             log(f"{dep.tag} L={L} C={C}: no request completed (not recorded):\n{tail}")
             return None
+        if not res.get("median_ttft_ms"):  # bench_serving counts failed requests too
+            tail = blog.read_text(errors="replace")[-1500:]
+            log(f"{dep.tag} L={L} C={C}: requests failed (no TTFT; not recorded):\n{tail}")
+            return None
         if done_n < a.num_prompts:
             log(f"{dep.tag} L={L} C={C}: only {done_n} of {a.num_prompts} requests completed")
         self.state["sec_per_req"][str(L)] = dur / (a.num_prompts + 1) * max(1, min(C, 4)) ** 0.5

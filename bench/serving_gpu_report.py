@@ -152,3 +152,48 @@ def plot(recs: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _key(r: dict) -> tuple:
+    return (
+        r["backend"],
+        r["budget"],
+        r.get("key_scales"),
+        r["input_len"],
+        r["concurrency"],
+        r.get("tp", 1),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Merge the outputs of several bench/serving_gpu.py calls (a later file's record
+    replaces an earlier one of the same point; records without a TTFT are dropped) and
+    write serving_gpu.json / .md / .png into --out."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("records", nargs="+", type=Path, help="serving_gpu.json files, in order")
+    ap.add_argument("--correct", type=Path, help="serving_gpu_correct.json")
+    ap.add_argument("--tp", type=Path, help="serving_gpu_tp.json")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    merged: dict[tuple, dict] = {}
+    for path in a.records:
+        for r in json.loads(path.read_text()):
+            if r.get("ttft_p50_ms"):
+                merged[_key(r)] = r
+            else:
+                print(f"{path}: {_key(r)} has no TTFT (failed point): dropped")
+    recs = sorted(merged.values(), key=lambda r: (r.get("tp", 1), r["input_len"], r["concurrency"]))
+    correct = json.loads(a.correct.read_text()) if a.correct else None
+    tp = json.loads(a.tp.read_text()) if a.tp else None
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "serving_gpu.json").write_text(json.dumps(recs, indent=1) + "\n")
+    (a.out / "serving_gpu.md").write_text(markdown(recs, correct, tp))
+    plot(recs, a.out / "serving_gpu.png")
+    print(summary(recs, correct))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -191,7 +191,8 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
                                     "--spectrum-probe-refresh",
                                     "--spectrum-rotation", "hadamard",
                                     "--spectrum-group-size", "32",
-                                    "--spectrum-key-scales", "token"])
+                                    "--spectrum-key-scales", "token",
+                                    "--spectrum-stream", "off"])
         # a scheduler process is a child of the launcher: it inherits the environment
         code = ("import json; from sglang_spectrum.sglang_plugin.options import current_options;"
                 " print(json.dumps(current_options().to_dict()))")
@@ -208,6 +209,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "rotation": "hadamard",
         "group_size": 32,
         "key_scales": "token",
+        "stream": "off",
     }
     assert out["defaults"] == {
         "budget": 0.5,
@@ -218,6 +220,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "rotation": "none",
         "group_size": None,
         "key_scales": "channel",
+        "stream": "chunks",
     }
 
 
@@ -253,6 +256,7 @@ OPTION_ERRORS = {
     "word": (["--spectrum-budget", "x"], "error: --spectrum-budget must be a number in (0, 1]"),
     "tiers": (["--spectrum-tiers", "4"], "argument --spectrum-tiers: invalid choice: '4'"),
     "alloc": (["--spectrum-allocator", "x"], "argument --spectrum-allocator: invalid choice"),
+    "stream": (["--spectrum-stream", "on"], "argument --spectrum-stream: invalid choice: 'on'"),
     "drop2": (
         ["--spectrum-budget", "0.4", "--spectrum-tiers", "2"],
         "error: --spectrum-budget 0.4 is below 0.531, the least 2 tiers (FP16+INT8) can send",
@@ -451,6 +455,8 @@ def test_arena_size_follows_pool_and_budget():
     assert arena_bytes(0, 100 << 20, 0.5) == MIN_ARENA
     assert arena_bytes(0, 1000 * gib, 1.0) == MAX_ARENA
     assert arena_bytes(24, 40 * gib, 0.5) == 24 << 20  # --spectrum-arena-mb wins
+    # at least the region of the longest request (a 16k prompt at b=0.3 on a small pool)
+    assert arena_bytes(0, 10 * gib, 0.3, largest=gib + 7) == gib + 7
 
 
 def test_metadata_rows_round_trip_through_host_buffers():

@@ -147,7 +147,10 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         self.layout = pool_layout(self.k_pools, self.kv_args.page_size)
         check_no_drop(self.options, self.layout["head_dim"])
         size = arena_bytes(
-            self.options.arena_mb, pool_nbytes(self.k_pools, self.v_pools), self.options.budget
+            self.options.arena_mb,
+            pool_nbytes(self.k_pools, self.v_pools),
+            self.options.budget,
+            self._largest_region(scheduler),
         )
         device = self.k_pools[0].device
         self.arena = RegisteredArena(
@@ -221,6 +224,28 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
             fields["tiers_resolved"] = self.tiers
             fields["stream_chunk_tokens"] = self.stream_chunk_tokens()
         return wire_identity(self.options.to_dict(), **fields)
+
+    def _largest_region(self, scheduler: Any) -> int:
+        """Bytes of the send/receive region of the longest request this server admits
+        (context length, at most the pool): the receive side's bound (2-tier no-drop
+        floor, one part per chunk) under this server's options."""
+        from sglang_spectrum.transfer import packed_size_bound
+
+        tokens = int(self.k_pools[0].shape[0])
+        context = getattr(getattr(scheduler, "model_config", None), "context_len", None)
+        if context:
+            tokens = min(tokens, int(context))
+        chunk = int(getattr(self.server_args, "chunked_prefill_size", None) or 0)
+        lay = self.layout
+        return packed_size_bound(
+            tokens,
+            lay["layers"],
+            lay["kv_heads"],
+            lay["head_dim"],
+            lay["dtype"],
+            self.options.codec_config(budget=self.options.budget, tiers="2", allow_drop=False),
+            parts=2 + -(-tokens // chunk) if chunk > 0 else 1,
+        )
 
     def stream_chunk_tokens(self) -> int:
         """Prefill: the chunk size its requests are sent in parts of (0 = one part)."""

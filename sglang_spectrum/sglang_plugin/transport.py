@@ -146,13 +146,15 @@ def pool_nbytes(k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> int
     return sum(t.numel() * t.element_size() for t in [*k_pools, *v_pools])
 
 
-def arena_bytes(arena_mb: float, pool_bytes: int, budget: float) -> int:
+def arena_bytes(arena_mb: float, pool_bytes: int, budget: float, largest: int = 0) -> int:
     """Arena size: ``--spectrum-arena-mb``, or auto = a quarter of the KV pool's packed
-    size at the budget (room for the packed KV of a quarter of the pool in flight),
-    clamped to 64 MiB .. 8 GiB."""
+    size at the budget (room for the packed KV of a quarter of the pool in flight), at
+    least ``largest`` (the region of the longest request the server admits), clamped
+    to 64 MiB .. 8 GiB."""
     if arena_mb:
         return int(arena_mb * (1 << 20))
-    return int(min(max(pool_bytes * min(budget, 1.0) / 4, MIN_ARENA), MAX_ARENA))
+    auto = max(pool_bytes * min(budget, 1.0) / 4, largest, MIN_ARENA)
+    return int(min(auto, MAX_ARENA))
 
 
 def read_aux_row(ptrs: list[int], item_lens: list[int], index: int) -> list[bytes]:
