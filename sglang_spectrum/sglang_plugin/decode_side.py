@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 ABORT_ACK_TIMEOUT_S = 60.0  # decode: keep an aborted region at most this long without ack
 FOREIGN_ABORT_REPEATS_S = (1.0, 3.0, 10.0)  # resend SGLang's ABORT to a foreign prefill at
-MAX_PARTS = 64  # receive room for at most this many parts (the prefill merges beyond)
 
 
 class DecodeSide:
@@ -172,23 +171,10 @@ class DecodeSide:
     def receive_bound(self, bootstrap_addr: str, num_tokens: int) -> int:
         """Receive-region bytes for ``num_tokens`` tokens from the prefill at
         ``bootstrap_addr``: its codec (budget and codec options; 2 tiers, whose no-drop
-        floor bounds either tier mode) and room for a part per chunk it streams (chunk
-        ends need not fall on ours: one more) and one for a cached prefix sent ahead."""
-        from sglang_spectrum.transfer import packed_size_bound
-
+        floor bounds either tier mode) and a part per chunk it streams."""
         peer = self._prefill_peers.get(bootstrap_addr) or {}
         announced = peer.get("options")
         # (an unverified prefill: the largest bound, everything at FP16)
         opts = options_from_dict(announced) if announced else SpectrumServerOptions(budget=1.0)
-        chunk = int(peer.get("stream_chunk_tokens") or 0)
-        parts = min(2 + -(-num_tokens // chunk), MAX_PARTS) if chunk > 0 else 1
-        lay = self.layout
-        return packed_size_bound(
-            num_tokens,
-            lay["layers"],
-            lay["kv_heads"],
-            lay["head_dim"],
-            lay["dtype"],
-            opts.codec_config(budget=opts.budget, tiers="2", allow_drop=False),
-            parts=parts,
-        )
+        cfg = opts.codec_config(budget=opts.budget, tiers="2", allow_drop=False)
+        return self.region_bound(num_tokens, cfg, int(peer.get("stream_chunk_tokens") or 0))

@@ -54,6 +54,8 @@ from .transport import (
 
 logger = logging.getLogger(__name__)
 
+MAX_PARTS = 64  # receive room for at most this many parts (the prefill merges beyond)
+
 
 def pool_layout(k_pools: list[torch.Tensor], page_size: int) -> dict[str, Any]:
     k0 = k_pools[0]
@@ -225,27 +227,38 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
             fields["stream_chunk_tokens"] = self.stream_chunk_tokens()
         return wire_identity(self.options.to_dict(), **fields)
 
+    def region_bound(self, num_tokens: int, config: Any, chunk_tokens: int = 0) -> int:
+        """Bytes of a send/receive region for ``num_tokens`` tokens of this server's KV
+        layout packed under ``config`` (:func:`~sglang_spectrum.transfer.packed_size_bound`),
+        with room for one part per prefill chunk of ``chunk_tokens`` (0: one part); chunk
+        ends need not fall on the receiver's tokens (one part more) and a cached prefix
+        may go ahead (one more), at most :data:`MAX_PARTS`."""
+        from sglang_spectrum.transfer import packed_size_bound
+
+        parts = min(2 + -(-num_tokens // chunk_tokens), MAX_PARTS) if chunk_tokens > 0 else 1
+        lay = self.layout
+        return packed_size_bound(
+            num_tokens,
+            lay["layers"],
+            lay["kv_heads"],
+            lay["head_dim"],
+            lay["dtype"],
+            config,
+            parts=parts,
+        )
+
     def _largest_region(self, scheduler: Any) -> int:
         """Bytes of the send/receive region of the longest request this server admits
         (context length, at most the pool): the receive side's bound (2-tier no-drop
         floor, one part per chunk) under this server's options."""
-        from sglang_spectrum.transfer import packed_size_bound
-
         tokens = int(self.k_pools[0].shape[0])
         context = getattr(getattr(scheduler, "model_config", None), "context_len", None)
         if context:
             tokens = min(tokens, int(context))
         chunk = int(getattr(self.server_args, "chunked_prefill_size", None) or 0)
-        lay = self.layout
-        return packed_size_bound(
-            tokens,
-            lay["layers"],
-            lay["kv_heads"],
-            lay["head_dim"],
-            lay["dtype"],
-            self.options.codec_config(budget=self.options.budget, tiers="2", allow_drop=False),
-            parts=2 + -(-tokens // chunk) if chunk > 0 else 1,
-        )
+        opts = self.options
+        cfg = opts.codec_config(budget=opts.budget, tiers="2", allow_drop=False)
+        return self.region_bound(tokens, cfg, chunk)
 
     def stream_chunk_tokens(self) -> int:
         """Prefill: the chunk size its requests are sent in parts of (0 = one part)."""

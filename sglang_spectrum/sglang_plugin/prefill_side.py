@@ -146,19 +146,6 @@ class PrefillSide:
         event.record(torch.cuda.current_stream(self.k_pools[0].device))
         return [e for e in events if e is not None] + [event]
 
-    def _part_bound(self, num_tokens: int) -> int:
-        from sglang_spectrum.transfer import packed_size_bound
-
-        lay = self.layout
-        return packed_size_bound(
-            num_tokens,
-            lay["layers"],
-            lay["kv_heads"],
-            lay["head_dim"],
-            lay["dtype"],
-            self.codec_config(),
-        )
-
     def submit(
         self,
         sender: Any,
@@ -209,8 +196,9 @@ class PrefillSide:
             if state is None or state.aborted or len(state.grants) < state.required:
                 return False
             capacity = min(g.capacity for g in state.grants.values())
-            reserved = part_offset(state.reserved) + self._part_bound(int(slots.numel()))
-            if part_offset(reserved) + self._part_bound(rest_tokens) > capacity:
+            cfg = self.codec_config()
+            reserved = part_offset(state.reserved) + self.region_bound(int(slots.numel()), cfg)
+            if part_offset(reserved) + self.region_bound(rest_tokens, cfg) > capacity:
                 return False
             state.reserved = reserved
         job = PackJob(room, slots, context, [], self._kv_written_events(event), "", final=False)
@@ -295,7 +283,7 @@ class PrefillSide:
         cfg = self.codec_config()
         if not job.final:  # its last tokens are not the prompt's recent window
             cfg = cfg.with_(window=0)
-        bound = self._part_bound(int(job.slots.numel()))
+        bound = self.region_bound(int(job.slots.numel()), cfg)
         region = self.arena.alloc(bound)
         one_off = region is None
         device = self.k_pools[0].device
