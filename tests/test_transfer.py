@@ -417,3 +417,45 @@ def test_request_path_benchmark_smoke(tmp_path):
     assert all(need <= set(r) for r in recs)
     assert all(r["tier_counts"]["drop"] == 0 for r in recs)
     assert (tmp_path / "request_path_smoke.md").read_text().startswith("# Request path")
+
+
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: f"{c.budget}-{c.key_scales}")
+def test_request_in_parts_fits_the_parts_bound_and_round_trips(config):
+    """A request packed as consecutive parts (as the backend streams prefill chunks:
+    each part its own budget share, the earlier parts as context, each at
+    part_offset of the bytes before it) fits packed_size_bound(parts=...) and unpacks
+    part by part into the slots of the whole request."""
+    from sglang_spectrum.transfer import part_offset
+
+    kp, vp, slots = make_pools(tokens=400, seed=5)
+    _, heads, head_dim = kp[0].shape
+    cuts = [0, 128, 256, 400]  # two earlier chunks of 128, the last part 144
+    bound = packed_size_bound(400, len(kp), heads, head_dim, kp[0].dtype, config, parts=4)
+    buf = torch.zeros(bound, dtype=torch.uint8)
+    ok = [torch.full_like(p, float("nan")) for p in kp]
+    ov = [torch.full_like(p, float("nan")) for p in vp]
+    end, parts = 0, []
+    for lo, hi in zip(cuts, cuts[1:]):
+        part_cfg = config if hi == cuts[-1] else config.with_(window=0)
+        out = region(kp, slots[lo:hi], part_cfg)
+        ctx = slots[:lo] if lo else None
+        res = pack_request(kp, vp, slots[lo:hi], part_cfg, out=out, context_slots=ctx)
+        assert res.num_tokens == hi - lo and res.tier_counts["drop"] == 0
+        assert res.nbytes <= out.numel()  # packed_size_bound of the part's tokens
+        offset = part_offset(end)
+        assert offset % 4096 == 0 and offset + res.nbytes <= bound
+        buf[offset : offset + res.nbytes] = out[: res.nbytes]
+        parts.append((offset, res.nbytes, res.checksum, lo, hi))
+        end = offset + res.nbytes
+    # each part within its own share (the codec's bound for its tokens), so all of
+    # them within the budget of the whole request but a fixed overhead per extra part
+    whole = region(kp, slots, config)
+    one = pack_request(kp, vp, slots, config, out=whole)
+    assert sum(p[1] for p in parts) <= one.nbytes + 2 * (4096 + 1024)
+    for offset, nbytes, checksum, lo, hi in parts:
+        unpack_request(
+            buf[offset : offset + nbytes], ok, ov, slots[lo:hi], expected_checksum=checksum
+        )
+    for pool, out_pool in zip(kp + vp, ok + ov):  # every token landed, none elsewhere
+        assert not torch.isnan(out_pool[slots].float()).any()
+        assert torch.isnan(out_pool[~torch.isin(torch.arange(len(pool)), slots)].float()).all()
