@@ -370,7 +370,9 @@ def test_messages_round_trip_and_reject_garbage():
     from sglang_spectrum.sglang_plugin import messages as m
 
     grant = m.Grant(7, "h:1", "10.0.0.1", 5000, 1 << 40, 4096, 3, 16, 2, required=1)
-    sent = m.Sent(7, 100, 2**62 + 5, [b"\x00" * 8, b"ab"], {"rid": "r", "ms": 1.5})
+    sent = m.Sent(
+        7, 100, 2**62 + 5, [b"\x00" * 8, b"ab"], {"rid": "r", "ms": 1.5}, [[0, 100, 5, 9]]
+    )
     for msg in (grant, sent, m.Abort(7, "h", 1, "why"), m.AbortAck(7), m.Failed(7, "x")):
         assert m.decode(m.encode(msg)) == msg
     assert m.decode([b"ROOM", b"1"]) is None  # not ours (e.g. SGLang's own ABORT)

@@ -170,11 +170,11 @@ class DecodeSide:
 
     def receive_bound(self, bootstrap_addr: str, num_tokens: int) -> int:
         """Receive-region bytes for ``num_tokens`` tokens from the prefill at
-        ``bootstrap_addr``: its codec (budget and codec options; 2 tiers, whose no-drop
-        floor bounds either tier mode) and a part per chunk it streams."""
+        ``bootstrap_addr``: its :meth:`~.options.SpectrumServerOptions.bound_codec` and a
+        part per chunk it streams."""
         peer = self._prefill_peers.get(bootstrap_addr) or {}
         announced = peer.get("options")
         # (an unverified prefill: the largest bound, everything at FP16)
         opts = options_from_dict(announced) if announced else SpectrumServerOptions(budget=1.0)
-        cfg = opts.codec_config(budget=opts.budget, tiers="2", allow_drop=False)
-        return self.region_bound(num_tokens, cfg, int(peer.get("stream_chunk_tokens") or 0))
+        chunk = int(peer.get("stream_chunk_tokens") or 0)
+        return self.region_bound(num_tokens, opts.bound_codec(), chunk)

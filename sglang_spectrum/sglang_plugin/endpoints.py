@@ -325,7 +325,7 @@ class SpectrumKVReceiver(CommonKVReceiver):
                     raise ValueError("no receive region reserved")
                 page_size = int(mgr.layout["page_size"])
                 slots = expand_pages(self._pages, page_size)
-                parts = sent.parts or [[0, sent.nbytes, sent.checksum, len(slots)]]
+                parts = sent.parts
                 n = sum(int(p[3]) for p in parts)
                 if not (len(self._pages) - 1) * page_size < n <= len(slots):
                     raise ValueError(

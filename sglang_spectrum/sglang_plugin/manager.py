@@ -256,9 +256,7 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         if context:
             tokens = min(tokens, int(context))
         chunk = int(getattr(self.server_args, "chunked_prefill_size", None) or 0)
-        opts = self.options
-        cfg = opts.codec_config(budget=opts.budget, tiers="2", allow_drop=False)
-        return self.region_bound(tokens, cfg, chunk)
+        return self.region_bound(tokens, self.options.bound_codec(), chunk)
 
     def stream_chunk_tokens(self) -> int:
         """Prefill: the chunk size its requests are sent in parts of (0 = one part)."""

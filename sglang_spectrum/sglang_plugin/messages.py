@@ -70,7 +70,7 @@ class Sent(msgspec.Struct, frozen=True):
     stats: dict[str, Any]
     # [offset in the region, bytes, checksum, tokens] of each part, in token order
     # (one per prefill chunk streamed, the last chunk's included)
-    parts: list[list[int]] = msgspec.field(default_factory=list)
+    parts: list[list[int]]
 
 
 class Failed(msgspec.Struct, frozen=True):

@@ -94,6 +94,12 @@ class SpectrumServerOptions:
             **kwargs,
         )
 
+    def bound_codec(self):
+        """The codec config that bounds what a prefill with these options sends, for
+        region sizes: its budget and codec options at 2 tiers (the larger no-drop floor
+        bounds either tier mode), no drops."""
+        return self.codec_config(budget=self.budget, tiers="2", allow_drop=False)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

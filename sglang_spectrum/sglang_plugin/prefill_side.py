@@ -42,7 +42,7 @@ class PackJob:
 
     room: int
     slots: torch.Tensor  # int64 [T] pool slots of the tokens to send
-    context: torch.Tensor | None  # int64 [P] slots of the prefix the decode holds
+    context: torch.Tensor | None  # int64 [P] slots before these (scored, not sent)
     aux: list[bytes]  # the metadata row
     events: list[Any]  # torch.cuda.Events after which its KV is written (none on a CPU)
     rid: str
