@@ -464,17 +464,25 @@ def test_arena_size_follows_pool_and_budget():
 def test_metadata_rows_round_trip_through_host_buffers():
     import torch
 
-    from sglang_spectrum.sglang_plugin.transport import read_aux_row, write_aux_row
+    from sglang_spectrum.sglang_plugin.transport import AuxRows
 
     src = [torch.arange(64, dtype=torch.int32).reshape(4, 16), torch.rand(4, 8)]
     dst = [torch.zeros_like(t) for t in src]
     lens = [t[0].nbytes for t in src]
-    rows = read_aux_row([t.data_ptr() for t in src], lens, 2)
-    write_aux_row([t.data_ptr() for t in dst], lens, 1, rows)
+    rows = AuxRows([t.data_ptr() for t in src], lens).read(2)
+    AuxRows([t.data_ptr() for t in dst], lens).write(1, rows)
     assert all(torch.equal(d[1], s[2]) for d, s in zip(dst, src))
     assert all(not d[0].any() and not d[2:].any() for d in dst)
     with pytest.raises(ValueError, match="metadata row of"):
-        write_aux_row([dst[0].data_ptr()], [lens[0]], 0, [b"short"])
+        AuxRows([dst[0].data_ptr()], [lens[0]]).write(0, [b"short"])
+    if torch.cuda.is_available():  # rows in device memory (INTRA_NODE_NVLINK metadata)
+        gsrc = [t.cuda() for t in src]
+        gdst = [torch.zeros_like(t) for t in gsrc]
+        dev = gsrc[0].device
+        rows = AuxRows([t.data_ptr() for t in gsrc], lens, dev).read(3)
+        assert rows == AuxRows([t.data_ptr() for t in src], lens).read(3)
+        AuxRows([t.data_ptr() for t in gdst], lens, dev).write(0, rows)
+        assert all(torch.equal(d[0].cpu(), s[3]) for d, s in zip(gdst, src))
 
 
 def test_receive_bound_holds_real_packed_sizes():

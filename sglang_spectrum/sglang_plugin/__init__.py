@@ -28,6 +28,6 @@ BACKEND_NAME = "spectrum"
 DISABLE_ENV = "SGLANG_SPECTRUM_DISABLE"
 # Version of the plugin's own bootstrap/ZMQ protocol (independent of the codec's
 # FORMAT_VERSION; both are exchanged and must match).
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 __all__ = ["BACKEND_NAME", "DISABLE_ENV", "PROTOCOL_VERSION"]

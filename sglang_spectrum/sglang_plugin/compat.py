@@ -20,6 +20,7 @@ functions below. Each names the SGLang file and line it depends on per version
 
 from __future__ import annotations
 
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -135,3 +136,110 @@ def cpu_server_env() -> dict[str, str]:
     prefix early and records a ``torch.cuda.Event`` for it
     (``disaggregation/prefill.py:1494``), which a CPU torch cannot create."""
     return {"SGLANG_DISAGG_PREFILL_EARLY_SEND_CACHED_PREFIX": "0"}
+
+
+def server_arg(server_args: Any, name: str, default: Any = None) -> Any:
+    """A ``ServerArgs`` field (or argparse namespace attribute), ``default`` when the
+    version has no such field (e.g. 0.5.23-only options on 0.5.17)."""
+    return getattr(server_args, name, default)
+
+
+def start_bootstrap_clock(sender: Any) -> None:
+    """0.5.23 starts the sender's bootstrap-timeout clock in ``CommonKVSender.__init__``
+    (``common/conn.py``:2181); 0.5.17 starts it nowhere (``init_time`` stays None)."""
+    if sender.init_time is None:
+        sender.init_time = time.time()
+
+
+def is_device_destination(destination: Any) -> bool:
+    """0.5.23's ``send_metadata(destination=KVTransferDestination.DEVICE|HOST)``; 0.5.17
+    passes none (always the device pool)."""
+    return destination is None or str(getattr(destination, "value", destination)) == "device"
+
+
+def chunked_prefill_size(scheduler: Any) -> int:
+    """The resolved chunked-prefill size of a scheduler (0 = off). ``ServerArgs`` keeps
+    ``None`` in 0.5.23 when the size is chosen per GPU; ``Scheduler.init_chunked_prefill``
+    stores the resolved value (``managers/scheduler.py``:1137 in 0.5.17, :1352 in 0.5.23)."""
+    size = getattr(scheduler, "chunked_prefill_size", None)
+    return int(size) if size is not None and int(size) > 0 else 0
+
+
+def context_len(scheduler: Any) -> int | None:
+    """The longest request the server admits (``scheduler.model_config.context_len``)."""
+    return getattr(getattr(scheduler, "model_config", None), "context_len", None)
+
+
+def metadata_device(scheduler: Any) -> torch.device | None:
+    """Device of the PD metadata buffers: host memory, or CUDA under
+    ``SGLANG_MOONCAKE_CUSTOM_MEM_POOL=INTRA_NODE_NVLINK`` (``disaggregation/utils.py``
+    ``MetadataBuffers``: :290 in 0.5.17, :422 in 0.5.23)."""
+    buffers = getattr(scheduler, "disagg_metadata_buffers", None)
+    ids = getattr(buffers, "output_ids", None)
+    return ids.device if isinstance(ids, torch.Tensor) else None
+
+
+def kv_memory_budget(model_runner: Any) -> int | None:
+    """Bytes SGLang is about to give the KV pool (called right before
+    ``ModelRunner.alloc_memory_pool``): free device memory minus the slack
+    ``pre_model_load_memory * (1 - mem_fraction_static)`` that both versions keep
+    (``mem_cache/kv_cache_configurator.py``:1625 in 0.5.17, :3007 in 0.5.23).
+    None off CUDA or when the runner lacks those fields."""
+    device = getattr(model_runner, "device", None)
+    pre = getattr(model_runner, "pre_model_load_memory", None)
+    mfs = getattr(model_runner, "mem_fraction_static", None)
+    if str(device) != "cuda" or pre is None or mfs is None or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(getattr(model_runner, "gpu_id", None))
+    return int(free - float(pre) * (1 << 30) * (1.0 - float(mfs)))
+
+
+def is_draft_runner(model_runner: Any) -> bool:
+    """A speculative-decoding draft model's runner (``ModelRunner.is_draft_worker``)."""
+    return bool(getattr(model_runner, "is_draft_worker", False))
+
+
+def unsupported_deployment(server_args: Any) -> str:
+    """'' if the ``spectrum`` backend serves this server's configuration, else one line
+    saying what it cannot serve (checked in the launcher and again in each scheduler).
+
+    * speculative decoding: SGLang ships the draft model's KV pool too (``kv_args``
+      gains its buffers, ``disaggregation/prefill.py``/``decode.py``); packing it is
+      not implemented, and a decode whose draft model reads stale KV would accept
+      almost no draft tokens without any error.
+    * pipeline / context parallelism, KV-cache sharding (0.5.23), staging buffers
+      (``SGLANG_DISAGG_STAGING_BUFFER``), the ``prefill_complete`` decode allocation
+      policy (0.5.23: its BOOTSTRAP frames and deferred allocation are not ours).
+    """
+    import os
+
+    def on(name: str) -> bool:
+        return bool(server_arg(server_args, name, False))
+
+    if server_arg(server_args, "speculative_algorithm", None):
+        return (
+            "SpectrumKV does not transfer the draft model's KV cache yet: speculative"
+            " decoding (--speculative-algorithm"
+            f" {server_arg(server_args, 'speculative_algorithm')})"
+            " cannot run with --disaggregation-transfer-backend spectrum; use mooncake"
+        )
+    if int(server_arg(server_args, "pp_size", 1) or 1) > 1:
+        return "SpectrumKV does not support pipeline parallelism (--pp-size > 1)"
+    for name in ("attn_cp_size", "dcp_size"):
+        if int(server_arg(server_args, name, 1) or 1) > 1:
+            return f"SpectrumKV does not support context parallelism (--{name.replace('_', '-')})"
+    if on("enable_kv_cache_sharding"):
+        return "SpectrumKV does not support --enable-kv-cache-sharding"
+    if server_arg(server_args, "disaggregation_decode_allocation_policy", "early") not in (
+        None,
+        "early",
+    ):
+        return (
+            "SpectrumKV supports --disaggregation-decode-allocation-policy early only (got"
+            f" {server_arg(server_args, 'disaggregation_decode_allocation_policy')})"
+        )
+    if os.environ.get("SGLANG_DISAGG_STAGING_BUFFER", "").strip().lower() in ("1", "true"):
+        return (
+            "SpectrumKV does not use SGLang's staging buffers: unset SGLANG_DISAGG_STAGING_BUFFER"
+        )
+    return ""

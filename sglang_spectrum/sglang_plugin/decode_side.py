@@ -1,9 +1,13 @@
-"""Decode side of the ``spectrum`` KV manager: prefill verification, ``Sent`` handling.
+"""Decode side of the ``spectrum`` KV manager: prefill verification, ``Sent`` handling,
+deferred grants and the housekeeping sweep.
 
 A mixin of :class:`.manager.SpectrumKVManager`. The control thread hands each
-``Sent``/``Failed``/``AbortAck`` to the request's receiver
+``Sent``/``Failed``/``AbortAck`` to the receiver of that room *and generation*
 (:mod:`.endpoints`), which unpacks through :meth:`DecodeSide.unpack_into_pool`
-(:func:`sglang_spectrum.transfer.unpack_request`) off the scheduler loop.
+(:func:`sglang_spectrum.transfer.unpack_request`) off the scheduler loop. Every
+:data:`SWEEP_INTERVAL_S`, under any traffic, :meth:`DecodeSide.sweep` frees the
+regions of aborts the prefill never acknowledged, retries grants deferred by a
+full arena (oldest first) and fails those that waited too long.
 """
 
 from __future__ import annotations
@@ -20,26 +24,60 @@ import torch
 
 from . import messages
 from .identity import incompatibility, layout_desc
-from .options import SpectrumServerOptions, options_from_dict
-from .transport import write_aux_row
+from .options import SpectrumOptionError, SpectrumServerOptions, options_from_dict
 
 logger = logging.getLogger(__name__)
 
-ABORT_ACK_TIMEOUT_S = 60.0  # decode: keep an aborted region at most this long without ack
 FOREIGN_ABORT_REPEATS_S = (1.0, 3.0, 10.0)  # resend SGLang's ABORT to a foreign prefill at
+SWEEP_INTERVAL_S = 0.5
 
 
 class DecodeSide:
     """Decode-side behaviour of the manager (see the module docstring)."""
 
-    def register_receiver(self, room: int, receiver: Any) -> None:
-        with self._lock:
-            self._receivers[room] = receiver
+    def _init_decode(self) -> None:
+        self._receivers: dict[tuple[int, int], Any] = {}  # (room, generation) -> receiver
+        self._deferred: list[Any] = []  # receivers waiting for arena room, oldest first
+        self._prefill_verdicts: dict[str, str] = {}  # bootstrap addr -> '' | reason
+        self._prefill_peers: dict[str, dict[str, Any]] = {}  # addr -> identity (+ instance)
+        self._foreign_prefills: set[str] = set()  # prefills of another backend
+        self._foreign_aborts: list[tuple[float, Callable[[], None]]] = []
+        self._last_foreign = 0.0
 
-    def unregister_receiver(self, room: int, receiver: Any) -> None:
+    # ------------------------------------------------------------------ receivers
+
+    def register_receiver(self, receiver: Any) -> None:
         with self._lock:
-            if self._receivers.get(room) is receiver:
-                del self._receivers[room]
+            self._receivers[(receiver.bootstrap_room, receiver.state.generation)] = receiver
+
+    def unregister_receiver(self, receiver: Any) -> None:
+        with self._lock:
+            key = (receiver.bootstrap_room, receiver.state.generation)
+            if self._receivers.get(key) is receiver:
+                del self._receivers[key]
+        self.unregister_deferred(receiver)
+
+    def unregister_deferred(self, receiver: Any) -> None:
+        with self._lock:
+            if receiver in self._deferred:
+                self._deferred.remove(receiver)
+
+    def defer(self, receiver: Any) -> None:
+        with self._lock:
+            if receiver not in self._deferred:
+                self._deferred.append(receiver)
+
+    def retry_deferred(self) -> None:
+        """Offer freed arena room to the deferred grants, oldest first."""
+        with self._lock:
+            waiting = list(self._deferred)
+        for receiver in waiting:
+            outcome = receiver.retry_grant()
+            if outcome == "deferred":
+                break  # keep the order: the oldest gets the next free region
+            with self._lock:
+                if receiver in self._deferred:
+                    self._deferred.remove(receiver)
 
     def repeat_foreign_abort(self, notify: Callable[[], None]) -> None:
         """Call ``notify`` again :data:`FOREIGN_ABORT_REPEATS_S` seconds from now (control
@@ -47,42 +85,65 @@ class DecodeSide:
         with self._lock:
             self._foreign_aborts.append((time.monotonic(), notify))
 
-    def _sweep_aborted(self) -> None:
-        """Free the regions of aborted requests whose prefill never acknowledged, and
-        repeat due ABORTs to foreign prefills."""
+    def sweep(self) -> None:
+        """Free overdue aborted regions, retry/expire deferred grants, repeat foreign
+        ABORTs (control thread, every :data:`SWEEP_INTERVAL_S`)."""
         with self._lock:
             receivers = list(self._receivers.values())
         for receiver in receivers:
-            receiver.expire_abort(ABORT_ACK_TIMEOUT_S)
+            receiver.expire_abort()
+        self.retry_deferred()
+        with self._lock:
+            expired = [r for r in self._deferred if r.state.defer_expired()]
+        for receiver in expired:
+            receiver.retry_grant()  # fails it with the reason
         now = time.monotonic()
         with self._lock:
             due = [
-                (t0, f)
+                f
                 for t0, f in self._foreign_aborts
-                if any(self._last_sweep < t0 + d <= now for d in FOREIGN_ABORT_REPEATS_S)
+                if any(self._last_foreign < t0 + d <= now for d in FOREIGN_ABORT_REPEATS_S)
             ]
             self._foreign_aborts = [
                 (t0, f) for t0, f in self._foreign_aborts if now < t0 + FOREIGN_ABORT_REPEATS_S[-1]
             ]
-            self._last_sweep = now
-        for _, notify in due:
+            self._last_foreign = now
+        for notify in due:
             try:
                 notify()
             except Exception as e:  # best effort, like SGLang's own notification
                 logger.debug("SpectrumKV: repeated abort notification failed: %s", e)
 
+    def decode_sizes(self) -> dict[str, int]:
+        """Per-room state sizes (tests and the soak benchmark read them)."""
+        with self._lock:
+            return {
+                "receivers": len(self._receivers),
+                "deferred": len(self._deferred),
+                "request_status": len(self.request_status),
+                "failure_records": len(self.failure_records),
+                "arena_in_use": int(self.arena.in_use) if self.arena is not None else 0,
+            }
+
     def _on_decode_message(self, msg: Any) -> None:
         with self._lock:
-            receiver = self._receivers.get(msg.room)
+            receiver = self._receivers.get((msg.room, msg.generation))
         if receiver is None:
-            logger.debug("SpectrumKV: %s for unknown room %s dropped", type(msg).__name__, msg.room)
+            logger.debug(
+                "SpectrumKV: %s for room %s (generation %x) dropped: no such receiver",
+                type(msg).__name__,
+                msg.room,
+                msg.generation,
+            )
             return
         if isinstance(msg, messages.Sent):
             receiver.on_sent(msg)
         elif isinstance(msg, messages.Failed):
+            if msg.stale_peer:
+                self.forget_prefill(receiver.bootstrap_addr)
             receiver.on_failed(msg.reason)
         elif isinstance(msg, messages.AbortAck):
-            receiver.on_abort_ack()
+            receiver.on_abort_ack(msg.generation)
 
     def unpack_into_pool(self, buf: torch.Tensor, slots: np.ndarray, checksum: int) -> Any:
         """Decode control thread: validate and unpack one part of a request into the
@@ -102,7 +163,9 @@ class DecodeSide:
             )
 
     def write_aux(self, index: int, rows: list[bytes]) -> None:
-        write_aux_row(self.kv_args.aux_data_ptrs, self.kv_args.aux_item_lens, index, rows)
+        self.aux_rows.write(index, rows)
+
+    # ------------------------------------------------------------------ prefill peers
 
     def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
         if bootstrap_addr in self._prefill_verdicts:
@@ -137,11 +200,13 @@ class DecodeSide:
             logger.warning("SpectrumKV: %s: cannot read /spectrum/info: %s", desc, e)
             return None
         if r.status_code == 404:
-            self._foreign_prefills.add(bootstrap_addr)
+            with self._lock:
+                self._foreign_prefills.add(bootstrap_addr)
             return incompatibility(None, desc, "decode")
         if r.status_code != 200:
             return None
-        ranks = r.json().get("ranks", [])
+        body = r.json()
+        ranks = body.get("ranks", [])
         info = self.prefill_info_table.get(bootstrap_addr)
         expected = getattr(info, "attn_tp_size", 1) * getattr(info, "dp_size", 1) if info else 1
         if len(ranks) < expected:
@@ -157,22 +222,53 @@ class DecodeSide:
             return incompatibility(
                 dict(ranks[0], attn_tp_size=info.attn_tp_size), desc, "decode", self.identity()
             )
-        if ranks:
-            self._prefill_peers[bootstrap_addr] = ranks[0]
+        peer = dict(ranks[0]) if ranks else {}
+        try:  # the receive bound is computed from these on the scheduler thread
+            options_from_dict(peer.get("options") or {})
+        except (SpectrumOptionError, TypeError, ValueError) as e:
+            return (
+                f"SpectrumKV: {desc} announces options this decode cannot read ({e}); run the"
+                " same sglang-spectrum version on prefill and decode"
+            )
+        peer["instance"] = str((body.get("server") or {}).get("instance", ""))
+        with self._lock:
+            self._prefill_peers[bootstrap_addr] = peer
         return ""
 
+    def forget_prefill(self, bootstrap_addr: str) -> None:
+        """Drop what this decode knows about a prefill (it restarted or is gone): the
+        next request verifies it again."""
+        with self._lock:
+            self._prefill_verdicts.pop(bootstrap_addr, None)
+            self._prefill_peers.pop(bootstrap_addr, None)
+            self._foreign_prefills.discard(bootstrap_addr)
+        self.prefill_info_table.pop(bootstrap_addr, None)
+        with self.connection_lock:  # SGLang's cached rank list of that prefill
+            for key in [k for k in self.connection_pool if str(k).startswith(bootstrap_addr + "_")]:
+                del self.connection_pool[key]
+
+    def _handle_node_failure(self, failed_bootstrap_addr: str) -> None:
+        super()._handle_node_failure(failed_bootstrap_addr)
+        self.forget_prefill(failed_bootstrap_addr)
+
     def prefill_is_foreign(self, bootstrap_addr: str) -> bool:
-        return bootstrap_addr in self._foreign_prefills
+        with self._lock:
+            return bootstrap_addr in self._foreign_prefills
 
     def prefill_verdict(self, bootstrap_addr: str) -> str:
         with self._lock:
             return self._prefill_verdicts.get(bootstrap_addr, "")
 
+    def prefill_instance(self, bootstrap_addr: str) -> str:
+        with self._lock:
+            return str((self._prefill_peers.get(bootstrap_addr) or {}).get("instance", ""))
+
     def receive_bound(self, bootstrap_addr: str, num_tokens: int) -> int:
         """Receive-region bytes for ``num_tokens`` tokens from the prefill at
         ``bootstrap_addr``: its :meth:`~.options.SpectrumServerOptions.bound_codec` and a
-        part per chunk it streams."""
-        peer = self._prefill_peers.get(bootstrap_addr) or {}
+        part per chunk it streams (options checked when the prefill was verified)."""
+        with self._lock:
+            peer = self._prefill_peers.get(bootstrap_addr) or {}
         announced = peer.get("options")
         # (an unverified prefill: the largest bound, everything at FP16)
         opts = options_from_dict(announced) if announced else SpectrumServerOptions(budget=1.0)

@@ -4,7 +4,7 @@ Sender (prefill, scheduler thread): remembers the page indices of every chunk
 (SGLang keeps the pages of earlier chunks allocated and locked until the
 request leaves the inflight queue, i.e. until this transfer ends). With
 ``--spectrum-stream chunks`` each earlier chunk of at least
-:data:`STREAM_MIN_TOKENS` tokens is offered to the transfer thread as one part
+:data:`STREAM_MIN_TOKENS` tokens is offered to the workers as one part
 (:meth:`.manager.SpectrumKVManager.submit_part`; refused while the decode has not
 granted, then it joins the next part); at the last chunk the rest of the
 request goes (:meth:`.manager.SpectrumKVManager.submit`): the scheduler never packs.
@@ -12,17 +12,19 @@ request goes (:meth:`.manager.SpectrumKVManager.submit`): the scheduler never pa
 Receiver (decode): ``send_metadata`` reserves a receive region in the
 registered arena (capacity from the tokens it asks for and the prefill's
 codec) and grants it to the prefill ranks; a full arena defers the grant
-(back-pressure: ``poll`` retries, the prefill waits). The manager's control
+(back-pressure: the manager retries it when regions are freed, oldest first,
+and fails it after :data:`.rooms.GRANT_DEFER_TIMEOUT_S`). The manager's control
 thread unpacks every part when the prefill's ``Sent`` arrives; ``poll`` only
-reads the status. An aborted receiver keeps its region until the prefill acknowledges
-that nothing more can be written into it.
+reads the status. The region's life is :class:`.rooms.ReceiveState`: a receiver
+that fails on the decode side after its grant (abort, timeout, a lost prefill)
+tells the prefill and keeps the region until the prefill acknowledges that
+nothing more can be written into it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from typing import Any
 
@@ -41,7 +43,7 @@ from . import compat, messages
 from .identity import wire_identity
 from .manager import SpectrumKVManager, expand_pages
 from .metrics import write_stats
-from .transport import Region
+from .rooms import ReceiveState, new_generation
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +53,18 @@ STREAM_MIN_TOKENS = 256
 
 
 def _raise_failure(endpoint: Any) -> None:
-    """Conclude a sender/receiver as failed and raise SGLang's error with the recorded reason."""
+    """Conclude a sender/receiver as failed and raise SGLang's error with the recorded
+    reason (none recorded here: another rank failed it, as SGLang's own classes say)."""
     endpoint.conclude_state = KVPoll.Failed
     endpoint.clear()
     mgr = endpoint.kv_mgr
     with mgr.failure_lock:
         reason = mgr.failure_records.pop(endpoint.bootstrap_room, None)
-    raise KVTransferError(endpoint.bootstrap_room, reason or "SpectrumKV transfer failed")
+    raise KVTransferError(
+        endpoint.bootstrap_room,
+        reason or "SpectrumKV transfer failed on another rank",
+        is_from_another_rank=reason is None,
+    )
 
 
 class SpectrumKVSender(CommonKVSender):
@@ -69,11 +76,11 @@ class SpectrumKVSender(CommonKVSender):
         self._streamed_tokens = 0
         self._submitted = False
         super().__init__(*args, **kwargs)
+        self.kv_mgr.open_room(self.bootstrap_room)
 
     def init(self, num_kv_indices: int, aux_index: int | None = None) -> None:
         super().init(num_kv_indices, aux_index)
-        if self.init_time is None:  # 0.5.17 starts the bootstrap clock nowhere else
-            self.init_time = time.time()
+        compat.start_bootstrap_clock(self)
 
     def send(
         self,
@@ -87,6 +94,7 @@ class SpectrumKVSender(CommonKVSender):
         pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1).copy()
         self._pages.append(pages)
         self.curr_idx += len(pages)
+        self._record_transfer_indices(kv_indices, state_indices)  # SGLang's byte metric
         if self.curr_idx < self.num_kv_indices:
             # earlier chunk: its pages stay locked until the request is done
             self._stream_part(compat.pending_kv_event(self))
@@ -140,11 +148,14 @@ class SpectrumKVSender(CommonKVSender):
     def poll(self) -> int:
         if self.conclude_state is not None:
             return self.conclude_state
-        if self.kv_mgr.room_aborted(self.bootstrap_room):  # the abort beat this sender
-            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
-        status = self.kv_mgr.request_status.get(self.bootstrap_room, KVPoll.Failed)
+        room = self.bootstrap_room
+        if self.kv_mgr.room_aborted(room):  # the abort beat this sender
+            self.kv_mgr.update_status(room, KVPoll.Failed)
+        status = self.kv_mgr.request_status.get(room, KVPoll.Failed)
         if status == KVPoll.Bootstrapping:
             status = self._check_bootstrap_timeout() or status
+            if status == KVPoll.Failed:  # tell a decode that granted meanwhile
+                self.kv_mgr.fail_room(room, self.kv_mgr.failure_records.get(room, "timed out"))
         if status in (KVPoll.Success, KVPoll.Failed):
             self.conclude_state = status
         return status
@@ -165,19 +176,14 @@ class SpectrumKVReceiver(CommonKVReceiver):
     kv_mgr: SpectrumKVManager
 
     def __init__(self, *args: Any, **kwargs: Any):
-        self._state_lock = threading.RLock()  # _fail -> _release_region re-enters it
-        self._region: Region | None = None
+        self.state = ReceiveState(new_generation())
         self._pages: np.ndarray | None = None
         self._aux_index: int | None = None
         self._prefix_len = 0
         self._need = 0
-        self._deferred = False
         self._deferred_logged = False
-        self._granted = False
-        self._aborted_at: float | None = None
-        self._cleared = False
         super().__init__(*args, **kwargs)
-        self.kv_mgr.register_receiver(self.bootstrap_room, self)
+        self.kv_mgr.register_receiver(self)
 
     # -- bootstrap
 
@@ -187,8 +193,7 @@ class SpectrumKVReceiver(CommonKVReceiver):
             return
         reason = self.kv_mgr.prefill_verdict(self.bootstrap_addr)
         if reason:  # tell the prefill too, so it frees the request now, not at a timeout
-            self._send_abort_notification(reason=reason)
-            self._fail(reason)
+            self._fail(reason, notify_prefill=True)
         elif self.kv_mgr.request_status.get(self.bootstrap_room) == KVPoll.Bootstrapping:
             self.kv_mgr.update_status(self.bootstrap_room, KVPoll.WaitingForInput)
 
@@ -198,10 +203,7 @@ class SpectrumKVReceiver(CommonKVReceiver):
         if mgr.prefill_verdict(self.bootstrap_addr):
             return True  # refused (maybe another backend): send it nothing it cannot parse
         msg = messages.Register(mgr.session_id, mgr.local_ip, int(mgr.rank_port), mgr.identity())
-        for info in self.bootstrap_infos or []:
-            if not self._send(info, msg):
-                return False
-        return True
+        return all(self._send(info, msg) for info in self.bootstrap_infos or [])
 
     def _send(self, info: dict, msg: Any) -> bool:
         try:
@@ -215,13 +217,17 @@ class SpectrumKVReceiver(CommonKVReceiver):
             )
             return False
 
-    def _fail(self, reason: str) -> int:
-        self.kv_mgr.record_failure(self.bootstrap_room, reason)
-        self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+    def _fail(self, reason: str, notify_prefill: bool = False) -> int:
+        """Fail on the decode side: record, conclude, and (after a grant, or when asked)
+        tell the prefill, keeping the region until it acknowledges."""
+        mgr = self.kv_mgr
+        if mgr.request_status.get(self.bootstrap_room) is not None:
+            mgr.record_failure(self.bootstrap_room, reason)
+            mgr.update_status(self.bootstrap_room, KVPoll.Failed)
         self.conclude_state = KVPoll.Failed
-        if self.kv_mgr.metrics is not None:
-            self.kv_mgr.metrics.observe_failure()
-        self._release_region()
+        if mgr.metrics is not None:
+            mgr.metrics.observe_failure()
+        self._abort_transfer(reason, notify_prefill)
         return KVPoll.Failed
 
     # -- receive region
@@ -240,7 +246,7 @@ class SpectrumKVReceiver(CommonKVReceiver):
         if getattr(self, "bootstrap_infos", None) is None:
             self._fail(f"could not fetch the prefill's parallel info from {self.bootstrap_addr}")
             return
-        if destination is not None and str(getattr(destination, "value", destination)) != "device":
+        if not compat.is_device_destination(destination):
             self._fail("SpectrumKV receives into the device KV pool only (no host destinations)")
             return
         mgr = self.kv_mgr
@@ -251,24 +257,28 @@ class SpectrumKVReceiver(CommonKVReceiver):
         self._aux_index = aux_index
         self._prefix_len = int(decode_prefix_len or 0)
         tokens = max(1, len(self._pages) * int(mgr.layout["page_size"]))
-        self._need = mgr.receive_bound(self.bootstrap_addr, tokens)
+        try:
+            self._need = mgr.receive_bound(self.bootstrap_addr, tokens)
+        except Exception as e:  # never raise on the scheduler loop
+            self._fail(f"SpectrumKV: cannot size the receive buffer: {e}", notify_prefill=True)
+            return
         if self._need > mgr.arena.size:
-            reason = (
+            self._fail(
                 f"SpectrumKV: request {self.bootstrap_room} needs a {self._need}-byte receive"
                 f" buffer but the decode receive arena has {mgr.arena.size} bytes; raise"
-                " --spectrum-arena-mb on the decode server"
+                " --spectrum-arena-mb on the decode server",
+                notify_prefill=True,
             )
-            self._send_abort_notification(reason=reason)
-            self._fail(reason)
             return
-        self._deferred = True
-        self._try_grant()
+        if self.retry_grant() == "deferred":
+            mgr.defer(self)
 
-    def _try_grant(self) -> bool:
-        """Reserve the region and grant it to the prefill ranks; False while the arena is full."""
+    def retry_grant(self) -> str:
+        """Reserve the region and grant it (scheduler or control thread): "granted",
+        "deferred" (arena full), "failed" or "concluded"."""
         mgr = self.kv_mgr
-        region = mgr.arena.alloc(self._need)
-        if region is None:
+        outcome = self.state.reserve(lambda: mgr.arena.alloc(self._need))
+        if outcome == "deferred":
             if not self._deferred_logged:
                 self._deferred_logged = True
                 logger.info(
@@ -279,84 +289,86 @@ class SpectrumKVReceiver(CommonKVReceiver):
                     self.bootstrap_room,
                     self._need,
                 )
-            return False
-        with self._state_lock:
-            self._region = region
-            self._deferred = False
+            return outcome
+        if outcome == "expired":
+            self._fail(
+                f"SpectrumKV: request {self.bootstrap_room} waited"
+                f" {self.state.defer_timeout_s:.0f} s for {self._need} bytes of the decode"
+                f" receive arena ({mgr.arena.size} bytes, {mgr.arena.in_use} in use); raise"
+                " --spectrum-arena-mb on the decode server",
+                notify_prefill=True,
+            )
+            return "failed"
+        if outcome != "granted":
+            return outcome
         grant = messages.Grant(
             room=self.bootstrap_room,
+            generation=self.state.generation,
             session=mgr.session_id,
             endpoint=mgr.local_ip,
             port=int(mgr.rank_port),
-            region_ptr=region.ptr,
+            region_ptr=self.state.region.ptr,
             capacity=self._need,
             num_pages=len(self._pages),
             prefix_len=self._prefix_len,
             aux_index=-1 if self._aux_index is None else int(self._aux_index),
             required=int(getattr(self, "required_dst_info_num", 1) or 1),
+            identity=mgr.identity(),
+            prefill_instance=mgr.prefill_instance(self.bootstrap_addr),
         )
         for info in self.bootstrap_infos:
             if not self._send(info, grant):
-                return True
-        self._granted = True
+                return "failed"
         self.init_time = time.time()
-        return True
-
-    def _release_region(self) -> None:
-        with self._state_lock:
-            region, self._region = self._region, None
-            self._deferred = False
-        if region is not None:
-            region.release()
+        return "granted"
 
     # -- completion (manager control thread)
 
     def on_sent(self, sent: messages.Sent) -> None:
-        """Validate and unpack every part of the packed KV, write the metadata row,
-        report success."""
+        """Validate and unpack every part of the packed KV (the state lock held per
+        part: an abort waits for at most one part), write the metadata row, report
+        success."""
         mgr = self.kv_mgr
-        with self._state_lock:
-            if self._aborted_at is not None or self.conclude_state is not None:
-                return  # the slots may already belong to another request
-            region = self._region
-            t0 = time.perf_counter()
-            try:
-                if region is None:
-                    raise ValueError("no receive region reserved")
-                page_size = int(mgr.layout["page_size"])
-                slots = expand_pages(self._pages, page_size)
-                parts = sent.parts
-                n = sum(int(p[3]) for p in parts)
-                if not (len(self._pages) - 1) * page_size < n <= len(slots):
-                    raise ValueError(
-                        f"the prefill sent {n} tokens for {len(self._pages)} pages of {page_size}"
-                    )
-                infos, first = [], 0
-                for offset, nbytes, checksum, tokens in parts:
+        t0 = time.perf_counter()
+        infos: list[Any] = []
+        parts = sent.parts
+        try:
+            page_size = int(mgr.layout["page_size"])
+            slots = expand_pages(self._pages, page_size)
+            n = sum(int(p[3]) for p in parts)
+            if not (len(self._pages) - 1) * page_size < n <= len(slots):
+                raise ValueError(
+                    f"the prefill sent {n} tokens for {len(self._pages)} pages of {page_size}"
+                )
+            first = 0
+            for offset, nbytes, checksum, tokens in parts:
+                with self.state.lock:
+                    region = self.state.begin_unpack(sent.generation)
+                    if region is None:
+                        return  # aborted meanwhile: the slots may belong to another request
                     if not (0 <= offset and 0 < nbytes and offset + nbytes <= region.capacity):
                         raise ValueError(
                             f"part of {nbytes} bytes at {offset} outside the receive buffer"
                         )
                     buf = region.view(offset + nbytes)[offset:]
-                    part_slots = slots[first : first + tokens]
-                    infos.append(mgr.unpack_into_pool(buf, part_slots, checksum))
-                    first += tokens
-                dropped = sum(len(info.dropped) for info in infos)
-                if dropped:
-                    raise ValueError(f"{dropped} dropped tokens (serving never drops)")
-                if self._aux_index is not None and sent.aux:
-                    mgr.write_aux(self._aux_index, sent.aux)
-            except Exception as e:
-                reason = (
-                    f"SpectrumKV: packed KV of request {self.bootstrap_room} rejected:"
-                    f" {type(e).__name__}: {e}"
-                )
-                logger.error(reason)
-                self._fail(reason)
-                return
-            unpack_ms = (time.perf_counter() - t0) * 1e3
-            self._region = None
-        region.release()
+                    infos.append(mgr.unpack_into_pool(buf, slots[first : first + tokens], checksum))
+                first += tokens
+            dropped = sum(len(info.dropped) for info in infos)
+            if dropped:
+                raise ValueError(f"{dropped} dropped tokens (serving never drops)")
+            if self._aux_index is not None and sent.aux:
+                mgr.write_aux(self._aux_index, sent.aux)
+        except Exception as e:
+            reason = (
+                f"SpectrumKV: packed KV of request {self.bootstrap_room} rejected:"
+                f" {type(e).__name__}: {e}"
+            )
+            logger.error(reason)
+            self._release(self.state.finish(ok=False))  # the prefill is done writing
+            self._fail(reason)
+            return
+        unpack_ms = (time.perf_counter() - t0) * 1e3
+        self._release(self.state.finish(ok=True))
         stats = {
             "role": "decode",
             "rid": sent.stats.get("rid", ""),
@@ -378,47 +390,83 @@ class SpectrumKVReceiver(CommonKVReceiver):
         if mgr.metrics is not None:
             mgr.metrics.observe_received(stats)
         write_stats(stats)
-        mgr.update_status(self.bootstrap_room, KVPoll.Success)
+        if mgr.request_status.get(self.bootstrap_room) is not None:
+            mgr.update_status(self.bootstrap_room, KVPoll.Success)
 
     def on_failed(self, reason: str) -> None:
-        with self._state_lock:
-            if self.conclude_state is not None and self._aborted_at is None:
-                return
-        self._fail(reason)  # the prefill writes nothing after Failed: the region is free
+        """The prefill gave the request up; it writes nothing after ``Failed``."""
+        self._release(self.state.finish(ok=False))
+        if self.conclude_state is None:
+            self._fail(reason)
+        self._maybe_unregister()
 
-    def on_abort_ack(self) -> None:
+    def on_abort_ack(self, generation: int) -> None:
         """The prefill will not write into the region any more: free it."""
-        self._release_region()
-        if self._cleared:
-            self.kv_mgr.unregister_receiver(self.bootstrap_room, self)
+        self._release(self.state.on_abort_ack(generation))
+        self._maybe_unregister()
 
-    def expire_abort(self, timeout_s: float) -> None:
-        """Free an aborted request's region after ``timeout_s`` without an ack."""
-        if self._aborted_at is not None and time.time() - self._aborted_at > timeout_s:
-            if self._region is not None:
-                logger.warning(
-                    "SpectrumKV: no abort ack for room %s in %.0f s; region freed",
-                    self.bootstrap_room,
-                    timeout_s,
-                )
-            self.on_abort_ack()
+    def expire_abort(self) -> None:
+        """Free the region of an abort the prefill did not acknowledge in time."""
+        region = self.state.expire()
+        if region is not None:
+            logger.warning(
+                "SpectrumKV: no abort ack for room %s in %.0f s; region freed",
+                self.bootstrap_room,
+                self.state.ack_timeout_s,
+            )
+            self._release(region)
+        self._maybe_unregister()
+
+    def _release(self, region: Any) -> None:
+        if region is not None:
+            region.release()
+            self.kv_mgr.retry_deferred()
+
+    def _maybe_unregister(self) -> None:
+        if self.state.cleared and not self.state.holds_region:
+            self.kv_mgr.unregister_receiver(self)
 
     # -- scheduler-side API
 
     def poll(self) -> int:
         if self.conclude_state is not None:
             return self.conclude_state
-        if self._deferred and not self._try_grant():
-            return KVPoll.WaitingForInput  # back-pressure: the arena is full
         status = self.kv_mgr.request_status.get(self.bootstrap_room, KVPoll.Failed)
-        if status in (KVPoll.Success, KVPoll.Failed):
+        if status == KVPoll.Failed:  # failed meanwhile (prefill, heartbeat, timeout)
+            self.conclude_state = status
+            self._abort_transfer(self.kv_mgr.failure_records.get(self.bootstrap_room, ""))
+            return status
+        if self.state.phase == "deferred":
+            return KVPoll.WaitingForInput  # back-pressure: the manager retries the grant
+        if status == KVPoll.Success:
             self.conclude_state = status
             return status
-        if self._granted:
+        if self.state.phase == "granted":
             timeout = self._check_waiting_timeout()
             if timeout is not None:
+                self.conclude_state = KVPoll.Failed
+                self._abort_transfer("timed out waiting for the KV cache")
                 return timeout
         return status
+
+    def _abort_transfer(self, reason: str = "", notify_prefill: bool = False) -> None:
+        """Tell the prefill ranks that this receiver gave up. A granted region stays
+        reserved until they acknowledge (or the ack times out)."""
+        mgr = self.kv_mgr
+        mgr.unregister_deferred(self)
+        send_abort, _ = self.state.fail_local()
+        if not (send_abort or notify_prefill):
+            return
+        msg = messages.Abort(
+            self.bootstrap_room, self.state.generation, mgr.local_ip, int(mgr.rank_port), reason
+        )
+        for info in getattr(self, "bootstrap_infos", None) or []:
+            try:
+                sock, lock = self._connect_to_bootstrap_server(info)
+                with lock:
+                    sock.send_multipart(messages.encode(msg))
+            except Exception as e:
+                logger.debug("SpectrumKV: abort notification failed: %s", e)
 
     def _send_abort_notification(self, *args: Any, reason: str = "", **kwargs: Any) -> None:
         """Tell the prefill ranks (SGLang calls this on abort and waiting timeout)."""
@@ -430,51 +478,43 @@ class SpectrumKVReceiver(CommonKVReceiver):
             # sends the request to both servers at once): repeat it for a few seconds
             mgr.repeat_foreign_abort(notify)
             return
-        with self._state_lock:
-            if self._aborted_at is not None:
-                return
-            self._aborted_at = time.time()
-            holds_region = self._region is not None and self._granted
-        msg = messages.Abort(self.bootstrap_room, mgr.local_ip, int(mgr.rank_port), reason)
-        for info in getattr(self, "bootstrap_infos", None) or []:
-            try:
-                sock, lock = self._connect_to_bootstrap_server(info)
-                with lock:
-                    sock.send_multipart(messages.encode(msg))
-            except Exception as e:
-                logger.debug("SpectrumKV: abort notification failed: %s", e)
-        if not holds_region:  # nothing was granted: nobody can write into the region
-            self._release_region()
+        self._abort_transfer(reason, notify_prefill=True)
 
     def abort(self) -> None:
         if self.conclude_state != KVPoll.Failed:
-            self.kv_mgr.record_failure(self.bootstrap_room, "Aborted by AbortReq.")
-            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+            if self.kv_mgr.request_status.get(self.bootstrap_room) is not None:
+                self.kv_mgr.record_failure(self.bootstrap_room, "Aborted by AbortReq.")
+                self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
             self.conclude_state = KVPoll.Failed
         self._send_abort_notification()
         self.abort_notified = True
 
     def is_abort_release_safe(self) -> bool:
-        with self._state_lock:
-            return self._region is None
+        return True  # nothing is written into the KV pages after an abort (see on_sent)
 
     def failure_exception(self):
         _raise_failure(self)
 
     def clear(self) -> None:
+        if self.state.holds_region and self.state.phase == "granted":
+            self._abort_transfer("cleared before the transfer ended")  # keep it until the ack
         super().clear()
-        self._cleared = True
-        if self._aborted_at is None:
-            self._release_region()
-            self.kv_mgr.unregister_receiver(self.bootstrap_room, self)
-        # an aborted receiver stays registered until the prefill's ack frees its region
+        self.state.cleared = True
+        self.kv_mgr.unregister_deferred(self)
+        self._maybe_unregister()
 
 
 class SpectrumKVBootstrapServer(CommonKVBootstrapServer):
-    """SGLang's bootstrap server + ``PUT /spectrum/register`` and ``GET /spectrum/info``."""
+    """SGLang's bootstrap server + ``PUT /spectrum/register`` and ``GET /spectrum/info``.
+
+    Ranks are keyed like SGLang's own ``/route`` table: by DP group (the attention
+    DP rank, or the system DP rank with several DP schedulers) and attention-TP rank.
+    ``instance`` (random, per start) lets a decode notice that this prefill restarted.
+    """
 
     def __init__(self, host: str, port: int, *args: Any, **kwargs: Any):
         self.spectrum_ranks: dict[str, dict[str, Any]] = {}
+        self.spectrum_instance = f"{new_generation():016x}"
         super().__init__(host, port, *args, **kwargs)
 
     def _setup_routes(self) -> None:
@@ -486,10 +526,12 @@ class SpectrumKVBootstrapServer(CommonKVBootstrapServer):
         from aiohttp import web
 
         data = await request.json()
-        key = "/".join(str(data.get(k)) for k in ("attn_dp_rank", "attn_tp_rank"))
+        system_dp = int(data.get("system_dp_size") or 1)
+        group = data.get("attn_dp_rank") if system_dp == 1 else data.get("system_dp_rank")
+        key = f"{group}/{data.get('attn_tp_rank')}"
         async with self.lock:
             self.spectrum_ranks[key] = data
-        return web.Response(text="OK", status=200)
+        return web.json_response({"instance": self.spectrum_instance}, status=200)
 
     async def _handle_spectrum_info(self, request):
         from aiohttp import web
@@ -498,4 +540,5 @@ class SpectrumKVBootstrapServer(CommonKVBootstrapServer):
             ranks = list(self.spectrum_ranks.values())
         if not ranks:
             return web.Response(text="No SpectrumKV prefill rank registered yet.", status=503)
-        return web.json_response({"server": wire_identity(), "ranks": ranks}, status=200)
+        server = wire_identity(instance=self.spectrum_instance)
+        return web.json_response({"server": server, "ranks": ranks}, status=200)

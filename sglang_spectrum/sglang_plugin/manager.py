@@ -26,8 +26,8 @@ identity at the bootstrap server.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -40,21 +40,24 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.utils.network import NetworkAddress
 
 from . import compat, messages
-from .decode_side import DecodeSide
+from .decode_side import SWEEP_INTERVAL_S, DecodeSide
 from .identity import layout_desc, wire_identity
 from .metrics import get_metrics
 from .options import check_no_drop, current_options, no_drop_floor
-from .prefill_side import PackJob, PrefillRoom, PrefillSide
+from .prefill_side import PrefillSide
 from .transport import (
+    AuxRows,
     RegisteredArena,
     arena_bytes,
     mooncake_engine,
     pool_nbytes,
+    take_reserved,
 )
 
 logger = logging.getLogger(__name__)
 
 MAX_PARTS = 64  # receive room for at most this many parts (the prefill merges beyond)
+SEND_DEPTH = 4  # prefill: send regions of one part each the arena holds at least
 
 
 def pool_layout(k_pools: list[torch.Tensor], page_size: int) -> dict[str, Any]:
@@ -99,18 +102,15 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         self.metrics: Any = None
         self.scheduler: Any = None
         self.tiers = self.options.tiers if self.options.tiers != "auto" else "2"
+        self.instance_id = ""  # prefill: the bootstrap server's instance (see endpoints)
+        self.chunk_tokens = 0  # the resolved chunked-prefill size (attach)
+        self.aux_rows = AuxRows(args.aux_data_ptrs, args.aux_item_lens)
         self._lock = threading.RLock()
-        self._rooms: dict[int, PrefillRoom] = {}  # prefill
-        self._sessions: dict[str, str] = {}  # prefill: decode session -> '' ok | reason
-        self._receivers: dict[int, Any] = {}  # decode: room -> SpectrumKVReceiver
-        self._prefill_verdicts: dict[str, str] = {}  # decode: bootstrap addr -> '' | reason
-        self._prefill_peers: dict[str, dict[str, Any]] = {}  # decode: addr -> identity
-        self._foreign_prefills: set[str] = set()  # decode: prefills of another backend
-        self._foreign_aborts: list[tuple[float, Any]] = []  # decode: (first sent, notify)
-        self._last_sweep = 0.0
-        self._jobs: queue.Queue[PackJob | None] = queue.Queue()
         self._fault_counter = [0]
         self._stop = threading.Event()
+        problem = compat.unsupported_deployment(server_args)
+        if problem:
+            raise RuntimeError(problem)
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
         if is_mla_backend:
             raise RuntimeError("SpectrumKV supports MHA KV pools only (this model uses MLA)")
@@ -121,14 +121,14 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
             )
         if self.pp_size != 1 or self.attn_cp_size != 1:
             raise RuntimeError("SpectrumKV does not support pipeline or context parallelism")
+        if self.is_prefill:
+            self._init_prefill()
+        else:
+            self._init_decode()
         self.engine = mooncake_engine(self.local_ip, args.gpu_id, args.ib_device or None)
         self.session_id = self.engine.get_session_id()
         threading.Thread(target=self._control_loop, name="spectrum-control", daemon=True).start()
-        if self.is_prefill:
-            threading.Thread(
-                target=self._transfer_loop, name="spectrum-transfer", daemon=True
-            ).start()
-        else:
+        if not self.is_prefill:
             self._start_heartbeat_checker_thread()
 
     # ------------------------------------------------------------------ contract hooks
@@ -147,28 +147,42 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
             raise RuntimeError(f"SpectrumKV cannot serve this model: {problem}")
         self.k_pools, self.v_pools = list(pool.k_buffer), list(pool.v_buffer)
         self.layout = pool_layout(self.k_pools, self.kv_args.page_size)
+        self.chunk_tokens = compat.chunked_prefill_size(scheduler)
         check_no_drop(self.options, self.layout["head_dim"])
-        size = arena_bytes(
-            self.options.arena_mb,
-            pool_nbytes(self.k_pools, self.v_pools),
-            self.options.budget,
-            self._largest_region(scheduler),
-        )
         device = self.k_pools[0].device
+        args = self.kv_args
+        self.aux_rows = AuxRows(
+            args.aux_data_ptrs, args.aux_item_lens, compat.metadata_device(scheduler)
+        )
+        size, reserved, largest = self._arena_size(scheduler, device)
         self.arena = RegisteredArena(
-            size, device, self.engine, "send" if self.is_prefill else "receive"
+            size, device, self.engine, "send" if self.is_prefill else "receive", buf=reserved
         )
         self.metrics = get_metrics(self.server_args, self.role)
         logger.info(
-            "SpectrumKV %s: KV pool %s (%s), %s arena %.1f MiB on %s, options %s",
+            "SpectrumKV %s: KV pool %s (%s, %.1f MiB), %s arena %.1f MiB on %s (%s; the"
+            " longest request needs %.1f MiB), options %s",
             self.role,
             type(pool).__name__,
             layout_desc(self.layout),
+            pool_nbytes(self.k_pools, self.v_pools) / (1 << 20),
             self.arena.name,
             size / (1 << 20),
             device,
+            "inside SGLang's memory plan" if reserved is not None else "allocated now",
+            largest / (1 << 20),
             self.options.to_dict(),
         )
+        if largest > size:
+            logger.warning(
+                "SpectrumKV %s: the %.1f MiB arena cannot hold the longest request's %.1f MiB"
+                " buffer; such requests fail with a clear error. Raise --spectrum-arena-mb.",
+                self.role,
+                size / (1 << 20),
+                largest / (1 << 20),
+            )
+        if device.type == "cuda":
+            self._warm_up()
         if self.is_prefill:
             self._resolve_tiers(scheduler)
             if self.metrics is not None:
@@ -225,6 +239,7 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         if self.is_prefill:
             fields["tiers_resolved"] = self.tiers
             fields["stream_chunk_tokens"] = self.stream_chunk_tokens()
+            fields["instance"] = self.instance_id
         return wire_identity(self.options.to_dict(), **fields)
 
     def region_bound(self, num_tokens: int, config: Any, chunk_tokens: int = 0) -> int:
@@ -247,38 +262,90 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
             parts=parts,
         )
 
-    def _largest_region(self, scheduler: Any) -> int:
-        """Bytes of the send/receive region of the longest request this server admits
-        (context length, at most the pool): the receive side's bound (2-tier no-drop
-        floor, one part per chunk) under this server's options."""
+    def _arena_size(self, scheduler: Any, device: torch.device) -> tuple[int, Any, int]:
+        """(arena bytes, the memory reserved before the KV pool was sized or None,
+        bytes of the longest request's region).
+
+        The longest request (context length, at most the pool) needs the receive
+        side's bound (2-tier no-drop floor, one part per chunk); a prefill sending in
+        parts holds one part's region per job in its workers' queues (two per peer
+        pipeline, :data:`SEND_DEPTH` regions in all). With memory reserved by the
+        ``alloc_memory_pool`` hook the arena is that memory (at most what it needs);
+        otherwise (CPU) :func:`.transport.arena_bytes`."""
         tokens = int(self.k_pools[0].shape[0])
-        context = getattr(getattr(scheduler, "model_config", None), "context_len", None)
+        context = compat.context_len(scheduler)
         if context:
             tokens = min(tokens, int(context))
-        chunk = int(getattr(self.server_args, "chunked_prefill_size", None) or 0)
-        return self.region_bound(tokens, self.options.bound_codec(), chunk)
+        codec = self.options.bound_codec()
+        largest = self.region_bound(tokens, codec, self.chunk_tokens)
+        if self.is_prefill and self.stream_chunk_tokens():
+            part = self.region_bound(min(tokens, self.chunk_tokens), codec)
+            need = max(SEND_DEPTH * part, largest)
+        else:
+            need = arena_bytes(
+                self.options.arena_mb,
+                pool_nbytes(self.k_pools, self.v_pools),
+                self.options.budget,
+                largest,
+            )
+        if self.options.arena_mb:
+            need = int(self.options.arena_mb * (1 << 20))
+        reserved = take_reserved(device)
+        if reserved is None:
+            return need, None, largest
+        if need < reserved.numel():  # give the rest back to the process (activations)
+            reserved = None
+            return need, torch.empty(need, dtype=torch.uint8, device=device), largest
+        return reserved.numel(), reserved, largest
+
+    def _warm_up(self) -> None:
+        """JIT-compile the pack and unpack kernels now, not in the first request: pack a
+        few slots of the (still empty) pool and unpack them into the same slots."""
+        from sglang_spectrum.transfer import pack_request, unpack_request
+
+        n = min(64, int(self.k_pools[0].shape[0]))
+        slots = torch.arange(n, dtype=torch.int64, device=self.k_pools[0].device)
+        cfg = self.codec_config()
+        region = self.arena.alloc(self.region_bound(n, cfg))
+        if region is None:
+            return
+        try:
+            info = pack_request(self.k_pools, self.v_pools, slots, cfg, out=region.view())
+            unpack_request(region.view(), self.k_pools, self.v_pools, slots)
+            logger.info("SpectrumKV %s: kernels warmed up (%s path)", self.role, info.path)
+        except Exception as e:
+            logger.warning("SpectrumKV %s: kernel warm-up failed: %s", self.role, e)
+        finally:
+            region.release()
 
     def stream_chunk_tokens(self) -> int:
         """Prefill: the chunk size its requests are sent in parts of (0 = one part)."""
-        size = int(getattr(self.server_args, "chunked_prefill_size", None) or 0)
-        return size if self.options.stream == "chunks" and size > 0 else 0
+        return self.chunk_tokens if self.options.stream == "chunks" else 0
 
     def _bootstrap_url(self) -> str:
-        # the host CommonKVManager.register_to_bootstrap registers at
+        # the host CommonKVManager.register_to_bootstrap registers at; a wildcard bind
+        # address (--host 0.0.0.0 / ::) is reached on the loopback of its family
         if self.dist_init_addr:
             host = NetworkAddress.parse(self.dist_init_addr).resolved().host
         else:
             host = self.bootstrap_host
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         return NetworkAddress(host, self.bootstrap_port).to_url()
 
     def _publish_identity(self) -> None:
         payload = dict(
-            self.identity(), attn_tp_rank=self.attn_tp_rank, attn_dp_rank=self.attn_dp_rank
+            self.identity(),
+            attn_tp_rank=self.attn_tp_rank,
+            attn_dp_rank=self.attn_dp_rank,
+            system_dp_rank=self.system_dp_rank,
+            system_dp_size=self.system_dp_size,
         )
         try:
             r = requests.put(f"{self._bootstrap_url()}/spectrum/register", json=payload, timeout=5)
             if r.status_code != 200:
                 logger.error("SpectrumKV registration refused: %s %s", r.status_code, r.text)
+            else:
+                self.instance_id = str(r.json().get("instance", ""))
         except Exception as e:
             logger.error("SpectrumKV could not register at the bootstrap server: %s", e)
 
@@ -296,13 +363,29 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         na = NetworkAddress(endpoint, port)
         self._send_multipart_locked(na.to_tcp(), messages.encode(msg), is_ipv6=na.is_ipv6)
 
+    def _housekeeping(self) -> None:
+        """Timers of both roles (control thread, every :data:`SWEEP_INTERVAL_S` under any
+        traffic): expired rooms and idle workers (prefill), overdue aborts and deferred
+        grants (decode)."""
+        if self.is_prefill:
+            self.rooms.sweep()
+            self._workers.reap_idle()
+        else:
+            self.sweep()
+
     def _control_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.server_socket, zmq.POLLIN)
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         while not self._stop.is_set():
-            if not poller.poll(500):
-                if not self.is_prefill:
-                    self._sweep_aborted()
+            ready = poller.poll(int(SWEEP_INTERVAL_S * 1000))
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                try:
+                    self._housekeeping()
+                except Exception:
+                    logger.exception("SpectrumKV: housekeeping failed")
+            if not ready:
                 continue
             frames = self.server_socket.recv_multipart()
             msg = messages.decode(frames)

@@ -6,9 +6,16 @@ Decode -> prefill (to the prefill rank's PULL socket, ``CommonKVManager.rank_por
   decode's wire identity (checked by the prefill) and where to reach it.
 * :class:`Grant`: one per request and decode rank (SGLang's "send metadata"):
   the receive region reserved for the packed KV, the decode's prefix length,
-  its metadata (aux) row and page count.
+  its metadata (aux) row and page count, and the decode's identity again (a
+  restarted prefill that never saw the ``Register`` still verifies it).
 * :class:`Abort`: the decode gave the request up; the prefill acknowledges with
   :class:`AbortAck` once no write of its own can land in the region any more.
+
+Generations: every decode receiver draws a random ``generation`` that its
+``Grant`` and ``Abort`` carry and every answer echoes. SGLang may reuse a
+bootstrap room (PD re-bootstrap), so a late answer for an earlier receiver of
+the same room is recognised and dropped instead of freeing or filling the
+new receiver's region.
 
 Prefill -> decode (to the decode rank's PULL socket):
 
@@ -44,6 +51,7 @@ class Register(msgspec.Struct, frozen=True):
 
 class Grant(msgspec.Struct, frozen=True):
     room: int
+    generation: int  # the decode receiver's (random, per request and decode rank)
     session: str
     endpoint: str
     port: int
@@ -53,10 +61,13 @@ class Grant(msgspec.Struct, frozen=True):
     prefix_len: int  # tokens the decode already holds (page aligned); 0 = none
     aux_index: int  # the decode's metadata row
     required: int = 1  # decode ranks that send a grant for this room (all must arrive)
+    identity: dict[str, Any] = {}  # the decode's wire identity (as in Register)
+    prefill_instance: str = ""  # the prefill instance the decode verified ('' = any)
 
 
 class Abort(msgspec.Struct, frozen=True):
     room: int
+    generation: int
     endpoint: str
     port: int
     reason: str = ""  # why, when the decode refused the request (shown to the client)
@@ -64,6 +75,7 @@ class Abort(msgspec.Struct, frozen=True):
 
 class Sent(msgspec.Struct, frozen=True):
     room: int
+    generation: int
     nbytes: int  # all parts together
     checksum: int  # of the last part
     aux: list[bytes]  # the prefill's metadata row, one entry per metadata buffer
@@ -75,11 +87,14 @@ class Sent(msgspec.Struct, frozen=True):
 
 class Failed(msgspec.Struct, frozen=True):
     room: int
+    generation: int
     reason: str
+    stale_peer: bool = False  # the decode's view of this prefill is out of date
 
 
 class AbortAck(msgspec.Struct, frozen=True):
     room: int
+    generation: int
 
 
 _TAGS: dict[type, bytes] = {

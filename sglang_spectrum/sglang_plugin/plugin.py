@@ -79,10 +79,15 @@ def _after_from_cli_args(server_args: Any, cls: Any, ns: Any) -> None:
     from .options import _exit_error, apply_cli_namespace
 
     if getattr(ns, "disaggregation_transfer_backend", None) == BACKEND_NAME:
+        from .compat import unsupported_deployment
+
         try:
             check_sglang_version()
         except UnsupportedSGLangError as e:
             _exit_error(str(e))
+        problem = unsupported_deployment(server_args)
+        if problem and getattr(server_args, "disaggregation_mode", "null") != "null":
+            _exit_error(problem)
     apply_cli_namespace(ns)
 
 
@@ -103,6 +108,43 @@ def _around_get_kv_class(original: Any, transfer_backend: Any, class_type: Any) 
         "receiver": SpectrumKVReceiver,
         "bootstrap_server": SpectrumKVBootstrapServer,
     }.get(name)
+
+
+def _before_alloc_memory_pool(runner: Any, *args: Any, **kwargs: Any) -> None:
+    """Reserve the spectrum arena before SGLang sizes its KV pool, so the pool is
+    sized around it (the arena is inside SGLang's memory plan, not taken from the
+    activation / CUDA-graph headroom)."""
+    from . import compat
+
+    server_args = getattr(runner, "server_args", None)
+    if (
+        compat.is_draft_runner(runner)
+        or compat.server_arg(server_args, "disaggregation_transfer_backend") != BACKEND_NAME
+        or compat.server_arg(server_args, "disaggregation_mode", "null") == "null"
+    ):
+        return None
+    kv_memory = compat.kv_memory_budget(runner)
+    if kv_memory is None:  # CPU: pools are capped by --max-total-tokens, nothing to plan
+        return None
+    import torch
+
+    from .options import current_options
+    from .transport import joint_arena_bytes, reserve_arena_memory
+
+    opts = current_options()
+    nbytes = (
+        int(opts.arena_mb * (1 << 20))
+        if opts.arena_mb
+        else joint_arena_bytes(kv_memory, opts.budget)
+    )
+    reserve_arena_memory(nbytes, torch.device("cuda", int(runner.gpu_id)))
+    logger.info(
+        "SpectrumKV: reserved %.1f MiB for the transfer arena before the KV pool is sized"
+        " (%.1f GiB left for it)",
+        nbytes / (1 << 20),
+        kv_memory / (1 << 30),
+    )
+    return None
 
 
 def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
@@ -152,6 +194,11 @@ def register() -> None:
             "sglang.srt.managers.scheduler.Scheduler.__init__",
             _after_scheduler_init,
             HookType.AFTER,
+        )
+        HookRegistry.register(
+            "sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool",
+            _before_alloc_memory_pool,
+            HookType.BEFORE,
         )
         _registered = True
     except Exception as e:  # a broken plugin must never break SGLang

@@ -1,12 +1,16 @@
-"""Prefill side of the ``spectrum`` KV manager: grants, the transfer thread, aborts.
+"""Prefill side of the ``spectrum`` KV manager: grants, transfer workers, aborts.
 
 A mixin of :class:`.manager.SpectrumKVManager` (it uses the manager's pools, arena,
-engine, options, locks and SGLang's ``CommonKVManager`` status table). The
-scheduler thread only calls :meth:`PrefillSide.submit` (last chunk) and
-:meth:`PrefillSide.submit_part` (an earlier chunk, ``--spectrum-stream chunks``);
-the transfer thread packs with :func:`sglang_spectrum.transfer.pack_request` on
-its own CUDA stream, makes one Mooncake write per decode rank and part, and
-reports ``Sent`` with every part's place in the decode's receive region.
+engine, options and SGLang's ``CommonKVManager`` status table). The scheduler
+thread only calls :meth:`PrefillSide.submit` (last chunk) and
+:meth:`PrefillSide.submit_part` (an earlier chunk, ``--spectrum-stream chunks``).
+The room state machine is :class:`.rooms.PrefillRooms`; the jobs run in
+:class:`.workers.TransferWorkers` (one pack -> write pipeline per decode peer):
+:meth:`PrefillSide._pack_stage` packs with
+:func:`sglang_spectrum.transfer.pack_request` on the packer's own CUDA stream
+into a registered send region, :meth:`PrefillSide._write_stage` makes one
+Mooncake write per decode rank and part and, after the last part, reports
+``Sent`` with every part's place in the decode's receive region.
 
 Parts: each chunk's tokens are allocated their own share of the budget and
 written while the next chunk is computed (what the stock backends gain from
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,19 +35,23 @@ from sglang.srt.disaggregation.base.conn import KVPoll
 from . import faults, messages
 from .identity import incompatibility
 from .metrics import write_stats
-from .transport import Region, read_aux_row
+from .rooms import AckTarget, PrefillRooms
+from .transport import Region
+from .workers import FailedSessions, TransferWorkers
 
 logger = logging.getLogger(__name__)
+
+SEND_REGION_WAIT_S = 2.0  # wait this long for a free send region before a one-off one
 
 
 @dataclass
 class PackJob:
-    """One request handed from the prefill scheduler to the transfer thread."""
+    """One request (or part of one) handed from the prefill scheduler to the workers."""
 
     room: int
-    slots: torch.Tensor  # int64 [T] pool slots of the tokens to send
+    slots: torch.Tensor  # int64 [T] pool slots of the tokens to send (host memory)
     context: torch.Tensor | None  # int64 [P] slots before these (scored, not sent)
-    aux: list[bytes]  # the metadata row
+    aux: list[bytes]  # the metadata row (final part only)
     events: list[Any]  # torch.cuda.Events after which its KV is written (none on a CPU)
     rid: str
     final: bool = True  # the last chunk's part (False: an earlier chunk, more follow)
@@ -52,90 +60,127 @@ class PackJob:
 
 
 @dataclass
-class PrefillRoom:
-    """Prefill-side state of one room: the decode grants and the transfer's progress."""
+class Packed:
+    """What the pack stage hands to the write stage."""
 
-    grants: dict[str, messages.Grant] = field(default_factory=dict)
-    required: int = 1
-    prefix_len: int = 0  # tokens the decode already holds (SGLang pops its own copy)
-    job: PackJob | None = None  # parked until every grant is there
-    in_flight: bool = False
-    aborted: bool = False  # decode aborted: ack once nothing can be written any more
-    ack_targets: list[tuple[str, int]] = field(default_factory=list)
-    reserved: int = 0  # bytes the accepted earlier parts may take (bounds, aligned)
-    parts: list[list[int]] = field(default_factory=list)  # written: offset, bytes, sum, tokens
-    part_totals: dict[str, float] = field(default_factory=dict)  # their stats, summed
+    region: Region
+    offset: int  # where this part goes in the decode's region
+    nbytes: int  # bytes to write
+    checksum: int
+    info: Any  # transfer.PackedRequest
+    grants: list[messages.Grant]
+    pack_ms: float
+    register_ms: float
+    one_off: bool
+    fault: str | None
+    started: float
 
 
 class PrefillSide:
     """Prefill-side behaviour of the manager (see the module docstring)."""
 
-    _jobs: queue.Queue
+    rooms: PrefillRooms
+
+    def _init_prefill(self) -> None:
+        self.rooms = PrefillRooms()
+        self._failed_sessions = FailedSessions()
+        self._verdicts: dict[str, str] = {}  # decode identity digest -> '' ok | reason
+        self._workers = TransferWorkers(self._pack_stage, self._write_stage, name="prefill")
+        self._thread_local = threading.local()
+
+    # ------------------------------------------------------------------ messages
 
     def _on_prefill_message(self, msg: Any) -> None:
         if isinstance(msg, messages.Register):
-            verdict = incompatibility(
-                msg.identity, f"decode at {msg.endpoint}:{msg.port}", "prefill", self.identity()
-            )
-            with self._lock:
-                self._sessions[msg.session] = verdict
-            if verdict:
-                logger.error("SpectrumKV: %s", verdict)
+            self._decode_verdict(msg.identity, msg.endpoint, msg.port)
+            self._failed_sessions.forgive(msg.session)  # a (re)started decode
         elif isinstance(msg, messages.Grant):
             self._on_grant(msg)
         elif isinstance(msg, messages.Abort):
             self._on_abort(msg)
 
-    def _on_grant(self, g: messages.Grant) -> None:
-        with self._lock:
-            verdict = self._sessions.get(g.session)
-            if verdict is None:
-                verdict = f"decode at {g.endpoint}:{g.port} did not register as a SpectrumKV decode"
+    def _decode_verdict(self, identity: dict[str, Any], endpoint: str, port: int) -> str:
+        """'' if a decode with ``identity`` fits this prefill, else why not (cached)."""
+        key = repr(sorted(identity.items())) if identity else ""
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = incompatibility(
+                identity, f"decode at {endpoint}:{port}", "prefill", self.identity()
+            )
+            self._verdicts[key] = verdict
             if verdict:
-                self.record_failure(g.room, verdict)
-                self.update_status(g.room, KVPoll.Failed)
-                self.send_to(g.endpoint, g.port, messages.Failed(g.room, verdict))
-                return
-            state = self._rooms.setdefault(g.room, PrefillRoom())
-            state.grants[g.session] = g
-            state.required = max(1, g.required)
-            state.prefix_len = g.prefix_len
-            self.req_to_decode_prefix_len[g.room] = g.prefix_len
-            complete = len(state.grants) >= state.required
-            job = state.job if complete else None
-            if job is not None:
-                state.job = None
-        if complete:
-            self.update_status(g.room, KVPoll.WaitingForInput)
-        if job is not None:  # the prefill finished before the decode granted (optimistic)
-            self._jobs.put(job)
+                logger.error("SpectrumKV: %s", verdict)
+        return verdict
+
+    def _room_alive(self, room: int) -> bool:
+        """SGLang still tracks this room's sender (its status entry exists)."""
+        return room in self.request_status
+
+    def _fail_status(self, room: int, reason: str) -> None:
+        """Record a failure for a room SGLang still tracks (never re-creates a cleared one)."""
+        if self._room_alive(room):
+            self.record_failure(room, reason)
+            self.update_status(room, KVPoll.Failed)
+
+    def _on_grant(self, g: messages.Grant) -> None:
+        verdict = self._decode_verdict(g.identity, g.endpoint, g.port)
+        stale = bool(g.prefill_instance) and g.prefill_instance != self.instance_id
+        if stale:
+            verdict = (
+                f"SpectrumKV: the prefill at {self._bootstrap_url()} restarted since the decode"
+                " verified it; retry the request"
+            )
+        if verdict:
+            self._fail_status(g.room, verdict)
+            failed = messages.Failed(g.room, g.generation, verdict, stale)
+            self._send_quietly(g.endpoint, g.port, failed)
+            return
+        self._failed_sessions.forgive(g.session)
+        outcome, job = self.rooms.grant(g)
+        if outcome == "stale":
+            logger.debug("SpectrumKV: grant for cleared room %s dropped", g.room)
+        elif outcome == "failed":  # the prefill gave the room up before this grant came
+            self._tell_failure(g.room, job, self.rooms.get(g.room).failed)
+        elif outcome == "complete":
+            self._mark_ready(g.room, g.prefix_len)
+            if job is not None:  # the prefill finished before the decode granted
+                self._workers.submit(self.rooms.get(g.room).peer_key, job)
 
     def _on_abort(self, a: messages.Abort) -> None:
-        with self._lock:
-            state = self._rooms.setdefault(a.room, PrefillRoom())
-            state.aborted = True
-            state.ack_targets.append((a.endpoint, a.port))
-            state.job = None
-            in_flight = state.in_flight
+        target = AckTarget(a.endpoint, a.port, a.generation)
         logger.info("SpectrumKV: decode at %s:%s aborted room %s", a.endpoint, a.port, a.room)
-        self.record_failure(a.room, a.reason or "the decode server aborted the request")
-        self.update_status(a.room, KVPoll.Failed)
-        if not in_flight:
-            self._ack_abort(a.room)
+        self._fail_status(a.room, a.reason or "the decode server aborted the request")
+        self._ack(a.room, self.rooms.abort(a.room, target))
 
-    def _ack_abort(self, room: int) -> None:
-        with self._lock:
-            state = self._rooms.get(room)
-            targets = list(state.ack_targets) if state else []
-            if state:
-                state.ack_targets.clear()
-        for endpoint, port in targets:
-            try:
-                self.send_to(endpoint, port, messages.AbortAck(room))
-            except Exception as e:
-                logger.warning(
-                    "SpectrumKV: could not acknowledge the abort of room %s: %s", room, e
-                )
+    def _tell_failure(self, room: int, grants: list[messages.Grant], reason: str) -> None:
+        for g in grants:
+            self._send_quietly(g.endpoint, g.port, messages.Failed(room, g.generation, reason))
+
+    def _ack(self, room: int, targets: list[AckTarget]) -> None:
+        for t in targets:
+            self._send_quietly(t.endpoint, t.port, messages.AbortAck(room, t.generation))
+
+    def _send_quietly(self, endpoint: str, port: int, msg: Any) -> None:
+        try:
+            self.send_to(endpoint, port, msg)
+        except Exception as e:
+            logger.warning(
+                "SpectrumKV: could not send %s to %s:%s: %s", type(msg).__name__, endpoint, port, e
+            )
+
+    # ------------------------------------------------------------------ scheduler thread
+
+    def _mark_ready(self, room: int, prefix_len: int) -> None:
+        """Every decode rank granted and the sender exists: SGLang may send the KV."""
+        if self._room_alive(room):
+            self.req_to_decode_prefix_len[room] = prefix_len
+            self.update_status(room, KVPoll.WaitingForInput)
+
+    def open_room(self, room: int) -> None:
+        """Scheduler thread: a sender was created (after SGLang set its status)."""
+        state = self.rooms.open(room)
+        if state is not None:  # the grants came first
+            self._mark_ready(room, state.prefix_len)
 
     def _kv_written_events(self, *events: Any) -> list[Any]:
         """``events`` and a CUDA event after the KV writes queued so far on this
@@ -155,24 +200,14 @@ class PrefillSide:
         t_start: float,
     ) -> None:
         """Scheduler thread, last chunk: hand the request (its tokens not sent in an
-        earlier part) to the transfer thread (``t_start``: when the scheduler entered
-        the sender, for the stats)."""
+        earlier part) to the workers (``t_start``: when the scheduler entered the
+        sender, for the stats)."""
         room = sender.bootstrap_room
-        aux = (
-            read_aux_row(self.kv_args.aux_data_ptrs, self.kv_args.aux_item_lens, sender.aux_index)
-            if sender.aux_index is not None
-            else []
-        )
+        aux = self.aux_rows.read(sender.aux_index) if sender.aux_index is not None else []
         job = PackJob(room, slots, context, aux, self._kv_written_events(), rid)
         job.scheduler_ms = (time.perf_counter() - t_start) * 1e3
-        with self._lock:
-            state = self._rooms.setdefault(room, PrefillRoom())
-            if state.aborted:
-                return
-            if len(state.grants) < state.required:
-                state.job = job  # sent when the last grant arrives
-                return
-        self._jobs.put(job)
+        if self.rooms.park_or_take(room, job):
+            self._workers.submit(self.rooms.get(room).peer_key, job)
 
     def submit_part(
         self,
@@ -183,181 +218,218 @@ class PrefillSide:
         event: Any = None,
     ) -> bool:
         """Scheduler thread, an earlier chunk: hand ``slots`` (int64 ``[T]``, whole
-        pages) to the transfer thread as one part. Accepted only once every decode
-        rank granted and when this part and the ``rest_tokens`` still to come fit the
+        pages) to the workers as one part. Accepted only once every decode rank
+        granted and when this part and the ``rest_tokens`` still to come fit the
         granted region after the parts before it; False leaves them to the next part.
         ``event``: a CUDA event SGLang recorded for this KV on another stream, or None."""
         from sglang_spectrum.transfer import part_offset
 
         t_start = time.perf_counter()
         room = sender.bootstrap_room
-        with self._lock:
-            state = self._rooms.get(room)
-            if state is None or state.aborted or len(state.grants) < state.required:
+        with self.rooms.lock:
+            state = self.rooms.get(room)
+            if state is None or state.aborted or not state.complete:
                 return False
             capacity = min(g.capacity for g in state.grants.values())
             cfg = self.codec_config()
             reserved = part_offset(state.reserved) + self.region_bound(int(slots.numel()), cfg)
             if part_offset(reserved) + self.region_bound(rest_tokens, cfg) > capacity:
                 return False
+            if not self.rooms.enter_flight(room):
+                return False
             state.reserved = reserved
+            key = state.peer_key
         job = PackJob(room, slots, context, [], self._kv_written_events(event), "", final=False)
         job.scheduler_ms = (time.perf_counter() - t_start) * 1e3
-        self._jobs.put(job)
+        self._workers.submit(key, job)
         return True
 
     def fail_room(self, room: int, reason: str) -> None:
-        """Fail one request on the prefill side and tell its decode ranks why."""
-        logger.error("SpectrumKV: request of room %s failed: %s", room, reason)
-        self.record_failure(room, reason)
-        self.update_status(room, KVPoll.Failed)
-        if self.metrics is not None:
-            self.metrics.observe_failure()
-        with self._lock:
-            state = self._rooms.get(room)
-            if state is not None and state.in_flight:
-                return  # the transfer thread tells the decode once its write is over
-            grants = list(state.grants.values()) if state else []
-        for g in grants:
-            try:
-                self.send_to(g.endpoint, g.port, messages.Failed(room, reason))
-            except Exception as e:
-                logger.warning("SpectrumKV: could not tell %s:%s: %s", g.endpoint, g.port, e)
+        """Fail one request on the prefill side and tell its decode ranks why (now, or
+        the worker once the write in flight is over)."""
+        state = self.rooms.get(room)
+        if state is None or not state.failed:
+            logger.error("SpectrumKV: request of room %s failed: %s", room, reason)
+            if self.metrics is not None:
+                self.metrics.observe_failure()
+        self._fail_status(room, reason)
+        self._tell_failure(room, self.rooms.fail(room, reason), reason)
 
     def forget_room(self, room: int) -> None:
-        with self._lock:
-            state = self._rooms.get(room)
-            if state is not None and not state.in_flight:
-                del self._rooms[room]
+        """The scheduler cleared the sender."""
+        self.rooms.clear(room)
 
-    def _transfer_loop(self) -> None:
-        stream = None
-        while not self._stop.is_set():
-            job = self._jobs.get()
-            if job is None:
-                return
-            if stream is None and self.k_pools and self.k_pools[0].is_cuda:
-                stream = torch.cuda.Stream(device=self.k_pools[0].device)
-            try:
-                self._transfer(job, stream)
-            except Exception as e:
-                logger.error("SpectrumKV: transfer of room %s failed: %s", job.room, e)
-                logger.debug("SpectrumKV: transfer failure details", exc_info=True)
-                self._conclude_unsent(
-                    job.room,
-                    self._leave_flight(job.room),
-                    f"SpectrumKV could not send the KV cache: {e}",
-                )
+    def room_prefix_len(self, room: int) -> int:
+        """Tokens of this room's prompt the decode holds already (from its grant)."""
+        state = self.rooms.get(room)
+        return state.prefix_len if state is not None else 0
 
-    def _leave_flight(self, room: int) -> bool:
-        """The transfer of ``room`` is over (no write can land any more); returns whether
-        the decode aborted it. Atomic with :meth:`_on_abort`'s look at ``in_flight``."""
-        with self._lock:
-            state = self._rooms.get(room)
-            if state is None:
-                return False
-            state.in_flight = False
-            return state.aborted
+    def room_aborted(self, room: int) -> bool:
+        """Prefill: the decode aborted (or refused) this room already."""
+        state = self.rooms.get(room)
+        return state is not None and state.aborted
 
-    def _conclude_unsent(self, room: int, aborted: bool, reason: str) -> None:
-        """A transfer ended without ``Sent``: acknowledge the decode's abort, or tell it why."""
-        if aborted:
-            self._ack_abort(room)
-        else:
+    # ------------------------------------------------------------------ workers
+
+    def _leave_flight(self, room: int) -> None:
+        """A job of ``room`` is over: send the abort acks and failure notices now due."""
+        targets, tell, reason = self.rooms.leave_flight(room)
+        self._ack(room, targets)
+        self._tell_failure(room, tell, reason)
+
+    def _finish_unsent(self, room: int, reason: str) -> None:
+        """A job ended without a write that counts: the room failed (unless the decode
+        aborted it), and the job leaves the flight."""
+        state = self.rooms.get(room)
+        if state is not None and not state.aborted:
             self.fail_room(room, reason)
+        self._leave_flight(room)
 
-    def _transfer(self, job: PackJob, stream: Any) -> None:
-        """Pack one part (the whole request when it is the only one), write it at its
-        offset in every decode rank's region; after the final part, report ``Sent``."""
+    def _pack_stage(self, job: PackJob) -> Packed | None:
+        """Packer thread: pack one part into a send region (None: dropped or failed)."""
         from sglang_spectrum.transfer import pack_request, part_offset
 
         room = job.room
-        with self._lock:
-            state = self._rooms.get(room)
-            if state is None or state.aborted or self.request_status.get(room) == KVPoll.Failed:
-                return
-            grants = list(state.grants.values())
-            state.in_flight = True
-            offset = part_offset(sum(state.parts[-1][:2])) if state.parts else 0
+        state = self.rooms.get(room)
+        if state is None or not state.live or self.request_status.get(room) == KVPoll.Failed:
+            reason = (state.failed if state else "") or "aborted on the prefill"
+            self._finish_unsent(room, self.failure_records.get(room, reason))
+            return None
+        grants = list(state.grants.values())
+        dead = self._failed_sessions.failed(g.session for g in grants)
+        if dead is not None:
+            self._finish_unsent(
+                room, f"SpectrumKV: decode session {dead} is unreachable (its last write failed)"
+            )
+            return None
+        offset = getattr(state, "next_offset", 0)
         t0 = time.perf_counter()
-        cfg = self.codec_config()
-        if not job.final:  # its last tokens are not the prompt's recent window
-            cfg = cfg.with_(window=0)
-        bound = self.region_bound(int(job.slots.numel()), cfg)
-        region = self.arena.alloc(bound)
-        one_off = region is None
-        device = self.k_pools[0].device
-        register_ms = 0.0
-        if one_off:  # arena full: a buffer registered for this request (cost in the stats)
-            t_reg = time.perf_counter()
-            region = Region.one_off(bound, device, self.engine)
-            register_ms = (time.perf_counter() - t_reg) * 1e3
-        fault = None
+        region, one_off, register_ms = None, False, 0.0
         try:
-            slots = job.slots.to(device, non_blocking=True)
-            context = None if job.context is None else job.context.to(device, non_blocking=True)
+            cfg = self.codec_config()
+            if not job.final:  # its last tokens are not the prompt's recent window
+                cfg = cfg.with_(window=0)
+            bound = self.region_bound(int(job.slots.numel()), cfg)
+            region = self.arena.alloc_wait(
+                bound, SEND_REGION_WAIT_S, cancelled=lambda: self.room_aborted(room)
+            )
+            if region is None:  # arena busy for long: a buffer of its own (in the stats)
+                one_off = True
+                t_reg = time.perf_counter()
+                region = Region.one_off(bound, self.k_pools[0].device, self.engine)
+                register_ms = (time.perf_counter() - t_reg) * 1e3
+            stream = self._worker_stream()
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for event in job.events:  # the KV of this chunk is written
-                    stream.wait_event(event)
-                packed = pack_request(
+                if stream is not None:
+                    for event in job.events:  # the KV of this chunk is written
+                        stream.wait_event(event)
+                # host -> device copies on this stream: ordered before the pack reads them
+                device = self.k_pools[0].device
+                slots = job.slots.to(device, non_blocking=True)
+                context = None if job.context is None else job.context.to(device, non_blocking=True)
+                info = pack_request(
                     self.k_pools, self.v_pools, slots, cfg, out=region.view(), context_slots=context
                 )
             pack_ms = (time.perf_counter() - t0) * 1e3
             cap = min(g.capacity for g in grants)
-            if offset + packed.nbytes > cap:
+            if offset + info.nbytes > cap:
                 raise RuntimeError(
-                    f"packed KV of {packed.nbytes} bytes at offset {offset} does not fit the"
+                    f"packed KV of {info.nbytes} bytes at offset {offset} does not fit the"
                     f" {cap} bytes the decode reserved; run the same sglang-spectrum version"
                     " on both sides"
                 )
-            send_n, checksum = packed.nbytes, packed.checksum
-            if job.final:
-                fault = faults.fault_for(job.rid, self._fault_counter)
+            send_n, checksum = info.nbytes, info.checksum
+            fault = faults.fault_for(job.rid, self._fault_counter) if job.final else None
             if fault is not None:
-                send_n, checksum = faults.inject(fault, region.view(), packed.nbytes, checksum)
+                send_n, checksum = faults.inject(fault, region.view(), info.nbytes, checksum)
                 logger.warning("SpectrumKV TEST FAULT %r in room %s (rid %s)", fault, room, job.rid)
+            state.next_offset = part_offset(offset + int(send_n))
+        except Exception as e:
+            if region is not None:
+                region.release()
+            logger.error("SpectrumKV: packing room %s failed: %s", room, e)
+            logger.debug("SpectrumKV: pack failure details", exc_info=True)
+            self._finish_unsent(room, f"SpectrumKV could not pack the KV cache: {e}")
+            return None
+        return Packed(
+            region,
+            offset,
+            int(send_n),
+            int(checksum),
+            info,
+            grants,
+            pack_ms,
+            register_ms,
+            one_off,
+            fault,
+            t0,
+        )
+
+    def _worker_stream(self) -> Any:
+        """This thread's CUDA stream (made once per thread), or None on a CPU."""
+        if not (self.k_pools and self.k_pools[0].is_cuda):
+            return None
+        local = self._thread_local
+        if getattr(local, "stream", None) is None:
+            local.stream = torch.cuda.Stream(device=self.k_pools[0].device)
+        return local.stream
+
+    def _write_stage(self, job: PackJob, p: Packed) -> None:
+        """Writer thread: write one packed part into every decode rank's region; after
+        the final part, report ``Sent``."""
+        room = job.room
+        t1 = time.perf_counter()
+        try:
             delay = faults.test_delay_s(job.rid)
             if delay > 0:
                 logger.warning("SpectrumKV TEST: room %s transfer starts in %.1f s", room, delay)
                 time.sleep(delay)
-            t1 = time.perf_counter()
-            for g in grants:
+            for g in p.grants:
                 if self.request_status.get(room) == KVPoll.Failed:
                     break
-                ret = self.engine.transfer_sync(
-                    g.session, region.ptr, g.region_ptr + offset, send_n
-                )
+                dst = g.region_ptr + p.offset
+                ret = self.engine.transfer_sync(g.session, p.region.ptr, dst, p.nbytes)
                 if ret < 0:
+                    self._failed_sessions.mark(g.session)
                     raise RuntimeError(f"Mooncake write to {g.session} failed ({ret})")
-            transfer_ms = (time.perf_counter() - t1) * 1e3
-        finally:
-            region.release()
-        aborted = self._leave_flight(room)
-        if aborted or self.request_status.get(room) == KVPoll.Failed:
-            # aborted by the decode, or on this side while writing: the decode learns it now
-            reason = self.failure_records.get(room, "aborted on the prefill")
-            self._conclude_unsent(room, aborted, reason)
+        except Exception as e:
+            p.region.release()
+            logger.error("SpectrumKV: transfer of room %s failed: %s", room, e)
+            self._finish_unsent(room, f"SpectrumKV could not send the KV cache: {e}")
             return
-        with self._lock:
-            state = self._rooms.get(room)
+        p.region.release()
+        transfer_ms = (time.perf_counter() - t1) * 1e3
+        state = self.rooms.get(room)
+        if state is None or not state.live or self.request_status.get(room) == KVPoll.Failed:
+            # aborted by the decode, or failed on this side while writing
+            reason = (state.failed if state else "") or "aborted on the prefill"
+            self._finish_unsent(room, self.failure_records.get(room, reason))
+            return
+        self._record_part(job, p, transfer_ms)
+        self._leave_flight(room)
+
+    def _record_part(self, job: PackJob, p: Packed, transfer_ms: float) -> None:
+        room, info = job.room, p.info
+        with self.rooms.lock:
+            state = self.rooms.get(room)
             if state is None:
                 return
-            state.parts.append([offset, int(send_n), int(checksum), packed.num_tokens])
+            state.parts.append([p.offset, p.nbytes, p.checksum, info.num_tokens])
             totals = state.part_totals
             for key, value in (
-                ("num_tokens", packed.num_tokens),
-                ("full_bytes", packed.full_nbytes),
-                ("sent_bytes", int(send_n)),
-                ("pack_ms", pack_ms),
+                ("num_tokens", info.num_tokens),
+                ("full_bytes", info.full_nbytes),
+                ("sent_bytes", p.nbytes),
+                ("pack_ms", p.pack_ms),
                 ("transfer_ms", transfer_ms),
-                ("register_ms", register_ms),
-                ("one_off_regions", int(one_off)),
-                *((f"tier_{k}", v) for k, v in packed.tier_counts.items() if k != "drop"),
+                ("register_ms", p.register_ms),
+                ("one_off_regions", int(p.one_off)),
+                *((f"tier_{k}", v) for k, v in info.tier_counts.items() if k != "drop"),
             ):
                 totals[key] = totals.get(key, 0) + value
             if not job.final:
                 return
-            parts = [list(p) for p in state.parts]
+            parts = [list(x) for x in state.parts]
             totals = dict(totals)
         stats = {
             "role": "prefill",
@@ -374,40 +446,31 @@ class PrefillSide:
             "tier_mode": self.tiers,
             "budget": self.options.budget,
             "key_scales": self.options.key_scales,
-            "path": packed.path,
+            "path": info.path,
             "parts": len(parts),
             "scheduler_ms": round(job.scheduler_ms, 3),
-            "queue_ms": round((t0 - job.enqueued) * 1e3, 3),
+            "queue_ms": round((p.started - job.enqueued) * 1e3, 3),
             # pack/transfer: every part; last_*: the final part, after the last chunk
             "pack_ms": round(totals["pack_ms"], 3),
             "transfer_ms": round(totals["transfer_ms"], 3),
-            "last_pack_ms": round(pack_ms, 3),
+            "last_pack_ms": round(p.pack_ms, 3),
             "last_transfer_ms": round(transfer_ms, 3),
-            "pack_timings_ms": packed.timings_ms,
+            "pack_timings_ms": info.timings_ms,
             "one_off_regions": int(totals["one_off_regions"]),
             "register_ms": round(totals["register_ms"], 3),
-            "fault": fault,
+            "fault": p.fault,
         }
-        for g in grants:
-            self.send_to(
+        for g in p.grants:
+            self._send_quietly(
                 g.endpoint,
                 g.port,
-                messages.Sent(room, stats["sent_bytes"], int(checksum), job.aux, stats, parts),
+                messages.Sent(
+                    room, g.generation, stats["sent_bytes"], p.checksum, job.aux, stats, parts
+                ),
             )
-        self.update_status(room, KVPoll.Success)
+        if self._room_alive(room):
+            self.update_status(room, KVPoll.Success)
         if self.metrics is not None:
             self.metrics.observe_sent(stats)
         write_stats(stats)
         logger.debug("SpectrumKV room %s sent: %s", room, stats)
-
-    def room_prefix_len(self, room: int) -> int:
-        """Tokens of this room's prompt the decode holds already (from its grant)."""
-        with self._lock:
-            state = self._rooms.get(room)
-            return state.prefix_len if state is not None else 0
-
-    def room_aborted(self, room: int) -> bool:
-        """Prefill: the decode aborted (or refused) this room already."""
-        with self._lock:
-            state = self._rooms.get(room)
-            return state is not None and state.aborted

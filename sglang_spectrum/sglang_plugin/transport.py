@@ -9,17 +9,20 @@
 * :class:`RegisteredArena`: one buffer on the KV pool's device, registered with
   the engine once, carved into per-request :class:`Region` s (prefill: packed
   send buffers; decode: receive buffers the prefill writes into).
-* Metadata ("aux") rows: SGLang's ``MetadataBuffers`` are host tensors whose
-  pointers and row sizes are in ``KVArgs.aux_data_ptrs`` / ``aux_item_lens``.
-  The prefill reads its row when the last chunk is sent and ships the bytes in
-  its ``Sent`` message; the decode writes them into its row before it reports
-  success (no registration of those buffers needed).
+* Metadata ("aux") rows: SGLang's ``MetadataBuffers``, whose pointers and row
+  sizes are in ``KVArgs.aux_data_ptrs`` / ``aux_item_lens``: host memory, or
+  device memory under ``SGLANG_MOONCAKE_CUSTOM_MEM_POOL=INTRA_NODE_NVLINK``
+  (:class:`AuxRows` reads and writes either). The prefill reads its row when
+  the last chunk is sent and ships the bytes in its ``Sent`` message; the decode
+  writes them into its row before it reports success (no registration of those
+  buffers needed).
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,16 +52,27 @@ class RegisteredArena:
     """One registered buffer carved into per-request regions (first fit, coalescing
     free list, thread-safe). Regions are released exactly once (:class:`Region`)."""
 
-    def __init__(self, nbytes: int, device: torch.device, engine: Any, name: str):
+    def __init__(
+        self,
+        nbytes: int,
+        device: torch.device,
+        engine: Any,
+        name: str,
+        buf: torch.Tensor | None = None,
+    ):
         self.name = name
         self.size = int(nbytes)
-        self.buf = torch.empty(self.size, dtype=torch.uint8, device=device)
+        if buf is not None and buf.numel() >= self.size and buf.device == device:
+            self.buf = buf[: self.size]  # memory reserved before SGLang sized its KV pool
+        else:
+            self.buf = torch.empty(self.size, dtype=torch.uint8, device=device)
         self.base = int(self.buf.data_ptr())
         self.engine = engine
         if engine is not None:
             engine.register(self.base, self.size)
         self._free: list[tuple[int, int]] = [(0, self.size)]
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self.in_use = 0
 
     def alloc(self, nbytes: int) -> Region | None:
@@ -75,6 +89,20 @@ class RegisteredArena:
                     return Region(self, off, need)
         return None
 
+    def alloc_wait(self, nbytes: int, timeout_s: float, cancelled=None) -> Region | None:
+        """:meth:`alloc`, waiting up to ``timeout_s`` for regions to be released (None
+        after that, or as soon as ``cancelled()`` is true)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            region = self.alloc(nbytes)
+            if region is not None:
+                return region
+            left = deadline - time.monotonic()
+            if left <= 0 or (cancelled is not None and cancelled()):
+                return None
+            with self._freed:
+                self._freed.wait(min(left, 0.05))
+
     def _release(self, off: int, length: int) -> None:
         with self._lock:
             self.in_use -= length
@@ -87,6 +115,7 @@ class RegisteredArena:
                 else:
                     merged.append((o, n))
             self._free = merged
+            self._freed.notify_all()
 
     def close(self) -> None:
         if self.engine is not None:
@@ -146,6 +175,30 @@ def pool_nbytes(k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> int
     return sum(t.numel() * t.element_size() for t in [*k_pools, *v_pools])
 
 
+_RESERVED: dict[str, torch.Tensor] = {}
+
+
+def joint_arena_bytes(kv_memory: int, budget: float) -> int:
+    """Arena bytes out of ``kv_memory``, the bytes SGLang is about to give the KV
+    pool, so that pool ``P`` and arena ``A`` share it by the auto rule of
+    :func:`arena_bytes` (``A = P * b / 4``): ``A = kv_memory * b / (4 + b)``,
+    clamped to 64 MiB .. 8 GiB."""
+    b = min(float(budget), 1.0)
+    return int(min(max(kv_memory * b / (4.0 + b), MIN_ARENA), MAX_ARENA))
+
+
+def reserve_arena_memory(nbytes: int, device: torch.device) -> torch.Tensor:
+    """Allocate the arena's memory now (before SGLang profiles the memory left for its
+    KV pool, so the pool is sized without it); :func:`take_reserved` hands it over."""
+    buf = torch.empty(int(nbytes), dtype=torch.uint8, device=device)
+    _RESERVED[str(device)] = buf
+    return buf
+
+
+def take_reserved(device: torch.device) -> torch.Tensor | None:
+    return _RESERVED.pop(str(device), None)
+
+
 def arena_bytes(arena_mb: float, pool_bytes: int, budget: float, largest: int = 0) -> int:
     """Arena size: ``--spectrum-arena-mb``, or auto = a quarter of the KV pool's packed
     size at the budget (room for the packed KV of a quarter of the pool in flight), at
@@ -157,16 +210,51 @@ def arena_bytes(arena_mb: float, pool_bytes: int, budget: float, largest: int = 
     return int(min(auto, MAX_ARENA))
 
 
-def read_aux_row(ptrs: list[int], item_lens: list[int], index: int) -> list[bytes]:
-    """The bytes of row ``index`` of each metadata buffer (host memory)."""
-    return [ctypes.string_at(p + index * n, n) for p, n in zip(ptrs, item_lens)]
+class _DeviceBytes:
+    """``__cuda_array_interface__`` of ``n`` bytes of device memory at ``ptr``."""
+
+    def __init__(self, ptr: int, n: int):
+        self.__cuda_array_interface__ = {
+            "shape": (n,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 3,
+        }
 
 
-def write_aux_row(ptrs: list[int], item_lens: list[int], index: int, rows: list[bytes]) -> None:
-    """Write row ``index`` of each metadata buffer; refuses rows of another size."""
-    if len(rows) != len(ptrs):
-        raise ValueError(f"{len(rows)} metadata rows for {len(ptrs)} metadata buffers")
-    for p, n, row in zip(ptrs, item_lens, rows):
-        if len(row) != n:
-            raise ValueError(f"metadata row of {len(row)} bytes, the buffer's rows have {n}")
-        ctypes.memmove(p + index * n, row, n)
+class AuxRows:
+    """Rows of SGLang's metadata buffers by pointer: host memory (ctypes) or, with
+    ``device`` a CUDA device, device memory (a zero-copy tensor view per row)."""
+
+    def __init__(self, ptrs: list[int], item_lens: list[int], device: torch.device | None = None):
+        self.ptrs = [int(p) for p in ptrs]
+        self.item_lens = [int(n) for n in item_lens]
+        self.device = device if device is not None and device.type == "cuda" else None
+
+    def _view(self, ptr: int, n: int) -> torch.Tensor:
+        return torch.as_tensor(_DeviceBytes(ptr, n), device=self.device)
+
+    def read(self, index: int) -> list[bytes]:
+        """The bytes of row ``index`` of each metadata buffer."""
+        if self.device is None:
+            return [ctypes.string_at(p + index * n, n) for p, n in zip(self.ptrs, self.item_lens)]
+        return [
+            self._view(p + index * n, n).cpu().numpy().tobytes()
+            for p, n in zip(self.ptrs, self.item_lens)
+        ]
+
+    def write(self, index: int, rows: list[bytes]) -> None:
+        """Write row ``index`` of each metadata buffer; refuses rows of another size."""
+        if len(rows) != len(self.ptrs):
+            raise ValueError(f"{len(rows)} metadata rows for {len(self.ptrs)} metadata buffers")
+        for n, row in zip(self.item_lens, rows):
+            if len(row) != n:
+                raise ValueError(f"metadata row of {len(row)} bytes, the buffer's rows have {n}")
+        for p, n, row in zip(self.ptrs, self.item_lens, rows):
+            if self.device is None:
+                ctypes.memmove(p + index * n, row, n)
+            else:
+                src = torch.frombuffer(bytearray(row), dtype=torch.uint8)
+                self._view(p + index * n, n).copy_(src)
+        if self.device is not None:
+            torch.cuda.current_stream(self.device).synchronize()
