@@ -14,25 +14,32 @@ Lower level: ``pack_payload`` / ``unpack_payload`` (kernel only, given a plan),
 ``key_norm_scores_from_pools`` (fused key-norm importance).
 """
 
-from .checksum import checksum_parts, combine_checksum, fast_checksum
-from .pack import pack_from_pools, pack_payload
-from .plan import TransferPlan, kernel_supported, plan_from_counts, plan_transfer, segment_table
-from .scoring import key_norm_scores_all_layers, key_norm_scores_from_pools
-from .unpack import unpack_payload, unpack_to_pools
+if __package__ == "kernels":
+    # This folder imported as a top-level package: the repository root is on sys.path
+    # (``python -m ...`` run from it) and transformers probes for the Hugging Face
+    # ``kernels`` package by importing it. Stay an empty package without a version,
+    # which transformers reports as unavailable, instead of failing the launch.
+    __all__: list[str] = []
+else:
+    from .checksum import checksum_parts, combine_checksum, fast_checksum
+    from .pack import pack_from_pools, pack_payload
+    from .plan import TransferPlan, kernel_supported, plan_from_counts, plan_transfer, segment_table
+    from .scoring import key_norm_scores_all_layers, key_norm_scores_from_pools
+    from .unpack import unpack_payload, unpack_to_pools
 
-__all__ = [
-    "TransferPlan",
-    "checksum_parts",
-    "combine_checksum",
-    "fast_checksum",
-    "kernel_supported",
-    "key_norm_scores_all_layers",
-    "key_norm_scores_from_pools",
-    "pack_from_pools",
-    "pack_payload",
-    "plan_from_counts",
-    "plan_transfer",
-    "segment_table",
-    "unpack_payload",
-    "unpack_to_pools",
-]
+    __all__ = [
+        "TransferPlan",
+        "checksum_parts",
+        "combine_checksum",
+        "fast_checksum",
+        "kernel_supported",
+        "key_norm_scores_all_layers",
+        "key_norm_scores_from_pools",
+        "pack_from_pools",
+        "pack_payload",
+        "plan_from_counts",
+        "plan_transfer",
+        "segment_table",
+        "unpack_payload",
+        "unpack_to_pools",
+    ]

@@ -524,3 +524,70 @@ def test_probe_fallback_when_context_too_short(request, tmp_path, smollm2):
     assert _metric(server.url, probe_hook.METRIC_TIERS, source="fallback") == 2
     assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
     assert not any((tmp_path / "cache").rglob("*.json"))  # nothing cached for a fallback
+
+
+# ----------------------------------------------------------------------------- TP coordination
+
+
+def _coordinated_rank(rank: int, world: int, port: int, scenario: str, out) -> None:
+    """One TP rank of a real gloo group running probe_hook.coordinated."""
+    import torch.distributed as dist
+
+    from sglang_spectrum.sglang_plugin.probe_hook import coordinated
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    runs = []
+
+    def run():
+        runs.append(rank)
+        if scenario == "rank1_raises" and rank == 1:
+            raise ValueError("no room in the KV pool")
+        return {"decision": "3" if rank == 0 else "2", "by": rank}
+
+    # a cache only on rank 0's node ("hit"), or on rank 1's only ("miss": rank 0 decides)
+    cached = {"decision": "3", "cached": True}
+    lookup = (
+        (lambda: cached if rank == 0 else None)
+        if scenario == "hit"
+        else (lambda: cached if rank == 1 else None)
+    )
+    try:
+        result = coordinated(dist.group.WORLD, lookup, run)
+        out.put((rank, "ok", result, runs))
+    except RuntimeError as e:
+        out.put((rank, "error", str(e), runs))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("scenario", ["hit", "miss", "rank1_raises"])
+def test_probe_decided_once_and_agreed_on_by_every_tp_rank(scenario):
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_coordinated_rank, args=(r, 2, port, scenario, out)) for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    (r0, s0, v0, runs0), (r1, s1, v1, runs1) = results
+    if scenario == "hit":  # rank 0's cache decides; nobody runs forwards
+        assert s0 == s1 == "ok" and v0 == v1 == {"decision": "3", "cached": True}
+        assert runs0 == runs1 == []
+    elif scenario == "miss":  # both run (the forwards need every rank); rank 0's result wins
+        assert s0 == s1 == "ok" and v0 == v1 == {"decision": "3", "by": 0}
+        assert runs0 == [0] and runs1 == [1]
+    else:  # one rank failed: both raise the same error (and fall back alike)
+        assert s0 == s1 == "error" and v0 == v1
+        assert "TP rank 1" in v0 and "no room in the KV pool" in v0

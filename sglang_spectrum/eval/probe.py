@@ -156,6 +156,24 @@ def probe_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(cache_dir) if cache_dir else cache_root() / "probe"
 
 
+def read_cached_probe(
+    weights_id: str,
+    settings: ProbeSettings | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> ProbeResult | None:
+    """The cached decision for (weights, settings, policy), or None (none, unreadable,
+    another policy version)."""
+    s = settings or ProbeSettings()
+    path = probe_cache_dir(cache_dir) / f"{weights_id[:32]}-{s.key()}.json"
+    if not path.is_file():
+        return None
+    try:
+        result = ProbeResult(**{**json.loads(path.read_text()), "cached": True})
+    except (ValueError, TypeError):
+        return None  # unreadable cache: run again
+    return result if result.policy_version == PROBE_POLICY_VERSION else None
+
+
 def cached_probe(
     weights_id: str,
     run: callable,
@@ -170,14 +188,9 @@ def cached_probe(
     s = settings or ProbeSettings()
     folder = probe_cache_dir(cache_dir)
     path = folder / f"{weights_id[:32]}-{s.key()}.json"
-    if path.is_file() and not refresh:
-        try:
-            data = json.loads(path.read_text())
-            result = ProbeResult(**{**data, "cached": True})
-            if result.policy_version == PROBE_POLICY_VERSION:
-                return result
-        except (ValueError, TypeError):
-            pass  # unreadable cache: run again
+    cached = None if refresh else read_cached_probe(weights_id, s, cache_dir)
+    if cached is not None:
+        return cached
     result = run()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -179,6 +179,14 @@ def metadata_device(scheduler: Any) -> torch.device | None:
     return ids.device if isinstance(ids, torch.Tensor) else None
 
 
+def tp_cpu_group(scheduler: Any) -> Any:
+    """The scheduler's CPU (gloo) process group over its TP ranks, or None with one rank
+    (``Scheduler.tp_cpu_group``: ``managers/scheduler.py``:1041 in 0.5.17, :1246 in 0.5.23)."""
+    if int(getattr(scheduler, "tp_size", 1) or 1) <= 1:
+        return None
+    return getattr(scheduler, "tp_cpu_group", None)
+
+
 def kv_memory_budget(model_runner: Any) -> int | None:
     """Bytes SGLang is about to give the KV pool (called right before
     ``ModelRunner.alloc_memory_pool``): free device memory minus the slack

@@ -115,15 +115,9 @@ class DecodeSide:
                 logger.debug("SpectrumKV: repeated abort notification failed: %s", e)
 
     def decode_sizes(self) -> dict[str, int]:
-        """Per-room state sizes (tests and the soak benchmark read them)."""
+        """Sizes of the decode's own per-request tables."""
         with self._lock:
-            return {
-                "receivers": len(self._receivers),
-                "deferred": len(self._deferred),
-                "request_status": len(self.request_status),
-                "failure_records": len(self.failure_records),
-                "arena_in_use": int(self.arena.in_use) if self.arena is not None else 0,
-            }
+            return {"receivers": len(self._receivers), "deferred": len(self._deferred)}
 
     def _on_decode_message(self, msg: Any) -> None:
         with self._lock:

@@ -227,7 +227,10 @@ class SpectrumKVReceiver(CommonKVReceiver):
         self.conclude_state = KVPoll.Failed
         if mgr.metrics is not None:
             mgr.metrics.observe_failure()
-        self._abort_transfer(reason, notify_prefill)
+        if notify_prefill:  # a prefill of another backend gets SGLang's own ABORT
+            self._send_abort_notification(reason=reason)
+        else:
+            self._abort_transfer(reason)
         return KVPoll.Failed
 
     # -- receive region

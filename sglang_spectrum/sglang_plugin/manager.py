@@ -372,6 +372,23 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
             self._workers.reap_idle()
         else:
             self.sweep()
+        if self.metrics is not None:
+            self.metrics.set_state(self.state_sizes())
+
+    def state_sizes(self) -> dict[str, int]:
+        """Sizes of every per-request table of this rank (and arena bytes in use)."""
+        sizes = {
+            "request_status": len(self.request_status),
+            "failure_records": len(self.failure_records),
+            "arena_in_use": int(self.arena.in_use) if self.arena is not None else 0,
+        }
+        if self.is_prefill:
+            sizes.update(self.rooms.sizes())
+            sizes["decode_prefix_len"] = len(self.req_to_decode_prefix_len)
+            sizes["jobs_pending"] = self._workers.stats()["pending"]
+        else:
+            sizes.update(self.decode_sizes())
+        return sizes
 
     def _control_loop(self) -> None:
         poller = zmq.Poller()

@@ -18,6 +18,7 @@ therefore appear on the server's ``/metrics`` next to SGLang's own:
 ``spectrumkv_unpack_seconds``        histogram: validate + unpack (decode)
 ``spectrumkv_tier_mode``             gauge = 1 for the tier mode in use (label ``mode``)
 ``spectrumkv_budget``                gauge: the ``--spectrum-budget`` in use
+``spectrumkv_state_entries``         gauge: per-request table sizes (label ``kind``)
 =================================== ===========================================
 
 Every metric has the label ``role`` (prefill | decode).
@@ -100,6 +101,17 @@ class SpectrumMetrics:
             labels,
             multiprocess_mode="livemax",
         )
+        self.state = Gauge(
+            f"{PREFIX}_state_entries",
+            "Entries of the backend's per-request tables (rooms, receivers, SGLang's status"
+            " table, ...), and arena bytes in use (kind=arena_in_use).",
+            labels + ["kind"],
+            multiprocess_mode="livesum",
+        )
+
+    def set_state(self, sizes: dict[str, int]) -> None:
+        for kind, n in sizes.items():
+            self.state.labels(role=self.role, kind=kind).set(n)
 
     def set_mode(self, tiers: str, budget: float) -> None:
         for mode in ("3", "2"):

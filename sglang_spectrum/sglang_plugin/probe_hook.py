@@ -134,9 +134,10 @@ def probe_cache_dir(kv_dtype: str) -> str:
 
 def _probe(scheduler: Any, opts: Any):
     """Run (or read) the probe; returns (ProbeResult, settings, lookup seconds)."""
-    from sglang_spectrum.eval.probe import cached_probe, run_probe
+    from sglang_spectrum.eval.probe import cached_probe, read_cached_probe, run_probe
     from sglang_spectrum.models import weights_identity
 
+    from . import compat
     from .sglang_engine import (
         SGLangProbeEngine,
         kv_dtype_name,
@@ -161,7 +162,12 @@ def _probe(scheduler: Any, opts: Any):
 
     t0 = time.perf_counter()
     refresh = bool(getattr(opts, "probe_refresh", False))
-    result = cached_probe(weights_id, run, settings, refresh=refresh, cache_dir=cache_dir)
+
+    result = coordinated(
+        compat.tp_cpu_group(scheduler),
+        lookup=lambda: None if refresh else read_cached_probe(weights_id, settings, cache_dir),
+        run=lambda: cached_probe(weights_id, run, settings, refresh=True, cache_dir=cache_dir),
+    )
     if engines:
         e = engines[0]
         logger.info(
@@ -174,6 +180,39 @@ def _probe(scheduler: Any, opts: Any):
             e.last_tier_counts,
         )
     return result, settings, time.perf_counter() - t0
+
+
+def coordinated(group: Any, lookup: Any, run: Any) -> Any:
+    """The probe result every rank of ``group`` (a CPU process group over the TP
+    ranks, or None for one rank) agrees on.
+
+    Rank 0 alone reads the cache (``lookup() -> result | None``) and broadcasts it,
+    so a cache on rank 0's node only (or a stale one elsewhere) cannot split the
+    ranks. On a miss every rank runs ``run()`` (the trials' forwards need all TP
+    ranks; each stores its node's cache); the ranks then exchange their outcome:
+    if any rank raised, every rank raises the same error (and falls back alike),
+    else every rank takes rank 0's result.
+    """
+    import torch.distributed as dist
+
+    if group is None or dist.get_world_size(group) == 1:
+        return run()
+    rank = dist.get_rank(group)
+    src = dist.get_global_rank(group, 0)
+    box = [lookup() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=src, group=group)
+    if box[0] is not None:
+        return box[0]
+    try:
+        result, error = run(), ""
+    except Exception as e:
+        result, error = None, f"{type(e).__name__}: {e}"
+    outcomes: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(outcomes, (error, result), group=group)
+    for r, (err, _) in enumerate(outcomes):
+        if err:
+            raise RuntimeError(f"the probe failed on TP rank {r}: {err}")
+    return outcomes[0][1]
 
 
 def _fallback(server_args: Any, reason: str, seconds: float) -> dict[str, Any]:

@@ -1,0 +1,174 @@
+"""Bandwidth-adaptive budget (``--spectrum-budget auto``), SGLang-free.
+
+Compression pays only when the link is the bottleneck: on a fast link a fixed
+b=0.5 loses quality for nothing and its pack/unpack cost can make the transfer
+slower. With ``auto`` the prefill picks a budget per part (one per prefill chunk)
+from three online estimates:
+
+* the **link rate** of each decode peer: an exponentially weighted mean of
+  bytes/s of its completed writes (:class:`Ewma`), and the bytes queued ahead of
+  this part on that peer's pipeline;
+* the **codec cost**: seconds per 16-bit byte to pack (and, symmetric, unpack) at
+  b < 1 and at b = 1 (a plain gather), measured from this server's packs;
+* the **prefill compute** still to come: seconds per prompt token between the
+  chunks of a request (from the scheduler's part submissions).
+
+The rule (:func:`choose_budget`), over the grid ``min_budget, ..., 1.0`` in steps
+of :data:`BUDGET_STEP`, for a part of ``F`` 16-bit bytes::
+
+    exposed(b) = (queued + b * F) / rate + F * cost(b) * 2      # wire + pack + unpack
+
+* an earlier part hides behind the chunks still to compute (``hide_s``): the
+  largest ``b`` with ``exposed(b) <= hide_s``;
+* otherwise (the last part, or nothing small enough hides), with
+  ``--spectrum-ttft-slo-ms``: the largest ``b`` that still meets the SLO
+  (``elapsed + exposed(b) <= slo``), else the fastest;
+* without an SLO: the largest ``b`` whose ``exposed(b)`` exceeds the fastest
+  one's by at most :data:`TOLERANCE` of the request's time to first token
+  (its prefill compute + the fastest exposed time): quality is never bought
+  with more than 5 % of the TTFT, and the part goes lossless (b = 1.0) when the
+  link is fast enough that compression gains less than that.
+
+Before a peer's first write there is no rate: the first part goes at
+``min_budget`` (safe for the TTFT), the next ones adapt.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+BUDGET_STEP = 0.05
+TOLERANCE = 0.05  # of the request's TTFT that quality may cost
+MIN_RATE_BYTES = 256 << 10  # writes smaller than this are latency-bound: not a rate sample
+
+
+class Ewma:
+    """Exponentially weighted mean (``alpha`` = weight of a new sample); None until the
+    first sample."""
+
+    def __init__(self, alpha: float = 0.3):
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
+
+
+def budget_grid(min_budget: float, step: float = BUDGET_STEP) -> list[float]:
+    """``min_budget, ..., 1.0`` in steps of ``step`` (ascending, 1.0 included)."""
+    n = max(0, int(round((1.0 - min_budget) / step)))
+    grid = sorted({round(min(1.0, min_budget + i * step), 4) for i in range(n + 1)} | {1.0})
+    return [b for b in grid if b >= min_budget]
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """What :func:`choose_budget` knows about a part's path (seconds, bytes)."""
+
+    rate_Bps: float | None  # the peer's write rate
+    queued_bytes: float  # bytes ahead of this part on the peer's pipeline
+    codec_s_per_byte: float  # pack cost at b < 1, per 16-bit byte
+    copy_s_per_byte: float  # pack cost at b = 1 (a gather), per 16-bit byte
+
+
+def exposed_s(b: float, full_bytes: float, est: Estimates) -> float:
+    """Seconds to pack, write and unpack a part of ``full_bytes`` at budget ``b``."""
+    cost = est.copy_s_per_byte if b >= 1.0 else est.codec_s_per_byte
+    return (est.queued_bytes + b * full_bytes) / est.rate_Bps + 2 * full_bytes * cost
+
+
+def choose_budget(
+    full_bytes: float,
+    est: Estimates,
+    min_budget: float,
+    hide_s: float = 0.0,
+    slo_left_s: float | None = None,
+    request_s: float = 0.0,
+) -> float:
+    """The budget of one part (see the module docstring). ``hide_s``: compute time
+    still to come after this part (0 for the last part); ``slo_left_s``: what is left
+    of the TTFT SLO (None: no SLO); ``request_s``: the request's prefill compute time."""
+    grid = budget_grid(min_budget)
+    if est.rate_Bps is None or est.rate_Bps <= 0:
+        return grid[0]
+    times = {b: exposed_s(b, full_bytes, est) for b in grid}
+    if hide_s > 0:
+        hidden = [b for b in grid if times[b] <= hide_s]
+        if hidden:
+            return hidden[-1]
+    fastest = min(times.values())
+    if slo_left_s is not None:
+        meets = [b for b in grid if times[b] <= slo_left_s]
+        return meets[-1] if meets else min(grid, key=times.__getitem__)
+    # 5 % of the TTFT this part adds to the prompt's compute (the queue ahead is not
+    # this part's to shorten: it must not widen the slack)
+    slack = TOLERANCE * (request_s + fastest - est.queued_bytes / est.rate_Bps)
+    return [b for b in grid if times[b] <= fastest + slack][-1]
+
+
+class AdaptiveBudget:
+    """The estimates of one prefill rank (thread-safe) and the per-part choice."""
+
+    def __init__(self, min_budget: float, slo_ms: float = 0.0):
+        self.min_budget = float(min_budget)
+        self.slo_s = float(slo_ms) / 1e3 if slo_ms else None
+        self._lock = threading.Lock()
+        self._rates: dict[tuple, Ewma] = {}
+        self._codec = Ewma()
+        self._copy = Ewma()
+        self._compute = Ewma()  # seconds per prompt token of prefill compute
+
+    def observe_write(self, peer: tuple, nbytes: int, seconds: float) -> None:
+        if nbytes < MIN_RATE_BYTES or seconds <= 0:
+            return
+        with self._lock:
+            self._rates.setdefault(peer, Ewma()).add(nbytes / seconds)
+
+    def observe_pack(self, budget: float, full_bytes: int, seconds: float) -> None:
+        if full_bytes <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            (self._copy if budget >= 1.0 else self._codec).add(seconds / full_bytes)
+
+    def observe_compute(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            with self._lock:
+                self._compute.add(seconds / tokens)
+
+    def rate(self, peer: tuple) -> float | None:
+        with self._lock:
+            e = self._rates.get(peer)
+            return None if e is None else e.value
+
+    def choose(
+        self,
+        peer: tuple,
+        full_bytes: int,
+        queued_bytes: float,
+        tokens_to_compute: int,
+        elapsed_s: float,
+        request_tokens: int = 0,
+    ) -> float:
+        """Budget of a part of ``full_bytes`` to ``peer``; ``tokens_to_compute``: prompt
+        tokens the prefill still computes after this part; ``elapsed_s``: since the
+        request arrived (for the SLO); ``request_tokens``: the whole prompt's."""
+        with self._lock:
+            rate = self._rates.get(peer)
+            codec, copy, compute = self._codec.value, self._copy.value, self._compute.value
+        est = Estimates(
+            rate_Bps=None if rate is None else rate.value,
+            queued_bytes=queued_bytes,
+            codec_s_per_byte=codec or 0.0,
+            copy_s_per_byte=copy if copy is not None else (codec or 0.0) / 4,
+        )
+        per_token = compute or 0.0
+        slo_left = None if self.slo_s is None else self.slo_s - elapsed_s
+        return choose_budget(
+            full_bytes,
+            est,
+            self.min_budget,
+            tokens_to_compute * per_token,
+            slo_left,
+            request_tokens * per_token,
+        )

@@ -1,0 +1,85 @@
+"""The bandwidth-adaptive budget rule (``--spectrum-budget auto``) on link regimes
+measured on the H200 (Mooncake TCP loopback ~1.6 GB/s, intra-node NVLink) and the
+estimators it learns from."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_spectrum.sglang_plugin.adaptive import (
+    AdaptiveBudget,
+    Estimates,
+    budget_grid,
+    choose_budget,
+    exposed_s,
+)
+
+GB = 1e9
+# a 16k-token Llama-3-8B prompt: 128 KiB of 16-bit KV per token
+FULL = 16384 * 131072
+CODEC = 1 / (500 * GB)  # pack at b<1, seconds per 16-bit byte (~4 ms for 2 GB)
+COPY = 1 / (4000 * GB)  # a plain gather
+COMPUTE_S = 0.48  # the prompt's prefill compute
+
+
+def est(rate_gbps: float | None, queued: float = 0.0) -> Estimates:
+    rate = None if rate_gbps is None else rate_gbps * GB / 8
+    return Estimates(rate, queued, CODEC, COPY)
+
+
+def test_grid_spans_min_to_lossless():
+    assert budget_grid(0.3)[0] == 0.3 and budget_grid(0.3)[-1] == 1.0
+    assert budget_grid(1.0) == [1.0]
+    assert all(round(b - a, 4) == 0.05 for a, b in zip(budget_grid(0.3), budget_grid(0.3)[1:]))
+
+
+def test_slow_link_compresses_fast_link_goes_lossless():
+    tcp = choose_budget(FULL, est(13), 0.3, request_s=COMPUTE_S)
+    nvlink = choose_budget(FULL, est(800), 0.3, request_s=COMPUTE_S)
+    assert tcp == 0.3
+    assert nvlink == 1.0
+    # and the lossless choice costs at most 5 % of the TTFT against the fastest
+    gap = exposed_s(1.0, FULL, est(800)) - exposed_s(0.3, FULL, est(800))
+    assert gap <= 0.05 * (COMPUTE_S + exposed_s(0.3, FULL, est(800)))
+
+
+def test_intermediate_link_picks_an_intermediate_budget_for_hidden_parts():
+    # an earlier part hides behind the next chunk's compute: the largest budget that hides
+    part = 8192 * 131072
+    b = choose_budget(part, est(50), 0.3, hide_s=0.12)
+    assert 0.3 < b < 1.0
+    assert exposed_s(b, part, est(50)) <= 0.12 < exposed_s(round(b + 0.05, 4), part, est(50))
+
+
+def test_queue_ahead_and_slo():
+    part = 8192 * 131072
+    free = choose_budget(part, est(100), 0.3, request_s=0.3)
+    busy = choose_budget(part, est(100, queued=4 * part), 0.3, request_s=0.3)
+    assert busy <= free
+    # an SLO that only a small budget meets
+    assert choose_budget(FULL, est(13), 0.3, slo_left_s=0.45) == 0.3
+    # an SLO everything meets: the largest budget
+    assert choose_budget(FULL, est(800), 0.3, slo_left_s=5.0) == 1.0
+
+
+def test_first_part_without_a_rate_goes_at_the_minimum():
+    assert choose_budget(FULL, est(None), 0.35) == 0.35
+
+
+def test_estimators_learn_from_observations():
+    a = AdaptiveBudget(min_budget=0.3)
+    peer = ("decode-0",)
+    assert a.rate(peer) is None
+    a.observe_write(peer, 1 << 10, 1e-3)  # too small to be a rate sample
+    assert a.rate(peer) is None
+    for _ in range(20):
+        a.observe_write(peer, 100 << 20, (100 << 20) / (1.6 * GB))
+        a.observe_pack(0.3, FULL, FULL * CODEC)
+        a.observe_pack(1.0, FULL, FULL * COPY)
+        a.observe_compute(8192, 0.24)
+    assert a.rate(peer) == pytest.approx(1.6 * GB, rel=1e-6)
+    assert a.choose(peer, FULL, 0.0, 0, 0.0, request_tokens=16384) == 0.3
+    fast = ("decode-nvlink",)
+    for _ in range(20):
+        a.observe_write(fast, 100 << 20, (100 << 20) / (100 * GB))
+    assert a.choose(fast, FULL, 0.0, 0, 0.0, request_tokens=16384) == 1.0
