@@ -226,7 +226,7 @@ def _counters(d: PDDeployment) -> dict[str, float]:
 def test_half_budget_page16_both_sides(half):
     for side in ("prefill", "decode"):
         log = half.proc(side).log_path.read_text(errors="replace")
-        assert "dtype=bfloat16, page_size=16)" in log, side
+        assert "dtype=bfloat16, page_size=16, " in log, side
 
 
 def test_half_budget_bytes_counted_on_both_sides(half):

@@ -125,6 +125,7 @@ class ManagedProcess:
     log_path: Path
     env: dict[str, str]
     popen: subprocess.Popen | None = None
+    cwd: Path | None = None  # default: the log folder
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,9 +138,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env,
-                # not the repo root: `python -m` puts the cwd first on sys.path, and the
-                # repo's kernels/ folder would shadow the `kernels` package SGLang imports
-                cwd=str(self.log_path.parent),
+                cwd=str(self.cwd or self.log_path.parent),
                 start_new_session=True,  # own process group: killpg reaches its children
             )
 
@@ -209,6 +208,13 @@ class ManagedProcess:
 
     def tail(self, lines: int = 60) -> str:
         return tail(self.log_path, lines)
+
+    def wait(self, timeout_s: float) -> int | None:
+        """Wait for the process to exit; its exit code (None after ``timeout_s``)."""
+        try:
+            return self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
 
 
 @dataclass(eq=False)
