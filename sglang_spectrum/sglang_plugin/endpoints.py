@@ -75,6 +75,7 @@ class SpectrumKVSender(CommonKVSender):
         self._streamed_pages = 0  # entries of _pages sent as earlier parts
         self._streamed_tokens = 0
         self._submitted = False
+        self.created = time.perf_counter()  # the adaptive budget's SLO clock
         super().__init__(*args, **kwargs)
         self.kv_mgr.open_room(self.bootstrap_room)
 

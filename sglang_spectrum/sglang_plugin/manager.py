@@ -212,7 +212,7 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         if self.options.tiers != "auto":
             self.tiers = self.options.tiers
             return
-        if self.options.budget >= 1.0:  # everything FP16: no INT4 to decide on
+        if not self.options.adaptive and self.options.budget >= 1.0:  # all FP16: no INT4
             logger.info("SpectrumKV: budget 1.0 sends every token at FP16; INT4 probe skipped")
             self.tiers = "3"
             return
@@ -223,12 +223,12 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         floor = no_drop_floor(
             self.tiers, self.layout["head_dim"], self.options.group_size, self.options.key_scales
         )
-        if self.options.budget < floor:
+        if self.options.lowest_budget < floor:
             logger.warning(
-                "SpectrumKV: the probe chose %s tiers; --spectrum-budget %g is below their"
+                "SpectrumKV: the probe chose %s tiers; the budget %g is below their"
                 " no-drop floor %.3f, long prompts will be sent at that floor",
                 self.tiers,
-                self.options.budget,
+                self.options.lowest_budget,
                 floor,
             )
 
@@ -349,9 +349,11 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         except Exception as e:
             logger.error("SpectrumKV could not register at the bootstrap server: %s", e)
 
-    def codec_config(self) -> Any:
+    def codec_config(self, budget: float | None = None) -> Any:
+        """The prefill's codec config at ``budget`` (default: the fixed budget, or the
+        largest one under ``--spectrum-budget auto``)."""
         return self.options.codec_config(
-            budget=self.options.budget,
+            budget=self.options.budget if budget is None else budget,
             tiers=self.tiers,
             allocator=self.options.allocator,
             allow_drop=False,

@@ -14,7 +14,8 @@ therefore appear on the server's ``/metrics`` next to SGLang's own:
 ``spectrumkv_tokens_total``          prompt tokens per tier (label ``tier``)
 ``spectrumkv_requests_total``        requests per ``outcome`` (ok / failed)
 ``spectrumkv_pack_seconds``          histogram: gather + score + pack (prefill)
-``spectrumkv_transfer_seconds``      histogram: the one Mooncake write (prefill)
+``spectrumkv_transfer_seconds``      histogram: the Mooncake writes (prefill)
+``spectrumkv_chosen_budget``         histogram: the budget each request went at (prefill)
 ``spectrumkv_unpack_seconds``        histogram: validate + unpack (decode)
 ``spectrumkv_tier_mode``             gauge = 1 for the tier mode in use (label ``mode``)
 ``spectrumkv_budget``                gauge: the ``--spectrum-budget`` in use
@@ -101,6 +102,12 @@ class SpectrumMetrics:
             labels,
             multiprocess_mode="livemax",
         )
+        self.chosen_budget = Histogram(
+            f"{PREFIX}_chosen_budget",
+            "Budget a request was sent at (byte-weighted mean of its parts).",
+            labels,
+            buckets=tuple(round(0.25 + 0.05 * i, 2) for i in range(16)),
+        )
         self.state = Gauge(
             f"{PREFIX}_state_entries",
             "Entries of the backend's per-request tables (rooms, receivers, SGLang's status"
@@ -126,6 +133,7 @@ class SpectrumMetrics:
             self.tokens.labels(role=r, tier=tier).inc(n)
         self.pack_seconds.labels(role=r).observe(stats["pack_ms"] / 1e3)
         self.transfer_seconds.labels(role=r).observe(stats["transfer_ms"] / 1e3)
+        self.chosen_budget.labels(role=r).observe(stats["chosen_budget_mean"])
         self.requests.labels(role=r, outcome="ok").inc()
 
     def observe_received(self, stats: dict[str, Any]) -> None:

@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "spectrum_group_size": 0,
     "spectrum_key_scales": "channel",
     "spectrum_stream": "chunks",
+    "spectrum_min_budget": 0.3,
+    "spectrum_ttft_slo_ms": 0.0,
 }
 OPTIONS_ENV = "SGLANG_SPECTRUM_OPTIONS"
 
@@ -58,7 +60,7 @@ class SpectrumOptionError(ValueError):
 class SpectrumServerOptions:
     """The plugin's view of the ``--spectrum-*`` options of one server."""
 
-    budget: float = DEFAULTS["spectrum_budget"]
+    budget: float = DEFAULTS["spectrum_budget"]  # "auto" -> budget_mode auto, budget 1.0
     tiers: str = DEFAULTS["spectrum_tiers"]
     allocator: str = DEFAULTS["spectrum_allocator"]
     probe_refresh: bool = DEFAULTS["spectrum_probe_refresh"]
@@ -67,9 +69,23 @@ class SpectrumServerOptions:
     group_size: int | None = None  # quantisation group along head_dim; None = head_dim
     key_scales: str = DEFAULTS["spectrum_key_scales"]
     stream: str = DEFAULTS["spectrum_stream"]
+    min_budget: float = DEFAULTS["spectrum_min_budget"]  # auto: the smallest budget chosen
+    ttft_slo_ms: float = DEFAULTS["spectrum_ttft_slo_ms"]  # auto: 0 = no SLO
+    budget_mode: str = "fixed"  # "auto": chosen per part from the link (adaptive.py)
 
     def __post_init__(self) -> None:
+        if self.budget == "auto" or self.budget_mode == "auto":
+            object.__setattr__(self, "budget_mode", "auto")
+            object.__setattr__(self, "budget", 1.0)  # the most a part may take
+        _choice("budget", self.budget_mode, ("fixed", "auto"))
         check_budget(self.budget)
+        object.__setattr__(self, "min_budget", check_budget(self.min_budget, "min-budget"))
+        slo = float(self.ttft_slo_ms or 0.0)
+        if math.isnan(slo) or slo < 0:
+            raise SpectrumOptionError(
+                f"--spectrum-ttft-slo-ms must be >= 0, got {self.ttft_slo_ms}"
+            )
+        object.__setattr__(self, "ttft_slo_ms", slo)
         object.__setattr__(self, "tiers", _choice("tiers", str(self.tiers), TIER_CHOICES))
         _choice("allocator", self.allocator, ALLOCATOR_CHOICES)
         _choice("rotation", self.rotation, ROTATION_CHOICES)
@@ -94,10 +110,19 @@ class SpectrumServerOptions:
             **kwargs,
         )
 
+    @property
+    def adaptive(self) -> bool:
+        return self.budget_mode == "auto"
+
+    @property
+    def lowest_budget(self) -> float:
+        """The smallest budget this server sends at (the fixed one, or auto's minimum)."""
+        return self.min_budget if self.adaptive else self.budget
+
     def bound_codec(self):
         """The codec config that bounds what a prefill with these options sends, for
-        region sizes: its budget and codec options at 2 tiers (the larger no-drop floor
-        bounds either tier mode), no drops."""
+        region sizes: its budget (1.0 under auto) and codec options at 2 tiers (the
+        larger no-drop floor bounds either tier mode), no drops."""
         return self.codec_config(budget=self.budget, tiers="2", allow_drop=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,17 +137,23 @@ def _choice(flag: str, value: Any, choices: tuple[str, ...]) -> Any:
     return value
 
 
-def check_budget(value: Any) -> float:
+def check_budget(value: Any, flag: str = "budget") -> float:
     """The budget as float, or :class:`SpectrumOptionError` unless it is in (0, 1]."""
     try:
         budget = float(value)
     except (TypeError, ValueError):
+        extra = " or auto" if flag == "budget" else ""
         raise SpectrumOptionError(
-            f"--spectrum-budget must be a number in (0, 1], got {value!r}"
+            f"--spectrum-{flag} must be a number in (0, 1]{extra}, got {value!r}"
         ) from None
     if math.isnan(budget) or not (0.0 < budget <= 1.0):
-        raise SpectrumOptionError(f"--spectrum-budget must be in (0, 1], got {value}")
+        raise SpectrumOptionError(f"--spectrum-{flag} must be in (0, 1], got {value}")
     return budget
+
+
+def check_budget_arg(value: Any) -> float | str:
+    """``--spectrum-budget``: a number in (0, 1] or ``auto``."""
+    return "auto" if str(value).strip().lower() == "auto" else check_budget(value)
 
 
 def check_group_size(value: Any) -> int | None:
@@ -206,12 +237,14 @@ def check_no_drop(opts: SpectrumServerOptions, head_dim: int | None) -> None:
             f" head_dim {head_dim}"
         )
     floor = no_drop_floor(opts.tiers, int(head_dim), opts.group_size, opts.key_scales)
-    if opts.budget < floor:
+    if opts.lowest_budget < floor:
         mode = {"2": "2 tiers (FP16+INT8)", "3": "3 tiers (FP16+INT8+INT4)"}.get(
             opts.tiers, "any tier mode (auto: at best FP16+INT8+INT4)"
         )
+        flag = "min-budget" if opts.adaptive else "budget"
         raise SpectrumOptionError(
-            f"--spectrum-budget {opts.budget:g} is below {floor:.3f}, the least {mode} can send"
+            f"--spectrum-{flag} {opts.lowest_budget:g} is below {floor:.3f}, the least {mode}"
+            " can send"
             f" for head_dim {head_dim}{_group_desc(opts.group_size)} without dropping tokens;"
             " SGLang's decode path cannot"
             f" drop tokens (no per-request position offset), use a budget >= {floor:.3f}"
@@ -238,7 +271,11 @@ class _CheckedAction(argparse.Action):
 
 
 class _BudgetAction(_CheckedAction):
-    check = staticmethod(check_budget)
+    check = staticmethod(check_budget_arg)
+
+
+class _MinBudgetAction(_CheckedAction):
+    check = staticmethod(lambda v: check_budget(v, "min-budget"))
 
 
 class _GroupSizeAction(_CheckedAction):
@@ -254,9 +291,28 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--spectrum-budget",
         action=_BudgetAction,
         default=None,
-        metavar="B",
+        metavar="B|auto",
         help="KV bytes sent / bytes of the full 16-bit KV, in (0, 1]"
-        f" (default {DEFAULTS['spectrum_budget']}).",
+        f" (default {DEFAULTS['spectrum_budget']}); auto: chosen per prefill chunk from the"
+        " measured link rate, the codec cost and the prefill compute still to come, in"
+        " [--spectrum-min-budget, 1.0] (lossless when the link is fast enough).",
+    )
+    group.add_argument(
+        "--spectrum-min-budget",
+        action=_MinBudgetAction,
+        default=None,
+        metavar="B",
+        help="With --spectrum-budget auto: the smallest budget chosen"
+        f" (default {DEFAULTS['spectrum_min_budget']}).",
+    )
+    group.add_argument(
+        "--spectrum-ttft-slo-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="With --spectrum-budget auto: the largest budget whose transfer still meets"
+        " this time-to-first-token is chosen (default 0 = none: quality never costs more"
+        " than 5%% of the TTFT).",
     )
     group.add_argument(
         "--spectrum-tiers",
@@ -318,8 +374,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MB",
         help="Size of the Mooncake-registered packed-KV arena (prefill: send buffers,"
-        " decode: receive buffers). 0 = auto: a quarter of the KV pool, 64 MiB to 1 GiB."
-        " A full decode arena defers new transfers until a region frees.",
+        " decode: receive buffers). 0 = auto: on a GPU reserved before SGLang sizes its KV"
+        " pool, so that arena = pool x budget / 4 (prefill: at least 4 chunks' send"
+        " buffers), 64 MiB to 8 GiB. A full decode arena defers new transfers until a"
+        " region frees.",
     )
 
 

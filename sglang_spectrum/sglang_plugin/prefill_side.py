@@ -33,6 +33,7 @@ import torch
 from sglang.srt.disaggregation.base.conn import KVPoll
 
 from . import faults, messages
+from .adaptive import AdaptiveBudget
 from .identity import incompatibility
 from .metrics import write_stats
 from .rooms import AckTarget, PrefillRooms
@@ -55,6 +56,9 @@ class PackJob:
     events: list[Any]  # torch.cuda.Events after which its KV is written (none on a CPU)
     rid: str
     final: bool = True  # the last chunk's part (False: an earlier chunk, more follow)
+    rest_tokens: int = 0  # prompt tokens still to compute after this part
+    request_tokens: int = 0  # the whole prompt's tokens
+    request_start: float = 0.0  # perf_counter when the sender was created (SLO clock)
     enqueued: float = field(default_factory=time.perf_counter)
     scheduler_ms: float = 0.0  # time the scheduler thread spent on this request's send
 
@@ -68,6 +72,7 @@ class Packed:
     nbytes: int  # bytes to write
     checksum: int
     info: Any  # transfer.PackedRequest
+    budget: float  # the budget it was packed at
     grants: list[messages.Grant]
     pack_ms: float
     register_ms: float
@@ -86,6 +91,11 @@ class PrefillSide:
         self._failed_sessions = FailedSessions()
         self._verdicts: dict[str, str] = {}  # decode identity digest -> '' ok | reason
         self._workers = TransferWorkers(self._pack_stage, self._write_stage, name="prefill")
+        opts = self.options
+        self.adaptive = AdaptiveBudget(opts.min_budget, opts.ttft_slo_ms) if opts.adaptive else None
+        self._peer_bytes: dict[tuple, int] = {}  # packed bytes waiting for each peer's writer
+        self._peer_lock = threading.Lock()
+        self._chunk_clock: dict[int, float] = {}  # room -> when its last chunk was sent
         self._thread_local = threading.local()
 
     # ------------------------------------------------------------------ messages
@@ -205,6 +215,9 @@ class PrefillSide:
         room = sender.bootstrap_room
         aux = self.aux_rows.read(sender.aux_index) if sender.aux_index is not None else []
         job = PackJob(room, slots, context, aux, self._kv_written_events(), rid)
+        job.request_tokens = int(sender.num_kv_indices) * int(self.kv_args.page_size)
+        job.request_start = getattr(sender, "created", t_start)
+        self._note_chunk(room, int(slots.numel()), final=True)
         job.scheduler_ms = (time.perf_counter() - t_start) * 1e3
         if self.rooms.park_or_take(room, job):
             self._workers.submit(self.rooms.get(room).peer_key, job)
@@ -240,9 +253,48 @@ class PrefillSide:
             state.reserved = reserved
             key = state.peer_key
         job = PackJob(room, slots, context, [], self._kv_written_events(event), "", final=False)
+        job.rest_tokens = int(rest_tokens)
+        job.request_tokens = int(sender.num_kv_indices) * int(self.kv_args.page_size)
+        job.request_start = getattr(sender, "created", t_start)
+        self._note_chunk(room, int(slots.numel()), final=False)
         job.scheduler_ms = (time.perf_counter() - t_start) * 1e3
         self._workers.submit(key, job)
         return True
+
+    def _note_chunk(self, room: int, tokens: int, final: bool) -> None:
+        """The time between two chunks of a request sent in parts is the prefill compute
+        of the second one: a sample of seconds per token for the adaptive budget."""
+        if self.adaptive is None:
+            return
+        now = time.perf_counter()
+        last = self._chunk_clock.pop(room, None)
+        if last is not None:
+            self.adaptive.observe_compute(tokens, now - last)
+        if not final:
+            self._chunk_clock[room] = now
+
+    def _add_peer_bytes(self, peer: tuple, n: int) -> None:
+        with self._peer_lock:
+            left = self._peer_bytes.get(peer, 0) + int(n)
+            if left:
+                self._peer_bytes[peer] = left
+            else:
+                self._peer_bytes.pop(peer, None)
+
+    def _part_budget(self, job: PackJob, peer: tuple) -> float | None:
+        """The budget of this part under ``--spectrum-budget auto`` (None: fixed)."""
+        if self.adaptive is None:
+            return None
+        lay = self.layout
+        full = int(job.slots.numel()) * lay["layers"] * 4 * lay["kv_heads"] * lay["head_dim"]
+        return self.adaptive.choose(
+            peer,
+            full,
+            self._peer_bytes.get(peer, 0),  # (a racy read is fine for an estimate)
+            job.rest_tokens,
+            time.perf_counter() - (job.request_start or job.enqueued),
+            job.request_tokens,
+        )
 
     def fail_room(self, room: int, reason: str) -> None:
         """Fail one request on the prefill side and tell its decode ranks why (now, or
@@ -258,6 +310,7 @@ class PrefillSide:
     def forget_room(self, room: int) -> None:
         """The scheduler cleared the sender."""
         self.rooms.clear(room)
+        self._chunk_clock.pop(room, None)
 
     def room_prefix_len(self, room: int) -> int:
         """Tokens of this room's prompt the decode holds already (from its grant)."""
@@ -302,11 +355,14 @@ class PrefillSide:
                 room, f"SpectrumKV: decode session {dead} is unreachable (its last write failed)"
             )
             return None
-        offset = getattr(state, "next_offset", 0)
-        t0 = time.perf_counter()
+        offset = state.next_offset
         region, one_off, register_ms = None, False, 0.0
         try:
-            cfg = self.codec_config()
+            for event in job.events:  # the chunk's KV is written: pack timings stay clean
+                event.synchronize()
+            t0 = time.perf_counter()
+            budget = self._part_budget(job, state.peer_key)
+            cfg = self.codec_config(budget)
             if not job.final:  # its last tokens are not the prompt's recent window
                 cfg = cfg.with_(window=0)
             bound = self.region_bound(int(job.slots.numel()), cfg)
@@ -320,9 +376,6 @@ class PrefillSide:
                 register_ms = (time.perf_counter() - t_reg) * 1e3
             stream = self._worker_stream()
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                if stream is not None:
-                    for event in job.events:  # the KV of this chunk is written
-                        stream.wait_event(event)
                 # host -> device copies on this stream: ordered before the pack reads them
                 device = self.k_pools[0].device
                 slots = job.slots.to(device, non_blocking=True)
@@ -331,6 +384,8 @@ class PrefillSide:
                     self.k_pools, self.v_pools, slots, cfg, out=region.view(), context_slots=context
                 )
             pack_ms = (time.perf_counter() - t0) * 1e3
+            if self.adaptive is not None:
+                self.adaptive.observe_pack(cfg.budget, info.full_nbytes, pack_ms / 1e3)
             cap = min(g.capacity for g in grants)
             if offset + info.nbytes > cap:
                 raise RuntimeError(
@@ -344,6 +399,7 @@ class PrefillSide:
                 send_n, checksum = faults.inject(fault, region.view(), info.nbytes, checksum)
                 logger.warning("SpectrumKV TEST FAULT %r in room %s (rid %s)", fault, room, job.rid)
             state.next_offset = part_offset(offset + int(send_n))
+            self._add_peer_bytes(state.peer_key, send_n)
         except Exception as e:
             if region is not None:
                 region.release()
@@ -378,6 +434,7 @@ class PrefillSide:
         """Writer thread: write one packed part into every decode rank's region; after
         the final part, report ``Sent``."""
         room = job.room
+        peer = tuple(sorted(g.session for g in p.grants))
         t1 = time.perf_counter()
         try:
             delay = faults.test_delay_s(job.rid)
@@ -394,11 +451,15 @@ class PrefillSide:
                     raise RuntimeError(f"Mooncake write to {g.session} failed ({ret})")
         except Exception as e:
             p.region.release()
+            self._add_peer_bytes(peer, -p.nbytes)
             logger.error("SpectrumKV: transfer of room %s failed: %s", room, e)
             self._finish_unsent(room, f"SpectrumKV could not send the KV cache: {e}")
             return
         p.region.release()
         transfer_ms = (time.perf_counter() - t1) * 1e3
+        self._add_peer_bytes(peer, -p.nbytes)
+        if self.adaptive is not None:
+            self.adaptive.observe_write(peer, p.nbytes, transfer_ms / 1e3)
         state = self.rooms.get(room)
         if state is None or not state.live or self.request_status.get(room) == KVPoll.Failed:
             # aborted by the decode, or failed on this side while writing
@@ -424,6 +485,7 @@ class PrefillSide:
                 ("transfer_ms", transfer_ms),
                 ("register_ms", p.register_ms),
                 ("one_off_regions", int(p.one_off)),
+                ("budget_x_full", p.budget * info.full_nbytes),
                 *((f"tier_{k}", v) for k, v in info.tier_counts.items() if k != "drop"),
             ):
                 totals[key] = totals.get(key, 0) + value
@@ -444,7 +506,8 @@ class PrefillSide:
             "ratio": round(totals["sent_bytes"] / max(totals["full_bytes"], 1), 4),
             "tiers": {k[5:]: int(v) for k, v in totals.items() if k.startswith("tier_")},
             "tier_mode": self.tiers,
-            "budget": self.options.budget,
+            "budget": self.options.budget if not self.options.adaptive else "auto",
+            "chosen_budget_mean": round(totals["budget_x_full"] / max(totals["full_bytes"], 1), 4),
             "key_scales": self.options.key_scales,
             "path": info.path,
             "parts": len(parts),
