@@ -8,7 +8,9 @@ the payload written exactly once. The bytes equal :func:`codec.pack_tiers` on
 the gathered KV: the quantiser repeats the reference's float32 steps (IEEE
 divisions via ``div_rn``, no FMA contraction, fp16 rounding of scale and
 minimum). With ``rotation="hadamard"`` the INT tiers are rotated by a torch
-matmul first (fallback, see :func:`pack_payload`).
+matmul first (fallback, see :func:`pack_payload`). FP8 pools (uint8 bits, the layout's
+dtype and ``kv_scales`` say what they mean): the top tier copies the bytes, the INT
+tiers quantise ``fp8 * scale`` (:func:`._fp8.from_fp8`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 from ..codec import (
+    SOURCE_DTYPES,
     PackedHeader,
     PackedKV,
     encode_header,
@@ -39,6 +42,7 @@ from ._common import (
     pool_table,
     wire_dtype,
 )
+from ._fp8 import fp8_kind, from_fp8, scale_table
 from .checksum import fast_checksum
 from .plan import (
     BLOCK_ELEMS,
@@ -281,6 +285,7 @@ def _pack_kernel(
     rows,  # int64 [N]: source row of each listed token (pool slot)
     meta,  # int64: plan table
     payload,  # uint8 [payload_nbytes]
+    scales,  # float32 [2L]: FP8 scales, K of every layer then V (read when FP8)
     blk_lo,  # first block of this launch
     b1,
     b2,
@@ -299,6 +304,7 @@ def _pack_kernel(
     WORDS: tl.constexpr,  # bf16 pools: move and reduce int32 words of bf16 pairs
     NKV: tl.constexpr = 2,  # 2: K and V (grid axis 1 = 2L); 1: only KV0
     KV0: tl.constexpr = 0,
+    FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2 (see ._fp8)
 ):
     pid = tl.program_id(0).to(IDX) + blk_lo
     layer = tl.program_id(1) // NKV
@@ -321,10 +327,15 @@ def _pack_kernel(
         row = dst[:, None] * D + tl.arange(0, D)[None, :]
     if tier == 0:  # rows out of a window (live, not valid) are read but not written
         tl.store(out + row, x.to(out.dtype.element_ty), mask=valid[:, None])
-    elif tier == 1:
-        _store_quantized(x, payload, seg, n_seg, dst, valid, 8, BR, H, D, G, RZ, WORDS)
     else:
-        _store_quantized(x, payload, seg, n_seg, dst, valid, 4, BR, H, D, G, RZ, WORDS)
+        if FP8:  # the INT tiers quantise the real values
+            xq = from_fp8(x, FP8) * tl.load(scales + layer + kv * num_layers)
+        else:
+            xq = x
+        if tier == 1:
+            _store_quantized(xq, payload, seg, n_seg, dst, valid, 8, BR, H, D, G, RZ, WORDS)
+        else:
+            _store_quantized(xq, payload, seg, n_seg, dst, valid, 4, BR, H, D, G, RZ, WORDS)
 
 
 # Launch shape of the pack kernel when the plan has the default one: (KV
@@ -362,6 +373,14 @@ def _sm80(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
+def _source_fp8(plan: TransferPlan, dtype: torch.dtype, device: torch.device) -> tuple:
+    """(scale table, FP8 kind) of pools of ``dtype`` packed under ``plan`` (uint8: the
+    layout's FP8 source; a float32 scratch or 16-bit pools: kind 0)."""
+    lay = plan.layout
+    kind = fp8_kind(lay.dtype) if dtype == torch.uint8 else 0
+    return scale_table(lay.kv_scales if kind else (), lay.num_layers, device), kind
+
+
 def _launch_pack(
     plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_hi, values_only=False
 ) -> None:
@@ -376,11 +395,13 @@ def _launch_pack(
     grid = (blk_hi - blk_lo, nkv * lay.num_layers)
     # largest row-arithmetic value: (rows of a tier + a block) * head_dim
     huge = (sum(plan.counts) * lay.num_kv_heads + block_rows) * lay.head_dim >= 2**31
+    scales, fp8 = _source_fp8(plan, dtype, payload.device)
     _pack_kernel[grid](
         ptrs,
         rows,
         plan.meta,
         payload,
+        scales,
         blk_lo,
         *starts[1:3],
         *plan.counts,
@@ -396,6 +417,7 @@ def _launch_pack(
         WORDS=_bf16_words(dtype, payload.device),
         NKV=nkv,
         KV0=1 if values_only else 0,
+        FP8=fp8,
         num_warps=warps,
         **launch_options(payload.device),
     )
@@ -476,6 +498,7 @@ def _pack_channel_kernel(
     rows,  # int64 [N]: source row of each listed token
     meta,  # int64: plan table
     payload,  # uint8 [payload_nbytes]
+    scales,  # float32 [2L]: FP8 scales (K of layer l at l; read when FP8)
     b1,  # key blocks of the INT8 tier (then those of INT4)
     n0,
     n1,  # tokens of FP16 and INT8
@@ -486,6 +509,7 @@ def _pack_channel_kernel(
     DC: tl.constexpr,  # channels per program
     KB: tl.constexpr,  # rows per key scale block
     IDX: tl.constexpr,
+    FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2
 ):
     """INT8/INT4 key segments with per-channel scales: one program per (key block,
     head and channel chunk, layer); grid ``(blocks, H * D / DC, L)``."""
@@ -503,7 +527,10 @@ def _pack_channel_kernel(
         pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
         off = (slot * H + h) * D
         x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
-        x = x.to(tl.float32)
+        if FP8:
+            x = from_fp8(x, FP8) * tl.load(scales + layer)
+        else:
+            x = x.to(tl.float32)
         if tier == 1:
             _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
         else:
@@ -549,8 +576,9 @@ def _launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None
     if launch is None:
         return
     grid, args, options = launch
+    scales, fp8 = _source_fp8(plan, dtype, payload.device)
     _pack_channel_kernel[grid](
-        ptrs, rows, plan.meta, payload, *args, SRC=TL_DTYPES[dtype], **options
+        ptrs, rows, plan.meta, payload, scales, *args, SRC=TL_DTYPES[dtype], FP8=fp8, **options
     )
 
 
@@ -608,7 +636,8 @@ def pack_payload(
     """Run the pack kernel: the payload (uint8 ``[plan.payload_nbytes]``, pools' device).
 
     Args:
-        k_pools, v_pools: per layer ``[num_slots, H, D]`` contiguous bf16/fp16/fp32.
+        k_pools, v_pools: per layer ``[num_slots, H, D]`` contiguous bf16/fp16/fp32, or
+            uint8 FP8 bits when ``plan.layout`` is an FP8 source (its ``kv_scales``).
         plan: from :func:`plan_transfer` with the request's slots.
         out: optional preallocated uint8 buffer of at least ``payload_nbytes``.
 
@@ -657,7 +686,8 @@ def pack_from_pools(
 
     Args:
         k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]`` (MHA pool
-            layout), contiguous, bf16/fp16/fp32, all on one device.
+            layout), contiguous, bf16/fp16/fp32 (or uint8 FP8 bits for an FP8
+            ``layout``), all on one device.
         slots: int ``[T]``: pool slot of each prompt position (layer ``l`` reads
             ``slots[layer_first_pos[l]:]``).
         layout: the request's :class:`KVLayout` (dtype must match the pools).
@@ -672,7 +702,7 @@ def pack_from_pools(
         Layouts the kernels do not support fall back to that reference.
     """
     dtype, _ = pool_table(layout, k_pools, v_pools)
-    if str(dtype).removeprefix("torch.") != layout.dtype:
+    if dtype != (torch.uint8 if layout.fp8 else SOURCE_DTYPES[layout.dtype]):
         raise SpectrumConfigError(f"layout dtype {layout.dtype} but pools are {dtype}")
     slots = torch.as_tensor(slots, device=k_pools[0].device).reshape(-1)
     if not kernel_supported(layout):

@@ -3,7 +3,7 @@
 This module is the torch reference of the format; the GPU kernels in
 ``sglang_spectrum.kernels`` write and read the very same bytes.
 
-Wire format (version 1), one contiguous uint8 buffer per request::
+Wire format (version 2), one contiguous uint8 buffer per request::
 
     prefix  16 B   "<4sHHII": magic b"SPKV", format version, flags (0),
                    header length, CRC-32 of the header bytes
@@ -17,7 +17,9 @@ A segment holds the rows (tokens, ascending position) of one layer that the
 tier map puts in that tier:
 
     FP16   data   [n, kv_heads, head_dim]        16-bit (the pool dtype, or
-                                                  float16 for float32 pools)
+                                                  float16 for float32 pools); for
+                                                  FP8 sources the pool's own FP8
+                                                  bytes, 1 byte each (the top tier)
     INT8   codes  [n, kv_heads, head_dim]        uint8
            scales [n, kv_heads, head_dim/g, 2]   float16 (scale, minimum)
     INT4   codes  [n, kv_heads, head_dim/2]      uint8, element 2j in the low
@@ -37,12 +39,22 @@ consecutive rows of the segment (KIVI): scales ``[ceil(n/B), kv_heads,
 head_dim, 2]`` float16, same formulas with min/max taken over the block's rows.
 Value segments are unchanged.
 
+FP8 sources (``layout.dtype`` ``float8_e4m3fn`` / ``float8_e5m2``, SGLang's FP8 KV
+cache, see :mod:`.fp8`): ``layout.kv_scales`` holds the 2L per-tensor scales (K of
+every layer, then V; real value = ``fp8 * scale``). The top tier carries the stored
+FP8 bytes unchanged (lossless); INT8/INT4 quantise the real (scaled) values, so a
+receiver reads real values whatever its own pool and scales. The tier map still
+names the top tier ``FP16`` (``Tier.FP16``, ``"fp16"`` in tier counts): the
+source's own precision. Version 1 had no ``kv_scales`` and no FP8 sources.
+
 Layers whose cache holds only a suffix of the prompt (sliding window) carry
 only the positions they hold: layer l holds ``layer_first_pos[l] .. T-1``.
 Dropped tokens appear in the tier map only.
 
 Byte accounting: ``full_nbytes`` is the 16-bit size of everything the layers
-hold; ``nbytes`` is the whole buffer (prefix, header, padding and payload).
+hold (for FP8 sources too: budgets stay relative to the 16-bit KV, so a budget of
+0.5 carries an FP8 source losslessly); ``nbytes`` is the whole buffer (prefix,
+header, padding and payload).
 """
 
 from __future__ import annotations
@@ -59,10 +71,22 @@ import msgspec
 import torch
 
 from .config import SpectrumConfig, SpectrumConfigError, SpectrumFormatError
+from .fp8 import (
+    FP8_DTYPES,
+    SCALE_MAX,
+    SCALE_MIN,
+    FP8Pool,
+    as_scale,
+    check_fp8_pools,
+    dequantize_fp8,
+    dtype_name,
+    layer_scale,
+    store_rows,
+)
 from .policy import QUANT_BITS, TIER_NAMES, Tier, allocate_tiers, allowed_tiers
 from .scoring import infer_layer_first_pos, score_tokens
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"SPKV"
 PREFIX = struct.Struct("<4sHHII")
 HEADER_ALIGN = 64
@@ -70,6 +94,7 @@ SEGMENT_ALIGN = 16
 SCALE_BYTES = 4  # float16 scale + float16 minimum per group
 PACKED_TIERS = (Tier.FP16, Tier.INT8, Tier.INT4)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SOURCE_DTYPES = {**_DTYPES, **FP8_DTYPES}  # what a layout's dtype may name
 _FP16_MAX = 65504.0
 
 
@@ -79,17 +104,39 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: str  # source dtype: "float16" | "bfloat16" | "float32"
+    dtype: str  # source dtype: "float16" | "bfloat16" | "float32" | "float8_e4m3fn" | "float8_e5m2"
     group_size: int
     num_tokens: int
     layer_first_pos: list[int]
     rotation: str = "none"
     key_block: int = 0  # > 0: INT8/INT4 keys scaled per channel over blocks of this many rows
+    kv_scales: list[float] = []  # FP8 sources: K scale of each layer, then V (else empty)
+
+    @property
+    def fp8(self) -> bool:
+        """True for an FP8 source (its top tier is 1 byte per element)."""
+        return self.dtype in FP8_DTYPES
 
     @property
     def wire_dtype(self) -> torch.dtype:
-        """dtype of the FP16 tier on the wire (always 2 bytes per element)."""
+        """dtype of the top (FP16) tier on the wire: 16-bit, or the source's FP8 dtype."""
+        if self.fp8:
+            return FP8_DTYPES[self.dtype]
         return _DTYPES[self.dtype] if self.dtype != "float32" else torch.float16
+
+    @property
+    def top_bytes(self) -> int:
+        """Bytes per element of the top tier: 2, or 1 for FP8 sources."""
+        return 1 if self.fp8 else 2
+
+    @property
+    def lossless_budget(self) -> float:
+        """Smallest budget at which every token goes in the top tier (header on top)."""
+        return self.top_bytes / 2
+
+    def scale(self, layer: int, key: bool) -> float:
+        """FP8 scale of ``layer``'s K (``key``) or V; 1.0 for 16-bit sources."""
+        return layer_scale(self.kv_scales, layer, key)
 
     @property
     def groups(self) -> int:
@@ -124,7 +171,7 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         elems = self.num_kv_heads * self.head_dim
         scales = self.num_kv_heads * self.groups * SCALE_BYTES
         return {
-            Tier.FP16: 2 * elems,
+            Tier.FP16: self.top_bytes * elems,
             Tier.INT8: elems + scales,
             Tier.INT4: elems // 2 + scales,
             Tier.DROP: 0,
@@ -134,7 +181,7 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def full_nbytes(self) -> int:
         """Size of everything the layers hold at 16 bit (the budget's denominator)."""
         held = sum(self.tokens_held(layer) for layer in range(self.num_layers))
-        return held * 2 * self.row_nbytes(Tier.FP16)
+        return held * 2 * 2 * self.num_kv_heads * self.head_dim
 
     def token_costs(self) -> torch.Tensor:
         """int64 ``[T, 4]``: payload bytes of each token at each tier, all layers, K and V."""
@@ -155,8 +202,13 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             problems.append(f"head_dim must be even, got {self.head_dim}")
         if self.group_size < 2 or self.head_dim % max(self.group_size, 1):
             problems.append(f"group_size {self.group_size} must divide head_dim {self.head_dim}")
-        if self.dtype not in _DTYPES:
+        if self.dtype not in SOURCE_DTYPES:
             problems.append(f"unknown dtype {self.dtype!r}")
+        want = 2 * self.num_layers if self.fp8 else 0
+        if len(self.kv_scales) != want:
+            problems.append(f"{want} kv_scales expected, got {len(self.kv_scales)}")
+        elif not all(isinstance(s, float) and SCALE_MIN <= s <= SCALE_MAX for s in self.kv_scales):
+            problems.append("kv_scales must be floats in [2**-100, 2**100]")
         if self.rotation not in ("none", "hadamard"):
             problems.append(f"unknown rotation {self.rotation!r}")
         if self.key_block < 0 or self.key_block == 1:
@@ -346,13 +398,26 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, head_dim: i
     return (q * s[..., None] + m[..., None]).reshape(n, h, head_dim)
 
 
-def encode_rows(x: torch.Tensor, tier: Tier, layout: KVLayout, key: bool = False) -> torch.Tensor:
-    """Encode K (``key``) or V rows ``[n, H, D]`` at ``tier`` into flat uint8 segment
-    bytes: codes ``[n, H, D * bits / 8]``, then the scales (see :func:`quantize`,
-    :func:`quantize_channels`)."""
+def real_rows(x: torch.Tensor, layout: KVLayout, layer: int = 0, key: bool = False) -> torch.Tensor:
+    """float32 real values of source rows ``x`` ``[n, H, D]`` of ``layer``: FP8 sources
+    (float8 or uint8 bits) dequantised with the layer's scale, others widened."""
+    if layout.fp8:
+        return dequantize_fp8(x, layout.wire_dtype, layout.scale(layer, key))
+    return x.float()
+
+
+def encode_rows(
+    x: torch.Tensor, tier: Tier, layout: KVLayout, key: bool = False, layer: int = 0
+) -> torch.Tensor:
+    """Encode K (``key``) or V rows ``[n, H, D]`` of ``layer`` at ``tier`` into flat uint8
+    segment bytes: codes ``[n, H, D * bits / 8]``, then the scales (see :func:`quantize`,
+    :func:`quantize_channels`). FP8 sources: ``x`` holds the FP8 bits (float8 or uint8);
+    the top tier copies them, INT8/INT4 quantise the scaled values."""
     if tier == Tier.FP16:
+        if layout.fp8:
+            return x.contiguous().view(torch.uint8).reshape(-1)
         return x.to(layout.wire_dtype).contiguous().view(torch.uint8).reshape(-1)
-    xf = x.float()
+    xf = real_rows(x, layout, layer, key)
     if layout.rotation == "hadamard":
         xf = xf @ hadamard(layout.head_dim, x.device)
     if key and layout.key_scaled_per_channel(tier):
@@ -363,12 +428,14 @@ def encode_rows(x: torch.Tensor, tier: Tier, layout: KVLayout, key: bool = False
 
 
 def decode_rows(
-    seg: torch.Tensor, n: int, tier: Tier, layout: KVLayout, key: bool = False
+    seg: torch.Tensor, n: int, tier: Tier, layout: KVLayout, key: bool = False, layer: int = 0
 ) -> torch.Tensor:
-    """Decode ``n`` K (``key``) or V rows of one segment (flat uint8) into float32
-    ``[n, H, D]``."""
+    """Decode ``n`` K (``key``) or V rows of ``layer`` from one segment (flat uint8) into
+    float32 real values ``[n, H, D]``."""
     h, d = layout.num_kv_heads, layout.head_dim
     if tier == Tier.FP16:
+        if layout.fp8:
+            return real_rows(seg.reshape(n, h, d), layout, layer, key)
         return seg.view(layout.wire_dtype).reshape(n, h, d).float()
     bits = QUANT_BITS[tier]
     code_bytes = n * h * d * bits // 8
@@ -390,19 +457,20 @@ def measure_tier_errors(
 ) -> torch.Tensor:
     """Squared reconstruction error of every token at every tier, float64 ``[T, 4]``.
 
-    Summed over layers, heads, head_dim, K and V; DROP costs the squared norm.
+    Summed over layers, heads, head_dim, K and V; DROP costs the squared norm. For FP8
+    sources the errors are those of the real values (the top tier's is 0).
     """
     err = torch.zeros(layout.num_tokens, 4, dtype=torch.float64)
     for layer, pair in enumerate(zip(keys, values)):
         first = layout.layer_first_pos[layer]
         for kv, x in enumerate(pair):
-            xf = x.float()
+            xf = real_rows(x, layout, layer, key=kv == 0)
             for tier in Tier:
                 if tier == Tier.DROP:
                     approx = torch.zeros_like(xf)
                 else:
-                    enc = encode_rows(x, tier, layout, key=kv == 0)
-                    approx = decode_rows(enc, x.shape[0], tier, layout, key=kv == 0)
+                    enc = encode_rows(x, tier, layout, key=kv == 0, layer=layer)
+                    approx = decode_rows(enc, x.shape[0], tier, layout, kv == 0, layer)
                 err[first:, tier] += ((xf - approx) ** 2).sum(dim=(1, 2)).double().cpu()
     return err
 
@@ -472,8 +540,10 @@ def _check_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> N
             raise SpectrumConfigError(
                 f"layer {layer}: all layers must share kv_heads, head_dim and dtype"
             )
-    if ref.dtype not in _DTYPES.values():
-        raise SpectrumConfigError(f"unsupported KV dtype {ref.dtype}")
+    if ref.dtype not in SOURCE_DTYPES.values():
+        raise SpectrumConfigError(
+            f"unsupported KV dtype {ref.dtype} (FP8 KV: float8_e4m3fn / float8_e5m2 tensors)"
+        )
 
 
 def config_layout(
@@ -484,32 +554,55 @@ def config_layout(
     dtype: torch.dtype | str,
     num_tokens: int,
     layer_first_pos: list[int] | None = None,
+    kv_scales: Sequence[float] | None = None,
 ) -> KVLayout:
     """The :class:`KVLayout` ``config`` packs a KV of this shape with (every layer
-    holding all ``num_tokens`` unless ``layer_first_pos`` says otherwise)."""
+    holding all ``num_tokens`` unless ``layer_first_pos`` says otherwise). FP8 dtypes
+    take ``kv_scales`` (2L: K of every layer, then V; default 1.0)."""
+    name = dtype_name(dtype)
+    if name in FP8_DTYPES:
+        scales = [1.0] * (2 * num_layers) if kv_scales is None else list(kv_scales)
+        scales = [as_scale(s, "kv_scales") for s in scales]
+    elif kv_scales:
+        raise SpectrumConfigError(f"kv_scales are for FP8 sources, not {name}")
+    else:
+        scales = []
     return KVLayout(
         num_layers=num_layers,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=name,
         group_size=config.resolved_group_size(head_dim),
         num_tokens=num_tokens,
         layer_first_pos=[0] * num_layers if layer_first_pos is None else layer_first_pos,
         rotation=config.rotation,
         key_block=config.resolved_key_block,
+        kv_scales=scales,
     )
 
 
 def make_layout(
-    keys: Sequence[torch.Tensor], config: SpectrumConfig, num_tokens: int | None = None
+    keys: Sequence[torch.Tensor],
+    config: SpectrumConfig,
+    num_tokens: int | None = None,
+    fp8: FP8Pool | None = None,
 ) -> KVLayout:
-    """The :class:`KVLayout` of per-layer ``[T_l, H, D]`` keys under ``config``."""
+    """The :class:`KVLayout` of per-layer ``[T_l, H, D]`` keys under ``config``; float8
+    keys take their scales from ``fp8`` (default 1.0)."""
     _check_kv(keys, keys)
     total, first = infer_layer_first_pos(keys, num_tokens)
     _, heads, head_dim = keys[0].shape
     if head_dim % 2:
         raise SpectrumConfigError(f"head_dim must be even for INT4 packing, got {head_dim}")
-    layout = config_layout(config, len(keys), heads, head_dim, keys[0].dtype, total, first)
+    scales = None
+    if fp8 is not None:
+        if fp8.dtype != keys[0].dtype or fp8.num_layers != len(keys):
+            raise SpectrumConfigError(
+                f"fp8 describes {fp8.num_layers} layers of {fp8.name}, the KV is"
+                f" {len(keys)} layers of {keys[0].dtype}"
+            )
+        scales = fp8.scales
+    layout = config_layout(config, len(keys), heads, head_dim, keys[0].dtype, total, first, scales)
     if config.rotation == "hadamard":
         hadamard(head_dim)  # fails early for non power-of-two head_dim
     if total < 1:
@@ -520,18 +613,19 @@ def make_layout(
 def token_budget(layout: KVLayout, config: SpectrumConfig) -> int:
     """Bytes the allocator may spend on token data (the buffer minus its fixed part).
 
-    ``floor(budget * full_nbytes) - fixed_overhead``; at ``budget=1.0`` at least
-    everything at FP16 (lossless); with ``allow_drop=False`` at least every
-    token at the cheapest allowed tier, sinks at FP16 (then a short prompt may
-    exceed the budget instead of losing tokens).
+    ``floor(budget * full_nbytes) - fixed_overhead``; at ``budget >=
+    layout.lossless_budget`` (1.0, or 0.5 for FP8 sources) at least everything at the
+    top tier (lossless); with ``allow_drop=False`` at least every token at the cheapest
+    allowed tier, sinks at the top tier (then a short prompt may exceed the budget
+    instead of losing tokens).
     """
     costs = layout.token_costs()
     budget = math.floor(config.budget * layout.full_nbytes) - fixed_overhead(layout)
-    if config.budget >= 1.0:
+    if config.budget >= layout.lossless_budget:
         budget = max(budget, int(costs[:, Tier.FP16].sum()))
     if not config.allow_drop:
         sinks = min(config.sinks, layout.num_tokens)
-        base = allowed_tiers(config)[-1]
+        base = allowed_tiers(config, fp8_source=layout.fp8)[-1]
         budget = max(budget, int(costs[:sinks, Tier.FP16].sum() + costs[sinks:, base].sum()))
     return budget
 
@@ -543,13 +637,16 @@ def plan_tiers(
     scores: torch.Tensor | None = None,
     queries: Sequence[torch.Tensor] | None = None,
     num_tokens: int | None = None,
+    fp8: FP8Pool | None = None,
 ) -> tuple[KVLayout, torch.Tensor]:
-    """Score and allocate: the layout and the uint8 ``[T]`` tier map under the budget."""
+    """Score and allocate: the layout and the uint8 ``[T]`` tier map under the budget
+    (FP8 keys are scored by their real values)."""
     _check_kv(keys, values)
-    layout = make_layout(keys, config, num_tokens)
+    layout = make_layout(keys, config, num_tokens, fp8)
     if scores is None:
+        real = [real_rows(k, layout, layer, key=True) for layer, k in enumerate(keys)]
         scores = score_tokens(
-            keys, queries, sinks=config.sinks, window=config.window, num_tokens=layout.num_tokens
+            real, queries, sinks=config.sinks, window=config.window, num_tokens=layout.num_tokens
         )
     elif scores.dim() == 2:
         scores = scores.float().mean(dim=0)
@@ -562,7 +659,7 @@ def plan_tiers(
     errors = None
     if config.method == "spectrum" and config.allocator == "optimal":
         errors = measure_tier_errors(keys, values, layout)
-    tiers = allocate_tiers(scores, layout.token_costs(), budget, config, errors)
+    tiers = allocate_tiers(scores, layout.token_costs(), budget, config, errors, layout.fp8)
     return layout, tiers
 
 
@@ -585,7 +682,7 @@ def pack_tiers(
             rows = torch.nonzero(held == int(tier)).flatten()
             for kv, x in enumerate((keys[layer], values[layer])):
                 if rows.numel():
-                    seg = encode_rows(x[rows], tier, layout, key=kv == 0)
+                    seg = encode_rows(x[rows], tier, layout, key=kv == 0, layer=layer)
                     payload[offsets[i] : offsets[i] + seg.numel()] = seg
                 i += 1
     header = PackedHeader(
@@ -614,23 +711,26 @@ def pack_kv(
     scores: torch.Tensor | None = None,
     queries: Sequence[torch.Tensor] | None = None,
     num_tokens: int | None = None,
+    fp8: FP8Pool | None = None,
 ) -> PackedKV:
     """Score, allocate tiers and pack one request's KV cache.
 
     Args:
-        keys, values: per layer ``[T_l, kv_heads, head_dim]`` (float16, bfloat16
-            or float32), ``T_l <= T``; a layer with ``T_l < T`` holds the last
-            ``T_l`` positions (sliding window).
+        keys, values: per layer ``[T_l, kv_heads, head_dim]`` (float16, bfloat16,
+            float32, or FP8 as float8_e4m3fn / float8_e5m2 tensors), ``T_l <= T``; a
+            layer with ``T_l < T`` holds the last ``T_l`` positions (sliding window).
         config: budget, tiers, allocator, method, codec options.
         scores: optional importance ``[T]`` or ``[L, T]``; computed otherwise.
         queries: optional per-layer post-RoPE queries of the last prompt
             positions ``[w, q_heads, head_dim]`` for attention-based scoring.
         num_tokens: prompt length T if no layer holds the whole prompt.
+        fp8: the per-layer scales of float8 KV (default 1.0; dtype must match).
 
     Returns:
-        :class:`PackedKV` with ``nbytes <= config.budget * full_nbytes``.
+        :class:`PackedKV` with ``nbytes <= config.budget * full_nbytes`` (below the
+        lossless budget, see :func:`token_budget`).
     """
-    layout, tiers = plan_tiers(keys, values, config, scores, queries, num_tokens)
+    layout, tiers = plan_tiers(keys, values, config, scores, queries, num_tokens, fp8)
     policy = f"{config.method}/{config.allocator}/{config.tiers}/b={config.budget:g}"
     packed = pack_tiers(keys, values, layout, tiers, policy)
     limit = token_budget(layout, config) + fixed_overhead(layout)
@@ -794,18 +894,19 @@ def iter_decoded_layers(header: PackedHeader, payload: torch.Tensor):
             k_seg = payload[header.offsets[j] : header.offsets[j] + k_size]
             v_seg = payload[header.offsets[j + 1] : header.offsets[j + 1] + v_size]
             pos_parts.append(rows + first)
-            k_parts.append(decode_rows(k_seg, n, tier, layout, key=True))
-            v_parts.append(decode_rows(v_seg, n, tier, layout))
+            k_parts.append(decode_rows(k_seg, n, tier, layout, key=True, layer=layer))
+            v_parts.append(decode_rows(v_seg, n, tier, layout, key=False, layer=layer))
         if pos_parts:
             yield layer, torch.cat(pos_parts), torch.cat(k_parts), torch.cat(v_parts)
 
 
-def _check_pools(layout: KVLayout, k_pools, v_pools, slot_indices) -> torch.Tensor:
+def _check_pools(layout: KVLayout, k_pools, v_pools, slot_indices, fp8=None) -> torch.Tensor:
     if len(k_pools) != layout.num_layers or len(v_pools) != layout.num_layers:
         raise SpectrumFormatError(
             f"buffer holds {layout.num_layers} layers, got {len(k_pools)} K and"
             f" {len(v_pools)} V pools"
         )
+    check_fp8_pools([*k_pools, *v_pools], fp8, layout.num_layers, SpectrumFormatError)
     for layer, (k, v) in enumerate(zip(k_pools, v_pools)):
         want = (layout.num_kv_heads, layout.head_dim)
         if k.dim() != 3 or tuple(k.shape[1:]) != want or k.shape != v.shape:
@@ -831,37 +932,41 @@ def unpack_kv(
     k_pools: Sequence[torch.Tensor],
     v_pools: Sequence[torch.Tensor],
     slot_indices: torch.Tensor | Sequence[int],
+    fp8: FP8Pool | None = None,
 ) -> UnpackInfo:
     """Validate a packed buffer and write its dequantised K and V into pools.
 
     Args:
         data: the whole buffer (bytes or uint8 tensor, any device).
         k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]`` (SGLang's
-            MHA pool layout; FlashInfer reads it as an NHD paged cache).
+            MHA pool layout; FlashInfer reads it as an NHD paged cache): float16,
+            bfloat16 or float32, or FP8 pools (uint8 / float8) described by ``fp8``.
         slot_indices: int ``[T]``: the pool slot of each prompt position.
+        fp8: FP8 destination pools: their dtype and per-layer scales; values are
+            stored as ``(x / scale)`` saturated to FP8 (:func:`.fp8.quantize_fp8`).
 
     Everything is validated before the first write: on any error the pools
     are untouched. Dropped positions are reported in ``info.dropped``, not written.
     """
     header, payload = read_header(data)
     layout = header.layout
-    slots = _check_pools(layout, k_pools, v_pools, slot_indices)
+    slots = _check_pools(layout, k_pools, v_pools, slot_indices, fp8)
     for layer, positions, k, v in iter_decoded_layers(header, payload):
         dst = slots.to(k_pools[layer].device)[positions.to(k_pools[layer].device)]
-        k_pools[layer][dst] = k.to(k_pools[layer].device, k_pools[layer].dtype)
-        v_pools[layer][dst] = v.to(v_pools[layer].device, v_pools[layer].dtype)
+        store_rows(k_pools[layer], dst, k, fp8, layer, key=True)
+        store_rows(v_pools[layer], dst, v, fp8, layer, key=False)
     return UnpackInfo.of(header)
 
 
 def decode_kv(
     data: bytes | bytearray | memoryview | torch.Tensor, dtype: torch.dtype | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Decode a buffer back into per-layer ``[T_l, H, D]`` K and V (zeros at
-    dropped positions) and the bool ``[T]`` kept mask. ``dtype`` defaults to
-    the source dtype."""
+    """Decode a buffer back into per-layer ``[T_l, H, D]`` K and V real values (zeros at
+    dropped positions) and the bool ``[T]`` kept mask. ``dtype`` defaults to the source
+    dtype (float32 for FP8 sources)."""
     header, payload = read_header(data)
     layout = header.layout
-    dtype = dtype or _DTYPES[layout.dtype]
+    dtype = dtype or _DTYPES.get(layout.dtype, torch.float32)
     keys, values = [], []
     for layer in range(layout.num_layers):
         shape = (layout.tokens_held(layer), layout.num_kv_heads, layout.head_dim)
