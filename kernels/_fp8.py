@@ -1,4 +1,5 @@
-"""FP8 in the kernels: exact bit-level conversions and the per-layer scale tables.
+"""FP8 in the kernels: exact bit-level conversions, storing values as a destination
+pool holds them (any pool dtype), and the per-layer scale tables.
 
 The conversions are integer arithmetic plus one float32 addition, so compiled and
 interpreted kernels give the same bits as the torch reference (:mod:`..fp8`):
@@ -16,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codec import KVLayout
 from ..fp8 import FP8_KIND, FP8Pool
 
 
@@ -59,6 +61,32 @@ def to_fp8(x, KIND: tl.constexpr):
     return (mag | ((u >> 24) & 0x80)).to(tl.uint8)
 
 
+@triton.jit
+def cast(x, DST: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """``x.to(DST)``; SOFT_BF16 rounds to bf16 to nearest even by hand (the CPU
+    interpreter truncates, the GPU's cvt.rn rounds like torch)."""
+    if SOFT_BF16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DST)
+
+
+@triton.jit
+def to_pool(x, sd, DST: tl.constexpr, SOFT_BF16: tl.constexpr, DFP8: tl.constexpr, DDIV):
+    """Values ``x`` as the destination pool stores them: :func:`cast` to ``DST``, or for
+    an FP8 pool (``DFP8``) the bits of ``x / sd`` (IEEE division, skipped when every
+    destination scale is 1.0: ``not DDIV``)."""
+    if DFP8:
+        xf = x.to(tl.float32)
+        if DDIV:
+            xf = tl.math.div_rn(xf, tl.zeros_like(xf) + sd)
+        return to_fp8(xf, DFP8)
+    else:
+        return cast(x, DST, SOFT_BF16)
+
+
 def fp8_kind(name: str) -> int:
     """The kernels' constexpr code of a dtype name: 0 (not FP8), 1 (e4m3fn), 2 (e5m2)."""
     return FP8_KIND.get(name, 0)
@@ -86,3 +114,11 @@ def dest_args(fp8: FP8Pool | None, num_layers: int, device: torch.device) -> tup
         return scale_table((), num_layers, device), 0, False
     table = scale_table(fp8.scales, num_layers, device)
     return table, fp8_kind(fp8.name), any(s != 1.0 for s in fp8.scales)
+
+
+def source_args(layout: KVLayout, dtype: torch.dtype, device: torch.device) -> tuple:
+    """(scale table, FP8 kind) of pools of ``dtype`` packed under ``layout`` (uint8: the
+    layout's FP8 source; a float32 scratch or 16-bit pools: kind 0)."""
+    lay = layout
+    kind = fp8_kind(lay.dtype) if dtype == torch.uint8 else 0
+    return scale_table(lay.kv_scales if kind else (), lay.num_layers, device), kind

@@ -33,9 +33,10 @@ from ._common import (
     pool_table,
     wire_dtype,
 )
-from ._fp8 import dest_args, fp8_kind, from_fp8, scale_table, to_fp8
+from ._fp8 import dest_args, fp8_kind, from_fp8, scale_table, to_pool
+from .channel import launch_unpack_channel
 from .checksum import fast_checksum
-from .pack import _channel_segment, _locate, _pool_rows, channel_launch, int_scratch
+from .pack import _locate, _pool_rows, int_scratch
 from .plan import TransferPlan, kernel_supported, plan_transfer
 
 
@@ -71,32 +72,6 @@ def _dequantize(
     s, m = tl.split(tl.load(sc + pair, mask=valid[:, None, None], other=0.0).to(tl.float32))
     xg = tl.reshape(q.to(tl.float32), [BR, G, D // G]) * s[:, :, None] + m[:, :, None]
     return tl.reshape(xg, [BR, D])
-
-
-@triton.jit
-def _cast(x, DST: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """``x.to(DST)``; SOFT_BF16 rounds to bf16 to nearest even by hand (the CPU
-    interpreter truncates, the GPU's cvt.rn rounds like torch)."""
-    if SOFT_BF16:
-        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DST)
-
-
-@triton.jit
-def _to_pool(x, sd, DST: tl.constexpr, SOFT_BF16: tl.constexpr, DFP8: tl.constexpr, DDIV):
-    """Values ``x`` as the destination pool stores them: :func:`_cast` to ``DST``, or for
-    an FP8 pool (``DFP8``) the bits of ``x / sd`` (IEEE division, skipped when every
-    destination scale is 1.0: ``not DDIV``)."""
-    if DFP8:
-        xf = x.to(tl.float32)
-        if DDIV:
-            xf = tl.math.div_rn(xf, tl.zeros_like(xf) + sd)
-        return to_fp8(xf, DFP8)
-    else:
-        return _cast(x, DST, SOFT_BF16)
 
 
 @triton.jit(do_not_specialize=["blk_lo", "b1", "b2", "n0", "n1", "n2"])
@@ -147,88 +122,13 @@ def _unpack_kernel(
                 xt = from_fp8(x16, SFP8) * tl.load(src_scales + idx)
             else:
                 xt = x16
-            tl.store(pool + off, _to_pool(xt, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
+            tl.store(pool + off, to_pool(xt, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
     elif tier == 1:
         x8 = _dequantize(payload, seg, n_seg, dst, valid, 8, BR, H, D, G)
-        tl.store(pool + off, _to_pool(x8, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
+        tl.store(pool + off, to_pool(x8, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
     else:
         x4 = _dequantize(payload, seg, n_seg, dst, valid, 4, BR, H, D, G)
-        tl.store(pool + off, _to_pool(x4, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
-
-
-@triton.jit(do_not_specialize=["b1", "n0", "n1"])
-def _unpack_channel_kernel(
-    payload,  # uint8 [payload_nbytes]
-    dst_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
-    rows,  # int64 [N]: destination row of each listed token
-    meta,  # int64: plan table
-    dst_scales,  # float32 [2L]: FP8 destination pools' scales (K of layer l at l)
-    b1,  # key blocks of the INT8 tier (then those of INT4)
-    n0,
-    n1,
-    num_layers,
-    DST: tl.constexpr,
-    H: tl.constexpr,
-    D: tl.constexpr,
-    DC: tl.constexpr,
-    KB: tl.constexpr,
-    IDX: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
-    DFP8: tl.constexpr = 0,
-    DDIV: tl.constexpr = False,
-):
-    """Mirror of ``pack._pack_channel_kernel``: dequantise per-channel-scaled key rows
-    (``codec.dequantize_channels``: ``q * scale + minimum`` in float32) into the pools."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1) // (D // DC)
-    c0 = (tl.program_id(1) % (D // DC)) * DC
-    c = c0 + tl.arange(0, DC)
-    layer = tl.program_id(2)
-    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
-        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
-    )
-    if blk * KB < n_seg:
-        codes = payload + seg
-        row = j * H + h
-        if tier == 1:
-            q = tl.load(codes + row[:, None] * D + c[None, :], mask=ok[:, None], other=0)
-            sc = (codes + n_seg * (H * D)).to(tl.pointer_type(tl.float16), bitcast=True)
-        else:
-            half = c0 // 2 + tl.arange(0, DC // 2)
-            b = tl.load(codes + row[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
-            q = tl.reshape(tl.join(b & 15, b >> 4), [KB, DC])
-            sc = (codes + n_seg * (H * D // 2)).to(tl.pointer_type(tl.float16), bitcast=True)
-        pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
-        s, m = tl.split(tl.load(sc + pair).to(tl.float32))
-        x = q.to(tl.float32) * s[None, :] + m[None, :]
-        slot = tl.load(rows + first + j, mask=ok, other=0)
-        addr = tl.multiple_of(tl.load(dst_ptrs + layer), 16)
-        pool = tl.multiple_of(addr.to(tl.pointer_type(DST)), 16)
-        off = (slot * H + h) * D
-        sd = tl.load(dst_scales + layer)
-        x = _to_pool(x, sd, DST, SOFT_BF16, DFP8, DDIV)
-        tl.store(pool + off[:, None] + c[None, :], x, mask=ok[:, None])
-
-
-def _launch_unpack_channel(plan: TransferPlan, payload, ptrs, rows, dtype, fp8=None) -> None:
-    launch = channel_launch(plan, payload.device)
-    if launch is None:
-        return
-    grid, args, options = launch
-    dst_scales, dfp8, ddiv = dest_args(fp8, plan.layout.num_layers, payload.device)
-    _unpack_channel_kernel[grid](
-        payload,
-        ptrs,
-        rows,
-        plan.meta,
-        dst_scales,
-        *args,
-        DST=TL_DTYPES[dtype],
-        SOFT_BF16=interpreted(_unpack_channel_kernel) and dtype == torch.bfloat16,
-        DFP8=dfp8,
-        DDIV=ddiv,
-        **options,
-    )
+        tl.store(pool + off, to_pool(x4, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
 
 
 def _launch_unpack_int(plan: TransferPlan, payload, ptrs, rows, dtype, fp8=None) -> None:
@@ -236,7 +136,7 @@ def _launch_unpack_int(plan: TransferPlan, payload, ptrs, rows, dtype, fp8=None)
     _, b1, _, b3 = plan.block_starts
     if plan.layout.key_block:
         _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, values_only=True, fp8=fp8)
-        _launch_unpack_channel(plan, payload, ptrs, rows, dtype, fp8)
+        launch_unpack_channel(plan, payload, ptrs, rows, dtype, fp8)
     else:
         _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, fp8=fp8)
 
