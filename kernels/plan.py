@@ -145,7 +145,8 @@ class TransferPlan:
         return start + int(self.base[k, layer]), start + self.counts[k]
 
     def kept_nbytes(self) -> int:
-        """Bytes of 16-bit KV the pack reads (kept tokens, all layers, K and V)."""
+        """Bytes of KV the pack reads from the pools (kept tokens, all layers, K and V; the
+        pools' own bytes: 16-bit, or 1 per element for FP8 sources)."""
         held = self.base[:, -1:] - self.base[:, :-1]
         return int(held.sum()) * 2 * self.layout.row_nbytes(PACKED_TIERS[0])
 
