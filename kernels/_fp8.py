@@ -74,7 +74,9 @@ def cast(x, DST: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def to_pool(x, sd, DST: tl.constexpr, SOFT_BF16: tl.constexpr, DFP8: tl.constexpr, DDIV):
+def to_pool(
+    x, sd, DST: tl.constexpr, SOFT_BF16: tl.constexpr, DFP8: tl.constexpr, DDIV: tl.constexpr
+):
     """Values ``x`` as the destination pool stores them: :func:`cast` to ``DST``, or for
     an FP8 pool (``DFP8``) the bits of ``x / sd`` (IEEE division, skipped when every
     destination scale is 1.0: ``not DDIV``)."""
