@@ -16,6 +16,13 @@ functions the SGLang backend calls:
 - ``pack_extra_bytes``: peak device memory ``pack_request`` allocates beyond what was
   allocated before (no temporary proportional to the full KV).
 
+Pool pairs (``--pools``, ``prefill_dtype`` / ``decode_dtype`` in the records): ``bf16``
+(bf16 -> bf16), ``fp8_e4m3`` / ``fp8_e5m2`` (SGLang FP8 KV on both sides: uint8 pools,
+``fp8=FP8Pool``, scale 1.0 as SGLang without checkpoint scales; the same KV cast to
+FP8), ``bf16-fp8_e4m3`` (the asymmetric deployment: bf16 prefill, FP8 decode).
+``baseline_bytes`` is what the stock backend moves for that pair (the prefill's pool
+bytes: the 16-bit KV, or half of it for FP8) and ``speedup_vs_pool`` the speedup over it.
+
 Per link speed (25/100/400 Gb/s) one record: ``speedup = (full_bytes / link) /
 (pack + packed_bytes / link + unpack)``, ``ideal = full_bytes / packed_bytes``.
 Usage (H200)::
@@ -35,7 +42,15 @@ import time
 import torch
 
 from sglang_spectrum.config import SpectrumConfig
+from sglang_spectrum.fp8 import FP8Pool, quantize_fp8
 from sglang_spectrum.transfer import pack_request, packed_size_bound, unpack_request
+
+POOLS = {  # --pools name -> (prefill FP8 dtype or None: bf16, decode FP8 dtype or None)
+    "bf16": (None, None),
+    "fp8_e4m3": ("fp8_e4m3", "fp8_e4m3"),
+    "fp8_e5m2": ("fp8_e5m2", "fp8_e5m2"),
+    "bf16-fp8_e4m3": (None, "fp8_e4m3"),
+}
 
 LINKS_GBIT = (25, 100, 400)
 TARGETS = {  # (link Gb/s, tokens) -> minimum speedup / ideal
@@ -105,8 +120,9 @@ def event_ms(fn) -> float:
     return a.elapsed_time(b)
 
 
-def kernel_times(kp, vp, kd, vd, slots, dst, region, res, iters, warmup):
-    """(pack ms, unpack ms) of the Triton launches alone on the request's plan."""
+def kernel_times(kp, vp, kd, vd, slots, dst, region, res, iters, warmup, fp8_dst=None):
+    """(pack ms, unpack ms) of the Triton launches alone on the request's plan (``kp, vp``:
+    uint8 pools for an FP8 prefill; ``fp8_dst``: the decode's FP8 pools ``kd, vd``)."""
     from sglang_spectrum import kernels as K
     from sglang_spectrum.codec import header_tier_map, read_header
 
@@ -118,7 +134,7 @@ def kernel_times(kp, vp, kd, vd, slots, dst, region, res, iters, warmup):
     pack = events(lambda: K.pack_payload(kp, vp, plan, out=scratch), iters, warmup)
     assert torch.equal(scratch, payload), "kernel payload differs from pack_request's"
     uplan = K.plan_from_counts(header.layout, tiers, counts, dst)
-    unpack = events(lambda: K.unpack_payload(payload, kd, vd, uplan), iters, warmup)
+    unpack = events(lambda: K.unpack_payload(payload, kd, vd, uplan, fp8=fp8_dst), iters, warmup)
     return pack, unpack
 
 
@@ -128,9 +144,11 @@ def copy_ms(full_bytes, device, iters, warmup) -> float:
     return events(lambda: dst.copy_(src), iters, warmup)
 
 
-def setup(args) -> tuple[torch.device, int, tuple[list, list, list, list]]:
-    """Device, page count and pools of a run: source ``kp, vp`` (random KV) and
-    destination ``kd, vd`` (zeros), room for the largest token count plus 8 pages."""
+def setup(args) -> tuple[torch.device, int, dict]:
+    """Device, page count and pools of a run, room for the largest token count plus 8
+    pages: per pool kind (``None``: bf16, or an FP8 dtype name) the source ``(kp, vp)``
+    (random KV, cast to FP8 with scale 1.0 as SGLang stores it) and destination
+    ``(kd, vd)`` (zeros) of each kind ``--pools`` needs."""
     device = torch.device(args.device)
     gen_dev = torch.Generator(device=device).manual_seed(0)
     num_pages = -(-max(args.tokens) // args.page) + 8
@@ -143,33 +161,62 @@ def setup(args) -> tuple[torch.device, int, tuple[list, list, list, list]]:
         device,
         gen_dev,
     )
-    kd = [torch.zeros_like(p) for p in kp]
-    vd = [torch.zeros_like(p) for p in vp]
-    return device, num_pages, (kp, vp, kd, vd)
+    src, dst = {}, {}
+    for name in args.pools:
+        src_kind, dst_kind = POOLS[name]
+        if src_kind not in src:
+            fp8 = pool_format(src_kind, args.layers)
+            src[src_kind] = (
+                (kp, vp)
+                if fp8 is None
+                else (
+                    [quantize_fp8(p, fp8.dtype) for p in kp],
+                    [quantize_fp8(p, fp8.dtype) for p in vp],
+                )
+            )
+        if dst_kind not in dst:
+            dtype = torch.bfloat16 if dst_kind is None else torch.uint8
+            dst[dst_kind] = tuple([torch.zeros_like(p, dtype=dtype) for p in kp] for _ in "kv")
+    return device, num_pages, {"src": src, "dst": dst}
+
+
+def pool_format(kind: str | None, layers: int) -> FP8Pool | None:
+    """The ``fp8=`` argument of pools of ``kind`` (SGLang without checkpoint scales: 1.0)."""
+    return None if kind is None else FP8Pool.of(kind, layers)
+
+
+def case_pools(pool_sets: dict, pools: str, layers: int) -> tuple:
+    """``(kp, vp, kd, vd, fp8_src, fp8_dst)`` of a ``--pools`` pair (``setup``'s pools)."""
+    src_kind, dst_kind = POOLS[pools]
+    kp, vp = pool_sets["src"][src_kind]
+    kd, vd = pool_sets["dst"][dst_kind]
+    return kp, vp, kd, vd, pool_format(src_kind, layers), pool_format(dst_kind, layers)
 
 
 def cases(args, device, num_pages):
-    """Each case ``(tokens, budget, key_scales, slots, dst, config, region)``: source and
-    destination slots drawn per token count (one host generator), a packing region of
-    ``packed_size_bound`` bytes (released before the next case's, once the caller
-    drops it)."""
+    """Each case ``(pools, tokens, budget, key_scales, slots, dst, config, region)``:
+    source and destination slots drawn per token count (one host generator), a packing
+    region of ``packed_size_bound`` bytes for the prefill's pool dtype (released before
+    the next case's, once the caller drops it)."""
     gen = torch.Generator().manual_seed(0)
     for tokens in args.tokens:
         slots = paged_slots(tokens, args.page, num_pages, gen, device)
         dst = paged_slots(tokens, args.page, num_pages, gen, device)
-        for budget in args.budgets:
-            for keys in args.key_scales:
-                cfg = SpectrumConfig(budget=budget, key_scales=keys, allow_drop=False)
-                bound = packed_size_bound(
-                    tokens, args.layers, args.heads, args.head_dim, torch.bfloat16, cfg
-                )
-                region = torch.empty(bound, dtype=torch.uint8, device=device)
-                yield tokens, budget, keys, slots, dst, cfg, region
-                del region
+        for pools in args.pools:
+            dtype = POOLS[pools][0] or torch.bfloat16
+            for budget in args.budgets:
+                for keys in args.key_scales:
+                    cfg = SpectrumConfig(budget=budget, key_scales=keys, allow_drop=False)
+                    bound = packed_size_bound(
+                        tokens, args.layers, args.heads, args.head_dim, dtype, cfg
+                    )
+                    region = torch.empty(bound, dtype=torch.uint8, device=device)
+                    yield pools, tokens, budget, keys, slots, dst, cfg, region
+                    del region
 
 
 def run(args) -> tuple[list[dict], dict]:
-    device, num_pages, (kp, vp, kd, vd) = setup(args)
+    device, num_pages, pool_sets = setup(args)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {
         "hardware": hardware,
@@ -186,40 +233,47 @@ def run(args) -> tuple[list[dict], dict]:
         pass
     rows = []
     copies = {}
-    for tokens, budget, keys, slots, dst, cfg, region in cases(args, device, num_pages):
-        res = pack_request(kp, vp, slots, cfg, out=region)
+    for pools, tokens, budget, keys, slots, dst, cfg, region in cases(args, device, num_pages):
+        kp, vp, kd, vd, fp8_src, fp8_dst = case_pools(pool_sets, pools, args.layers)
+        res = pack_request(kp, vp, slots, cfg, out=region, fp8=fp8_src)
         if device.type == "cuda":
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            res = pack_request(kp, vp, slots, cfg, out=region)
+            res = pack_request(kp, vp, slots, cfg, out=region, fp8=fp8_src)
             extra = torch.cuda.max_memory_allocated(device) - before
         else:
             extra = None
         pack = wall(
-            lambda c=cfg, r=region, s=slots: pack_request(kp, vp, s, c, out=r),
-            args.iters,
-            args.warmup,
-            device,
-        )
-        unpack = wall(
-            lambda r=region, d=dst, x=res: unpack_request(
-                r, kd, vd, d, expected_checksum=x.checksum
+            lambda c=cfg, r=region, s=slots, k=kp, v=vp, f=fp8_src: pack_request(
+                k, v, s, c, out=r, fp8=f
             ),
             args.iters,
             args.warmup,
             device,
         )
-        # the decode's pools hold the unpacked KV: spot check one layer's FP16 rows
+        unpack = wall(
+            lambda r=region, d=dst, x=res, k=kd, v=vd, f=fp8_dst: unpack_request(
+                r, k, v, d, expected_checksum=x.checksum, fp8=f
+            ),
+            args.iters,
+            args.warmup,
+            device,
+        )
         k_pack = k_unpack = c_ms = None
         if device.type == "cuda":
             k_pack, k_unpack = kernel_times(
-                kp, vp, kd, vd, slots, dst, region, res, args.iters, args.warmup
+                kp, vp, kd, vd, slots, dst, region, res, args.iters, args.warmup, fp8_dst
             )
             if tokens not in copies:
                 copies[tokens] = copy_ms(res.full_nbytes, device, args.iters, 3)
             c_ms = copies[tokens]
+        # the stock backend moves the prefill's pool bytes: 16-bit, or half of it in FP8
+        baseline = res.full_nbytes // 2 if fp8_src else res.full_nbytes
         base = {
+            "pools": pools,
+            "prefill_dtype": fp8_src.name if fp8_src else "bfloat16",
+            "decode_dtype": fp8_dst.name if fp8_dst else "bfloat16",
             "tokens": tokens,
             "budget": budget,
             "key_scales": keys,
@@ -230,6 +284,7 @@ def run(args) -> tuple[list[dict], dict]:
             "copy_ms": None if c_ms is None else round(c_ms, 4),
             "packed_bytes": res.nbytes,
             "full_bytes": res.full_nbytes,
+            "baseline_bytes": baseline,
             "ideal": round(res.full_nbytes / res.nbytes, 4),
             "tier_counts": res.tier_counts,
             "path": res.path,
@@ -238,8 +293,8 @@ def run(args) -> tuple[list[dict], dict]:
             "hardware": hardware,
         }
         if c_ms:
-            # bytes moved: the pack reads the full KV and writes the payload
-            moved = res.full_nbytes + res.nbytes
+            # bytes moved: the pack reads the prefill's pools and writes the payload
+            moved = baseline + res.nbytes
             base["kernel_pack_vs_copy"] = round((moved / k_pack) / (2 * res.full_nbytes / c_ms), 4)
             base["kernel_unpack_vs_copy"] = round(
                 (moved / k_unpack) / (2 * res.full_nbytes / c_ms), 4
@@ -250,13 +305,14 @@ def run(args) -> tuple[list[dict], dict]:
             ours = pack + res.nbytes / per_ms + unpack
             rec = dict(base, link_gbps=link)
             rec["speedup"] = round(full_t / ours, 4)
+            rec["speedup_vs_pool"] = round(baseline / per_ms / ours, 4)
             rec["of_ideal"] = round(rec["speedup"] / rec["ideal"], 4)
-            target = TARGETS.get((link, tokens))
+            target = TARGETS.get((link, tokens)) if pools == "bf16" else None
             rec["target_of_ideal"] = target
             rec["target_met"] = None if target is None else rec["of_ideal"] >= target
             rows.append(rec)
         print(
-            f"T={tokens} b={budget} keys={keys} path={res.path} pack {pack:.2f} ms"
+            f"{pools} T={tokens} b={budget} keys={keys} path={res.path} pack {pack:.2f} ms"
             f" (kernel {k_pack}) unpack {unpack:.2f} ms (kernel {k_unpack})"
             f" packed {res.nbytes / 1e6:.1f} MB of {res.full_nbytes / 1e6:.1f}"
             f" steps {base['pack_steps_ms']} extra {extra}",
@@ -274,11 +330,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f" KV {meta['shape'][0]} layers x {meta['shape'][1]} KV heads x {meta['shape'][2]},"
         f" bf16, page {meta['page']}, random pages; wall clock median of {meta['iters']}"
         " after warm-up (pack/unpack synchronise once at the end), kernels by CUDA events.",
-        "speedup = (full / link) / (pack + packed / link + unpack); ideal = full / packed.",
+        "speedup = (full / link) / (pack + packed / link + unpack); ideal = full / packed"
+        " (full: the 16-bit KV); vs pool: the same over the prefill pool's own bytes"
+        " (half the 16-bit KV for FP8 pools, what mooncake with FP8 KV moves).",
         "",
-        "| tokens | b | keys | link Gb/s | pack ms | unpack ms | kernel pack / unpack ms"
-        " | kernel vs copy (pack / unpack) | packed MB | speedup | ideal | of ideal | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pools | tokens | b | keys | link Gb/s | pack ms | unpack ms | kernel pack / unpack ms"
+        " | kernel vs copy (pack / unpack) | packed MB | speedup | vs pool | ideal | of ideal"
+        " | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         target = "-"
@@ -288,10 +347,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         kern = f"{r['kernel_pack_ms']} / {r['kernel_unpack_ms']}"
         vs = f"{r.get('kernel_pack_vs_copy', '-')} / {r.get('kernel_unpack_vs_copy', '-')}"
         lines.append(
-            f"| {r['tokens']} | {r['budget']} | {r['key_scales']} | {r['link_gbps']}"
-            f" | {r['pack_ms']:.2f} | {r['unpack_ms']:.2f} | {kern} | {vs}"
-            f" | {r['packed_bytes'] / 1e6:.1f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x"
-            f" | {r['of_ideal']:.2f} | {target} |"
+            f"| {r['pools']} | {r['tokens']} | {r['budget']} | {r['key_scales']}"
+            f" | {r['link_gbps']} | {r['pack_ms']:.2f} | {r['unpack_ms']:.2f} | {kern} | {vs}"
+            f" | {r['packed_bytes'] / 1e6:.1f} | {r['speedup']:.2f}x"
+            f" | {r['speedup_vs_pool']:.2f}x | {r['ideal']:.2f}x | {r['of_ideal']:.2f}"
+            f" | {target} |"
         )
     judged = [r for r in rows if r["target_met"] is not None]
     met = sum(bool(r["target_met"]) for r in judged)
@@ -317,21 +377,22 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         return
     links = sorted({r["link_gbps"] for r in rows})
     fig, axes = plt.subplots(1, len(links), figsize=(5 * len(links), 4), sharey=True)
+    series = sorted({(r["pools"], r["key_scales"], r["budget"]) for r in rows})
     for ax, link in zip(axes if len(links) > 1 else [axes], links):
-        for keys, marker in (("token", "o"), ("channel", "s")):
-            for budget in sorted({r["budget"] for r in rows}):
-                sel = [
-                    r
-                    for r in rows
-                    if r["link_gbps"] == link and r["key_scales"] == keys and r["budget"] == budget
-                ]
-                if sel:
-                    ax.plot(
-                        [r["tokens"] for r in sel],
-                        [r["of_ideal"] for r in sel],
-                        marker=marker,
-                        label=f"{keys} b={budget}",
-                    )
+        for pools, keys, budget in series:
+            sel = [
+                r
+                for r in rows
+                if (r["link_gbps"], r["pools"], r["key_scales"], r["budget"])
+                == (link, pools, keys, budget)
+            ]
+            ax.plot(
+                [r["tokens"] for r in sel],
+                [r["of_ideal"] for r in sel],
+                marker="o" if keys == "token" else "s",
+                ls="-" if pools == "bf16" else "--",
+                label=f"{pools} {keys} b={budget}",
+            )
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{link} Gb/s")
@@ -348,19 +409,25 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    device, num_pages, (kp, vp, kd, vd) = setup(args)
+    device, num_pages, pool_sets = setup(args)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for tokens, budget, keys, slots, dst, cfg, region in cases(args, device, num_pages):
+    for pools, tokens, budget, keys, slots, dst, cfg, region in cases(args, device, num_pages):
+        kp, vp, kd, vd, fs, fd = case_pools(pool_sets, pools, args.layers)
         for _ in range(3):
-            res = pack_request(kp, vp, slots, cfg, out=region)
-            unpack_request(region, kd, vd, dst, expected_checksum=res.checksum)
+            res = pack_request(kp, vp, slots, cfg, out=region, fp8=fs)
+            unpack_request(region, kd, vd, dst, expected_checksum=res.checksum, fp8=fd)
         sync(device)
         for name, fn in (
-            ("pack", lambda s=slots, c=cfg, r=region: pack_request(kp, vp, s, c, out=r)),
+            (
+                "pack",
+                lambda s=slots, c=cfg, r=region, k=kp, v=vp, f=fs: pack_request(
+                    k, v, s, c, out=r, fp8=f
+                ),
+            ),
             (
                 "unpack",
-                lambda r=region, d=dst, x=res: unpack_request(
-                    r, kd, vd, d, expected_checksum=x.checksum
+                lambda r=region, d=dst, x=res, k=kd, v=vd, f=fd: unpack_request(
+                    r, k, v, d, expected_checksum=x.checksum, fp8=f
                 ),
             ),
         ):
@@ -371,7 +438,7 @@ def profile(args) -> None:
             with tprofile(activities=acts) as prof:
                 for _ in range(5):
                     fn()
-            print(f"=== T={tokens} b={budget} keys={keys} {name}: {ms:.3f} ms/call")
+            print(f"=== {pools} T={tokens} b={budget} keys={keys} {name}: {ms:.3f} ms/call")
             avg = prof.key_averages()
             print(avg.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48))
             if device.type == "cuda":
@@ -385,7 +452,8 @@ def profile(args) -> None:
             if args.out:
                 out = pathlib.Path(args.out)
                 out.mkdir(parents=True, exist_ok=True)
-                prof.export_chrome_trace(str(out / f"trace_{tokens}_{budget}_{keys}_{name}.json"))
+                trace = f"trace_{pools}_{tokens}_{budget}_{keys}_{name}.json"
+                prof.export_chrome_trace(str(out / trace))
 
 
 def main(argv=None) -> None:
@@ -394,6 +462,13 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--key-scales", nargs="+", default=["token", "channel"])
+    ap.add_argument(
+        "--pools",
+        nargs="+",
+        choices=list(POOLS),
+        default=["bf16", "fp8_e4m3", "bf16-fp8_e4m3"],
+        help="prefill-decode pool pairs (see the module docstring)",
+    )
     ap.add_argument("--links", type=int, nargs="+", default=list(LINKS_GBIT))
     ap.add_argument("--page", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
@@ -411,6 +486,7 @@ def main(argv=None) -> None:
     if args.smoke:
         args.device, args.tokens, args.layers, args.heads, args.head_dim = "cpu", [64], 2, 2, 16
         args.page, args.iters, args.warmup = 8, 2, 1
+        args.pools = list(POOLS)
     rows, meta = run(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,12 @@ import triton.language as tl
 from ..codec import KVLayout
 from ..config import SpectrumConfigError
 
-TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+TL_DTYPES = {
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float32: tl.float32,
+    torch.uint8: tl.uint8,  # FP8 pools (SGLang's store dtype): bits, see ._fp8
+}
 
 
 def interpreted(kernel) -> bool:
@@ -26,7 +31,7 @@ def launch_options(device: torch.device) -> dict:
 
 
 def wire_dtype(dtype: torch.dtype):
-    """Triton dtype of the FP16 tier on the wire for a pool of ``dtype``."""
+    """Triton dtype of the top tier on the wire for a pool of ``dtype`` (uint8: FP8 bits)."""
     return tl.float16 if dtype == torch.float32 else TL_DTYPES[dtype]
 
 
@@ -75,7 +80,8 @@ def check_pools(
 ) -> torch.dtype:
     """Validate per-layer ``[num_slots, H, D]`` pools; returns their common dtype.
 
-    Pools must be contiguous, on one device, of one dtype (bf16, fp16 or fp32).
+    Pools must be contiguous, on one device, of one dtype (bf16, fp16, fp32, or uint8
+    holding FP8 bits: what they mean comes from the layout or an ``FP8Pool``).
     """
     error = error or SpectrumConfigError
     if len(k_pools) != layout.num_layers or len(v_pools) != layout.num_layers:

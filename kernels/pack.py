@@ -8,7 +8,9 @@ the payload written exactly once. The bytes equal :func:`codec.pack_tiers` on
 the gathered KV: the quantiser repeats the reference's float32 steps (IEEE
 divisions via ``div_rn``, no FMA contraction, fp16 rounding of scale and
 minimum). With ``rotation="hadamard"`` the INT tiers are rotated by a torch
-matmul first (fallback, see :func:`pack_payload`).
+matmul first (fallback, see :func:`pack_payload`). FP8 pools (uint8 bits, the layout's
+dtype and ``kv_scales`` say what they mean): the top tier copies the bytes, the INT
+tiers quantise ``fp8 * scale`` (:func:`._fp8.from_fp8`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 from ..codec import (
+    SOURCE_DTYPES,
     PackedHeader,
     PackedKV,
     encode_header,
@@ -39,6 +42,8 @@ from ._common import (
     pool_table,
     wire_dtype,
 )
+from ._fp8 import from_fp8, source_args
+from .channel import clamp16, launch_pack_channel
 from .checksum import fast_checksum
 from .plan import (
     BLOCK_ELEMS,
@@ -89,11 +94,6 @@ def _pool_rows(ptrs, rows, idx, list0, r, live, DT: tl.constexpr, H: tl.constexp
     slot = tl.load(rows + list0 + r // H, mask=live, other=0)
     off = (slot * H + r % H) * D
     return pool, off[:, None] + tl.arange(0, D)[None, :]
-
-
-@triton.jit
-def _clamp16(x):
-    return tl.minimum(tl.maximum(x, -65504.0), 65504.0)
 
 
 @triton.jit
@@ -174,7 +174,7 @@ def _quantize(
     is then many steps): such blocks take the exact clamped path.
     """
     xg, lo_x, hi_x = _group_range(x, BR, G, GS, WORDS, RZ)
-    lo, hi = _clamp16(lo_x), _clamp16(hi_x)
+    lo, hi = clamp16(lo_x), clamp16(hi_x)
     scale = tl.math.div_rn(hi - lo, tl.full([BR, G], QMAX, tl.float32)).to(tl.float16)
     mn = lo.to(tl.float16)
     s = scale.to(tl.float32)
@@ -189,7 +189,7 @@ def _quantize(
         tl.minimum(v_lo, (QMAX + 0.99609375) - v_hi), tl.minimum(lo_x + 65504.0, 65504.0 - hi_x)
     )
     if tl.min(tl.min(margin, 1), 0) < 0.0:
-        v = (_clamp16(xg) - m[:, :, None]) * inv[:, :, None] + 0.5
+        v = (clamp16(xg) - m[:, :, None]) * inv[:, :, None] + 0.5
         v = tl.minimum(tl.maximum(v, 0.0), QMAX)
     else:
         v = (xg - m[:, :, None]) * inv[:, :, None] + 0.5
@@ -281,6 +281,7 @@ def _pack_kernel(
     rows,  # int64 [N]: source row of each listed token (pool slot)
     meta,  # int64: plan table
     payload,  # uint8 [payload_nbytes]
+    scales,  # float32 [2L]: FP8 scales, K of every layer then V (read when FP8)
     blk_lo,  # first block of this launch
     b1,
     b2,
@@ -299,6 +300,7 @@ def _pack_kernel(
     WORDS: tl.constexpr,  # bf16 pools: move and reduce int32 words of bf16 pairs
     NKV: tl.constexpr = 2,  # 2: K and V (grid axis 1 = 2L); 1: only KV0
     KV0: tl.constexpr = 0,
+    FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2 (see ._fp8)
 ):
     pid = tl.program_id(0).to(IDX) + blk_lo
     layer = tl.program_id(1) // NKV
@@ -321,10 +323,15 @@ def _pack_kernel(
         row = dst[:, None] * D + tl.arange(0, D)[None, :]
     if tier == 0:  # rows out of a window (live, not valid) are read but not written
         tl.store(out + row, x.to(out.dtype.element_ty), mask=valid[:, None])
-    elif tier == 1:
-        _store_quantized(x, payload, seg, n_seg, dst, valid, 8, BR, H, D, G, RZ, WORDS)
     else:
-        _store_quantized(x, payload, seg, n_seg, dst, valid, 4, BR, H, D, G, RZ, WORDS)
+        if FP8:  # the INT tiers quantise the real values
+            xq = from_fp8(x, FP8) * tl.load(scales + layer + kv * num_layers)
+        else:
+            xq = x
+        if tier == 1:
+            _store_quantized(xq, payload, seg, n_seg, dst, valid, 8, BR, H, D, G, RZ, WORDS)
+        else:
+            _store_quantized(xq, payload, seg, n_seg, dst, valid, 4, BR, H, D, G, RZ, WORDS)
 
 
 # Launch shape of the pack kernel when the plan has the default one: (KV
@@ -365,8 +372,8 @@ def _sm80(index: int) -> bool:
 def _launch_pack(
     plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_hi, values_only=False
 ) -> None:
-    """Pack tiers ``tier_lo .. tier_hi - 1`` (0: FP16, 1: INT8, 2: INT4) of K and V,
-    or of V alone (``values_only``: per-channel keys go through :func:`_launch_pack_channel`)."""
+    """Pack tiers ``tier_lo .. tier_hi - 1`` (0: FP16, 1: INT8, 2: INT4) of K and V, or of
+    V alone (``values_only``: per-channel keys go through :mod:`.channel`)."""
     block_rows, warps, starts = pack_shape(plan)
     blk_lo, blk_hi = starts[tier_lo], starts[tier_hi]
     if blk_hi <= blk_lo:
@@ -376,11 +383,13 @@ def _launch_pack(
     grid = (blk_hi - blk_lo, nkv * lay.num_layers)
     # largest row-arithmetic value: (rows of a tier + a block) * head_dim
     huge = (sum(plan.counts) * lay.num_kv_heads + block_rows) * lay.head_dim >= 2**31
+    scales, fp8 = source_args(plan.layout, dtype, payload.device)
     _pack_kernel[grid](
         ptrs,
         rows,
         plan.meta,
         payload,
+        scales,
         blk_lo,
         *starts[1:3],
         *plan.counts,
@@ -396,161 +405,9 @@ def _launch_pack(
         WORDS=_bf16_words(dtype, payload.device),
         NKV=nkv,
         KV0=1 if values_only else 0,
+        FP8=fp8,
         num_warps=warps,
         **launch_options(payload.device),
-    )
-
-
-@triton.jit
-def _channel_segment(
-    meta, pid, b1, n0, n1, num_layers, layer, kv, KB: tl.constexpr, IDX: tl.constexpr
-):
-    """Key block ``pid`` (INT8 blocks first, then INT4) of one layer's K|V segment:
-    (tier, block, segment rows ``j`` [KB], ok [KB], list index of row 0, n_seg, seg)."""
-    tier = 1 + (pid >= b1).to(tl.int32)
-    blk = tl.where(tier == 1, pid, pid - b1).to(IDX)
-    list0 = tl.where(tier == 1, n0, n0 + n1)
-    e = _META_HEAD + (tier * num_layers + layer) * _META_STRIDE
-    base = tl.load(meta + e)
-    n_seg = tl.load(meta + e + 1)
-    seg = tl.multiple_of(tl.load(meta + e + 2 + kv), 16)
-    j = blk * KB + tl.arange(0, KB).to(IDX)
-    return tier, blk, j, j < n_seg, list0 + base, n_seg, seg
-
-
-@triton.jit
-def _store_channel(
-    x,
-    ok,
-    payload,
-    seg,
-    n_seg,
-    blk,
-    j,
-    h,
-    c0,
-    BITS: tl.constexpr,
-    H: tl.constexpr,
-    D: tl.constexpr,
-    DC: tl.constexpr,
-    KB: tl.constexpr,
-):
-    """Quantise ``x`` float32 ``[KB, DC]`` (rows ``j`` of a key segment, head ``h``,
-    channels ``c``) with one (scale, minimum) per channel over the block's valid rows
-    (``codec.quantize_channels``: same float32 steps) and store codes and scales."""
-    QMAX: tl.constexpr = (1 << BITS) - 1
-    c = c0 + tl.arange(0, DC)
-    xc = _clamp16(x)
-    lo = tl.min(tl.where(ok[:, None], xc, float("inf")), 0)
-    hi = tl.max(tl.where(ok[:, None], xc, float("-inf")), 0)
-    lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
-    hi = tl.where(lo <= hi, hi, 0.0)
-    scale = tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16)
-    mn = lo.to(tl.float16)
-    s = scale.to(tl.float32)
-    m = mn.to(tl.float32)
-    safe = tl.where(s > 0, s, 1.0)
-    inv = tl.where(s > 0, tl.math.div_rn(tl.full([DC], 1.0, tl.float32), safe), 0.0)
-    v = (xc - m[None, :]) * inv[None, :] + 0.5
-    q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
-    codes = payload + seg
-    row = j * H + h
-    if BITS == 8:
-        tl.store(codes + row[:, None] * D + c[None, :], q.to(tl.uint8), mask=ok[:, None])
-    else:  # channel 2i in the low nibble, 2i+1 in the high one
-        lo4, hi4 = tl.split(tl.reshape(q, [KB, DC // 2, 2]))
-        half = c0 // 2 + tl.arange(0, DC // 2)
-        tl.store(
-            codes + row[:, None] * (D // 2) + half[None, :],
-            ((hi4 << 4) + lo4).to(tl.uint8),
-            mask=ok[:, None],
-        )
-    sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
-    pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
-    tl.store(sc + pair, tl.join(scale, mn))
-
-
-@triton.jit(do_not_specialize=["b1", "n0", "n1"])
-def _pack_channel_kernel(
-    src_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
-    rows,  # int64 [N]: source row of each listed token
-    meta,  # int64: plan table
-    payload,  # uint8 [payload_nbytes]
-    b1,  # key blocks of the INT8 tier (then those of INT4)
-    n0,
-    n1,  # tokens of FP16 and INT8
-    num_layers,
-    SRC: tl.constexpr,
-    H: tl.constexpr,
-    D: tl.constexpr,
-    DC: tl.constexpr,  # channels per program
-    KB: tl.constexpr,  # rows per key scale block
-    IDX: tl.constexpr,
-):
-    """INT8/INT4 key segments with per-channel scales: one program per (key block,
-    head and channel chunk, layer); grid ``(blocks, H * D / DC, L)``."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1) // (D // DC)
-    c0 = (tl.program_id(1) % (D // DC)) * DC
-    c = c0 + tl.arange(0, DC)
-    layer = tl.program_id(2)
-    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
-        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
-    )
-    if blk * KB < n_seg:
-        slot = tl.load(rows + first + j, mask=ok, other=0)
-        addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
-        pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
-        off = (slot * H + h) * D
-        x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
-        x = x.to(tl.float32)
-        if tier == 1:
-            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
-        else:
-            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB)
-
-
-def channel_grid(plan: TransferPlan) -> tuple[int, int, int]:
-    """(INT8 key blocks, INT8 + INT4 key blocks, channels per program) of the
-    per-channel key kernels (upper bounds: a sliding-window layer has fewer)."""
-    lay = plan.layout
-    kb = lay.key_block
-    b1 = -(-plan.counts[1] // kb)
-    b2 = b1 + -(-plan.counts[2] // kb)
-    dc = min(lay.head_dim, max(8, 8192 // kb))
-    return b1, b2, dc
-
-
-def channel_launch(plan: TransferPlan, device: torch.device) -> tuple[tuple, tuple, dict] | None:
-    """Grid, trailing arguments ``(b1, n0, n1, num_layers)`` and the launch options
-    shared by the per-channel key kernels; None when there are no INT8/INT4 key blocks."""
-    lay = plan.layout
-    b1, b2, dc = channel_grid(plan)
-    if not b2:
-        return None
-    n_rows = (sum(plan.counts) + lay.key_block) * lay.num_kv_heads
-    grid = (b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)
-    args = (b1, plan.counts[0], plan.counts[1], lay.num_layers)
-    options = {
-        "H": lay.num_kv_heads,
-        "D": lay.head_dim,
-        "DC": dc,
-        "KB": lay.key_block,
-        "IDX": tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
-        "num_warps": 8 if lay.key_block * dc >= 8192 else 4,
-        **launch_options(device),
-    }
-    return grid, args, options
-
-
-def _launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
-    """Pack the INT8/INT4 key segments of a layout with per-channel key scales."""
-    launch = channel_launch(plan, payload.device)
-    if launch is None:
-        return
-    grid, args, options = launch
-    _pack_channel_kernel[grid](
-        ptrs, rows, plan.meta, payload, *args, SRC=TL_DTYPES[dtype], **options
     )
 
 
@@ -558,7 +415,7 @@ def _launch_pack_int(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
     """The INT8 and INT4 tiers: one launch, or V rows plus the per-channel key kernel."""
     if plan.layout.key_block:
         _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3, values_only=True)
-        _launch_pack_channel(plan, ptrs, rows, payload, dtype)
+        launch_pack_channel(plan, ptrs, rows, payload, dtype)
     else:
         _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3)
 
@@ -608,7 +465,8 @@ def pack_payload(
     """Run the pack kernel: the payload (uint8 ``[plan.payload_nbytes]``, pools' device).
 
     Args:
-        k_pools, v_pools: per layer ``[num_slots, H, D]`` contiguous bf16/fp16/fp32.
+        k_pools, v_pools: per layer ``[num_slots, H, D]`` contiguous bf16/fp16/fp32, or
+            uint8 FP8 bits when ``plan.layout`` is an FP8 source (its ``kv_scales``).
         plan: from :func:`plan_transfer` with the request's slots.
         out: optional preallocated uint8 buffer of at least ``payload_nbytes``.
 
@@ -657,7 +515,8 @@ def pack_from_pools(
 
     Args:
         k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]`` (MHA pool
-            layout), contiguous, bf16/fp16/fp32, all on one device.
+            layout), contiguous, bf16/fp16/fp32 (or uint8 FP8 bits for an FP8
+            ``layout``), all on one device.
         slots: int ``[T]``: pool slot of each prompt position (layer ``l`` reads
             ``slots[layer_first_pos[l]:]``).
         layout: the request's :class:`KVLayout` (dtype must match the pools).
@@ -672,7 +531,7 @@ def pack_from_pools(
         Layouts the kernels do not support fall back to that reference.
     """
     dtype, _ = pool_table(layout, k_pools, v_pools)
-    if str(dtype).removeprefix("torch.") != layout.dtype:
+    if dtype != (torch.uint8 if layout.fp8 else SOURCE_DTYPES[layout.dtype]):
         raise SpectrumConfigError(f"layout dtype {layout.dtype} but pools are {dtype}")
     slots = torch.as_tensor(slots, device=k_pools[0].device).reshape(-1)
     if not kernel_supported(layout):

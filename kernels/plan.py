@@ -78,14 +78,18 @@ def segment_table(layout: KVLayout, tiers: torch.Tensor) -> tuple[torch.Tensor, 
     return (base, *_offsets(layout, base))
 
 
-def kernel_supported(layout: KVLayout) -> bool:
-    """Whether the Triton kernels handle this layout (else use the torch codec).
+def kernel_supported(layout: KVLayout, fp8_pools: bool = False) -> bool:
+    """Whether the Triton kernels handle this layout (else use the torch codec), packed
+    from its pools or unpacked into FP8 pools (``fp8_pools``) or others.
 
     They need a power-of-two head_dim >= 8 (16-byte rows, register tiles), a
     power-of-two group size and, with per-channel key scales, a power-of-two key
-    block of at most 256 rows.
+    block of at most 256 rows. Hadamard rotation is not fused with FP8 (source or
+    destination pools): the torch codec handles that pair.
     """
     d, g, kb = layout.head_dim, layout.group_size, layout.key_block
+    if layout.rotation == "hadamard" and (layout.fp8 or fp8_pools):
+        return False
     blocks = kb == 0 or (kb & (kb - 1) == 0 and 2 <= kb <= 256)
     return blocks and d >= 8 and d & (d - 1) == 0 and g & (g - 1) == 0 and d % g == 0
 
@@ -141,7 +145,8 @@ class TransferPlan:
         return start + int(self.base[k, layer]), start + self.counts[k]
 
     def kept_nbytes(self) -> int:
-        """Bytes of 16-bit KV the pack reads (kept tokens, all layers, K and V)."""
+        """Bytes of KV the pack reads from the pools (kept tokens, all layers, K and V; the
+        pools' own bytes: 16-bit, or 1 per element for FP8 sources)."""
         held = self.base[:, -1:] - self.base[:, :-1]
         return int(held.sum()) * 2 * self.layout.row_nbytes(PACKED_TIERS[0])
 
@@ -273,6 +278,7 @@ def _uniform_tables(
     depend only on the layout and the tier counts (cached; one pinned copy)."""
     key = (
         str(device),
+        layout.top_bytes,
         layout.num_layers,
         layout.num_kv_heads,
         layout.head_dim,

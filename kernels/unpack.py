@@ -6,6 +6,11 @@ reads ``BR`` (token, head) rows of one tier of one segment, dequantises them
 and stores them at their pool slots. Dropped tokens are not listed, so their
 slots are never written. With ``rotation="hadamard"`` the INT tiers go
 through a float32 scratch and a torch matmul (fallback, not fused).
+
+FP8 on either side (:mod:`._fp8`): an FP8 source's top tier is read as ``fp8 *
+scale``; FP8 destination pools (uint8) store ``(x / scale)`` saturated to FP8 with
+their own scales, or the source's bytes as they are when dtype and scales agree
+(the same bytes the division would give, see :mod:`sglang_spectrum.fp8`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ..codec import KVLayout, UnpackInfo, hadamard, header_tier_map, read_header
-from ..config import SpectrumFormatError
+from ..config import SpectrumConfigError, SpectrumFormatError
+from ..fp8 import FP8Pool, check_fp8_pools, pool_bytes, store_rows
 from ..policy import Tier
 from ._common import (
     TL_DTYPES,
@@ -27,8 +33,10 @@ from ._common import (
     pool_table,
     wire_dtype,
 )
+from ._fp8 import dest_args, fp8_kind, from_fp8, scale_table, to_pool
+from .channel import launch_unpack_channel
 from .checksum import fast_checksum
-from .pack import _channel_segment, _locate, _pool_rows, channel_launch, int_scratch
+from .pack import _locate, _pool_rows, int_scratch
 from .plan import TransferPlan, kernel_supported, plan_transfer
 
 
@@ -66,24 +74,14 @@ def _dequantize(
     return tl.reshape(xg, [BR, D])
 
 
-@triton.jit
-def _cast(x, DST: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """``x.to(DST)``; SOFT_BF16 rounds to bf16 to nearest even by hand (the CPU
-    interpreter truncates, the GPU's cvt.rn rounds like torch)."""
-    if SOFT_BF16:
-        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DST)
-
-
 @triton.jit(do_not_specialize=["blk_lo", "b1", "b2", "n0", "n1", "n2"])
 def _unpack_kernel(
     payload,  # uint8 [payload_nbytes]
     dst_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
     rows,  # int64 [N]: destination row of each listed token (pool slot)
     meta,  # int64: plan table
+    src_scales,  # float32 [2L]: an FP8 source's scales (K of every layer, then V)
+    dst_scales,  # float32 [2L]: FP8 destination pools' scales
     blk_lo,  # first block of this launch
     b1,
     b2,
@@ -100,6 +98,10 @@ def _unpack_kernel(
     SOFT_BF16: tl.constexpr,
     NKV: tl.constexpr = 2,  # 2: K and V (grid axis 1 = 2L); 1: only KV0
     KV0: tl.constexpr = 0,
+    SFP8: tl.constexpr = 0,  # FP8 source (top tier of FP8 bits): 1 e4m3fn, 2 e5m2
+    DFP8: tl.constexpr = 0,  # FP8 destination pools (uint8): 1 e4m3fn, 2 e5m2
+    DDIV: tl.constexpr = False,  # some destination scale is not 1.0
+    COPY: tl.constexpr = False,  # FP8 -> FP8 of the same dtype and scales: copy the top tier
 ):
     pid = tl.program_id(0).to(tl.int64) + blk_lo
     layer = tl.program_id(1) // NKV
@@ -107,107 +109,59 @@ def _unpack_kernel(
     tier, list0, n_seg, seg, r, live, valid, dst = _locate(
         meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, BR
     )
-    pool, off = _pool_rows(dst_ptrs, rows, layer + kv * num_layers, list0, r, live, DST, H, D)
+    idx = layer + kv * num_layers
+    pool, off = _pool_rows(dst_ptrs, rows, idx, list0, r, live, DST, H, D)
+    sd = tl.load(dst_scales + idx)
     if tier == 0:
         src = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
         x16 = tl.load(src + dst[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None])
-        tl.store(pool + off, _cast(x16, DST, SOFT_BF16), mask=valid[:, None])
+        if COPY:
+            tl.store(pool + off, x16, mask=valid[:, None])
+        else:
+            if SFP8:
+                xt = from_fp8(x16, SFP8) * tl.load(src_scales + idx)
+            else:
+                xt = x16
+            tl.store(pool + off, to_pool(xt, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
     elif tier == 1:
         x8 = _dequantize(payload, seg, n_seg, dst, valid, 8, BR, H, D, G)
-        tl.store(pool + off, _cast(x8, DST, SOFT_BF16), mask=valid[:, None])
+        tl.store(pool + off, to_pool(x8, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
     else:
         x4 = _dequantize(payload, seg, n_seg, dst, valid, 4, BR, H, D, G)
-        tl.store(pool + off, _cast(x4, DST, SOFT_BF16), mask=valid[:, None])
+        tl.store(pool + off, to_pool(x4, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
 
 
-@triton.jit(do_not_specialize=["b1", "n0", "n1"])
-def _unpack_channel_kernel(
-    payload,  # uint8 [payload_nbytes]
-    dst_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
-    rows,  # int64 [N]: destination row of each listed token
-    meta,  # int64: plan table
-    b1,  # key blocks of the INT8 tier (then those of INT4)
-    n0,
-    n1,
-    num_layers,
-    DST: tl.constexpr,
-    H: tl.constexpr,
-    D: tl.constexpr,
-    DC: tl.constexpr,
-    KB: tl.constexpr,
-    IDX: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
-):
-    """Mirror of ``pack._pack_channel_kernel``: dequantise per-channel-scaled key rows
-    (``codec.dequantize_channels``: ``q * scale + minimum`` in float32) into the pools."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1) // (D // DC)
-    c0 = (tl.program_id(1) % (D // DC)) * DC
-    c = c0 + tl.arange(0, DC)
-    layer = tl.program_id(2)
-    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
-        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
-    )
-    if blk * KB < n_seg:
-        codes = payload + seg
-        row = j * H + h
-        if tier == 1:
-            q = tl.load(codes + row[:, None] * D + c[None, :], mask=ok[:, None], other=0)
-            sc = (codes + n_seg * (H * D)).to(tl.pointer_type(tl.float16), bitcast=True)
-        else:
-            half = c0 // 2 + tl.arange(0, DC // 2)
-            b = tl.load(codes + row[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
-            q = tl.reshape(tl.join(b & 15, b >> 4), [KB, DC])
-            sc = (codes + n_seg * (H * D // 2)).to(tl.pointer_type(tl.float16), bitcast=True)
-        pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
-        s, m = tl.split(tl.load(sc + pair).to(tl.float32))
-        x = q.to(tl.float32) * s[None, :] + m[None, :]
-        slot = tl.load(rows + first + j, mask=ok, other=0)
-        addr = tl.multiple_of(tl.load(dst_ptrs + layer), 16)
-        pool = tl.multiple_of(addr.to(tl.pointer_type(DST)), 16)
-        off = (slot * H + h) * D
-        tl.store(pool + off[:, None] + c[None, :], _cast(x, DST, SOFT_BF16), mask=ok[:, None])
-
-
-def _launch_unpack_channel(plan: TransferPlan, payload, ptrs, rows, dtype) -> None:
-    launch = channel_launch(plan, payload.device)
-    if launch is None:
-        return
-    grid, args, options = launch
-    _unpack_channel_kernel[grid](
-        payload,
-        ptrs,
-        rows,
-        plan.meta,
-        *args,
-        DST=TL_DTYPES[dtype],
-        SOFT_BF16=interpreted(_unpack_channel_kernel) and dtype == torch.bfloat16,
-        **options,
-    )
-
-
-def _launch_unpack_int(plan: TransferPlan, payload, ptrs, rows, dtype) -> None:
+def _launch_unpack_int(plan: TransferPlan, payload, ptrs, rows, dtype, fp8=None) -> None:
     """The INT8 and INT4 tiers: one launch, or V rows plus the per-channel key kernel."""
     _, b1, _, b3 = plan.block_starts
     if plan.layout.key_block:
-        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, values_only=True)
-        _launch_unpack_channel(plan, payload, ptrs, rows, dtype)
+        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, values_only=True, fp8=fp8)
+        launch_unpack_channel(plan, payload, ptrs, rows, dtype, fp8)
     else:
-        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3)
+        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, fp8=fp8)
 
 
 def _launch_unpack(
-    plan: TransferPlan, payload, ptrs, rows, dtype, blk_lo, blk_hi, values_only=False
+    plan: TransferPlan, payload, ptrs, rows, dtype, blk_lo, blk_hi, values_only=False, fp8=None
 ) -> None:
+    """Unpack blocks ``blk_lo .. blk_hi - 1`` of K and V (or V alone) into pools of
+    ``dtype`` (uint8: FP8 pools described by ``fp8``)."""
     if blk_hi <= blk_lo:
         return
     lay = plan.layout
     nkv = 1 if values_only else 2
+    device = payload.device
+    sfp8 = fp8_kind(lay.dtype)
+    src_scales = scale_table(lay.kv_scales, lay.num_layers, device)
+    dst_scales, dfp8, ddiv = dest_args(fp8, lay.num_layers, device)
+    copy = bool(sfp8) and sfp8 == dfp8 and list(lay.kv_scales) == fp8.scales
     _unpack_kernel[(blk_hi - blk_lo, nkv * lay.num_layers)](
         payload,
         ptrs,
         rows,
         plan.meta,
+        src_scales,
+        dst_scales,
         blk_lo,
         *plan.block_starts[1:3],
         *plan.counts,
@@ -221,12 +175,19 @@ def _launch_unpack(
         SOFT_BF16=interpreted(_unpack_kernel) and dtype == torch.bfloat16,
         NKV=nkv,
         KV0=1 if values_only else 0,
+        SFP8=sfp8,
+        DFP8=dfp8,
+        DDIV=ddiv,
+        COPY=copy,
         num_warps=plan.num_warps,
         **launch_options(payload.device),
     )
 
 
 def _wire_source(layout: KVLayout) -> torch.dtype:
+    """torch dtype of the top tier's elements on the wire (uint8: FP8 bits)."""
+    if layout.fp8:
+        return torch.uint8
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(layout.dtype, torch.float32)
 
 
@@ -235,26 +196,32 @@ def unpack_payload(
     k_pools: Sequence[torch.Tensor],
     v_pools: Sequence[torch.Tensor],
     plan: TransferPlan,
+    fp8: FP8Pool | None = None,
 ) -> None:
     """Run the unpack kernel: write the payload's kept tokens into the pools.
 
     Args:
         payload: uint8 ``[>= plan.payload_nbytes]`` on the pools' device (already
             validated: this does no checking of the bytes).
-        k_pools, v_pools: per layer ``[num_slots, H, D]`` contiguous bf16/fp16/fp32.
+        k_pools, v_pools: per layer ``[num_slots, H, D]`` contiguous bf16/fp16/fp32, or
+            uint8 FP8 pools described by ``fp8`` (dtype, the receiver's scales).
         plan: from :func:`plan_transfer` with the destination slots.
     """
     lay = plan.layout
     dtype, ptrs = pool_table(lay, k_pools, v_pools)
+    if (dtype == torch.uint8) != (fp8 is not None):
+        raise SpectrumConfigError(f"{dtype} pools: fp8 must describe uint8 pools, and only them")
+    if not kernel_supported(lay, fp8_pools=fp8 is not None):
+        raise SpectrumConfigError("Hadamard rotation with FP8 is not fused: use the torch codec")
     device = k_pools[0].device
     pools = [*k_pools, *v_pools]
     _, b1, _, b3 = plan.block_starts
     if lay.rotation != "hadamard":
         if lay.key_block:
-            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1)
-            _launch_unpack_int(plan, payload, ptrs, plan.rows, dtype)
+            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1, fp8=fp8)
+            _launch_unpack_int(plan, payload, ptrs, plan.rows, dtype, fp8)
         else:
-            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b3)
+            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b3, fp8=fp8)
         return
     _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1)
     scratch_rows = int_scratch(plan, device)
@@ -276,6 +243,7 @@ def unpack_to_pools(
     k_pools: Sequence[torch.Tensor],
     v_pools: Sequence[torch.Tensor],
     slots: torch.Tensor | Sequence[int],
+    fp8: FP8Pool | None = None,
 ) -> UnpackInfo:
     """Validate a packed buffer and scatter its dequantised KV into the pools.
 
@@ -287,14 +255,19 @@ def unpack_to_pools(
     Args:
         buffer: the whole packed buffer, uint8 tensor (ideally already on the
             pools' device) or bytes.
-        k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]``.
+        k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]``: bf16/fp16/fp32,
+            or FP8 (uint8 or float8) described by ``fp8``.
         slots: int ``[T]``: destination pool slot of each prompt position.
+        fp8: FP8 destination pools: dtype and the receiver's per-layer scales.
     Returns:
         :class:`UnpackInfo` (dropped positions are not written).
     """
     header, payload = read_header(buffer, checksum=fast_checksum)
     layout = header.layout
-    dtype, _ = pool_table(layout, k_pools, v_pools, SpectrumFormatError)
+    check_fp8_pools([*k_pools, *v_pools], fp8, layout.num_layers, SpectrumFormatError)
+    if fp8 is not None:
+        k_pools, v_pools = pool_bytes(k_pools), pool_bytes(v_pools)
+    pool_table(layout, k_pools, v_pools, SpectrumFormatError)
     device = k_pools[0].device
     slots = torch.as_tensor(slots)
     if slots.dim() != 1 or slots.numel() != layout.num_tokens or slots.dtype.is_floating_point:
@@ -308,13 +281,14 @@ def unpack_to_pools(
         raise SpectrumFormatError(f"slots out of range for pools of {size} slots")
     tiers = header_tier_map(header)
     payload = payload.to(device)
-    if kernel_supported(layout):
-        unpack_payload(payload, k_pools, v_pools, plan_transfer(layout, tiers, slots))
+    if kernel_supported(layout, fp8_pools=fp8 is not None):
+        plan = plan_transfer(layout, tiers, slots)
+        unpack_payload(payload, k_pools, v_pools, plan, fp8=fp8)
     else:
         from ..codec import iter_decoded_layers
 
         for layer, positions, k, v in iter_decoded_layers(header, payload):
             dst = slots[positions.to(device)]
-            k_pools[layer][dst] = k.to(dtype)
-            v_pools[layer][dst] = v.to(dtype)
+            store_rows(k_pools[layer], dst, k, fp8, layer, key=True)
+            store_rows(v_pools[layer], dst, v, fp8, layer, key=False)
     return UnpackInfo.of(header)

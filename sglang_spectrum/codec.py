@@ -1,358 +1,86 @@
-"""The packed KV codec (third layer of the data flow): quantise, pack, wire format, unpack.
+"""The packed KV codec (third layer of the data flow): quantise, pack, unpack.
 
-This module is the torch reference of the format; the GPU kernels in
+This module is the torch reference of the format: it packs KV tensors under a tier
+map, reads buffers back and writes them into pools. The wire format itself (layout,
+header, offsets, checksums, validation) is specified in :mod:`.wire`, the quantisers
+in :mod:`.quant`; both are re-exported here. The GPU kernels in
 ``sglang_spectrum.kernels`` write and read the very same bytes.
-
-Wire format (version 1), one contiguous uint8 buffer per request::
-
-    prefix  16 B   "<4sHHII": magic b"SPKV", format version, flags (0),
-                   header length, CRC-32 of the header bytes
-    header         msgspec/msgpack-encoded :class:`PackedHeader`
-    padding        zeros up to a multiple of 64 bytes
-    payload        segments, tier-major: for tier in (FP16, INT8, INT4),
-                   for layer in 0..L-1, for K then V, one segment, each
-                   starting at a multiple of 16 bytes (zero padding between).
-
-A segment holds the rows (tokens, ascending position) of one layer that the
-tier map puts in that tier:
-
-    FP16   data   [n, kv_heads, head_dim]        16-bit (the pool dtype, or
-                                                  float16 for float32 pools)
-    INT8   codes  [n, kv_heads, head_dim]        uint8
-           scales [n, kv_heads, head_dim/g, 2]   float16 (scale, minimum)
-    INT4   codes  [n, kv_heads, head_dim/2]      uint8, element 2j in the low
-                                                  nibble, 2j+1 in the high one
-           scales [n, kv_heads, head_dim/g, 2]   float16 (scale, minimum)
-
-Quantisation is asymmetric per (token, KV head, group of g along head_dim):
-``scale = fp16((max - min) / qmax)``, ``minimum = fp16(min)``,
-``q = clamp(floor((x - minimum) / scale + 1/2), 0, qmax)``,
-``x_hat = q * scale + minimum`` (float32 arithmetic). With
-``rotation="hadamard"`` each head vector is multiplied by the orthonormal
-Hadamard matrix before quantisation and again after dequantisation.
-
-With ``layout.key_block = B > 0`` (``key_scales="channel"``) the INT8/INT4
-*key* segments keep the same codes but scale per channel over blocks of B
-consecutive rows of the segment (KIVI): scales ``[ceil(n/B), kv_heads,
-head_dim, 2]`` float16, same formulas with min/max taken over the block's rows.
-Value segments are unchanged.
-
-Layers whose cache holds only a suffix of the prompt (sliding window) carry
-only the positions they hold: layer l holds ``layer_first_pos[l] .. T-1``.
-Dropped tokens appear in the tier map only.
-
-Byte accounting: ``full_nbytes`` is the 16-bit size of everything the layers
-hold; ``nbytes`` is the whole buffer (prefix, header, padding and payload).
 """
 
 from __future__ import annotations
 
 import math
-import struct
-import warnings
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
-import msgspec
 import torch
 
 from .config import SpectrumConfig, SpectrumConfigError, SpectrumFormatError
-from .policy import QUANT_BITS, TIER_NAMES, Tier, allocate_tiers, allowed_tiers
+from .fp8 import (
+    FP8_DTYPES,
+    FP8Pool,
+    as_scale,
+    check_fp8_pools,
+    dequantize_fp8,
+    dtype_name,
+    store_rows,
+)
+from .policy import QUANT_BITS, Tier, allocate_tiers, allowed_tiers
+from .quant import (  # noqa: F401 (re-exported: the codec's quantisers)
+    dequantize,
+    dequantize_channels,
+    hadamard,
+    quantize,
+    quantize_channels,
+)
 from .scoring import infer_layer_first_pos, score_tokens
-
-FORMAT_VERSION = 1
-MAGIC = b"SPKV"
-PREFIX = struct.Struct("<4sHHII")
-HEADER_ALIGN = 64
-SEGMENT_ALIGN = 16
-SCALE_BYTES = 4  # float16 scale + float16 minimum per group
-PACKED_TIERS = (Tier.FP16, Tier.INT8, Tier.INT4)
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_FP16_MAX = 65504.0
-
-
-class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Shape of one request's KV cache as the codec sees it."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str  # source dtype: "float16" | "bfloat16" | "float32"
-    group_size: int
-    num_tokens: int
-    layer_first_pos: list[int]
-    rotation: str = "none"
-    key_block: int = 0  # > 0: INT8/INT4 keys scaled per channel over blocks of this many rows
-
-    @property
-    def wire_dtype(self) -> torch.dtype:
-        """dtype of the FP16 tier on the wire (always 2 bytes per element)."""
-        return _DTYPES[self.dtype] if self.dtype != "float32" else torch.float16
-
-    @property
-    def groups(self) -> int:
-        return self.head_dim // self.group_size
-
-    def tokens_held(self, layer: int) -> int:
-        return self.num_tokens - self.layer_first_pos[layer]
-
-    def key_scaled_per_channel(self, tier: Tier) -> bool:
-        return self.key_block > 0 and tier in (Tier.INT8, Tier.INT4)
-
-    def seg_nbytes(self, tier: Tier, rows: int, key: bool) -> int:
-        """Bytes of a segment of ``rows`` K (``key``) or V rows at ``tier``."""
-        if key and self.key_scaled_per_channel(tier):
-            elems = self.num_kv_heads * self.head_dim
-            blocks = -(-rows // self.key_block)
-            return rows * elems * QUANT_BITS[tier] // 8 + blocks * elems * SCALE_BYTES
-        return rows * self.row_nbytes(tier)
-
-    def key_row_nbytes(self, tier: Tier) -> int:
-        """Budgeted bytes of one K row: :meth:`row_nbytes`, or with per-channel key
-        scales the codes plus the block's scales spread over its rows (rounded up;
-        a last, partial block is in :func:`fixed_overhead`)."""
-        if not self.key_scaled_per_channel(tier):
-            return self.row_nbytes(tier)
-        elems = self.num_kv_heads * self.head_dim
-        return elems * QUANT_BITS[tier] // 8 + -(-elems * SCALE_BYTES // self.key_block)
-
-    def row_nbytes(self, tier: Tier) -> int:
-        """Bytes of one token of one layer at ``tier`` (data + scales): a V row, and a
-        K row unless keys are scaled per channel (see :meth:`key_row_nbytes`)."""
-        elems = self.num_kv_heads * self.head_dim
-        scales = self.num_kv_heads * self.groups * SCALE_BYTES
-        return {
-            Tier.FP16: 2 * elems,
-            Tier.INT8: elems + scales,
-            Tier.INT4: elems // 2 + scales,
-            Tier.DROP: 0,
-        }[Tier(tier)]
-
-    @property
-    def full_nbytes(self) -> int:
-        """Size of everything the layers hold at 16 bit (the budget's denominator)."""
-        held = sum(self.tokens_held(layer) for layer in range(self.num_layers))
-        return held * 2 * self.row_nbytes(Tier.FP16)
-
-    def token_costs(self) -> torch.Tensor:
-        """int64 ``[T, 4]``: payload bytes of each token at each tier, all layers, K and V."""
-        held = torch.zeros(self.num_tokens, dtype=torch.int64)
-        for first in self.layer_first_pos:
-            held[first:] += 1
-        per_row = torch.tensor(
-            [self.key_row_nbytes(t) + self.row_nbytes(t) for t in Tier], dtype=torch.int64
-        )
-        return held[:, None] * per_row[None, :]
-
-    def validate(self) -> None:
-        """Raise :class:`SpectrumFormatError` if the layout is not self-consistent."""
-        problems = []
-        if self.num_layers < 1 or self.num_kv_heads < 1 or self.num_tokens < 1:
-            problems.append("layers, KV heads and tokens must be >= 1")
-        if self.head_dim < 2 or self.head_dim % 2:
-            problems.append(f"head_dim must be even, got {self.head_dim}")
-        if self.group_size < 2 or self.head_dim % max(self.group_size, 1):
-            problems.append(f"group_size {self.group_size} must divide head_dim {self.head_dim}")
-        if self.dtype not in _DTYPES:
-            problems.append(f"unknown dtype {self.dtype!r}")
-        if self.rotation not in ("none", "hadamard"):
-            problems.append(f"unknown rotation {self.rotation!r}")
-        if self.key_block < 0 or self.key_block == 1:
-            problems.append(f"key_block must be 0 or >= 2, got {self.key_block}")
-        if len(self.layer_first_pos) != self.num_layers or any(
-            not 0 <= p <= self.num_tokens for p in self.layer_first_pos
-        ):
-            problems.append("layer_first_pos must give one position in [0, T] per layer")
-        if problems:
-            raise SpectrumFormatError("invalid layout: " + "; ".join(problems))
+from .wire import (  # noqa: F401 (re-exported: the wire format)
+    _DTYPES,
+    FORMAT_VERSION,
+    HEADER_ALIGN,
+    MAGIC,
+    PACKED_TIERS,
+    PREFIX,
+    SCALE_BYTES,
+    SEGMENT_ALIGN,
+    SOURCE_DTYPES,
+    KVLayout,
+    PackedHeader,
+    _align,
+    _as_uint8,
+    _check_extent,
+    _decode_header,
+    _read_prefix,
+    count_tiers,
+    encode_header,
+    fixed_overhead,
+    header_tier_map,
+    payload_checksum,
+    read_header,
+    segment_offsets,
+)
 
 
-class PackedHeader(msgspec.Struct, forbid_unknown_fields=True):
-    """Everything needed to read the payload; encoded with msgpack."""
-
-    layout: KVLayout
-    tier_map: bytes  # uint8[num_tokens], values of Tier
-    offsets: list[int]  # segment starts in the payload, index (tier * L + layer) * 2 + kv
-    payload_nbytes: int
-    checksum: int  # payload_checksum(payload)
-    policy: str = ""  # informational, e.g. "spectrum/paper/3/b=0.5"
+def real_rows(x: torch.Tensor, layout: KVLayout, layer: int = 0, key: bool = False) -> torch.Tensor:
+    """float32 real values of source rows ``x`` ``[n, H, D]`` of ``layer``: FP8 sources
+    (float8 or uint8 bits) dequantised with the layer's scale, others widened."""
+    if layout.fp8:
+        return dequantize_fp8(x, layout.wire_dtype, layout.scale(layer, key))
+    return x.float()
 
 
-def header_tier_map(header: PackedHeader) -> torch.Tensor:
-    """uint8 ``[T]`` tier map of a header (a CPU tensor over a copy of its bytes)."""
-    return torch.frombuffer(bytearray(header.tier_map), dtype=torch.uint8)
-
-
-def count_tiers(tier_map: torch.Tensor) -> dict[str, int]:
-    """Tokens per tier name of a uint8 tier map."""
-    counts = torch.bincount(tier_map.long().cpu(), minlength=4)
-    return {name: int(c) for name, c in zip(TIER_NAMES, counts)}
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
-def segment_offsets(layout: KVLayout, tier_map: torch.Tensor) -> tuple[list[int], int]:
-    """Segment start offsets (see :class:`PackedHeader`) and the payload size."""
-    offsets, pos = [], 0
-    tier_map = tier_map.cpu()
-    for tier in PACKED_TIERS:
-        for layer in range(layout.num_layers):
-            n = int((tier_map[layout.layer_first_pos[layer] :] == int(tier)).sum())
-            for kv in range(2):
-                pos = _align(pos, SEGMENT_ALIGN)
-                offsets.append(pos)
-                pos += layout.seg_nbytes(tier, n, key=kv == 0)
-    return offsets, pos
-
-
-def fixed_overhead(layout: KVLayout) -> int:
-    """Upper bound of the bytes a buffer spends besides token data: prefix,
-    header (tier map included), header padding, segment alignment."""
-    worst = PackedHeader(
-        layout=layout,
-        tier_map=bytes(layout.num_tokens),
-        offsets=[2**63 - 1] * (len(PACKED_TIERS) * layout.num_layers * 2),
-        payload_nbytes=2**63 - 1,
-        checksum=2**63 - 1,
-        policy="x" * 64,
-    )
-    header = PREFIX.size + len(msgspec.msgpack.encode(worst))
-    segments = len(PACKED_TIERS) * layout.num_layers * 2
-    # per-channel key scales: each K segment may end in a partial block
-    partial = sum(
-        layout.num_kv_heads * layout.head_dim * SCALE_BYTES
-        for tier in PACKED_TIERS
-        if layout.key_scaled_per_channel(tier)
-    )
-    return (
-        _align(header, HEADER_ALIGN) + segments * (SEGMENT_ALIGN - 1) + partial * layout.num_layers
-    )
-
-
-def payload_checksum(payload: torch.Tensor) -> int:
-    """Position-weighted 62-bit checksum of a uint8 tensor, on its own device.
-
-    Sums of 32-bit words and of words times (index mod 65521 + 1), reduced
-    modulo 2**31 - 1 in chunks so no int64 ever overflows: exact, hence the
-    same on CPU and GPU whatever the reduction order.
-    """
-    p = (1 << 31) - 1
-    chunk = 1 << 15
-    flat = payload.reshape(-1)
-    pad = (-flat.numel()) % (4 * chunk)
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    words = flat.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    weights = torch.arange(words.numel(), device=words.device, dtype=torch.int64) % 65521 + 1
-    s1 = (words.view(-1, chunk).sum(1) % p).sum() % p
-    s2 = ((words * weights).view(-1, chunk).sum(1) % p).sum() % p
-    return (int(s2) << 31) | int(s1)
-
-
-@lru_cache(maxsize=8)
-def _hadamard_cpu(dim: int) -> torch.Tensor:
-    if dim & (dim - 1):
-        raise SpectrumConfigError(f"rotation 'hadamard' needs a power-of-two head_dim, got {dim}")
-    h = torch.ones(1, 1)
-    while h.shape[0] < dim:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(dim)
-
-
-def hadamard(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Orthonormal, symmetric Sylvester-Hadamard matrix ``[dim, dim]`` (its own inverse)."""
-    return _hadamard_cpu(dim).to(device)
-
-
-def quantize(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric per-group quantisation along the last dim.
-
-    Args:
-        x: ``[N, H, D]`` float tensor.
-    Returns:
-        codes: uint8 ``[N, H, D]`` (8 bit) or ``[N, H, D/2]`` (4 bit, two per byte).
-        scales: float16 ``[N, H, D/g, 2]`` holding (scale, minimum).
-    """
-    n, h, d = x.shape
-    q, scales = _quantize_groups(x.float().reshape(n, h, d // group_size, group_size), bits)
-    return _pack_codes(q.reshape(n, h, d), bits), scales
-
-
-def _quantize_groups(xg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The format's arithmetic on float32 groups along the last dim: uint8 codes
-    (same shape) and float16 ``[..., 2]`` (scale, minimum) per group."""
-    qmax = (1 << bits) - 1
-    xg = xg.clamp(-_FP16_MAX, _FP16_MAX)
-    lo = xg.amin(-1)
-    scale = ((xg.amax(-1) - lo) / qmax).to(torch.float16)
-    minimum = lo.to(torch.float16)
-    s, m = scale.float(), minimum.float()
-    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    q = torch.floor((xg - m[..., None]) * inv[..., None] + 0.5).clamp_(0, qmax).to(torch.uint8)
-    return q, torch.stack([scale, minimum], dim=-1)
-
-
-def _pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``[..., D]`` -> two 4-bit codes per byte along D (8 bit: as is)."""
-    return q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
-
-
-def _unpack_codes(codes: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
-    if bits == 4:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1)
-    return codes.reshape(*codes.shape[:2], head_dim)
-
-
-def quantize_channels(x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric quantisation with one (scale, minimum) per channel over blocks of
-    ``block`` consecutive rows (KIVI's key quantisation); same rounding as :func:`quantize`.
-
-    Args:
-        x: ``[N, H, D]`` float tensor.
-    Returns:
-        codes: uint8 ``[N, H, D]`` (8 bit) or ``[N, H, D/2]`` (4 bit, two per byte).
-        scales: float16 ``[ceil(N / block), H, D, 2]`` holding (scale, minimum).
-    """
-    n, h, d = x.shape
-    nb = -(-n // block)
-    xf = x.float()
-    pad = xf[-1:].expand(nb * block - n, h, d)  # repeats a row: min/max unchanged
-    xb = torch.cat([xf, pad]).reshape(nb, block, h, d)
-    q, scales = _quantize_groups(xb.permute(0, 2, 3, 1), bits)  # groups: a block's rows
-    q = q.permute(0, 3, 1, 2).reshape(nb * block, h, d)[:n]
-    return _pack_codes(q, bits), scales
-
-
-def dequantize_channels(
-    codes: torch.Tensor, scales: torch.Tensor, bits: int, head_dim: int, block: int
+def encode_rows(
+    x: torch.Tensor, tier: Tier, layout: KVLayout, key: bool = False, layer: int = 0
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_channels`: float32 ``[N, H, head_dim]``."""
-    q = _unpack_codes(codes, bits, head_dim).float()
-    rows = torch.arange(q.shape[0], device=q.device) // block
-    s, m = scales[rows, ..., 0].float(), scales[rows, ..., 1].float()
-    return q * s + m
-
-
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
-    """Inverse of :func:`quantize`: float32 ``[N, H, head_dim]``."""
-    n, h = codes.shape[:2]
-    groups = scales.shape[2]
-    q = _unpack_codes(codes, bits, head_dim).float().reshape(n, h, groups, head_dim // groups)
-    s, m = scales[..., 0].float(), scales[..., 1].float()
-    return (q * s[..., None] + m[..., None]).reshape(n, h, head_dim)
-
-
-def encode_rows(x: torch.Tensor, tier: Tier, layout: KVLayout, key: bool = False) -> torch.Tensor:
-    """Encode K (``key``) or V rows ``[n, H, D]`` at ``tier`` into flat uint8 segment
-    bytes: codes ``[n, H, D * bits / 8]``, then the scales (see :func:`quantize`,
-    :func:`quantize_channels`)."""
+    """Encode K (``key``) or V rows ``[n, H, D]`` of ``layer`` at ``tier`` into flat uint8
+    segment bytes: codes ``[n, H, D * bits / 8]``, then the scales (see :func:`quantize`,
+    :func:`quantize_channels`). FP8 sources: ``x`` holds the FP8 bits (float8 or uint8);
+    the top tier copies them, INT8/INT4 quantise the scaled values."""
     if tier == Tier.FP16:
+        if layout.fp8:
+            return x.contiguous().view(torch.uint8).reshape(-1)
         return x.to(layout.wire_dtype).contiguous().view(torch.uint8).reshape(-1)
-    xf = x.float()
+    xf = real_rows(x, layout, layer, key)
     if layout.rotation == "hadamard":
         xf = xf @ hadamard(layout.head_dim, x.device)
     if key and layout.key_scaled_per_channel(tier):
@@ -363,12 +91,14 @@ def encode_rows(x: torch.Tensor, tier: Tier, layout: KVLayout, key: bool = False
 
 
 def decode_rows(
-    seg: torch.Tensor, n: int, tier: Tier, layout: KVLayout, key: bool = False
+    seg: torch.Tensor, n: int, tier: Tier, layout: KVLayout, key: bool = False, layer: int = 0
 ) -> torch.Tensor:
-    """Decode ``n`` K (``key``) or V rows of one segment (flat uint8) into float32
-    ``[n, H, D]``."""
+    """Decode ``n`` K (``key``) or V rows of ``layer`` from one segment (flat uint8) into
+    float32 real values ``[n, H, D]``."""
     h, d = layout.num_kv_heads, layout.head_dim
     if tier == Tier.FP16:
+        if layout.fp8:
+            return real_rows(seg.reshape(n, h, d), layout, layer, key)
         return seg.view(layout.wire_dtype).reshape(n, h, d).float()
     bits = QUANT_BITS[tier]
     code_bytes = n * h * d * bits // 8
@@ -390,19 +120,20 @@ def measure_tier_errors(
 ) -> torch.Tensor:
     """Squared reconstruction error of every token at every tier, float64 ``[T, 4]``.
 
-    Summed over layers, heads, head_dim, K and V; DROP costs the squared norm.
+    Summed over layers, heads, head_dim, K and V; DROP costs the squared norm. For FP8
+    sources the errors are those of the real values (the top tier's is 0).
     """
     err = torch.zeros(layout.num_tokens, 4, dtype=torch.float64)
     for layer, pair in enumerate(zip(keys, values)):
         first = layout.layer_first_pos[layer]
         for kv, x in enumerate(pair):
-            xf = x.float()
+            xf = real_rows(x, layout, layer, key=kv == 0)
             for tier in Tier:
                 if tier == Tier.DROP:
                     approx = torch.zeros_like(xf)
                 else:
-                    enc = encode_rows(x, tier, layout, key=kv == 0)
-                    approx = decode_rows(enc, x.shape[0], tier, layout, key=kv == 0)
+                    enc = encode_rows(x, tier, layout, key=kv == 0, layer=layer)
+                    approx = decode_rows(enc, x.shape[0], tier, layout, kv == 0, layer)
                 err[first:, tier] += ((xf - approx) ** 2).sum(dim=(1, 2)).double().cpu()
     return err
 
@@ -472,8 +203,10 @@ def _check_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> N
             raise SpectrumConfigError(
                 f"layer {layer}: all layers must share kv_heads, head_dim and dtype"
             )
-    if ref.dtype not in _DTYPES.values():
-        raise SpectrumConfigError(f"unsupported KV dtype {ref.dtype}")
+    if ref.dtype not in SOURCE_DTYPES.values():
+        raise SpectrumConfigError(
+            f"unsupported KV dtype {ref.dtype} (FP8 KV: float8_e4m3fn / float8_e5m2 tensors)"
+        )
 
 
 def config_layout(
@@ -484,32 +217,55 @@ def config_layout(
     dtype: torch.dtype | str,
     num_tokens: int,
     layer_first_pos: list[int] | None = None,
+    kv_scales: Sequence[float] | None = None,
 ) -> KVLayout:
     """The :class:`KVLayout` ``config`` packs a KV of this shape with (every layer
-    holding all ``num_tokens`` unless ``layer_first_pos`` says otherwise)."""
+    holding all ``num_tokens`` unless ``layer_first_pos`` says otherwise). FP8 dtypes
+    take ``kv_scales`` (2L: K of every layer, then V; default 1.0)."""
+    name = dtype_name(dtype)
+    if name in FP8_DTYPES:
+        scales = [1.0] * (2 * num_layers) if kv_scales is None else list(kv_scales)
+        scales = [as_scale(s, "kv_scales") for s in scales]
+    elif kv_scales:
+        raise SpectrumConfigError(f"kv_scales are for FP8 sources, not {name}")
+    else:
+        scales = []
     return KVLayout(
         num_layers=num_layers,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=name,
         group_size=config.resolved_group_size(head_dim),
         num_tokens=num_tokens,
         layer_first_pos=[0] * num_layers if layer_first_pos is None else layer_first_pos,
         rotation=config.rotation,
         key_block=config.resolved_key_block,
+        kv_scales=scales,
     )
 
 
 def make_layout(
-    keys: Sequence[torch.Tensor], config: SpectrumConfig, num_tokens: int | None = None
+    keys: Sequence[torch.Tensor],
+    config: SpectrumConfig,
+    num_tokens: int | None = None,
+    fp8: FP8Pool | None = None,
 ) -> KVLayout:
-    """The :class:`KVLayout` of per-layer ``[T_l, H, D]`` keys under ``config``."""
+    """The :class:`KVLayout` of per-layer ``[T_l, H, D]`` keys under ``config``; float8
+    keys take their scales from ``fp8`` (default 1.0)."""
     _check_kv(keys, keys)
     total, first = infer_layer_first_pos(keys, num_tokens)
     _, heads, head_dim = keys[0].shape
     if head_dim % 2:
         raise SpectrumConfigError(f"head_dim must be even for INT4 packing, got {head_dim}")
-    layout = config_layout(config, len(keys), heads, head_dim, keys[0].dtype, total, first)
+    scales = None
+    if fp8 is not None:
+        if fp8.dtype != keys[0].dtype or fp8.num_layers != len(keys):
+            raise SpectrumConfigError(
+                f"fp8 describes {fp8.num_layers} layers of {fp8.name}, the KV is"
+                f" {len(keys)} layers of {keys[0].dtype}"
+            )
+        scales = fp8.scales
+    layout = config_layout(config, len(keys), heads, head_dim, keys[0].dtype, total, first, scales)
     if config.rotation == "hadamard":
         hadamard(head_dim)  # fails early for non power-of-two head_dim
     if total < 1:
@@ -520,18 +276,19 @@ def make_layout(
 def token_budget(layout: KVLayout, config: SpectrumConfig) -> int:
     """Bytes the allocator may spend on token data (the buffer minus its fixed part).
 
-    ``floor(budget * full_nbytes) - fixed_overhead``; at ``budget=1.0`` at least
-    everything at FP16 (lossless); with ``allow_drop=False`` at least every
-    token at the cheapest allowed tier, sinks at FP16 (then a short prompt may
-    exceed the budget instead of losing tokens).
+    ``floor(budget * full_nbytes) - fixed_overhead``; at ``budget >=
+    layout.lossless_budget`` (1.0, or 0.5 for FP8 sources) at least everything at the
+    top tier (lossless); with ``allow_drop=False`` at least every token at the cheapest
+    allowed tier, sinks at the top tier (then a short prompt may exceed the budget
+    instead of losing tokens).
     """
     costs = layout.token_costs()
     budget = math.floor(config.budget * layout.full_nbytes) - fixed_overhead(layout)
-    if config.budget >= 1.0:
+    if config.budget >= layout.lossless_budget:
         budget = max(budget, int(costs[:, Tier.FP16].sum()))
     if not config.allow_drop:
         sinks = min(config.sinks, layout.num_tokens)
-        base = allowed_tiers(config)[-1]
+        base = allowed_tiers(config, fp8_source=layout.fp8)[-1]
         budget = max(budget, int(costs[:sinks, Tier.FP16].sum() + costs[sinks:, base].sum()))
     return budget
 
@@ -543,13 +300,16 @@ def plan_tiers(
     scores: torch.Tensor | None = None,
     queries: Sequence[torch.Tensor] | None = None,
     num_tokens: int | None = None,
+    fp8: FP8Pool | None = None,
 ) -> tuple[KVLayout, torch.Tensor]:
-    """Score and allocate: the layout and the uint8 ``[T]`` tier map under the budget."""
+    """Score and allocate: the layout and the uint8 ``[T]`` tier map under the budget
+    (FP8 keys are scored by their real values)."""
     _check_kv(keys, values)
-    layout = make_layout(keys, config, num_tokens)
+    layout = make_layout(keys, config, num_tokens, fp8)
     if scores is None:
+        real = [real_rows(k, layout, layer, key=True) for layer, k in enumerate(keys)]
         scores = score_tokens(
-            keys, queries, sinks=config.sinks, window=config.window, num_tokens=layout.num_tokens
+            real, queries, sinks=config.sinks, window=config.window, num_tokens=layout.num_tokens
         )
     elif scores.dim() == 2:
         scores = scores.float().mean(dim=0)
@@ -562,7 +322,7 @@ def plan_tiers(
     errors = None
     if config.method == "spectrum" and config.allocator == "optimal":
         errors = measure_tier_errors(keys, values, layout)
-    tiers = allocate_tiers(scores, layout.token_costs(), budget, config, errors)
+    tiers = allocate_tiers(scores, layout.token_costs(), budget, config, errors, layout.fp8)
     return layout, tiers
 
 
@@ -585,7 +345,7 @@ def pack_tiers(
             rows = torch.nonzero(held == int(tier)).flatten()
             for kv, x in enumerate((keys[layer], values[layer])):
                 if rows.numel():
-                    seg = encode_rows(x[rows], tier, layout, key=kv == 0)
+                    seg = encode_rows(x[rows], tier, layout, key=kv == 0, layer=layer)
                     payload[offsets[i] : offsets[i] + seg.numel()] = seg
                 i += 1
     header = PackedHeader(
@@ -599,14 +359,6 @@ def pack_tiers(
     return PackedKV(header=header, header_bytes=encode_header(header), payload=payload)
 
 
-def encode_header(header: PackedHeader) -> bytes:
-    """Prefix + msgpack header + zero padding to a multiple of 64 bytes."""
-    body = msgspec.msgpack.encode(header)
-    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(body), zlib.crc32(body))
-    raw = prefix + body
-    return raw + bytes(_align(len(raw), HEADER_ALIGN) - len(raw))
-
-
 def pack_kv(
     keys: Sequence[torch.Tensor],
     values: Sequence[torch.Tensor],
@@ -614,131 +366,32 @@ def pack_kv(
     scores: torch.Tensor | None = None,
     queries: Sequence[torch.Tensor] | None = None,
     num_tokens: int | None = None,
+    fp8: FP8Pool | None = None,
 ) -> PackedKV:
     """Score, allocate tiers and pack one request's KV cache.
 
     Args:
-        keys, values: per layer ``[T_l, kv_heads, head_dim]`` (float16, bfloat16
-            or float32), ``T_l <= T``; a layer with ``T_l < T`` holds the last
-            ``T_l`` positions (sliding window).
+        keys, values: per layer ``[T_l, kv_heads, head_dim]`` (float16, bfloat16,
+            float32, or FP8 as float8_e4m3fn / float8_e5m2 tensors), ``T_l <= T``; a
+            layer with ``T_l < T`` holds the last ``T_l`` positions (sliding window).
         config: budget, tiers, allocator, method, codec options.
         scores: optional importance ``[T]`` or ``[L, T]``; computed otherwise.
         queries: optional per-layer post-RoPE queries of the last prompt
             positions ``[w, q_heads, head_dim]`` for attention-based scoring.
         num_tokens: prompt length T if no layer holds the whole prompt.
+        fp8: the per-layer scales of float8 KV (default 1.0; dtype must match).
 
     Returns:
-        :class:`PackedKV` with ``nbytes <= config.budget * full_nbytes``.
+        :class:`PackedKV` with ``nbytes <= config.budget * full_nbytes`` (below the
+        lossless budget, see :func:`token_budget`).
     """
-    layout, tiers = plan_tiers(keys, values, config, scores, queries, num_tokens)
+    layout, tiers = plan_tiers(keys, values, config, scores, queries, num_tokens, fp8)
     policy = f"{config.method}/{config.allocator}/{config.tiers}/b={config.budget:g}"
     packed = pack_tiers(keys, values, layout, tiers, policy)
     limit = token_budget(layout, config) + fixed_overhead(layout)
     if packed.nbytes > limit:  # an accounting bug, never a user error
         raise AssertionError(f"packed {packed.nbytes} bytes over the budget of {limit}")
     return packed
-
-
-def _as_uint8(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
-    if isinstance(data, torch.Tensor):
-        if data.dtype != torch.uint8:
-            raise SpectrumFormatError(f"packed buffer tensor must be uint8, got {data.dtype}")
-        return data.reshape(-1)
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise SpectrumFormatError(
-            f"packed buffer must be bytes or a uint8 tensor, got {type(data)}"
-        )
-    if len(data) == 0:
-        raise SpectrumFormatError("packed buffer is empty")
-    with warnings.catch_warnings():  # read-only use of a read-only buffer
-        warnings.simplefilter("ignore")
-        return torch.frombuffer(data, dtype=torch.uint8)
-
-
-def _read_prefix(buf: torch.Tensor, head_nbytes: int = PREFIX.size) -> tuple[bytes, int, int, int]:
-    """Validate the prefix of the uint8 buffer ``buf`` and that it holds the whole header;
-    (its first ``head_nbytes`` bytes, fewer if it is shorter; header length; header CRC;
-    payload start). One device-to-host copy.
-    """
-    total = buf.numel()
-    if total < PREFIX.size:
-        raise SpectrumFormatError(f"buffer of {total} bytes is shorter than the 16-byte prefix")
-    head = buf[: min(total, head_nbytes)].cpu().numpy().tobytes()
-    magic, version, flags, header_len, header_crc = PREFIX.unpack(head[: PREFIX.size])
-    if magic != MAGIC:
-        raise SpectrumFormatError(f"not a SpectrumKV buffer (magic {magic!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise SpectrumFormatError(
-            f"format version mismatch: buffer is v{version}, this SpectrumKV reads"
-            f" v{FORMAT_VERSION}; run the same sglang-spectrum version on prefill and decode"
-        )
-    if flags != 0:
-        raise SpectrumFormatError(f"unknown flags {flags:#x} in the prefix")
-    payload_start = _align(PREFIX.size + header_len, HEADER_ALIGN)
-    if total < payload_start:
-        raise SpectrumFormatError(
-            f"truncated buffer: {total} bytes, the header alone needs {payload_start}"
-        )
-    return head, header_len, header_crc, payload_start
-
-
-def _decode_header(body: bytes, header_crc: int) -> PackedHeader:
-    """Check the header's CRC, decode it, validate its layout and tier map."""
-    if zlib.crc32(body) != header_crc:
-        raise SpectrumFormatError("header checksum mismatch: the header is corrupted")
-    try:
-        header = msgspec.msgpack.decode(body, type=PackedHeader)
-    except msgspec.DecodeError as exc:
-        raise SpectrumFormatError(f"malformed header: {exc}") from None
-    layout = header.layout
-    layout.validate()
-    if len(header.tier_map) != layout.num_tokens:
-        raise SpectrumFormatError(
-            f"tier map has {len(header.tier_map)} entries for {layout.num_tokens} tokens"
-        )
-    if header.tier_map and max(header.tier_map) > int(Tier.DROP):
-        raise SpectrumFormatError(f"tier map holds an unknown tier {max(header.tier_map)}")
-    return header
-
-
-def _check_extent(
-    header: PackedHeader, offsets: list[int], payload_nbytes: int, total: int, payload_start: int
-) -> None:
-    """Check the header's segment offsets and payload size against those computed from its
-    tier map and layout, and that a buffer of ``total`` bytes holds the payload."""
-    if header.offsets != offsets or header.payload_nbytes != payload_nbytes:
-        raise SpectrumFormatError("segment offsets disagree with the tier map and layout")
-    if total < payload_start + payload_nbytes:
-        raise SpectrumFormatError(
-            f"truncated buffer: {total} bytes, expected {payload_start + payload_nbytes}"
-        )
-
-
-def read_header(
-    data: bytes | bytearray | memoryview | torch.Tensor,
-    checksum: Callable[[torch.Tensor], int] = payload_checksum,
-) -> tuple[PackedHeader, torch.Tensor]:
-    """Parse and validate a packed buffer; returns (header, payload view).
-
-    Checks magic, version, header CRC, layout consistency, segment offsets,
-    length and payload checksum (``checksum``: this reference, or a faster
-    function computing the same value, e.g. the GPU kernel's). Trailing bytes
-    after the payload are ignored (receive buffers may be larger than the message).
-
-    Raises:
-        SpectrumFormatError: anything malformed, truncated, corrupted or of
-            another format version.
-    """
-    buf = _as_uint8(data)
-    _, header_len, header_crc, payload_start = _read_prefix(buf)
-    body = buf[PREFIX.size : PREFIX.size + header_len].cpu().numpy().tobytes()
-    header = _decode_header(body, header_crc)
-    offsets, payload_nbytes = segment_offsets(header.layout, header_tier_map(header))
-    _check_extent(header, offsets, payload_nbytes, buf.numel(), payload_start)
-    payload = buf[payload_start : payload_start + payload_nbytes]
-    if checksum(payload) != header.checksum:
-        raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")
-    return header, payload
 
 
 @dataclass
@@ -794,18 +447,19 @@ def iter_decoded_layers(header: PackedHeader, payload: torch.Tensor):
             k_seg = payload[header.offsets[j] : header.offsets[j] + k_size]
             v_seg = payload[header.offsets[j + 1] : header.offsets[j + 1] + v_size]
             pos_parts.append(rows + first)
-            k_parts.append(decode_rows(k_seg, n, tier, layout, key=True))
-            v_parts.append(decode_rows(v_seg, n, tier, layout))
+            k_parts.append(decode_rows(k_seg, n, tier, layout, key=True, layer=layer))
+            v_parts.append(decode_rows(v_seg, n, tier, layout, key=False, layer=layer))
         if pos_parts:
             yield layer, torch.cat(pos_parts), torch.cat(k_parts), torch.cat(v_parts)
 
 
-def _check_pools(layout: KVLayout, k_pools, v_pools, slot_indices) -> torch.Tensor:
+def _check_pools(layout: KVLayout, k_pools, v_pools, slot_indices, fp8=None) -> torch.Tensor:
     if len(k_pools) != layout.num_layers or len(v_pools) != layout.num_layers:
         raise SpectrumFormatError(
             f"buffer holds {layout.num_layers} layers, got {len(k_pools)} K and"
             f" {len(v_pools)} V pools"
         )
+    check_fp8_pools([*k_pools, *v_pools], fp8, layout.num_layers, SpectrumFormatError)
     for layer, (k, v) in enumerate(zip(k_pools, v_pools)):
         want = (layout.num_kv_heads, layout.head_dim)
         if k.dim() != 3 or tuple(k.shape[1:]) != want or k.shape != v.shape:
@@ -831,37 +485,41 @@ def unpack_kv(
     k_pools: Sequence[torch.Tensor],
     v_pools: Sequence[torch.Tensor],
     slot_indices: torch.Tensor | Sequence[int],
+    fp8: FP8Pool | None = None,
 ) -> UnpackInfo:
     """Validate a packed buffer and write its dequantised K and V into pools.
 
     Args:
         data: the whole buffer (bytes or uint8 tensor, any device).
         k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]`` (SGLang's
-            MHA pool layout; FlashInfer reads it as an NHD paged cache).
+            MHA pool layout; FlashInfer reads it as an NHD paged cache): float16,
+            bfloat16 or float32, or FP8 pools (uint8 / float8) described by ``fp8``.
         slot_indices: int ``[T]``: the pool slot of each prompt position.
+        fp8: FP8 destination pools: their dtype and per-layer scales; values are
+            stored as ``(x / scale)`` saturated to FP8 (:func:`.fp8.quantize_fp8`).
 
     Everything is validated before the first write: on any error the pools
     are untouched. Dropped positions are reported in ``info.dropped``, not written.
     """
     header, payload = read_header(data)
     layout = header.layout
-    slots = _check_pools(layout, k_pools, v_pools, slot_indices)
+    slots = _check_pools(layout, k_pools, v_pools, slot_indices, fp8)
     for layer, positions, k, v in iter_decoded_layers(header, payload):
         dst = slots.to(k_pools[layer].device)[positions.to(k_pools[layer].device)]
-        k_pools[layer][dst] = k.to(k_pools[layer].device, k_pools[layer].dtype)
-        v_pools[layer][dst] = v.to(v_pools[layer].device, v_pools[layer].dtype)
+        store_rows(k_pools[layer], dst, k, fp8, layer, key=True)
+        store_rows(v_pools[layer], dst, v, fp8, layer, key=False)
     return UnpackInfo.of(header)
 
 
 def decode_kv(
     data: bytes | bytearray | memoryview | torch.Tensor, dtype: torch.dtype | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Decode a buffer back into per-layer ``[T_l, H, D]`` K and V (zeros at
-    dropped positions) and the bool ``[T]`` kept mask. ``dtype`` defaults to
-    the source dtype."""
+    """Decode a buffer back into per-layer ``[T_l, H, D]`` K and V real values (zeros at
+    dropped positions) and the bool ``[T]`` kept mask. ``dtype`` defaults to the source
+    dtype (float32 for FP8 sources)."""
     header, payload = read_header(data)
     layout = header.layout
-    dtype = dtype or _DTYPES[layout.dtype]
+    dtype = dtype or _DTYPES.get(layout.dtype, torch.float32)
     keys, values = [], []
     for layer in range(layout.num_layers):
         shape = (layout.tokens_held(layer), layout.num_kv_heads, layout.head_dim)

@@ -46,9 +46,16 @@ TIER_NAMES = ("fp16", "int8", "int4", "drop")
 QUANT_BITS = {Tier.INT8: 8, Tier.INT4: 4}
 
 
-def allowed_tiers(config: SpectrumConfig) -> list[Tier]:
-    """Tiers a method may use besides DROP, most precise first."""
+def allowed_tiers(config: SpectrumConfig, fp8_source: bool = False) -> list[Tier]:
+    """Tiers a method may use besides DROP, most precise first.
+
+    ``fp8_source``: the KV is FP8 (its top tier, the FP8 bytes themselves, is lossless at
+    1 byte per element): ``spectrum`` never uses INT8 there, which costs more bytes (codes
+    plus scales) for more error; tier mode ``"3"`` is FP8 + INT4, ``"2"`` FP8 alone.
+    """
     if config.method == "spectrum":
+        if fp8_source:
+            return [Tier.FP16, Tier.INT4] if config.tiers == "3" else [Tier.FP16]
         return [Tier.FP16, Tier.INT8, Tier.INT4] if config.tiers == "3" else [Tier.FP16, Tier.INT8]
     return {
         "full": [Tier.FP16],
@@ -241,6 +248,7 @@ def allocate_tiers(
     budget_bytes: int,
     config: SpectrumConfig,
     errors: torch.Tensor | None = None,
+    fp8_source: bool = False,
 ) -> torch.Tensor:
     """Choose a tier for every token under a byte budget.
 
@@ -252,6 +260,7 @@ def allocate_tiers(
         config: method, allocator, tiers and sinks.
         errors: float ``[T, 4]`` measured squared reconstruction error per tier;
             required by ``allocator="optimal"`` for the tiered method.
+        fp8_source: the KV is FP8 (see :func:`allowed_tiers`).
 
     Returns:
         uint8 ``[T]`` tier map (values of :class:`Tier`), on CPU.
@@ -261,7 +270,7 @@ def allocate_tiers(
     num_tokens = scores.numel()
     if costs.shape != (num_tokens, 4):
         raise SpectrumConfigError(f"costs must be [{num_tokens}, 4], got {tuple(costs.shape)}")
-    allowed = allowed_tiers(config)
+    allowed = allowed_tiers(config, fp8_source)
     if config.method == "pdtrim":
         return pdtrim(costs, budget_bytes, config.sinks, config.pdtrim_head_fraction)
     forced = torch.zeros(num_tokens, dtype=torch.bool)
@@ -280,6 +289,7 @@ def waterfall_counts(
     budget_bytes: int,
     config: SpectrumConfig,
     forced: int | None = None,
+    fp8_source: bool = False,
 ) -> list[tuple[Tier, int]]:
     """The ``paper`` waterfall when every token costs the same (``costs[tier]`` bytes,
     as when every layer holds every position): the tier of each rank bucket.
@@ -295,6 +305,7 @@ def waterfall_counts(
         costs: bytes of one token at FP16, INT8, INT4 (DROP ignored).
         forced: tokens forced to FP16 at the start; default ``config.sinks`` for the
             methods that force sinks (``spectrum``, ``snapkv``), else 0.
+        fp8_source: the KV is FP8 (see :func:`allowed_tiers`).
 
     Returns:
         ``[(tier, count), ...]`` for the non-forced tokens in rank order, the last
@@ -305,7 +316,7 @@ def waterfall_counts(
     if forced is None:
         forced = config.sinks if config.method in ("spectrum", "snapkv") else 0
     forced = min(int(forced), num_tokens)
-    allowed = allowed_tiers(config)
+    allowed = allowed_tiers(config, fp8_source)
     money = budget_bytes - forced * costs[Tier.FP16]
     if money < 0:
         raise SpectrumConfigError(

@@ -20,6 +20,15 @@ Two implementations write the same wire format (:mod:`.codec`):
 Every pool holds every position (SGLang's MHA pool), so the layout has
 ``layer_first_pos = [0] * L`` and every token costs the same per tier.
 
+FP8 pools (SGLang ``--kv-cache-dtype fp8_e4m3 | fp8_e5m2``) are passed as SGLang stores
+them, uint8 ``[num_slots, H, D]`` per layer, with ``fp8=FP8Pool.of(dtype, L, k_scales,
+v_scales)`` saying what the bytes mean (:mod:`.fp8`). Packing from them sends the FP8
+bytes as the top tier (lossless) and INT4 (never INT8) below; unpacking into them stores
+``(x / scale)`` saturated to FP8 with the *receiver's* scales. Every pair of source and
+destination pool dtypes is supported (:func:`pool_pair_problem` says so for a handshake):
+16-bit -> FP8 (the asymmetric deployment), FP8 -> FP8 (byte-identical top tier when
+dtype and scales agree), FP8 -> 16-bit, e4m3 <-> e5m2 (converted through the real values).
+
 Streams and threads: everything runs on the caller's current CUDA stream
 (``with torch.cuda.stream(s): pack_request(...)`` packs on ``s``); the
 functions return once the bytes are in ``out`` / the pools (the stream is
@@ -29,11 +38,8 @@ so pack and unpack may run on other threads than the scheduler's.
 
 from __future__ import annotations
 
-import math
-import threading
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +47,6 @@ import msgspec
 import torch
 
 from .codec import (
-    _DTYPES,
     FORMAT_VERSION,
     HEADER_ALIGN,
     MAGIC,
@@ -54,9 +59,7 @@ from .codec import (
     _check_extent,
     _decode_header,
     _read_prefix,
-    config_layout,
     count_tiers,
-    fixed_overhead,
     iter_decoded_layers,
     measure_tier_errors,
     pack_tiers,
@@ -64,26 +67,37 @@ from .codec import (
     token_budget,
 )
 from .config import SpectrumConfig, SpectrumConfigError, SpectrumFormatError
+from .fp8 import FP8Pool, check_fp8_pools, dequantize_fp8, pool_bytes, store_rows
 from .policy import (
     TIER_NAMES,
     Tier,
     allocate_tiers,
-    allowed_tiers,
     tiers_from_ranks,
     waterfall_counts,
 )
 from .scoring import lift_sinks_and_recent, score_tokens
+from .sizes import (
+    _LOCK,
+    _LRU,
+    PART_ALIGN,
+    _budget,
+    _dtype_name,
+    _layout_info,
+    packed_size_bound,
+    part_offset,
+    pool_pair_problem,
+)
 
 __all__ = [
     "PART_ALIGN",
+    "FP8Pool",
     "PackedRequest",
     "pack_request",
     "packed_size_bound",
     "part_offset",
+    "pool_pair_problem",
     "unpack_request",
 ]
-
-PART_ALIGN = 4096  # bytes: start of each part of a request sent in parts
 
 # Tests only: run the kernel path on CPU tensors (Triton's interpreter, TRITON_INTERPRET=1).
 _KERNELS_ON_CPU = False
@@ -98,7 +112,8 @@ class PackedRequest:
         checksum: payload checksum (``codec.payload_checksum`` value), as in the header.
         num_tokens: tokens packed (``len(slots)``).
         full_nbytes: 16-bit bytes of those tokens (the budget's denominator).
-        tier_counts: tokens per tier name (``fp16``, ``int8``, ``int4``, ``drop``).
+        tier_counts: tokens per tier name (``fp16``, ``int8``, ``int4``, ``drop``; ``fp16``
+            is the top tier: the FP8 bytes for FP8 pools).
         path: ``"kernels"`` or ``"torch"``: which implementation packed.
         timings_ms: host wall clock of the steps (``plan``, ``pack``, ``total``, ...).
     """
@@ -112,154 +127,16 @@ class PackedRequest:
     timings_ms: dict[str, float]
 
 
-# --------------------------------------------------------------------------- layout constants
-
-_LOCK = threading.Lock()
-_CACHE_SIZE = 256
-
-
-class _LRU(OrderedDict):
-    """A small thread-safe LRU (``get`` / ``put``) for per-layout constants."""
-
-    def __init__(self, size: int = _CACHE_SIZE):
-        super().__init__()
-        self.size = size
-
-    def get_or(self, key, make):
-        with _LOCK:
-            if key in self:
-                self.move_to_end(key)
-                return self[key]
-        value = make()
-        with _LOCK:
-            self[key] = value
-            if len(self) > self.size:
-                self.popitem(last=False)
-        return value
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Constants of one (shape, T, config) layout: computed once, cached."""
-
-    layout: KVLayout
-    costs: tuple[int, int, int, int]  # bytes of one token (all layers, K and V) per tier
-    full_nbytes: int
-    overhead: int  # codec.fixed_overhead
-    policy: str
-
-
-_LAYOUTS = _LRU()
-
-
-def _config_key(config: SpectrumConfig) -> tuple:
-    return (
-        config.budget,
-        config.tiers,
-        config.allocator,
-        config.method,
-        config.sinks,
-        config.window,
-        config.group_size,
-        config.rotation,
-        config.key_scales,
-        config.key_block,
-        config.allow_drop,
-    )
-
-
-def _policy(config: SpectrumConfig) -> str:
-    return f"{config.method}/{config.allocator}/{config.tiers}/b={config.budget:g}"
-
-
-def _layout_info(
-    num_tokens: int, num_layers: int, heads: int, head_dim: int, dtype: str, config: SpectrumConfig
-) -> _Layout:
-    key = (num_tokens, num_layers, heads, head_dim, dtype, _config_key(config))
-
-    def make() -> _Layout:
-        lay = config_layout(config, num_layers, heads, head_dim, dtype, num_tokens)
-        lay.validate()
-        per_row = [lay.key_row_nbytes(t) + lay.row_nbytes(t) for t in Tier]
-        return _Layout(
-            layout=lay,
-            costs=tuple(num_layers * c for c in per_row),
-            full_nbytes=lay.full_nbytes,
-            overhead=fixed_overhead(lay),
-            policy=_policy(config),
-        )
-
-    return _LAYOUTS.get_or(key, make)
-
-
-def _budget(info: _Layout, config: SpectrumConfig) -> int:
-    """``codec.token_budget`` for a layout whose tokens all cost ``info.costs`` (every
-    layer holds every position): the same integer, without the ``[T, 4]`` table."""
-    lay, c = info.layout, info.costs
-    t = lay.num_tokens
-    budget = math.floor(config.budget * info.full_nbytes) - info.overhead
-    if config.budget >= 1.0:
-        budget = max(budget, t * c[Tier.FP16])
-    if not config.allow_drop:
-        sinks = min(config.sinks, t)
-        base = allowed_tiers(config)[-1]
-        budget = max(budget, sinks * c[Tier.FP16] + (t - sinks) * c[base])
-    return budget
-
-
-def _dtype_name(dtype: torch.dtype | str) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise SpectrumConfigError(f"unsupported KV dtype {dtype}")
-    return name
-
-
-def packed_size_bound(
-    num_tokens: int,
-    num_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype | str,
-    config: SpectrumConfig,
-    parts: int = 1,
-) -> int:
-    """Upper bound of :attr:`PackedRequest.nbytes` for any request of this size under
-    ``config`` with ``allow_drop=False`` (as in serving): the send region the prefill
-    allocates and the receive region the decode reserves. Cached per layout.
-
-    ``token_budget + fixed_overhead`` of the layout (the codec's own guarantee);
-    context slots only lower it (fewer forced sinks among the sent tokens).
-
-    ``parts > 1``: room for the request packed as up to ``parts`` consecutive
-    buffers, each starting at a multiple of :data:`PART_ALIGN` (one per prefill
-    chunk): each extra part may add a fixed overhead, its alignment and, while the
-    no-drop floor rules, the FP16 rows of the sinks. A sender of parts still checks
-    each part against the region it was given (this slack only makes room).
-    """
-    config = config if not config.allow_drop else config.with_(allow_drop=False)
-    info = _layout_info(
-        max(int(num_tokens), 1), num_layers, num_kv_heads, head_dim, _dtype_name(dtype), config
-    )
-    bound = _budget(info, config) + info.overhead
-    if parts > 1:
-        sinks = min(config.sinks, info.layout.num_tokens) * info.costs[Tier.FP16]
-        bound += (parts - 1) * (info.overhead + PART_ALIGN) + sinks
-    return bound
-
-
-def part_offset(nbytes: int) -> int:
-    """Where the part after ``nbytes`` of earlier parts starts (a multiple of
-    :data:`PART_ALIGN`, so every part's segments stay aligned)."""
-    return -(-int(nbytes) // PART_ALIGN) * PART_ALIGN
-
-
 # --------------------------------------------------------------------------- input checks
 
 
 _POOLS_OK: dict[tuple, bool] = {}
 
 
-def _check_pools(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], error):
+def _check_pools(
+    k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], error, fp8=None
+) -> torch.Tensor:
+    """Validate the pools (``fp8``: FP8 pools, see :mod:`.fp8`); returns layer 0's K pool."""
     if not isinstance(k_pools, (list, tuple)) or not isinstance(v_pools, (list, tuple)):
         raise error("k_pools and v_pools must be lists of per-layer tensors")
     if not k_pools or len(k_pools) != len(v_pools):
@@ -267,6 +144,7 @@ def _check_pools(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor
     ref = k_pools[0]
     if ref.dim() != 3:
         raise error(f"pools must be [num_slots, kv_heads, head_dim], got {tuple(ref.shape)}")
+    check_fp8_pools([ref], fp8, len(k_pools), error)
     # SGLang's pools live long: checked once per set of tensor objects and addresses
     key = (ref.shape, ref.dtype, ref.device, *((id(x), x.data_ptr()) for x in k_pools))
     key += tuple((id(x), x.data_ptr()) for x in v_pools)
@@ -278,7 +156,8 @@ def _check_pools(k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor
                 raise error(f"layer {layer}: pools must share shape, dtype and device")
             if not x.is_contiguous():
                 raise error(f"layer {layer}: pools must be contiguous")
-    _dtype_name(ref.dtype)
+    if fp8 is None:
+        _dtype_name(ref.dtype, error)
     with _LOCK:
         if len(_POOLS_OK) >= 64:
             _POOLS_OK.clear()
@@ -323,10 +202,17 @@ def _sent_config(config: SpectrumConfig, context: int) -> SpectrumConfig:
 
 
 def _torch_scores(
-    k_pools: Sequence[torch.Tensor], all_slots: torch.Tensor, config: SpectrumConfig, context: int
+    k_pools: Sequence[torch.Tensor],
+    all_slots: torch.Tensor,
+    config: SpectrumConfig,
+    context: int,
+    lay: KVLayout,
 ) -> torch.Tensor:
-    """float32 ``[T]`` reference scores of the sent positions (whole prompt scored)."""
+    """float32 ``[T]`` reference scores of the sent positions (whole prompt scored; FP8
+    keys by their real values)."""
     keys = [k[all_slots] for k in k_pools]
+    if lay.fp8:
+        keys = [dequantize_fp8(k, lay.wire_dtype, lay.scale(i, True)) for i, k in enumerate(keys)]
     scores = score_tokens(keys, sinks=config.sinks, window=config.window)
     return scores[context:]
 
@@ -339,12 +225,14 @@ def pack_request(
     *,
     out: torch.Tensor,
     context_slots: torch.Tensor | None = None,
+    fp8: FP8Pool | None = None,
 ) -> PackedRequest:
     """Score, allocate and pack one request from the pools straight into ``out``.
 
     Args:
         k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]`` (SGLang's MHA
-            pool), contiguous, bf16/fp16/fp32, CPU or CUDA.
+            pool), contiguous, bf16/fp16/fp32, or FP8 (uint8 as SGLang stores it, or
+            float8) with ``fp8``; CPU or CUDA.
         slots: int ``[T]``: pool slots of the positions to send, in position order.
         config: budget, tiers, allocator, codec options.
         out: uint8 ``[>= packed_size_bound(...)]`` on the pools' device (the send region);
@@ -352,6 +240,11 @@ def pack_request(
         context_slots: int ``[P]``: slots of the ``P`` positions before ``slots`` that the
             receiver already holds: scored with the sent ones (sinks are the first
             ``config.sinks`` positions of the whole prompt) but not packed.
+        fp8: FP8 pools: ``FP8Pool.of(pool.dtype, L, k_scales, v_scales)`` (SGLang: the
+            pool's float8 ``dtype``, per layer ``k_scale_float`` / ``v_scale_float`` or
+            None). Tiers: the FP8 bytes (top tier, lossless), INT4 of the scaled values
+            (tier mode ``"3"``); the scales travel in the header. The budget stays
+            relative to the 16-bit KV: 0.5 and above send every token in FP8.
 
     Returns:
         :class:`PackedRequest`. Runs on the current CUDA stream and returns once the
@@ -363,8 +256,13 @@ def pack_request(
     t0 = time.perf_counter()
     if not isinstance(config, SpectrumConfig):
         raise SpectrumConfigError(f"config must be a SpectrumConfig, got {type(config)}")
-    ref = _check_pools(k_pools, v_pools, SpectrumConfigError)
+    ref = _check_pools(k_pools, v_pools, SpectrumConfigError, fp8)
     device, num_slots = ref.device, int(ref.shape[0])
+    if fp8 is None:
+        dtype, scales = _dtype_name(ref.dtype), None
+    else:  # the kernels and the reference read the FP8 bits as uint8
+        k_pools, v_pools = pool_bytes(k_pools), pool_bytes(v_pools)
+        dtype, scales = fp8.name, tuple(fp8.scales)
     sent = _as_slots(slots, "slots", num_slots, device, SpectrumConfigError)
     if sent.numel() < 1:
         raise SpectrumConfigError("cannot pack a request of 0 tokens")
@@ -381,7 +279,6 @@ def pack_request(
         raise SpectrumConfigError("out must be contiguous")
     out = out.reshape(-1)
     num_layers, heads, head_dim = len(k_pools), int(ref.shape[1]), int(ref.shape[2])
-    dtype = _dtype_name(ref.dtype)
     bound = packed_size_bound(sent.numel(), num_layers, heads, head_dim, dtype, config)
     if out.numel() < bound:
         raise SpectrumConfigError(
@@ -389,9 +286,9 @@ def pack_request(
             f" {bound} (packed_size_bound)"
         )
     cfg = _sent_config(config, context)
-    info = _layout_info(int(sent.numel()), num_layers, heads, head_dim, dtype, config)
+    info = _layout_info(int(sent.numel()), num_layers, heads, head_dim, dtype, config, scales)
     kern = _kernels() if device.type == "cuda" or _KERNELS_ON_CPU else None
-    if kern is not None and _kernel_path_ok(kern, info, cfg):
+    if kern is not None and kern.kernel_supported(info.layout):
         with _on_device(device):  # Triton launches on the current device: the pools'
             return _pack_kernels(
                 kern, k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0
@@ -399,21 +296,17 @@ def pack_request(
     return _pack_torch(k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0)
 
 
-def _kernel_path_ok(kern, info: _Layout, cfg: SpectrumConfig) -> bool:
-    return bool(kern.kernel_supported(info.layout))
-
-
 def _pack_torch(k_pools, v_pools, sent, all_slots, cfg, info, out, context, t0) -> PackedRequest:
     """The reference: gather, score, ``allocate_tiers``, ``pack_tiers``, copy into out."""
     lay = info.layout
     keys = [k[sent] for k in k_pools]
     values = [v[sent] for v in v_pools]
-    scores = _torch_scores(k_pools, all_slots, cfg, context)
+    scores = _torch_scores(k_pools, all_slots, cfg, context, lay)
     errors = None
     if cfg.method == "spectrum" and cfg.allocator == "optimal":
         errors = measure_tier_errors(keys, values, lay)
     budget = token_budget(lay, cfg)
-    tiers = allocate_tiers(scores, lay.token_costs(), budget, cfg, errors)
+    tiers = allocate_tiers(scores, lay.token_costs(), budget, cfg, errors, lay.fp8)
     t1 = time.perf_counter()
     packed = pack_tiers(keys, values, lay, tiers, info.policy)
     head = torch.frombuffer(bytearray(packed.header_bytes), dtype=torch.uint8)
@@ -454,13 +347,16 @@ def _pack_kernels(
         tiers = tiers.to(device)
     else:
         forced = min(cfg.sinks, num_tokens) if cfg.method in ("spectrum", "snapkv") else 0
-        buckets = waterfall_counts(num_tokens, info.costs, _budget(info, cfg), cfg, forced)
+        buckets = waterfall_counts(
+            num_tokens, info.costs, _budget(info, cfg), cfg, forced, fp8_source=lay.fp8
+        )
         n = dict.fromkeys(Tier, 0)
         for tier, c in buckets:
             n[tier] += c
         n[Tier.FP16] += forced
         counts = (n[Tier.FP16], n[Tier.INT8], n[Tier.INT4])
-        scores = kern.key_norm_scores_all_layers(k_pools, all_slots)
+        fp8 = FP8Pool.from_scales(lay.dtype, lay.kv_scales) if lay.fp8 else None
+        scores = kern.key_norm_scores_all_layers(k_pools, all_slots, fp8)
         # sinks of the whole prompt: cfg.sinks of them are sent, the others are context
         scores = lift_sinks_and_recent(scores, cfg.sinks + context, cfg.window)[context:]
         tiers = tiers_from_ranks(scores, forced, buckets)
@@ -509,13 +405,13 @@ def _pack_kernels(
 def _reference_tiers(k_pools, v_pools, sent, all_slots, cfg, info, context) -> torch.Tensor:
     """uint8 ``[T]`` CPU tier map of the reference allocator (``optimal``, ``pdtrim``)."""
     lay = info.layout
-    scores = _torch_scores(k_pools, all_slots, cfg, context)
+    scores = _torch_scores(k_pools, all_slots, cfg, context, lay)
     errors = None
     if cfg.method == "spectrum" and cfg.allocator == "optimal":
         keys = [k[sent] for k in k_pools]
         values = [v[sent] for v in v_pools]
         errors = measure_tier_errors(keys, values, lay)
-    return allocate_tiers(scores, lay.token_costs(), _budget(info, cfg), cfg, errors)
+    return allocate_tiers(scores, lay.token_costs(), _budget(info, cfg), cfg, errors, lay.fp8)
 
 
 def _header_bytes(header: PackedHeader) -> torch.Tensor:
@@ -592,18 +488,24 @@ def unpack_request(
     slots: torch.Tensor,
     *,
     expected_checksum: int | None = None,
+    fp8: FP8Pool | None = None,
 ) -> UnpackInfo:
     """Validate a received buffer once, then write its dequantised KV into the pools.
 
     Args:
         buffer: uint8 ``[>= nbytes]`` (the receive region, any device; trailing bytes
             are ignored).
-        k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]``, contiguous.
+        k_pools, v_pools: per layer ``[num_slots, kv_heads, head_dim]``, contiguous:
+            bf16/fp16/fp32, or FP8 (uint8 as SGLang stores it, or float8) with ``fp8``.
         slots: int ``[T]``: destination pool slot of each packed position.
         expected_checksum: the checksum the sender announced; must equal the header's.
+        fp8: FP8 pools: ``FP8Pool.of(pool.dtype, L, k_scales, v_scales)`` with the
+            *decode's* scales; every value is stored as ``(x / scale)`` saturated to
+            FP8 (:func:`.fp8.quantize_fp8`), the sender's FP8 bytes unchanged when its
+            dtype and scales are the same. Any source dtype unpacks into any pools.
 
     Returns:
-        :class:`codec.UnpackInfo`.
+        :class:`codec.UnpackInfo` (``layout.dtype`` names the sender's pool dtype).
 
     Raises:
         SpectrumFormatError: malformed, truncated or corrupted buffer, a layout that does
@@ -612,21 +514,23 @@ def unpack_request(
     pools = k_pools if isinstance(k_pools, (list, tuple)) and k_pools else [torch.empty(0)]
     device = pools[0].device if isinstance(pools[0], torch.Tensor) else torch.device("cpu")
     with _on_device(device):  # Triton launches (checksum, unpack) on the pools' device
-        return _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum)
+        return _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum, fp8)
 
 
-def _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum) -> UnpackInfo:
+def _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum, fp8) -> UnpackInfo:
     if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8:
         raise SpectrumFormatError("buffer must be a uint8 tensor")
     buf = buffer.reshape(-1)
-    ref = _check_pools(k_pools, v_pools, SpectrumFormatError)
+    ref = _check_pools(k_pools, v_pools, SpectrumFormatError, fp8)
+    if fp8 is not None:
+        k_pools, v_pools = pool_bytes(k_pools), pool_bytes(v_pools)
     device, num_slots = ref.device, int(ref.shape[0])
     s = torch.as_tensor(slots)
     header, start, counts = _parse(buf, len(k_pools), max(int(s.numel()), 1))
     lay = header.layout
-    want = (lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype)
-    got = (len(k_pools), int(ref.shape[1]), int(ref.shape[2]), _dtype_name(ref.dtype))
-    if want[:3] != got[:3]:
+    want = (lay.num_layers, lay.num_kv_heads, lay.head_dim)
+    got = (len(k_pools), int(ref.shape[1]), int(ref.shape[2]))
+    if want != got:
         raise SpectrumFormatError(
             f"buffer holds {want[0]} layers x {want[1]} KV heads x {want[2]}, pools are"
             f" {got[0]} x {got[1]} x {got[2]}"
@@ -660,7 +564,7 @@ def _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum) -> Unpac
             checks.append(torch.stack(torch.aminmax(dst)))
         # the plan reads only the slots and the tier map (never the pools): its launches
         # overlap the checksum pass; the unpack itself waits for the validation below
-        plan = _unpack_plan(kern, lay, tiers, counts, dst, device)
+        plan = _unpack_plan(kern, lay, tiers, counts, dst, device, fp8)
         got = torch.cat(checks).tolist()
         if kern.combine_checksum(got[:2]) != header.checksum:
             raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")
@@ -668,7 +572,7 @@ def _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum) -> Unpac
             raise SpectrumFormatError(
                 f"slots out of range for pools of {num_slots} slots ([{got[2]}, {got[3]}])"
             )
-    _write(kern, plan, header, payload, dst, k_pools, v_pools, ref.dtype, device)
+    _write(kern, plan, header, payload, dst, k_pools, v_pools, fp8, device)
     return UnpackInfo(
         num_tokens=lay.num_tokens,
         dropped=torch.nonzero(tiers == int(Tier.DROP)).flatten(),
@@ -685,9 +589,9 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _unpack_plan(kern, lay, tiers, counts, dst, device):
+def _unpack_plan(kern, lay, tiers, counts, dst, device, fp8):
     """The unpack kernels' plan (None: the torch reference writes)."""
-    if not kern.kernel_supported(lay):
+    if not kern.kernel_supported(lay, fp8_pools=fp8 is not None):
         return None
     if any(lay.layer_first_pos):
         return kern.plan_transfer(lay, tiers, dst)
@@ -697,15 +601,15 @@ def _unpack_plan(kern, lay, tiers, counts, dst, device):
     )
 
 
-def _write(kern, plan, header, payload, dst, k_pools, v_pools, dtype, device) -> None:
+def _write(kern, plan, header, payload, dst, k_pools, v_pools, fp8, device) -> None:
     """Write a validated payload into the pools (kernels, or the torch reference)."""
     if plan is not None:
-        kern.unpack_payload(payload, k_pools, v_pools, plan)
+        kern.unpack_payload(payload, k_pools, v_pools, plan, fp8=fp8)
     else:
         for layer, positions, k, v in iter_decoded_layers(header, payload):
             rows = dst[positions.to(device)]
-            k_pools[layer][rows] = k.to(dtype)
-            v_pools[layer][rows] = v.to(dtype)
+            store_rows(k_pools[layer], rows, k, fp8, layer, key=True)
+            store_rows(v_pools[layer], rows, v, fp8, layer, key=False)
     _sync(device)
 
 

@@ -27,6 +27,7 @@ from sglang_spectrum.codec import (
     unpack_kv,
 )
 from sglang_spectrum.config import SpectrumConfigError, SpectrumFormatError
+from sglang_spectrum.fp8 import FP8Pool, is_fp8, quantize_fp8
 from sglang_spectrum.policy import Tier
 from sglang_spectrum.scoring import key_norm_scores
 
@@ -49,6 +50,7 @@ class Request:
     slots: torch.Tensor  # int64 [T], on the pools' device
     k_pools: list[torch.Tensor]
     v_pools: list[torch.Tensor]
+    fp8: FP8Pool | None = None  # FP8 source: the pools hold uint8 FP8 bits
 
     def gathered(self):
         firsts = self.layout.layer_first_pos
@@ -56,11 +58,31 @@ class Request:
         values = [v[self.slots[f:]] for v, f in zip(self.v_pools, firsts)]
         return keys, values
 
-    def empty_pools(self, fill=float("nan")):
-        return (
-            [torch.full_like(k, fill) for k in self.k_pools],
-            [torch.full_like(v, fill) for v in self.v_pools],
-        )
+    def empty_pools(self, fill=float("nan"), fp8: FP8Pool | None = None, dtype=None):
+        """Pools shaped like the source's filled with ``fill``: of the source's format, or
+        FP8 pools described by ``fp8``, or of ``dtype``."""
+        fp8 = self.fp8 if fp8 is None and dtype is None else fp8
+        shape, device = self.k_pools[0].shape, self.k_pools[0].device
+        if fp8 is not None:  # NaN: 0x7F in both formats
+            byte = int(quantize_fp8(torch.tensor([fill]), fp8.dtype)) if fill == fill else 0x7F
+            make = lambda: torch.full(shape, byte, dtype=torch.uint8, device=device)  # noqa: E731
+        else:
+            dt = dtype or self.k_pools[0].dtype
+            make = lambda: torch.full(shape, fill, dtype=dt, device=device)  # noqa: E731
+        layers = len(self.k_pools)
+        return [make() for _ in range(layers)], [make() for _ in range(layers)]
+
+
+def stored(rows: torch.Tensor, pool: torch.Tensor, fp8: FP8Pool | None, layer: int, key: bool):
+    """Real float32 ``rows`` as a pool like ``pool`` stores them (FP8: its bits)."""
+    if fp8 is not None:
+        return quantize_fp8(rows.cpu(), fp8.dtype, fp8.scale(layer, key)).to(pool.device)
+    return rows.to(pool.device, pool.dtype)
+
+
+def untouched(rows: torch.Tensor, fp8: FP8Pool | None) -> bool:
+    """Rows of a NaN-filled pool are all still NaN."""
+    return bool((rows == 0x7F).all() if fp8 is not None else torch.isnan(rows.float()).all())
 
 
 def make_request(
@@ -80,14 +102,21 @@ def make_request(
     key_block=0,
 ) -> Request:
     """Random request in paged pools: pages of ``page`` slots, shuffled, with spare
-    pages; KV with per-channel scales and a few outliers; last layer a sliding window."""
+    pages; KV with per-channel scales and a few outliers; last layer a sliding window.
+    FP8 ``dtype``: uint8 pools of FP8 bits with per-layer scales other than 1.0."""
     gen = torch.Generator().manual_seed(seed)
     slots, num_slots = paged_slots(tokens, page, 3, gen)
+    fp8 = None
+    if is_fp8(dtype):
+        k_scales = [0.5 * (layer + 1) for layer in range(layers)]
+        fp8 = FP8Pool.of(dtype, layers, k_scales, [0.25] + [1.0] * (layers - 1))
 
-    def pool(scale):
+    def pool(scale, layer=0, key=True):
         chan = torch.exp(torch.randn(heads, head_dim, generator=gen))
         x = torch.randn(num_slots, heads, head_dim, generator=gen) * chan * scale
         x[torch.rand(x.shape, generator=gen) < 1e-3] *= 30.0
+        if fp8 is not None:
+            return quantize_fp8(x, fp8.dtype, fp8.scale(layer, key)).to(device)
         return x.to(dtype).to(device)
 
     first = [0] * layers
@@ -103,6 +132,7 @@ def make_request(
         layer_first_pos=first,
         rotation=rotation,
         key_block=key_block,
+        kv_scales=fp8.scales if fp8 is not None else [],
     )
     if tiers is None:
         tiers = torch.randint(0, 4, (tokens,), generator=gen, dtype=torch.uint8)
@@ -111,8 +141,9 @@ def make_request(
         layout,
         tiers,
         slots.to(device),
-        [pool(2.0) for _ in range(layers)],
-        [pool(1.0) for _ in range(layers)],
+        [pool(2.0, layer, True) for layer in range(layers)],
+        [pool(1.0, layer, False) for layer in range(layers)],
+        fp8,
     )
 
 
@@ -186,24 +217,24 @@ def check_request(req: Request, mode: str = "same") -> dict:
     device = req.slots.device
     buf_ref, buf_got = ref.to_tensor(device), got.to_tensor()
     rk, rv = req.empty_pools()
-    unpack_kv(buf_got, rk, rv, req.slots)
+    unpack_kv(buf_got, rk, rv, req.slots, fp8=req.fp8)
     kk, kv = req.empty_pools()
-    info = K.unpack_to_pools(buf_ref, kk, kv, req.slots)
+    info = K.unpack_to_pools(buf_ref, kk, kv, req.slots, fp8=req.fp8)
     assert info.tier_counts == ref.tier_counts
     dk, dv, kept = decode_kv(buf_ref)
     dropped = ~kept.to(device)
     for layer, first in enumerate(req.layout.layer_first_pos):
         slots = req.slots[first:]
-        for pools, dec in ((kk, dk), (kv, dv)):
+        for pools, dec, key in ((kk, dk, True), (kv, dv, False)):
             out = pools[layer][slots]
-            ref_rows = dec[layer].to(out.device)
+            ref_rows = stored(dec[layer], out, req.fp8, layer, key)
             live = ~dropped[first:]
             if strict:
                 assert same_bits(out[live], ref_rows[live])
             else:
                 tol = 2.0 * float(ref_rows.float().abs().max()) / 15 + 1e-3
                 assert float((out[live].float() - ref_rows[live].float()).abs().max()) <= tol
-            assert torch.isnan(out[~live].float()).all(), "dropped slots must stay untouched"
+            assert untouched(out[~live], req.fp8), "dropped slots must stay untouched"
         if strict:
             assert same_bits(rk[layer], kk[layer]) and same_bits(rv[layer], kv[layer])
     return stats

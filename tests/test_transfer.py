@@ -410,12 +410,16 @@ def test_request_path_benchmark_smoke(tmp_path):
     bench.main(["--smoke", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "request_path_smoke.json").read_text())
     recs = data["records"]
-    assert len(recs) == 2 * 2 * 3
+    assert len(recs) == 4 * 2 * 2 * 3  # pool pairs x budgets x key scales x links
     need = {"tokens", "budget", "key_scales", "link_gbps", "pack_ms", "unpack_ms"}
     need |= {"kernel_pack_ms", "kernel_unpack_ms", "packed_bytes", "full_bytes", "speedup"}
-    need |= {"ideal", "hardware"}
+    need |= {"ideal", "hardware", "pools", "prefill_dtype", "decode_dtype", "speedup_vs_pool"}
     assert all(need <= set(r) for r in recs)
     assert all(r["tier_counts"]["drop"] == 0 for r in recs)
+    fp8 = [r for r in recs if r["pools"] == "fp8_e4m3"]
+    assert {r["decode_dtype"] for r in fp8} == {"float8_e4m3fn"}
+    assert all(r["tier_counts"]["int8"] == 0 for r in fp8)
+    assert all(r["baseline_bytes"] * 2 == r["full_bytes"] for r in fp8)
     assert (tmp_path / "request_path_smoke.md").read_text().startswith("# Request path")
 
 

@@ -1,0 +1,258 @@
+"""Per-channel (KIVI) key scales in the kernels: the INT8/INT4 key segments of layouts
+with ``key_block > 0`` (``key_scales="channel"``), packed and unpacked by their own
+kernels, one program per (key block, head and channel chunk, layer). Same float32
+steps as ``codec.quantize_channels`` / ``dequantize_channels``; FP8 pools on either
+side as in :mod:`.pack` / :mod:`.unpack`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TL_DTYPES, interpreted, launch_options
+from ._fp8 import dest_args, from_fp8, source_args, to_pool
+from .plan import META_HEAD, META_STRIDE, TransferPlan
+
+_META_HEAD = tl.constexpr(META_HEAD)
+_META_STRIDE = tl.constexpr(META_STRIDE)
+
+
+@triton.jit
+def clamp16(x):
+    return tl.minimum(tl.maximum(x, -65504.0), 65504.0)
+
+
+@triton.jit
+def _channel_segment(
+    meta, pid, b1, n0, n1, num_layers, layer, kv, KB: tl.constexpr, IDX: tl.constexpr
+):
+    """Key block ``pid`` (INT8 blocks first, then INT4) of one layer's K|V segment:
+    (tier, block, segment rows ``j`` [KB], ok [KB], list index of row 0, n_seg, seg)."""
+    tier = 1 + (pid >= b1).to(tl.int32)
+    blk = tl.where(tier == 1, pid, pid - b1).to(IDX)
+    list0 = tl.where(tier == 1, n0, n0 + n1)
+    e = _META_HEAD + (tier * num_layers + layer) * _META_STRIDE
+    base = tl.load(meta + e)
+    n_seg = tl.load(meta + e + 1)
+    seg = tl.multiple_of(tl.load(meta + e + 2 + kv), 16)
+    j = blk * KB + tl.arange(0, KB).to(IDX)
+    return tier, blk, j, j < n_seg, list0 + base, n_seg, seg
+
+
+@triton.jit
+def _store_channel(
+    x,
+    ok,
+    payload,
+    seg,
+    n_seg,
+    blk,
+    j,
+    h,
+    c0,
+    BITS: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    KB: tl.constexpr,
+):
+    """Quantise ``x`` float32 ``[KB, DC]`` (rows ``j`` of a key segment, head ``h``,
+    channels ``c``) with one (scale, minimum) per channel over the block's valid rows
+    (``codec.quantize_channels``: same float32 steps) and store codes and scales."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    c = c0 + tl.arange(0, DC)
+    xc = clamp16(x)
+    lo = tl.min(tl.where(ok[:, None], xc, float("inf")), 0)
+    hi = tl.max(tl.where(ok[:, None], xc, float("-inf")), 0)
+    lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
+    hi = tl.where(lo <= hi, hi, 0.0)
+    scale = tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16)
+    mn = lo.to(tl.float16)
+    s = scale.to(tl.float32)
+    m = mn.to(tl.float32)
+    safe = tl.where(s > 0, s, 1.0)
+    inv = tl.where(s > 0, tl.math.div_rn(tl.full([DC], 1.0, tl.float32), safe), 0.0)
+    v = (xc - m[None, :]) * inv[None, :] + 0.5
+    q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
+    codes = payload + seg
+    row = j * H + h
+    if BITS == 8:
+        tl.store(codes + row[:, None] * D + c[None, :], q.to(tl.uint8), mask=ok[:, None])
+    else:  # channel 2i in the low nibble, 2i+1 in the high one
+        lo4, hi4 = tl.split(tl.reshape(q, [KB, DC // 2, 2]))
+        half = c0 // 2 + tl.arange(0, DC // 2)
+        tl.store(
+            codes + row[:, None] * (D // 2) + half[None, :],
+            ((hi4 << 4) + lo4).to(tl.uint8),
+            mask=ok[:, None],
+        )
+    sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
+    pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
+    tl.store(sc + pair, tl.join(scale, mn))
+
+
+@triton.jit(do_not_specialize=["b1", "n0", "n1"])
+def _pack_channel_kernel(
+    src_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
+    rows,  # int64 [N]: source row of each listed token
+    meta,  # int64: plan table
+    payload,  # uint8 [payload_nbytes]
+    scales,  # float32 [2L]: FP8 scales (K of layer l at l; read when FP8)
+    b1,  # key blocks of the INT8 tier (then those of INT4)
+    n0,
+    n1,  # tokens of FP16 and INT8
+    num_layers,
+    SRC: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,  # channels per program
+    KB: tl.constexpr,  # rows per key scale block
+    IDX: tl.constexpr,
+    FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2
+):
+    """INT8/INT4 key segments with per-channel scales: one program per (key block,
+    head and channel chunk, layer); grid ``(blocks, H * D / DC, L)``."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1) // (D // DC)
+    c0 = (tl.program_id(1) % (D // DC)) * DC
+    c = c0 + tl.arange(0, DC)
+    layer = tl.program_id(2)
+    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
+        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
+    )
+    if blk * KB < n_seg:
+        slot = tl.load(rows + first + j, mask=ok, other=0)
+        addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
+        pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
+        off = (slot * H + h) * D
+        x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+        if FP8:
+            x = from_fp8(x, FP8) * tl.load(scales + layer)
+        else:
+            x = x.to(tl.float32)
+        if tier == 1:
+            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
+        else:
+            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB)
+
+
+def channel_grid(plan: TransferPlan) -> tuple[int, int, int]:
+    """(INT8 key blocks, INT8 + INT4 key blocks, channels per program) of the
+    per-channel key kernels (upper bounds: a sliding-window layer has fewer)."""
+    lay = plan.layout
+    kb = lay.key_block
+    b1 = -(-plan.counts[1] // kb)
+    b2 = b1 + -(-plan.counts[2] // kb)
+    dc = min(lay.head_dim, max(8, 8192 // kb))
+    return b1, b2, dc
+
+
+def channel_launch(plan: TransferPlan, device: torch.device) -> tuple[tuple, tuple, dict] | None:
+    """Grid, trailing arguments ``(b1, n0, n1, num_layers)`` and the launch options
+    shared by the per-channel key kernels; None when there are no INT8/INT4 key blocks."""
+    lay = plan.layout
+    b1, b2, dc = channel_grid(plan)
+    if not b2:
+        return None
+    n_rows = (sum(plan.counts) + lay.key_block) * lay.num_kv_heads
+    grid = (b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)
+    args = (b1, plan.counts[0], plan.counts[1], lay.num_layers)
+    options = {
+        "H": lay.num_kv_heads,
+        "D": lay.head_dim,
+        "DC": dc,
+        "KB": lay.key_block,
+        "IDX": tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
+        "num_warps": 8 if lay.key_block * dc >= 8192 else 4,
+        **launch_options(device),
+    }
+    return grid, args, options
+
+
+def launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
+    """Pack the INT8/INT4 key segments of a layout with per-channel key scales."""
+    launch = channel_launch(plan, payload.device)
+    if launch is None:
+        return
+    grid, args, options = launch
+    scales, fp8 = source_args(plan.layout, dtype, payload.device)
+    _pack_channel_kernel[grid](
+        ptrs, rows, plan.meta, payload, scales, *args, SRC=TL_DTYPES[dtype], FP8=fp8, **options
+    )
+
+
+@triton.jit(do_not_specialize=["b1", "n0", "n1"])
+def _unpack_channel_kernel(
+    payload,  # uint8 [payload_nbytes]
+    dst_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
+    rows,  # int64 [N]: destination row of each listed token
+    meta,  # int64: plan table
+    dst_scales,  # float32 [2L]: FP8 destination pools' scales (K of layer l at l)
+    b1,  # key blocks of the INT8 tier (then those of INT4)
+    n0,
+    n1,
+    num_layers,
+    DST: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    KB: tl.constexpr,
+    IDX: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    DFP8: tl.constexpr = 0,
+    DDIV: tl.constexpr = False,
+):
+    """Mirror of ``pack._pack_channel_kernel``: dequantise per-channel-scaled key rows
+    (``codec.dequantize_channels``: ``q * scale + minimum`` in float32) into the pools."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1) // (D // DC)
+    c0 = (tl.program_id(1) % (D // DC)) * DC
+    c = c0 + tl.arange(0, DC)
+    layer = tl.program_id(2)
+    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
+        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
+    )
+    if blk * KB < n_seg:
+        codes = payload + seg
+        row = j * H + h
+        if tier == 1:
+            q = tl.load(codes + row[:, None] * D + c[None, :], mask=ok[:, None], other=0)
+            sc = (codes + n_seg * (H * D)).to(tl.pointer_type(tl.float16), bitcast=True)
+        else:
+            half = c0 // 2 + tl.arange(0, DC // 2)
+            b = tl.load(codes + row[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
+            q = tl.reshape(tl.join(b & 15, b >> 4), [KB, DC])
+            sc = (codes + n_seg * (H * D // 2)).to(tl.pointer_type(tl.float16), bitcast=True)
+        pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
+        s, m = tl.split(tl.load(sc + pair).to(tl.float32))
+        x = q.to(tl.float32) * s[None, :] + m[None, :]
+        slot = tl.load(rows + first + j, mask=ok, other=0)
+        addr = tl.multiple_of(tl.load(dst_ptrs + layer), 16)
+        pool = tl.multiple_of(addr.to(tl.pointer_type(DST)), 16)
+        off = (slot * H + h) * D
+        sd = tl.load(dst_scales + layer)
+        x = to_pool(x, sd, DST, SOFT_BF16, DFP8, DDIV)
+        tl.store(pool + off[:, None] + c[None, :], x, mask=ok[:, None])
+
+
+def launch_unpack_channel(plan: TransferPlan, payload, ptrs, rows, dtype, fp8=None) -> None:
+    launch = channel_launch(plan, payload.device)
+    if launch is None:
+        return
+    grid, args, options = launch
+    dst_scales, dfp8, ddiv = dest_args(fp8, plan.layout.num_layers, payload.device)
+    _unpack_channel_kernel[grid](
+        payload,
+        ptrs,
+        rows,
+        plan.meta,
+        dst_scales,
+        *args,
+        DST=TL_DTYPES[dtype],
+        SOFT_BF16=interpreted(_unpack_channel_kernel) and dtype == torch.bfloat16,
+        DFP8=dfp8,
+        DDIV=ddiv,
+        **options,
+    )
