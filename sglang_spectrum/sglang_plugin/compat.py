@@ -20,6 +20,7 @@ functions below. Each names the SGLang file and line it depends on per version
 
 from __future__ import annotations
 
+import contextlib
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -52,6 +53,13 @@ def check_sglang_version(found: str | None = None) -> str:
             " or run the stock backends (unset --disaggregation-transfer-backend spectrum)"
         )
     return found
+
+
+def model_runner(scheduler: Any) -> Any:
+    """The scheduler's ``ModelRunner``: ``scheduler.tp_worker.model_runner`` in both
+    releases (0.5.17 managers/scheduler.py:899 + tp_worker.py:80; 0.5.23
+    managers/scheduler.py:1033 + tp_worker.py:87)."""
+    return scheduler.tp_worker.model_runner
 
 
 def kv_pool(scheduler: Any) -> Any:
@@ -177,6 +185,60 @@ def metadata_device(scheduler: Any) -> torch.device | None:
     buffers = getattr(scheduler, "disagg_metadata_buffers", None)
     ids = getattr(buffers, "output_ids", None)
     return ids.device if isinstance(ids, torch.Tensor) else None
+
+
+def fp8_pool(pool: Any, model_runner: Any) -> Any:
+    """The :class:`~sglang_spectrum.fp8.FP8Pool` of an FP8 KV pool (None for 16/32-bit
+    pools). SGLang stores FP8 KV as uint8 buffers and keeps the logical dtype in
+    ``MHATokenToKVPool.dtype``; writes divide by the attention layer's ``k_scale`` /
+    ``v_scale`` (``RadixAttention.k_scale_float``, None = 1.0;
+    ``layers/radix_attention.py`` in both versions; ``mem_cache/memory_pool.py``
+    ``set_kv_buffer``)."""
+    from sglang_spectrum.fp8 import FP8_DTYPES, FP8Pool
+    from sglang_spectrum.sizes import dtype_name
+
+    dtype = getattr(pool, "dtype", None)
+    if dtype is None or dtype_name(dtype) not in FP8_DTYPES:
+        return None
+    num_layers = len(pool.k_buffer)
+    k_scales: list[float | None] = [None] * num_layers
+    v_scales: list[float | None] = [None] * num_layers
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    model = getattr(model_runner, "model", None)
+    for module in model.modules() if model is not None else ():
+        if isinstance(module, RadixAttention) and 0 <= module.layer_id < num_layers:
+            k_scales[module.layer_id] = getattr(module, "k_scale_float", None)
+            v_scales[module.layer_id] = getattr(module, "v_scale_float", None)
+    return FP8Pool.of(dtype, num_layers, k_scales, v_scales)
+
+
+@contextlib.contextmanager
+def peer_kv_dtype(manager: Any, bootstrap_addr: str) -> Any:
+    """While SGLang's ``CommonKVManager.try_ensure_parallel_info`` runs, let the decode's
+    ``kv_cache_dtype_str`` read as the prefill's: both versions refuse any KV cache dtype
+    difference there (``common/conn.py``:538 in 0.5.17, :1329 in 0.5.23), and the
+    spectrum codec pairs bf16/fp16 and FP8 pools every way (checked against the
+    prefill's announced layout right after). The prefill's dtype is read from its
+    bootstrap server's ``/route`` summary (the same request SGLang makes)."""
+    import requests
+
+    ours = manager.kv_cache_dtype_str
+    try:
+        url = (
+            f"http://{bootstrap_addr}/route?prefill_dp_rank=-1&prefill_cp_rank=-1"
+            "&target_tp_rank=-1&target_pp_rank=-1"
+        )
+        r = requests.get(url, timeout=5)
+        theirs = r.json().get("kv_cache_dtype") if r.status_code == 200 else None
+    except Exception:
+        theirs = None
+    if theirs is not None:
+        manager.kv_cache_dtype_str = theirs
+    try:
+        yield
+    finally:
+        manager.kv_cache_dtype_str = ours
 
 
 def tp_cpu_group(scheduler: Any) -> Any:

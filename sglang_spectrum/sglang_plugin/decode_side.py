@@ -22,7 +22,7 @@ import numpy as np
 import requests
 import torch
 
-from . import messages
+from . import compat, messages
 from .identity import incompatibility, layout_desc
 from .options import SpectrumOptionError, SpectrumServerOptions, options_from_dict
 
@@ -153,7 +153,7 @@ class DecodeSide:
             )
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             return unpack_request(
-                buf, self.k_pools, self.v_pools, slots_t, expected_checksum=checksum
+                buf, self.k_pools, self.v_pools, slots_t, expected_checksum=checksum, fp8=self.fp8
             )
 
     def write_aux(self, index: int, rows: list[bytes]) -> None:
@@ -164,8 +164,9 @@ class DecodeSide:
     def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
         if bootstrap_addr in self._prefill_verdicts:
             return super().try_ensure_parallel_info(bootstrap_addr)
-        if not super().try_ensure_parallel_info(bootstrap_addr):
-            return False
+        with compat.peer_kv_dtype(self, bootstrap_addr):  # we pair dtypes ourselves
+            if not super().try_ensure_parallel_info(bootstrap_addr):
+                return False
         verdict = self._fetch_prefill_verdict(bootstrap_addr)
         if verdict is None:  # not every prefill rank registered yet: ask again later
             self.prefill_info_table.pop(bootstrap_addr, None)
@@ -267,4 +268,5 @@ class DecodeSide:
         # (an unverified prefill: the largest bound, everything at FP16)
         opts = options_from_dict(announced) if announced else SpectrumServerOptions(budget=1.0)
         chunk = int(peer.get("stream_chunk_tokens") or 0)
-        return self.region_bound(num_tokens, opts.bound_codec(), chunk)
+        dtype = (peer.get("layout") or {}).get("dtype")  # what the prefill packs from
+        return self.region_bound(num_tokens, opts.bound_codec(), chunk, dtype)

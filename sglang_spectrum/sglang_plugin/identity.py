@@ -4,7 +4,9 @@ Prefill ranks publish their identity at the bootstrap server (``PUT
 /spectrum/register``; the decode reads ``GET /spectrum/info``); decode ranks send
 theirs in their first message to each prefill rank (:class:`.messages.Register`).
 Each side refuses a peer that differs in codec format version, plugin protocol,
-KV layout (layers, KV heads, head_dim, dtype, page size) or attention-TP size.
+KV layout (layers, KV heads, head_dim, page size) or attention-TP size, or whose
+KV cache dtype pairs with its own in no way the codec supports (16-bit and FP8
+pools pair every way: :func:`sglang_spectrum.sizes.pool_pair_problem`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from . import BACKEND_NAME, PROTOCOL_VERSION
 # Testing only: pretend another codec format version (to exercise the refusal).
 TEST_VERSION_ENV = "SGLANG_SPECTRUM_TEST_FORMAT_VERSION"
 LAYOUT_KEYS = ("layers", "kv_heads", "head_dim", "dtype", "page_size")
+SHAPE_KEYS = ("layers", "kv_heads", "head_dim", "page_size")  # must be equal; dtypes pair
 
 
 def format_version() -> int:
@@ -76,12 +79,19 @@ def incompatibility(
             f" server has {l_tp}; use the same --tp-size on both"
         )
     p_lay, l_lay = peer.get("layout"), local.get("layout")
-    if p_lay and l_lay and any(p_lay.get(k) != l_lay.get(k) for k in LAYOUT_KEYS):
+    if p_lay and l_lay and any(p_lay.get(k) != l_lay.get(k) for k in SHAPE_KEYS):
         return (
             f"SpectrumKV KV layout mismatch: {peer_desc} has {layout_desc(p_lay)}, this"
             f" {local_role} server has {layout_desc(l_lay)}; serve the same model with the"
-            f" same --kv-cache-dtype and --page-size on prefill and decode"
+            f" same --page-size (and attention TP) on prefill and decode"
         )
+    if p_lay and l_lay:
+        from sglang_spectrum.sizes import pool_pair_problem
+
+        pair = (p_lay, l_lay) if local_role == "decode" else (l_lay, p_lay)
+        problem = pool_pair_problem(pair[0].get("dtype"), pair[1].get("dtype"))
+        if problem:
+            return problem
     tiers = peer.get("tiers_resolved")
     if tiers is not None and tiers not in ("3", "2"):
         return f"SpectrumKV: {peer_desc} packs with an unknown tier mode {tiers!r}"

@@ -60,13 +60,15 @@ MAX_PARTS = 64  # receive room for at most this many parts (the prefill merges b
 SEND_DEPTH = 4  # prefill: send regions of one part each the arena holds at least
 
 
-def pool_layout(k_pools: list[torch.Tensor], page_size: int) -> dict[str, Any]:
+def pool_layout(k_pools: list[torch.Tensor], page_size: int, fp8: Any = None) -> dict[str, Any]:
+    """The KV layout a server announces; ``dtype`` is the logical one (an FP8 pool's
+    float8 dtype, not its uint8 storage)."""
     k0 = k_pools[0]
     return {
         "layers": len(k_pools),
         "kv_heads": int(k0.shape[1]),
         "head_dim": int(k0.shape[2]),
-        "dtype": str(k0.dtype).removeprefix("torch."),
+        "dtype": fp8.name if fp8 is not None else str(k0.dtype).removeprefix("torch."),
         "page_size": int(page_size),
     }
 
@@ -98,6 +100,7 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         self.k_pools: list[torch.Tensor] = []
         self.v_pools: list[torch.Tensor] = []
         self.layout: dict[str, Any] | None = None
+        self.fp8: Any = None  # FP8Pool of an FP8 KV pool (attach)
         self.arena: RegisteredArena | None = None
         self.metrics: Any = None
         self.scheduler: Any = None
@@ -146,7 +149,8 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         if problem:
             raise RuntimeError(f"SpectrumKV cannot serve this model: {problem}")
         self.k_pools, self.v_pools = list(pool.k_buffer), list(pool.v_buffer)
-        self.layout = pool_layout(self.k_pools, self.kv_args.page_size)
+        self.fp8 = compat.fp8_pool(pool, compat.model_runner(scheduler))
+        self.layout = pool_layout(self.k_pools, self.kv_args.page_size, self.fp8)
         self.chunk_tokens = compat.chunked_prefill_size(scheduler)
         check_no_drop(self.options, self.layout["head_dim"])
         device = self.k_pools[0].device
@@ -200,9 +204,11 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         k, v = list(pool.k_buffer), list(pool.v_buffer)
         if not k or len(k) != len(v) or any(t.dim() != 3 for t in [*k, *v]):
             return f"{name}: expected per-layer [slots, kv_heads, head_dim] K and V buffers"
-        dt = k[0].dtype
-        if dt not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"KV cache dtype {dt} is not supported (16/32-bit float pools only)"
+        from sglang_spectrum.sizes import SOURCE_DTYPES, dtype_name
+
+        dt = getattr(pool, "dtype", k[0].dtype)  # FP8 pools store uint8
+        if dtype_name(dt) not in SOURCE_DTYPES:
+            return f"KV cache dtype {dt} is not supported (supported: {', '.join(SOURCE_DTYPES)})"
         ptrs = [t.data_ptr() for t in [*k, *v]]
         if list(self.kv_args.kv_data_ptrs)[: len(ptrs)] != ptrs:
             return "the KV pool's buffers differ from the ones SGLang registers for transfer"
@@ -242,9 +248,12 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
             fields["instance"] = self.instance_id
         return wire_identity(self.options.to_dict(), **fields)
 
-    def region_bound(self, num_tokens: int, config: Any, chunk_tokens: int = 0) -> int:
+    def region_bound(
+        self, num_tokens: int, config: Any, chunk_tokens: int = 0, dtype: str | None = None
+    ) -> int:
         """Bytes of a send/receive region for ``num_tokens`` tokens of this server's KV
-        layout packed under ``config`` (:func:`~sglang_spectrum.transfer.packed_size_bound`),
+        layout packed under ``config`` (:func:`~sglang_spectrum.transfer.packed_size_bound`)
+        from pools of ``dtype`` (default this server's; the decode passes the prefill's),
         with room for one part per prefill chunk of ``chunk_tokens`` (0: one part); chunk
         ends need not fall on the receiver's tokens (one part more) and a cached prefix
         may go ahead (one more), at most :data:`MAX_PARTS`."""
@@ -257,7 +266,7 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
             lay["layers"],
             lay["kv_heads"],
             lay["head_dim"],
-            lay["dtype"],
+            dtype or lay["dtype"],
             config,
             parts=parts,
         )
@@ -310,8 +319,10 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         if region is None:
             return
         try:
-            info = pack_request(self.k_pools, self.v_pools, slots, cfg, out=region.view())
-            unpack_request(region.view(), self.k_pools, self.v_pools, slots)
+            info = pack_request(
+                self.k_pools, self.v_pools, slots, cfg, out=region.view(), fp8=self.fp8
+            )
+            unpack_request(region.view(), self.k_pools, self.v_pools, slots, fp8=self.fp8)
             logger.info("SpectrumKV %s: kernels warmed up (%s path)", self.role, info.path)
         except Exception as e:
             logger.warning("SpectrumKV %s: kernel warm-up failed: %s", self.role, e)

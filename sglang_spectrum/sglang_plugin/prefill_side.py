@@ -381,7 +381,13 @@ class PrefillSide:
                 slots = job.slots.to(device, non_blocking=True)
                 context = None if job.context is None else job.context.to(device, non_blocking=True)
                 info = pack_request(
-                    self.k_pools, self.v_pools, slots, cfg, out=region.view(), context_slots=context
+                    self.k_pools,
+                    self.v_pools,
+                    slots,
+                    cfg,
+                    out=region.view(),
+                    context_slots=context,
+                    fp8=self.fp8,
                 )
             pack_ms = (time.perf_counter() - t0) * 1e3
             if self.adaptive is not None:

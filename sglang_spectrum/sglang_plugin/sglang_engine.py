@@ -61,10 +61,10 @@ class ProbeEngineError(RuntimeError):
 
 
 def model_runner_of(scheduler: Any) -> Any:
-    """The scheduler's ``ModelRunner``: ``scheduler.tp_worker.model_runner`` in both
-    releases (0.5.17 managers/scheduler.py:899 + tp_worker.py:80; 0.5.23
-    managers/scheduler.py:1033 + tp_worker.py:87)."""
-    return scheduler.tp_worker.model_runner
+    """The scheduler's ``ModelRunner`` (:func:`.compat.model_runner`)."""
+    from .compat import model_runner
+
+    return model_runner(scheduler)
 
 
 def server_arg(server_args: Any, name: str, default: Any = None) -> Any:
@@ -337,22 +337,25 @@ def pack_unpack(
     v_pools: list[torch.Tensor],
     slots: torch.Tensor,
     config: SpectrumConfig,
+    fp8: Any = None,
 ) -> dict[str, int]:
     """Send the KV in ``slots`` through the serving request path and back: pack it with
     :func:`sglang_spectrum.transfer.pack_request` into a send region of
     :func:`~sglang_spectrum.transfer.packed_size_bound` bytes, then
     :func:`~sglang_spectrum.transfer.unpack_request` it (checksum verified) into the
-    same slots. Returns the tier counts."""
+    same slots (``fp8``: the pools' :class:`~sglang_spectrum.fp8.FP8Pool`, or None).
+    Returns the tier counts."""
     from sglang_spectrum.transfer import pack_request, packed_size_bound, unpack_request
 
     ref = k_pools[0]
+    dtype = fp8.dtype if fp8 is not None else ref.dtype
     bound = packed_size_bound(
-        int(slots.numel()), len(k_pools), int(ref.shape[1]), int(ref.shape[2]), ref.dtype, config
+        int(slots.numel()), len(k_pools), int(ref.shape[1]), int(ref.shape[2]), dtype, config
     )
     region = torch.empty(bound, dtype=torch.uint8, device=ref.device)
-    sent = pack_request(k_pools, v_pools, slots, config, out=region)
+    sent = pack_request(k_pools, v_pools, slots, config, out=region, fp8=fp8)
     info = unpack_request(
-        region[: sent.nbytes], k_pools, v_pools, slots, expected_checksum=sent.checksum
+        region[: sent.nbytes], k_pools, v_pools, slots, expected_checksum=sent.checksum, fp8=fp8
     )
     if info.dropped.numel():  # allow_drop=False: never; a dropped slot would hold stale KV
         raise ProbeEngineError(f"the codec dropped {info.dropped.numel()} prompt tokens")
@@ -377,6 +380,9 @@ class SGLangProbeEngine:
         self.tokenizer = tokenizer
         self.max_new_tokens = int(max_new_tokens)
         self.pool = kv_pool_of(model_runner)
+        from .compat import fp8_pool
+
+        self.fp8 = fp8_pool(self.pool, model_runner)
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
             eos_token_ids = {int(eos)} if eos is not None else set()
@@ -490,5 +496,7 @@ class SGLangProbeEngine:
     def _degrade(self, slots: torch.Tensor, config: SpectrumConfig) -> None:
         """Pack the prompt's KV in ``slots`` as a transfer would, unpack it back there."""
         t0 = time.perf_counter()
-        self.last_tier_counts = pack_unpack(self.pool.k_buffer, self.pool.v_buffer, slots, config)
+        self.last_tier_counts = pack_unpack(
+            self.pool.k_buffer, self.pool.v_buffer, slots, config, self.fp8
+        )
         self.seconds["codec"] += time.perf_counter() - t0
