@@ -39,8 +39,9 @@ def readme_commands() -> tuple[dict[str, str], list[list[str]]]:
     text = (ROOT / "README.md").read_text()
     section = text[text.index(SECTION) :]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    env_line = re.search(r"#.*?CPU[^:]*:\s*((?:[A-Z_]+=\S+\s*)+)", block).group(1)
-    env = dict(kv.split("=", 1) for kv in env_line.split())
+    comment = " ".join(line.lstrip("# ") for line in block.splitlines() if line.startswith("#"))
+    env = dict(re.findall(r"\b([A-Z][A-Z_]+)=(\S+)", comment))
+    env["FLAGS"] = re.search(r"and (--device cpu.*?) on both servers", comment).group(1)
     joined = re.sub(r"\\\n\s*", " ", block)
     commands = []
     for line in joined.splitlines():
@@ -52,7 +53,8 @@ def readme_commands() -> tuple[dict[str, str], list[list[str]]]:
 
 def test_readme_names_the_four_commands():
     env, commands = readme_commands()
-    assert {"SGLANG_USE_CPU_ENGINE", "MC_FORCE_TCP"} <= set(env)
+    assert {"SGLANG_USE_CPU_ENGINE", "MC_FORCE_TCP", "FLAGS"} <= set(env)
+    assert env["FLAGS"].split()[:2] == ["--device", "cpu"]
     mods = [c[2] for c in commands]
     assert mods == ["sglang.launch_server"] * 2 + ["sglang_router.launch_router"] + [
         "sglang.bench_serving"
@@ -63,7 +65,7 @@ def test_readme_serving_commands_run_from_the_repository_root(request, tmp_path)
     env_extra, commands = readme_commands()
     model = str(ensure_model("smollm2-135m"))
     ports = {p: str(free_port()) for p in ("30000", "30001", "8000", "8998")}
-    cpu_flags = env_extra.pop("FLAGS", "").replace(",", " ").split()
+    cpu_flags = env_extra.pop("FLAGS").split()
 
     def adapt(cmd: list[str]) -> list[str]:
         out = [sys.executable if c == "python" else c for c in cmd]

@@ -20,6 +20,7 @@ import pytest
 
 from sglang_spectrum import patching
 from sglang_spectrum.sglang_plugin import DISABLE_ENV
+from sglang_spectrum.sglang_plugin.compat import sglang_version
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -192,7 +193,9 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
                                     "--spectrum-rotation", "hadamard",
                                     "--spectrum-group-size", "32",
                                     "--spectrum-key-scales", "token",
-                                    "--spectrum-stream", "off"])
+                                    "--spectrum-stream", "off",
+                                    "--spectrum-min-budget", "0.35",
+                                    "--spectrum-ttft-slo-ms", "250"])
         # a scheduler process is a child of the launcher: it inherits the environment
         code = ("import json; from sglang_spectrum.sglang_plugin.options import current_options;"
                 " print(json.dumps(current_options().to_dict()))")
@@ -210,6 +213,9 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "group_size": 32,
         "key_scales": "token",
         "stream": "off",
+        "min_budget": 0.35,
+        "ttft_slo_ms": 250.0,
+        "budget_mode": "fixed",
     }
     assert out["defaults"] == {
         "budget": 0.5,
@@ -221,6 +227,9 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "group_size": None,
         "key_scales": "channel",
         "stream": "chunks",
+        "min_budget": 0.3,
+        "ttft_slo_ms": 0.0,
+        "budget_mode": "fixed",
     }
 
 
@@ -254,6 +263,16 @@ OPTION_ERRORS = {
     "zero": (["--spectrum-budget", "0"], "error: --spectrum-budget must be in (0, 1], got 0"),
     "nan": (["--spectrum-budget", "nan"], "error: --spectrum-budget must be in (0, 1], got nan"),
     "word": (["--spectrum-budget", "x"], "error: --spectrum-budget must be a number in (0, 1]"),
+    "min": (["--spectrum-min-budget", "0"], "error: --spectrum-min-budget must be in (0, 1]"),
+    "min_drop": (
+        ["--spectrum-budget", "auto", "--spectrum-min-budget", "0.2"],
+        "error: --spectrum-min-budget 0.2 is below 0.281",
+    ),
+    "slo": (["--spectrum-ttft-slo-ms", "-5"], "error: --spectrum-ttft-slo-ms must be >= 0"),
+    "spec": (
+        ["--speculative-algorithm", "NGRAM"],
+        "error: SpectrumKV does not transfer the draft model's KV cache yet",
+    ),
     "tiers": (["--spectrum-tiers", "4"], "argument --spectrum-tiers: invalid choice: '4'"),
     "alloc": (["--spectrum-allocator", "x"], "argument --spectrum-allocator: invalid choice"),
     "stream": (["--spectrum-stream", "on"], "argument --spectrum-stream: invalid choice: 'on'"),
@@ -280,6 +299,22 @@ OPTION_ERRORS = {
     ),
     "nomode": (["--disaggregation-mode", "null"], "needs --disaggregation-mode prefill|decode"),
 }
+if sglang_version() != "0.5.17":  # 0.5.23 only: decode allocation policies
+    OPTION_ERRORS["policy"] = (
+        ["--disaggregation-decode-allocation-policy", "prefill_complete"],
+        "supports --disaggregation-decode-allocation-policy early only",
+    )
+
+
+def test_adaptive_budget_option_values():
+    from sglang_spectrum.sglang_plugin.options import SpectrumServerOptions, options_from_dict
+
+    auto = SpectrumServerOptions(budget="auto", min_budget=0.35)
+    assert auto.adaptive and auto.budget == 1.0 and auto.lowest_budget == 0.35
+    assert auto.bound_codec().budget == 1.0  # regions hold a lossless part
+    assert options_from_dict(auto.to_dict()) == auto  # survives the env / the handshake
+    fixed = SpectrumServerOptions(budget=0.5)
+    assert not fixed.adaptive and fixed.lowest_budget == 0.5
 
 
 def test_option_errors_exit_2_with_one_line_message(smollm2):
@@ -369,11 +404,16 @@ def test_wire_identity_checks():
 def test_messages_round_trip_and_reject_garbage():
     from sglang_spectrum.sglang_plugin import messages as m
 
-    grant = m.Grant(7, "h:1", "10.0.0.1", 5000, 1 << 40, 4096, 3, 16, 2, required=1)
+    gen = 2**62 + 3
+    grant = m.Grant(
+        7, gen, "h:1", "10.0.0.1", 5000, 1 << 40, 4096, 3, 16, 2, required=1,
+        identity={"backend": "spectrum"}, prefill_instance="abc",
+    )  # fmt: skip
     sent = m.Sent(
-        7, 100, 2**62 + 5, [b"\x00" * 8, b"ab"], {"rid": "r", "ms": 1.5}, [[0, 100, 5, 9]]
+        7, gen, 100, 2**62 + 5, [b"\x00" * 8, b"ab"], {"rid": "r", "ms": 1.5}, [[0, 100, 5, 9]]
     )
-    for msg in (grant, sent, m.Abort(7, "h", 1, "why"), m.AbortAck(7), m.Failed(7, "x")):
+    failed = m.Failed(7, gen, "x", stale_peer=True)
+    for msg in (grant, sent, m.Abort(7, gen, "h", 1, "why"), m.AbortAck(7, gen), failed):
         assert m.decode(m.encode(msg)) == msg
     assert m.decode([b"ROOM", b"1"]) is None  # not ours (e.g. SGLang's own ABORT)
     assert m.decode([m.TAG_GRANT, b"\xc1garbage"]) is None

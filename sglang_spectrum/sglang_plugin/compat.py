@@ -139,6 +139,25 @@ def cpu_server_flags(mode: str, found: str | None = None) -> list[str]:
     return []
 
 
+def apply_cpu_defaults(ns: Any) -> None:
+    """Make a ``spectrum`` PD server on a CPU-only machine start with the documented
+    command alone (the launcher's parsed arguments, before ``ServerArgs`` exists):
+    :func:`cpu_server_flags` (0.5.23's decode retraction backup) unless the user
+    chose one, and :func:`cpu_server_env` in the environment the scheduler processes
+    inherit."""
+    import os
+
+    if getattr(ns, "device", None) != "cpu":
+        return
+    mode = getattr(ns, "disaggregation_mode", "null")
+    if mode == "decode" and getattr(ns, "disaggregation_decode_retraction_backup", "") is None:
+        flags = cpu_server_flags("decode")
+        if flags:
+            ns.disaggregation_decode_retraction_backup = flags[1]
+    for key, value in cpu_server_env().items():
+        os.environ.setdefault(key, value)
+
+
 def cpu_server_env() -> dict[str, str]:
     """Environment a PD server needs on a CPU-only torch: 0.5.23's prefill sends a cached
     prefix early and records a ``torch.cuda.Event`` for it

@@ -74,6 +74,15 @@ def _after_add_cli_args(result: Any, parser: Any) -> None:
     add_cli_args(parser)
 
 
+def _before_from_cli_args(*args: Any, **kwargs: Any) -> None:
+    ns = args[-1] if args else kwargs.get("args")
+    if getattr(ns, "disaggregation_transfer_backend", None) == BACKEND_NAME:
+        from .compat import apply_cpu_defaults
+
+        apply_cpu_defaults(ns)
+    return None
+
+
 def _after_from_cli_args(server_args: Any, cls: Any, ns: Any) -> None:
     from .compat import UnsupportedSGLangError, check_sglang_version
     from .options import _exit_error, apply_cli_namespace
@@ -177,6 +186,11 @@ def register() -> None:
             "sglang.srt.server_args.ServerArgs.from_cli_args",
             _after_from_cli_args,
             HookType.AFTER,
+        )
+        HookRegistry.register(
+            "sglang.srt.server_args.ServerArgs.from_cli_args",
+            _before_from_cli_args,
+            HookType.BEFORE,
         )
         try:
             check_sglang_version()
