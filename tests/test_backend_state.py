@@ -323,7 +323,7 @@ def test_one_dead_peer_never_delays_another():
         with lock:
             written.append(job)
 
-    workers = TransferWorkers(pack, write, depth=2)
+    workers = TransferWorkers(pack, write, lambda *a: None, depth=2)
     for i in range(3):
         workers.submit(("dead",), ("dead", i))
     for i in range(20):
@@ -360,7 +360,7 @@ def test_pack_of_the_next_job_overlaps_the_write_of_this_one():
         with lock:
             events.append(f"write{job}")
 
-    workers = TransferWorkers(pack, write, depth=2)
+    workers = TransferWorkers(pack, write, lambda *a: None, depth=2)
     for i in range(3):
         workers.submit(("p",), i)
     deadline = time.monotonic() + 5
@@ -368,6 +368,31 @@ def test_pack_of_the_next_job_overlaps_the_write_of_this_one():
         time.sleep(0.01)
     assert events.index("pack1") < events.index("write0")
     assert [e for e in events if e.startswith("write")] == ["write0", "write1", "write2"]
+    workers.close()
+
+
+def test_a_crashing_stage_is_cleaned_up_and_the_pipeline_lives_on():
+    crashed: list[tuple] = []
+    written: list[int] = []
+
+    def pack(job):
+        if job == 1:
+            raise TypeError("a bug in the pack stage")
+        return job
+
+    def write(job, packed):
+        if job == 2:
+            raise ValueError("a bug in the write stage")
+        written.append(job)
+
+    workers = TransferWorkers(pack, write, lambda j, p, e: crashed.append((j, p, type(e))))
+    for i in range(4):
+        workers.submit(("p",), i)
+    deadline = time.monotonic() + 5
+    while workers.stats()["pending"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert crashed == [(1, None, TypeError), (2, 2, ValueError)]
+    assert written == [0, 3] and workers.stats()["pending"] == 0
     workers.close()
 
 

@@ -90,7 +90,9 @@ class PrefillSide:
         self.rooms = PrefillRooms()
         self._failed_sessions = FailedSessions()
         self._verdicts: dict[str, str] = {}  # decode identity digest -> '' ok | reason
-        self._workers = TransferWorkers(self._pack_stage, self._write_stage, name="prefill")
+        self._workers = TransferWorkers(
+            self._pack_stage, self._write_stage, self._job_crashed, name="prefill"
+        )
         opts = self.options
         self.adaptive = AdaptiveBudget(opts.min_budget, opts.ttft_slo_ms) if opts.adaptive else None
         self._peer_bytes: dict[tuple, int] = {}  # packed bytes waiting for each peer's writer
@@ -338,6 +340,15 @@ class PrefillSide:
             self.fail_room(room, reason)
         self._leave_flight(room)
 
+    def _job_crashed(self, job: PackJob, packed: Packed | None, error: BaseException) -> None:
+        """A stage raised past its own error handling: release what the job holds, fail
+        the room and let the job leave the flight (never strand a room in flight)."""
+        if packed is not None:
+            packed.region.release()
+        self._finish_unsent(
+            job.room, f"SpectrumKV transfer failed: {type(error).__name__}: {error}"
+        )
+
     def _pack_stage(self, job: PackJob) -> Packed | None:
         """Packer thread: pack one part into a send region (None: dropped or failed)."""
         from sglang_spectrum.transfer import pack_request, part_offset
@@ -414,17 +425,18 @@ class PrefillSide:
             self._finish_unsent(room, f"SpectrumKV could not pack the KV cache: {e}")
             return None
         return Packed(
-            region,
-            offset,
-            int(send_n),
-            int(checksum),
-            info,
-            grants,
-            pack_ms,
-            register_ms,
-            one_off,
-            fault,
-            t0,
+            region=region,
+            offset=offset,
+            nbytes=int(send_n),
+            checksum=int(checksum),
+            info=info,
+            budget=cfg.budget,
+            grants=grants,
+            pack_ms=pack_ms,
+            register_ms=register_ms,
+            one_off=one_off,
+            fault=fault,
+            started=t0,
         )
 
     def _worker_stream(self) -> Any:

@@ -88,8 +88,9 @@ class _Pipeline:
                 return
             try:
                 result = self.owner.pack(job)
-            except BaseException as e:  # the stage reports its own failures; never die
+            except BaseException as e:  # the stages report their own failures: a bug
                 logger.exception("SpectrumKV: pack stage crashed: %s", e)
+                self.owner.crashed(job, None, e)
                 result = None
             if result is None:  # dropped or failed in the pack stage
                 self.owner._done(self)
@@ -105,6 +106,7 @@ class _Pipeline:
                 self.owner.write(*item)
             except BaseException as e:
                 logger.exception("SpectrumKV: write stage crashed: %s", e)
+                self.owner.crashed(*item, e)
             finally:
                 self.owner._done(self)
 
@@ -112,20 +114,24 @@ class _Pipeline:
 class TransferWorkers:
     """Per-peer pack -> write pipelines (see the module docstring).
 
-    ``pack(job) -> packed | None`` and ``write(job, packed) -> None`` must handle
-    their own errors (None from ``pack`` drops the job); :meth:`submit` never blocks.
+    ``pack(job) -> packed | None`` and ``write(job, packed) -> None`` handle their
+    own errors (None from ``pack`` drops the job); should one raise anyway,
+    ``crashed(job, packed or None, exception)`` cleans up after it. :meth:`submit`
+    never blocks.
     """
 
     def __init__(
         self,
         pack: Callable[[Any], Any],
         write: Callable[[Any, Any], None],
+        crashed: Callable[[Any, Any, BaseException], None],
         depth: int = 2,
         idle_s: float = PIPELINE_IDLE_S,
         name: str = "transfer",
     ):
         self.pack = pack
         self.write = write
+        self._crashed = crashed
         self.depth = max(1, int(depth))
         self.idle_s = idle_s
         self.name = name
@@ -141,6 +147,12 @@ class TransferWorkers:
             pipe.pending += 1
             pipe.last_used = time.monotonic()
         pipe.jobs.put(job)
+
+    def crashed(self, job: Any, packed: Any, error: BaseException) -> None:
+        try:
+            self._crashed(job, packed, error)
+        except BaseException:
+            logger.exception("SpectrumKV: cleaning up after a crashed job failed")
 
     def _done(self, pipe: _Pipeline) -> None:
         with self._lock:
