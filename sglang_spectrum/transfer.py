@@ -422,16 +422,17 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
     maps and the checksums back for the headers, which a last small copy per slice writes
     in front of its payload."""
     device = req.sent.device
-    maps = {}
+    maps = {}  # per head count: tier map, counts, plan (the slices of a count share them)
     for s in slices:
-        if s.info.layout.num_kv_heads not in maps:
-            maps[s.info.layout.num_kv_heads] = _device_tiers(kern, req, s.info)
+        n = s.info.layout.num_kv_heads
+        if n not in maps:
+            tiers, counts = _device_tiers(kern, req, s.info)
+            maps[n] = (tiers, counts, kern.plan_from_counts(s.info.layout, tiers, counts, req.sent))
     t1 = time.perf_counter()
     headers, starts, payloads, parts = [], [], [], []
     for s in slices:
         lay = s.info.layout
-        tiers, counts = maps[lay.num_kv_heads]
-        plan = kern.plan_from_counts(lay, tiers, counts, req.sent)
+        plan = maps[lay.num_kv_heads][2]
         header = PackedHeader(
             layout=lay,
             tier_map=bytes(lay.num_tokens),  # placeholder of the same encoded length
@@ -447,7 +448,7 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
         payloads.append(payload)
         parts.append(kern.checksum_parts(payload))
     host_tiers = {}
-    for n, (tiers, _) in maps.items():
+    for n, (tiers, _, _) in maps.items():
         host_tiers[n] = torch.empty(
             tiers.numel(), dtype=torch.uint8, pin_memory=device.type == "cuda"
         )
