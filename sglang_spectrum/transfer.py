@@ -257,8 +257,14 @@ def pack_slices(
 ) -> list[PackedRequest]:
     """Pack one request as several buffers, heads ``heads[i]`` of the pools into
     ``outs[i]`` (heterogeneous TP: a prefill rank's :func:`.heads.prefill_slices`, one
-    buffer per decode rank). Arguments as :func:`pack_request`; returns one
-    :class:`PackedRequest` per slice, in order.
+    buffer per decode rank). Returns one :class:`PackedRequest` per slice, in order.
+
+    Args:
+        k_pools, v_pools, slots, config, context_slots, fp8: as :func:`pack_request`.
+        outs: per slice a contiguous uint8 ``[>= packed_size_bound(T, L, h1 - h0, D,
+            dtype, config)]`` send region on the pools' device.
+        heads: per slice ``(h0, h1)``, heads of the pools (``HeadSlice.src``), or None
+            (every head).
 
     Every slice is packed with the one tier map of its head count: tokens are scored once
     over every head of the pools (the prefill rank's; and the ``optimal`` allocator's
