@@ -43,13 +43,35 @@ def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torc
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
 
 
+def head_range(
+    layout: KVLayout, pool_heads: int, heads: tuple[int, int] | None, error=None
+) -> tuple[int, int]:
+    """(first head ``h0``, heads per slot ``HP``) of the layout's ``num_kv_heads`` heads in
+    pools of ``pool_heads`` heads: ``heads = (h0, h1)`` names them (``h1 - h0`` must be the
+    layout's head count), None means all of them (the pools hold exactly the layout's)."""
+    error = error or SpectrumConfigError
+    n = layout.num_kv_heads
+    if heads is None:
+        if pool_heads != n:
+            raise error(f"pools of {pool_heads} KV heads, the layout has {n}")
+        return 0, pool_heads
+    h0, h1 = (int(h) for h in heads)
+    if not 0 <= h0 < h1 <= pool_heads:
+        raise error(f"head range [{h0}, {h1}) out of bounds for pools of {pool_heads} KV heads")
+    if h1 - h0 != n:
+        raise error(f"head range [{h0}, {h1}) holds {h1 - h0} heads, the layout {n}")
+    return h0, pool_heads
+
+
 def pool_table(
     layout: KVLayout,
     k_pools: Sequence[torch.Tensor],
     v_pools: Sequence[torch.Tensor],
     error=None,
+    heads: tuple[int, int] | None = None,
 ) -> tuple[torch.dtype, torch.Tensor]:
-    """Validated pools: their dtype and the int64 ``[2L]`` device table of K then V pointers.
+    """Validated pools: their dtype and the int64 ``[2L]`` device table of K then V pointers
+    (``heads``: the layout's heads are ``[h0, h1)`` of the pools', see :func:`head_range`).
 
     Cached by the pools' addresses (plus the first pool's dtype and shape), so
     SGLang's long-lived pools are checked and copied to the device once, and a
@@ -64,11 +86,12 @@ def pool_table(
         layout.num_layers,
         layout.num_kv_heads,
         layout.head_dim,
+        heads,
         *(t.data_ptr() for t in pools),
     )
     hit = _TABLES.get(key)
     if hit is None:
-        dtype = check_pools(layout, k_pools, v_pools, error)
+        dtype = check_pools(layout, k_pools, v_pools, error, heads)
         if len(_TABLES) >= 64:
             _TABLES.clear()
         hit = _TABLES[key] = (dtype, pointer_table(pools, ref.device))
@@ -76,12 +99,17 @@ def pool_table(
 
 
 def check_pools(
-    layout: KVLayout, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], error=None
+    layout: KVLayout,
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
+    error=None,
+    heads: tuple[int, int] | None = None,
 ) -> torch.dtype:
-    """Validate per-layer ``[num_slots, H, D]`` pools; returns their common dtype.
+    """Validate per-layer ``[num_slots, HP, D]`` pools; returns their common dtype.
 
     Pools must be contiguous, on one device, of one dtype (bf16, fp16, fp32, or uint8
-    holding FP8 bits: what they mean comes from the layout or an ``FP8Pool``).
+    holding FP8 bits: what they mean comes from the layout or an ``FP8Pool``), and hold
+    the layout's heads (all ``HP``, or the range ``heads``, see :func:`head_range`).
     """
     error = error or SpectrumConfigError
     if len(k_pools) != layout.num_layers or len(v_pools) != layout.num_layers:
@@ -90,12 +118,14 @@ def check_pools(
             f" {len(v_pools)} V pools"
         )
     ref = k_pools[0]
-    want = (layout.num_kv_heads, layout.head_dim)
+    if ref.dim() != 3 or ref.shape[2] != layout.head_dim:
+        raise error(f"pools must be [slots, heads, {layout.head_dim}], got {tuple(ref.shape)}")
+    head_range(layout, int(ref.shape[1]), heads, error)
     for layer, (k, v) in enumerate(zip(k_pools, v_pools)):
         for x in (k, v):
-            if x.dim() != 3 or tuple(x.shape[1:]) != want:
+            if x.dim() != 3 or x.shape[1:] != ref.shape[1:]:
                 raise error(
-                    f"layer {layer}: pools must be [slots, {want[0]}, {want[1]}],"
+                    f"layer {layer}: pools must be [slots, {ref.shape[1]}, {ref.shape[2]}],"
                     f" got {tuple(x.shape)}"
                 )
             if x.dtype != ref.dtype or x.device != ref.device or not x.is_contiguous():

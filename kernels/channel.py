@@ -93,7 +93,7 @@ def _store_channel(
     tl.store(sc + pair, tl.join(scale, mn))
 
 
-@triton.jit(do_not_specialize=["b1", "n0", "n1"])
+@triton.jit(do_not_specialize=["b1", "n0", "n1", "h0"])
 def _pack_channel_kernel(
     src_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
     rows,  # int64 [N]: source row of each listed token
@@ -104,8 +104,10 @@ def _pack_channel_kernel(
     n0,
     n1,  # tokens of FP16 and INT8
     num_layers,
+    h0,  # first packed head of the pools
     SRC: tl.constexpr,
-    H: tl.constexpr,
+    H: tl.constexpr,  # packed heads
+    HP: tl.constexpr,  # heads per pool slot
     D: tl.constexpr,
     DC: tl.constexpr,  # channels per program
     KB: tl.constexpr,  # rows per key scale block
@@ -126,7 +128,7 @@ def _pack_channel_kernel(
         slot = tl.load(rows + first + j, mask=ok, other=0)
         addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
         pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
-        off = (slot * H + h) * D
+        off = (slot * HP + h0 + h) * D
         x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
         if FP8:
             x = from_fp8(x, FP8) * tl.load(scales + layer)
@@ -149,18 +151,22 @@ def channel_grid(plan: TransferPlan) -> tuple[int, int, int]:
     return b1, b2, dc
 
 
-def channel_launch(plan: TransferPlan, device: torch.device) -> tuple[tuple, tuple, dict] | None:
-    """Grid, trailing arguments ``(b1, n0, n1, num_layers)`` and the launch options
-    shared by the per-channel key kernels; None when there are no INT8/INT4 key blocks."""
+def channel_launch(
+    plan: TransferPlan, device: torch.device, place: tuple[int, int]
+) -> tuple[tuple, tuple, dict] | None:
+    """Grid, trailing arguments ``(b1, n0, n1, num_layers, h0)`` and the launch options
+    shared by the per-channel key kernels, for heads ``place = (h0, HP)`` (``h0 ..`` of
+    pools of ``HP`` heads per slot); None when there are no INT8/INT4 key blocks."""
     lay = plan.layout
     b1, b2, dc = channel_grid(plan)
     if not b2:
         return None
     n_rows = (sum(plan.counts) + lay.key_block) * lay.num_kv_heads
     grid = (b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)
-    args = (b1, plan.counts[0], plan.counts[1], lay.num_layers)
+    args = (b1, plan.counts[0], plan.counts[1], lay.num_layers, place[0])
     options = {
         "H": lay.num_kv_heads,
+        "HP": place[1],
         "D": lay.head_dim,
         "DC": dc,
         "KB": lay.key_block,
@@ -171,9 +177,10 @@ def channel_launch(plan: TransferPlan, device: torch.device) -> tuple[tuple, tup
     return grid, args, options
 
 
-def launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
-    """Pack the INT8/INT4 key segments of a layout with per-channel key scales."""
-    launch = channel_launch(plan, payload.device)
+def launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype, place) -> None:
+    """Pack the INT8/INT4 key segments of a layout with per-channel key scales (heads
+    ``place``, see :func:`channel_launch`)."""
+    launch = channel_launch(plan, payload.device, place)
     if launch is None:
         return
     grid, args, options = launch
@@ -183,7 +190,7 @@ def launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
     )
 
 
-@triton.jit(do_not_specialize=["b1", "n0", "n1"])
+@triton.jit(do_not_specialize=["b1", "n0", "n1", "h0"])
 def _unpack_channel_kernel(
     payload,  # uint8 [payload_nbytes]
     dst_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
@@ -194,8 +201,10 @@ def _unpack_channel_kernel(
     n0,
     n1,
     num_layers,
+    h0,  # first written head of the pools
     DST: tl.constexpr,
     H: tl.constexpr,
+    HP: tl.constexpr,
     D: tl.constexpr,
     DC: tl.constexpr,
     KB: tl.constexpr,
@@ -231,14 +240,16 @@ def _unpack_channel_kernel(
         slot = tl.load(rows + first + j, mask=ok, other=0)
         addr = tl.multiple_of(tl.load(dst_ptrs + layer), 16)
         pool = tl.multiple_of(addr.to(tl.pointer_type(DST)), 16)
-        off = (slot * H + h) * D
+        off = (slot * HP + h0 + h) * D
         sd = tl.load(dst_scales + layer)
         x = to_pool(x, sd, DST, SOFT_BF16, DFP8, DDIV)
         tl.store(pool + off[:, None] + c[None, :], x, mask=ok[:, None])
 
 
-def launch_unpack_channel(plan: TransferPlan, payload, ptrs, rows, dtype, fp8=None) -> None:
-    launch = channel_launch(plan, payload.device)
+def launch_unpack_channel(plan: TransferPlan, payload, ptrs, rows, dtype, place, fp8=None) -> None:
+    """Unpack the INT8/INT4 key segments of a layout with per-channel key scales into heads
+    ``place`` (see :func:`channel_launch`) of pools of ``dtype`` (uint8: FP8, ``fp8``)."""
+    launch = channel_launch(plan, payload.device, place)
     if launch is None:
         return
     grid, args, options = launch

@@ -36,6 +36,7 @@ from ..config import SpectrumConfigError
 from ..policy import Tier
 from ._common import (
     TL_DTYPES,
+    head_range,
     interpreted,
     launch_options,
     pointer_table,
@@ -87,12 +88,25 @@ def _locate(
 
 
 @triton.jit
-def _pool_rows(ptrs, rows, idx, list0, r, live, DT: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
-    """Element offsets ``[BR, D]`` of rows ``r`` in the pool ``ptrs[idx]`` and its base."""
+def _pool_rows(
+    ptrs,
+    rows,
+    idx,
+    list0,
+    r,
+    live,
+    h0,
+    DT: tl.constexpr,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Element offsets ``[BR, D]`` of rows ``r`` in the pool ``ptrs[idx]`` and its base: row
+    ``r`` is head ``h0 + r % H`` of a pool of ``HP`` heads per slot."""
     addr = tl.multiple_of(tl.load(ptrs + idx), 16)
     pool = tl.multiple_of(addr.to(tl.pointer_type(DT)), 16)  # caching allocator: >= 256 B
     slot = tl.load(rows + list0 + r // H, mask=live, other=0)
-    off = (slot * H + r % H) * D
+    off = (slot * HP + h0 + r % H) * D
     return pool, off[:, None] + tl.arange(0, D)[None, :]
 
 
@@ -248,14 +262,17 @@ def _pack_block(
     n0,
     n1,
     n2,
+    h0,
     H: tl.constexpr,
+    HP: tl.constexpr,
     D: tl.constexpr,
     BR: tl.constexpr,
     IDX: tl.constexpr,
 ):
     """:func:`_locate` and :func:`_pool_rows` in one, with the row arithmetic in
     ``IDX`` (int32 unless the request has ``2**31`` elements or more: half the
-    integer instructions of int64). The pool offsets stay int64.
+    integer instructions of int64). The pool offsets stay int64 (row ``r``: head
+    ``h0 + r % H`` of ``HP`` per slot).
 
     Returns (tier, n_seg, seg, valid, dst, off, live): ``off`` int64 ``[BR]``
     element offsets of the rows in their pool.
@@ -267,7 +284,7 @@ def _pack_block(
     r = ((pid - blk0) * BR).to(IDX) + tl.arange(0, BR).to(IDX)
     live = r < (n_tier * H).to(IDX)
     slot = tl.load(rows + list0 + r // H, mask=live, other=0)
-    off = (slot * H + r % H) * D
+    off = (slot * HP + h0 + r % H) * D
     e = _META_HEAD + (tier * num_layers + layer) * _META_STRIDE
     base = tl.load(meta + e).to(IDX)
     n_seg = tl.load(meta + e + 1)
@@ -275,7 +292,7 @@ def _pack_block(
     return tier, n_seg, seg, live & (r >= base * H), r - base * H, off, live
 
 
-@triton.jit(do_not_specialize=["blk_lo", "b1", "b2", "n0", "n1", "n2"])
+@triton.jit(do_not_specialize=["blk_lo", "b1", "b2", "n0", "n1", "n2", "h0"])
 def _pack_kernel(
     src_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
     rows,  # int64 [N]: source row of each listed token (pool slot)
@@ -289,9 +306,11 @@ def _pack_kernel(
     n1,
     n2,  # first block of INT8 / INT4; tokens per tier
     num_layers,
+    h0,  # first packed head of the pools
     SRC: tl.constexpr,  # pool dtype
     WIRE: tl.constexpr,  # FP16-tier wire dtype
-    H: tl.constexpr,
+    H: tl.constexpr,  # packed heads (the layout's)
+    HP: tl.constexpr,  # heads per pool slot
     D: tl.constexpr,
     G: tl.constexpr,
     BR: tl.constexpr,
@@ -306,7 +325,7 @@ def _pack_kernel(
     layer = tl.program_id(1) // NKV
     kv = KV0 + tl.program_id(1) % NKV
     tier, n_seg, seg, valid, dst, off, live = _pack_block(
-        meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, D, BR, IDX
+        meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, h0, H, HP, D, BR, IDX
     )
     addr = tl.multiple_of(tl.load(src_ptrs + layer + kv * num_layers), 16)
     if WORDS:  # int32 words, each a pair of bf16 (the FP16 tier moves them as they are)
@@ -370,10 +389,11 @@ def _sm80(index: int) -> bool:
 
 
 def _launch_pack(
-    plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_hi, values_only=False
+    plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_hi, place, values_only=False
 ) -> None:
     """Pack tiers ``tier_lo .. tier_hi - 1`` (0: FP16, 1: INT8, 2: INT4) of K and V, or of
-    V alone (``values_only``: per-channel keys go through :mod:`.channel`)."""
+    V alone (``values_only``: per-channel keys go through :mod:`.channel`), from heads
+    ``place = (h0, HP)``: ``h0 ..`` of pools of ``HP`` heads per slot."""
     block_rows, warps, starts = pack_shape(plan)
     blk_lo, blk_hi = starts[tier_lo], starts[tier_hi]
     if blk_hi <= blk_lo:
@@ -394,9 +414,11 @@ def _launch_pack(
         *starts[1:3],
         *plan.counts,
         lay.num_layers,
+        place[0],
         SRC=TL_DTYPES[dtype],
         WIRE=wire_dtype(dtype),
         H=lay.num_kv_heads,
+        HP=place[1],
         D=lay.head_dim,
         G=lay.groups,
         BR=block_rows,
@@ -411,27 +433,28 @@ def _launch_pack(
     )
 
 
-def _launch_pack_int(plan: TransferPlan, ptrs, rows, payload, dtype) -> None:
+def _launch_pack_int(plan: TransferPlan, ptrs, rows, payload, dtype, place) -> None:
     """The INT8 and INT4 tiers: one launch, or V rows plus the per-channel key kernel."""
     if plan.layout.key_block:
-        _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3, values_only=True)
-        launch_pack_channel(plan, ptrs, rows, payload, dtype)
+        _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3, place, values_only=True)
+        launch_pack_channel(plan, ptrs, rows, payload, dtype, place)
     else:
-        _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3)
+        _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3, place)
 
 
 def rotate_rows(
-    pools: Sequence[torch.Tensor], plan: TransferPlan, rows_of, out: torch.Tensor
+    pools: Sequence[torch.Tensor], plan: TransferPlan, rows_of, out: torch.Tensor, h0: int = 0
 ) -> None:
     """Hadamard pre-step of the INT tiers (torch matmul, per tier and layer like
-    the reference, so each matmul sees the reference's rows)."""
+    the reference, so each matmul sees the reference's rows), heads ``h0 ..`` of the pools."""
     lay, n0 = plan.layout, plan.counts[0]
     rot = hadamard(lay.head_dim, out.device)
+    heads = slice(h0, h0 + lay.num_kv_heads)
     for i, pool in enumerate(pools):
         for k in (Tier.INT8, Tier.INT4):
             lo, hi = plan.tier_range(int(k), i % lay.num_layers)
             if hi > lo:
-                out[i, lo - n0 : hi - n0] = pool[rows_of(lo, hi)].float() @ rot
+                out[i, lo - n0 : hi - n0] = pool[rows_of(lo, hi), heads].float() @ rot
 
 
 def int_scratch(
@@ -461,22 +484,26 @@ def pack_payload(
     v_pools: Sequence[torch.Tensor],
     plan: TransferPlan,
     out: torch.Tensor | None = None,
+    heads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Run the pack kernel: the payload (uint8 ``[plan.payload_nbytes]``, pools' device).
 
     Args:
-        k_pools, v_pools: per layer ``[num_slots, H, D]`` contiguous bf16/fp16/fp32, or
+        k_pools, v_pools: per layer ``[num_slots, HP, D]`` contiguous bf16/fp16/fp32, or
             uint8 FP8 bits when ``plan.layout`` is an FP8 source (its ``kv_scales``).
         plan: from :func:`plan_transfer` with the request's slots.
         out: optional preallocated uint8 buffer of at least ``payload_nbytes``.
+        heads: pack heads ``[h0, h1)`` of the pools (``h1 - h0`` = the layout's
+            ``num_kv_heads``; read in place, no copy); None: all ``HP`` heads.
 
     With ``rotation="hadamard"`` the FP16 tier is packed straight from the pools
     and the INT tiers from a float32 scratch ``[2L, n_int, H, D]`` rotated by
     :func:`rotate_rows` (torch matmul fallback, not fused).
     """
     lay = plan.layout
-    dtype, ptrs = pool_table(lay, k_pools, v_pools)
+    dtype, ptrs = pool_table(lay, k_pools, v_pools, heads=heads)
     device = k_pools[0].device
+    place = head_range(lay, int(k_pools[0].shape[1]), heads)
     payload = (
         torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=device)
         if out is None
@@ -487,17 +514,18 @@ def pack_payload(
     pools = [*k_pools, *v_pools]
     if lay.rotation != "hadamard":
         if lay.key_block:
-            _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1)
-            _launch_pack_int(plan, ptrs, plan.rows, payload, dtype)
+            _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1, place)
+            _launch_pack_int(plan, ptrs, plan.rows, payload, dtype, place)
         else:
-            _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3)
+            _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3, place)
         return payload
-    _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1)
+    _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1, place)
     scratch_rows = int_scratch(plan, device)
     if scratch_rows is not None:
         scratch, local = scratch_rows
-        rotate_rows(pools, plan, lambda lo, hi: plan.rows[lo:hi], scratch)
-        _launch_pack_int(plan, pointer_table(list(scratch), device), local, payload, torch.float32)
+        rotate_rows(pools, plan, lambda lo, hi: plan.rows[lo:hi], scratch, place[0])
+        table = pointer_table(list(scratch), device)
+        _launch_pack_int(plan, table, local, payload, torch.float32, (0, lay.num_kv_heads))
     return payload
 
 
@@ -510,6 +538,7 @@ def pack_from_pools(
     policy: str = "",
     plan: TransferPlan | None = None,
     checksum: str = "auto",
+    heads: tuple[int, int] | None = None,
 ) -> PackedKV:
     """Pack one request straight from SGLang's KV pools (the kernel twin of ``pack_tiers``).
 
@@ -525,22 +554,25 @@ def pack_from_pools(
         plan: reuse a plan built for the same layout, tiers and slots.
         checksum: ``"auto"`` (Triton on CUDA, the reference otherwise),
             ``"triton"`` or ``"torch"`` (:func:`codec.payload_checksum`); all equal.
+        heads: pack heads ``[h0, h1)`` of the pools (the layout's ``num_kv_heads`` of
+            them); None: the pools hold exactly the layout's heads.
 
     Returns:
-        :class:`PackedKV` byte-identical to ``pack_tiers`` on the gathered KV.
+        :class:`PackedKV` byte-identical to ``pack_tiers`` on the gathered KV (its heads).
         Layouts the kernels do not support fall back to that reference.
     """
-    dtype, _ = pool_table(layout, k_pools, v_pools)
+    dtype, _ = pool_table(layout, k_pools, v_pools, heads=heads)
     if dtype != (torch.uint8 if layout.fp8 else SOURCE_DTYPES[layout.dtype]):
         raise SpectrumConfigError(f"layout dtype {layout.dtype} but pools are {dtype}")
     slots = torch.as_tensor(slots, device=k_pools[0].device).reshape(-1)
     if not kernel_supported(layout):
         slots = slots.long()
-        keys = [k[slots[f:]] for k, f in zip(k_pools, layout.layer_first_pos)]
-        values = [v[slots[f:]] for v, f in zip(v_pools, layout.layer_first_pos)]
+        h = slice(*(heads or (0, layout.num_kv_heads)))
+        keys = [k[slots[f:], h] for k, f in zip(k_pools, layout.layer_first_pos)]
+        values = [v[slots[f:], h] for v, f in zip(v_pools, layout.layer_first_pos)]
         return pack_tiers(keys, values, layout, tiers, policy)
     plan = plan or plan_transfer(layout, tiers, slots)
-    payload = pack_payload(k_pools, v_pools, plan)
+    payload = pack_payload(k_pools, v_pools, plan, heads=heads)
     use_triton = checksum == "triton" or (checksum == "auto" and payload.is_cuda)
     header = PackedHeader(
         layout=layout,

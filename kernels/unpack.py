@@ -27,6 +27,7 @@ from ..fp8 import FP8Pool, check_fp8_pools, pool_bytes, store_rows
 from ..policy import Tier
 from ._common import (
     TL_DTYPES,
+    head_range,
     interpreted,
     launch_options,
     pointer_table,
@@ -74,7 +75,7 @@ def _dequantize(
     return tl.reshape(xg, [BR, D])
 
 
-@triton.jit(do_not_specialize=["blk_lo", "b1", "b2", "n0", "n1", "n2"])
+@triton.jit(do_not_specialize=["blk_lo", "b1", "b2", "n0", "n1", "n2", "h0"])
 def _unpack_kernel(
     payload,  # uint8 [payload_nbytes]
     dst_ptrs,  # int64 [2L]: K pools of layers 0..L-1, then V pools
@@ -89,9 +90,11 @@ def _unpack_kernel(
     n1,
     n2,  # first block of INT8 / INT4; tokens per tier
     num_layers,
+    h0,  # first written head of the pools
     DST: tl.constexpr,  # pool dtype
     WIRE: tl.constexpr,  # FP16-tier wire dtype
-    H: tl.constexpr,
+    H: tl.constexpr,  # packed heads (the layout's)
+    HP: tl.constexpr,  # heads per pool slot
     D: tl.constexpr,
     G: tl.constexpr,
     BR: tl.constexpr,
@@ -110,7 +113,7 @@ def _unpack_kernel(
         meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, BR
     )
     idx = layer + kv * num_layers
-    pool, off = _pool_rows(dst_ptrs, rows, idx, list0, r, live, DST, H, D)
+    pool, off = _pool_rows(dst_ptrs, rows, idx, list0, r, live, h0, DST, H, HP, D)
     sd = tl.load(dst_scales + idx)
     if tier == 0:
         src = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
@@ -131,21 +134,31 @@ def _unpack_kernel(
         tl.store(pool + off, to_pool(x4, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
 
 
-def _launch_unpack_int(plan: TransferPlan, payload, ptrs, rows, dtype, fp8=None) -> None:
+def _launch_unpack_int(plan: TransferPlan, payload, ptrs, rows, dtype, place, fp8=None) -> None:
     """The INT8 and INT4 tiers: one launch, or V rows plus the per-channel key kernel."""
     _, b1, _, b3 = plan.block_starts
     if plan.layout.key_block:
-        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, values_only=True, fp8=fp8)
-        launch_unpack_channel(plan, payload, ptrs, rows, dtype, fp8)
+        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, place, True, fp8)
+        launch_unpack_channel(plan, payload, ptrs, rows, dtype, place, fp8)
     else:
-        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, fp8=fp8)
+        _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, place, fp8=fp8)
 
 
 def _launch_unpack(
-    plan: TransferPlan, payload, ptrs, rows, dtype, blk_lo, blk_hi, values_only=False, fp8=None
+    plan: TransferPlan,
+    payload,
+    ptrs,
+    rows,
+    dtype,
+    blk_lo,
+    blk_hi,
+    place,
+    values_only=False,
+    fp8=None,
 ) -> None:
-    """Unpack blocks ``blk_lo .. blk_hi - 1`` of K and V (or V alone) into pools of
-    ``dtype`` (uint8: FP8 pools described by ``fp8``)."""
+    """Unpack blocks ``blk_lo .. blk_hi - 1`` of K and V (or V alone) into heads ``place =
+    (h0, HP)`` (``h0 ..`` of ``HP`` per slot) of pools of ``dtype`` (uint8: FP8 pools
+    described by ``fp8``)."""
     if blk_hi <= blk_lo:
         return
     lay = plan.layout
@@ -166,9 +179,11 @@ def _launch_unpack(
         *plan.block_starts[1:3],
         *plan.counts,
         lay.num_layers,
+        place[0],
         DST=TL_DTYPES[dtype],
         WIRE=wire_dtype(_wire_source(lay)),
         H=lay.num_kv_heads,
+        HP=place[1],
         D=lay.head_dim,
         G=lay.groups,
         BR=plan.block_rows,
@@ -197,18 +212,22 @@ def unpack_payload(
     v_pools: Sequence[torch.Tensor],
     plan: TransferPlan,
     fp8: FP8Pool | None = None,
+    heads: tuple[int, int] | None = None,
 ) -> None:
     """Run the unpack kernel: write the payload's kept tokens into the pools.
 
     Args:
         payload: uint8 ``[>= plan.payload_nbytes]`` on the pools' device (already
             validated: this does no checking of the bytes).
-        k_pools, v_pools: per layer ``[num_slots, H, D]`` contiguous bf16/fp16/fp32, or
+        k_pools, v_pools: per layer ``[num_slots, HP, D]`` contiguous bf16/fp16/fp32, or
             uint8 FP8 pools described by ``fp8`` (dtype, the receiver's scales).
         plan: from :func:`plan_transfer` with the destination slots.
+        heads: write heads ``[g0, g1)`` of the pools (``g1 - g0`` = the layout's
+            ``num_kv_heads``), the others untouched; None: all ``HP`` heads.
     """
     lay = plan.layout
-    dtype, ptrs = pool_table(lay, k_pools, v_pools)
+    dtype, ptrs = pool_table(lay, k_pools, v_pools, heads=heads)
+    place = head_range(lay, int(k_pools[0].shape[1]), heads)
     if (dtype == torch.uint8) != (fp8 is not None):
         raise SpectrumConfigError(f"{dtype} pools: fp8 must describe uint8 pools, and only them")
     if not kernel_supported(lay, fp8_pools=fp8 is not None):
@@ -218,24 +237,26 @@ def unpack_payload(
     _, b1, _, b3 = plan.block_starts
     if lay.rotation != "hadamard":
         if lay.key_block:
-            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1, fp8=fp8)
-            _launch_unpack_int(plan, payload, ptrs, plan.rows, dtype, fp8)
+            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1, place, fp8=fp8)
+            _launch_unpack_int(plan, payload, ptrs, plan.rows, dtype, place, fp8)
         else:
-            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b3, fp8=fp8)
+            _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b3, place, fp8=fp8)
         return
-    _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1)
+    _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1, place)
     scratch_rows = int_scratch(plan, device)
     if scratch_rows is None:
         return
     scratch, local = scratch_rows
     n0 = plan.counts[0]
-    _launch_unpack_int(plan, payload, pointer_table(list(scratch), device), local, torch.float32)
+    table = pointer_table(list(scratch), device)
+    _launch_unpack_int(plan, payload, table, local, torch.float32, (0, lay.num_kv_heads))
     rot = hadamard(lay.head_dim, device)
+    h = slice(place[0], place[0] + lay.num_kv_heads)
     for i, pool in enumerate(pools):  # post-step per tier and layer, like decode_rows
         for k in (Tier.INT8, Tier.INT4):
             lo, hi = plan.tier_range(int(k), i % lay.num_layers)
             if hi > lo:
-                pool[plan.rows[lo:hi]] = (scratch[i, lo - n0 : hi - n0] @ rot).to(dtype)
+                pool[plan.rows[lo:hi], h] = (scratch[i, lo - n0 : hi - n0] @ rot).to(dtype)
 
 
 def unpack_to_pools(
@@ -244,6 +265,7 @@ def unpack_to_pools(
     v_pools: Sequence[torch.Tensor],
     slots: torch.Tensor | Sequence[int],
     fp8: FP8Pool | None = None,
+    heads: tuple[int, int] | None = None,
 ) -> UnpackInfo:
     """Validate a packed buffer and scatter its dequantised KV into the pools.
 
@@ -259,6 +281,8 @@ def unpack_to_pools(
             or FP8 (uint8 or float8) described by ``fp8``.
         slots: int ``[T]``: destination pool slot of each prompt position.
         fp8: FP8 destination pools: dtype and the receiver's per-layer scales.
+        heads: write heads ``[g0, g1)`` of the pools (as many as the buffer holds);
+            None: the pools hold exactly the buffer's heads.
     Returns:
         :class:`UnpackInfo` (dropped positions are not written).
     """
@@ -267,7 +291,7 @@ def unpack_to_pools(
     check_fp8_pools([*k_pools, *v_pools], fp8, layout.num_layers, SpectrumFormatError)
     if fp8 is not None:
         k_pools, v_pools = pool_bytes(k_pools), pool_bytes(v_pools)
-    pool_table(layout, k_pools, v_pools, SpectrumFormatError)
+    pool_table(layout, k_pools, v_pools, SpectrumFormatError, heads)
     device = k_pools[0].device
     slots = torch.as_tensor(slots)
     if slots.dim() != 1 or slots.numel() != layout.num_tokens or slots.dtype.is_floating_point:
@@ -283,12 +307,12 @@ def unpack_to_pools(
     payload = payload.to(device)
     if kernel_supported(layout, fp8_pools=fp8 is not None):
         plan = plan_transfer(layout, tiers, slots)
-        unpack_payload(payload, k_pools, v_pools, plan, fp8=fp8)
+        unpack_payload(payload, k_pools, v_pools, plan, fp8=fp8, heads=heads)
     else:
         from ..codec import iter_decoded_layers
 
         for layer, positions, k, v in iter_decoded_layers(header, payload):
             dst = slots[positions.to(device)]
-            store_rows(k_pools[layer], dst, k, fp8, layer, key=True)
-            store_rows(v_pools[layer], dst, v, fp8, layer, key=False)
+            store_rows(k_pools[layer], dst, k, fp8, layer, key=True, heads=heads)
+            store_rows(v_pools[layer], dst, v, fp8, layer, key=False, heads=heads)
     return UnpackInfo.of(header)

@@ -196,15 +196,17 @@ def store_rows(
     fp8: FP8Pool | None = None,
     layer: int = 0,
     key: bool = True,
+    heads: tuple[int, int] | None = None,
 ) -> None:
-    """Write float32 rows ``x`` ``[n, H, D]`` at pool slots ``rows`` ``[n]``: cast to the
-    pool's dtype, or (``fp8``) stored as that pool's FP8 bits with its layer scale."""
+    """Write float32 rows ``x`` ``[n, H, D]`` at pool slots ``rows`` ``[n]`` (heads ``[g0,
+    g1)`` of a pool of more heads, ``g1 - g0 = H``; None: all of them): cast to the pool's
+    dtype, or (``fp8``) stored as that pool's FP8 bits with its layer scale."""
+    h = slice(None) if heads is None else slice(*heads)
     if fp8 is None:
-        pool[rows] = x.to(pool.device, pool.dtype)
+        pool[rows, h] = x.to(pool.device, pool.dtype)
     else:
-        pool.view(torch.uint8)[rows] = quantize_fp8(x, fp8.dtype, fp8.scale(layer, key)).to(
-            pool.device
-        )
+        bits = quantize_fp8(x, fp8.dtype, fp8.scale(layer, key))
+        pool.view(torch.uint8)[rows, h] = bits.to(pool.device)
 
 
 def pool_bytes(pools: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -395,6 +395,86 @@ def test_key_norm_scores_from_pools():
     assert float((got == ref).float().mean()) > 0.9
 
 
+def check_head_range(req: Request, src: tuple[int, int], dst_heads: int, dst: tuple[int, int]):
+    """Heads ``src`` of ``req``'s pools packed in place (``heads=src``): the bytes of the
+    same kernels over a contiguous copy of those heads (and of ``pack_tiers`` over them
+    unless rotated); unpacked into heads ``dst`` of pools of ``dst_heads`` heads (of the
+    source's format, FP8 with other scales for FP8): those heads as an unpack into pools of
+    exactly those heads, every other head untouched (NaN)."""
+    h = slice(*src)
+    lay = req.layout.__class__(**{**_fields(req.layout), "num_kv_heads": src[1] - src[0]})
+    narrow_k = [p[:, h].contiguous() for p in req.k_pools]
+    narrow_v = [p[:, h].contiguous() for p in req.v_pools]
+    got = K.pack_from_pools(req.k_pools, req.v_pools, req.slots, lay, req.tiers, "t", heads=src)
+    alone = K.pack_from_pools(narrow_k, narrow_v, req.slots, lay, req.tiers, "t")
+    assert torch.equal(got.payload, alone.payload) and got.header_bytes == alone.header_bytes
+    if lay.rotation == "none":  # the format's exact arithmetic: the CPU reference
+        slots = req.slots.cpu()
+        keys = [k.cpu()[slots[f:]] for k, f in zip(narrow_k, lay.layer_first_pos)]
+        values = [v.cpu()[slots[f:]] for v, f in zip(narrow_v, lay.layer_first_pos)]
+        ref = pack_tiers(keys, values, lay, req.tiers, "t")
+        assert torch.equal(ref.payload, got.payload.cpu())
+    fp8 = FP8Pool.of(req.fp8.dtype, lay.num_layers, 0.75, 2.0) if req.fp8 else None
+    wide = Request(lay, req.tiers, req.slots, req.k_pools, req.v_pools, req.fp8)
+    shape = (req.k_pools[0].shape[0], dst_heads, lay.head_dim)
+    fill = (
+        (lambda: torch.full(shape, 0x7F, dtype=torch.uint8, device=req.slots.device))
+        if fp8
+        else (
+            lambda: torch.full(
+                shape, float("nan"), dtype=req.k_pools[0].dtype, device=req.slots.device
+            )
+        )
+    )
+    wk, wv = [fill() for _ in narrow_k], [fill() for _ in narrow_v]
+    info = K.unpack_to_pools(got.to_tensor(), wk, wv, req.slots, fp8=fp8, heads=dst)
+    assert info.tier_counts == got.tier_counts
+    nk, nv = wide.empty_pools(fp8=fp8)
+    nk = [p[:, : lay.num_kv_heads].contiguous() for p in nk]
+    nv = [p[:, : lay.num_kv_heads].contiguous() for p in nv]
+    K.unpack_to_pools(got.to_tensor(), nk, nv, req.slots, fp8=fp8)
+    others = [i for i in range(dst_heads) if not dst[0] <= i < dst[1]]
+    for a, b in zip(wk + wv, nk + nv):
+        assert same_bits(a[:, dst[0] : dst[1]], b)
+        assert untouched(a[:, others], fp8)
+    return got
+
+
+HEAD_CASES = [
+    dict(dtype=torch.bfloat16, head_dim=32, group=16),
+    dict(dtype=torch.float16, head_dim=16, group=8, key_block=8, tokens=45),
+    dict(dtype=torch.float32, head_dim=16, group=16, key_block=4, layers=3),
+    dict(dtype=torch.bfloat16, head_dim=16, group=8, rotation="hadamard"),
+    dict(dtype=torch.float8_e4m3fn, head_dim=16, group=16, key_block=8),
+    dict(dtype=torch.float8_e5m2, head_dim=16, group=8),
+]
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_head_range_in_place(case):
+    """Head ranges of wider pools (SGLang's pools under heterogeneous TP), both ends:
+    pack heads 1..3 of 4, unpack into heads 2..4 of 5 (and a single head)."""
+    req = make_request("cpu", heads=4, **case)
+    check_head_range(req, (1, 3), 5, (2, 4))
+    check_head_range(req, (3, 4), 2, (0, 1))
+
+
+def test_head_range_refusals_write_nothing():
+    req = make_request("cpu", heads=4, head_dim=16, group=16)
+    lay = req.layout.__class__(**{**_fields(req.layout), "num_kv_heads": 2})
+    for bad in ((3, 5), (-1, 1), (1, 2), (2, 2)):
+        with pytest.raises(SpectrumConfigError, match="head range"):
+            K.pack_from_pools(req.k_pools, req.v_pools, req.slots, lay, req.tiers, heads=bad)
+    with pytest.raises(SpectrumConfigError, match="pools of 4 KV heads"):
+        K.pack_from_pools(req.k_pools, req.v_pools, req.slots, lay, req.tiers)
+    buf = K.pack_from_pools(req.k_pools, req.v_pools, req.slots, lay, req.tiers, heads=(0, 2))
+    for bad in ((3, 5), (1, 2), (0, 3), None):
+        kk, kv = req.empty_pools(1.0)
+        with pytest.raises(SpectrumFormatError, match="head"):
+            K.unpack_to_pools(buf.to_tensor(), kk, kv, req.slots, heads=bad)
+        assert all(bool((p == 1.0).all()) for p in kk + kv)
+
+
 # --------------------------------------------------------------------------- GPU
 
 GPU_CASES = [
@@ -452,6 +532,18 @@ def test_gpu_hadamard_within_one_lsb(head_dim, group):
     )
     stats = check_request(req, mode="bound")
     print(f"GPU hadamard D={head_dim} g={group}: {stats}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_gpu_head_range_in_place(case):
+    """test_head_range_in_place compiled, at serving shapes: heads 2..6 of 8 packed in
+    place (the CPU reference's bytes), unpacked into heads 4..8 of 8 and 0..4 of 4."""
+    case = {**case, "head_dim": 128, "group": case.get("group", 128) * 8}
+    req = make_request("cuda", layers=4, heads=8, tokens=3000, page=64, **case)
+    check_head_range(req, (2, 6), 8, (4, 8))
+    check_head_range(req, (0, 4), 4, (0, 4))
 
 
 @pytest.mark.gpu

@@ -276,11 +276,11 @@ def test_gpu_request_path_round_trip(key_scales, tokens):
 def kernel_path(monkeypatch):
     """Run pack_request / unpack_request's kernel path on CPU pools (interpreter)."""
     import sglang_spectrum
-    from sglang_spectrum import transfer
+    from sglang_spectrum import pools
 
     kern = import_kernels()
     monkeypatch.setattr(sglang_spectrum, "kernels", kern, raising=False)
-    monkeypatch.setattr(transfer, "_KERNELS_ON_CPU", True)
+    monkeypatch.setattr(pools, "_KERNELS_ON_CPU", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     return kern
 
