@@ -29,15 +29,22 @@ triton.__version__, 'msgspec', msgspec.__version__)" || exit 1
 tests="tests/test_kernels.py tests/test_transfer.py"
 python3 -c "import flashinfer" 2>/dev/null && tests="$tests tests/test_flashinfer_layout.py"
 
-# the request path and the per-channel kernels first, then the older kernel tests
+# the request path (16-bit and FP8 pools, head slices) and the per-channel kernels first,
+# then the older kernel tests, then the FlashInfer proofs and the CUDA metadata rows
 start=$(date +%s)
-timeout ${TEST_TIMEOUT:-150} python3 -m pytest -m gpu tests/test_transfer.py tests/test_kernels.py \
-  -k "transfer or channel or gpu_request" -v -s -p no:cacheprovider > "$OUT/pytest.log" 2>&1
-echo "pytest (request path, channel keys) rc=$? in $(( $(date +%s) - start )) s"
+timeout ${TEST_TIMEOUT:-200} python3 -m pytest -m gpu tests/test_transfer.py tests/test_kernels.py \
+  tests/test_fp8_transfer.py tests/test_fp8_kernels.py tests/test_head_slices.py \
+  -k "transfer or channel or gpu_request or fp8 or across_ranks or head_range" -v -s \
+  -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+echo "pytest (request path, FP8, head slices, channel keys) rc=$? in $(( $(date +%s) - start )) s"
 start=$(date +%s)
-timeout ${TEST_TIMEOUT2:-110} python3 -m pytest -m gpu $tests -k "not channel and not gpu_request" \
-  -v -s -p no:cacheprovider >> "$OUT/pytest.log" 2>&1
+timeout ${TEST_TIMEOUT2:-150} python3 -m pytest -m gpu $tests \
+  -k "not channel and not gpu_request and not fp8" -v -s -p no:cacheprovider >> "$OUT/pytest.log" 2>&1
 echo "pytest (other GPU tests) rc=$? in $(( $(date +%s) - start )) s"
+start=$(date +%s)
+timeout 60 python3 -m pytest tests/test_sglang_plugin.py -k metadata_rows -v -p no:cacheprovider \
+  >> "$OUT/pytest.log" 2>&1
+echo "pytest (metadata rows in device memory) rc=$? in $(( $(date +%s) - start )) s"
 grep -E "PASSED|FAILED|ERROR|GPU |Error|assert|passed|failed" "$OUT/pytest.log" \
   | cut -c1-200 | tail -45
 

@@ -129,3 +129,28 @@ def test_load_200_requests_at_concurrency_32(pd):
     assert all(sent[r] == received[r] for r in rids)
     assert pd.wait_idle(pd.prefill_url) == 0 and pd.wait_idle(pd.decode_url) == 0
     print(f"\nload: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} in {elapsed:.1f} s")
+
+
+def test_data_parallel_prefill_and_decode_answer_like_a_single_server(request, model_path, reference):
+    """--dp-size 2 (no DP attention) on both servers: every prefill DP rank registers
+    at the bootstrap server under its own DP group (the decode waits for all of them),
+    and requests spread over both ranks answer exactly like one server (budget 1.0)."""
+    d = start_deployment(
+        request,
+        model_path=model_path,
+        backend="spectrum",
+        common_args=["--dp-size", "2"],
+        prefill_args=["--spectrum-budget", "1.0"],
+        router_args=["--disable-retries"],
+        stats=True,
+    )
+    info = requests.get(f"http://127.0.0.1:{d.bootstrap_port}/spectrum/info", timeout=10).json()
+    groups = {(r["system_dp_rank"], r["attn_tp_rank"]) for r in info["ranks"]}
+    assert groups == {(0, 0), (1, 0)}, info["ranks"]
+    for i in range(3):
+        for prompt in BASELINE + PROMPTS:
+            got = d.generate(prompt, max_new_tokens=12, rid=f"dp-{i}-{len(prompt)}")
+            assert got["text"] == reference[prompt], (prompt, got["text"])
+    stats = [s for s in d.spectrum_stats() if s["role"] == "prefill"]
+    assert len(stats) == 12
+    d.stop()
