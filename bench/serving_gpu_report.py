@@ -1,10 +1,20 @@
 """Outputs of bench/serving_gpu.py: the stats-file reader, the markdown tables, the
-console summary and the TTFT-against-length plot (records as serving_gpu.json holds)."""
+console summary and the TTFT plot (records as serving_gpu.json holds), and the merge of
+several calls' outputs (``main``). Standalone: needs no other bench module.
+
+Per (TP, link, prompt length, concurrency) every config's TTFT p50 is shown with its
+ratio to stock ``mooncake`` and to ``mooncake-fp8`` on the same link from the same
+records; a second table gives each config's KV capacity (SGLang's max_total_num_tokens
+of the prefill and the decode). Records of earlier versions (no ``config`` field) read
+as bf16 pools over TCP.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+BASELINES = ("mooncake", "mooncake-fp8")
 
 
 def read_jsonl(path: Path | None) -> list[dict]:
@@ -39,67 +49,181 @@ def _f(v, fmt: str = ".0f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def config_name(r: dict) -> str:
+    """The record's config (``NAME[:BUDGET[:KEYS]]@LINK``; older records rebuilt)."""
+    if r.get("config"):
+        return r["config"]
+    if r["backend"] != "spectrum":
+        return f"{r['backend']}@tcp"
+    ks = f":{r['key_scales']}" if r.get("key_scales") else ""
+    return f"spectrum:{r['budget']:g}{ks}@tcp"
+
+
+def kind(r: dict) -> str:
+    return config_name(r).split("@")[0].split(":")[0]
+
+
+def link(r: dict) -> str:
+    return r.get("link") or "tcp"
+
+
 def label(r: dict) -> str:
     tp = f", TP {r['tp']}" if r.get("tp", 1) > 1 else ""
-    if r["backend"] != "spectrum":
-        return r["backend"] + tp
-    ks = f", {r['key_scales']} keys" if r.get("key_scales") else ""
-    return f"spectrum b={r['budget']:g}{ks}{tp}"
+    return config_name(r) + tp
 
 
-def markdown(recs: list[dict], correct: dict | None, tp: dict | None = None) -> str:
-    lines = ["# SGLang PD serving on the GPU: spectrum against mooncake", ""]
-    if recs:
-        lines += [f"Hardware: {recs[0]['hardware']}.", ""]
-        lines += [
-            "| backend | input | conc | TTFT mean | p50 | p99 ms | vs mooncake p50 | req/s "
-            "| MiB/req | parts | pack | transfer | unpack ms | link Gb/s | path |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        base = {
-            (r["input_len"], r["concurrency"], r.get("tp", 1)): r["ttft_p50_ms"]
-            for r in recs
-            if r["backend"] == "mooncake"
-        }
-        for r in sorted(
-            recs, key=lambda r: (r.get("tp", 1), r["input_len"], r["concurrency"], label(r))
-        ):
-            b = base.get((r["input_len"], r["concurrency"], r.get("tp", 1)))
-            rel = f"{r['ttft_p50_ms'] / b:.2f}x" if b and r["ttft_p50_ms"] else "-"
-            lines.append(
-                f"| {label(r)} | {r['input_len']} | {r['concurrency']} | {_f(r['ttft_mean_ms'])} "
-                f"| {_f(r['ttft_p50_ms'])} | {_f(r['ttft_p99_ms'])} | {rel} "
-                f"| {_f(r['req_per_s'], '.2f')} | {_f(r['bytes_per_req'] / 2**20, '.0f')} "
-                f"| {_f(r.get('parts'), 'g')} | {_f(r['pack_ms'], '.1f')} "
-                f"| {_f(r['transfer_ms'], '.1f')} "
-                f"| {_f(r['unpack_ms'], '.1f')} | {_f(r['link_gbps'], '.1f')} "
-                f"| {','.join(r.get('paths') or []) or '-'} |"
+def _order(r: dict) -> tuple:
+    k = kind(r)
+    return (BASELINES.index(k) if k in BASELINES else len(BASELINES), config_name(r))
+
+
+def _point(r: dict) -> tuple:
+    rank = {"tcp": 0, "nvlink": 2}.get(link(r), 1)  # tcpslice=N between
+    return (r.get("tp", 1), rank, link(r), r["input_len"], r["concurrency"])
+
+
+def baselines(recs: list[dict]) -> dict[tuple, dict[str, float]]:
+    """(TP, link, length, concurrency) -> {baseline kind: its TTFT p50}."""
+    out: dict[tuple, dict[str, float]] = {}
+    for r in recs:
+        if kind(r) in BASELINES and r.get("ttft_p50_ms"):
+            out.setdefault(_point(r), {})[kind(r)] = r["ttft_p50_ms"]
+    return out
+
+
+def ratios(r: dict, base: dict[tuple, dict[str, float]]) -> list[float | None]:
+    """TTFT p50 over each baseline's at the same point (None: no baseline there)."""
+    b = base.get(_point(r), {})
+    return [
+        r["ttft_p50_ms"] / b[k] if b.get(k) and r.get("ttft_p50_ms") else None for k in BASELINES
+    ]
+
+
+def _dtypes(r: dict) -> str:
+    d = r.get("kv_cache_dtype") or {}
+    p, q = d.get("prefill", "bf16"), d.get("decode", "bf16")
+    return p if p == q else f"{p}->{q}"
+
+
+def capacity_rows(recs: list[dict]) -> list[str]:
+    """Per config: KV dtypes and SGLang's max_total_num_tokens of prefill and decode, the
+    decode's against stock mooncake's (bf16) decode."""
+    seen: dict[str, dict] = {}
+    for r in sorted(recs, key=_order):
+        if r.get("max_total_tokens") and config_name(r) not in seen:
+            seen[config_name(r)] = r
+    if not seen:
+        return []
+    ref = next(
+        (r["max_total_tokens"].get("decode") for r in seen.values() if kind(r) == "mooncake"), None
+    )
+    lines = [
+        "| config | KV dtype | prefill max_total_tokens | decode max_total_tokens "
+        "| decode vs mooncake (bf16) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in seen.items():
+        m = r["max_total_tokens"]
+        rel = f"{m['decode'] / ref:.2f}x" if ref and m.get("decode") else "-"
+        lines.append(
+            f"| {name} | {_dtypes(r)} | {_f(m.get('prefill'))} | {_f(m.get('decode'))} | {rel} |"
+        )
+    return lines
+
+
+def _correct_lines(correct: dict) -> list[str]:
+    lines = ["## Correctness (SmolLM2-135M, real weights)", ""]
+    if correct.get("error"):
+        lines += [f"Failed: `{correct['error'][:500]}`", ""]
+    if "identical" in correct:
+        for name, info in (correct.get("pairs") or {}).items():
+            same = correct["identical"].get(name)
+            ident = (
+                f"greedy outputs identical to {info['reference']}: {same}; "
+                if info.get("reference")
+                else ""
             )
-        lines.append("")
-    if correct:
-        lines += ["## Correctness (SmolLM2-135M, real weights)", ""]
-        if correct.get("error"):
-            lines += [f"Failed: `{correct['error'][:500]}`", ""]
+            lines.append(
+                f"- {name} ({info['config']}): {ident}passcode "
+                f"{correct.get('secret', {}).get(name)}, "
+                f"path {(correct.get('paths') or {}).get(name)}"
+            )
+        for name in ("single", "single-fp8"):
+            if name in correct.get("secret", {}):
+                lines.append(f"- {name}: passcode {correct['secret'][name]}")
+    else:  # older format
         for k in ("b1_identical_to_single", "secret_single", "paths"):
             if k in correct:
                 lines.append(f"- {k}: {correct[k]}")
         for b in correct.get("budgets", []):
             if f"secret_b{b:g}" in correct:
                 lines.append(f"- secret_b{b:g}: {correct[f'secret_b{b:g}']}")
+    return lines + [""]
+
+
+def _tp_lines(tp: dict) -> list[str]:
+    lines = [f"## Tensor parallelism (TP {tp.get('tp')}, {tp.get('model')})", ""]
+    lines += [f"Hardware: {tp.get('hardware')}.", ""]
+    if tp.get("error"):
+        lines += [f"Failed: `{tp['error'][:500]}`", ""]
+    for k in ("b1", "b0.5", "mooncake"):
+        if f"{k}_identical_to_single" in tp:
+            lines.append(f"- {k}_identical_to_single: {tp[f'{k}_identical_to_single']}")
+    for name, ranks in (tp.get("per_rank") or {}).items():
+        lines.append(f"- {name} per rank: {ranks}")
+    return lines + [""]
+
+
+def markdown(
+    recs: list[dict], correct: dict | None, tp: dict | None = None, failed: dict | None = None
+) -> str:
+    lines = ["# SGLang PD serving on the GPU: spectrum against mooncake (bf16 and FP8 KV)", ""]
+    if recs:
+        lines += [f"Hardware: {recs[0]['hardware']}.", ""]
+        lines += [
+            "TTFT p50 of each config and its ratio to stock `mooncake` and to `mooncake-fp8` "
+            "(`--kv-cache-dtype fp8_e4m3` on both servers) at the same TP, link, prompt length "
+            "and concurrency. `chosen b`: mean budget the prefill chose per request "
+            "(`spectrum:auto`).",
+            "",
+            "| config | KV dtype | input | conc | TTFT p50 | mean | p99 ms | / mooncake "
+            "| / mooncake-fp8 | req/s | MiB/req | chosen b | parts | pack | transfer "
+            "| unpack ms | link Gb/s | path |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        base = baselines(recs)
+        last = None
+        for r in sorted(recs, key=lambda r: (_point(r), _order(r))):
+            if _point(r) != last and last is not None:
+                lines.append("| | | | | | | | | | | | | | | | | | |")
+            last = _point(r)
+            rel = " | ".join(f"{x:.2f}x" if x else "-" for x in ratios(r, base))
+            lines.append(
+                f"| {label(r)} | {_dtypes(r)} | {r['input_len']} | {r['concurrency']} "
+                f"| {_f(r['ttft_p50_ms'])} | {_f(r['ttft_mean_ms'])} | {_f(r['ttft_p99_ms'])} "
+                f"| {rel} | {_f(r['req_per_s'], '.2f')} | {_f(r['bytes_per_req'] / 2**20, '.0f')} "
+                f"| {_f(r.get('chosen_budget_mean'), '.2f')} | {_f(r.get('parts'), 'g')} "
+                f"| {_f(r['pack_ms'], '.1f')} | {_f(r['transfer_ms'], '.1f')} "
+                f"| {_f(r['unpack_ms'], '.1f')} | {_f(r['link_gbps'], '.1f')} "
+                f"| {','.join(r.get('paths') or []) or '-'} |"
+            )
         lines.append("")
+        cap = capacity_rows(recs)
+        if cap:
+            lines += ["## KV capacity (SGLang's max_total_num_tokens)", ""]
+            lines += [
+                "Each 8B server's KV pool gets the same bytes (the 16-bit tokens of "
+                "`--big-max-tokens`; an FP8 pool holds twice the tokens in them).",
+                "",
+            ]
+            lines += cap + [""]
+    if failed:
+        lines += ["## Failed (skipped by later calls; `--retry-failed`)", ""]
+        lines += [f"- {k}: `{v[:300]}`" for k, v in sorted(failed.items())] + [""]
+    if correct:
+        lines += _correct_lines(correct)
     if tp:
-        lines += [f"## Tensor parallelism (TP {tp.get('tp')}, {tp.get('model')})", ""]
-        lines += [f"Hardware: {tp.get('hardware')}.", ""]
-        if tp.get("error"):
-            lines += [f"Failed: `{tp['error'][:500]}`", ""]
-        for k in ("b1_identical_to_single", "b0.5_identical_to_single"):
-            if k in tp:
-                lines.append(f"- {k}: {tp[k]}")
-        if "mooncake_identical_to_single" in tp:
-            lines.append(f"- mooncake_identical_to_single: {tp['mooncake_identical_to_single']}")
-        for name, ranks in (tp.get("per_rank") or {}).items():
-            lines.append(f"- {name} per rank: {ranks}")
-        lines.append("")
+        lines += _tp_lines(tp)
     return "\n".join(lines)
 
 
@@ -107,62 +231,68 @@ def summary(recs: list[dict], correct: dict | None) -> str:
     out = ["", "=== serving_gpu summary ==="]
     if correct:
         out.append(
-            f"correct: b1 identical {correct.get('b1_identical_to_single')}, secret single "
-            f"{correct.get('secret_single')}, "
-            + ", ".join(
-                f"b{b:g} {correct.get(f'secret_b{b:g}')}" for b in correct.get("budgets", [])
-            )
-            + f", paths {correct.get('paths')}"
+            "correct: identical "
+            f"{correct.get('identical', correct.get('b1_identical_to_single'))}, "
+            f"passcode {correct.get('secret')}, paths {correct.get('paths')}"
             + (f", ERROR {correct['error'][:200]}" if correct.get("error") else "")
         )
-    out.append(f"{'backend':28} {'L':>6} {'C':>2} {'p50':>7} {'p99':>7} {'req/s':>6} {'MiB':>6}")
-    for r in sorted(recs, key=lambda r: (r["input_len"], r["concurrency"], label(r))):
+    out.append(
+        f"{'config':34} {'L':>6} {'C':>2} {'p50':>7} {'p99':>7} {'/moon':>6} {'/fp8':>6} {'MiB':>6}"
+    )
+    base = baselines(recs)
+    for r in sorted(recs, key=lambda r: (_point(r), _order(r))):
+        rel = [f"{x:.2f}" if x else "-" for x in ratios(r, base)]
         out.append(
-            f"{label(r):28} {r['input_len']:>6} {r['concurrency']:>2} {_f(r['ttft_p50_ms']):>7} "
-            f"{_f(r['ttft_p99_ms']):>7} {_f(r['req_per_s'], '.2f'):>6} "
-            f"{r['bytes_per_req'] / 2**20:>6.0f}"
+            f"{label(r):34} {r['input_len']:>6} {r['concurrency']:>2} {_f(r['ttft_p50_ms']):>7} "
+            f"{_f(r['ttft_p99_ms']):>7} {rel[0]:>6} {rel[1]:>6} {r['bytes_per_req'] / 2**20:>6.0f}"
         )
     return "\n".join(out)
 
 
 def plot(recs: list[dict], path: Path) -> None:
+    """TTFT p50 per config, one panel per (prompt length, concurrency), bars labelled with
+    the ratio to stock mooncake on the same link."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in recs:
-        groups.setdefault((label(r), r["concurrency"]), []).append(r)
-    for (lab, c), rows in sorted(groups.items()):
-        rows.sort(key=lambda r: r["input_len"])
-        ax.plot(
-            [r["input_len"] for r in rows],
-            [r["ttft_p50_ms"] for r in rows],
-            marker="o",
-            linestyle="-" if c == 1 else "--",
-            label=f"{lab}, concurrency {c}",
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("TTFT p50 (ms)")
-    ax.set_title(f"PD TTFT, {recs[0]['hardware'].split(';')[0]}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    recs = [r for r in recs if r.get("ttft_p50_ms")]
+    panels = sorted({(r["input_len"], r["concurrency"]) for r in recs})
+    first = {label(r): r for r in reversed(recs)}
+    names = sorted(first, key=lambda n: (_point(first[n])[:3], _order(first[n])))
+    ncol = 2 if len(panels) > 1 else 1
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(6.5 * ncol, 0.3 * len(names) * nrow + 1.5 * nrow), squeeze=False
+    )
+    base = baselines(recs)
+    for ax, (L, C) in zip(axes.flat, panels):
+        rows = {label(r): r for r in recs if (r["input_len"], r["concurrency"]) == (L, C)}
+        ys = [n for n in names if n in rows]
+        vals = [rows[n]["ttft_p50_ms"] for n in ys]
+        colors = ["tab:gray" if kind(rows[n]) in BASELINES else "tab:blue" for n in ys]
+        ax.barh(range(len(ys)), vals, color=colors)
+        for i, n in enumerate(ys):
+            rel = ratios(rows[n], base)[0]
+            ax.text(vals[i], i, f" {rel:.2f}x" if rel else "", va="center", fontsize=7)
+        ax.set_yticks(range(len(ys)), ys, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("TTFT p50 (ms)")
+        ax.set_title(f"{L} tokens, concurrency {C}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"PD TTFT p50 (x: against stock mooncake, same link); {recs[0]['hardware'].split(';')[0]}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def _key(r: dict) -> tuple:
-    return (
-        r["backend"],
-        r["budget"],
-        r.get("key_scales"),
-        r["input_len"],
-        r["concurrency"],
-        r.get("tp", 1),
-    )
+    return (config_name(r), r["input_len"], r["concurrency"], r.get("tp", 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 merged[_key(r)] = r
             else:
                 print(f"{path}: {_key(r)} has no TTFT (failed point): dropped")
-    recs = sorted(merged.values(), key=lambda r: (r.get("tp", 1), r["input_len"], r["concurrency"]))
+    recs = sorted(merged.values(), key=lambda r: (_point(r), _order(r)))
     correct = json.loads(a.correct.read_text()) if a.correct else None
     tp = json.loads(a.tp.read_text()) if a.tp else None
     a.out.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,43 @@
 """Child processes of bench/serving_gpu.py: servers and proxies in their own process
 groups (logs per process), stopped all at once; readiness polling and a small HTTP
-client. (Same shape as sglang_spectrum.sglang_plugin.launch.ManagedProcess, kept
-here so that the GPU harness needs nothing but the standard library.)"""
+client (same shape as sglang_spectrum.sglang_plugin.launch.ManagedProcess, kept here so
+that the GPU harness needs nothing but the standard library); and :class:`Launcher`,
+which builds the server, PD-pair and proxy command lines and environments of a backend
+config (serving_gpu_configs.Config) and reads each server's KV capacity."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import serving_gpu_configs as configs  # loaded by serving_gpu.py (bench/ is off sys.path)
 
 HOST = "127.0.0.1"
+PY = sys.executable
+HERE = Path(__file__).resolve().parent
+GPU_FLAGS = ["--attention-backend", "flashinfer", "--grammar-backend", "none"]
+GPU_FLAGS += ["--disable-cuda-graph"]  # CUDA-graph capture costs minutes per server
+CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1"}
+WIKITEXT = HERE / "gpu_wikitext.txt"
+# SGLang's startup line (scheduler.py, INFO): "max_total_num_tokens=N, chunked_prefill..."
+MAX_TOKENS_RE = re.compile(r"max_total_num_tokens=(\d+)")
+T_START = time.monotonic()  # the harness's start: deadlines and log times count from it
+
+
+def log(msg: str) -> None:
+    print(f"[serving_gpu {time.monotonic() - T_START:6.0f}s] {msg}", flush=True)
 
 
 def free_port() -> int:
@@ -120,3 +140,188 @@ def wait_ready(targets: list[tuple[Proc, str]], timeout_s: float) -> None:
             )
         if pending:
             time.sleep(1.0)
+
+
+# ---------------------------------------------------------------------------- deployments
+
+
+@dataclass(eq=False)
+class Deployment:
+    """A single server or a PD pair (+ proxy) of one backend config."""
+
+    tag: str
+    cfg: Any = None  # serving_gpu_configs.Config; None: a single server
+    procs: list[Proc] = field(default_factory=list)
+    url: str = ""  # the single server, or the proxy in front of the pair
+    stats_path: Path | None = None
+    servers: dict[str, tuple[Proc, str]] = field(default_factory=dict)  # role -> (proc, url)
+    targets: list[tuple[Proc, str]] = field(default_factory=list)  # readiness URLs
+    startup_s: float = float("nan")
+    max_tokens: dict[str, int | None] = field(default_factory=dict)  # role -> KV capacity
+
+    def dead(self) -> Proc | None:
+        return next((p for p in self.procs if not p.alive()), None)
+
+
+def _find_key(obj: Any, key: str) -> Any:
+    if isinstance(obj, dict):
+        if key in obj and obj[key] is not None:
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for v in obj:
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def kv_capacity(proc: Proc, url: str) -> int | None:
+    """The server's KV capacity in tokens (SGLang's ``max_total_num_tokens``): from its
+    startup log line (logged at INFO) in this start's part of the log, else from
+    ``/server_info`` (the scheduler info it carries)."""
+    try:
+        text = proc.log_path.read_text(errors="replace")
+        found = MAX_TOKENS_RE.findall(text[text.rfind("\n=== ") :])
+        if found:
+            return int(found[-1])
+    except OSError:
+        pass
+    for path in ("/server_info", "/get_server_info"):
+        st, data = http(url + path, timeout=15)
+        if st == 200:
+            try:
+                v = _find_key(json.loads(data), "max_total_num_tokens")
+                return int(v) if v is not None else None
+            except (ValueError, TypeError):
+                return None
+    return None
+
+
+class Launcher:
+    """Starts servers, PD pairs and proxies on this machine and stops them."""
+
+    def __init__(self, work: Path, cpu: bool, split: bool, cpu_max_tokens: int):
+        self.work = work
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.cpu = cpu
+        self.split = split  # prefill on GPU 0, decode on GPU 1
+        self.cpu_max_tokens = cpu_max_tokens
+        self.live: list[Deployment] = []
+
+    def env(self, cfg: Any = None, stats: Path | None = None) -> dict[str, str]:
+        """The inherited environment without any link variable, plus ``cfg``'s link."""
+        env = {k: v for k, v in os.environ.items() if k not in configs.LINK_ENV_KEYS}
+        # PYTHONSAFEPATH: neither the cwd nor bench/ on sys.path (the repo's kernels/ and
+        # bench/kernels.py would shadow the `kernels` package transformers probes for)
+        env.update(PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1")
+        env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+        # the INT4 probe (--spectrum-tiers auto) reads WikiText: the text that travels
+        env.setdefault("SPECTRUM_WIKITEXT", str(WIKITEXT))
+        if self.cpu:
+            env.update(CPU_ENV)
+        env.pop("SGLANG_SPECTRUM_STATS_FILE", None)
+        if cfg is not None:
+            env.update(cfg.env())
+        if stats is not None:
+            env["SGLANG_SPECTRUM_STATS_FILE"] = str(stats)
+        return env
+
+    def device_flags(self, mode: str, mem: float, gpu: int, tokens: int | None) -> list[str]:
+        if self.cpu:
+            flags = ["--device", "cpu", "--max-total-tokens", str(tokens or self.cpu_max_tokens)]
+            try:
+                from sglang_spectrum.sglang_plugin.compat import cpu_server_flags
+
+                flags += cpu_server_flags(mode)
+            except Exception:
+                pass
+            return flags
+        flags = list(GPU_FLAGS) + ["--mem-fraction-static", f"{mem:g}"]
+        flags += ["--max-total-tokens", str(tokens)] if tokens else []
+        return flags + (["--base-gpu-id", str(gpu)] if gpu else [])
+
+    def server(
+        self, name: str, model: str, mode: str, mem: float, gpu: int, extra: list[str],
+        env: dict[str, str], tokens: int | None = None, tp: int = 1,
+    ) -> tuple[Proc, str]:  # fmt: skip
+        port = free_port()
+        cmd = [PY, "-m", "sglang.launch_server", "--model-path", model]
+        cmd += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
+        cmd += self.device_flags(mode, mem, gpu, tokens) + extra
+        cmd += ["--tp-size", str(tp)] if tp > 1 else []
+        return Proc(name, cmd, self.logs / f"{name}.log", env), f"http://{HOST}:{port}"
+
+    def single(
+        self, tag: str, model: str, mem: float, extra: list[str], kv_dtype: str = configs.BF16,
+        tp: int = 1, bf16_tokens: int | None = None,
+    ) -> Deployment:  # fmt: skip
+        """A non-disaggregated server; ``bf16_tokens``: its KV pool in 16-bit tokens."""
+        tokens = configs.token_cap(kv_dtype, bf16_tokens)
+        flags = configs.kv_flags(kv_dtype) + extra
+        p, url = self.server(
+            f"{tag}-single", model, "single", mem, 0, flags, self.env(), tokens, tp
+        )
+        dep = Deployment(tag, None, [p.start()], url, servers={"single": (p, url)})
+        dep.targets = [(p, url + "/health")]
+        self.live.append(dep)
+        return dep
+
+    def pair(
+        self, tag: str, model: str, cfg: Any, mem: tuple[float, float], extra: list[str],
+        tiers: str | None = None, tp: int = 1, bf16_tokens: int | None = None,
+        start: bool = True,
+    ) -> Deployment:  # fmt: skip
+        """A PD pair of ``cfg`` and its proxy; ``tp`` > 1: both servers over GPUs
+        0..tp-1; ``bf16_tokens``: each KV pool in 16-bit tokens (FP8: twice the tokens);
+        ``start=False``: the commands only."""
+        stats = self.work / f"{tag}.stats.jsonl"
+        stats.unlink(missing_ok=True)
+        env = self.env(cfg, stats)
+        boot = free_port()
+        modes = {
+            "prefill": ["--disaggregation-mode", "prefill"]
+            + ["--disaggregation-bootstrap-port", str(boot)],
+            "decode": ["--disaggregation-mode", "decode"],
+        }
+        dep = Deployment(tag, cfg, stats_path=stats)
+        for i, (role, flags) in enumerate(modes.items()):
+            gpu = 1 if i and self.split and tp == 1 else 0
+            tokens = cfg.max_tokens(role, bf16_tokens)
+            p, url = self.server(
+                f"{tag}-{role}", model, role, mem[i], gpu,
+                flags + cfg.flags(role, tiers) + extra, env, tokens, tp,
+            )  # fmt: skip
+            dep.servers[role] = (p.start() if start else p, url)
+            dep.procs.append(p)
+            dep.targets.append((p, url + "/health"))
+        port = free_port()
+        pre_url, dec_url = dep.servers["prefill"][1], dep.servers["decode"][1]
+        cmd = [PY, str(HERE / "pd_proxy.py"), "--prefill", pre_url, str(boot)]
+        cmd += ["--decode", dec_url, "--port", str(port)]
+        proxy = Proc(f"{tag}-proxy", cmd, self.logs / f"{tag}-proxy.log", self.env())
+        dep.procs.append(proxy.start() if start else proxy)
+        dep.url = f"http://{HOST}:{port}"
+        dep.targets.append((proxy, dep.url + "/health"))
+        if start:
+            self.live.append(dep)
+        return dep
+
+    def wait(self, deps: list[Deployment], limit_s: float) -> float:
+        """Wait until every server and proxy of ``deps`` answers, read each server's KV
+        capacity; the seconds it took."""
+        t0 = time.monotonic()
+        wait_ready([t for d in deps for t in d.targets], limit_s)
+        took = time.monotonic() - t0
+        for d in deps:
+            d.startup_s = took
+            d.max_tokens = {role: kv_capacity(p, url) for role, (p, url) in d.servers.items()}
+        return took
+
+    def stop(self, deps: list[Deployment]) -> None:
+        stop_all([p for d in deps for p in d.procs])
+        self.live = [d for d in self.live if d not in deps]
+
+    def stop_all(self) -> None:
+        self.stop(list(self.live))
