@@ -16,6 +16,7 @@ test-only transfer delay for rids containing ``spectrum-delay``:
 
 from __future__ import annotations
 
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -131,26 +132,64 @@ def test_load_200_requests_at_concurrency_32(pd):
     print(f"\nload: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} in {elapsed:.1f} s")
 
 
-def test_data_parallel_prefill_and_decode_answer_like_a_single_server(request, model_path, reference):
+def _pd_generate_on_dp_rank(d: PDDeployment, prompt: str, rid: str, dp: int) -> dict:
+    """One request posted to both servers the way a DP-aware router does: the prefill
+    request routed to DP rank ``dp``, and both told that rank (``disagg_prefill_dp_rank``)
+    so the decode bootstraps against that prefill DP group."""
+    room = random.getrandbits(62) * 2 + dp  # follow_bootstrap_room agrees: room % 2 == dp
+    body = {
+        "text": prompt,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": 12},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": d.bootstrap_port,
+        "bootstrap_room": room,
+        "disagg_prefill_dp_rank": dp,
+    }
+    with ThreadPoolExecutor(2) as pool:
+        pre = pool.submit(
+            requests.post,
+            f"{d.prefill_url}/generate",
+            json={**body, "rid": rid, "routed_dp_rank": dp},
+            timeout=300,
+        )
+        dec = pool.submit(
+            requests.post, f"{d.decode_url}/generate", json={**body, "rid": rid}, timeout=300
+        )
+        r = dec.result()
+        pre.result()
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
+    request, model_path, reference
+):
     """--dp-size 2 (no DP attention) on both servers: every prefill DP rank registers
     at the bootstrap server under its own DP group (the decode waits for all of them),
-    and requests spread over both ranks answer exactly like one server (budget 1.0)."""
+    and requests on either prefill DP rank answer exactly like one server (budget 1.0).
+
+    SGLang's sender checks ``attn_dp_rank == room % dp_size`` unless the request names
+    its prefill DP rank; without DP attention every DP scheduler has attn_dp_rank 0, so
+    a router must name the rank (sglang-router 0.3.2's --dp-aware refuses our
+    loopback workers: "resolve_deny"). The requests are posted as such a router does."""
     d = start_deployment(
         request,
         model_path=model_path,
         backend="spectrum",
         common_args=["--dp-size", "2"],
         prefill_args=["--spectrum-budget", "1.0"],
-        router_args=["--disable-retries"],
+        # SGLang's CPU path binds each rank to cores: one core per DP rank here
+        prefill_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
+        decode_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
         stats=True,
     )
     info = requests.get(f"http://127.0.0.1:{d.bootstrap_port}/spectrum/info", timeout=10).json()
     groups = {(r["system_dp_rank"], r["attn_tp_rank"]) for r in info["ranks"]}
     assert groups == {(0, 0), (1, 0)}, info["ranks"]
-    for i in range(3):
-        for prompt in BASELINE + PROMPTS:
-            got = d.generate(prompt, max_new_tokens=12, rid=f"dp-{i}-{len(prompt)}")
-            assert got["text"] == reference[prompt], (prompt, got["text"])
+    for dp in (0, 1):
+        for j, prompt in enumerate(BASELINE + PROMPTS):
+            got = _pd_generate_on_dp_rank(d, prompt, f"dp{dp}-{j}", dp)
+            assert got["text"] == reference[prompt], (dp, prompt, got["text"])
     stats = [s for s in d.spectrum_stats() if s["role"] == "prefill"]
-    assert len(stats) == 12
+    assert len(stats) == 8
     d.stop()
