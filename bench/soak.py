@@ -5,11 +5,15 @@
 with random lengths in [``--min-len``, ``--max-len``] tokens at ``--concurrency``;
 ``--cancel-frac`` of them are cancelled by their client (the HTTP connection is
 closed) at a random moment; at ``--restart-at`` of the run the decode server is
-SIGKILLed and started again on the same ports. Afterwards:
+SIGKILLed and started again on the same ports (the requests in flight then fail
+with a reason; clients hold new ones until it is back). Afterwards:
 
 * every request was answered, failed with a reason, or cancelled by its client
   (``lost`` = none of these must be 0);
 * token usage is 0 on both servers (``/v1/loads``);
+* requests the prefill held for the killed decode are freed by SGLang's bootstrap
+  timeout (``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, ``--bootstrap-timeout-s``,
+  shortened from 300 s) and their rooms with them;
 * every table of the backend (rooms, receivers, deferred grants, SGLang's status
   and failure tables, arena bytes in use, ``spectrumkv_state_entries`` on
   ``/metrics``) is back to its size before the run; tombstones of cleared rooms
@@ -111,11 +115,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = ensure_model("smollm2-135m")
     vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     common = ["--enable-metrics", "--chunked-prefill-size", "512"]
+    # SGLang's own bootstrap timeout (default 300 s) frees the prefill's requests whose
+    # decode died before granting; shortened so the run settles in minutes
+    timeout_env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(args.bootstrap_timeout_s)}
     d = PDDeployment(
         model,
         backend="spectrum",
         prefill_args=[*common, "--spectrum-budget", str(args.budget)],
         decode_args=common,
+        prefill_env=timeout_env,
         router_args=["--disable-retries"],
         log_dir=args.log_dir,
     )
@@ -132,12 +140,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results: list[dict[str, Any]] = []
         restart_s: list[float] = []
         lock = threading.Lock()
+        decode_up = threading.Event()
+        decode_up.set()
         t0 = time.monotonic()
 
         def task(i: int) -> None:
             if i == restart_i:  # the decode dies mid-run and comes back on the same ports
+                decode_up.clear()  # clients hold new requests meanwhile (in-flight ones fail)
                 d.kill_decode()
                 restart_s.append(d.restart_decode())
+                decode_up.set()
+            decode_up.wait()
             res = one_request(d.router_url, i, random.Random(seeds[i]), args, vocab)
             with lock:
                 results.append(res)
@@ -187,7 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument("--settle-s", type=float, default=90.0)
+    p.add_argument("--settle-s", type=float, default=120.0)
+    p.add_argument("--bootstrap-timeout-s", type=int, default=45)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     return p.parse_args(argv)

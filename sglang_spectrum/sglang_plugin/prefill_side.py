@@ -36,7 +36,7 @@ from . import faults, messages
 from .adaptive import AdaptiveBudget
 from .identity import incompatibility
 from .metrics import write_stats
-from .rooms import AckTarget, PrefillRooms
+from .rooms import ORPHAN_TTL_S, AckTarget, PrefillRooms
 from .transport import Region
 from .workers import FailedSessions, TransferWorkers
 
@@ -87,7 +87,9 @@ class PrefillSide:
     rooms: PrefillRooms
 
     def _init_prefill(self) -> None:
-        self.rooms = PrefillRooms()
+        # a room no sender ever claimed outlives SGLang's bootstrap timeout a little
+        timeout = float(getattr(self, "bootstrap_timeout", ORPHAN_TTL_S - 30))
+        self.rooms = PrefillRooms(orphan_ttl_s=timeout + 30)
         self._failed_sessions = FailedSessions()
         self._verdicts: dict[str, str] = {}  # decode identity digest -> '' ok | reason
         self._workers = TransferWorkers(
