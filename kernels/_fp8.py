@@ -1,8 +1,9 @@
 """FP8 in the kernels: exact bit-level conversions, storing values as a destination
 pool holds them (any pool dtype), and the per-layer scale tables.
 
-The conversions are integer arithmetic plus one float32 addition, so compiled and
-interpreted kernels give the same bits as the torch reference (:mod:`..fp8`):
+The conversions are integer arithmetic plus one float32 addition (and an exact float32
+product for FP8 subnormals), so compiled and interpreted kernels give the same bits as
+the torch reference (:mod:`..fp8`), signed zeros included (no float negation):
 Triton's interpreter rounds subnormal FP8 values wrongly and ignores NaN/inf, and
 doing it by hand on the GPU too keeps one definition of every byte. ``KIND``: 1 =
 float8_e4m3fn (bias 7, 3 mantissa bits, max 448, no inf), 2 = float8_e5m2 (bias 15,
@@ -23,18 +24,29 @@ from ..fp8 import FP8_KIND, FP8Pool
 
 @triton.jit
 def from_fp8(b, KIND: tl.constexpr):
-    """float32 ``[...]`` values of uint8 FP8 bits ``b`` (exact; NaN and inf as torch)."""
+    """float32 ``[...]`` values of uint8 FP8 bits ``b``: the bits torch's CPU cast gives
+    for all 256 patterns (signed zeros, NaN payloads and inf included).
+
+    Built as integer bits, sign last (``| sign << 24``), never as a float negation:
+    Triton releases without triton-lang/triton#10270 (May 2026; the H200 run's 3.6)
+    compile ``-x`` as ``0.0 - x``, so byte 0x80 (-0.0) decoded as +0.0 there, while
+    the CPU tests' interpreter (3.9: ``np.negative``) kept -0.0.
+    """
     u = b.to(tl.uint32)
     m = u & 0x7F
-    if KIND == 1:  # e4m3fn: normal 2**(e-7) * (1 + f/8), subnormal f * 2**-9
-        normal = ((m << 20) + (120 << 23)).to(tl.float32, bitcast=True)
-        mag = tl.where(m >= 8, normal, m.to(tl.float32) * 0.001953125)
-        mag = tl.where(m == 0x7F, float("nan"), mag)
-    else:  # e5m2: normal 2**(e-15) * (1 + f/4), subnormal f * 2**-16
-        normal = ((m << 21) + (112 << 23)).to(tl.float32, bitcast=True)
-        mag = tl.where(m >= 4, normal, m.to(tl.float32) * 1.52587890625e-05)
-        mag = tl.where(m >= 0x7C, tl.where(m == 0x7C, float("inf"), float("nan")), mag)
-    return tl.where((u & 0x80) != 0, -mag, mag)
+    if KIND == 1:  # e4m3fn: normal 2**(e-7) * (1 + f/8), subnormal f * 2**-9; 0x7F NaN
+        normal = (m << 20) + (120 << 23)
+        tiny = (m.to(tl.float32) * 0.001953125).to(tl.uint32, bitcast=True)  # exact
+        mag = tl.where(m >= 8, normal, tiny)
+        mag = tl.where(m == 0x7F, (m << 20) | 0x7F800000, mag)  # torch: 0x7FF00000
+    else:  # e5m2: normal 2**(e-15) * (1 + f/4), subnormal f * 2**-16; 0x7C inf, above NaN
+        normal = (m << 21) + (112 << 23)
+        tiny = (m.to(tl.float32) * 1.52587890625e-05).to(tl.uint32, bitcast=True)  # exact
+        mag = tl.where(m >= 4, normal, tiny)
+        special = (m << 21) | 0x7F800000  # inf, or a NaN with its payload, quieted:
+        special = tl.where(m > 0x7C, special | 0x400000, special)  # torch (via float16)
+        mag = tl.where(m >= 0x7C, special, mag)
+    return (mag | ((u & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

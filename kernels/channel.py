@@ -25,6 +25,14 @@ def clamp16(x):
 
 
 @triton.jit
+def plus_zero(w):
+    """float16 words ``w`` with -0.0 as +0.0 (``quant.plus_zero``), on the bits: no
+    compiler may fold an integer compare the way it could ``x == 0 ? 0 : x``."""
+    bits = w.to(tl.int16, bitcast=True)
+    return tl.where(bits == -32768, 0, bits).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _channel_segment(
     meta, pid, b1, n0, n1, num_layers, layer, kv, KB: tl.constexpr, IDX: tl.constexpr
 ):
@@ -68,8 +76,8 @@ def _store_channel(
     hi = tl.max(tl.where(ok[:, None], xc, float("-inf")), 0)
     lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
     hi = tl.where(lo <= hi, hi, 0.0)
-    scale = tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16)
-    mn = lo.to(tl.float16)
+    scale = plus_zero(tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16))
+    mn = plus_zero(lo.to(tl.float16))
     s = scale.to(tl.float32)
     m = mn.to(tl.float32)
     safe = tl.where(s > 0, s, 1.0)

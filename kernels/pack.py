@@ -7,10 +7,11 @@ writes them at their place in the payload, so the KV is read exactly once and
 the payload written exactly once. The bytes equal :func:`codec.pack_tiers` on
 the gathered KV: the quantiser repeats the reference's float32 steps (IEEE
 divisions via ``div_rn``, no FMA contraction, fp16 rounding of scale and
-minimum). With ``rotation="hadamard"`` the INT tiers are rotated by a torch
-matmul first (fallback, see :func:`pack_payload`). FP8 pools (uint8 bits, the layout's
-dtype and ``kv_scales`` say what they mean): the top tier copies the bytes, the INT
-tiers quantise ``fp8 * scale`` (:func:`._fp8.from_fp8`).
+minimum, a zero word stored as +0.0). With ``rotation="hadamard"`` the INT
+tiers are rotated by a torch matmul first (fallback, see :func:`pack_payload`).
+FP8 pools (uint8 bits, the layout's dtype and ``kv_scales`` say what they mean):
+the top tier copies the bytes, the INT tiers quantise ``fp8 * scale``
+(:func:`._fp8.from_fp8`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from ._common import (
     wire_dtype,
 )
 from ._fp8 import from_fp8, source_args
-from .channel import clamp16, launch_pack_channel
+from .channel import clamp16, launch_pack_channel, plus_zero
 from .checksum import fast_checksum
 from .plan import (
     BLOCK_ELEMS,
@@ -189,8 +190,8 @@ def _quantize(
     """
     xg, lo_x, hi_x = _group_range(x, BR, G, GS, WORDS, RZ)
     lo, hi = clamp16(lo_x), clamp16(hi_x)
-    scale = tl.math.div_rn(hi - lo, tl.full([BR, G], QMAX, tl.float32)).to(tl.float16)
-    mn = lo.to(tl.float16)
+    scale = plus_zero(tl.math.div_rn(hi - lo, tl.full([BR, G], QMAX, tl.float32)).to(tl.float16))
+    mn = plus_zero(lo.to(tl.float16))
     s = scale.to(tl.float32)
     m = mn.to(tl.float32)
     safe = tl.where(s > 0, s, 1.0)  # 1/0 never computed

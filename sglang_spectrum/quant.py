@@ -50,12 +50,20 @@ def _quantize_groups(xg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     qmax = (1 << bits) - 1
     xg = xg.clamp(-_FP16_MAX, _FP16_MAX)
     lo = xg.amin(-1)
-    scale = ((xg.amax(-1) - lo) / qmax).to(torch.float16)
-    minimum = lo.to(torch.float16)
+    scale = plus_zero(((xg.amax(-1) - lo) / qmax).to(torch.float16))
+    minimum = plus_zero(lo.to(torch.float16))
     s, m = scale.float(), minimum.float()
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
     q = torch.floor((xg - m[..., None]) * inv[..., None] + 0.5).clamp_(0, qmax).to(torch.uint8)
     return q, torch.stack([scale, minimum], dim=-1)
+
+
+def plus_zero(words: torch.Tensor) -> torch.Tensor:
+    """float16 scale or minimum words with -0.0 stored as +0.0: which zero a min/max
+    returns among +0.0 and -0.0 is up to the implementation (torch CPU or CUDA, Triton's
+    reductions, ``min.bf16x2``), so the format fixes it (decoding is unchanged:
+    ``q * scale + -0.0`` and ``+ 0.0`` are equal)."""
+    return words.masked_fill(words == 0, 0.0)
 
 
 def _pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -104,6 +104,12 @@ def unpack_request(
             *decode's* scales; every value is stored as ``(x / scale)`` saturated to
             FP8 (:func:`.fp8.quantize_fp8`), the sender's FP8 bytes unchanged when its
             dtype and scales are the same. Any source dtype unpacks into any pools.
+            On CUDA, a buffer from FP8 pools with top-tier rows, unpacked into pools of
+            another dtype or other scales (:func:`converts_fp8_source`), is written by
+            the torch reference (``iter_decoded_layers`` + ``store_rows``), not the
+            kernels: their FP8-source conversion failed on the H200 (Triton 3.6) and its
+            fix is proven on CPU only so far (:data:`FP8_CONVERSION_KERNEL_DEVICES`).
+            Every other case (the same-format byte copy included) runs the kernels.
         heads: write heads ``[g0, g1)`` of the pools (heterogeneous TP: the ``dst`` of a
             :class:`.heads.HeadSlice`), the others untouched; the buffer must hold
             ``g1 - g0`` heads. None: the buffer holds every head of the pools.
@@ -188,9 +194,41 @@ def _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum, fp8, hea
     )
 
 
+# Device types whose unpack kernel may convert an FP8 source's top tier (see
+# :func:`converts_fp8_source`). CUDA is left out until a GPU run proves the kernel: on the
+# H200 (Triton 3.6, 2026-12-03) those rows came out wrong (byte 0x80, -0.0, read as +0.0:
+# Triton then compiled ``-x`` as ``0.0 - x``). ``kernels/_fp8.from_fp8`` no longer negates a
+# float (CPU tests emulate that Triton: test_fp8_kernels ``negation``), but until
+# tests/test_fp8_kernels.py::test_gpu_unpack_across_pool_formats and
+# tests/test_fp8_transfer.py::test_gpu_fp8_conversion_kernel_equals_reference pass on a
+# GPU, CUDA requests that convert take the torch reference (``iter_decoded_layers`` +
+# ``store_rows``: the same torch ops ``codec.unpack_kv`` runs on CUDA in the GPU tests'
+# check_request, bit for bit the kernels' there). Add "cuda" once they pass. "cpu": the
+# tests' interpreter, where the kernel is proven.
+FP8_CONVERSION_KERNEL_DEVICES: frozenset[str] = frozenset({"cpu"})
+
+
+def converts_fp8_source(lay: KVLayout, fp8: FP8Pool | None) -> bool:
+    """True when unpacking ``lay``'s buffer reads an FP8 source's top tier as real values
+    (``fp8 * scale``) to store them another way: into 16/32-bit pools (``fp8`` None), FP8
+    pools of the other dtype or of other scales. False for 16/32-bit sources and for the
+    byte copy (FP8 pools of the sender's dtype and scales)."""
+    if not lay.fp8:
+        return False
+    return fp8 is None or fp8.name != lay.dtype or list(lay.kv_scales) != fp8.scales
+
+
 def _unpack_plan(kern, lay, tiers, counts, dst, device, fp8):
-    """The unpack kernels' plan (None: the torch reference writes)."""
+    """The unpack kernels' plan (None: the torch reference writes): not for layouts the
+    kernels do not support, nor for an FP8 source's top tier converted on a device not in
+    :data:`FP8_CONVERSION_KERNEL_DEVICES`."""
     if not kern.kernel_supported(lay, fp8_pools=fp8 is not None):
+        return None
+    if (
+        counts[0]
+        and device.type not in FP8_CONVERSION_KERNEL_DEVICES
+        and converts_fp8_source(lay, fp8)
+    ):
         return None
     if any(lay.layer_first_pos):
         return kern.plan_transfer(lay, tiers, dst)

@@ -28,7 +28,8 @@ tier map puts in that tier:
            scales [n, kv_heads, head_dim/g, 2]   float16 (scale, minimum)
 
 Quantisation is asymmetric per (token, KV head, group of g along head_dim):
-``scale = fp16((max - min) / qmax)``, ``minimum = fp16(min)``,
+``scale = fp16((max - min) / qmax)``, ``minimum = fp16(min)`` (a zero word of
+either is stored as +0.0, whichever signed zero min/max gave),
 ``q = clamp(floor((x - minimum) / scale + 1/2), 0, qmax)``,
 ``x_hat = q * scale + minimum`` (float32 arithmetic). With
 ``rotation="hadamard"`` each head vector is multiplied by the orthonormal

@@ -30,6 +30,30 @@ def import_kernels():
             os.environ["TRITON_INTERPRET"] = old
 
 
+def emulate_zero_minus_x(monkeypatch, triton) -> str | None:
+    """Make the interpreter lower float ``-x`` as ``0.0 - x``, as Triton releases without
+    triton-lang/triton#10270 (May 2026; the H200 run's 3.6) compile it (``-(+0.0)`` is
+    then +0.0). ``triton``: the package as the kernels imported it. Returns why it cannot
+    (CUDA: compiled kernels are cached; a Triton without ``TritonSemantic.minus``), else
+    None."""
+    if CUDA:
+        return "emulates an older Triton's -x in the interpreter (CPU only)"
+    sem = getattr(triton.language.semantic, "TritonSemantic", None)
+    if sem is None or not hasattr(sem, "minus"):
+        return "this Triton has no TritonSemantic.minus to patch"
+    own = sem.minus
+
+    def minus(self, x):
+        ty = x.type.scalar
+        if not ty.is_floating():
+            return own(self, x)
+        zero = self.make_tensor(self.builder.get_null_value(ty.to_ir(self.builder)), ty)
+        return self.sub(zero, x, True)
+
+    monkeypatch.setattr(sem, "minus", minus)
+    return None
+
+
 def paged_slots(
     tokens: int, page: int, spare_pages: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, int]:

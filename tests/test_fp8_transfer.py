@@ -12,9 +12,10 @@ import math
 
 import pytest
 import torch
-from conftest import CUDA
+from conftest import CUDA, emulate_zero_minus_x
 from test_transfer import kernel_path, make_pools, region  # noqa: F401 (kernel_path: fixture)
 
+from sglang_spectrum import receive
 from sglang_spectrum.codec import (
     config_layout,
     decode_kv,
@@ -367,6 +368,94 @@ def test_asymmetric_kernel_path():
     check_fp8_unpack(out, res.nbytes, res.checksum, pools, FP8Pool.of(E4M3, 2, 0.5, 2.0), slots)
 
 
+def unpack_both_ways(monkeypatch, device: str, out, res, pools, fp8: FP8Pool | None, slots):
+    """``check_fp8_unpack`` with the unpack kernel converting the FP8 source's top tier
+    (``device`` in ``receive.FP8_CONVERSION_KERNEL_DEVICES``) and with the torch
+    reference doing it (``device`` left out): the same bits. Returns whether the
+    reference wrote, per way ``(kernel, reference)``."""
+    real, wrote, outs = receive.iter_decoded_layers, [], []
+
+    def spy(*args):
+        wrote[-1] = True
+        return real(*args)
+
+    monkeypatch.setattr(receive, "iter_decoded_layers", spy)
+    for devices in (frozenset({device}), frozenset()):
+        monkeypatch.setattr(receive, "FP8_CONVERSION_KERNEL_DEVICES", devices)
+        wrote.append(False)
+        ok, ov, _ = check_fp8_unpack(out, res.nbytes, res.checksum, pools, fp8, slots)
+        outs.append([p.view(torch.uint8) for p in ok + ov])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    return tuple(wrote)
+
+
+@pytest.mark.usefixtures("kernel_path")
+@pytest.mark.parametrize("decode", ["same", "other-scales", "e5m2", "bf16", "fp32"])
+@pytest.mark.parametrize("source", [E4M3, torch.bfloat16], ids=["e4m3", "bf16"])
+def test_fp8_conversion_gate(monkeypatch, source, decode):
+    """unpack_request on a device not in ``FP8_CONVERSION_KERNEL_DEVICES`` (CUDA, until a
+    GPU run proves the kernel's FP8-source conversion): an FP8 source's top tier stored
+    another way goes through the torch reference, the byte copy (same dtype and scales)
+    and 16-bit sources stay on the kernels; the bits are the same either way."""
+    fp8 = fp8_of(E4M3)
+    if source == E4M3:
+        kp, vp, slots = make_fp8_pools(fp8, tokens=60, head_dim=16, page=8, seed=3)
+        src = fp8
+    else:
+        kp, vp, slots = make_pools(head_dim=16, tokens=60, page=8, seed=3)
+        src = None
+    cfg = SpectrumConfig(budget=0.35, allow_drop=False, key_scales="channel", key_block=8)
+    out = fp8_region(kp, slots, cfg, fp8) if src else region(kp, slots, cfg)
+    res = pack_request(kp, vp, slots, cfg, out=out, fp8=src)
+    assert res.path == "kernels" and res.tier_counts["fp16"] > 0
+    dest = {
+        "same": fp8,
+        "other-scales": FP8Pool.of(E4M3, LAYERS, 1.0, [2.0, 0.5, 1.0]),
+        "e5m2": FP8Pool.of(E5M2, LAYERS, 3.0),
+    }.get(decode)
+    if dest is not None:
+        pools = [torch.zeros(p.shape, dtype=torch.uint8) for p in kp]
+    else:
+        dtype = torch.bfloat16 if decode == "bf16" else torch.float32
+        pools = [torch.zeros(p.shape, dtype=dtype) for p in kp]
+    header, _ = read_header(out[: res.nbytes])
+    converts = source == E4M3 and decode != "same"
+    assert receive.converts_fp8_source(header.layout, dest) == converts
+    assert unpack_both_ways(monkeypatch, "cpu", out, res, pools, dest, slots) == (False, converts)
+
+
+def check_conversion_kernel(monkeypatch, device: str, dtype, key_scales: str, **shape) -> None:
+    """FP8 pools (rows of -0.0 bytes included) packed, then unpacked into FP8 pools of
+    other scales, of the other FP8 dtype and into bf16/fp32 pools by the kernel (gate
+    open) and by the torch reference (gate closed, CUDA's default): both the CPU decode's
+    values, the same bits."""
+    fp8 = fp8_of(dtype, 4)
+    kp, vp, slots = make_fp8_pools(fp8, device=device, seed=1, **shape)
+    for p in kp + vp:  # signed zeros next to every kind of value
+        p[slots[::7]] &= 0x80
+    cfg = SpectrumConfig(budget=0.35, allow_drop=False, key_scales=key_scales)
+    out = fp8_region(kp, slots, cfg, fp8)
+    res = pack_request(kp, vp, slots, cfg, out=out, fp8=fp8)
+    assert res.path == "kernels" and res.tier_counts["fp16"] > 0
+    other = E5M2 if dtype == E4M3 else E4M3
+    for dest in (FP8Pool.of(dtype, 4, 2.0), FP8Pool.of(other, 4, [1.0, 0.5, 2.0, 1.0], 0.25)):
+        assert unpack_both_ways(monkeypatch, device, out, res, kp, dest, slots) == (False, True)
+    for pool_dtype in (torch.bfloat16, torch.float32):
+        pools = [torch.zeros(p.shape, dtype=pool_dtype, device=device) for p in kp]
+        assert unpack_both_ways(monkeypatch, device, out, res, pools, None, slots) == (False, True)
+
+
+@pytest.mark.parametrize("negation", ["neg", "0-x"])
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_fp8_conversion_kernel_equals_reference(request, monkeypatch, dtype, negation):
+    """:func:`check_conversion_kernel` in the interpreter, also with float ``-x`` lowered
+    as ``0.0 - x`` (the H200's Triton 3.6, where the kernel failed it)."""
+    kern = request.getfixturevalue("kernel_path")
+    if negation == "0-x" and (why := emulate_zero_minus_x(monkeypatch, kern._fp8.triton)):
+        pytest.skip(why)
+    check_conversion_kernel(monkeypatch, "cpu", dtype, "channel", head_dim=16, tokens=60, page=8)
+
+
 # --------------------------------------------------------------------------- GPU
 
 
@@ -399,6 +488,17 @@ def test_gpu_fp8_request_path_round_trip(dtype, key_scales, budget):
     check_fp8_unpack(out, res.nbytes, res.checksum, kp, FP8Pool.of(dtype, 4, 2.0), slots)
     bf = [torch.zeros(p.shape, dtype=torch.bfloat16, device="cuda") for p in kp]
     check_fp8_unpack(out, res.nbytes, res.checksum, bf, None, slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("key_scales", ["token", "channel"])
+def test_gpu_fp8_conversion_kernel_equals_reference(monkeypatch, dtype, key_scales):
+    """The proof ``receive.FP8_CONVERSION_KERNEL_DEVICES`` waits for (see
+    :func:`check_conversion_kernel`), compiled at a serving shape."""
+    shape = dict(heads=8, head_dim=128, tokens=3000, page=64)
+    check_conversion_kernel(monkeypatch, "cuda", dtype, key_scales, **shape)
 
 
 @pytest.mark.gpu

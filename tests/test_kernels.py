@@ -29,6 +29,7 @@ from sglang_spectrum.codec import (
 from sglang_spectrum.config import SpectrumConfigError, SpectrumFormatError
 from sglang_spectrum.fp8 import FP8Pool, is_fp8, quantize_fp8
 from sglang_spectrum.policy import Tier
+from sglang_spectrum.quant import quantize, quantize_channels
 from sglang_spectrum.scoring import key_norm_scores
 
 K = import_kernels()
@@ -181,6 +182,25 @@ def code_diff(ref: torch.Tensor, got: torch.Tensor, layout: KVLayout, tiers: tor
     return code_bytes, lsb, scale_words, ulps, other
 
 
+def negative_zero_words(payload: torch.Tensor, layout: KVLayout, tiers: torch.Tensor) -> int:
+    """Scale and minimum words of the INT segments that are -0.0 (the format stores +0.0)."""
+    payload = payload.cpu()
+    base, offsets, _ = K.segment_table(layout, tiers)
+    held = (base[:, -1:] - base[:, :-1]).tolist()
+    found, i = 0, 0
+    for k, tier in enumerate(PACKED_TIERS):
+        for n in held[k]:
+            for kv in range(2):
+                start, size = offsets[i], layout.seg_nbytes(tier, n, key=kv == 0)
+                i += 1
+                if tier == Tier.FP16 or not n:
+                    continue
+                codes = n * layout.num_kv_heads * layout.head_dim * (8 if k == 1 else 4) // 8
+                words = payload[start + codes : start + size].view(torch.int16)
+                found += int((words == -32768).sum())
+    return found
+
+
 def check_request(req: Request, mode: str = "same") -> dict:
     """Pack with the kernel and the reference, unpack both ways; return diff stats.
 
@@ -313,6 +333,55 @@ def test_quantiser_edge_values(dtype):
     check_request(req)
 
 
+def signed_zero_rows(req: Request, fp8: bool = False, block: int = 8) -> None:
+    """Rows ``0 .. 2 * block - 1`` of ``req`` INT8 (so, with ``key_block == block``, two
+    whole key blocks), then 4 INT4 rows: first only zeros (+0.0 and -0.0 alternating in
+    both orders, all -0.0, all +0.0), then non-negative rows whose minimum is a zero of
+    either sign. Which zero a min/max returns is up to the implementation (torch keeps
+    the first, the interpreter's numpy the last, the GPU its own)."""
+    pos, neg = (0x00, 0x80) if fp8 else (0.0, -0.0)
+    n = 2 * block
+    for pools in (req.k_pools, req.v_pools):
+        for p in pools:
+            rows, d = req.slots, p.shape[-1]
+            p[rows[:n]] = p[rows[:n]] & 0x7F if fp8 else p[rows[:n]].abs()
+            for r in range(block):  # block 0: zeros only
+                first, second = (pos, neg, neg, pos)[r % 4], (neg, pos, neg, pos)[r % 4]
+                p[rows[r], :, 0::2], p[rows[r], :, 1::2] = first, second
+            p[rows[block]], p[rows[block + 1]] = neg, pos  # block 1: minimum a zero
+            p[rows[block + 2], :, : d // 2] = neg
+            p[rows[block + 3], :, d // 2 :] = pos
+    req.tiers[:n] = int(Tier.INT8)
+    req.tiers[n : n + 4] = int(Tier.INT4)
+
+
+@pytest.mark.parametrize("key_block", [0, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_signed_zeros_store_plus_zero_words(dtype, key_block):
+    """Groups and channel blocks of signed zeros (and non-negative ones whose minimum is
+    a zero): the kernels write the reference's bytes, every zero scale or minimum word
+    +0.0 (the GPU's min/max picked another zero than torch's: 32768 ulp)."""
+    req = make_request("cpu", dtype=dtype, head_dim=16, group=8, tokens=40, key_block=key_block)
+    signed_zero_rows(req)
+    keys, values = req.gathered()
+    ref = pack_tiers(keys, values, req.layout, req.tiers, policy="t")
+    assert negative_zero_words(ref.payload, req.layout, req.tiers) == 0
+    check_request(req)
+
+
+def test_reference_quantisers_store_plus_zero():
+    x = torch.tensor(
+        [[0.0, -0.0, 1.0, 2.0], [-0.0, 0.0, 0.0, -0.0], [-0.0] * 4, [-0.0, 3.0, 0.0, 5.0]]
+    )
+    for bits in (8, 4):
+        _, scales = quantize(x.reshape(4, 1, 4), bits, 4)
+        assert not bool(torch.signbit(scales).any())
+        _, scales = quantize_channels(x.reshape(4, 1, 4), bits, 4)
+        assert not bool(torch.signbit(scales).any())
+        _, scales = quantize_channels(x.T.reshape(4, 1, 4), bits, 3)  # partial last block
+        assert not bool(torch.signbit(scales).any())
+
+
 def test_segment_table_matches_reference():
     for seed in range(5):
         req = make_request("cpu", layers=4, tokens=50, seed=seed)
@@ -413,7 +482,8 @@ def check_head_range(req: Request, src: tuple[int, int], dst_heads: int, dst: tu
         keys = [k.cpu()[slots[f:]] for k, f in zip(narrow_k, lay.layer_first_pos)]
         values = [v.cpu()[slots[f:]] for v, f in zip(narrow_v, lay.layer_first_pos)]
         ref = pack_tiers(keys, values, lay, req.tiers, "t")
-        assert torch.equal(ref.payload, got.payload.cpu())
+        diff = code_diff(ref.payload, got.payload, lay, req.tiers)  # codes, lsb, words, ulp
+        assert torch.equal(ref.payload, got.payload.cpu()), diff
     fp8 = FP8Pool.of(req.fp8.dtype, lay.num_layers, 0.75, 2.0) if req.fp8 else None
     wide = Request(lay, req.tiers, req.slots, req.k_pools, req.v_pools, req.fp8)
     shape = (req.k_pools[0].shape[0], dst_heads, lay.head_dim)
@@ -540,10 +610,31 @@ def test_gpu_hadamard_within_one_lsb(head_dim, group):
 def test_gpu_head_range_in_place(case):
     """test_head_range_in_place compiled, at serving shapes: heads 2..6 of 8 packed in
     place (the CPU reference's bytes), unpacked into heads 4..8 of 8 and 0..4 of 4."""
-    case = {**case, "head_dim": 128, "group": case.get("group", 128) * 8}
-    req = make_request("cuda", layers=4, heads=8, tokens=3000, page=64, **case)
+    # the serving shape replaces the CPU case's (some set tokens or layers), group x8
+    shape = dict(layers=4, heads=8, head_dim=128, tokens=3000, page=64, group=case["group"] * 8)
+    req = make_request("cuda", **{**case, **shape})
     check_head_range(req, (2, 6), 8, (4, 8))
     check_head_range(req, (0, 4), 4, (0, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("key_block", [0, 64])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2]
+)
+def test_gpu_signed_zeros_store_plus_zero_words(dtype, key_block):
+    """test_signed_zeros_store_plus_zero_words compiled (bf16: the ``min.bf16x2`` path),
+    FP8 sources too (-0.0 bytes): the CPU reference's bytes, no -0.0 scale word (the
+    H200 run: 2 words 32768 ulp off, test_gpu_fp8_source_byte_identical[777-64-e4m3])."""
+    req = make_request(
+        "cuda", layers=4, heads=8, head_dim=128, tokens=777, dtype=dtype, key_block=key_block
+    )
+    signed_zero_rows(req, fp8=req.fp8 is not None, block=64)
+    stats = check_request(req, mode="cpu")
+    got = K.pack_from_pools(req.k_pools, req.v_pools, req.slots, req.layout, req.tiers)
+    assert negative_zero_words(got.payload, req.layout, req.tiers) == 0
+    print(f"GPU signed zeros {dtype} kb={key_block} vs CUDA torch reference: {stats}")
 
 
 @pytest.mark.gpu
