@@ -155,6 +155,26 @@ def test_orphans_and_tombstones_expire():
     assert rooms.sizes() == {"rooms": 0, "tombstones": 0}
 
 
+def test_aborted_senders_never_cleared_are_named_after_a_while():
+    """SGLang releases a request aborted mid-prefill without clearing its sender."""
+    clock = Clock()
+    rooms = PrefillRooms(clock=clock)
+    rooms.open(1)
+    rooms.open(2)
+    rooms.enter_flight(2)
+    rooms.sender_aborted(1)
+    rooms.sender_aborted(2)
+    clock.t += 30
+    assert rooms.stale_aborted(ttl_s=60) == []
+    clock.t += 31
+    assert rooms.stale_aborted(ttl_s=60) == [1]  # 2 still has a job in flight
+    rooms.leave_flight(2)
+    assert rooms.stale_aborted(ttl_s=60) == [1, 2]
+    for room in (1, 2):
+        rooms.clear(room)
+    assert rooms.sizes()["rooms"] == 0
+
+
 def test_abort_send_clear_races_leave_nothing_behind():
     """Threads play the scheduler (open, submit parts, clear), the decode (grant,
     abort) and the workers (leave the flight); every abort is acknowledged exactly

@@ -170,7 +170,7 @@ class SpectrumKVSender(CommonKVSender):
 
     def abort(self) -> None:
         super().abort()
-        self.kv_mgr.fail_room(self.bootstrap_room, "Aborted by AbortReq.")
+        self.kv_mgr.sender_aborted(self.bootstrap_room, "Aborted by AbortReq.")
 
 
 class SpectrumKVReceiver(CommonKVReceiver):

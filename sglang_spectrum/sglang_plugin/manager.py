@@ -382,6 +382,7 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         grants (decode)."""
         if self.is_prefill:
             self.rooms.sweep()
+            self.clear_stale_aborts()
             self._workers.reap_idle()
         else:
             self.sweep()

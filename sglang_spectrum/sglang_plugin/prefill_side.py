@@ -311,6 +311,21 @@ class PrefillSide:
         self._fail_status(room, reason)
         self._tell_failure(room, self.rooms.fail(room, reason), reason)
 
+    def sender_aborted(self, room: int, reason: str) -> None:
+        """The scheduler aborted the sender: fail the room, remember when."""
+        self.fail_room(room, reason)
+        self.rooms.sender_aborted(room)
+
+    def clear_stale_aborts(self) -> None:
+        """Housekeeping: clear aborted senders SGLang released without ``clear()`` (its
+        status and failure entries too, as ``CommonKVSender.clear`` would)."""
+        for room in self.rooms.stale_aborted():
+            self.request_status.pop(room, None)
+            self.req_to_decode_prefix_len.pop(room, None)
+            with self.failure_lock:
+                self.failure_records.pop(room, None)
+            self.forget_room(room)
+
     def forget_room(self, room: int) -> None:
         """The scheduler cleared the sender."""
         self.rooms.clear(room)

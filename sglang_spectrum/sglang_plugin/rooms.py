@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ORPHAN_TTL_S = 330.0  # > SGLang's bootstrap timeout (300 s): the sender fails first
+ABORTED_SENDER_TTL_S = 60.0  # an aborted sender SGLang never cleared is cleared after this
 TOMBSTONE_TTL_S = 600.0
 ABORT_ACK_TIMEOUT_S = 60.0  # decode: keep an aborted region at most this long without ack
 GRANT_DEFER_TIMEOUT_S = 120.0  # decode: fail a request whose grant waits longer for the arena
@@ -70,6 +71,7 @@ class PrefillRoom:
     failed: str = ""  # why the prefill gave the room up ('' = it did not)
     told: set[str] = field(default_factory=set)  # decode sessions told that reason
     next_offset: int = 0  # where the next part goes in the decode's region
+    sender_aborted_at: float | None = None  # the scheduler aborted the sender (clock)
     reserved: int = 0  # bytes the accepted earlier parts may take (bounds, aligned)
     parts: list[list[int]] = field(default_factory=list)  # written: offset, bytes, sum, tokens
     part_totals: dict[str, float] = field(default_factory=dict)  # their stats, summed
@@ -156,6 +158,28 @@ class PrefillRooms:
                 state.cleared = True
             else:
                 del self._rooms[room]
+
+    def sender_aborted(self, room: int) -> None:
+        """The scheduler aborted this room's sender. SGLang clears an aborted sender only
+        on some paths (a request aborted mid-prefill is released without ``clear()``):
+        :meth:`stale_aborted` names the ones still here later."""
+        with self.lock:
+            state = self._rooms.get(room)
+            if state is not None and state.sender_aborted_at is None:
+                state.sender_aborted_at = self.clock()
+
+    def stale_aborted(self, ttl_s: float = ABORTED_SENDER_TTL_S) -> list[int]:
+        """Rooms whose sender was aborted over ``ttl_s`` ago, not cleared and with nothing
+        in flight (the caller clears them and SGLang's entries for them)."""
+        now = self.clock()
+        with self.lock:
+            return [
+                room
+                for room, s in self._rooms.items()
+                if s.sender_aborted_at is not None
+                and now - s.sender_aborted_at > ttl_s
+                and not s.in_flight
+            ]
 
     # -- decode messages
 
