@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -141,6 +142,31 @@ class Runner:
         """The correct phase has not run (or --redo) and its model is here."""
         return (not self.state.get("correct") or self.args.redo) and self.smollm() is not None
 
+    @contextlib.contextmanager
+    def _phase(self, name: str, deps: dict, result: dict):
+        """Run a phase's body: a failure is recorded in ``result`` (not raised), the
+        deployments are stopped, the result is kept in the state either way."""
+        try:
+            yield
+        except Exception as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+            log(f"{name}: FAILED: {result['error'][:3000]}")
+        finally:
+            self.launcher.stop(list(deps.values()))
+        self.state[name] = result
+        self.save()
+
+    def _ask_all(self, deps: dict, body: dict, row: dict, answer) -> None:
+        """Post ``body`` to every deployment; ``row[name]`` = ``answer(json)`` or None
+        with ``row[name + "_error"]``."""
+        for name, dep in deps.items():
+            st, data = http(dep.url + "/generate", body, timeout=self.args.request_timeout_s)
+            try:
+                row[name] = answer(json.loads(data), row)
+            except (ValueError, KeyError, TypeError):
+                row[name] = None
+                row[f"{name}_error"] = f"{st} {data[:300]!r}"
+
     def phase_correct(self) -> None:
         a = self.args
         if self.state.get("correct") and not a.redo:
@@ -172,7 +198,7 @@ class Runner:
             "chunked_prefill_size": a.correct_chunked_prefill,
             "pairs": {name: {"config": cfg.name, "reference": ref} for name, cfg, ref in pairs},
         }
-        try:
+        with self._phase("correct", deps, result):
             took = self.launcher.wait(list(deps.values()), self.start_limit())
             log(f"correct: {len(deps)} deployments ready in {took:.0f} s")
             result["max_total_tokens"] = {n: d.max_tokens for n, d in deps.items()}
@@ -186,15 +212,12 @@ class Runner:
                     "sampling_params": {"temperature": 0, "max_new_tokens": p["max_new_tokens"]},
                 }
                 row = {"prompt": i, "secret": p.get("secret", {}).get("passcode")}
-                for name, dep in deps.items():
-                    st, data = http(dep.url + "/generate", body, timeout=a.request_timeout_s)
-                    try:
-                        j = json.loads(data)
-                        row[name] = j["text"]
-                        row[f"{name}_prompt_tokens"] = j.get("meta_info", {}).get("prompt_tokens")
-                    except (ValueError, KeyError, TypeError):
-                        row[name] = None
-                        row[f"{name}_error"] = f"{st} {data[:300]!r}"
+
+                def answer(j: dict, row: dict) -> str:
+                    row["prompt_tokens"] = j.get("meta_info", {}).get("prompt_tokens")
+                    return j["text"]
+
+                self._ask_all(deps, body, row, answer)
                 rows.append(row)
                 log(f"prompt {i}: " + " | ".join(f"{k}={row.get(k)!r:.60}" for k in row))
             result["rows"] = rows
@@ -216,13 +239,6 @@ class Runner:
                 f"correct: identical {result['identical']}; secrets {result['secret']}; "
                 f"prefill paths {result['paths']}"
             )
-        except Exception as e:
-            result["error"] = f"{type(e).__name__}: {e}"
-            log(f"correct: FAILED: {result['error'][:3000]}")
-        finally:
-            self.launcher.stop(list(deps.values()))
-        self.state["correct"] = result
-        self.save()
 
     def secret_prompts(self, model: str, tokens: int, trials: int) -> list[dict]:
         """Passcode stated at the start of a ~``tokens``-token WikiText text, asked at the end."""
@@ -479,7 +495,7 @@ class Runner:
             )  # fmt: skip
         result: dict = {"tp": tp, "hardware": self.hardware(tp), "link": "tcp"}
         result["model"] = "Llama-3-8B-shaped (bench/gpu_model.py), --load-format dummy"
-        try:
+        with self._phase("tp", deps, result):
             self.launcher.wait(list(deps.values()), self.start_limit())
             rng = random.Random(7)
             prompts = [{"text": t} for t in GREEDY_PROMPTS]
@@ -490,15 +506,12 @@ class Runner:
             for i, p in enumerate(prompts):
                 body = dict(p, sampling_params={"temperature": 0, "max_new_tokens": 16})
                 row: dict = {"prompt": i}
-                for name, dep in deps.items():
-                    st, data = http(dep.url + "/generate", body, timeout=a.request_timeout_s)
-                    try:
-                        j = json.loads(data)
-                        row[name] = j.get("output_ids") or j["text"]
-                        row["prompt_tokens"] = j.get("meta_info", {}).get("prompt_tokens")
-                    except (ValueError, KeyError, TypeError):
-                        row[name] = None
-                        row[f"{name}_error"] = f"{st} {data[:300]!r}"
+
+                def answer(j: dict, row: dict):
+                    row["prompt_tokens"] = j.get("meta_info", {}).get("prompt_tokens")
+                    return j.get("output_ids") or j["text"]
+
+                self._ask_all(deps, body, row, answer)
                 rows.append(row)
                 log(
                     f"tp prompt {i} ({row.get('prompt_tokens')} tokens): "
@@ -524,13 +537,6 @@ class Runner:
             for L, C in a.tp_points:
                 for n in ("mooncake", "b0.5"):
                     self.run_points(deps[n], [(L, C)], tp)
-        except Exception as e:
-            result["error"] = f"{type(e).__name__}: {e}"
-            log(f"tp: FAILED: {result['error'][:3000]}")
-        finally:
-            self.launcher.stop(list(deps.values()))
-        self.state["tp"] = result
-        self.save()
 
     # -------------------------------------------------------------- report
 

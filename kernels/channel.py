@@ -33,6 +33,30 @@ def plus_zero(w):
 
 
 @triton.jit
+def _channel_program(
+    meta,
+    b1,
+    n0,
+    n1,
+    num_layers,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    KB: tl.constexpr,
+    IDX: tl.constexpr,
+):
+    """This program's place in a per-channel key launch (grid ``(blocks, H * D / DC, L)``):
+    (head, first channel ``c0``, channels ``c`` [DC], layer, then
+    :func:`_channel_segment`'s fields)."""
+    h = tl.program_id(1) // (D // DC)
+    c0 = (tl.program_id(1) % (D // DC)) * DC
+    layer = tl.program_id(2)
+    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
+        meta, tl.program_id(0), b1, n0, n1, num_layers, layer, 0, KB, IDX
+    )
+    return h, c0, c0 + tl.arange(0, DC), layer, tier, blk, j, ok, first, n_seg, seg
+
+
+@triton.jit
 def _channel_segment(
     meta, pid, b1, n0, n1, num_layers, layer, kv, KB: tl.constexpr, IDX: tl.constexpr
 ):
@@ -124,13 +148,8 @@ def _pack_channel_kernel(
 ):
     """INT8/INT4 key segments with per-channel scales: one program per (key block,
     head and channel chunk, layer); grid ``(blocks, H * D / DC, L)``."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1) // (D // DC)
-    c0 = (tl.program_id(1) % (D // DC)) * DC
-    c = c0 + tl.arange(0, DC)
-    layer = tl.program_id(2)
-    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
-        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
+    h, c0, c, layer, tier, blk, j, ok, first, n_seg, seg = _channel_program(
+        meta, b1, n0, n1, num_layers, D, DC, KB, IDX
     )
     if blk * KB < n_seg:
         slot = tl.load(rows + first + j, mask=ok, other=0)
@@ -223,13 +242,8 @@ def _unpack_channel_kernel(
 ):
     """Mirror of ``pack._pack_channel_kernel``: dequantise per-channel-scaled key rows
     (``codec.dequantize_channels``: ``q * scale + minimum`` in float32) into the pools."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1) // (D // DC)
-    c0 = (tl.program_id(1) % (D // DC)) * DC
-    c = c0 + tl.arange(0, DC)
-    layer = tl.program_id(2)
-    tier, blk, j, ok, first, n_seg, seg = _channel_segment(
-        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
+    h, c0, c, layer, tier, blk, j, ok, first, n_seg, seg = _channel_program(
+        meta, b1, n0, n1, num_layers, D, DC, KB, IDX
     )
     if blk * KB < n_seg:
         codes = payload + seg

@@ -148,17 +148,11 @@ def make_request(
     )
 
 
-def code_diff(ref: torch.Tensor, got: torch.Tensor, layout: KVLayout, tiers: torch.Tensor):
-    """Compare two payloads segment by segment.
-
-    Returns (differing code bytes, largest code difference in LSB, differing
-    scale words, largest scale difference in fp16 ulps, other differing bytes).
-    """
-    ref, got = ref.cpu(), got.cpu()
+def int_segments(layout: KVLayout, tiers: torch.Tensor):
+    """(tier index 1|2, start, code bytes, segment bytes) of every non-empty INT8/INT4
+    segment of a payload, in payload order."""
     base, offsets, _ = K.segment_table(layout, tiers)
     held = (base[:, -1:] - base[:, :-1]).tolist()
-    code_bytes = lsb = scale_words = ulps = 0
-    covered = torch.zeros(ref.numel(), dtype=torch.bool)
     i = 0
     for k, tier in enumerate(PACKED_TIERS):
         for n in held[k]:
@@ -168,16 +162,29 @@ def code_diff(ref: torch.Tensor, got: torch.Tensor, layout: KVLayout, tiers: tor
                 if tier == Tier.FP16 or not n:
                     continue
                 codes = n * layout.num_kv_heads * layout.head_dim * (8 if k == 1 else 4) // 8
-                a, b = ref[start : start + codes].int(), got[start : start + codes].int()
-                if k == 2:
-                    a, b = torch.cat([a & 15, a >> 4]), torch.cat([b & 15, b >> 4])
-                code_bytes += int((ref[start : start + codes] != got[start : start + codes]).sum())
-                lsb = max(lsb, int((a - b).abs().max()))
-                sa = ref[start + codes : start + size].view(torch.int16).int()
-                sb = got[start + codes : start + size].view(torch.int16).int()
-                scale_words += int((sa != sb).sum())
-                ulps = max(ulps, int((sa - sb).abs().max()))
-                covered[start : start + size] = True
+                yield k, start, codes, size
+
+
+def code_diff(ref: torch.Tensor, got: torch.Tensor, layout: KVLayout, tiers: torch.Tensor):
+    """Compare two payloads segment by segment.
+
+    Returns (differing code bytes, largest code difference in LSB, differing
+    scale words, largest scale difference in fp16 ulps, other differing bytes).
+    """
+    ref, got = ref.cpu(), got.cpu()
+    code_bytes = lsb = scale_words = ulps = 0
+    covered = torch.zeros(ref.numel(), dtype=torch.bool)
+    for k, start, codes, size in int_segments(layout, tiers):
+        a, b = ref[start : start + codes].int(), got[start : start + codes].int()
+        if k == 2:
+            a, b = torch.cat([a & 15, a >> 4]), torch.cat([b & 15, b >> 4])
+        code_bytes += int((ref[start : start + codes] != got[start : start + codes]).sum())
+        lsb = max(lsb, int((a - b).abs().max()))
+        sa = ref[start + codes : start + size].view(torch.int16).int()
+        sb = got[start + codes : start + size].view(torch.int16).int()
+        scale_words += int((sa != sb).sum())
+        ulps = max(ulps, int((sa - sb).abs().max()))
+        covered[start : start + size] = True
     other = int(((ref != got) & ~covered).sum())
     return code_bytes, lsb, scale_words, ulps, other
 
@@ -185,20 +192,10 @@ def code_diff(ref: torch.Tensor, got: torch.Tensor, layout: KVLayout, tiers: tor
 def negative_zero_words(payload: torch.Tensor, layout: KVLayout, tiers: torch.Tensor) -> int:
     """Scale and minimum words of the INT segments that are -0.0 (the format stores +0.0)."""
     payload = payload.cpu()
-    base, offsets, _ = K.segment_table(layout, tiers)
-    held = (base[:, -1:] - base[:, :-1]).tolist()
-    found, i = 0, 0
-    for k, tier in enumerate(PACKED_TIERS):
-        for n in held[k]:
-            for kv in range(2):
-                start, size = offsets[i], layout.seg_nbytes(tier, n, key=kv == 0)
-                i += 1
-                if tier == Tier.FP16 or not n:
-                    continue
-                codes = n * layout.num_kv_heads * layout.head_dim * (8 if k == 1 else 4) // 8
-                words = payload[start + codes : start + size].view(torch.int16)
-                found += int((words == -32768).sum())
-    return found
+    return sum(
+        int((payload[start + codes : start + size].view(torch.int16) == -32768).sum())
+        for _, start, codes, size in int_segments(layout, tiers)
+    )
 
 
 def check_request(req: Request, mode: str = "same") -> dict:
