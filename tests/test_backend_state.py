@@ -474,3 +474,39 @@ def test_housekeeping_runs_under_continuous_traffic():
 def test_generation_travels_in_every_room_message(cls):
     fields = cls.__struct_fields__
     assert "generation" in fields and "room" in fields
+
+
+# ----------------------------------------------------------------------------- compat reads
+
+
+def test_stream_chunk_size_is_the_schedulers_resolved_one():
+    """0.5.23 keeps ServerArgs.chunked_prefill_size None when it is chosen per GPU; the
+    scheduler's resolved value is what the prefill streams parts of."""
+    from types import SimpleNamespace
+
+    from sglang_spectrum.sglang_plugin import compat
+
+    assert compat.chunked_prefill_size(SimpleNamespace(chunked_prefill_size=8192)) == 8192
+    assert compat.chunked_prefill_size(SimpleNamespace(chunked_prefill_size=None)) == 0
+    assert compat.chunked_prefill_size(SimpleNamespace(chunked_prefill_size=-1)) == 0
+
+
+def test_unsupported_deployments_are_named_in_one_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang_spectrum.sglang_plugin.compat import unsupported_deployment
+
+    ok = SimpleNamespace(pp_size=1, dp_size=2, speculative_algorithm=None)
+    assert unsupported_deployment(ok) == ""
+    cases = {
+        "EAGLE": dict(speculative_algorithm="EAGLE"),
+        "pipeline": dict(pp_size=2),
+        "context parallelism": dict(attn_cp_size=2),
+        "kv-cache-sharding": dict(enable_kv_cache_sharding=True),
+        "early only": dict(disaggregation_decode_allocation_policy="prefill_complete"),
+    }
+    for words, fields in cases.items():
+        problem = unsupported_deployment(SimpleNamespace(**fields))
+        assert words in problem and "\n" not in problem, (words, problem)
+    monkeypatch.setenv("SGLANG_DISAGG_STAGING_BUFFER", "1")
+    assert "staging" in unsupported_deployment(ok)
