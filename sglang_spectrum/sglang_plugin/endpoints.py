@@ -13,8 +13,8 @@ Receiver (decode): ``send_metadata`` reserves a receive region in the
 registered arena (capacity from the tokens it asks for and the prefill's
 codec) and grants it to the prefill ranks; a full arena defers the grant
 (back-pressure: the manager retries it when regions are freed, oldest first,
-and fails it after :data:`.rooms.GRANT_DEFER_TIMEOUT_S`). The manager's control
-thread unpacks every part when the prefill's ``Sent`` arrives; ``poll`` only
+and fails it after SGLang's waiting timeout, ``SGLANG_DISAGGREGATION_WAITING_TIMEOUT``).
+The manager's control thread unpacks every part when the prefill's ``Sent`` arrives; ``poll`` only
 reads the status. The region's life is :class:`.rooms.ReceiveState`: a receiver
 that fails on the decode side after its grant (abort, timeout, a lost prefill)
 tells the prefill and keeps the region until the prefill acknowledges that
@@ -184,6 +184,10 @@ class SpectrumKVReceiver(CommonKVReceiver):
         self._need = 0
         self._deferred_logged = False
         super().__init__(*args, **kwargs)
+        # a deferred grant waits as long as SGLang lets a request wait for its KV
+        wait = getattr(self.kv_mgr, "waiting_timeout", None)
+        if wait:
+            self.state.defer_timeout_s = float(wait)
         self.kv_mgr.register_receiver(self)
 
     # -- bootstrap

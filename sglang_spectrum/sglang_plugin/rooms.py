@@ -37,7 +37,8 @@ ORPHAN_TTL_S = 330.0  # > SGLang's bootstrap timeout (300 s): the sender fails f
 ABORTED_SENDER_TTL_S = 60.0  # an aborted sender SGLang never cleared is cleared after this
 TOMBSTONE_TTL_S = 600.0
 ABORT_ACK_TIMEOUT_S = 60.0  # decode: keep an aborted region at most this long without ack
-GRANT_DEFER_TIMEOUT_S = 120.0  # decode: fail a request whose grant waits longer for the arena
+GRANT_DEFER_TIMEOUT_S = 300.0  # decode: fail a grant waiting longer for the arena (default;
+# the receiver uses SGLang's waiting timeout, SGLANG_DISAGGREGATION_WAITING_TIMEOUT)
 
 
 def new_generation() -> int:
