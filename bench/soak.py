@@ -13,7 +13,7 @@ with a reason; clients hold new ones until it is back). Afterwards:
 * token usage is 0 on both servers (``/v1/loads``);
 * requests the prefill held for the killed decode are freed by SGLang's bootstrap
   timeout (``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, ``--bootstrap-timeout-s``,
-  shortened from 300 s) and their rooms with them;
+  shortened from 300 s to 120 s) and their rooms with them;
 * every table of the backend (rooms, receivers, deferred grants, SGLang's status
   and failure tables, arena bytes in use, ``spectrumkv_state_entries`` on
   ``/metrics``) is back to its size before the run; tombstones of cleared rooms
@@ -124,7 +124,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prefill_args=[*common, "--spectrum-budget", str(args.budget)],
         decode_args=common,
         prefill_env=timeout_env,
-        router_args=["--disable-retries"],
+        # 2 CPU cores serving 48 concurrent prompts answer health checks slowly: the router
+        # must not take an overloaded (but working) decode for a dead one
+        router_args=[
+            "--disable-retries",
+            "--disable-circuit-breaker",
+            "--health-check-timeout-secs",
+            "30",
+            "--health-check-interval-secs",
+            "10",
+            "--health-failure-threshold",
+            "10",
+        ],  # fmt: skip
         log_dir=args.log_dir,
     )
     report: dict[str, Any] = {}
@@ -200,8 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument("--settle-s", type=float, default=120.0)
-    p.add_argument("--bootstrap-timeout-s", type=int, default=45)
+    p.add_argument("--settle-s", type=float, default=240.0)
+    p.add_argument("--bootstrap-timeout-s", type=int, default=120)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     return p.parse_args(argv)
