@@ -352,3 +352,44 @@ def test_full_keys_of_sliding_layers_match_the_cache():
         first_layers_scores(
             kv0, 2, method_config(parse_method("spectrum-3tier+kn2"), "paper", 0.3, "3")
         )
+
+
+def test_report_shows_fp8_beside_ours_and_the_first_group_table(tmp_path):
+    def rec(method, metric, budget, value, alloc="paper", context=2048, **kw):
+        return {"model": "m", "method": method, "allocator": alloc, "budget": budget,
+                "metric": metric, "context": context, "value": value, "n": 3,
+                "stderr": 0.1, "bytes_ratio": min(budget, 1.0), **kw}  # fmt: skip
+
+    kn, kn4 = "spectrum-auto+kc+kn", "spectrum-auto+kc+kn4"
+    w = [2.0, 2.1, 2.2]
+    recs = [
+        rec("full", "ppl", 1.0, 10.0, "-", window_nll=w),
+        rec("full", "ppl_delta_pct", 1.0, 0.0, "-"),
+        rec("fp8_e4m3", "ppl_delta_pct", 0.5, 0.8, "-"),
+        rec("full", "niah_acc", 1.0, 1.0, "-", context=4096, hits=[True, True]),
+    ]
+    for b in (0.3, 0.5):
+        recs += [
+            rec(kn, "ppl", b, 10.1, window_nll=[x + 0.01 for x in w]),
+            rec(kn, "ppl_delta_pct", b, 1.0),
+            rec(kn4, "ppl", b, 10.105, window_nll=[x + 0.0105 for x in w]),  # +0.05 %
+            rec(kn4, "ppl_delta_pct", b, 1.05),
+            rec(kn, "niah_acc", b, 1.0, context=4096, hits=[True, True]),
+            rec(
+                kn4, "niah_acc", b, 0.5 if b == 0.3 else 1.0, context=4096, hits=[b != 0.3, True]
+            ),  # fmt: skip
+            rec(kn, "niah_retention", b, 1.0, context=4096),
+        ]
+    md = markdown_tables(recs)
+    head = md[md.index("### m: ppl C=2048") :]
+    assert "| fp8_e4m3 |  | +0.80% ±0.10 |  |  |" in head  # FP8: the b=0.5 column only
+    assert head.index(f"| {kn} |") < head.index("| fp8_e4m3 |")
+    table = md[md.index("## Tier map from the first layer group") :]
+    row = next(line for line in table.splitlines() if line.startswith("| 4 |"))
+    assert "+0.05%" in row and "-1/+0" in row and "no (NIAH b=0.3)" in row
+    assert "Smallest G meeting the target on m: none of [4]." in table
+    recs = [r for r in recs if not (r["method"] == kn4 and r["metric"] == "niah_acc")]
+    recs.append(rec(kn4, "niah_acc", 0.3, 1.0, context=4096, hits=[True, True]))
+    recs.append(rec(kn4, "niah_acc", 0.5, 1.0, context=4096, hits=[True, True]))
+    assert "on m: **4**." in markdown_tables(recs)
+    assert plot_records(recs, tmp_path)

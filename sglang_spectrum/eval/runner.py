@@ -178,8 +178,9 @@ def run_needs(model, runs, kv_scales: KVScales | None = None) -> tuple[bool, KVS
 def fp8_round_trip(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """What an FP8 KV pool gives back for ``x``: SGLang's ``set_kv_buffer`` stores
     ``(x / scale).to(fp8)`` (the division only when a scale is set), its attention reads
-    the FP8 values times the scale. Returned in ``x``'s dtype. No saturation, as in
-    SGLang's plain path: beyond the FP8 range (448 for e4m3) the cast gives NaN / inf.
+    the FP8 values times the scale. Returned in ``x``'s dtype. The cast is torch's
+    ``.to(float8)`` as SGLang's plain path calls it: e4m3 saturates at +-448 (torch's
+    conversion), e5m2 overflows to inf past 57344.
     """
     y = x if scale == 1.0 else x / scale
     return (y.to(dtype).to(torch.float32) * scale).to(x.dtype)
