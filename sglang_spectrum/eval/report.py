@@ -232,9 +232,11 @@ def first_group_table(records: list[dict], budgets: tuple[float, ...] = (0.3, 0.
             out.append(f"| {g} | " + " | ".join(cells) + " |")
         out.append("")
         smallest = min(passing, default=None)
+        larger_misses = [g for g in sorted(gs) if smallest and g > smallest and g not in passing]
         out.append(
             f"Smallest G meeting the target on {model}: "
-            + (f"**{smallest}**." if smallest else f"none of {sorted(gs)}.")
+            + (f"**{smallest}**" if smallest else f"none of {sorted(gs)}")
+            + (f" (larger G missing it: {larger_misses})." if larger_misses else ".")
         )
         out.append("")
     return out
