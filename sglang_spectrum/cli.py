@@ -170,6 +170,17 @@ def _write(args, records: list[dict], kind: str) -> None:
     print(f"wrote {args.out} and {md}")
 
 
+def _kv_scales(args, model):
+    """``--fp8-kv-scales JSON`` (SGLang's --quantization-param-path), else None: the
+    FP8 baselines then use the checkpoint's scales (1.0 when it has none)."""
+    if not args.fp8_kv_scales:
+        return None
+    from .eval.hf_bridge import layer_types
+    from .eval.runner import quantization_param_kv_scales
+
+    return quantization_param_kv_scales(args.fp8_kv_scales, len(layer_types(model)))
+
+
 def cmd_eval_ppl(args) -> int:
     from .eval.methods import expand_runs
     from .eval.ppl import evaluate_ppl, load_wikitext
@@ -186,6 +197,7 @@ def cmd_eval_ppl(args) -> int:
         windows=args.windows,
         text=load_wikitext(args.wikitext),
         auto_tiers=auto,
+        kv_scales=_kv_scales(args, model),
     )
     _write(args, records, "ppl")
     return 0
@@ -202,6 +214,7 @@ def cmd_eval_niah(args) -> int:
     text = load_wikitext(args.wikitext)
     details: list = []
     records = []
+    kv_scales = _kv_scales(args, model)
     for context in args.context:
         records += evaluate_niah(
             model,
@@ -212,6 +225,7 @@ def cmd_eval_niah(args) -> int:
             auto_tiers=auto,
             text=text,
             details=details,
+            kv_scales=kv_scales,
         )
     _write(args, records, "niah")
     if args.details:
@@ -301,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--wikitext", default=None, help="path to wiki.test.raw")
     common.add_argument("--out", default=str(DEFAULT_RESULTS))
     common.add_argument("--probe-budget", type=float, default=0.3)
+    common.add_argument(
+        "--fp8-kv-scales",
+        default=None,
+        metavar="JSON",
+        help="per-layer FP8 KV scales for fp8_e4m3/fp8_e5m2 in SGLang's"
+        " --quantization-param-path format (default: the checkpoint's, else 1.0)",
+    )
     common.add_argument("--device", default="auto", help=DEVICE_HELP)
     common.add_argument(
         "--attn",

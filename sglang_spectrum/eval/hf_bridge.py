@@ -48,6 +48,12 @@ class PromptKV:
     layer_first_pos: absolute position of each layer's first held token.
     num_tokens: prompt length ``T``.
     logits_last: logits of the last prompt position, ``[vocab]`` float32.
+    full_keys: with ``prefill(..., full_keys=True)``: per layer the post-RoPE keys of all
+        ``T`` positions, ``[T, num_kv_heads, head_dim]``, as a KV pool without sliding
+        windows (SGLang's, which SpectrumKV serves from) holds them. The same tensor as
+        ``keys[l]`` for layers that hold the whole prompt; for sliding-window layers the
+        keys the layer computed for every position (the cache keeps only the suffix).
+        Used to score tokens from chosen layers (``+knG``); ``None`` if not captured.
     """
 
     keys: list[Tensor]
@@ -56,6 +62,7 @@ class PromptKV:
     layer_first_pos: list[int]
     num_tokens: int
     logits_last: Tensor
+    full_keys: list[Tensor] | None = None
 
 
 # --------------------------------------------------------------------------- model info
@@ -91,40 +98,52 @@ def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
 
 
 @contextmanager
-def _capture_queries(model, obs_window: int) -> Iterator[list[Tensor]]:
-    """Record post-RoPE queries by wrapping the modeling module's ``apply_rotary_pos_emb``.
+def _capture_queries(
+    model, obs_window: int, keys: bool = False
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """Record post-RoPE queries (and, with ``keys``, all post-RoPE keys) by wrapping the
+    modeling module's ``apply_rotary_pos_emb``.
 
     Every supported attention (llama, qwen2, gemma3 in transformers 5.3) calls the module
     global ``apply_rotary_pos_emb(q, k, cos, sin)`` once per layer, in layer order, with
-    ``q`` shaped ``[batch, q_heads, tokens, head_dim]``. The original is restored on exit,
-    even on error.
+    ``q`` shaped ``[batch, q_heads, tokens, head_dim]`` (``k`` likewise with KV heads);
+    its ``k`` output is what the layer caches. Yields ``(queries, keys)``: per layer
+    ``[obs_window, q_heads, head_dim]`` (none if ``obs_window`` is 0) and
+    ``[tokens, kv_heads, head_dim]`` (none unless ``keys``). The original is restored on
+    exit, even on error.
     """
     mod = sys.modules[type(model).__module__]
     orig = getattr(mod, "apply_rotary_pos_emb", None)
     if orig is None:
         raise NotImplementedError(f"{mod.__name__} has no apply_rotary_pos_emb to wrap")
     captured: list[Tensor] = []
+    captured_keys: list[Tensor] = []
 
     def wrapper(q, k, cos, sin, *args, **kwargs):
         q_embed, k_embed = orig(q, k, cos, sin, *args, **kwargs)
-        captured.append(q_embed[0, :, -obs_window:, :].transpose(0, 1).detach().clone())
+        if obs_window > 0:
+            captured.append(q_embed[0, :, -obs_window:, :].transpose(0, 1).detach().clone())
+        if keys:
+            captured_keys.append(k_embed[0].transpose(0, 1).detach().contiguous())
         return q_embed, k_embed
 
     mod.apply_rotary_pos_emb = wrapper
     try:
-        yield captured
+        yield captured, captured_keys
     finally:
         mod.apply_rotary_pos_emb = orig
 
 
 @torch.no_grad()
-def prefill(model, input_ids: Tensor, obs_window: int = 32) -> PromptKV:
+def prefill(model, input_ids: Tensor, obs_window: int = 32, full_keys: bool = False) -> PromptKV:
     """Run the prompt once (``use_cache=True``) and return its KV in codec layout.
 
     Args:
         model: a transformers causal LM (llama, qwen2 or gemma3 family), eval mode.
         input_ids: ``[1, T]`` long.
         obs_window: how many trailing prompt positions' queries to capture (0: none).
+        full_keys: also return every layer's keys over all ``T`` positions
+            (:attr:`PromptKV.full_keys`; captured only for sliding-window layers).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
@@ -137,12 +156,18 @@ def prefill(model, input_ids: Tensor, obs_window: int = 32) -> PromptKV:
     cache = DynamicCache(config=model.config)
     kwargs = dict(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     queries: list[Tensor] | None = None
-    if obs_window > 0:
-        with _capture_queries(model, obs_window) as captured:
+    capture_keys = full_keys and "sliding_attention" in layer_types(model)
+    all_keys: list[Tensor] = []
+    if obs_window > 0 or capture_keys:
+        with _capture_queries(model, obs_window, keys=capture_keys) as (captured, all_keys):
             out = model(**kwargs)
-        if len(captured) != n_layers:
-            raise RuntimeError(f"captured {len(captured)} query sets for {n_layers} layers")
-        queries = captured
+        for what, got, wanted in (
+            ("query", captured, obs_window > 0),
+            ("key", all_keys, capture_keys),
+        ):
+            if wanted and len(got) != n_layers:
+                raise RuntimeError(f"captured {len(got)} {what} sets for {n_layers} layers")
+        queries = captured if obs_window > 0 else None
     else:
         out = model(**kwargs)
 
@@ -153,6 +178,9 @@ def prefill(model, input_ids: Tensor, obs_window: int = 32) -> PromptKV:
         keys.append(k)
         values.append(v)
         first.append(T - k.shape[0])  # a layer holds a suffix of the prompt
+    whole = None
+    if full_keys:
+        whole = [k if f == 0 else all_keys[li] for li, (k, f) in enumerate(zip(keys, first))]
     return PromptKV(
         keys=keys,
         values=values,
@@ -160,6 +188,7 @@ def prefill(model, input_ids: Tensor, obs_window: int = 32) -> PromptKV:
         layer_first_pos=first,
         num_tokens=T,
         logits_last=out.logits[0, -1].float(),
+        full_keys=whole,
     )
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..config import SpectrumConfigError
 from .methods import AutoTiers, Method, record_base, resolve_runs
 from .ppl import load_wikitext
-from .runner import apply_method
+from .runner import KVScales, apply_method, run_needs
 
 QUESTION = (
     "What is the special magic number mentioned in the text above? Answer with the number only."
@@ -105,21 +105,27 @@ def evaluate_niah(
     max_new_tokens: int = 10,
     auto_tiers: AutoTiers = "2",
     obs_window: int = 32,
+    kv_scales: KVScales | None = None,
     seed: int = 0,
     text: str | None = None,
     progress: bool = True,
     details: list | None = None,
 ) -> list[dict]:
-    """Accuracy and retention (accuracy / full accuracy on the same trials) per run."""
+    """Accuracy and retention (accuracy / full accuracy on the same trials) per run.
+
+    Records carry ``hits`` (pass/fail per trial, in trial order) so that two methods can
+    be compared trial by trial; FP8 baselines add ``kv_scales``.
+    """
     from .hf_bridge import prefill
 
     runs = resolve_runs(runs, methods, budgets, allocators)
+    full_keys, kv_scales = run_needs(model, runs, kv_scales)
     prompts = make_trials(tokenizer, context, trials, seed, text)
     hits = {i: [] for i in range(len(runs))}
     ratios = {i: [] for i in range(len(runs))}
     bar = tqdm(total=len(prompts) * len(runs), desc=f"niah@{context}", disable=not progress)
     for trial in prompts:
-        kv = prefill(model, trial.input_ids[None], obs_window=obs_window)
+        kv = prefill(model, trial.input_ids[None], obs_window=obs_window, full_keys=full_keys)
         memo: dict = {}
         for i, (method, alloc, budget) in enumerate(runs):
             tokens, ratio = apply_method(
@@ -132,6 +138,7 @@ def evaluate_niah(
                 max_new_tokens=max_new_tokens,
                 memo=memo,
                 eos_token_id=tokenizer.eos_token_id,
+                kv_scales=kv_scales,
             )
             answer = tokenizer.decode(tokens, skip_special_tokens=True)
             hits[i].append(answer_matches(answer, trial.needle))
@@ -157,6 +164,9 @@ def evaluate_niah(
         acc = sum(hits[i]) / n
         se = (acc * (1 - acc) / n) ** 0.5
         base = record_base(method, alloc, budget, context, ratios[i])
+        base["hits"] = [bool(h) for h in hits[i]]
+        if method.is_pool_cast:
+            base["kv_scales"] = kv_scales.source
         records.append({**base, "metric": "niah_acc", "value": acc, "stderr": se})
         if full_acc > 0:
             # Retention on the same trials: passes among the trials full precision passed.

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..config import SpectrumConfigError
 from .methods import AutoTiers, Method, record_base, resolve_runs
-from .runner import apply_method
+from .runner import KVScales, apply_method, run_needs
 
 WIKITEXT_ENV = "SPECTRUM_WIKITEXT"
 _DEFAULT_WIKITEXT = Path(__file__).resolve().parents[2].parent / "shared/data/wikitext-2-raw"
@@ -94,23 +94,28 @@ def evaluate_ppl(
     text: str | None = None,
     auto_tiers: AutoTiers = "2",
     obs_window: int = 32,
+    kv_scales: KVScales | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Run the protocol; returns one record per (method, allocator, budget) and metric.
 
     Records: ``{"method", "allocator", "budget", "metric": "ppl"|"ppl_delta_pct",
-    "context", "value", "n", "stderr", "bytes_ratio"}``.
+    "context", "value", "n", "stderr", "bytes_ratio", "window_nll"}`` (``window_nll``:
+    the mean NLL of each window, for paired comparisons between methods; FP8 baselines
+    add ``kv_scales``, where their scales came from). ``kv_scales``: FP8 scales, default
+    those of the model's checkpoint (1.0 when it has none).
     """
     from .hf_bridge import prefill  # transformers is only needed here
 
     runs = resolve_runs(runs, methods, budgets, allocators)
+    full_keys, kv_scales = run_needs(model, runs, kv_scales)
     text = text if text is not None else load_wikitext()
     wins = wikitext_windows(tokenizer, text, context, continuation, windows)
     nll = {i: [] for i in range(len(runs))}  # per run: per-window mean NLL
     ratios = {i: [] for i in range(len(runs))}
     bar = tqdm(total=len(wins) * len(runs), desc="ppl", disable=not progress, unit="run")
     for window in wins:
-        kv = prefill(model, window[None, :context], obs_window=obs_window)
+        kv = prefill(model, window[None, :context], obs_window=obs_window, full_keys=full_keys)
         feed = window[None, context:-1]
         targets = window[context + 1 :]
         memo: dict = {}
@@ -125,6 +130,7 @@ def evaluate_ppl(
                 next_ids=feed,
                 memo=memo,
                 post=lambda logits: float(_nll(logits, targets).mean()),  # noqa: B023
+                kv_scales=kv_scales,
             )
             nll[i].append(mean_nll)
             ratios[i].append(ratio)
@@ -143,6 +149,9 @@ def evaluate_ppl(
         se_nll = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
         se_ppl = float(x.std(unbiased=True) / math.sqrt(n)) * ppl if n > 1 else float("nan")
         base = record_base(method, alloc, budget, context, ratios[i])
+        base["window_nll"] = [float(v) for v in nll[i]]
+        if method.is_pool_cast:
+            base["kv_scales"] = kv_scales.source
         records.append({**base, "metric": "ppl", "value": ppl, "stderr": se_ppl})
         records.append(
             {
