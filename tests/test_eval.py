@@ -393,3 +393,26 @@ def test_report_shows_fp8_beside_ours_and_the_first_group_table(tmp_path):
     recs.append(rec(kn4, "niah_acc", 0.5, 1.0, context=4096, hits=[True, True]))
     assert "on m: **4**." in markdown_tables(recs)
     assert plot_records(recs, tmp_path)
+
+
+@pytest.mark.slow
+def test_spectrum_over_an_fp8_pool_is_lossless_at_half_budget(smollm_kv):
+    """``+fp8``: packed from SGLang's FP8 e4m3 pool; at b=0.5 every token travels in the
+    pool's own FP8 bytes, so the decode gets exactly what the FP8 KV cache holds (the
+    fp8_e4m3 baseline's values); at b=0.3 FP8 and INT4 mix within the budget."""
+    from sglang_spectrum.eval.runner import degrade, method_config
+
+    kv = smollm_kv
+    method = parse_method("spectrum-3tier+kc+kn+fp8")
+    assert method.fp8_pool
+    ones = KVScales.ones(len(kv.keys))
+    cast_k, cast_v, _, _, _ = pool_cast_kv(kv, torch.float8_e4m3fn)
+    cfg = method_config(method, "paper", 0.5, "3")
+    keys, values, kept, ratio, _ = degrade(kv, cfg, use_queries=False, fp8_scales=ones)
+    assert bool(kept.all()) and ratio <= 0.5 + 0.01
+    for a, b in zip(keys + values, cast_k + cast_v):
+        assert torch.equal(a, b)
+    cfg = method_config(method, "paper", 0.3, "3")
+    keys, values, kept, ratio, _ = degrade(kv, cfg, use_queries=False, fp8_scales=ones)
+    assert bool(kept.all()) and ratio <= 0.3
+    assert any(not torch.equal(a, b) for a, b in zip(keys, cast_k))  # INT4 rows somewhere

@@ -23,6 +23,7 @@ def test_soak_ci_variant(tmp_path):
     out = tmp_path / "soak.json"
     report = soak.main(
         ["--requests", "160", "--concurrency", "24", "--max-len", "1200", "--out", str(out)]
+        + ["--bootstrap-timeout-s", "45", "--settle-s", "150"]
     )
     assert json.loads(out.read_text())["outcomes"] == report["outcomes"]
     outcomes = report["outcomes"]

@@ -55,6 +55,7 @@ class Method:
     key_scales: str = "token"
     key_norm: bool = False
     key_norm_layers: int | None = None  # +knG: score from layers 0..G-1 only
+    fp8_pool: bool = False  # +fp8: packed from an FP8 e4m3 KV pool (SGLang --kv-cache-dtype)
 
     @property
     def uses_allocator(self) -> bool:
@@ -103,7 +104,8 @@ AutoTiers = str | Callable[[Method], str]
 
 
 def parse_method(name: str) -> Method:
-    """Parse ``base[+had][+gNN][+kc][+kn|+knG]`` or ``fp8_e4m3``/``fp8_e5m2`` (no options);
+    """Parse ``base[+had][+gNN][+kc][+kn|+knG][+fp8]`` or ``fp8_e4m3``/``fp8_e5m2`` (no
+    options); ``+fp8``: the KV is first stored in an FP8 e4m3 pool and packed from it;
     raises SpectrumConfigError on unknown parts."""
     base, *opts = name.split("+")
     if base in POOL_CAST_METHODS:
@@ -126,11 +128,14 @@ def parse_method(name: str) -> Method:
             kwargs["key_norm_layers"] = int(opt[2:])
         elif opt == "kc":
             kwargs["key_scales"] = "channel"
+        elif opt == "fp8":
+            kwargs["fp8_pool"] = True
         elif opt.startswith("g") and opt[1:].isdigit():
             kwargs["group_size"] = int(opt[1:])
         else:
             raise SpectrumConfigError(
-                f"unknown method option {opt!r} in {name!r} (had, gNN, kc, kn, knG with G >= 1)"
+                f"unknown method option {opt!r} in {name!r} (had, gNN, kc, kn, knG with G >= 1,"
+                " fp8)"
             )
     return Method(name=name, base=base, **kwargs)
 

@@ -24,21 +24,39 @@ from ..scoring import score_tokens
 from .methods import AutoTiers, Method, parse_method
 
 
-def degrade(kv, config: SpectrumConfig, use_queries: bool = True, dtype=None, scores=None):
+def degrade(
+    kv,
+    config: SpectrumConfig,
+    use_queries: bool = True,
+    dtype=None,
+    scores=None,
+    fp8_scales: KVScales | None = None,
+):
     """Send a prompt's KV through ``pack_kv -> bytes -> decode_kv``.
 
     Args:
         kv: :class:`~sglang_spectrum.eval.hf_bridge.PromptKV`.
         scores: importance ``[T]`` to allocate tiers by (e.g. :func:`first_layers_scores`);
             default: the codec scores the tokens itself.
+        fp8_scales: pack from an FP8 e4m3 pool (``+fp8``): K and V are first stored as
+            SGLang's FP8 KV cache does, ``(x / scale).to(float8_e4m3fn)``, with these
+            per-layer scales; the codec's top tier is then those FP8 bytes.
     Returns:
         (keys, values, kept, bytes_ratio, key): per-layer ``[T_l, H, D]`` tensors
         in ``dtype`` (default: the KV's), bool ``[T]``, packed / full bytes, and
         a key that is equal for two runs exactly when their packed bytes are.
     """
     queries = kv.queries if use_queries else None
+    keys, values, fp8 = kv.keys, kv.values, None
+    if fp8_scales is not None:
+        from ..fp8 import FP8Pool
+
+        e4m3 = torch.float8_e4m3fn
+        keys = [(k.float() / s).to(e4m3) for k, s in zip(keys, fp8_scales.k)]
+        values = [(v.float() / s).to(e4m3) for v, s in zip(values, fp8_scales.v)]
+        fp8 = FP8Pool.of(e4m3, len(keys), list(fp8_scales.k), list(fp8_scales.v))
     packed = pack_kv(
-        kv.keys, kv.values, config, scores=scores, queries=queries, num_tokens=kv.num_tokens
+        keys, values, config, scores=scores, queries=queries, num_tokens=kv.num_tokens, fp8=fp8
     )
     # On a GPU the buffer arrives in the decode node's GPU memory.
     wire = packed.to_bytes() if kv.keys[0].device.type == "cpu" else packed.to_tensor()
@@ -168,7 +186,7 @@ def run_needs(model, runs, kv_scales: KVScales | None = None) -> tuple[bool, KVS
     whether some ``+knG`` run needs every layer's keys over the whole prompt, and the FP8
     scales (``kv_scales``, else the model folder's) if some run is an FP8 baseline."""
     full_keys = any(m.key_norm_layers for m, _, _ in runs)
-    if any(m.is_pool_cast for m, _, _ in runs) and kv_scales is None:
+    if any(m.is_pool_cast or m.fp8_pool for m, _, _ in runs) and kv_scales is None:
         from .hf_bridge import layer_types
 
         kv_scales = model_kv_scales(model, len(layer_types(model)))
@@ -266,8 +284,11 @@ def apply_method(
         scores = None
         if method.key_norm_layers:
             scores = first_layers_scores(kv, method.key_norm_layers, config)
+        fp8_scales = None
+        if method.fp8_pool:
+            fp8_scales = kv_scales or KVScales.ones(len(kv.keys))
         keys, values, kept, ratio, key = degrade(
-            kv, config, use_queries=not method.key_norm, scores=scores
+            kv, config, use_queries=not method.key_norm, scores=scores, fp8_scales=fp8_scales
         )
     if memo is not None and key in memo:
         return memo[key], ratio
