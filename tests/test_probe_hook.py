@@ -591,3 +591,18 @@ def test_probe_decided_once_and_agreed_on_by_every_tp_rank(scenario):
     else:  # one rank failed: both raise the same error (and fall back alike)
         assert s0 == s1 == "error" and v0 == v1
         assert "TP rank 1" in v0 and "no room in the KV pool" in v0
+
+
+def test_single_rank_reads_the_cache_before_running():
+    """One TP rank (no group): a cached decision is returned and the trials never run."""
+    from sglang_spectrum.sglang_plugin.probe_hook import coordinated
+
+    runs = []
+
+    def run():
+        runs.append(1)
+        return {"decision": "2"}
+
+    assert coordinated(None, lambda: {"decision": "3", "cached": True}, run)["cached"]
+    assert runs == []
+    assert coordinated(None, lambda: None, run) == {"decision": "2"} and runs == [1]
