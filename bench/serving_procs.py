@@ -230,7 +230,8 @@ class Launcher:
 
     def device_flags(self, mode: str, mem: float, gpu: int, tokens: int | None) -> list[str]:
         if self.cpu:
-            flags = ["--device", "cpu", "--max-total-tokens", str(tokens or self.cpu_max_tokens)]
+            flags = ["--device", "cpu", "--sleep-on-idle"]  # an idle scheduler spins a core
+            flags += ["--max-total-tokens", str(tokens or self.cpu_max_tokens)]
             try:
                 from sglang_spectrum.sglang_plugin.compat import cpu_server_flags
 

@@ -1,14 +1,10 @@
 """End-to-end PD serving on CPU with real servers (slow: each deployment starts in ~1 min).
+(Lossless budget-1.0 serving against a single server: test_pd_serving.py.)
 
 A prefill server, a decode server and the router run as real processes
 (:mod:`pd_harness`, i.e. :mod:`sglang_spectrum.sglang_plugin.launch`); every
 process is stopped by PID (process group) in a finalizer, also on failure.
 
-* ``full``: the same prompts through one non-disaggregated server and through
-  a ``spectrum`` PD deployment at budget 1.0 (everything FP16, lossless for the
-  bf16 pool): greedy outputs must be identical, and a prompt-only secret must
-  come back. (SGLang 0.5.23's stock ``mooncake`` prefill cannot run on a
-  CPU-only torch: it pins host memory and records CUDA events.)
 * ``half``: one ``spectrum`` deployment at budget 0.5 with 3 tiers and the
   Hadamard-rotated, group-32 codec with per-channel key scales (plain INT4
   serving is covered by test_pd_faults.py), ``--page-size 16`` on both sides
@@ -30,22 +26,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from pd_harness import PDDeployment, SingleServer, start_delayed_request, start_deployment
+from pd_harness import PDDeployment, start_delayed_request, start_deployment
 
 from sglang_spectrum.models import ensure_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "List three colors of the rainbow:",
-    "Water boils at a temperature of",
-    "A short story about a lighthouse keeper. " * 30 + "The keeper",
-]
+PROMPTS = ["The capital of France is"]
 SECRET = "48151623"
-SECRET_PROMPT = f"The secret code is {SECRET}. What is the secret code? Answer with the code only."
-MAX_NEW_TOKENS = 24
 FILLER = "The grass is green. The sky is blue. The sun is warm. "
 # ~1,500 tokens; the secret appears only at its start
 LONG_SECRET_PROMPT = (
@@ -62,78 +50,6 @@ KILL_DELAY_S = 8.0
 @pytest.fixture(scope="module")
 def model_path() -> Path:
     return ensure_model("smollm2-135m")
-
-
-def _collect(d: PDDeployment) -> dict:
-    out: dict = {"startup_s": round(d.startup_s, 1), "texts": [], "latency_s": []}
-    for prompt in PROMPTS:
-        t0 = time.monotonic()
-        r = d.generate(prompt, max_new_tokens=MAX_NEW_TOKENS)
-        out["latency_s"].append(round(time.monotonic() - t0, 2))
-        out["texts"].append(r["text"])
-        assert r["meta_info"]["completion_tokens"] > 0
-    out["secret_answer"] = d.chat(SECRET_PROMPT, max_tokens=16)
-    out["logs"] = {p.name: p.log_path.read_text(errors="replace") for p in d.procs}
-    return out
-
-
-@pytest.fixture(scope="module")
-def full(request, model_path) -> dict:
-    """Outputs of the same prompts from one server and from spectrum PD at budget 1.0."""
-    single = SingleServer(model_path)
-    request.addfinalizer(single.stop)
-    single.start()
-    try:
-        out = {"single": {"texts": [single.generate(p, MAX_NEW_TOKENS)["text"] for p in PROMPTS]}}
-    finally:
-        single.stop()
-    d = PDDeployment(
-        model_path, backend="spectrum", prefill_args=["--spectrum-budget", "1.0"], stats=True
-    )
-    request.addfinalizer(d.stop)
-    d.start()
-    try:
-        out["spectrum"] = _collect(d)
-        out["spectrum"]["stats"] = d.spectrum_stats()
-    finally:
-        d.stop()
-    sp = out["spectrum"]
-    print(f"\n[spectrum] startup {sp['startup_s']} s, latency {sp['latency_s']}")
-    return out
-
-
-def test_budget_1_outputs_identical_to_single_server(full):
-    single, spectrum = full["single"], full["spectrum"]
-    assert all(t.strip() for t in single["texts"]), single["texts"]
-    assert spectrum["texts"] == single["texts"]
-
-
-def test_prompt_only_secret_comes_back(full):
-    assert SECRET in full["spectrum"]["secret_answer"], full["spectrum"]["secret_answer"]
-
-
-def test_budget_1_is_lossless_and_counted(full):
-    records = full["spectrum"]["stats"]
-    prefill = [r for r in records if r["role"] == "prefill"]
-    decode = {r["rid"]: r for r in records if r["role"] == "decode"}
-    assert len(prefill) >= len(PROMPTS)
-    for r in prefill:
-        assert (
-            r["tiers"]["int8"] == r["tiers"]["int4"] == 0 and r["tiers"]["fp16"] == r["num_tokens"]
-        )
-        assert r["num_tokens"] * FULL_BYTES_PER_TOKEN == r["full_bytes"]
-        assert decode[r["rid"]]["received_bytes"] == r["sent_bytes"]
-        assert r["path"] == "torch"  # CPU pools: the torch reference packs
-
-
-def test_spectrum_plugin_active_in_scheduler_processes(full):
-    logs = full["spectrum"]["logs"]
-    for side in ("prefill", "decode"):
-        assert f"SpectrumKV {side}: KV pool MHATokenToKVPool" in logs[side]
-    assert "send arena" in logs["prefill"] and "receive arena" in logs["decode"]
-    # the decode checked the prefill's version, layout and tier mode at bootstrap
-    assert "SpectrumKV: prefill at" in logs["decode"] and "verified (layout" in logs["decode"]
-    assert "'budget': 1.0" in logs["decode"]
 
 
 # --------------------------------------------------------------------------- refusals

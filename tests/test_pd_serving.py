@@ -1,9 +1,14 @@
-"""Prefix reuse, client aborts and a load run on a real PD deployment (slow).
+"""Lossless serving, prefix reuse, client aborts and DP on real PD deployments (slow).
 
 One ``spectrum`` deployment at budget 1.0 (lossless: outputs must equal a
 single non-disaggregated server's) with the decode's radix cache on and the
 test-only transfer delay for rids containing ``spectrum-delay``:
 
+* lossless: the same prompts through the single server and the deployment give
+  identical greedy outputs, every token travels at FP16 and is counted on both
+  sides, a prompt-only secret comes back, the plugin ran in both schedulers.
+  (SGLang 0.5.23's stock ``mooncake`` prefill cannot run on a CPU-only torch:
+  it pins host memory and records CUDA events.)
 * prefix reuse: the decode already holds a page-aligned prefix of the second
   prompt; the prefill packs and sends only the rest (importance scored over
   the whole prompt), and the answer is the single server's;
@@ -36,6 +41,21 @@ PROMPTS = [
     BASE + "Question: what colour is the sky? Answer: the sky is",
 ]
 BASELINE = ["The capital of France is", "def fibonacci(n):"]
+NEW_TOKENS = 12
+LOSSLESS_PROMPTS = [  # none shares more than a word with another test's prompt
+    "The capital of Italy is",
+    "def factorial(n):",
+    "List three colors of the rainbow:",
+    "Water boils at a temperature of",
+    "A short story about a lighthouse keeper. " * 30 + "The keeper",
+]
+LOSSLESS_NEW_TOKENS = 24
+LOSSLESS_SECRET = "48151623"
+SECRET_PROMPT = (
+    f"The secret code is {LOSSLESS_SECRET}. What is the secret code? Answer with the code only."
+)
+# SmolLM2-135M: 30 layers x (K,V) x 3 KV heads x 64 x 2 bytes per token
+FULL_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
 DELAY_S = 6.0
 
 
@@ -45,13 +65,15 @@ def model_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(request, model_path) -> dict[str, str]:
-    """Greedy outputs of one non-disaggregated server."""
+def reference(request, model_path) -> dict[tuple[str, int], str]:
+    """Greedy outputs of one non-disaggregated server, by (prompt, new tokens)."""
     single = SingleServer(model_path)
     request.addfinalizer(single.stop)
     single.start()
+    asked = [(p, NEW_TOKENS) for p in PROMPTS + BASELINE]
+    asked += [(p, LOSSLESS_NEW_TOKENS) for p in LOSSLESS_PROMPTS]
     try:
-        return {p: single.generate(p, 12)["text"] for p in PROMPTS + BASELINE}
+        return {(p, n): single.generate(p, n)["text"] for p, n in asked}
     finally:
         single.stop()
 
@@ -75,10 +97,10 @@ def _records(d: PDDeployment, rid: str) -> dict[str, dict]:
 
 
 def test_decode_prefix_reuse_sends_only_the_rest(pd, reference):
-    first = pd.generate(PROMPTS[0], max_new_tokens=12, rid="prefix-first")
-    assert first["text"] == reference[PROMPTS[0]]
-    second = pd.generate(PROMPTS[1], max_new_tokens=12, rid="prefix-second")
-    assert second["text"] == reference[PROMPTS[1]]
+    first = pd.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS, rid="prefix-first")
+    assert first["text"] == reference[(PROMPTS[0], NEW_TOKENS)]
+    second = pd.generate(PROMPTS[1], max_new_tokens=NEW_TOKENS, rid="prefix-second")
+    assert second["text"] == reference[(PROMPTS[1], NEW_TOKENS)]
     rec = _records(pd, "prefix-second")
     n = second["meta_info"]["prompt_tokens"]
     prefix = rec["decode"]["prefix_tokens"]
@@ -87,6 +109,22 @@ def test_decode_prefix_reuse_sends_only_the_rest(pd, reference):
     assert rec["prefill"]["num_tokens"] == n - prefix == rec["decode"]["num_tokens"]
     assert rec["decode"]["received_bytes"] == rec["prefill"]["sent_bytes"]
     assert _records(pd, "prefix-first")["decode"]["prefix_tokens"] == 0
+
+
+def test_whole_prompt_cached_on_decode_sends_no_kv(pd, reference):
+    """The decode's radix cache holds the whole prompt (asked twice): SGLang's prefill
+    sends 0 pages; the backend sends no KV, only ``Sent`` and the metadata row, and the
+    answer is the single server's."""
+    prompt = BASELINE[1]
+    for rid in ("cached-first", "cached-again"):
+        got = pd.generate(prompt, max_new_tokens=NEW_TOKENS, rid=rid)
+        assert got["text"] == reference[(prompt, NEW_TOKENS)], (rid, got["text"])
+    rec = _records(pd, "cached-again")
+    n = got["meta_info"]["prompt_tokens"]
+    assert rec["decode"]["prefix_tokens"] == n, rec
+    assert rec["prefill"]["num_tokens"] == 0 == rec["decode"]["num_tokens"], rec
+    assert rec["prefill"]["sent_bytes"] == 0 == rec["decode"]["received_bytes"], rec
+    assert pd.wait_idle(pd.prefill_url) == 0 and pd.wait_idle(pd.decode_url) == 0
 
 
 def test_client_abort_during_transfer_leaves_nothing_behind(pd, reference):
@@ -105,7 +143,61 @@ def test_client_abort_during_transfer_leaves_nothing_behind(pd, reference):
     assert "decode" not in _records(pd, rid)  # never unpacked
     assert pd.wait_idle(pd.prefill_url) == 0 and pd.wait_idle(pd.decode_url) == 0
     for prompt in BASELINE:  # their KV reuses the freed slots: exactly as before
-        assert pd.generate(prompt, max_new_tokens=12)["text"] == reference[prompt]
+        got = pd.generate(prompt, max_new_tokens=NEW_TOKENS)["text"]
+        assert got == reference[(prompt, NEW_TOKENS)]
+
+
+# (after the prefix test: the decode's radix cache must start empty there)
+@pytest.fixture(scope="module")
+def lossless(pd) -> dict:
+    """The lossless prompts through the deployment: texts, the secret's answer, the
+    records of those requests and both servers' logs."""
+    rids = [f"lossless-{j}" for j in range(len(LOSSLESS_PROMPTS))]
+    texts = []
+    for rid, prompt in zip(rids, LOSSLESS_PROMPTS):
+        r = pd.generate(prompt, max_new_tokens=LOSSLESS_NEW_TOKENS, rid=rid)
+        assert r["meta_info"]["completion_tokens"] > 0
+        texts.append(r["text"])
+    return {
+        "texts": texts,
+        "secret_answer": pd.chat(SECRET_PROMPT, max_tokens=16),
+        "stats": [s for s in pd.spectrum_stats() if s["rid"] in rids],
+        "logs": {p.name: p.log_path.read_text(errors="replace") for p in pd.procs},
+    }
+
+
+def test_budget_1_outputs_identical_to_single_server(lossless, reference):
+    single = [reference[(p, LOSSLESS_NEW_TOKENS)] for p in LOSSLESS_PROMPTS]
+    assert all(t.strip() for t in single), single
+    assert lossless["texts"] == single
+
+
+def test_prompt_only_secret_comes_back(lossless):
+    assert LOSSLESS_SECRET in lossless["secret_answer"], lossless["secret_answer"]
+
+
+def test_budget_1_is_lossless_and_counted(lossless):
+    records = lossless["stats"]
+    prefill = [r for r in records if r["role"] == "prefill"]
+    decode = {r["rid"]: r for r in records if r["role"] == "decode"}
+    assert len(prefill) == len(LOSSLESS_PROMPTS)
+    for r in prefill:
+        assert (
+            r["tiers"]["int8"] == r["tiers"]["int4"] == 0 and r["tiers"]["fp16"] == r["num_tokens"]
+        )
+        assert r["num_tokens"] * FULL_BYTES_PER_TOKEN == r["full_bytes"]
+        assert decode[r["rid"]]["received_bytes"] == r["sent_bytes"]
+        assert r["path"] == "torch"  # CPU pools: the torch reference packs
+
+
+def test_spectrum_plugin_active_in_scheduler_processes(lossless):
+    logs = lossless["logs"]
+    for side in ("prefill", "decode"):
+        assert f"SpectrumKV {side}: KV pool MHATokenToKVPool" in logs[side]
+    assert "send arena" in logs["prefill"] and "receive arena" in logs["decode"]
+    # the decode checked the prefill's version, layout and tier mode at bootstrap
+    assert "SpectrumKV: prefill at" in logs["decode"] and "verified (layout" in logs["decode"]
+    assert "'budget': 1.0" in logs["decode"]
 
 
 def _pd_generate_on_dp_rank(d: PDDeployment, prompt: str, rid: str, dp: int) -> dict:
@@ -162,10 +254,17 @@ def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
     info = requests.get(f"http://127.0.0.1:{d.bootstrap_port}/spectrum/info", timeout=10).json()
     groups = {(r["system_dp_rank"], r["attn_tp_rank"]) for r in info["ranks"]}
     assert groups == {(0, 0), (1, 0)}, info["ranks"]
-    for dp in (0, 1):
-        for j, prompt in enumerate(BASELINE + PROMPTS):
-            got = _pd_generate_on_dp_rank(d, prompt, f"dp{dp}-{j}", dp)
-            assert got["text"] == reference[prompt], (dp, prompt, got["text"])
+    # one short and one long prompt on each DP rank, the two ranks served at once
+    prompts = [BASELINE[1], PROMPTS[0]]
+    with ThreadPoolExecutor(2) as pool:
+        for j, prompt in enumerate(prompts):
+            futures = {
+                dp: pool.submit(_pd_generate_on_dp_rank, d, prompt, f"dp{dp}-{j}", dp)
+                for dp in (0, 1)
+            }
+            for dp, f in futures.items():
+                got = f.result()
+                assert got["text"] == reference[(prompt, NEW_TOKENS)], (dp, prompt, got["text"])
     stats = [s for s in d.spectrum_stats() if s["role"] == "prefill"]
-    assert len(stats) == 8
+    assert len(stats) == 2 * len(prompts)
     d.stop()

@@ -387,10 +387,9 @@ class SpectrumKVReceiver(CommonKVReceiver):
             "full_bytes": sum(int(info.layout.full_nbytes) for info in infos),
             "received_bytes": int(sent.nbytes),
             "parts": len(parts),
-            "tiers": {
-                k: sum(info.tier_counts[k] for info in infos)
-                for k in infos[0].tier_counts
-                if k != "drop"
+            "tiers": {  # (no parts: the decode held the whole prompt)
+                k: sum(info.tier_counts.get(k, 0) for info in infos)
+                for k in ("fp16", "int8", "int4")
             },
             "unpack_ms": round(unpack_ms, 3),
             "prefill": sent.stats,

@@ -44,7 +44,10 @@ CPU_ENV = {
     **cpu_server_env(),
 }
 SERVER_FLAGS = ["--host", "127.0.0.1", "--max-total-tokens", "16384"]
-CPU_FLAGS = ["--device", "cpu"]
+# --sleep-on-idle: an idle SGLang scheduler otherwise polls its sockets at 100 % of a
+# core (an idle PD pair takes both cores of a 2-core machine); it sleeps only when
+# every queue, the PD bootstrap/transfer queues included, is empty.
+CPU_FLAGS = ["--device", "cpu", "--sleep-on-idle"]
 HOST = "127.0.0.1"
 _handed_out: set[int] = set()
 

@@ -67,7 +67,7 @@ class PackJob:
 class Packed:
     """What the pack stage hands to the write stage."""
 
-    region: Region
+    region: Region | None  # None: nothing to write (see _nothing_to_send)
     offset: int  # where this part goes in the decode's region
     nbytes: int  # bytes to write
     checksum: int
@@ -384,6 +384,8 @@ class PrefillSide:
             )
             return None
         offset = state.next_offset
+        if job.final and int(job.slots.numel()) == 0:
+            return self._nothing_to_send(job, offset, grants)
         region, one_off, register_ms = None, False, 0.0
         try:
             for event in job.events:  # the chunk's KV is written: pack timings stay clean
@@ -456,6 +458,16 @@ class PrefillSide:
             started=t0,
         )
 
+    def _nothing_to_send(self, job: PackJob, offset: int, grants: list) -> Packed:
+        """The last part of a request whose every remaining token the decode already
+        holds (its radix cache matched the whole prompt, SGLang then sends 0 pages): no
+        KV to pack or write, only ``Sent`` with the earlier parts and the metadata row."""
+        from sglang_spectrum.transfer import PackedRequest
+
+        info = PackedRequest(0, 0, 0, 0, {"fp16": 0, "int8": 0, "int4": 0}, "none", {})
+        now = time.perf_counter()
+        return Packed(None, offset, 0, 0, info, 1.0, grants, 0.0, 0.0, False, None, now)
+
     def _worker_stream(self) -> Any:
         """This thread's CUDA stream (made once per thread), or None on a CPU."""
         if not (self.k_pools and self.k_pools[0].is_cuda):
@@ -471,6 +483,23 @@ class PrefillSide:
         room = job.room
         peer = tuple(sorted(g.session for g in p.grants))
         t1 = time.perf_counter()
+        if p.region is not None:
+            if not self._write_part(job, p, peer):
+                return
+        transfer_ms = (time.perf_counter() - t1) * 1e3
+        state = self.rooms.get(room)
+        if state is None or not state.live or self.request_status.get(room) == KVPoll.Failed:
+            # aborted by the decode, or failed on this side while writing
+            reason = (state.failed if state else "") or "aborted on the prefill"
+            self._finish_unsent(room, self.failure_records.get(room, reason))
+            return
+        self._record_part(job, p, transfer_ms)
+        self._leave_flight(room)
+
+    def _write_part(self, job: PackJob, p: Packed, peer: tuple) -> bool:
+        """Write one packed part into every decode rank's region and free the send
+        region; False when a write failed (the room is then finished as failed)."""
+        room, t1 = job.room, time.perf_counter()
         try:
             delay = faults.test_delay_s(job.rid)
             if delay > 0:
@@ -489,20 +518,12 @@ class PrefillSide:
             self._add_peer_bytes(peer, -p.nbytes)
             logger.error("SpectrumKV: transfer of room %s failed: %s", room, e)
             self._finish_unsent(room, f"SpectrumKV could not send the KV cache: {e}")
-            return
+            return False
         p.region.release()
-        transfer_ms = (time.perf_counter() - t1) * 1e3
         self._add_peer_bytes(peer, -p.nbytes)
         if self.adaptive is not None:
-            self.adaptive.observe_write(peer, p.nbytes, transfer_ms / 1e3)
-        state = self.rooms.get(room)
-        if state is None or not state.live or self.request_status.get(room) == KVPoll.Failed:
-            # aborted by the decode, or failed on this side while writing
-            reason = (state.failed if state else "") or "aborted on the prefill"
-            self._finish_unsent(room, self.failure_records.get(room, reason))
-            return
-        self._record_part(job, p, transfer_ms)
-        self._leave_flight(room)
+            self.adaptive.observe_write(peer, p.nbytes, time.perf_counter() - t1)
+        return True
 
     def _record_part(self, job: PackJob, p: Packed, transfer_ms: float) -> None:
         room, info = job.room, p.info
@@ -510,7 +531,8 @@ class PrefillSide:
             state = self.rooms.get(room)
             if state is None:
                 return
-            state.parts.append([p.offset, p.nbytes, p.checksum, info.num_tokens])
+            if info.num_tokens:
+                state.parts.append([p.offset, p.nbytes, p.checksum, info.num_tokens])
             totals = state.part_totals
             for key, value in (
                 ("num_tokens", info.num_tokens),
