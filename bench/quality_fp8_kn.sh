@@ -5,7 +5,9 @@
 #   NIAH 4096 tokens, NIAH_TRIALS trials (default 20), b=0.3/0.5
 # Results: bench/results/cpu/<model>__{ppl_2048,niah_4096}_fp8_kn.json (+ NIAH details);
 # then `python bench/merge_results.py bench/results/gpu/*.json bench/results/cpu/*.json`.
-# Usage: bash bench/quality_fp8_kn.sh [ppl|niah|all] [models...]
+#   pool: ppl as above of the serving default packed from an FP8 e4m3 pool (+fp8, issue 16's
+#         FP8-pool target) beside full and fp8_e4m3 -> <model>__ppl_2048_fp8pool.json
+# Usage: bash bench/quality_fp8_kn.sh [ppl|niah|pool|all] [models...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -37,5 +39,13 @@ for m in "${models[@]}"; do
       --budgets 0.3,0.5 --allocators paper --methods "full,fp8_e4m3,$(kn_methods "$m")" \
       --out "$R/${m}__niah_4096_fp8_kn.json" --details "$R/${m}__niah_4096_fp8_kn_details.json"
     rm -f "$R/${m}__niah_4096_fp8_kn.md"
+  fi
+done
+for m in "${models[@]}"; do
+  if [[ $what == pool ]]; then
+    $SK eval ppl --model "$m" --device cpu --context 2048 --continuation 256 \
+      --windows "${PPL_WINDOWS:-32}" --budgets 0.3,0.5 --allocators paper \
+      --methods "full,fp8_e4m3,$KN+fp8" --out "$R/${m}__ppl_2048_fp8pool.json"
+    rm -f "$R/${m}__ppl_2048_fp8pool.md"
   fi
 done

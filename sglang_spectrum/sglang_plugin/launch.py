@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -456,12 +457,13 @@ class PDDeployment:
         wait_healthy(targets, t0, timeout_s or self.startup_timeout_s, ready or server_ready)
 
     def stop(self) -> None:
-        """Stop router, decode, prefill (each process group by PID); idempotent."""
-        for proc in reversed(self.procs):
-            try:
-                proc.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"launch: stopping {proc.name} failed: {e}", file=sys.stderr)
+        """Stop router, decode, prefill (each process group by PID, all signalled at
+        once so their shutdowns overlap); idempotent."""
+        with ThreadPoolExecutor(max(1, len(self.procs))) as pool:
+            futures = {pool.submit(proc.stop): proc for proc in reversed(self.procs)}
+        for future, proc in futures.items():
+            if future.exception() is not None:  # the others were stopped all the same
+                print(f"launch: stopping {proc.name} failed: {future.exception()}", file=sys.stderr)
 
     def report(self, title: str, lines: int = 60) -> str:
         parts = [title, f"logs: {self.log_dir}"]
