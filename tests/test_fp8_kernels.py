@@ -16,6 +16,7 @@ from test_kernels import (
     DEV,
     K,
     check_request,
+    gpu_request,
     make_request,
     negative_zero_words,
     signed_zero_rows,
@@ -285,16 +286,7 @@ def test_gpu_fp8_source_byte_identical(dtype, key_block, tokens):
     """Compiled kernels on FP8 pools: byte-identical to the CPU reference (within 1 LSB
     of torch's CUDA reference, see test_gpu_pack_unpack_byte_identical); FP8 -> FP8
     unpack alike; key-norm ranks of the scaled keys."""
-    req = make_request(
-        "cuda",
-        layers=4,
-        heads=8,
-        head_dim=128,
-        tokens=tokens,
-        seed=tokens,
-        dtype=dtype,
-        key_block=key_block,
-    )
+    req = gpu_request(tokens, dtype=dtype, key_block=key_block)
     stats = check_request(req, mode="cpu")
     print(f"GPU FP8 {dtype} kb={key_block} T={tokens} vs CUDA torch reference: {stats}")
     keys, _ = req.gathered()

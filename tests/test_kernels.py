@@ -86,6 +86,11 @@ def untouched(rows: torch.Tensor, fp8: FP8Pool | None) -> bool:
     return bool((rows == 0x7F).all() if fp8 is not None else torch.isnan(rows.float()).all())
 
 
+def gpu_request(tokens: int, **kw: object) -> Request:
+    """The GPU tests' request: 4 layers x 8 KV heads x 128 on CUDA, seeded by ``tokens``."""
+    return make_request("cuda", layers=4, heads=8, head_dim=128, tokens=tokens, seed=tokens, **kw)
+
+
 def make_request(
     device=DEV,
     *,
@@ -576,16 +581,7 @@ def test_gpu_pack_unpack_byte_identical(case, tokens):
 def test_gpu_channel_keys_byte_identical(dtype, tokens):
     """Per-channel key scales (64-row blocks) on the GPU: byte-identical to the CPU
     reference, within 1 LSB / 1 fp16 ulp of torch's CUDA reference."""
-    req = make_request(
-        "cuda",
-        layers=4,
-        heads=8,
-        head_dim=128,
-        tokens=tokens,
-        seed=tokens,
-        dtype=dtype,
-        key_block=64,
-    )
+    req = gpu_request(tokens, dtype=dtype, key_block=64)
     stats = check_request(req, mode="cpu")
     print(f"GPU channel keys {dtype} T={tokens} vs CUDA torch reference: {stats}")
 
