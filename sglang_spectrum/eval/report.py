@@ -48,6 +48,7 @@ HEADLINE_METHODS = (
     ),  # the serving default: channel keys, key-norm scores
     ("spectrum-auto+kc", "paper"),
     ("fp8_e4m3", "-"),  # SGLang's FP8 KV cache: b=0.5 only
+    ("spectrum-auto+kc+kn+fp8", "paper"),  # the serving default over an FP8 e4m3 pool
     ("fp8_e5m2", "-"),
     ("spectrum-auto", "paper"),
     ("spectrum-auto+had+g32", "paper"),
@@ -289,7 +290,9 @@ def markdown_tables(records: list[dict]) -> str:
             " the paired per-window difference) and NIAH retention (accuracy / full"
             " precision's on the same trials). `fp8_e4m3` / `fp8_e5m2`: SGLang's FP8 KV"
             " cache (`--kv-cache-dtype`, K and V cast with the checkpoint's per-layer"
-            " scales, 1.0 here), 1 byte per element: b=0.5 exactly, no lower budget.",
+            " scales, 1.0 here), 1 byte per element: b=0.5 exactly, no lower budget."
+            " `+fp8`: SpectrumKV packing from such an FP8 e4m3 pool (b=0.5: the FP8"
+            " cache's own bytes).",
             "",
         ]
         out += headline_table(records)
