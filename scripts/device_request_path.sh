@@ -30,7 +30,8 @@ tests="tests/test_kernels.py tests/test_transfer.py"
 python3 -c "import flashinfer" 2>/dev/null && tests="$tests tests/test_flashinfer_layout.py"
 
 # the request path (16-bit and FP8 pools, head slices) and the per-channel kernels first,
-# then the older kernel tests, then the FlashInfer proofs and the CUDA metadata rows
+# then the older kernel tests and the FlashInfer proofs (FP8 pools included), then the CUDA
+# metadata rows
 start=$(date +%s)
 timeout ${TEST_TIMEOUT:-200} python3 -m pytest -m gpu tests/test_transfer.py tests/test_kernels.py \
   tests/test_fp8_transfer.py tests/test_fp8_kernels.py tests/test_head_slices.py \
@@ -39,7 +40,8 @@ timeout ${TEST_TIMEOUT:-200} python3 -m pytest -m gpu tests/test_transfer.py tes
 echo "pytest (request path, FP8, head slices, channel keys) rc=$? in $(( $(date +%s) - start )) s"
 start=$(date +%s)
 timeout ${TEST_TIMEOUT2:-150} python3 -m pytest -m gpu $tests \
-  -k "not channel and not gpu_request and not fp8" -v -s -p no:cacheprovider >> "$OUT/pytest.log" 2>&1
+  -k "not channel and not gpu_request and (not fp8 or unpacked_fp8_pools)" -v -s \
+  -p no:cacheprovider >> "$OUT/pytest.log" 2>&1
 echo "pytest (other GPU tests) rc=$? in $(( $(date +%s) - start )) s"
 start=$(date +%s)
 timeout 60 python3 -m pytest tests/test_sglang_plugin.py -k metadata_rows -v -p no:cacheprovider \
