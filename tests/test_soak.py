@@ -22,14 +22,14 @@ def test_soak_ci_variant(tmp_path):
     spec.loader.exec_module(soak)
     out = tmp_path / "soak.json"
     report = soak.main(
-        ["--requests", "160", "--concurrency", "24", "--max-len", "1200", "--out", str(out)]
+        ["--requests", "100", "--concurrency", "24", "--max-len", "1200", "--out", str(out)]
         + ["--bootstrap-timeout-s", "45", "--settle-s", "150"]
     )
     assert json.loads(out.read_text())["outcomes"] == report["outcomes"]
     outcomes = report["outcomes"]
-    assert sum(outcomes.values()) == 160
+    assert sum(outcomes.values()) == 100
     assert outcomes.get("lost", 0) == 0, report
-    assert outcomes.get("answered", 0) >= 100, report  # the restart fails some, not most
+    assert outcomes.get("answered", 0) >= 60, report  # the restart fails some, not most
     assert outcomes.get("cancelled", 0) > 0  # ~10 % cancelled by their client
     assert all(reason for reason in report["failure_reasons"]), report
     assert report["token_usage_after"] == {"prefill": 0, "decode": 0}, report
