@@ -42,10 +42,8 @@ def _fmt(r: dict) -> str:
 
 
 HEADLINE_METHODS = (
-    (
-        "spectrum-auto+kc+kn",
-        "paper",
-    ),  # the serving default: channel keys, key-norm scores
+    # the serving default: channel keys, key-norm scores
+    ("spectrum-auto+kc+kn", "paper"),
     ("spectrum-auto+kc", "paper"),
     ("fp8_e4m3", "-"),  # SGLang's FP8 KV cache: b=0.5 only
     ("spectrum-auto+kc+kn+fp8", "paper"),  # the serving default over an FP8 e4m3 pool
@@ -134,15 +132,20 @@ def headline_table(records: list[dict], budgets: tuple[float, ...] = (0.3, 0.5))
                 "|---|" + "---|" * len(cols),
             ]
             for method, alloc in HEADLINE_METHODS:
-                cells = []
-                for metric, c in (("ppl_delta_pct", ppl_ctx), ("niah_retention", ctx)):
-                    for b in budgets:
-                        r = index.get((model, method, alloc, b, metric, c))
-                        cells.append(_fmt(r) if r else "")
+                cells = _cells(index, (model, method, alloc), "ppl_delta_pct", ppl_ctx, budgets)
+                cells += _cells(index, (model, method, alloc), "niah_retention", ctx, budgets)
                 if any(cells):
                     out.append(f"| {method} | " + " | ".join(cells) + " |")
             out.append("")
     return out
+
+
+def _cells(index: dict, run: tuple, metric: str, context, budgets) -> list[str]:
+    """One table cell per budget: ``run`` = (model, method, allocator)'s ``metric`` at
+    ``context`` (:func:`_fmt`; empty where not measured)."""
+    model, method, alloc = run
+    found = (index.get((model, method, alloc, b, metric, context)) for b in budgets)
+    return [_fmt(r) if r else "" for r in found]
 
 
 def _paired_ppl_change(a: dict, ref: dict) -> tuple[float, float | None]:
@@ -193,20 +196,15 @@ def first_group_table(records: list[dict], budgets: tuple[float, ...] = (0.3, 0.
         cols = [f"ppl Δ b={b:g}" for b in budgets] + [f"vs +kn b={b:g}" for b in budgets]
         cols += [f"NIAH b={b:g}" for b in budgets] + ["meets target"]
         out += ["| G | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        cells = []
-        for b in budgets:
-            r = index.get((model, base, alloc, b, "ppl_delta_pct", ppl_ctx))
-            cells.append(_fmt(r) if r else "")
+        cells = _cells(index, (model, base, alloc), "ppl_delta_pct", ppl_ctx, budgets)
         cells += ["(reference)"] * len(budgets)
         cells += [_niah_cell(ref_niah[b], None) for b in budgets] + [""]
         out.append(f"| all (`{base}`) | " + " | ".join(cells) + " |")
         passing = []
         for g in sorted(gs):
             name = f"{base}{g}"
-            cells, ok, why = [], True, []
-            for b in budgets:
-                r = index.get((model, name, alloc, b, "ppl_delta_pct", ppl_ctx))
-                cells.append(_fmt(r) if r else "")
+            cells = _cells(index, (model, name, alloc), "ppl_delta_pct", ppl_ctx, budgets)
+            ok, why = True, []
             for b in budgets:
                 r = index.get((model, name, alloc, b, "ppl", ppl_ctx))
                 if r and ref_ppl[b]:

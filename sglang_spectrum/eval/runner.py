@@ -52,8 +52,8 @@ def degrade(
         from ..fp8 import FP8Pool
 
         e4m3 = torch.float8_e4m3fn
-        keys = [(k.float() / s).to(e4m3) for k, s in zip(keys, fp8_scales.k)]
-        values = [(v.float() / s).to(e4m3) for v, s in zip(values, fp8_scales.v)]
+        keys = [fp8_store(k.float(), e4m3, s) for k, s in zip(keys, fp8_scales.k)]
+        values = [fp8_store(v.float(), e4m3, s) for v, s in zip(values, fp8_scales.v)]
         fp8 = FP8Pool.of(e4m3, len(keys), list(fp8_scales.k), list(fp8_scales.v))
     packed = pack_kv(
         keys, values, config, scores=scores, queries=queries, num_tokens=kv.num_tokens, fp8=fp8
@@ -193,15 +193,18 @@ def run_needs(model, runs, kv_scales: KVScales | None = None) -> tuple[bool, KVS
     return full_keys, kv_scales
 
 
-def fp8_round_trip(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """What an FP8 KV pool gives back for ``x``: SGLang's ``set_kv_buffer`` stores
-    ``(x / scale).to(fp8)`` (the division only when a scale is set), its attention reads
-    the FP8 values times the scale. Returned in ``x``'s dtype. The cast is torch's
+def fp8_store(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """What an FP8 KV pool holds for ``x``: SGLang's ``set_kv_buffer`` stores
+    ``(x / scale).to(fp8)`` (the division only when a scale is set). The cast is torch's
     ``.to(float8)`` as SGLang's plain path calls it: e4m3 saturates at +-448 (torch's
-    conversion), e5m2 overflows to inf past 57344.
-    """
-    y = x if scale == 1.0 else x / scale
-    return (y.to(dtype).to(torch.float32) * scale).to(x.dtype)
+    conversion), e5m2 overflows to inf past 57344."""
+    return (x if scale == 1.0 else x / scale).to(dtype)
+
+
+def fp8_round_trip(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """What an FP8 KV pool gives back for ``x``: :func:`fp8_store`, then the attention
+    reads the FP8 values times the scale. Returned in ``x``'s dtype."""
+    return (fp8_store(x, dtype, scale).to(torch.float32) * scale).to(x.dtype)
 
 
 def pool_cast_kv(kv, dtype: torch.dtype, scales: KVScales | None = None):

@@ -39,6 +39,8 @@ from sglang.srt.disaggregation.common.conn import (
     KVTransferError,
 )
 
+from sglang_spectrum.policy import TIER_NAMES
+
 from . import compat, messages
 from .identity import wire_identity
 from .manager import SpectrumKVManager, expand_pages
@@ -389,7 +391,8 @@ class SpectrumKVReceiver(CommonKVReceiver):
             "parts": len(parts),
             "tiers": {  # (no parts: the decode held the whole prompt)
                 k: sum(info.tier_counts.get(k, 0) for info in infos)
-                for k in ("fp16", "int8", "int4")
+                for k in TIER_NAMES
+                if k != "drop"
             },
             "unpack_ms": round(unpack_ms, 3),
             "prefill": sent.stats,

@@ -462,9 +462,10 @@ class PrefillSide:
         """The last part of a request whose every remaining token the decode already
         holds (its radix cache matched the whole prompt, SGLang then sends 0 pages): no
         KV to pack or write, only ``Sent`` with the earlier parts and the metadata row."""
+        from sglang_spectrum.policy import TIER_NAMES
         from sglang_spectrum.transfer import PackedRequest
 
-        info = PackedRequest(0, 0, 0, 0, {"fp16": 0, "int8": 0, "int4": 0}, "none", {})
+        info = PackedRequest(0, 0, 0, 0, dict.fromkeys(TIER_NAMES, 0), "none", {})
         now = time.perf_counter()
         return Packed(None, offset, 0, 0, info, 1.0, grants, 0.0, 0.0, False, None, now)
 
