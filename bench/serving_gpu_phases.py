@@ -125,6 +125,10 @@ class Runner:
         for b in a.correct_fp8_budgets:  # b >= 0.5 sends the FP8 pool's bytes: lossless
             ref = "single-fp8" if b >= 0.5 else None
             pairs.append((f"fp8-b{b:g}", configs.Config("spectrum-fp8", b, a.key_scales), ref))
+        if a.correct_fp8_budgets:
+            # the control: does stock PD with FP8 KV answer like a single FP8 server? (on
+            # 2026-12-03 spectrum-fp8 b=0.5, byte-exact on the wire, drifted on 1 of 7)
+            pairs.append(("mooncake-fp8", configs.Config("mooncake-fp8"), "single-fp8"))
         for b in a.correct_asym_budgets:
             pairs.append((f"asym-b{b:g}", configs.Config("spectrum-asym", b, a.key_scales), None))
         singles = {"single": configs.BF16}

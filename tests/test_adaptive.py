@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from sglang_spectrum.sglang_plugin import adaptive
 from sglang_spectrum.sglang_plugin.adaptive import (
     AdaptiveBudget,
     Estimates,
@@ -83,3 +84,44 @@ def test_estimators_learn_from_observations():
     for _ in range(20):
         a.observe_write(fast, 100 << 20, (100 << 20) / (100 * GB))
     assert a.choose(fast, FULL, 0.0, 0, 0.0, request_tokens=16384) == 1.0
+
+
+def _serve(a: AdaptiveBudget, peer: tuple, parts: int, rate_Bps: float) -> list[float]:
+    """``parts`` 8k-token parts through ``a`` as the prefill's workers would report them
+    (pack cost at the measured GPU rates, writes at ``rate_Bps``); the chosen budgets."""
+    part, chosen = 8192 * 131072, []
+    for _ in range(parts):
+        b = a.choose(peer, part, 0.0, 8192, 0.1, request_tokens=16384)
+        a.observe_pack(b, part, part * (COPY if b >= 1.0 else CODEC))
+        a.observe_write(peer, int(b * part), b * part / rate_Bps)
+        a.observe_compute(8192, 0.25)
+        chosen.append(b)
+    return chosen
+
+
+def test_a_slow_small_warm_up_pack_does_not_lock_in_lossless():
+    """H200 run of 2026-12-03: after the benchmark's short warm-up request, every part on
+    Mooncake TCP (~10 Gb/s) went at b=1.0 (the warm-up's fixed pack cost read as a huge
+    per-byte cost, and the codec was never measured again)."""
+    a = AdaptiveBudget(min_budget=0.3)
+    peer = ("decode-tcp",)
+    small = 12 * 131072  # a 12-token warm-up prompt; its pack: launches and host work
+    a.choose(peer, small, 0.0, 0, 0.0, request_tokens=12)
+    a.observe_pack(0.3, small, 0.05)
+    a.observe_write(peer, int(0.3 * small), 0.002)
+    assert _serve(a, peer, 6, 1.25 * GB) == [0.3] * 6
+
+
+def test_a_bad_codec_sample_is_clipped_and_then_re_measured():
+    a = AdaptiveBudget(min_budget=0.3)
+    peer = ("decode-tcp",)
+    part = 8192 * 131072
+    a.observe_write(peer, 100 << 20, (100 << 20) / (1.25 * GB))
+    a.observe_pack(0.3, part, 3.0)  # a JIT compile inside the first big pack
+    chosen = _serve(a, peer, 12, 1.25 * GB)
+    assert chosen[0] == 1.0  # the codec looks dear: lossless for now
+    assert 0.3 in chosen[: adaptive.EXPLORE_EVERY + 2]  # re-measured within a few parts
+    assert chosen[-3:] == [0.3] * 3  # and compressed from then on
+    # an outlier after good samples moves the estimate at most OUTLIER_FACTOR-fold
+    a.observe_pack(0.3, part, 100.0)
+    assert _serve(a, peer, 1, 1.25 * GB) == [0.3]

@@ -31,16 +31,31 @@ of :data:`BUDGET_STEP`, for a part of ``F`` 16-bit bytes::
 
 Before a peer's first write there is no rate: the first part goes at
 ``min_budget`` (safe for the TTFT), the next ones adapt.
+
+The codec cost is learnt only from the path that runs, so one bad sample of the
+compressed path (a small warm-up request whose fixed host cost looks like a huge
+per-byte cost, a JIT compile) would make ``b = 1.0`` look cheaper forever and the
+compressed path would never be measured again. Hence: packs smaller than
+:data:`MIN_PACK_SAMPLE_BYTES` are not samples, a sample counts at most
+:data:`OUTLIER_FACTOR` x the current estimate (one that many times lower replaces
+it), and while the codec looks more
+than :data:`OUTLIER_FACTOR` x dearer than a plain gather (on a GPU it is ~1.3x),
+every :data:`EXPLORE_EVERY`-th part that went lossless only because of the codec
+cost (the wire alone would have compressed) takes the wire-only choice, so the
+codec is measured again.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 BUDGET_STEP = 0.05
 TOLERANCE = 0.05  # of the request's TTFT that quality may cost
 MIN_RATE_BYTES = 256 << 10  # writes smaller than this are latency-bound: not a rate sample
+MIN_PACK_SAMPLE_BYTES = 32 << 20  # 16-bit bytes; below it a pack's fixed host cost dominates
+OUTLIER_FACTOR = 4.0  # a cost sample counts at most this many times the current estimate
+EXPLORE_EVERY = 8  # lossless parts chosen for a suspect codec cost before re-measuring it
 
 
 class Ewma:
@@ -53,6 +68,16 @@ class Ewma:
 
     def add(self, x: float) -> None:
         self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
+
+    def add_clipped(self, x: float, factor: float = OUTLIER_FACTOR) -> None:
+        """Add a cost sample ``x``: counted at most ``factor`` x the current value (a JIT
+        compile or a preempted thread must not swing the estimate; a real rise still
+        moves it), and taken as the new value when it is ``factor`` x lower (nothing
+        runs faster than it can: the old value was the outlier)."""
+        if self.value is not None and x * factor < self.value:
+            self.value = x
+        else:
+            self.add(x if self.value is None else min(x, factor * self.value))
 
 
 def budget_grid(min_budget: float, step: float = BUDGET_STEP) -> list[float]:
@@ -118,6 +143,7 @@ class AdaptiveBudget:
         self._codec = Ewma()
         self._copy = Ewma()
         self._compute = Ewma()  # seconds per prompt token of prefill compute
+        self._lossless_for_codec = 0  # parts in a row lossless only for the codec cost
 
     def observe_write(self, peer: tuple, nbytes: int, seconds: float) -> None:
         if nbytes < MIN_RATE_BYTES or seconds <= 0:
@@ -126,10 +152,12 @@ class AdaptiveBudget:
             self._rates.setdefault(peer, Ewma()).add(nbytes / seconds)
 
     def observe_pack(self, budget: float, full_bytes: int, seconds: float) -> None:
-        if full_bytes <= 0 or seconds <= 0:
+        if full_bytes < MIN_PACK_SAMPLE_BYTES or seconds <= 0:
             return
         with self._lock:
-            (self._copy if budget >= 1.0 else self._codec).add(seconds / full_bytes)
+            if budget < 1.0:
+                self._lossless_for_codec = 0
+            (self._copy if budget >= 1.0 else self._codec).add_clipped(seconds / full_bytes)
 
     def observe_compute(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
@@ -164,11 +192,17 @@ class AdaptiveBudget:
         )
         per_token = compute or 0.0
         slo_left = None if self.slo_s is None else self.slo_s - elapsed_s
-        return choose_budget(
-            full_bytes,
-            est,
-            self.min_budget,
-            tokens_to_compute * per_token,
-            slo_left,
-            request_tokens * per_token,
-        )
+        args = (self.min_budget, tokens_to_compute * per_token, slo_left, request_tokens * per_token)
+        chosen = choose_budget(full_bytes, est, *args)
+        suspect = est.codec_s_per_byte > OUTLIER_FACTOR * est.copy_s_per_byte
+        if chosen < 1.0 or full_bytes < MIN_PACK_SAMPLE_BYTES or not suspect:
+            return chosen
+        wire_only = choose_budget(full_bytes, replace(est, codec_s_per_byte=0.0), *args)
+        if wire_only >= 1.0:
+            return chosen  # lossless for the wire's sake: nothing to re-measure
+        with self._lock:
+            self._lossless_for_codec += 1
+            explore = self._lossless_for_codec >= EXPLORE_EVERY
+            if explore:
+                self._lossless_for_codec = 0
+        return wire_only if explore else chosen

@@ -309,25 +309,33 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
 
     def _warm_up(self) -> None:
         """JIT-compile the pack and unpack kernels now, not in the first request: pack a
-        few slots of the (still empty) pool and unpack them into the same slots."""
+        few slots of the (still empty) pool and unpack them into the same slots, at the
+        fixed budget, or under ``auto`` at both ends of its range (the lossless gather
+        and the codec: a compile inside a request would also mislead the cost estimate)."""
         from sglang_spectrum.transfer import pack_request, unpack_request
 
         n = min(64, int(self.k_pools[0].shape[0]))
         slots = torch.arange(n, dtype=torch.int64, device=self.k_pools[0].device)
-        cfg = self.codec_config()
-        region = self.arena.alloc(self.region_bound(n, cfg))
-        if region is None:
-            return
-        try:
-            info = pack_request(
-                self.k_pools, self.v_pools, slots, cfg, out=region.view(), fp8=self.fp8
-            )
-            unpack_request(region.view(), self.k_pools, self.v_pools, slots, fp8=self.fp8)
-            logger.info("SpectrumKV %s: kernels warmed up (%s path)", self.role, info.path)
-        except Exception as e:
-            logger.warning("SpectrumKV %s: kernel warm-up failed: %s", self.role, e)
-        finally:
-            region.release()
+        budgets = {self.options.budget, self.options.lowest_budget}
+        for cfg in [self.codec_config(b) for b in sorted(budgets)]:
+            region = self.arena.alloc(self.region_bound(n, cfg))
+            if region is None:
+                return
+            try:
+                info = pack_request(
+                    self.k_pools, self.v_pools, slots, cfg, out=region.view(), fp8=self.fp8
+                )
+                unpack_request(region.view(), self.k_pools, self.v_pools, slots, fp8=self.fp8)
+                logger.info(
+                    "SpectrumKV %s: kernels warmed up at b=%g (%s path)",
+                    self.role,
+                    cfg.budget,
+                    info.path,
+                )
+            except Exception as e:
+                logger.warning("SpectrumKV %s: kernel warm-up failed: %s", self.role, e)
+            finally:
+                region.release()
 
     def stream_chunk_tokens(self) -> int:
         """Prefill: the chunk size its requests are sent in parts of (0 = one part)."""
