@@ -40,10 +40,19 @@ def log(msg: str) -> None:
     print(f"[serving_gpu {time.monotonic() - T_START:6.0f}s] {msg}", flush=True)
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A free TCP port, never one this process handed out before (servers started
+    together must not race for the same one)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 @dataclass(eq=False)
@@ -250,6 +259,9 @@ class Launcher:
         port = free_port()
         cmd = [PY, "-m", "sglang.launch_server", "--model-path", model]
         cmd += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
+        # torch's rendezvous port chosen here: SGLang's own pick raced between the ~11
+        # servers of the correct phase starting at once (EADDRINUSE, H200 2026-12-03)
+        cmd += ["--nccl-port", str(free_port())]
         cmd += self.device_flags(mode, mem, gpu, tokens) + extra
         cmd += ["--tp-size", str(tp)] if tp > 1 else []
         return Proc(name, cmd, self.logs / f"{name}.log", env), f"http://{HOST}:{port}"

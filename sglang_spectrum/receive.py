@@ -104,12 +104,11 @@ def unpack_request(
             *decode's* scales; every value is stored as ``(x / scale)`` saturated to
             FP8 (:func:`.fp8.quantize_fp8`), the sender's FP8 bytes unchanged when its
             dtype and scales are the same. Any source dtype unpacks into any pools.
-            On CUDA, a buffer from FP8 pools with top-tier rows, unpacked into pools of
-            another dtype or other scales (:func:`converts_fp8_source`), is written by
-            the torch reference (``iter_decoded_layers`` + ``store_rows``), not the
-            kernels: their FP8-source conversion failed on the H200 (Triton 3.6) and its
-            fix is proven on CPU only so far (:data:`FP8_CONVERSION_KERNEL_DEVICES`).
-            Every other case (the same-format byte copy included) runs the kernels.
+            A buffer from FP8 pools with top-tier rows, unpacked into pools of another
+            dtype or other scales (:func:`converts_fp8_source`), runs the kernels only
+            on devices in :data:`FP8_CONVERSION_KERNEL_DEVICES` (else the torch
+            reference). Every other case (the same-format byte copy included) runs the
+            kernels.
         heads: write heads ``[g0, g1)`` of the pools (heterogeneous TP: the ``dst`` of a
             :class:`.heads.HeadSlice`), the others untouched; the buffer must hold
             ``g1 - g0`` heads. None: the buffer holds every head of the pools.
@@ -195,17 +194,14 @@ def _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum, fp8, hea
 
 
 # Device types whose unpack kernel may convert an FP8 source's top tier (see
-# :func:`converts_fp8_source`). CUDA is left out until a GPU run proves the kernel: on the
-# H200 (Triton 3.6, 2026-12-03) those rows came out wrong (byte 0x80, -0.0, read as +0.0:
-# Triton then compiled ``-x`` as ``0.0 - x``). ``kernels/_fp8.from_fp8`` no longer negates a
-# float (CPU tests emulate that Triton: test_fp8_kernels ``negation``), but until
-# tests/test_fp8_kernels.py::test_gpu_unpack_across_pool_formats and
-# tests/test_fp8_transfer.py::test_gpu_fp8_conversion_kernel_equals_reference pass on a
-# GPU, CUDA requests that convert take the torch reference (``iter_decoded_layers`` +
-# ``store_rows``: the same torch ops ``codec.unpack_kv`` runs on CUDA in the GPU tests'
-# check_request, bit for bit the kernels' there). Add "cuda" once they pass. "cpu": the
-# tests' interpreter, where the kernel is proven.
-FP8_CONVERSION_KERNEL_DEVICES: frozenset[str] = frozenset({"cpu"})
+# :func:`converts_fp8_source`); on any other the torch reference writes those rows
+# (``iter_decoded_layers`` + ``store_rows``). CUDA was left out after the H200 (Triton 3.6,
+# 2026-12-03) unpacked -0.0 (byte 0x80) as +0.0 (``-x`` compiled as ``0.0 - x``);
+# ``kernels/_fp8.from_fp8`` no longer negates a float, and the second H200 run that day
+# passed tests/test_fp8_kernels.py::test_gpu_unpack_across_pool_formats and
+# tests/test_fp8_transfer.py::test_gpu_fp8_conversion_kernel_equals_reference
+# (bench/results/gpu_calls/2026-12-03-s2/gpu_pytest.log).
+FP8_CONVERSION_KERNEL_DEVICES: frozenset[str] = frozenset({"cpu", "cuda"})
 
 
 def converts_fp8_source(lay: KVLayout, fp8: FP8Pool | None) -> bool:

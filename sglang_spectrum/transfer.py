@@ -28,8 +28,8 @@ bytes as the top tier (lossless) and INT4 (never INT8) below; unpacking into the
 destination pool dtypes is supported (:func:`pool_pair_problem` says so for a handshake):
 16-bit -> FP8 (the asymmetric deployment), FP8 -> FP8 (byte-identical top tier when
 dtype and scales agree), FP8 -> 16-bit, e4m3 <-> e5m2 (converted through the real values).
-On CUDA the conversions out of an FP8 source (all but the byte copy) are written by the
-torch reference until a GPU run proves the kernel's (``receive.FP8_CONVERSION_KERNEL_DEVICES``).
+The conversions out of an FP8 source (all but the byte copy) run the kernels on the devices
+where they are proven (``receive.FP8_CONVERSION_KERNEL_DEVICES``: CPU and CUDA).
 
 Heterogeneous attention TP (prefill TP ``p`` != decode TP ``d``): each rank's pools hold
 its own KV heads; :mod:`.heads` says which head range of which prefill rank goes to which

@@ -393,8 +393,8 @@ def unpack_both_ways(monkeypatch, device: str, out, res, pools, fp8: FP8Pool | N
 @pytest.mark.parametrize("decode", ["same", "other-scales", "e5m2", "bf16", "fp32"])
 @pytest.mark.parametrize("source", [E4M3, torch.bfloat16], ids=["e4m3", "bf16"])
 def test_fp8_conversion_gate(monkeypatch, source, decode):
-    """unpack_request on a device not in ``FP8_CONVERSION_KERNEL_DEVICES`` (CUDA, until a
-    GPU run proves the kernel's FP8-source conversion): an FP8 source's top tier stored
+    """unpack_request on a device not in ``FP8_CONVERSION_KERNEL_DEVICES`` (where the
+    kernel's FP8-source conversion is not proven): an FP8 source's top tier stored
     another way goes through the torch reference, the byte copy (same dtype and scales)
     and 16-bit sources stay on the kernels; the bits are the same either way."""
     fp8 = fp8_of(E4M3)
@@ -427,7 +427,7 @@ def test_fp8_conversion_gate(monkeypatch, source, decode):
 def check_conversion_kernel(monkeypatch, device: str, dtype, key_scales: str, **shape) -> None:
     """FP8 pools (rows of -0.0 bytes included) packed, then unpacked into FP8 pools of
     other scales, of the other FP8 dtype and into bf16/fp32 pools by the kernel (gate
-    open) and by the torch reference (gate closed, CUDA's default): both the CPU decode's
+    open) and by the torch reference (gate closed): both the CPU decode's
     values, the same bits."""
     fp8 = fp8_of(dtype, 4)
     kp, vp, slots = make_fp8_pools(fp8, device=device, seed=1, **shape)
