@@ -192,7 +192,8 @@ class AdaptiveBudget:
         )
         per_token = compute or 0.0
         slo_left = None if self.slo_s is None else self.slo_s - elapsed_s
-        args = (self.min_budget, tokens_to_compute * per_token, slo_left, request_tokens * per_token)
+        hide_s, request_s = tokens_to_compute * per_token, request_tokens * per_token
+        args = (self.min_budget, hide_s, slo_left, request_s)
         chosen = choose_budget(full_bytes, est, *args)
         suspect = est.codec_s_per_byte > OUTLIER_FACTOR * est.copy_s_per_byte
         if chosen < 1.0 or full_bytes < MIN_PACK_SAMPLE_BYTES or not suspect:

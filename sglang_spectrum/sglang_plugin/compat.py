@@ -11,8 +11,11 @@ functions below. Each names the SGLang file and line it depends on per version
 * Sender/receiver constructors are called with keyword arguments that differ
   (0.5.17 passes ``dest_tp_ranks`` and ``pp_rank`` to the sender): the backend
   forwards ``**kwargs`` to the ``Common*`` constructors untouched.
-* ``CommonKVSender.send``/``poll`` and ``CommonKVReceiver.send_metadata``/``poll``
-  are stubs in 0.5.17 and real in 0.5.23: the backend implements all four.
+* ``CommonKVSender.send``/``poll``/``failure_exception`` are stubs in 0.5.17 and
+  the lifecycle the backend builds on in 0.5.23 (``send`` -> the manager's
+  ``add_transfer_request``): :class:`SenderLifecycle` gives 0.5.17 the 0.5.23 ones.
+  ``CommonKVReceiver.send_metadata``/``poll`` are stubs in 0.5.17 too: the backend
+  implements the receiver's.
 * 0.5.23's receiver ``send_metadata`` takes ``destination`` and
   ``device_kv_indices`` besides 0.5.17's ``decode_prefix_len``: the backend
   accepts both and refuses host destinations.
@@ -123,6 +126,75 @@ def pending_kv_event(sender: Any) -> Any:
     if event is not None:
         sender._early_send_wait_event = None
     return event
+
+
+class _SenderLifecycle0517:
+    """0.5.23's ``CommonKVSender.send``/``poll``/``failure_exception``
+    (``common/conn.py``:2303-2456, without its staging, PP-consensus and tracing
+    parts, which the backend refuses or lacks), for 0.5.17, whose ``CommonKVSender``
+    leaves them as stubs (``common/conn.py``:1196-1227). Mixed in before
+    ``CommonKVSender``; uses only what 0.5.17's has (``_prepare_send_indices``,
+    ``_record_transfer_indices``, ``_check_bootstrap_timeout``)."""
+
+    def send(self, kv_indices: Any, state_indices: Any = None, num_kv_tokens: Any = None,
+             **kwargs: Any) -> None:  # fmt: skip
+        from sglang.srt.disaggregation.base.conn import KVPoll
+
+        if self.conclude_state in (KVPoll.Success, KVPoll.Failed):
+            return
+        kv_indices, index_slice, is_last, skip = self._prepare_send_indices(
+            kv_indices, state_indices
+        )
+        if skip:
+            return
+        self.kv_mgr.add_transfer_request(
+            self.bootstrap_room,
+            kv_indices,
+            index_slice,
+            is_last,
+            aux_index=self.aux_index if is_last else None,
+            state_indices=state_indices if is_last else None,
+            num_kv_tokens=num_kv_tokens,
+        )
+        self._record_transfer_indices(kv_indices, state_indices)
+
+    def poll(self) -> Any:
+        from sglang.srt.disaggregation.base.conn import KVPoll
+
+        if self.conclude_state is not None:
+            return self.conclude_state
+        room = self.bootstrap_room
+        status = (
+            self.kv_mgr.check_status(room) if room in self.kv_mgr.request_status else KVPoll.Failed
+        )
+        if status == KVPoll.Bootstrapping:
+            status = self._check_bootstrap_timeout() or status
+        if status in (KVPoll.Success, KVPoll.Failed):
+            self.conclude_state = status
+        return status
+
+    def failure_exception(self) -> None:
+        from sglang.srt.disaggregation.base.conn import KVPoll
+        from sglang.srt.disaggregation.common.conn import KVTransferError
+
+        self.conclude_state = KVPoll.Failed
+        self.clear()
+        with self.kv_mgr.failure_lock:
+            reason = self.kv_mgr.failure_records.pop(self.bootstrap_room, None)
+        raise KVTransferError(
+            self.bootstrap_room,
+            reason or "Failed due to an unknown reason from another rank",
+            is_from_another_rank=reason is None,
+        )
+
+
+class _SenderLifecycle0523:
+    """0.5.23: ``CommonKVSender`` has the whole lifecycle; nothing to add."""
+
+
+SenderLifecycle: type = (
+    _SenderLifecycle0517 if sglang_version() == "0.5.17" else _SenderLifecycle0523
+)
 
 
 def cpu_server_flags(mode: str, found: str | None = None) -> list[str]:

@@ -1,13 +1,8 @@
 """The ``spectrum`` sender, receiver and bootstrap server on SGLang's ``Common*`` classes.
 
-Sender (prefill, scheduler thread): remembers the page indices of every chunk
-(SGLang keeps the pages of earlier chunks allocated and locked until the
-request leaves the inflight queue, i.e. until this transfer ends). With
-``--spectrum-stream chunks`` each earlier chunk of at least
-:data:`STREAM_MIN_TOKENS` tokens is offered to the workers as one part
-(:meth:`.manager.SpectrumKVManager.submit_part`; refused while the decode has not
-granted, then it joins the next part); at the last chunk the rest of the
-request goes (:meth:`.manager.SpectrumKVManager.submit`): the scheduler never packs.
+Sender (prefill): SGLang's ``CommonKVSender`` lifecycle (0.5.17 gets 0.5.23's
+through :class:`.compat.SenderLifecycle`); the chunks go to the manager's
+``add_transfer_request`` (:mod:`.prefill_intake`).
 
 Receiver (decode): ``send_metadata`` reserves a receive region in the
 registered arena (capacity from the tokens it asks for and the prefill's
@@ -30,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.common.conn import (
     CommonKVBootstrapServer,
@@ -49,14 +43,10 @@ from .rooms import ReceiveState, new_generation
 
 logger = logging.getLogger(__name__)
 
-# Smallest earlier chunk sent as its own part: below it the part's fixed costs
-# (a pack launch, a header, a Mooncake write) outweigh what the overlap hides.
-STREAM_MIN_TOKENS = 256
-
 
 def _raise_failure(endpoint: Any) -> None:
-    """Conclude a sender/receiver as failed and raise SGLang's error with the recorded
-    reason (none recorded here: another rank failed it, as SGLang's own classes say)."""
+    """Conclude a receiver as failed and raise SGLang's error with the recorded reason
+    (none recorded here: another rank failed it, as SGLang's own classes say)."""
     endpoint.conclude_state = KVPoll.Failed
     endpoint.clear()
     mgr = endpoint.kv_mgr
@@ -69,102 +59,29 @@ def _raise_failure(endpoint: Any) -> None:
     )
 
 
-class SpectrumKVSender(CommonKVSender):
+class SpectrumKVSender(compat.SenderLifecycle, CommonKVSender):
+    """SGLang's ``CommonKVSender`` lifecycle: ``send`` hands each chunk to the manager's
+    ``add_transfer_request`` (:mod:`.prefill_intake`), ``poll`` reads the manager's
+    status with SGLang's bootstrap timeout, ``failure_exception`` raises SGLang's
+    error. Here only what the room state machine must hear of."""
+
     kv_mgr: SpectrumKVManager
 
     def __init__(self, *args: Any, **kwargs: Any):
-        self._pages: list[np.ndarray] = []
-        self._streamed_pages = 0  # entries of _pages sent as earlier parts
-        self._streamed_tokens = 0
-        self._submitted = False
         self.created = time.perf_counter()  # the adaptive budget's SLO clock
         super().__init__(*args, **kwargs)
-        self.kv_mgr.open_room(self.bootstrap_room)
+        self.kv_mgr.open_room(self.bootstrap_room, self)
 
     def init(self, num_kv_indices: int, aux_index: int | None = None) -> None:
         super().init(num_kv_indices, aux_index)
         compat.start_bootstrap_clock(self)
 
-    def send(
-        self,
-        kv_indices: npt.NDArray[np.int32],
-        state_indices: list | None = None,
-        num_kv_tokens: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if self.conclude_state is not None or self._submitted:
-            return
-        pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1).copy()
-        self._pages.append(pages)
-        self.curr_idx += len(pages)
-        self._record_transfer_indices(kv_indices, state_indices)  # SGLang's byte metric
-        if self.curr_idx < self.num_kv_indices:
-            # earlier chunk: its pages stay locked until the request is done
-            self._stream_part(compat.pending_kv_event(self))
-            return
-        self._submitted = True
-        t_start = time.perf_counter()
-        mgr = self.kv_mgr
-        page_size = int(mgr.kv_args.page_size)
-        start = mgr.room_prefix_len(self.bootstrap_room) + self._streamed_tokens
-        found = compat.prompt_slots(mgr.scheduler, self.bootstrap_room)
-        context, rid = None, ""
-        if found is not None:
-            full, rid = found
-            slots = full[start:]  # the prompt's own row: exact length, no page padding
-            context = full[:start] if start else None
-        elif page_size == 1:  # one slot per page: the pages are the slots
-            slots = torch.from_numpy(np.concatenate(self._pages[self._streamed_pages :]))
-            context = self._streamed_slots(page_size)
-        else:
-            mgr.fail_room(
-                self.bootstrap_room,
-                f"request of room {self.bootstrap_room} not found at its last chunk; cannot"
-                f" tell its prompt length with page size {page_size}",
-            )
-            return
-        mgr.submit(self, rid, slots, context, t_start)
-
-    def _streamed_slots(self, page_size: int) -> torch.Tensor | None:
-        """int64 slots of the tokens sent in earlier parts (None: none yet)."""
-        done = self._pages[: self._streamed_pages]
-        return torch.from_numpy(expand_pages(np.concatenate(done), page_size)) if done else None
-
-    def _stream_part(self, event: Any) -> None:
-        """Offer the pages not sent yet (whole pages: an earlier chunk ends on a page
-        boundary) as one part. Its context is the earlier parts' tokens (a prefix the
-        decode holds is not among them: at most a few sinks more stay FP16)."""
-        mgr = self.kv_mgr
-        if mgr.options.stream != "chunks":
-            return
-        page_size = int(mgr.kv_args.page_size)
-        pending = self._pages[self._streamed_pages :]
-        tokens = sum(len(p) for p in pending) * page_size
-        if tokens < STREAM_MIN_TOKENS:
-            return
-        slots = torch.from_numpy(expand_pages(np.concatenate(pending), page_size))
-        rest = (self.num_kv_indices - self.curr_idx) * page_size
-        if mgr.submit_part(self, slots, self._streamed_slots(page_size), rest, event):
-            self._streamed_pages = len(self._pages)
-            self._streamed_tokens += tokens
-
-    def poll(self) -> int:
-        if self.conclude_state is not None:
-            return self.conclude_state
-        room = self.bootstrap_room
-        if self.kv_mgr.room_aborted(room):  # the abort beat this sender
-            self.kv_mgr.update_status(room, KVPoll.Failed)
-        status = self.kv_mgr.request_status.get(room, KVPoll.Failed)
-        if status == KVPoll.Bootstrapping:
-            status = self._check_bootstrap_timeout() or status
-            if status == KVPoll.Failed:  # tell a decode that granted meanwhile
-                self.kv_mgr.fail_room(room, self.kv_mgr.failure_records.get(room, "timed out"))
-        if status in (KVPoll.Success, KVPoll.Failed):
-            self.conclude_state = status
+    def _check_bootstrap_timeout(self) -> Any:
+        status = super()._check_bootstrap_timeout()
+        if status == KVPoll.Failed:  # tell a decode rank that granted meanwhile
+            room = self.bootstrap_room
+            self.kv_mgr.fail_room(room, self.kv_mgr.failure_records.get(room, "timed out"))
         return status
-
-    def failure_exception(self):
-        _raise_failure(self)
 
     def clear(self) -> None:
         super().clear()

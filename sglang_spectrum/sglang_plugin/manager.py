@@ -11,12 +11,14 @@ the prefill discovery and heartbeat. On top of that this class runs:
   decode unpacks in this thread (off the scheduler loop): validate once, write
   the KV into the request's slots with :func:`sglang_spectrum.transfer.unpack_request`,
   write the metadata row, then mark the room ``Success``.
-* (prefill) a **transfer thread**: the scheduler only enqueues a request at its
-  last chunk (:meth:`submit`); this thread packs it with
-  :func:`sglang_spectrum.transfer.pack_request` on its own CUDA stream (after an
-  event recorded on the scheduler's stream, so the KV is final) straight into a
-  registered send region, writes it with ONE Mooncake write into the receive
-  region the decode granted, then sends ``Sent`` and marks the room ``Success``.
+* (prefill) SGLang's ``CommonKVSender.send`` hands each chunk to
+  :meth:`add_transfer_request` (:mod:`.prefill_intake`), which enqueues parts;
+  **transfer workers** (:mod:`.prefill_side`, a pack and a write thread per
+  decode peer) pack each part with :func:`sglang_spectrum.transfer.pack_request`
+  on their own CUDA stream (after an event recorded on the scheduler's stream,
+  so the KV is final) straight into a registered send region, write it with one
+  Mooncake write per decode rank into the receive region the decode granted,
+  and after the last part send ``Sent`` and mark the room ``Success``.
 
 The KV pool is handed over at the end of ``Scheduler.__init__`` (:meth:`attach`,
 from :mod:`.plugin`); the prefill then runs the INT4 probe and publishes its
@@ -30,11 +32,10 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 import requests
 import torch
 import zmq
-from sglang.srt.disaggregation.base.conn import KVArgs
+from sglang.srt.disaggregation.base.conn import KVArgs, KVPoll
 from sglang.srt.disaggregation.common.conn import CommonKVManager
 from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.utils.network import NetworkAddress
@@ -44,6 +45,7 @@ from .decode_side import SWEEP_INTERVAL_S, DecodeSide
 from .identity import layout_desc, wire_identity
 from .metrics import get_metrics
 from .options import check_no_drop, current_options, no_drop_floor
+from .prefill_intake import PrefillIntake, expand_pages  # noqa: F401 (expand_pages: re-export)
 from .prefill_side import PrefillSide
 from .transport import (
     AuxRows,
@@ -73,15 +75,7 @@ def pool_layout(k_pools: list[torch.Tensor], page_size: int, fp8: Any = None) ->
     }
 
 
-def expand_pages(pages: np.ndarray, page_size: int) -> np.ndarray:
-    """Page indices -> token slots (page * page_size + offset)."""
-    pages = np.asarray(pages, dtype=np.int64).reshape(-1)
-    if page_size == 1:
-        return pages
-    return (pages[:, None] * page_size + np.arange(page_size, dtype=np.int64)[None, :]).reshape(-1)
-
-
-class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
+class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager):
     """Packed-KV transfers over Mooncake on SGLang's ``CommonKVManager`` (see module doc)."""
 
     supports_role_switch = False
@@ -126,6 +120,7 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
             raise RuntimeError("SpectrumKV does not support pipeline or context parallelism")
         if self.is_prefill:
             self._init_prefill()
+            self._init_intake()
         else:
             self._init_decode()
         self.engine = mooncake_engine(self.local_ip, args.gpu_id, args.ib_device or None)
@@ -368,6 +363,13 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         except Exception as e:
             logger.error("SpectrumKV could not register at the bootstrap server: %s", e)
 
+    def check_status(self, bootstrap_room: int) -> KVPoll:
+        """SGLang's status of a room. On the prefill, a room the decode aborted before its
+        sender existed reads Failed (creating the sender set it to Bootstrapping)."""
+        if self.is_prefill and self.room_aborted(bootstrap_room):
+            self.update_status(bootstrap_room, KVPoll.Failed)
+        return super().check_status(bootstrap_room)
+
     def codec_config(self, budget: float | None = None) -> Any:
         """The prefill's codec config at ``budget`` (default: the fixed budget, or the
         largest one under ``--spectrum-budget auto``)."""
@@ -406,6 +408,7 @@ class SpectrumKVManager(PrefillSide, DecodeSide, CommonKVManager):
         }
         if self.is_prefill:
             sizes.update(self.rooms.sizes())
+            sizes["sends"] = len(self._sends)
             sizes["decode_prefix_len"] = len(self.req_to_decode_prefix_len)
             sizes["jobs_pending"] = self._workers.stats()["pending"]
         else:

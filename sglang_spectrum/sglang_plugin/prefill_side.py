@@ -2,8 +2,7 @@
 
 A mixin of :class:`.manager.SpectrumKVManager` (it uses the manager's pools, arena,
 engine, options and SGLang's ``CommonKVManager`` status table). The scheduler
-thread only calls :meth:`PrefillSide.submit` (last chunk) and
-:meth:`PrefillSide.submit_part` (an earlier chunk, ``--spectrum-stream chunks``).
+thread hands jobs over in :mod:`.prefill_intake`.
 The room state machine is :class:`.rooms.PrefillRooms`; the jobs run in
 :class:`.workers.TransferWorkers` (one pack -> write pipeline per decode peer):
 :meth:`PrefillSide._pack_stage` packs with
@@ -99,7 +98,6 @@ class PrefillSide:
         self.adaptive = AdaptiveBudget(opts.min_budget, opts.ttft_slo_ms) if opts.adaptive else None
         self._peer_bytes: dict[tuple, int] = {}  # packed bytes waiting for each peer's writer
         self._peer_lock = threading.Lock()
-        self._chunk_clock: dict[int, float] = {}  # room -> when its last chunk was sent
         self._thread_local = threading.local()
 
     # ------------------------------------------------------------------ messages
@@ -190,93 +188,6 @@ class PrefillSide:
             self.req_to_decode_prefix_len[room] = prefix_len
             self.update_status(room, KVPoll.WaitingForInput)
 
-    def open_room(self, room: int) -> None:
-        """Scheduler thread: a sender was created (after SGLang set its status)."""
-        state = self.rooms.open(room)
-        if state is not None:  # the grants came first
-            self._mark_ready(room, state.prefix_len)
-
-    def _kv_written_events(self, *events: Any) -> list[Any]:
-        """``events`` and a CUDA event after the KV writes queued so far on this
-        thread's stream ([] on a CPU)."""
-        if not (self.k_pools and self.k_pools[0].is_cuda):
-            return []
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.k_pools[0].device))
-        return [e for e in events if e is not None] + [event]
-
-    def submit(
-        self,
-        sender: Any,
-        rid: str,
-        slots: torch.Tensor,
-        context: torch.Tensor | None,
-        t_start: float,
-    ) -> None:
-        """Scheduler thread, last chunk: hand the request (its tokens not sent in an
-        earlier part) to the workers (``t_start``: when the scheduler entered the
-        sender, for the stats)."""
-        room = sender.bootstrap_room
-        aux = self.aux_rows.read(sender.aux_index) if sender.aux_index is not None else []
-        job = PackJob(room, slots, context, aux, self._kv_written_events(), rid)
-        job.request_tokens = int(sender.num_kv_indices) * int(self.kv_args.page_size)
-        job.request_start = getattr(sender, "created", t_start)
-        self._note_chunk(room, int(slots.numel()), final=True)
-        job.scheduler_ms = (time.perf_counter() - t_start) * 1e3
-        if self.rooms.park_or_take(room, job):
-            self._workers.submit(self.rooms.get(room).peer_key, job)
-
-    def submit_part(
-        self,
-        sender: Any,
-        slots: torch.Tensor,
-        context: torch.Tensor | None,
-        rest_tokens: int,
-        event: Any = None,
-    ) -> bool:
-        """Scheduler thread, an earlier chunk: hand ``slots`` (int64 ``[T]``, whole
-        pages) to the workers as one part. Accepted only once every decode rank
-        granted and when this part and the ``rest_tokens`` still to come fit the
-        granted region after the parts before it; False leaves them to the next part.
-        ``event``: a CUDA event SGLang recorded for this KV on another stream, or None."""
-        from sglang_spectrum.transfer import part_offset
-
-        t_start = time.perf_counter()
-        room = sender.bootstrap_room
-        with self.rooms.lock:
-            state = self.rooms.get(room)
-            if state is None or state.aborted or not state.complete:
-                return False
-            capacity = min(g.capacity for g in state.grants.values())
-            cfg = self.codec_config()
-            reserved = part_offset(state.reserved) + self.region_bound(int(slots.numel()), cfg)
-            if part_offset(reserved) + self.region_bound(rest_tokens, cfg) > capacity:
-                return False
-            if not self.rooms.enter_flight(room):
-                return False
-            state.reserved = reserved
-            key = state.peer_key
-        job = PackJob(room, slots, context, [], self._kv_written_events(event), "", final=False)
-        job.rest_tokens = int(rest_tokens)
-        job.request_tokens = int(sender.num_kv_indices) * int(self.kv_args.page_size)
-        job.request_start = getattr(sender, "created", t_start)
-        self._note_chunk(room, int(slots.numel()), final=False)
-        job.scheduler_ms = (time.perf_counter() - t_start) * 1e3
-        self._workers.submit(key, job)
-        return True
-
-    def _note_chunk(self, room: int, tokens: int, final: bool) -> None:
-        """The time between two chunks of a request sent in parts is the prefill compute
-        of the second one: a sample of seconds per token for the adaptive budget."""
-        if self.adaptive is None:
-            return
-        now = time.perf_counter()
-        last = self._chunk_clock.pop(room, None)
-        if last is not None:
-            self.adaptive.observe_compute(tokens, now - last)
-        if not final:
-            self._chunk_clock[room] = now
-
     def _add_peer_bytes(self, peer: tuple, n: int) -> None:
         with self._peer_lock:
             left = self._peer_bytes.get(peer, 0) + int(n)
@@ -329,7 +240,7 @@ class PrefillSide:
     def forget_room(self, room: int) -> None:
         """The scheduler cleared the sender."""
         self.rooms.clear(room)
-        self._chunk_clock.pop(room, None)
+        self.close_intake(room)
 
     def room_prefix_len(self, room: int) -> int:
         """Tokens of this room's prompt the decode holds already (from its grant)."""
