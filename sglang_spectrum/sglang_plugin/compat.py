@@ -14,8 +14,10 @@ functions below. Each names the SGLang file and line it depends on per version
 * ``CommonKVSender.send``/``poll``/``failure_exception`` are stubs in 0.5.17 and
   the lifecycle the backend builds on in 0.5.23 (``send`` -> the manager's
   ``add_transfer_request``): :class:`SenderLifecycle` gives 0.5.17 the 0.5.23 ones.
-  ``CommonKVReceiver.send_metadata``/``poll`` are stubs in 0.5.17 too: the backend
-  implements the receiver's.
+  Likewise ``CommonKVReceiver._register_kv_args``/``send_metadata`` (-> the
+  manager's ``build_receiver_registration_message``/``build_receiver_metadata_message``):
+  :class:`ReceiverLifecycle`. The receiver's ``poll``/``abort``/``clear`` are the
+  backend's own (its receive region outlives SGLang's view of the request).
 * 0.5.23's receiver ``send_metadata`` takes ``destination`` and
   ``device_kv_indices`` besides 0.5.17's ``decode_prefix_len``: the backend
   accepts both and refuses host destinations.
@@ -194,6 +196,74 @@ class _SenderLifecycle0523:
 
 SenderLifecycle: type = (
     _SenderLifecycle0517 if sglang_version() == "0.5.17" else _SenderLifecycle0523
+)
+
+
+class _ReceiverLifecycle0517:
+    """0.5.23's ``CommonKVReceiver._register_kv_args``, ``_send_bootstrap_message`` and
+    ``send_metadata`` (``common/conn.py``:2802-2886, without staging and host
+    destinations, which the backend refuses) for 0.5.17, whose ``_register_kv_args``
+    does nothing and whose ``send_metadata`` raises (``common/conn.py``:1444-1454)."""
+
+    def _register_kv_args(self) -> bool:
+        if self.bootstrap_infos is None:
+            return False
+        message = self.kv_mgr.build_receiver_registration_message()
+        return all(
+            self._send_bootstrap_message(info, message, "_register_kv_args")
+            for info in self.bootstrap_infos
+        )
+
+    def _send_bootstrap_message(self, info: dict, message: list, operation: str) -> bool:
+        import zmq
+        from sglang.srt.disaggregation.base.conn import KVPoll
+
+        try:
+            sock, lock = self._connect_to_bootstrap_server(info)
+            with lock:
+                sock.send_multipart(message)
+        except zmq.ZMQError:
+            self.kv_mgr.record_failure(
+                self.bootstrap_room,
+                f"{operation} to prefill {info.get('rank_ip')}:{info.get('rank_port')} failed",
+            )
+            self.conclude_state = KVPoll.Failed
+            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+            return False
+        return True
+
+    def send_metadata(self, kv_indices: Any, aux_index: Any = None, state_indices: Any = None,
+                      decode_prefix_len: Any = None, **kwargs: Any) -> None:  # fmt: skip
+        from sglang.srt.disaggregation.base.conn import KVPoll
+
+        if self.bootstrap_infos is None:
+            self.kv_mgr.record_failure(
+                self.bootstrap_room,
+                f"Could not fetch prefill parallel info from bootstrap_addr: {self.bootstrap_addr}",
+            )
+            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+            return
+        for info in self.bootstrap_infos:
+            message = self.kv_mgr.build_receiver_metadata_message(
+                bootstrap_room=self.bootstrap_room,
+                required_dst_info_num=getattr(self, "required_dst_info_num", 1),
+                kv_indices=kv_indices,
+                aux_index=aux_index,
+                state_indices=state_indices,
+                decode_prefix_len=decode_prefix_len,
+                is_dummy=bool(info.get("is_dummy", False)),
+            )
+            if not self._send_bootstrap_message(info, message, "send_metadata"):
+                return
+        self.init_time = time.time()
+
+
+class _ReceiverLifecycle0523:
+    """0.5.23: ``CommonKVReceiver`` has them; nothing to add."""
+
+
+ReceiverLifecycle: type = (
+    _ReceiverLifecycle0517 if sglang_version() == "0.5.17" else _ReceiverLifecycle0523
 )
 
 

@@ -43,6 +43,34 @@ class DecodeSide:
         self._foreign_prefills: set[str] = set()  # prefills of another backend
         self._foreign_aborts: list[tuple[float, Callable[[], None]]] = []
         self._last_foreign = 0.0
+        self._grants_to_publish: dict[int, messages.Grant] = {}  # room -> grant being sent
+
+    # ------------------------------------------------------------------ Common's hooks
+
+    def build_receiver_registration_message(self) -> list[bytes]:
+        """``CommonKVManager``'s hook: what a receiver sends each prefill rank once per
+        connection (``CommonKVReceiver._register_kv_args``): this rank's session and
+        identity."""
+        port = int(self.rank_port)
+        msg = messages.Register(self.session_id, self.local_ip, port, self.identity())
+        return messages.encode(msg)
+
+    def build_receiver_metadata_message(self, *, bootstrap_room: int, **kwargs: Any) -> list[bytes]:
+        """``CommonKVManager``'s hook: what ``CommonKVReceiver.send_metadata`` sends each
+        prefill rank: the receiver's :class:`.messages.Grant` of its reserved region
+        (the same for every rank; set by :meth:`publish_grant`, SGLang's page indices
+        are in it as ``num_pages``)."""
+        return messages.encode(self._grants_to_publish[bootstrap_room])
+
+    @contextlib.contextmanager
+    def publish_grant(self, grant: messages.Grant) -> Any:
+        """While SGLang's ``send_metadata`` runs, :meth:`build_receiver_metadata_message`
+        answers ``grant`` for its room."""
+        self._grants_to_publish[grant.room] = grant
+        try:
+            yield
+        finally:
+            self._grants_to_publish.pop(grant.room, None)
 
     # ------------------------------------------------------------------ receivers
 

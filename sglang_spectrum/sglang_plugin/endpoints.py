@@ -92,7 +92,7 @@ class SpectrumKVSender(compat.SenderLifecycle, CommonKVSender):
         self.kv_mgr.sender_aborted(self.bootstrap_room, "Aborted by AbortReq.")
 
 
-class SpectrumKVReceiver(CommonKVReceiver):
+class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
     kv_mgr: SpectrumKVManager
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -122,24 +122,12 @@ class SpectrumKVReceiver(CommonKVReceiver):
             self.kv_mgr.update_status(self.bootstrap_room, KVPoll.WaitingForInput)
 
     def _register_kv_args(self) -> bool:
-        """Introduce this decode rank to each prefill rank (once per connection)."""
-        mgr = self.kv_mgr
-        if mgr.prefill_verdict(self.bootstrap_addr):
-            return True  # refused (maybe another backend): send it nothing it cannot parse
-        msg = messages.Register(mgr.session_id, mgr.local_ip, int(mgr.rank_port), mgr.identity())
-        return all(self._send(info, msg) for info in self.bootstrap_infos or [])
-
-    def _send(self, info: dict, msg: Any) -> bool:
-        try:
-            sock, lock = self._connect_to_bootstrap_server(info)
-            with lock:
-                sock.send_multipart(messages.encode(msg))
+        """Introduce this decode rank to each prefill rank (once per connection): SGLang's,
+        with the manager's ``build_receiver_registration_message``; nothing to a refused
+        prefill (maybe another backend: it could not parse it)."""
+        if self.kv_mgr.prefill_verdict(self.bootstrap_addr):
             return True
-        except Exception as e:
-            self._fail(
-                f"cannot reach prefill rank {info.get('rank_ip')}:{info.get('rank_port')}: {e}"
-            )
-            return False
+        return super()._register_kv_args()
 
     def _fail(self, reason: str, notify_prefill: bool = False) -> int:
         """Fail on the decode side: record, conclude, and (after a grant, or when asked)
@@ -182,6 +170,11 @@ class SpectrumKVReceiver(CommonKVReceiver):
             return
         self._pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1).copy()
         self._aux_index = aux_index
+        # SGLang's send_metadata sends the grant, once the region is reserved
+        more = {k: v for k, v in kwargs.items() if v is not None}
+        if destination is not None:
+            more["destination"] = destination
+        self._metadata = ((kv_indices, aux_index, state_indices, decode_prefix_len), more)
         self._prefix_len = int(decode_prefix_len or 0)
         tokens = max(1, len(self._pages) * int(mgr.layout["page_size"]))
         try:
@@ -243,10 +236,12 @@ class SpectrumKVReceiver(CommonKVReceiver):
             identity=mgr.identity(),
             prefill_instance=mgr.prefill_instance(self.bootstrap_addr),
         )
-        for info in self.bootstrap_infos:
-            if not self._send(info, grant):
-                return "failed"
-        self.init_time = time.time()
+        args, more = self._metadata
+        with mgr.publish_grant(grant):  # one Grant per prefill rank, init_time set
+            super().send_metadata(*args, **more)
+        if self.conclude_state == KVPoll.Failed:  # a prefill rank could not be reached
+            self._fail(mgr.failure_records.get(self.bootstrap_room, "grant not delivered"))
+            return "failed"
         return "granted"
 
     # -- completion (manager control thread)
