@@ -113,23 +113,6 @@ def prompt_slots(scheduler: Any, room: int) -> tuple[Any, str] | None:
     return None
 
 
-def pending_kv_event(sender: Any) -> Any:
-    """The CUDA event after which the KV of an early-sent cached prefix is written,
-    taken off the sender (None when there is none).
-
-    0.5.23 sends a prefix found in the prefill's radix cache ahead of the forward
-    and, under overlap scheduling, records an event on its forward stream for it and
-    sets it on the sender as ``_early_send_wait_event`` (``disaggregation/prefill.py``
-    ``maybe_send_cached_prefix_chunk``, :1489-1499); ``CommonKVSender.send`` takes it
-    for exactly one chunk and clears it (``common/conn.py``:2325-2328), as here.
-    0.5.17 has no early send.
-    """
-    event = getattr(sender, "_early_send_wait_event", None)
-    if event is not None:
-        sender._early_send_wait_event = None
-    return event
-
-
 class _SenderLifecycle0517:
     """0.5.23's ``CommonKVSender.send``/``poll``/``failure_exception``
     (``common/conn.py``:2303-2456, without its staging, PP-consensus and tracing
