@@ -56,6 +56,7 @@ TRACKED = {
         "failure_records",
         "decode_prefix_len",
         "jobs_pending",
+        "sends",
         "arena_in_use",
     ),
     "decode": ("receivers", "deferred", "request_status", "failure_records", "arena_in_use"),
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     d = PDDeployment(
         model,
         backend="spectrum",
-        prefill_args=[*common, "--spectrum-budget", str(args.budget)],
+        prefill_args=[*common, "--spectrum-budget", args.budget],
         decode_args=common,
         prefill_env=timeout_env,
         # 2 CPU cores serving 48 concurrent prompts answer health checks slowly: the router
@@ -176,6 +177,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "decode": d.wait_idle(d.decode_url, timeout_s=120),
         }
         after = wait_state(d, before, timeout_s=args.settle_s)
+        text = requests.get(f"{d.prefill_url}/metrics", timeout=10).text
+        chosen_n = parse_prometheus(text, "spectrumkv_chosen_budget_count")
+        chosen_sum = parse_prometheus(text, "spectrumkv_chosen_budget_sum")
         outcomes = Counter(r["outcome"] for r in results)
         reasons = Counter(r["reason"][:120] for r in results if r["outcome"] == "failed")
         report = {
@@ -188,6 +192,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "outcomes": dict(outcomes),
             "failure_reasons": dict(reasons.most_common(10)),
             "token_usage_after": idle,
+            # requests sent (after the decode restart too) and their mean chosen budget
+            "chosen_budget": {
+                "requests": int(chosen_n),
+                "mean": round(chosen_sum / chosen_n, 4) if chosen_n else None,
+            },
             "state_before": before,
             "state_after": after,
             "state_back_to_start": all(
@@ -208,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--cancel-frac", type=float, default=0.1)
     p.add_argument("--restart-at", type=float, default=0.5, help="fraction of the run; 0 = none")
-    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--budget", default="0.5", help="--spectrum-budget: a number or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--settle-s", type=float, default=240.0)
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [("requests", args.requests), ("elapsed s", report["elapsed_s"])]
     rows += [(f"outcome {k}", v) for k, v in sorted(report["outcomes"].items())]
     rows += [(f"token usage after ({r})", n) for r, n in report["token_usage_after"].items()]
+    rows += [("chosen budget (mean)", report["chosen_budget"]["mean"])]
     rows += [("tables back to start", report["state_back_to_start"])]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -1,5 +1,6 @@
 """The soak benchmark's CI variant (bench/soak.py; slow): a real PD deployment on CPU
-under random lengths, client cancels and a decode restart mid-run; afterwards no
+with the adaptive budget (``--spectrum-budget auto``) under random lengths, client
+cancels and a decode restart mid-run; afterwards no
 request is lost, token usage is 0 on both servers and every per-request table of
 the backend is back to its size before the run."""
 
@@ -23,7 +24,7 @@ def test_soak_ci_variant(tmp_path):
     out = tmp_path / "soak.json"
     report = soak.main(
         ["--requests", "100", "--concurrency", "24", "--max-len", "1200", "--out", str(out)]
-        + ["--bootstrap-timeout-s", "45", "--settle-s", "150"]
+        + ["--bootstrap-timeout-s", "45", "--settle-s", "150", "--budget", "auto"]
     )
     assert json.loads(out.read_text())["outcomes"] == report["outcomes"]
     outcomes = report["outcomes"]
@@ -35,3 +36,6 @@ def test_soak_ci_variant(tmp_path):
     assert report["token_usage_after"] == {"prefill": 0, "decode": 0}, report
     assert report["state_back_to_start"], (report["state_before"], report["state_after"])
     assert len(report["decode_restart_s"]) == 1
+    # the adaptive budget chose one per request, in its range [0.3, 1.0]
+    chosen = report["chosen_budget"]
+    assert chosen["requests"] > 0 and 0.3 <= chosen["mean"] <= 1.0, chosen
