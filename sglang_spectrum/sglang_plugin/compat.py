@@ -15,9 +15,10 @@ functions below. Each names the SGLang file and line it depends on per version
   the lifecycle the backend builds on in 0.5.23 (``send`` -> the manager's
   ``add_transfer_request``): :class:`SenderLifecycle` gives 0.5.17 the 0.5.23 ones.
   Likewise ``CommonKVReceiver._register_kv_args``/``send_metadata`` (-> the
-  manager's ``build_receiver_registration_message``/``build_receiver_metadata_message``):
-  :class:`ReceiverLifecycle`. The receiver's ``poll``/``abort``/``clear`` are the
-  backend's own (its receive region outlives SGLang's view of the request).
+  manager's ``build_receiver_registration_message``/``build_receiver_metadata_message``)
+  and ``failure_exception``: :class:`ReceiverLifecycle`. The receiver's
+  ``poll``/``abort``/``clear`` are the backend's own (its receive region outlives
+  SGLang's view of the request).
 * 0.5.23's receiver ``send_metadata`` takes ``destination`` and
   ``device_kv_indices`` besides 0.5.17's ``decode_prefix_len``: the backend
   accepts both and refuses host destinations.
@@ -113,6 +114,25 @@ def prompt_slots(scheduler: Any, room: int) -> tuple[Any, str] | None:
     return None
 
 
+def _raise_failure(endpoint: Any) -> None:
+    """0.5.23's ``CommonKVSender``/``CommonKVReceiver.failure_exception``
+    (``common/conn.py``:2446, :2944; 0.5.17's raise a placeholder): conclude as failed,
+    clear, raise SGLang's error with the recorded reason (none recorded: another rank
+    failed the request)."""
+    from sglang.srt.disaggregation.base.conn import KVPoll
+    from sglang.srt.disaggregation.common.conn import KVTransferError
+
+    endpoint.conclude_state = KVPoll.Failed
+    endpoint.clear()
+    with endpoint.kv_mgr.failure_lock:
+        reason = endpoint.kv_mgr.failure_records.pop(endpoint.bootstrap_room, None)
+    raise KVTransferError(
+        endpoint.bootstrap_room,
+        reason or "Failed due to an unknown reason from another rank",
+        is_from_another_rank=reason is None,
+    )
+
+
 class _SenderLifecycle0517:
     """0.5.23's ``CommonKVSender.send``/``poll``/``failure_exception``
     (``common/conn.py``:2303-2456, without its staging, PP-consensus and tracing
@@ -159,18 +179,7 @@ class _SenderLifecycle0517:
         return status
 
     def failure_exception(self) -> None:
-        from sglang.srt.disaggregation.base.conn import KVPoll
-        from sglang.srt.disaggregation.common.conn import KVTransferError
-
-        self.conclude_state = KVPoll.Failed
-        self.clear()
-        with self.kv_mgr.failure_lock:
-            reason = self.kv_mgr.failure_records.pop(self.bootstrap_room, None)
-        raise KVTransferError(
-            self.bootstrap_room,
-            reason or "Failed due to an unknown reason from another rank",
-            is_from_another_rank=reason is None,
-        )
+        _raise_failure(self)
 
 
 class _SenderLifecycle0523:
@@ -183,10 +192,11 @@ SenderLifecycle: type = (
 
 
 class _ReceiverLifecycle0517:
-    """0.5.23's ``CommonKVReceiver._register_kv_args``, ``_send_bootstrap_message`` and
+    """0.5.23's ``CommonKVReceiver._register_kv_args``, ``_send_bootstrap_message``,
     ``send_metadata`` (``common/conn.py``:2802-2886, without staging and host
-    destinations, which the backend refuses) for 0.5.17, whose ``_register_kv_args``
-    does nothing and whose ``send_metadata`` raises (``common/conn.py``:1444-1454)."""
+    destinations, which the backend refuses) and ``failure_exception`` for 0.5.17,
+    whose ``_register_kv_args`` does nothing, whose ``send_metadata`` raises
+    (``common/conn.py``:1444-1454) and whose ``failure_exception`` raises a placeholder."""
 
     def _register_kv_args(self) -> bool:
         if self.bootstrap_infos is None:
@@ -239,6 +249,9 @@ class _ReceiverLifecycle0517:
             if not self._send_bootstrap_message(info, message, "send_metadata"):
                 return
         self.init_time = time.time()
+
+    def failure_exception(self) -> None:
+        _raise_failure(self)
 
 
 class _ReceiverLifecycle0523:

@@ -30,7 +30,6 @@ from sglang.srt.disaggregation.common.conn import (
     CommonKVBootstrapServer,
     CommonKVReceiver,
     CommonKVSender,
-    KVTransferError,
 )
 
 from sglang_spectrum.policy import TIER_NAMES
@@ -42,21 +41,6 @@ from .metrics import write_stats
 from .rooms import ReceiveState, new_generation
 
 logger = logging.getLogger(__name__)
-
-
-def _raise_failure(endpoint: Any) -> None:
-    """Conclude a receiver as failed and raise SGLang's error with the recorded reason
-    (none recorded here: another rank failed it, as SGLang's own classes say)."""
-    endpoint.conclude_state = KVPoll.Failed
-    endpoint.clear()
-    mgr = endpoint.kv_mgr
-    with mgr.failure_lock:
-        reason = mgr.failure_records.pop(endpoint.bootstrap_room, None)
-    raise KVTransferError(
-        endpoint.bootstrap_room,
-        reason or "SpectrumKV transfer failed on another rank",
-        is_from_another_rank=reason is None,
-    )
 
 
 class SpectrumKVSender(compat.SenderLifecycle, CommonKVSender):
@@ -413,9 +397,6 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
 
     def is_abort_release_safe(self) -> bool:
         return True  # nothing is written into the KV pages after an abort (see on_sent)
-
-    def failure_exception(self):
-        _raise_failure(self)
 
     def clear(self) -> None:
         if self.state.holds_region and self.state.phase == "granted":
