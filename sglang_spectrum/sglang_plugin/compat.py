@@ -421,6 +421,43 @@ def kv_memory_budget(model_runner: Any) -> int | None:
     return int(free - float(pre) * (1 << 30) * (1.0 - float(mfs)))
 
 
+def planned_kv_layout(model_runner: Any) -> tuple[dict[str, Any], int] | None:
+    """(layout, longest request in tokens) of the MHA KV pool a runner is about to
+    allocate (right before ``alloc_memory_pool``), or None when a field is missing.
+
+    The layout has :func:`.manager.pool_layout`'s keys but ``page_size``: layers
+    (``model_config.num_hidden_layers``; pipeline parallelism is refused), KV heads of
+    this attention-TP rank (``model_config.get_num_kv_heads(attn_tp_size)``, as both
+    versions' ``mem_cache/kv_cache_configurator.py`` size the pool, with
+    ``runtime_context.get_parallel()``), ``head_dim`` and the resolved
+    ``ModelRunner.kv_cache_dtype`` (set by ``configure_kv_cache_dtype`` before the pool:
+    ``model_executor/model_runner.py``:629 in 0.5.17, :735 in 0.5.23). The longest
+    request is ``model_config.context_len``, capped by ``--max-total-tokens``."""
+    from sglang_spectrum.fp8 import dtype_name
+
+    config = getattr(model_runner, "model_config", None)
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        attn_tp = int(get_parallel().attn_tp_size)
+    except Exception:
+        attn_tp = int(getattr(model_runner, "tp_size", 1) or 1)
+    try:
+        layout = {
+            "layers": int(config.num_hidden_layers),
+            "kv_heads": int(config.get_num_kv_heads(attn_tp)),
+            "head_dim": int(config.head_dim),
+            "dtype": dtype_name(model_runner.kv_cache_dtype),
+        }
+        tokens = int(config.context_len)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    cap = server_arg(getattr(model_runner, "server_args", None), "max_total_tokens", None)
+    if cap:
+        tokens = min(tokens, int(cap))
+    return layout, tokens
+
+
 def is_draft_runner(model_runner: Any) -> bool:
     """A speculative-decoding draft model's runner (``ModelRunner.is_draft_worker``)."""
     return bool(getattr(model_runner, "is_draft_worker", False))

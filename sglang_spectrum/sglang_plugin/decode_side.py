@@ -288,8 +288,9 @@ class DecodeSide:
 
     def receive_bound(self, bootstrap_addr: str, num_tokens: int) -> int:
         """Receive-region bytes for ``num_tokens`` tokens from the prefill at
-        ``bootstrap_addr``: its :meth:`~.options.SpectrumServerOptions.bound_codec` and a
-        part per chunk it streams (options checked when the prefill was verified)."""
+        ``bootstrap_addr``: its :meth:`~.options.SpectrumServerOptions.bound_codec` at
+        the tier mode its probe resolved and a part per chunk it streams (options
+        checked when the prefill was verified)."""
         with self._lock:
             peer = self._prefill_peers.get(bootstrap_addr) or {}
         announced = peer.get("options")
@@ -297,4 +298,5 @@ class DecodeSide:
         opts = options_from_dict(announced) if announced else SpectrumServerOptions(budget=1.0)
         chunk = int(peer.get("stream_chunk_tokens") or 0)
         dtype = (peer.get("layout") or {}).get("dtype")  # what the prefill packs from
-        return self.region_bound(num_tokens, opts.bound_codec(), chunk, dtype)
+        codec = opts.bound_codec(peer.get("tiers_resolved"))
+        return self.region_bound(num_tokens, codec, chunk, dtype)

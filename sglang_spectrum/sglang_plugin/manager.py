@@ -51,14 +51,15 @@ from .transport import (
     AuxRows,
     RegisteredArena,
     arena_bytes,
+    longest_receive_region,
     mooncake_engine,
     pool_nbytes,
+    region_bytes,
     take_reserved,
 )
 
 logger = logging.getLogger(__name__)
 
-MAX_PARTS = 64  # receive room for at most this many parts (the prefill merges beyond)
 SEND_DEPTH = 4  # prefill: send regions of one part each the arena holds at least
 
 
@@ -154,6 +155,16 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
             args.aux_data_ptrs, args.aux_item_lens, compat.metadata_device(scheduler)
         )
         size, reserved, largest = self._arena_size(scheduler, device)
+        if largest > size and not self.is_prefill and not self.options.arena_mb:
+            # the receiver has no fallback buffer: refuse now, not every long request
+            raise RuntimeError(
+                f"SpectrumKV decode: the {size / (1 << 20):.0f} MiB receive arena cannot hold"
+                f" the longest request this server admits ({self._longest_tokens(scheduler)}"
+                f" tokens need {largest / (1 << 20):.0f} MiB at --spectrum-budget"
+                f" {'auto' if self.options.adaptive else f'{self.options.budget:g}'}); lower"
+                " --context-length or --max-total-tokens,"
+                " or set --spectrum-arena-mb"
+            )
         self.arena = RegisteredArena(
             size, device, self.engine, "send" if self.is_prefill else "receive", buf=reserved
         )
@@ -172,13 +183,14 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
             largest / (1 << 20),
             self.options.to_dict(),
         )
-        if largest > size:
+        if largest > size:  # an explicit --spectrum-arena-mb, or a prefill (one-off buffers)
             logger.warning(
                 "SpectrumKV %s: the %.1f MiB arena cannot hold the longest request's %.1f MiB"
-                " buffer; such requests fail with a clear error. Raise --spectrum-arena-mb.",
+                " buffer; such requests %s. Raise --spectrum-arena-mb.",
                 self.role,
                 size / (1 << 20),
                 largest / (1 << 20),
+                "are sent from one-off buffers" if self.is_prefill else "fail with a clear error",
             )
         if device.type == "cuda":
             self._warm_up()
@@ -246,42 +258,25 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
     def region_bound(
         self, num_tokens: int, config: Any, chunk_tokens: int = 0, dtype: str | None = None
     ) -> int:
-        """Bytes of a send/receive region for ``num_tokens`` tokens of this server's KV
-        layout packed under ``config`` (:func:`~sglang_spectrum.transfer.packed_size_bound`)
-        from pools of ``dtype`` (default this server's; the decode passes the prefill's),
-        with room for one part per prefill chunk of ``chunk_tokens`` (0: one part); chunk
-        ends need not fall on the receiver's tokens (one part more) and a cached prefix
-        may go ahead (one more), at most :data:`MAX_PARTS`."""
-        from sglang_spectrum.transfer import packed_size_bound
-
-        parts = min(2 + -(-num_tokens // chunk_tokens), MAX_PARTS) if chunk_tokens > 0 else 1
-        lay = self.layout
-        return packed_size_bound(
-            num_tokens,
-            lay["layers"],
-            lay["kv_heads"],
-            lay["head_dim"],
-            dtype or lay["dtype"],
-            config,
-            parts=parts,
-        )
+        """:func:`.transport.region_bytes` of this server's KV layout."""
+        return region_bytes(self.layout, num_tokens, config, chunk_tokens, dtype)
 
     def _arena_size(self, scheduler: Any, device: torch.device) -> tuple[int, Any, int]:
         """(arena bytes, the memory reserved before the KV pool was sized or None,
         bytes of the longest request's region).
 
-        The longest request (context length, at most the pool) needs the receive
-        side's bound (2-tier no-drop floor, one part per chunk); a prefill sending in
-        parts holds one part's region per job in its workers' queues (two per peer
-        pipeline, :data:`SEND_DEPTH` regions in all). With memory reserved by the
-        ``alloc_memory_pool`` hook the arena is that memory (at most what it needs);
-        otherwise (CPU) :func:`.transport.arena_bytes`."""
-        tokens = int(self.k_pools[0].shape[0])
-        context = compat.context_len(scheduler)
-        if context:
-            tokens = min(tokens, int(context))
+        The longest request (:meth:`_longest_tokens`) needs the receive side's bound
+        (:meth:`~.options.SpectrumServerOptions.bound_codec`, one part per chunk); a
+        prefill sending in parts holds one part's region per job in its workers' queues
+        (two per peer pipeline, :data:`SEND_DEPTH` regions in all). With memory reserved
+        by the ``alloc_memory_pool`` hook the arena is that memory (at most what it
+        needs); otherwise (CPU) :func:`.transport.arena_bytes`."""
+        tokens = self._longest_tokens(scheduler)
         codec = self.options.bound_codec()
-        largest = self.region_bound(tokens, codec, self.chunk_tokens)
+        if self.is_prefill:
+            largest = self.region_bound(tokens, codec, self.chunk_tokens)
+        else:
+            largest = longest_receive_region(self.layout, tokens, codec, self.chunk_tokens)
         if self.is_prefill and self.stream_chunk_tokens():
             part = self.region_bound(min(tokens, self.chunk_tokens), codec)
             need = max(SEND_DEPTH * part, largest)
@@ -301,6 +296,13 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
             reserved = None
             return need, torch.empty(need, dtype=torch.uint8, device=device), largest
         return reserved.numel(), reserved, largest
+
+    def _longest_tokens(self, scheduler: Any) -> int:
+        """Tokens of the longest request this server admits: the context length, at
+        most the pool (its rows less the padding page SGLang adds)."""
+        tokens = max(int(self.k_pools[0].shape[0]) - int(self.kv_args.page_size or 1), 1)
+        context = compat.context_len(scheduler)
+        return min(tokens, int(context)) if context else tokens
 
     def _warm_up(self) -> None:
         """JIT-compile the pack and unpack kernels now, not in the first request: pack a

@@ -119,11 +119,13 @@ class SpectrumServerOptions:
         """The smallest budget this server sends at (the fixed one, or auto's minimum)."""
         return self.min_budget if self.adaptive else self.budget
 
-    def bound_codec(self):
+    def bound_codec(self, tiers: str | None = None):
         """The codec config that bounds what a prefill with these options sends, for
-        region sizes: its budget (1.0 under auto) and codec options at 2 tiers (the
-        larger no-drop floor bounds either tier mode), no drops."""
-        return self.codec_config(budget=self.budget, tiers="2", allow_drop=False)
+        region sizes: its budget (1.0 under auto), no drops, at ``tiers`` (the prefill's
+        resolved tier mode where known), else at ``--spectrum-tiers`` when fixed, else at
+        2 tiers (the larger no-drop floor bounds either mode the probe may choose)."""
+        mode = next((t for t in (tiers, self.tiers) if t in ("2", "3")), "2")
+        return self.codec_config(budget=self.budget, tiers=mode, allow_drop=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -141,11 +141,12 @@ def _before_alloc_memory_pool(runner: Any, *args: Any, **kwargs: Any) -> None:
     from .transport import joint_arena_bytes, reserve_arena_memory
 
     opts = current_options()
-    nbytes = (
-        int(opts.arena_mb * (1 << 20))
-        if opts.arena_mb
-        else joint_arena_bytes(kv_memory, opts.budget)
-    )
+    if opts.arena_mb:
+        nbytes = int(opts.arena_mb * (1 << 20))
+    else:
+        is_decode = compat.server_arg(server_args, "disaggregation_mode") == "decode"
+        largest = _longest_region(runner, kv_memory, opts) if is_decode else 0
+        nbytes = joint_arena_bytes(kv_memory, opts.budget, largest)
     reserve_arena_memory(nbytes, torch.device("cuda", int(runner.gpu_id)))
     logger.info(
         "SpectrumKV: reserved %.1f MiB for the transfer arena before the KV pool is sized"
@@ -154,6 +155,27 @@ def _before_alloc_memory_pool(runner: Any, *args: Any, **kwargs: Any) -> None:
         kv_memory / (1 << 30),
     )
     return None
+
+
+def _longest_region(runner: Any, kv_memory: int, opts: Any) -> int:
+    """Receive-region bytes of the longest request a decode about to size its KV pool
+    will admit (0 if the runner's layout is unknown): its context length, at most what
+    ``kv_memory`` holds, at the decode's bound codec, with room for the most parts (the
+    prefill's chunk size is not known yet)."""
+    import torch
+
+    from . import compat
+    from .transport import MAX_PARTS, longest_receive_region
+
+    plan = compat.planned_kv_layout(runner)
+    if plan is None:
+        return 0
+    layout, tokens = plan
+    cell = 2 * layout["layers"] * layout["kv_heads"] * layout["head_dim"]
+    cell *= getattr(torch, layout["dtype"]).itemsize
+    tokens = max(min(tokens, kv_memory // max(cell, 1)), 1)
+    chunk = -(-tokens // (MAX_PARTS - 2))  # parts = MAX_PARTS
+    return longest_receive_region(layout, tokens, opts.bound_codec(), chunk)
 
 
 def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:

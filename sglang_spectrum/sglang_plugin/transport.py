@@ -30,7 +30,8 @@ import torch
 
 ARENA_ALIGN = 64
 MIN_ARENA = 64 << 20
-MAX_ARENA = 8 << 30
+MAX_ARENA = 8 << 30  # of the auto share; an arena grows past it to hold the longest request
+MAX_PARTS = 64  # receive room for at most this many parts (the prefill merges beyond)
 
 
 def mooncake_engine(hostname: str, gpu_id: int, ib_device: str | None) -> Any:
@@ -178,13 +179,15 @@ def pool_nbytes(k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> int
 _RESERVED: dict[str, torch.Tensor] = {}
 
 
-def joint_arena_bytes(kv_memory: int, budget: float) -> int:
+def joint_arena_bytes(kv_memory: int, budget: float, largest: int = 0) -> int:
     """Arena bytes out of ``kv_memory``, the bytes SGLang is about to give the KV
     pool, so that pool ``P`` and arena ``A`` share it by the auto rule of
     :func:`arena_bytes` (``A = P * b / 4``): ``A = kv_memory * b / (4 + b)``,
-    clamped to 64 MiB .. 8 GiB."""
+    clamped to 64 MiB .. 8 GiB; at least ``largest`` (the longest request's region)
+    while that leaves the pool half of ``kv_memory``."""
     b = min(float(budget), 1.0)
-    return int(min(max(kv_memory * b / (4.0 + b), MIN_ARENA), MAX_ARENA))
+    share = int(min(max(kv_memory * b / (4.0 + b), MIN_ARENA), MAX_ARENA))
+    return max(share, min(int(largest), int(kv_memory) // 2))
 
 
 def reserve_arena_memory(nbytes: int, device: torch.device) -> torch.Tensor:
@@ -201,13 +204,54 @@ def take_reserved(device: torch.device) -> torch.Tensor | None:
 
 def arena_bytes(arena_mb: float, pool_bytes: int, budget: float, largest: int = 0) -> int:
     """Arena size: ``--spectrum-arena-mb``, or auto = a quarter of the KV pool's packed
-    size at the budget (room for the packed KV of a quarter of the pool in flight), at
-    least ``largest`` (the region of the longest request the server admits), clamped
-    to 64 MiB .. 8 GiB."""
+    size at the budget (room for the packed KV of a quarter of the pool in flight),
+    clamped to 64 MiB .. 8 GiB, and at least ``largest`` (the region of the longest
+    request the server admits, whatever its size)."""
     if arena_mb:
         return int(arena_mb * (1 << 20))
-    auto = max(pool_bytes * min(budget, 1.0) / 4, largest, MIN_ARENA)
-    return int(min(auto, MAX_ARENA))
+    share = min(max(pool_bytes * min(budget, 1.0) / 4, MIN_ARENA), MAX_ARENA)
+    return int(max(share, largest))
+
+
+def longest_receive_region(
+    layout: dict[str, Any], num_tokens: int, config: Any, chunk_tokens: int = 0
+) -> int:
+    """The largest :func:`region_bytes` a decode of ``layout`` may grant for
+    ``num_tokens`` tokens: from a prefill of its own dtype or, for an FP8 pool, also
+    from a 16-bit one (an asymmetric pair: budgets count 16-bit bytes either way, but
+    a 16-bit source's headers are larger)."""
+    from sglang_spectrum.fp8 import is_fp8
+
+    sources = [layout["dtype"]] + (["bfloat16"] if is_fp8(layout["dtype"]) else [])
+    return max(region_bytes(layout, num_tokens, config, chunk_tokens, d) for d in sources)
+
+
+def region_bytes(
+    layout: dict[str, Any],
+    num_tokens: int,
+    config: Any,
+    chunk_tokens: int = 0,
+    dtype: str | None = None,
+) -> int:
+    """Bytes of a send/receive region for ``num_tokens`` tokens of the KV ``layout``
+    (:func:`.manager.pool_layout`'s keys) packed under ``config``
+    (:func:`~sglang_spectrum.sizes.packed_size_bound`) from pools of ``dtype`` (default
+    the layout's; the decode passes the prefill's), with room for one part per prefill
+    chunk of ``chunk_tokens`` (0: one part); chunk ends need not fall on the
+    receiver's tokens (one part more) and a cached prefix may go ahead (one more), at
+    most :data:`MAX_PARTS`."""
+    from sglang_spectrum.sizes import packed_size_bound
+
+    parts = min(2 + -(-num_tokens // chunk_tokens), MAX_PARTS) if chunk_tokens > 0 else 1
+    return packed_size_bound(
+        num_tokens,
+        layout["layers"],
+        layout["kv_heads"],
+        layout["head_dim"],
+        dtype or layout["dtype"],
+        config,
+        parts=parts,
+    )
 
 
 class _DeviceBytes:
