@@ -164,11 +164,15 @@ def _longest_region(runner: Any, kv_memory: int, opts: Any) -> int:
     prefill's chunk size is not known yet)."""
     import torch
 
+    from sglang_spectrum.codec import SOURCE_DTYPES
+
     from . import compat
     from .transport import MAX_PARTS, longest_receive_region
 
     plan = compat.planned_kv_layout(runner)
-    if plan is None:
+    if plan is None or plan[0]["dtype"] not in SOURCE_DTYPES:
+        # unknown layout (or a dtype attach refuses): the attach-time check still
+        # refuses an arena that cannot hold the longest request
         return 0
     layout, tokens = plan
     cell = 2 * layout["layers"] * layout["kv_heads"] * layout["head_dim"]
