@@ -378,8 +378,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Size of the Mooncake-registered packed-KV arena (prefill: send buffers,"
         " decode: receive buffers). 0 = auto: on a GPU reserved before SGLang sizes its KV"
         " pool, so that arena = pool x budget / 4 (prefill: at least 4 chunks' send"
-        " buffers), 64 MiB to 8 GiB. A full decode arena defers new transfers until a"
-        " region frees.",
+        " buffers), 64 MiB to 8 GiB; a decode's holds at least the longest request it"
+        " admits, or the decode refuses to start. A full decode arena defers new transfers"
+        " until a region frees; an explicit size smaller than the longest request fails"
+        " those requests with a clear error.",
     )
 
 
