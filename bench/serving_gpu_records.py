@@ -10,7 +10,8 @@ A record (one per config, prompt length and concurrency)::
     ttft_mean_ms, ttft_p50_ms, ttft_p99_ms, req_per_s, mean_e2e_ms,
     bytes_per_req, full_bytes_per_req (16-bit KV), bytes_ratio,
     pack_ms, transfer_ms, unpack_ms, link_gbps, queue_ms, parts, last_pack_ms,
-    last_transfer_ms, paths, max_total_tokens {prefill, decode}, layer_group,
+    last_transfer_ms, part_profile (one request's parts), paths,
+    max_total_tokens {prefill, decode}, layer_group,
     prefill_tp, decode_tp, decode_dp, tp, hardware, num_prompts, completed, output_len,
     chunked_prefill_size, prefill_chunks, stats_records, bench_s
 
@@ -149,6 +150,9 @@ def make_record(
         "parts": _med(pre, "parts"),
         "last_pack_ms": _med(pre, "last_pack_ms"),
         "last_transfer_ms": _med(pre, "last_transfer_ms"),
+        # one request's timeline (the middle stats record): per part tokens,
+        # budget, submitted ms after arrival, queue, pack and write ms
+        "part_profile": pre[len(pre) // 2].get("part_profile") if pre else None,
         "paths": sorted({str(r.get("path")) for r in pre}) if pre else None,
         "max_total_tokens": dict(max_tokens or {}),
         "layer_group": int(pre[0].get("layer_group", 0)) if pre else 0,

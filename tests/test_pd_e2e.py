@@ -190,6 +190,11 @@ def test_secret_only_in_long_prompt_at_half_budget(half):
     # written while the next chunk was computed; the decode unpacked every one
     assert roles["prefill"]["parts"] >= 2, roles["prefill"]
     assert roles["decode"]["parts"] == roles["prefill"]["parts"]
+    # the per-part timeline: tokens add up, parts submitted in order, each at b=0.5
+    profile = roles["prefill"]["part_profile"]
+    assert sum(row[0] for row in profile) == n and len(profile) == roles["prefill"]["parts"]
+    assert [row[2] for row in profile] == sorted(row[2] for row in profile)
+    assert all(row[1] == 0.5 and min(row[3:]) >= 0 for row in profile), profile
 
 
 def test_prompt_longer_than_chunked_prefill_size(half):

@@ -445,6 +445,12 @@ class PrefillSide:
                 return
             if info.num_tokens:
                 state.parts.append([p.offset, p.nbytes, p.checksum, info.num_tokens])
+                submitted_ms = (job.enqueued - (job.request_start or job.enqueued)) * 1e3
+                queue_ms = (p.started - job.enqueued) * 1e3
+                state.part_profile.append(
+                    [info.num_tokens, round(p.budget, 4), round(submitted_ms, 3)]
+                    + [round(queue_ms, 3), round(p.pack_ms, 3), round(transfer_ms, 3)]
+                )
             totals = state.part_totals
             for key, value in (
                 ("num_tokens", info.num_tokens),
@@ -461,6 +467,7 @@ class PrefillSide:
             if not job.final:
                 return
             parts = [list(x) for x in state.parts]
+            profile = [list(x) for x in state.part_profile]
             totals = dict(totals)
         stats = {
             "role": "prefill",
@@ -488,6 +495,9 @@ class PrefillSide:
             "last_pack_ms": round(p.pack_ms, 3),
             "last_transfer_ms": round(transfer_ms, 3),
             "pack_timings_ms": info.timings_ms,
+            # per part: tokens, budget, submitted ms after the request arrived, queue ms,
+            # pack ms, write ms (the timeline of a request sent in parts)
+            "part_profile": profile,
             "one_off_regions": int(totals["one_off_regions"]),
             "register_ms": round(totals["register_ms"], 3),
             "fault": p.fault,

@@ -76,6 +76,8 @@ class PrefillRoom:
     reserved: int = 0  # bytes the accepted earlier parts may take (bounds, aligned)
     parts: list[list[int]] = field(default_factory=list)  # written: offset, bytes, sum, tokens
     part_totals: dict[str, float] = field(default_factory=dict)  # their stats, summed
+    # per part: tokens, budget, submitted (ms after the request arrived), queue, pack, write
+    part_profile: list[list[float]] = field(default_factory=list)
     peer_key: tuple[str, ...] = ()  # decode sessions of the grants (the worker's key)
 
     @property
