@@ -102,6 +102,11 @@ def test_logs_explain_the_faults(faulty):
     decode_log = d.proc("decode").log_path.read_text(errors="replace")
     assert "SpectrumKV TEST FAULT" in prefill_log
     assert "rejected: SpectrumFormatError" in decode_log
+    # the explicit 24 MiB arena is below the prefill's longest request (8192 tokens at
+    # b=0.5): said at startup and again once the prefill's options are known
+    assert "arena cannot hold the longest request" in decode_log
+    assert "packs the longest request (8192 tokens)" in decode_log
+    assert "--spectrum-budget 0.5" in decode_log
     assert "Traceback" not in decode_log and "Traceback" not in prefill_log
     assert isinstance(Path(d.log_dir), Path)
 

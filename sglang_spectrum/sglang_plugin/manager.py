@@ -97,6 +97,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         self.layout: dict[str, Any] | None = None
         self.fp8: Any = None  # FP8Pool of an FP8 KV pool (attach)
         self.arena: RegisteredArena | None = None
+        self.longest_tokens = 0  # of the longest request this server admits (attach)
         self.metrics: Any = None
         self.scheduler: Any = None
         self.tiers = self.options.tiers if self.options.tiers != "auto" else "2"
@@ -159,7 +160,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
             # the receiver has no fallback buffer: refuse now, not every long request
             raise RuntimeError(
                 f"SpectrumKV decode: the {size / (1 << 20):.0f} MiB receive arena cannot hold"
-                f" the longest request this server admits ({self._longest_tokens(scheduler)}"
+                f" the longest request this server admits ({self.longest_tokens}"
                 f" tokens need {largest / (1 << 20):.0f} MiB at --spectrum-budget"
                 f" {'auto' if self.options.adaptive else f'{self.options.budget:g}'}); lower"
                 " --context-length or --max-total-tokens,"
@@ -271,7 +272,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         (two per peer pipeline, :data:`SEND_DEPTH` regions in all). With memory reserved
         by the ``alloc_memory_pool`` hook the arena is that memory (at most what it
         needs); otherwise (CPU) :func:`.transport.arena_bytes`."""
-        tokens = self._longest_tokens(scheduler)
+        tokens = self.longest_tokens = self._longest_tokens(scheduler)
         codec = self.options.bound_codec()
         if self.is_prefill:
             largest = self.region_bound(tokens, codec, self.chunk_tokens)
