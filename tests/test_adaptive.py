@@ -125,3 +125,35 @@ def test_a_bad_codec_sample_is_clipped_and_then_re_measured():
     # an outlier after good samples moves the estimate at most OUTLIER_FACTOR-fold
     a.observe_pack(0.3, part, 100.0)
     assert _serve(a, peer, 1, 1.25 * GB) == [0.3]
+
+
+def test_writes_beside_the_next_chunk_have_their_own_rate():
+    """H200, 2026-12-04 (bench/results/serving_gpu_h200_arena_fix_tcp.json, 16k C=1): the
+    first part's write, beside the second chunk's forward, took 588 ms and the last part's
+    216 ms for the same 307 MiB (~4.4 vs ~12 Gb/s). One rate for both made the first part
+    look hideable after each fast last part: auto sent it at ~0.41 and its write delayed
+    the last part (TTFT 1122 ms vs 1046 ms at b=0.3). Kept apart, the first part goes at
+    what actually hides (nothing here: the minimum) and the last part sees the idle link."""
+    a = AdaptiveBudget(min_budget=0.3)
+    peer = ("decode-tcp",)
+    part = 8192 * 131072
+    beside, idle = 4.4 * GB / 8, 12 * GB / 8
+    a.observe_pack(0.3, part, part * CODEC)
+    a.observe_pack(1.0, part, part * COPY)
+    first, last = [], []
+    for _ in range(10):
+        b1 = a.choose(peer, part, 0.0, 8192, 0.25, request_tokens=16384)
+        a.observe_write(peer, int(b1 * part), b1 * part / beside, overlapped=True)
+        a.observe_compute(8192, 0.40)
+        b2 = a.choose(peer, part, 0.0, 0, 0.65, request_tokens=16384)
+        a.observe_write(peer, int(b2 * part), b2 * part / idle)
+        first.append(b1)
+        last.append(b2)
+    assert a.rate(peer, overlapped=True) == pytest.approx(beside)
+    assert a.rate(peer) == pytest.approx(idle)
+    assert first[2:] == [0.3] * 8  # 0.3 already takes 0.59 s > the ~0.4 s to hide behind
+    assert set(last[2:]) <= {0.3, 0.35}  # the last part: within 5 % of the TTFT
+    # a peer with only idle samples so far lends them to the overlapped regime
+    other = ("decode-2",)
+    a.observe_write(other, 100 << 20, (100 << 20) / idle)
+    assert a.rate(other, overlapped=True) == pytest.approx(idle)

@@ -434,7 +434,8 @@ class PrefillSide:
         p.region.release()
         self._add_peer_bytes(peer, -p.nbytes)
         if self.adaptive is not None:
-            self.adaptive.observe_write(peer, p.nbytes, time.perf_counter() - t1)
+            seconds = time.perf_counter() - t1
+            self.adaptive.observe_write(peer, p.nbytes, seconds, overlapped=not job.final)
         return True
 
     def _record_part(self, job: PackJob, p: Packed, transfer_ms: float) -> None:
