@@ -256,20 +256,19 @@ class DecodeSide:
         peer["instance"] = str((body.get("server") or {}).get("instance", ""))
         with self._lock:
             self._prefill_peers[bootstrap_addr] = peer
-        self._check_arena_for(bootstrap_addr, desc)
+        self._check_arena_for(bootstrap_addr, desc, peer.get("options") or {})
         return ""
 
-    def _check_arena_for(self, bootstrap_addr: str, desc: str) -> None:
+    def _check_arena_for(self, bootstrap_addr: str, desc: str, announced: dict) -> None:
         """Warn once per verified prefill whose longest request would not fit the receive
         arena: the decode sized it from its own ``--spectrum-*`` flags at startup, before
-        it knew the prefill's (such requests fail with a one-line error naming the flag)."""
+        it knew the prefill's ``announced`` options (such requests fail with a one-line
+        error naming the flag)."""
         if self.arena is None or not self.longest_tokens:
             return
         need = self.receive_bound(bootstrap_addr, self.longest_tokens)
         if need <= self.arena.size:
             return
-        with self._lock:
-            announced = (self._prefill_peers.get(bootstrap_addr) or {}).get("options") or {}
         logger.warning(
             "SpectrumKV: %s packs the longest request (%d tokens) into up to %.0f MiB, more"
             " than this decode's %.0f MiB receive arena: such requests will fail. Start the"
