@@ -28,6 +28,10 @@ write what it has):
   record per point (serving_gpu_records.py lists the fields).
 * ``tp``: TP 2 on two GPUs (greedy identity against a TP-2 single server, per-rank bytes,
   the --tp-points).
+* ``spec``: speculative decoding through PD (serving_gpu_spec.py): SmolLM2-135M with
+  --spec-algorithm (STANDALONE, the draft being the target itself) on stock mooncake and
+  spectrum at --spec-budgets, a single server as the reference; the decode's accept
+  length shows whether the draft model's KV arrived. serving_gpu_spec.json / .md.
 * ``report``: $OUT/serving_gpu.json (records), serving_gpu.md (tables: TTFT p50 and its
   ratio to stock mooncake and to mooncake-fp8 per length, concurrency and link; decode KV
   capacity), serving_gpu.png, serving_gpu_correct.json, serving_gpu_logs.tgz.
@@ -74,6 +78,7 @@ for _name in ("serving_gpu_configs", "serving_procs", "serving_gpu_report"):
 for _name in ("serving_gpu_bench", "serving_gpu_records", "serving_gpu_phases"):
     _load(_name)
 configs, phases = sys.modules["serving_gpu_configs"], sys.modules["serving_gpu_phases"]
+phase_spec = _load("serving_gpu_spec").phase_spec
 procs = sys.modules["serving_procs"]
 
 
@@ -148,6 +153,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run the correct phase on its own, not while the first 8B group starts",
     )
+    ap.add_argument(
+        "--spec-algorithm",
+        default="STANDALONE",
+        choices=["STANDALONE", "NGRAM"],
+        help="spec phase: SGLang's --speculative-algorithm (STANDALONE: the target is its"
+        " own draft)",
+    )
+    ap.add_argument("--spec-budgets", type=csv(float), default=[1.0, 0.5])
     ap.add_argument("--secret-tokens", type=int, default=2500)
     ap.add_argument("--secret-trials", type=int, default=3)
     ap.add_argument("--mem-small", type=float, default=0.85, help="SmolLM2 servers")
@@ -221,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             r.phase_tp()
         if "speed" in args.phases:
             r.phase_speed(with_correct=overlap)
+        if "spec" in args.phases:
+            phase_spec(r)
     except KeyboardInterrupt:
         rc = 130
     finally:

@@ -547,10 +547,14 @@ class Runner:
     def write_outputs(self) -> None:
         recs = self.state.records()
         (self.out / "serving_gpu.json").write_text(json.dumps(recs, indent=1) + "\n")
-        for key in ("correct", "tp"):
+        for key in ("correct", "tp", "spec"):
             if self.state.get(key):
                 path = self.out / f"serving_gpu_{key}.json"
                 path.write_text(json.dumps(self.state[key], indent=1) + "\n")
+        if self.state.get("spec"):
+            from serving_gpu_spec import markdown as spec_markdown
+
+            (self.out / "serving_gpu_spec.md").write_text(spec_markdown(self.state["spec"]))
         (self.out / "serving_gpu.md").write_text(
             report.markdown(
                 recs, self.state.get("correct"), self.state.get("tp"), self.state["failed"]

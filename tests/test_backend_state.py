@@ -498,8 +498,11 @@ def test_unsupported_deployments_are_named_in_one_line(monkeypatch):
 
     ok = SimpleNamespace(pp_size=1, dp_size=2, speculative_algorithm=None)
     assert unsupported_deployment(ok) == ""
+    # speculative decoding is served: the draft pool's KV travels with the target's
+    # (its pool is checked when the scheduler hands it over: tests/test_speculative.py)
+    for algo in ("EAGLE", "EAGLE3", "STANDALONE", "NGRAM"):
+        assert unsupported_deployment(SimpleNamespace(speculative_algorithm=algo)) == ""
     cases = {
-        "EAGLE": dict(speculative_algorithm="EAGLE"),
         "pipeline": dict(pp_size=2),
         "context parallelism": dict(attn_cp_size=2),
         "kv-cache-sharding": dict(enable_kv_cache_sharding=True),

@@ -269,10 +269,6 @@ OPTION_ERRORS = {
         "error: --spectrum-min-budget 0.2 is below 0.281",
     ),
     "slo": (["--spectrum-ttft-slo-ms", "-5"], "error: --spectrum-ttft-slo-ms must be >= 0"),
-    "spec": (
-        ["--speculative-algorithm", "NGRAM"],
-        "error: SpectrumKV does not transfer the draft model's KV cache yet",
-    ),
     "tiers": (["--spectrum-tiers", "4"], "argument --spectrum-tiers: invalid choice: '4'"),
     "alloc": (["--spectrum-allocator", "x"], "argument --spectrum-allocator: invalid choice"),
     "stream": (["--spectrum-stream", "on"], "argument --spectrum-stream: invalid choice: 'on'"),

@@ -73,6 +73,45 @@ def kv_pool(scheduler: Any) -> Any:
     return scheduler.token_to_kv_pool_allocator.get_kvcache()
 
 
+def draft_kv_pool(scheduler: Any) -> Any:
+    """The speculative draft model's KV pool that SGLang ships beside the target's, or
+    None (no draft model: no speculative decoding, or NGRAM). Both versions hand it to
+    the PD bootstrap / prealloc queue as ``draft_token_to_kv_pool``
+    (``disaggregation/prefill.py``:134 in 0.5.17, :194 in 0.5.23; ``decode.py``) and
+    append its ``get_contiguous_buf_infos()`` to ``kv_args.kv_data_ptrs``; its slots are
+    the target's (the draft shares the target's ``req_to_token`` rows)."""
+    for name in ("disagg_prefill_bootstrap_queue", "disagg_decode_prealloc_queue"):
+        queue = getattr(scheduler, name, None)
+        if queue is not None:
+            return getattr(queue, "draft_token_to_kv_pool", None)
+    return None
+
+
+def draft_kv_layers(server_args: Any, target_layers: int) -> int:
+    """Layers of the draft model's KV pool a server with these arguments will have
+    (0: no draft model), for sizing before the pools exist. Read from the draft
+    checkpoint's ``config.json`` (``num_hidden_layers``; MTP/NEXTN drafts:
+    ``num_nextn_predict_layers``); ``target_layers`` when it cannot be read (an upper
+    bound: a draft is never deeper than its target in the setups SGLang ships)."""
+    import json
+    from pathlib import Path
+
+    algo = str(server_arg(server_args, "speculative_algorithm", None) or "").upper()
+    if not algo or algo == "NGRAM":
+        return 0
+    path = server_arg(server_args, "speculative_draft_model_path", None) or server_arg(
+        server_args, "model_path", None
+    )
+    try:
+        config = json.loads((Path(str(path)) / "config.json").read_text())
+        config = config.get("text_config", config)
+        if algo in ("NEXTN", "MTP") and config.get("num_nextn_predict_layers"):
+            return int(config["num_nextn_predict_layers"])
+        return int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(target_layers)
+
+
 def kv_manager(scheduler: Any) -> Any:
     """The scheduler's PD KV manager, or None (``managers/scheduler.py:1340/1375`` in
     0.5.17, ``:1593/1625`` in 0.5.23: the prealloc / bootstrap queue own it)."""
@@ -426,7 +465,8 @@ def planned_kv_layout(model_runner: Any) -> tuple[dict[str, Any], int] | None:
     allocate (right before ``alloc_memory_pool``), or None when a field is missing.
 
     The layout has :func:`.manager.pool_layout`'s keys but ``page_size``: layers
-    (``model_config.num_hidden_layers``; pipeline parallelism is refused), KV heads of
+    (``model_config.num_hidden_layers`` plus a speculative draft's, :func:`draft_kv_layers`;
+    pipeline parallelism is refused), KV heads of
     this attention-TP rank (``model_config.get_num_kv_heads(attn_tp_size)``, as both
     versions' ``mem_cache/kv_cache_configurator.py`` size the pool, with
     ``runtime_context.get_parallel()``), ``head_dim`` and the resolved
@@ -442,9 +482,11 @@ def planned_kv_layout(model_runner: Any) -> tuple[dict[str, Any], int] | None:
         attn_tp = int(get_parallel().attn_tp_size)
     except Exception:
         attn_tp = int(getattr(model_runner, "tp_size", 1) or 1)
+    server_args = getattr(model_runner, "server_args", None)
     try:
+        layers = int(config.num_hidden_layers)
         layout = {
-            "layers": int(config.num_hidden_layers),
+            "layers": layers + draft_kv_layers(server_args, layers),
             "kv_heads": int(config.get_num_kv_heads(attn_tp)),
             "head_dim": int(config.head_dim),
             "dtype": dtype_name(model_runner.kv_cache_dtype),
@@ -452,7 +494,7 @@ def planned_kv_layout(model_runner: Any) -> tuple[dict[str, Any], int] | None:
         tokens = int(config.context_len)
     except (AttributeError, TypeError, ValueError):
         return None
-    cap = server_arg(getattr(model_runner, "server_args", None), "max_total_tokens", None)
+    cap = server_arg(server_args, "max_total_tokens", None)
     if cap:
         tokens = min(tokens, int(cap))
     return layout, tokens
@@ -467,10 +509,6 @@ def unsupported_deployment(server_args: Any) -> str:
     """'' if the ``spectrum`` backend serves this server's configuration, else one line
     saying what it cannot serve (checked in the launcher and again in each scheduler).
 
-    * speculative decoding: SGLang ships the draft model's KV pool too (``kv_args``
-      gains its buffers, ``disaggregation/prefill.py``/``decode.py``); packing it is
-      not implemented, and a decode whose draft model reads stale KV would accept
-      almost no draft tokens without any error.
     * pipeline / context parallelism, KV-cache sharding (0.5.23), staging buffers
       (``SGLANG_DISAGG_STAGING_BUFFER``), the ``prefill_complete`` decode allocation
       policy (0.5.23: its BOOTSTRAP frames and deferred allocation are not ours).
@@ -480,13 +518,6 @@ def unsupported_deployment(server_args: Any) -> str:
     def on(name: str) -> bool:
         return bool(server_arg(server_args, name, False))
 
-    if server_arg(server_args, "speculative_algorithm", None):
-        return (
-            "SpectrumKV does not transfer the draft model's KV cache yet: speculative"
-            " decoding (--speculative-algorithm"
-            f" {server_arg(server_args, 'speculative_algorithm')})"
-            " cannot run with --disaggregation-transfer-backend spectrum; use mooncake"
-        )
     if int(server_arg(server_args, "pp_size", 1) or 1) > 1:
         return "SpectrumKV does not support pipeline parallelism (--pp-size > 1)"
     for name in ("attn_cp_size", "dcp_size"):

@@ -79,6 +79,13 @@ def incompatibility(
             f" server has {l_tp}; use the same --tp-size on both"
         )
     p_lay, l_lay = peer.get("layout"), local.get("layout")
+    p_draft, l_draft = (int((lay or {}).get("draft_layers") or 0) for lay in (p_lay, l_lay))
+    if p_lay and l_lay and p_draft != l_draft:
+        return (
+            f"SpectrumKV: {peer_desc} ships {p_draft} speculative draft KV layers, this"
+            f" {local_role} server has {l_draft}; run the same --speculative-algorithm and"
+            " draft model on prefill and decode"
+        )
     if p_lay and l_lay and any(p_lay.get(k) != l_lay.get(k) for k in SHAPE_KEYS):
         return (
             f"SpectrumKV KV layout mismatch: {peer_desc} has {layout_desc(p_lay)}, this"

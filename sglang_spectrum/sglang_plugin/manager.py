@@ -63,9 +63,12 @@ logger = logging.getLogger(__name__)
 SEND_DEPTH = 4  # prefill: send regions of one part each the arena holds at least
 
 
-def pool_layout(k_pools: list[torch.Tensor], page_size: int, fp8: Any = None) -> dict[str, Any]:
+def pool_layout(
+    k_pools: list[torch.Tensor], page_size: int, fp8: Any = None, draft_layers: int = 0
+) -> dict[str, Any]:
     """The KV layout a server announces; ``dtype`` is the logical one (an FP8 pool's
-    float8 dtype, not its uint8 storage)."""
+    float8 dtype, not its uint8 storage); ``layers`` counts the speculative draft's
+    ``draft_layers`` too (the last ones)."""
     k0 = k_pools[0]
     return {
         "layers": len(k_pools),
@@ -73,7 +76,29 @@ def pool_layout(k_pools: list[torch.Tensor], page_size: int, fp8: Any = None) ->
         "head_dim": int(k0.shape[2]),
         "dtype": fp8.name if fp8 is not None else str(k0.dtype).removeprefix("torch."),
         "page_size": int(page_size),
+        "draft_layers": int(draft_layers),
     }
+
+
+def _pool_problem(pool: Any) -> str:
+    """'' for a plain MHA token pool with per-layer NHD ``[slots, kv_heads, head_dim]``
+    K and V buffers of a supported dtype, else why not, in one line."""
+    name = type(pool).__name__
+    if not (hasattr(pool, "k_buffer") and hasattr(pool, "v_buffer")):
+        return f"{name} has no per-layer k_buffer/v_buffer (MHA token pools only)"
+    if any(s in name for s in ("SWA", "Hybrid", "NSA", "DSA", "MXFP", "FP4", "MLA")):
+        return f"{name}: only plain MHA pools are supported"
+    if getattr(pool, "use_hnd", False):
+        return "HND KV layout is not supported (NHD only)"
+    k, v = list(pool.k_buffer), list(pool.v_buffer)
+    if not k or len(k) != len(v) or any(t.dim() != 3 or t.shape != k[0].shape for t in [*k, *v]):
+        return f"{name}: expected per-layer [slots, kv_heads, head_dim] K and V buffers"
+    from sglang_spectrum.sizes import SOURCE_DTYPES, dtype_name
+
+    dt = getattr(pool, "dtype", k[0].dtype)  # FP8 pools store uint8
+    if dtype_name(dt) not in SOURCE_DTYPES:
+        return f"KV cache dtype {dt} is not supported (supported: {', '.join(SOURCE_DTYPES)})"
+    return ""
 
 
 class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager):
@@ -94,6 +119,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         self.role = "prefill" if self.is_prefill else "decode"
         self.k_pools: list[torch.Tensor] = []
         self.v_pools: list[torch.Tensor] = []
+        self.draft_layers = 0  # of them, the speculative draft model's (after the target's)
         self.layout: dict[str, Any] | None = None
         self.fp8: Any = None  # FP8Pool of an FP8 KV pool (attach)
         self.arena: RegisteredArena | None = None
@@ -142,12 +168,18 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         """Take the KV pool at the end of ``Scheduler.__init__``; prefill: probe, publish."""
         self.scheduler = scheduler
         pool = compat.kv_pool(scheduler)
-        problem = self._unsupported(pool)
+        draft = compat.draft_kv_pool(scheduler)
+        problem = self._unsupported(pool, draft)
         if problem:
             raise RuntimeError(f"SpectrumKV cannot serve this model: {problem}")
-        self.k_pools, self.v_pools = list(pool.k_buffer), list(pool.v_buffer)
+        # A speculative draft's layers follow the target's, at the same slots and tiers:
+        # the request path sees one pool of target + draft layers (the handshake compares
+        # layer counts, so a prefill and a decode must agree on the draft too).
+        self.draft_layers = len(draft.k_buffer) if draft is not None else 0
+        self.k_pools = list(pool.k_buffer) + (list(draft.k_buffer) if draft is not None else [])
+        self.v_pools = list(pool.v_buffer) + (list(draft.v_buffer) if draft is not None else [])
         self.fp8 = compat.fp8_pool(pool, compat.model_runner(scheduler))
-        self.layout = pool_layout(self.k_pools, self.kv_args.page_size, self.fp8)
+        self.layout = pool_layout(self.k_pools, self.kv_args.page_size, self.fp8, self.draft_layers)
         self.chunk_tokens = compat.chunked_prefill_size(scheduler)
         check_no_drop(self.options, self.layout["head_dim"])
         device = self.k_pools[0].device
@@ -201,25 +233,39 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
                 self.metrics.set_mode(self.tiers, self.options.budget)
             self._publish_identity()
 
-    def _unsupported(self, pool: Any) -> str:
-        name = type(pool).__name__
-        if not (hasattr(pool, "k_buffer") and hasattr(pool, "v_buffer")):
-            return f"{name} has no per-layer k_buffer/v_buffer (MHA token pools only)"
-        if any(s in name for s in ("SWA", "Hybrid", "NSA", "DSA", "MXFP", "FP4", "MLA")):
-            return f"{name}: only plain MHA pools are supported"
-        if getattr(pool, "use_hnd", False):
-            return "HND KV layout is not supported (NHD only)"
-        k, v = list(pool.k_buffer), list(pool.v_buffer)
-        if not k or len(k) != len(v) or any(t.dim() != 3 for t in [*k, *v]):
-            return f"{name}: expected per-layer [slots, kv_heads, head_dim] K and V buffers"
-        from sglang_spectrum.sizes import SOURCE_DTYPES, dtype_name
+    def _unsupported(self, pool: Any, draft: Any = None) -> str:
+        """'' if the request path can pack ``pool`` (and the speculative ``draft`` pool,
+        if any), else why not, in one line."""
+        problem = _pool_problem(pool)
+        if problem:
+            return problem
+        from sglang_spectrum.fp8 import FP8_DTYPES
+        from sglang_spectrum.sizes import dtype_name
 
-        dt = getattr(pool, "dtype", k[0].dtype)  # FP8 pools store uint8
-        if dtype_name(dt) not in SOURCE_DTYPES:
-            return f"KV cache dtype {dt} is not supported (supported: {', '.join(SOURCE_DTYPES)})"
-        ptrs = [t.data_ptr() for t in [*k, *v]]
-        if list(self.kv_args.kv_data_ptrs)[: len(ptrs)] != ptrs:
-            return "the KV pool's buffers differ from the ones SGLang registers for transfer"
+        ptrs = [t.data_ptr() for t in [*pool.k_buffer, *pool.v_buffer]]
+        if draft is not None:
+            problem = _pool_problem(draft)
+            if problem:
+                return f"the speculative draft model's KV pool: {problem}"
+            t, d = pool.k_buffer[0], draft.k_buffer[0]
+            dt, ddt = getattr(pool, "dtype", t.dtype), getattr(draft, "dtype", d.dtype)
+            if t.shape != d.shape or dtype_name(dt) != dtype_name(ddt):
+                return (
+                    "the speculative draft model's KV layout (per layer"
+                    f" {list(d.shape)} {dtype_name(ddt)}) differs from the target's"
+                    f" ({list(t.shape)} {dtype_name(dt)}); SpectrumKV packs drafts whose"
+                    " KV heads, head_dim and dtype match the target's"
+                )
+            if dtype_name(dt) in FP8_DTYPES:
+                return (
+                    "a speculative draft model over an FP8 KV cache (its scales are the"
+                    " draft checkpoint's) is not supported; use a 16-bit KV cache"
+                )
+            ptrs += [t.data_ptr() for t in [*draft.k_buffer, *draft.v_buffer]]
+        # SGLang registers exactly these buffers for transfer (target K, target V, then
+        # the draft's K and V); anything else there would not reach the decode
+        if list(self.kv_args.kv_data_ptrs) != ptrs:
+            return "the KV buffers SGLang registers for transfer are not the pools' K and V"
         return ""
 
     def _resolve_tiers(self, scheduler: Any) -> None:

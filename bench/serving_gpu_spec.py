@@ -1,0 +1,170 @@
+"""Speculative decoding through the PD backends (bench/serving_gpu.py ``--phases spec``).
+
+SGLang's speculative workers need CUDA, so this runs on the GPU only. Deployments, all
+SmolLM2-135M (real weights), greedy, started together:
+
+* ``single``: one server without speculative decoding (the reference answers);
+* ``mooncake``, ``b1``, ``b0.5``: PD pairs (stock mooncake, spectrum at b=1.0 and 0.5)
+  with STANDALONE speculative decoding whose draft model is the target itself.
+
+A draft identical to its target proposes exactly what the target will accept, so the
+decode's accept length (SGLang's ``meta_info.spec_accept_length``) is close to
+``--speculative-num-draft-tokens`` when the draft model's KV reached the decode, and
+falls towards 1 when the draft attends over KV it never received. The answers of the
+spectrum pairs are compared with stock mooncake's (same speculative path) and the
+single server's.
+"""
+
+from __future__ import annotations
+
+import serving_gpu_configs as configs  # loaded by serving_gpu.py (bench/ is off sys.path)
+from serving_procs import log
+
+NUM_STEPS, DRAFT_TOKENS = 3, 4
+
+
+def spec_flags(model: str, algorithm: str) -> list[str]:
+    """Both PD roles run the draft: the prefill fills its KV, the decode drafts with it."""
+    flags = ["--speculative-algorithm", algorithm]
+    if algorithm != "NGRAM":
+        flags += ["--speculative-draft-model-path", model]
+    return flags + [
+        "--speculative-num-steps", str(NUM_STEPS),
+        "--speculative-eagle-topk", "1",
+        "--speculative-num-draft-tokens", str(DRAFT_TOKENS),
+    ]  # fmt: skip
+
+
+def phase_spec(runner) -> None:
+    """Run the phase on ``runner`` (a :class:`serving_gpu_phases.Runner`); the result is
+    kept in its state as ``spec`` (written to serving_gpu_spec.json / .md)."""
+    a = runner.args
+    if runner.state.get("spec") and not a.redo:
+        log("spec: done before (state); --redo to run again")
+        return
+    model = runner.smollm()
+    if model is None:
+        log("spec: no SmolLM2 model folder (run scripts/gpu_setup.sh with every parcel)")
+        return
+    m, tokens = a.mem_small, a.small_max_tokens or None
+    base = ["--chunked-prefill-size", str(a.correct_chunked_prefill)]
+    spec = base + spec_flags(model, a.spec_algorithm)
+    deps = {"single": runner.launcher.single("spec-single", model, m, base, bf16_tokens=tokens)}
+    pairs = {"mooncake": configs.Config("mooncake")}
+    for b in a.spec_budgets:
+        pairs[f"b{b:g}"] = configs.Config("spectrum", b, a.key_scales)
+    for name, cfg in pairs.items():
+        deps[name] = runner.launcher.pair(
+            f"spec-{name}", model, cfg, (m, m), spec, bf16_tokens=tokens
+        )
+    result: dict = {
+        "model": model,
+        "hardware": runner.hardware(),
+        "algorithm": a.spec_algorithm,
+        "draft": "the target model itself" if a.spec_algorithm != "NGRAM" else None,
+        "num_steps": NUM_STEPS,
+        "num_draft_tokens": DRAFT_TOKENS,
+        "pairs": {name: cfg.name for name, cfg in pairs.items()},
+    }
+    with runner._phase("spec", deps, result):
+        took = runner.launcher.wait(list(deps.values()), runner.start_limit())
+        log(f"spec: {len(deps)} deployments ready in {took:.0f} s")
+        prompts = [{"text": t, "max_new_tokens": 64} for t in PROMPTS]
+        secrets = runner.secret_prompts(model, a.secret_tokens, a.secret_trials)
+        prompts += [{"text": s["text"], "max_new_tokens": 12, "secret": s} for s in secrets]
+        rows = []
+        for i, p in enumerate(prompts):
+            body = {
+                "text": p["text"],
+                "sampling_params": {"temperature": 0, "max_new_tokens": p["max_new_tokens"]},
+            }
+            row = {"prompt": i, "secret": p.get("secret", {}).get("passcode")}
+
+            def answer(j: dict, row: dict) -> tuple[str, float | None]:
+                meta = j.get("meta_info", {})
+                row["prompt_tokens"] = meta.get("prompt_tokens")
+                return j["text"], meta.get("spec_accept_length")
+
+            runner._ask_all(deps, body, row, answer)
+            row["accept_length"] = {}
+            for name in deps:  # (text, accept length) -> the text and a column of its own
+                row[name], row["accept_length"][name] = row.get(name) or (None, None)
+            rows.append(row)
+            log(f"spec prompt {i}: accept {row['accept_length']}")
+        result["rows"] = rows
+        result.update(summarise(rows, list(pairs)))
+        result["stats"] = {
+            name: runner_stats(deps[name].stats_path) for name in pairs if name != "mooncake"
+        }
+        log(
+            f"spec: accept length mean {result['accept_length_mean']}; identical to mooncake"
+            f" {result['identical_to_mooncake']}; to single {result['identical_to_single']};"
+            f" secrets {result['secret']}"
+        )
+
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "List three prime numbers:",
+    "def fibonacci(n):",
+    "Explain why the sky is blue in two sentences.",
+]
+
+
+def runner_stats(path) -> list[dict]:
+    import serving_gpu_report as report
+
+    return [r for r in report.read_jsonl(path) if r.get("role") == "prefill"]
+
+
+def summarise(rows: list[dict], pairs: list[str]) -> dict:
+    """Mean accept length per pair, answers identical to mooncake's / the single's."""
+    out: dict = {"accept_length_mean": {}, "identical_to_mooncake": {}, "identical_to_single": {}}
+    for name in pairs:
+        acc = [r["accept_length"][name] for r in rows if r["accept_length"].get(name)]
+        out["accept_length_mean"][name] = round(sum(acc) / len(acc), 3) if acc else None
+        out["identical_to_single"][name] = sum(
+            r[name] is not None and r[name] == r["single"] for r in rows
+        )
+        if name != "mooncake":
+            out["identical_to_mooncake"][name] = sum(
+                r[name] is not None and r[name] == r["mooncake"] for r in rows
+            )
+    out["prompts"] = len(rows)
+    secret = [r for r in rows if r["secret"]]
+    out["secret"] = {
+        name: sum(bool(r[name]) and r["secret"] in r[name] for r in secret)
+        for name in ["single", *pairs]
+    }
+    return out
+
+
+def markdown(spec: dict) -> str:
+    """serving_gpu_spec.md: one row per deployment."""
+    lines = [
+        "# Speculative decoding through PD backends",
+        "",
+        f"Hardware: {spec.get('hardware')}. Model {spec.get('model')}, "
+        f"{spec.get('algorithm')} speculative decoding, draft: {spec.get('draft')}, "
+        f"{spec.get('num_steps')} steps, {spec.get('num_draft_tokens')} draft tokens; "
+        f"{spec.get('prompts')} greedy prompts.",
+        "",
+    ]
+    if spec.get("error"):
+        return "\n".join(lines + [f"**Failed:** {spec['error']}", ""])
+    n = spec.get("prompts", 0)
+    lines += [
+        "| deployment | mean accept length | answers = mooncake PD | answers = single"
+        " | passcodes |",
+        "|---|---|---|---|---|",
+        f"| single (no speculative decoding) | - | - | - | {spec['secret'].get('single')} |",
+    ]
+    for name, config in spec.get("pairs", {}).items():
+        same_m = spec["identical_to_mooncake"].get(name)
+        lines.append(
+            f"| {config} | {spec['accept_length_mean'].get(name)} |"
+            f" {'-' if same_m is None else f'{same_m}/{n}'} |"
+            f" {spec['identical_to_single'].get(name)}/{n} | {spec['secret'].get(name)} |"
+        )
+    return "\n".join(lines) + "\n"
