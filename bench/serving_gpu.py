@@ -156,9 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--spec-algorithm",
         default="STANDALONE",
-        choices=["STANDALONE", "NGRAM"],
+        choices=["STANDALONE", "EAGLE", "NGRAM"],
         help="spec phase: SGLang's --speculative-algorithm (STANDALONE: the target is its"
-        " own draft)",
+        " own draft; EAGLE: a dummy-weight EAGLE head; see serving_gpu_spec.py)",
     )
     ap.add_argument("--spec-budgets", type=csv(float), default=[1.0, 0.5])
     ap.add_argument("--secret-tokens", type=int, default=2500)

@@ -8,7 +8,9 @@ Grammar (one config; ``--configs`` takes a comma-separated list)::
 
 * NAME: ``mooncake`` (stock, bf16 KV), ``mooncake-fp8`` (stock, ``--kv-cache-dtype
   fp8_e4m3`` on both servers), ``spectrum`` (bf16 pools), ``spectrum-fp8`` (FP8 pools on
-  both servers), ``spectrum-asym`` (bf16 prefill, FP8 decode).
+  both servers), ``spectrum-asym`` (bf16 prefill, FP8 decode), ``spectrum-host`` (bf16
+  pools, ``--spectrum-staging host`` on both servers: packed parts sent from and received
+  into pinned host memory).
 * BUDGET (spectrum only): a number in (0, 1] (``--spectrum-budget B``) or ``auto``
   (``--spectrum-budget auto --spectrum-min-budget M``, M from ``--min-budget``); none:
   the server's default.
@@ -41,6 +43,7 @@ BACKENDS = {
     "spectrum": ("spectrum", BF16, BF16),
     "spectrum-fp8": ("spectrum", FP8, FP8),
     "spectrum-asym": ("spectrum", BF16, FP8),
+    "spectrum-host": ("spectrum", BF16, BF16),  # --spectrum-staging host on both servers
 }
 # every variable a link sets; a server's environment starts without them
 LINK_ENV_KEYS = (
@@ -128,6 +131,8 @@ class Config:
                 out += ["--spectrum-budget", f"{self.budget:g}"]
             if self.key_scales:
                 out += ["--spectrum-key-scales", self.key_scales]
+            if self.kind == "spectrum-host":
+                out += ["--spectrum-staging", "host"]
         return out + kv_flags(self.kv_dtype(role))
 
     def env(self) -> dict[str, str]:

@@ -142,6 +142,21 @@ class Runner:
         )
         return model if Path(model, "config.json").is_file() else None
 
+    def small_model_for(self, phase: str) -> str | None:
+        """SmolLM2's folder when ``phase`` is still to run (not in the state, or --redo)
+        and the model is here; else None, logged."""
+        if self.state.get(phase) and not self.args.redo:
+            log(f"{phase}: done before (state); --redo to run again")
+            return None
+        model = self.smollm()
+        if model is None:
+            log(f"{phase}: no SmolLM2 model folder (run scripts/gpu_setup.sh with every parcel)")
+        return model
+
+    def phase_result(self, model: str, **fields) -> dict:
+        """The record a SmolLM2 phase keeps in the state: model, hardware, ``fields``."""
+        return {"model": model, "hardware": self.hardware(), **fields}
+
     def correct_todo(self) -> bool:
         """The correct phase has not run (or --redo) and its model is here."""
         return (not self.state.get("correct") or self.args.redo) and self.smollm() is not None
@@ -173,15 +188,11 @@ class Runner:
 
     def phase_correct(self) -> None:
         a = self.args
-        if self.state.get("correct") and not a.redo:
-            log("correct: done before (state); --redo to run again")
+        model = self.small_model_for("correct")
+        if model is None:
             return
         if self.remaining() < a.correct_budget_s:
             log(f"correct: skipped, {self.remaining():.0f} s left < {a.correct_budget_s:.0f} s")
-            return
-        model = self.smollm()
-        if model is None:
-            log("correct: no SmolLM2 model folder (run scripts/gpu_setup.sh with every parcel)")
             return
         m, tokens = a.mem_small, a.small_max_tokens or None
         # several servers share a GPU and start at once: a static fraction each would see the
@@ -196,34 +207,24 @@ class Runner:
             deps[name] = self.launcher.pair(
                 f"pd-{name}", model, cfg, (m, m), extra, bf16_tokens=tokens
             )
-        result: dict = {
-            "model": model,
-            "hardware": self.hardware(),
-            "chunked_prefill_size": a.correct_chunked_prefill,
-            "pairs": {name: {"config": cfg.name, "reference": ref} for name, cfg, ref in pairs},
-        }
+        result = self.phase_result(
+            model,
+            chunked_prefill_size=a.correct_chunked_prefill,
+            pairs={name: {"config": cfg.name, "reference": ref} for name, cfg, ref in pairs},
+        )
         with self._phase("correct", deps, result):
             took = self.launcher.wait(list(deps.values()), self.start_limit())
             log(f"correct: {len(deps)} deployments ready in {took:.0f} s")
             result["max_total_tokens"] = {n: d.max_tokens for n, d in deps.items()}
-            prompts = [{"text": t, "max_new_tokens": 32} for t in GREEDY_PROMPTS]
-            secrets = self.secret_prompts(model, a.secret_tokens, a.secret_trials)
-            prompts += [{"text": s["text"], "max_new_tokens": 12, "secret": s} for s in secrets]
-            rows = []
-            for i, p in enumerate(prompts):
-                body = {
-                    "text": p["text"],
-                    "sampling_params": {"temperature": 0, "max_new_tokens": p["max_new_tokens"]},
-                }
-                row = {"prompt": i, "secret": p.get("secret", {}).get("passcode")}
 
-                def answer(j: dict, row: dict) -> str:
-                    row["prompt_tokens"] = j.get("meta_info", {}).get("prompt_tokens")
-                    return j["text"]
+            def answer(j: dict, row: dict) -> str:
+                row["prompt_tokens"] = j.get("meta_info", {}).get("prompt_tokens")
+                return j["text"]
 
-                self._ask_all(deps, body, row, answer)
-                rows.append(row)
-                log(f"prompt {i}: " + " | ".join(f"{k}={row.get(k)!r:.60}" for k in row))
+            rows = self.ask_prompts(deps, model, GREEDY_PROMPTS, 32, answer)
+            for row in rows:
+                cells = " | ".join(f"{k}={v!r:.60}" for k, v in row.items())
+                log(f"prompt {row['prompt']}: {cells}")
             result["rows"] = rows
             result["identical"] = {
                 name: all(r[ref] is not None and r[name] == r[ref] for r in rows)
@@ -243,6 +244,27 @@ class Runner:
                 f"correct: identical {result['identical']}; secrets {result['secret']}; "
                 f"prefill paths {result['paths']}"
             )
+
+    def ask_prompts(
+        self, deps: dict, model: str, texts: list[str], max_new_tokens: int, answer
+    ) -> list[dict]:
+        """Greedy ``texts`` (``max_new_tokens`` each), then the passcode prompts (12
+        tokens), posted to every deployment: one row per prompt, ``row[name]`` =
+        ``answer(json, row)`` (:meth:`_ask_all`), ``row["secret"]`` the passcode or None."""
+        a = self.args
+        prompts = [{"text": t, "max_new_tokens": max_new_tokens} for t in texts]
+        secrets = self.secret_prompts(model, a.secret_tokens, a.secret_trials)
+        prompts += [{"text": s["text"], "max_new_tokens": 12, "secret": s} for s in secrets]
+        rows = []
+        for i, p in enumerate(prompts):
+            body = {
+                "text": p["text"],
+                "sampling_params": {"temperature": 0, "max_new_tokens": p["max_new_tokens"]},
+            }
+            row = {"prompt": i, "secret": p.get("secret", {}).get("passcode")}
+            self._ask_all(deps, body, row, answer)
+            rows.append(row)
+        return rows
 
     def secret_prompts(self, model: str, tokens: int, trials: int) -> list[dict]:
         """Passcode stated at the start of a ~``tokens``-token WikiText text, asked at the end."""

@@ -13,9 +13,19 @@ decode's accept length (SGLang's ``meta_info.spec_accept_length``) is close to
 falls towards 1 when the draft attends over KV it never received. The answers of the
 spectrum pairs are compared with stock mooncake's (same speculative path) and the
 single server's.
+
+SGLang 0.5.17's PD decode builds the first speculative input only for the EAGLE family
+(``SpeculativeAlgorithm.build_disagg_draft_input``: ``is_eagle()`` is EAGLE, EAGLE3 and
+FROZEN_KV_MTP), so STANDALONE and NGRAM decodes crash on their startup warm-up with
+every transfer backend, stock mooncake included (H200, 2026-12-04). ``EAGLE`` runs an
+EAGLE head with dummy weights (:func:`eagle_draft`): its drafts are rarely accepted, so
+it proves the path (draft KV packed, answers equal to mooncake's), not the accept length.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import serving_gpu_configs as configs  # loaded by serving_gpu.py (bench/ is off sys.path)
 from serving_procs import log
@@ -23,11 +33,27 @@ from serving_procs import log
 NUM_STEPS, DRAFT_TOKENS = 3, 4
 
 
-def spec_flags(model: str, algorithm: str) -> list[str]:
+def eagle_draft(model: str, folder: Path) -> Path:
+    """An EAGLE draft head for ``model`` (``LlamaForCausalLMEagle``: one decoder layer of
+    the target's attention shape, so its KV pool has the target's layout), config only:
+    served with ``--speculative-draft-load-format dummy`` (models.md has no trained
+    EAGLE head)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    config.update(architectures=["LlamaForCausalLMEagle"], num_hidden_layers=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def spec_flags(model: str, algorithm: str, work: Path) -> list[str]:
     """Both PD roles run the draft: the prefill fills its KV, the decode drafts with it."""
     flags = ["--speculative-algorithm", algorithm]
-    if algorithm != "NGRAM":
+    if algorithm == "STANDALONE":
         flags += ["--speculative-draft-model-path", model]
+    elif algorithm == "EAGLE":
+        draft = eagle_draft(model, work / "eagle-draft")
+        flags += ["--speculative-draft-model-path", str(draft)]
+        flags += ["--speculative-draft-load-format", "dummy"]
     return flags + [
         "--speculative-num-steps", str(NUM_STEPS),
         "--speculative-eagle-topk", "1",
@@ -39,16 +65,12 @@ def phase_spec(runner) -> None:
     """Run the phase on ``runner`` (a :class:`serving_gpu_phases.Runner`); the result is
     kept in its state as ``spec`` (written to serving_gpu_spec.json / .md)."""
     a = runner.args
-    if runner.state.get("spec") and not a.redo:
-        log("spec: done before (state); --redo to run again")
-        return
-    model = runner.smollm()
+    model = runner.small_model_for("spec")
     if model is None:
-        log("spec: no SmolLM2 model folder (run scripts/gpu_setup.sh with every parcel)")
         return
     m, tokens = a.mem_small, a.small_max_tokens or None
     base = ["--chunked-prefill-size", str(a.correct_chunked_prefill)]
-    spec = base + spec_flags(model, a.spec_algorithm)
+    spec = base + spec_flags(model, a.spec_algorithm, runner.work)
     deps = {"single": runner.launcher.single("spec-single", model, m, base, bf16_tokens=tokens)}
     pairs = {"mooncake": configs.Config("mooncake")}
     for b in a.spec_budgets:
@@ -57,40 +79,30 @@ def phase_spec(runner) -> None:
         deps[name] = runner.launcher.pair(
             f"spec-{name}", model, cfg, (m, m), spec, bf16_tokens=tokens
         )
-    result: dict = {
-        "model": model,
-        "hardware": runner.hardware(),
-        "algorithm": a.spec_algorithm,
-        "draft": "the target model itself" if a.spec_algorithm != "NGRAM" else None,
-        "num_steps": NUM_STEPS,
-        "num_draft_tokens": DRAFT_TOKENS,
-        "pairs": {name: cfg.name for name, cfg in pairs.items()},
-    }
+    drafts = {"STANDALONE": "the target model itself", "EAGLE": "an EAGLE head, dummy weights"}
+    result = runner.phase_result(
+        model,
+        algorithm=a.spec_algorithm,
+        draft=drafts.get(a.spec_algorithm),
+        num_steps=NUM_STEPS,
+        num_draft_tokens=DRAFT_TOKENS,
+        pairs={name: cfg.name for name, cfg in pairs.items()},
+    )
     with runner._phase("spec", deps, result):
         took = runner.launcher.wait(list(deps.values()), runner.start_limit())
         log(f"spec: {len(deps)} deployments ready in {took:.0f} s")
-        prompts = [{"text": t, "max_new_tokens": 64} for t in PROMPTS]
-        secrets = runner.secret_prompts(model, a.secret_tokens, a.secret_trials)
-        prompts += [{"text": s["text"], "max_new_tokens": 12, "secret": s} for s in secrets]
-        rows = []
-        for i, p in enumerate(prompts):
-            body = {
-                "text": p["text"],
-                "sampling_params": {"temperature": 0, "max_new_tokens": p["max_new_tokens"]},
-            }
-            row = {"prompt": i, "secret": p.get("secret", {}).get("passcode")}
 
-            def answer(j: dict, row: dict) -> tuple[str, float | None]:
-                meta = j.get("meta_info", {})
-                row["prompt_tokens"] = meta.get("prompt_tokens")
-                return j["text"], meta.get("spec_accept_length")
+        def answer(j: dict, row: dict) -> tuple[str, float | None]:
+            meta = j.get("meta_info", {})
+            row["prompt_tokens"] = meta.get("prompt_tokens")
+            return j["text"], meta.get("spec_accept_length")
 
-            runner._ask_all(deps, body, row, answer)
+        rows = runner.ask_prompts(deps, model, PROMPTS, 64, answer)
+        for row in rows:
             row["accept_length"] = {}
             for name in deps:  # (text, accept length) -> the text and a column of its own
                 row[name], row["accept_length"][name] = row.get(name) or (None, None)
-            rows.append(row)
-            log(f"spec prompt {i}: accept {row['accept_length']}")
+            log(f"spec prompt {row['prompt']}: accept {row['accept_length']}")
         result["rows"] = rows
         result.update(summarise(rows, list(pairs)))
         result["stats"] = {

@@ -324,6 +324,41 @@ def test_arena_alloc_wait_returns_when_a_region_is_freed():
     assert arena.alloc_wait(1 << 13, timeout_s=0.05) is None  # never fits: gives up
 
 
+def test_host_staging_sends_a_copy_and_frees_the_packed_region():
+    """``--spectrum-staging host``: the packed part is copied into the staging arena (the
+    buffer the writer hands Mooncake) and its packing region is released at once."""
+    import types
+
+    import torch
+
+    from sglang_spectrum.sglang_plugin.prefill_side import PrefillSide
+
+    packed_arena = RegisteredArena(1 << 12, torch.device("cpu"), None, "send")
+    staging = RegisteredArena(1 << 12, torch.device("cpu"), None, "send staging")
+    region = packed_arena.alloc(3000)
+    payload = torch.randint(0, 256, (3000,), dtype=torch.uint8)
+    region.view()[:3000].copy_(payload)
+    side = types.SimpleNamespace(staging=staging, engine=None, room_aborted=lambda room: False)
+    host = PrefillSide._stage_on_host(side, region, 3000, None, room=5)
+    assert torch.equal(host.view()[:3000], payload)
+    assert host.view().data_ptr() != region.view().data_ptr()
+    assert packed_arena.in_use == 0 and staging.in_use >= 3000
+    host.release()
+    assert staging.in_use == 0
+
+
+def test_host_staging_is_refused_with_the_nvlink_transport(monkeypatch):
+    from sglang_spectrum.sglang_plugin.transport import staging_problem
+
+    for name in ("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "MC_INTRANODE_NVLINK"):
+        monkeypatch.delenv(name, raising=False)
+    assert staging_problem("host") == "" and staging_problem("device") == ""
+    monkeypatch.setenv("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "INTRA_NODE_NVLINK")
+    problem = staging_problem("host")
+    assert "NVLink transport" in problem and "\n" not in problem
+    assert staging_problem("device") == ""
+
+
 # ----------------------------------------------------------------------------- workers
 
 

@@ -95,8 +95,8 @@ def test_spectrum_decode_refuses_mooncake_prefill(request, model_path):
 @pytest.fixture(scope="module")
 def half(request, model_path) -> PDDeployment:
     """Spectrum at budget 0.5 (3 tiers, Hadamard rotation, group 32, per-channel key
-    scales), page size 16,
-    chunked prefill 256, metrics on."""
+    scales), page size 16, chunked prefill 256, metrics on, host staging (the prefill
+    sends each packed part from a copy in its host staging arena)."""
     # SGLang's paged allocator (page_size > 1) is a Triton kernel
     # (mem_cache/allocator.py:427): on CPU it runs in Triton's interpreter.
     env = {"TRITON_INTERPRET": "1"}
@@ -110,6 +110,8 @@ def half(request, model_path) -> PDDeployment:
             "--chunked-prefill-size",
             str(CHUNK),
             "--enable-metrics",
+            "--spectrum-staging",
+            "host",
         ],  # fmt: skip
         prefill_args=["--spectrum-budget", "0.5", "--spectrum-tiers", "3"]
         + ["--spectrum-rotation", "hadamard", "--spectrum-group-size", "32"]
@@ -143,6 +145,9 @@ def test_half_budget_page16_both_sides(half):
     for side in ("prefill", "decode"):
         log = half.proc(side).log_path.read_text(errors="replace")
         assert "dtype=bfloat16, page_size=16, " in log, side
+        assert "'staging': 'host'" in log, side
+    log = half.proc("prefill").log_path.read_text(errors="replace")
+    assert "packed parts are sent from a" in log and "host staging arena" in log
 
 
 def test_half_budget_bytes_counted_on_both_sides(half):

@@ -195,7 +195,8 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
                                     "--spectrum-key-scales", "token",
                                     "--spectrum-stream", "off",
                                     "--spectrum-min-budget", "0.35",
-                                    "--spectrum-ttft-slo-ms", "250"])
+                                    "--spectrum-ttft-slo-ms", "250",
+                                    "--spectrum-staging", "host"])
         # a scheduler process is a child of the launcher: it inherits the environment
         code = ("import json; from sglang_spectrum.sglang_plugin.options import current_options;"
                 " print(json.dumps(current_options().to_dict()))")
@@ -215,6 +216,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "stream": "off",
         "min_budget": 0.35,
         "ttft_slo_ms": 250.0,
+        "staging": "host",
         "budget_mode": "fixed",
     }
     assert out["defaults"] == {
@@ -229,6 +231,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "stream": "chunks",
         "min_budget": 0.3,
         "ttft_slo_ms": 0.0,
+        "staging": "device",
         "budget_mode": "fixed",
     }
 
@@ -272,6 +275,7 @@ OPTION_ERRORS = {
     "tiers": (["--spectrum-tiers", "4"], "argument --spectrum-tiers: invalid choice: '4'"),
     "alloc": (["--spectrum-allocator", "x"], "argument --spectrum-allocator: invalid choice"),
     "stream": (["--spectrum-stream", "on"], "argument --spectrum-stream: invalid choice: 'on'"),
+    "staging": (["--spectrum-staging", "gpu"], "argument --spectrum-staging: invalid choice"),
     "drop2": (
         ["--spectrum-budget", "0.4", "--spectrum-tiers", "2"],
         "error: --spectrum-budget 0.4 is below 0.531, the least 2 tiers (FP16+INT8) can send",

@@ -55,6 +55,7 @@ from .transport import (
     mooncake_engine,
     pool_nbytes,
     region_bytes,
+    staging_problem,
     take_reserved,
 )
 
@@ -123,6 +124,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         self.layout: dict[str, Any] | None = None
         self.fp8: Any = None  # FP8Pool of an FP8 KV pool (attach)
         self.arena: RegisteredArena | None = None
+        self.staging: RegisteredArena | None = None  # prefill, --spectrum-staging host
         self.longest_tokens = 0  # of the longest request this server admits (attach)
         self.metrics: Any = None
         self.scheduler: Any = None
@@ -133,7 +135,9 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         self._lock = threading.RLock()
         self._fault_counter = [0]
         self._stop = threading.Event()
-        problem = compat.unsupported_deployment(server_args)
+        problem = compat.unsupported_deployment(server_args) or staging_problem(
+            self.options.staging
+        )
         if problem:
             raise RuntimeError(problem)
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
@@ -187,7 +191,11 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         self.aux_rows = AuxRows(
             args.aux_data_ptrs, args.aux_item_lens, compat.metadata_device(scheduler)
         )
-        size, reserved, largest = self._arena_size(scheduler, device)
+        # host staging: the decode receives into pinned host memory (the GPU keeps no
+        # receive arena); the prefill packs on the GPU and sends from a host copy
+        host = torch.device("cpu")
+        receive_on_host = self.options.staging == "host" and not self.is_prefill
+        size, reserved, largest = self._arena_size(scheduler, host if receive_on_host else device)
         if largest > size and not self.is_prefill and not self.options.arena_mb:
             # the receiver has no fallback buffer: refuse now, not every long request
             raise RuntimeError(
@@ -199,8 +207,20 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
                 " or set --spectrum-arena-mb"
             )
         self.arena = RegisteredArena(
-            size, device, self.engine, "send" if self.is_prefill else "receive", buf=reserved
+            size,
+            host if receive_on_host else device,
+            self.engine,
+            "send" if self.is_prefill else "receive",
+            buf=reserved,
         )
+        if self.is_prefill and self.options.staging == "host":
+            self.staging = RegisteredArena(size, host, self.engine, "send staging")
+            logger.info(
+                "SpectrumKV prefill: packed parts are sent from a %.1f MiB host staging arena"
+                " (pinned: %s)",
+                size / (1 << 20),
+                self.staging.buf.is_pinned(),
+            )
         self.metrics = get_metrics(self.server_args, self.role)
         logger.info(
             "SpectrumKV %s: KV pool %s (%s, %.1f MiB), %s arena %.1f MiB on %s (%s; the"
@@ -211,7 +231,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
             pool_nbytes(self.k_pools, self.v_pools) / (1 << 20),
             self.arena.name,
             size / (1 << 20),
-            device,
+            self.arena.buf.device,
             "inside SGLang's memory plan" if reserved is not None else "allocated now",
             largest / (1 << 20),
             self.options.to_dict(),

@@ -35,6 +35,7 @@ ALLOCATOR_CHOICES = ("paper", "optimal")
 ROTATION_CHOICES = ("none", "hadamard")
 KEY_SCALE_CHOICES = ("token", "channel")
 STREAM_CHOICES = ("chunks", "off")
+STAGING_CHOICES = ("device", "host")
 # attribute on ServerArgs -> default
 DEFAULTS: dict[str, Any] = {
     "spectrum_budget": 0.5,
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "spectrum_stream": "chunks",
     "spectrum_min_budget": 0.3,
     "spectrum_ttft_slo_ms": 0.0,
+    "spectrum_staging": "device",
 }
 OPTIONS_ENV = "SGLANG_SPECTRUM_OPTIONS"
 
@@ -71,6 +73,7 @@ class SpectrumServerOptions:
     stream: str = DEFAULTS["spectrum_stream"]
     min_budget: float = DEFAULTS["spectrum_min_budget"]  # auto: the smallest budget chosen
     ttft_slo_ms: float = DEFAULTS["spectrum_ttft_slo_ms"]  # auto: 0 = no SLO
+    staging: str = DEFAULTS["spectrum_staging"]  # where the wire bytes sit for Mooncake
     budget_mode: str = "fixed"  # "auto": chosen per part from the link (adaptive.py)
 
     def __post_init__(self) -> None:
@@ -91,6 +94,7 @@ class SpectrumServerOptions:
         _choice("rotation", self.rotation, ROTATION_CHOICES)
         _choice("key-scales", self.key_scales, KEY_SCALE_CHOICES)
         _choice("stream", self.stream, STREAM_CHOICES)
+        _choice("staging", self.staging, STAGING_CHOICES)
         object.__setattr__(self, "budget", float(self.budget))
         object.__setattr__(self, "probe_refresh", bool(self.probe_refresh))
         arena = float(self.arena_mb or 0.0)
@@ -363,6 +367,18 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         " the budget) while the next chunk is computed, like the stock backends' per-chunk"
         " sends; off: one allocation over the whole prompt, sent after the last chunk"
         f" (default {DEFAULTS['spectrum_stream']}).",
+    )
+    group.add_argument(
+        "--spectrum-staging",
+        choices=STAGING_CHOICES,
+        default=None,
+        help="device: Mooncake reads and writes the packed KV in GPU memory (its TCP"
+        " transport copies GPU memory 64 KiB at a time with blocking cudaMemcpy calls);"
+        " host: the prefill copies each packed part into pinned host memory in one"
+        " asynchronous copy and sends from there, and the decode receives into pinned"
+        " host memory (its arena leaves the GPU to the KV pool) and unpacks from it. For"
+        " TCP links; refused with Mooncake's NVLink transport (default"
+        f" {DEFAULTS['spectrum_staging']}).",
     )
     group.add_argument(
         "--spectrum-probe-refresh",

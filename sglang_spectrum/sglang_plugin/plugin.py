@@ -141,10 +141,12 @@ def _before_alloc_memory_pool(runner: Any, *args: Any, **kwargs: Any) -> None:
     from .transport import joint_arena_bytes, reserve_arena_memory
 
     opts = current_options()
+    is_decode = compat.server_arg(server_args, "disaggregation_mode") == "decode"
+    if is_decode and opts.staging == "host":  # its receive arena is pinned host memory
+        return None
     if opts.arena_mb:
         nbytes = int(opts.arena_mb * (1 << 20))
     else:
-        is_decode = compat.server_arg(server_args, "disaggregation_mode") == "decode"
         largest = _longest_region(runner, kv_memory, opts) if is_decode else 0
         nbytes = joint_arena_bytes(kv_memory, opts.budget, largest)
     reserve_arena_memory(nbytes, torch.device("cuda", int(runner.gpu_id)))

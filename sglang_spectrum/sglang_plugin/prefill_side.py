@@ -345,6 +345,8 @@ class PrefillSide:
             if fault is not None:
                 send_n, checksum = faults.inject(fault, region.view(), info.nbytes, checksum)
                 logger.warning("SpectrumKV TEST FAULT %r in room %s (rid %s)", fault, room, job.rid)
+            if self.staging is not None:
+                region = self._stage_on_host(region, int(send_n), stream, room)
             state.next_offset = part_offset(offset + int(send_n))
             self._add_peer_bytes(state.peer_key, send_n)
         except Exception as e:
@@ -379,6 +381,27 @@ class PrefillSide:
         info = PackedRequest(0, 0, 0, 0, dict.fromkeys(TIER_NAMES, 0), "none", {})
         now = time.perf_counter()
         return Packed(None, offset, 0, 0, info, 1.0, grants, 0.0, 0.0, False, None, now)
+
+    def _stage_on_host(self, region: Region, nbytes: int, stream: Any, room: int) -> Region:
+        """``--spectrum-staging host``: copy a packed part into the pinned host staging
+        arena (one asynchronous copy on this worker's stream) and release its device
+        region; the writer sends the host copy, so Mooncake's TCP transport never copies
+        GPU memory itself (it does so 64 KiB at a time with blocking ``cudaMemcpy``)."""
+        host = self.staging.alloc_wait(
+            nbytes, SEND_REGION_WAIT_S, cancelled=lambda: self.room_aborted(room)
+        )
+        if host is None:
+            host = Region.one_off(nbytes, torch.device("cpu"), self.engine)
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                host.view()[:nbytes].copy_(region.view()[:nbytes], non_blocking=True)
+            if stream is not None:
+                stream.synchronize()
+        except BaseException:
+            host.release()
+            raise
+        region.release()
+        return host
 
     def _worker_stream(self) -> Any:
         """This thread's CUDA stream (made once per thread), or None on a CPU."""

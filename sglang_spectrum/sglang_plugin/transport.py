@@ -6,9 +6,10 @@
   ``register``, ``transfer_sync``, ``get_session_id``; same API in 0.5.17 and
   0.5.23). On a machine without RDMA set ``MC_FORCE_TCP=1`` (or
   ``MOONCAKE_PROTOCOL=tcp``).
-* :class:`RegisteredArena`: one buffer on the KV pool's device, registered with
-  the engine once, carved into per-request :class:`Region` s (prefill: packed
-  send buffers; decode: receive buffers the prefill writes into).
+* :class:`RegisteredArena`: one buffer on the KV pool's device (or pinned host
+  memory under ``--spectrum-staging host``), registered with the engine once,
+  carved into per-request :class:`Region` s (prefill: packed send buffers and, with
+  host staging, their host copies; decode: receive buffers the prefill writes into).
 * Metadata ("aux") rows: SGLang's ``MetadataBuffers``, whose pointers and row
   sizes are in ``KVArgs.aux_data_ptrs`` / ``aux_item_lens``: host memory, or
   device memory under ``SGLANG_MOONCAKE_CUSTOM_MEM_POOL=INTRA_NODE_NVLINK``
@@ -66,7 +67,7 @@ class RegisteredArena:
         if buf is not None and buf.numel() >= self.size and buf.device == device:
             self.buf = buf[: self.size]  # memory reserved before SGLang sized its KV pool
         else:
-            self.buf = torch.empty(self.size, dtype=torch.uint8, device=device)
+            self.buf = transfer_buffer(self.size, device)
         self.base = int(self.buf.data_ptr())
         self.engine = engine
         if engine is not None:
@@ -167,9 +168,34 @@ class Region:
     @staticmethod
     def one_off(nbytes: int, device: torch.device, engine: Any) -> Region:
         """A buffer registered for one request (when the arena is full)."""
-        buf = torch.empty(max(int(nbytes), ARENA_ALIGN), dtype=torch.uint8, device=device)
+        buf = transfer_buffer(max(int(nbytes), ARENA_ALIGN), device)
         engine.register(int(buf.data_ptr()), buf.numel())
         return Region(None, 0, buf.numel(), own=buf, engine=engine)
+
+
+def transfer_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """uint8 ``[nbytes]`` on ``device``; host memory is pinned when CUDA is present (so
+    copies to and from the GPU are single asynchronous DMA transfers)."""
+    device = torch.device(device)
+    pin = device.type == "cpu" and torch.cuda.is_available()
+    return torch.empty(int(nbytes), dtype=torch.uint8, device=device, pin_memory=pin)
+
+
+def staging_problem(staging: str) -> str:
+    """'' if ``--spectrum-staging`` fits the Mooncake link of this process, else why not:
+    host staging needs a transport that reads host memory (TCP, RDMA); Mooncake's
+    intra-node NVLink transport moves GPU memory only."""
+    import os
+
+    nvlink = os.environ.get("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "").upper() == "INTRA_NODE_NVLINK"
+    nvlink = nvlink or os.environ.get("MC_INTRANODE_NVLINK", "").lower() in ("1", "true")
+    if staging == "host" and nvlink:
+        return (
+            "--spectrum-staging host cannot be used with Mooncake's NVLink transport"
+            " (SGLANG_MOONCAKE_CUSTOM_MEM_POOL=INTRA_NODE_NVLINK / MC_INTRANODE_NVLINK): it"
+            " moves GPU memory only; use --spectrum-staging device"
+        )
+    return ""
 
 
 def pool_nbytes(k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> int:
