@@ -168,3 +168,43 @@ def test_draft_layers_round_trip_through_the_request_path(budget):
             expected_checksum=packed.checksum,
         )  # fmt: skip
     assert all(not buf.any() for buf in untouched.k_buffer)
+
+
+def test_the_benchmarks_eagle_head_has_the_targets_kv_layout(tmp_path):
+    """bench/serving_gpu_spec.py's EAGLE head (config only, dummy weights on the GPU):
+    SGLang resolves it to its EAGLE model with one decoder layer whose KV heads and
+    head_dim are the target's, so ``attach`` packs its pool with the target's."""
+    from sglang.srt.configs.model_config import ModelConfig
+
+    from sglang_spectrum.models import ensure_model
+
+    bench = _bench_module("serving_gpu_spec")
+    smollm = str(ensure_model("smollm2-135m"))
+    flags = bench.spec_flags(smollm, "EAGLE", tmp_path)
+    head = flags[flags.index("--speculative-draft-model-path") + 1]
+    assert flags[flags.index("--speculative-draft-load-format") + 1] == "dummy"
+    draft, target = ModelConfig(model_path=head, is_draft_model=True), ModelConfig(smollm)
+    assert draft.hf_config.architectures == ["LlamaForCausalLMEagle"]
+    assert draft.num_hidden_layers == 1
+    assert (draft.get_num_kv_heads(1), draft.head_dim) == (
+        target.get_num_kv_heads(1),
+        target.head_dim,
+    )
+    args = types.SimpleNamespace(speculative_algorithm="EAGLE", speculative_draft_model_path=head)
+    assert compat.draft_kv_layers(args, 30) == 1
+
+
+def _bench_module(name: str):
+    """A bench/ module, loaded the way bench/serving_gpu.py loads its siblings (bench/
+    stays off sys.path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "serving_gpu" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "bench" / "serving_gpu.py"
+        spec = importlib.util.spec_from_file_location("serving_gpu", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["serving_gpu"] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
