@@ -348,7 +348,7 @@ def test_host_staging_sends_a_copy_and_frees_the_packed_region():
 
 
 def test_host_staging_is_refused_with_the_nvlink_transport(monkeypatch):
-    from sglang_spectrum.sglang_plugin.transport import staging_problem
+    from sglang_spectrum.sglang_plugin.options import staging_problem
 
     for name in ("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "MC_INTRANODE_NVLINK"):
         monkeypatch.delenv(name, raising=False)

@@ -317,6 +317,31 @@ def test_adaptive_budget_option_values():
     assert not fixed.adaptive and fixed.lowest_budget == 0.5
 
 
+def test_host_staging_under_the_nvlink_transport_is_refused_at_launch(smollm2):
+    out = run_py(
+        f"""
+        import contextlib, io, json, os
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.server_args import prepare_server_args
+        os.environ["SGLANG_MOONCAKE_CUSTOM_MEM_POOL"] = "INTRA_NODE_NVLINK"
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                prepare_server_args(["--model-path", "{smollm2}", "--device", "cpu",
+                                     "--disaggregation-mode", "decode",
+                                     "--disaggregation-transfer-backend", "spectrum",
+                                     "--spectrum-staging", "host"])
+            print(json.dumps([None, ""]))
+        except SystemExit as e:
+            print(json.dumps([e.code, err.getvalue().strip().splitlines()[-1]]))
+        """
+    )
+    code, last = out
+    assert code == 2, out
+    assert "--spectrum-staging host cannot be used with Mooncake's NVLink transport" in last
+
+
 def test_option_errors_exit_2_with_one_line_message(smollm2):
     cases = {k: v[0] for k, v in OPTION_ERRORS.items()}
     out = run_py(

@@ -44,7 +44,7 @@ from . import compat, messages
 from .decode_side import SWEEP_INTERVAL_S, DecodeSide
 from .identity import layout_desc, wire_identity
 from .metrics import get_metrics
-from .options import check_no_drop, current_options, no_drop_floor
+from .options import check_no_drop, current_options, no_drop_floor, staging_problem
 from .prefill_intake import PrefillIntake, expand_pages  # noqa: F401 (expand_pages: re-export)
 from .prefill_side import PrefillSide
 from .transport import (
@@ -55,7 +55,6 @@ from .transport import (
     mooncake_engine,
     pool_nbytes,
     region_bytes,
-    staging_problem,
     take_reserved,
 )
 

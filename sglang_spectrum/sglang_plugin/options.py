@@ -181,6 +181,21 @@ def check_group_size(value: Any) -> int | None:
     return group
 
 
+def staging_problem(staging: str) -> str:
+    """'' if ``--spectrum-staging`` fits the Mooncake link of this process, else why not:
+    host staging needs a transport that reads host memory (TCP, RDMA); Mooncake's
+    intra-node NVLink transport moves GPU memory only."""
+    nvlink = os.environ.get("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "").upper() == "INTRA_NODE_NVLINK"
+    nvlink = nvlink or os.environ.get("MC_INTRANODE_NVLINK", "").lower() in ("1", "true")
+    if staging == "host" and nvlink:
+        return (
+            "--spectrum-staging host cannot be used with Mooncake's NVLink transport"
+            " (SGLANG_MOONCAKE_CUSTOM_MEM_POOL=INTRA_NODE_NVLINK / MC_INTRANODE_NVLINK): it"
+            " moves GPU memory only; use --spectrum-staging device"
+        )
+    return ""
+
+
 def options_from_dict(values: dict[str, Any]) -> SpectrumServerOptions:
     """Options from a dict of :class:`SpectrumServerOptions` fields (unknown keys refused)."""
     known = {f.name for f in fields(SpectrumServerOptions)}
@@ -450,5 +465,8 @@ def apply_cli_namespace(ns: argparse.Namespace) -> SpectrumServerOptions | None:
         check_no_drop(opts, model_head_dim(getattr(ns, "model_path", None)))
     except SpectrumOptionError as e:
         _exit_error(str(e))
+    problem = staging_problem(opts.staging)
+    if problem:
+        _exit_error(problem)
     publish_options(opts)
     return opts

@@ -181,23 +181,6 @@ def transfer_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(int(nbytes), dtype=torch.uint8, device=device, pin_memory=pin)
 
 
-def staging_problem(staging: str) -> str:
-    """'' if ``--spectrum-staging`` fits the Mooncake link of this process, else why not:
-    host staging needs a transport that reads host memory (TCP, RDMA); Mooncake's
-    intra-node NVLink transport moves GPU memory only."""
-    import os
-
-    nvlink = os.environ.get("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "").upper() == "INTRA_NODE_NVLINK"
-    nvlink = nvlink or os.environ.get("MC_INTRANODE_NVLINK", "").lower() in ("1", "true")
-    if staging == "host" and nvlink:
-        return (
-            "--spectrum-staging host cannot be used with Mooncake's NVLink transport"
-            " (SGLANG_MOONCAKE_CUSTOM_MEM_POOL=INTRA_NODE_NVLINK / MC_INTRANODE_NVLINK): it"
-            " moves GPU memory only; use --spectrum-staging device"
-        )
-    return ""
-
-
 def pool_nbytes(k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in [*k_pools, *v_pools])
 
