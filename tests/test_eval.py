@@ -47,6 +47,20 @@ def _by(records, method, metric, budget=None):
     )
 
 
+def test_packaged_wikitext_is_the_shared_copy(monkeypatch, tmp_path):
+    """A checkout that does not sit beside ``shared/`` (or an installed wheel) reads the
+    WikiText-2 test split packaged with the module: the same text as the shared copy."""
+    from sglang_spectrum.eval import ppl
+
+    monkeypatch.delenv(ppl.WIKITEXT_ENV, raising=False)
+    monkeypatch.setattr(ppl, "_DEFAULT_WIKITEXT", tmp_path / "missing")
+    packaged = load_wikitext()
+    assert len(packaged) > 1_200_000 and packaged.startswith(" = Robert Boulter = ")
+    shared = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
+    if shared.is_file():
+        assert packaged == shared.read_bytes().decode("utf-8").replace("\r\n", "\n")
+
+
 @pytest.mark.slow
 def test_ppl_protocol_full_matches_plain_hf_and_baselines_order(smollm):
     model, tok = smollm

@@ -24,13 +24,16 @@ from .runner import KVScales, apply_method, run_needs
 
 WIKITEXT_ENV = "SPECTRUM_WIKITEXT"
 _DEFAULT_WIKITEXT = Path(__file__).resolve().parents[2].parent / "shared/data/wikitext-2-raw"
+_PACKAGED_WIKITEXT = Path(__file__).resolve().parent / "data" / "wiki.test.raw.gz"
+_PACKAGED_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 
 
 def load_wikitext(path: str | os.PathLike[str] | None = None) -> str:
     """WikiText-2 raw test split as one string, CRLF normalised to LF.
 
     Looks at ``path``, then ``$SPECTRUM_WIKITEXT``, then ``../shared/data`` next
-    to the project, then the ``datasets`` hub loader.
+    to the project, then the copy packaged with this module (``data/``, checked
+    against its SHA-256), then the ``datasets`` hub loader.
     """
     candidates = [path, os.environ.get(WIKITEXT_ENV), _DEFAULT_WIKITEXT]
     for c in candidates:
@@ -43,6 +46,13 @@ def load_wikitext(path: str | os.PathLike[str] | None = None) -> str:
             return p.read_bytes().decode("utf-8").replace("\r\n", "\n")
         if c is path:
             raise FileNotFoundError(f"WikiText file not found: {p}")
+    if _PACKAGED_WIKITEXT.is_file():
+        import gzip
+        import hashlib
+
+        raw = gzip.decompress(_PACKAGED_WIKITEXT.read_bytes())
+        if hashlib.sha256(raw).hexdigest() == _PACKAGED_SHA256:
+            return raw.decode("utf-8").replace("\r\n", "\n")
     try:
         import datasets  # type: ignore[import-not-found]
 
