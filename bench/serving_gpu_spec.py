@@ -39,7 +39,11 @@ def eagle_draft(model: str, folder: Path) -> Path:
     served with ``--speculative-draft-load-format dummy`` (models.md has no trained
     EAGLE head)."""
     config = json.loads((Path(model) / "config.json").read_text())
-    config.update(architectures=["LlamaForCausalLMEagle"], num_hidden_layers=1)
+    # Untied head: SGLang hands the draft the target's embed and head separately
+    # (set_embed_and_head), which a tied draft head cannot take.
+    config.update(
+        architectures=["LlamaForCausalLMEagle"], num_hidden_layers=1, tie_word_embeddings=False
+    )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     return folder

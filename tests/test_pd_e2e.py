@@ -118,13 +118,18 @@ def half(request, model_path) -> PDDeployment:
         + ["--spectrum-key-scales", "channel"],
         prefill_env={**env, "SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S": str(KILL_DELAY_S)},
         decode_env=env,
+        # a killed decode refuses connections at once (3 checks, ~6 s, out of rotation);
+        # a live server slowed by a loaded CI machine gets 30 s per check (one 5 s
+        # timeout with threshold 1 once took the prefill out: "no available workers")
         router_args=[
             "--disable-retries",
             "--disable-circuit-breaker",
             "--health-check-interval-secs",
             "2",
+            "--health-check-timeout-secs",
+            "30",
             "--health-failure-threshold",
-            "1",
+            "3",
             "--health-success-threshold",
             "1",
         ],  # fmt: skip
