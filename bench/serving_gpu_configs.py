@@ -7,10 +7,12 @@ Grammar (one config; ``--configs`` takes a comma-separated list)::
     NAME[:BUDGET[:KEYS]][@LINK]
 
 * NAME: ``mooncake`` (stock, bf16 KV), ``mooncake-fp8`` (stock, ``--kv-cache-dtype
-  fp8_e4m3`` on both servers), ``spectrum`` (bf16 pools), ``spectrum-fp8`` (FP8 pools on
-  both servers), ``spectrum-asym`` (bf16 prefill, FP8 decode), ``spectrum-host`` (bf16
-  pools, ``--spectrum-staging host`` on both servers: packed parts sent from and received
-  into pinned host memory).
+  fp8_e4m3`` on both servers), ``spectrum`` (bf16 pools, the default
+  ``--spectrum-staging auto``: host under Mooncake TCP, device on NVLink),
+  ``spectrum-fp8`` (FP8 pools on both servers), ``spectrum-asym`` (bf16 prefill, FP8
+  decode), ``spectrum-host`` / ``spectrum-device`` (bf16 pools, ``--spectrum-staging
+  host|device`` on both servers: packed parts sent from and received into pinned host
+  memory, or GPU memory).
 * BUDGET (spectrum only): a number in (0, 1] (``--spectrum-budget B``) or ``auto``
   (``--spectrum-budget auto --spectrum-min-budget M``, M from ``--min-budget``); none:
   the server's default.
@@ -44,6 +46,7 @@ BACKENDS = {
     "spectrum-fp8": ("spectrum", FP8, FP8),
     "spectrum-asym": ("spectrum", BF16, FP8),
     "spectrum-host": ("spectrum", BF16, BF16),  # --spectrum-staging host on both servers
+    "spectrum-device": ("spectrum", BF16, BF16),  # --spectrum-staging device on both
 }
 # every variable a link sets; a server's environment starts without them
 LINK_ENV_KEYS = (
@@ -131,8 +134,8 @@ class Config:
                 out += ["--spectrum-budget", f"{self.budget:g}"]
             if self.key_scales:
                 out += ["--spectrum-key-scales", self.key_scales]
-            if self.kind == "spectrum-host":
-                out += ["--spectrum-staging", "host"]
+            if self.kind in ("spectrum-host", "spectrum-device"):
+                out += ["--spectrum-staging", self.kind.split("-")[1]]
         return out + kv_flags(self.kv_dtype(role))
 
     def env(self) -> dict[str, str]:

@@ -359,6 +359,29 @@ def test_host_staging_is_refused_with_the_nvlink_transport(monkeypatch):
     assert staging_problem("device") == ""
 
 
+def test_auto_staging_is_host_under_mooncake_tcp_only(monkeypatch):
+    """The default ``--spectrum-staging auto`` stages on the host where Mooncake's TCP
+    transport is forced, and never where host staging would be refused (NVLink)."""
+    from sglang_spectrum.sglang_plugin.options import (
+        SpectrumServerOptions,
+        resolved_staging,
+        staging_problem,
+    )
+
+    for name in ("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "MC_INTRANODE_NVLINK", "MC_FORCE_TCP"):
+        monkeypatch.delenv(name, raising=False)
+    assert SpectrumServerOptions().staging == "auto"
+    assert resolved_staging("auto") == "device"  # RDMA: Mooncake reads GPU memory itself
+    monkeypatch.setenv("MC_FORCE_TCP", "0")
+    assert not SpectrumServerOptions().host_staging
+    monkeypatch.setenv("MC_FORCE_TCP", "1")
+    assert SpectrumServerOptions().host_staging
+    assert not SpectrumServerOptions(staging="device").host_staging
+    monkeypatch.setenv("MC_INTRANODE_NVLINK", "true")
+    assert resolved_staging("auto") == "device" and staging_problem("auto") == ""
+    assert SpectrumServerOptions(staging="host").host_staging  # refused at launch instead
+
+
 # ----------------------------------------------------------------------------- workers
 
 

@@ -231,7 +231,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "stream": "chunks",
         "min_budget": 0.3,
         "ttft_slo_ms": 0.0,
-        "staging": "device",
+        "staging": "auto",
         "budget_mode": "fixed",
     }
 

@@ -193,7 +193,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         # host staging: the decode receives into pinned host memory (the GPU keeps no
         # receive arena); the prefill packs on the GPU and sends from a host copy
         host = torch.device("cpu")
-        receive_on_host = self.options.staging == "host" and not self.is_prefill
+        receive_on_host = self.options.host_staging and not self.is_prefill
         size, reserved, largest = self._arena_size(scheduler, host if receive_on_host else device)
         if largest > size and not self.is_prefill and not self.options.arena_mb:
             # the receiver has no fallback buffer: refuse now, not every long request
@@ -212,7 +212,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
             "send" if self.is_prefill else "receive",
             buf=reserved,
         )
-        if self.is_prefill and self.options.staging == "host":
+        if self.is_prefill and self.options.host_staging:
             self.staging = RegisteredArena(size, host, self.engine, "send staging")
             logger.info(
                 "SpectrumKV prefill: packed parts are sent from a %.1f MiB host staging arena"

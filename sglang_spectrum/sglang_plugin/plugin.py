@@ -142,7 +142,7 @@ def _before_alloc_memory_pool(runner: Any, *args: Any, **kwargs: Any) -> None:
 
     opts = current_options()
     is_decode = compat.server_arg(server_args, "disaggregation_mode") == "decode"
-    if is_decode and opts.staging == "host":  # its receive arena is pinned host memory
+    if is_decode and opts.host_staging:  # its receive arena is pinned host memory
         return None
     if opts.arena_mb:
         nbytes = int(opts.arena_mb * (1 << 20))
