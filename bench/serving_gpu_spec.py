@@ -75,7 +75,13 @@ def phase_spec(runner) -> None:
     m, tokens = a.mem_small, a.small_max_tokens or None
     base = ["--chunked-prefill-size", str(a.correct_chunked_prefill)]
     spec = base + spec_flags(model, a.spec_algorithm, runner.work)
-    deps = {"single": runner.launcher.single("spec-single", model, m, base, bf16_tokens=tokens)}
+    deps = {
+        "single": runner.launcher.single("spec-single", model, m, base, bf16_tokens=tokens),
+        # the issue's reference: one server with the same speculative settings
+        "single-spec": runner.launcher.single(
+            "spec-single-spec", model, m, spec, bf16_tokens=tokens
+        ),
+    }
     pairs = {"mooncake": configs.Config("mooncake")}
     for b in a.spec_budgets:
         pairs[f"b{b:g}"] = configs.Config("spectrum", b, a.key_scales)
@@ -136,14 +142,22 @@ def runner_stats(path) -> list[dict]:
 
 def summarise(rows: list[dict], pairs: list[str]) -> dict:
     """Mean accept length per pair, answers identical to mooncake's / the single's."""
-    out: dict = {"accept_length_mean": {}, "identical_to_mooncake": {}, "identical_to_single": {}}
-    for name in pairs:
+    out: dict = {
+        "accept_length_mean": {},
+        "identical_to_mooncake": {},
+        "identical_to_single": {},
+        "identical_to_single_spec": {},
+    }
+    for name in ["single-spec", *pairs]:
         acc = [r["accept_length"][name] for r in rows if r["accept_length"].get(name)]
         out["accept_length_mean"][name] = round(sum(acc) / len(acc), 3) if acc else None
-        out["identical_to_single"][name] = sum(
-            r[name] is not None and r[name] == r["single"] for r in rows
-        )
-        if name != "mooncake":
+        for ref, key in (
+            ("single", "identical_to_single"),
+            ("single-spec", "identical_to_single_spec"),
+        ):
+            if ref in rows[0] and name != ref:
+                out[key][name] = sum(r[name] is not None and r[name] == r[ref] for r in rows)
+        if name not in ("mooncake", "single-spec"):
             out["identical_to_mooncake"][name] = sum(
                 r[name] is not None and r[name] == r["mooncake"] for r in rows
             )
@@ -151,7 +165,7 @@ def summarise(rows: list[dict], pairs: list[str]) -> dict:
     secret = [r for r in rows if r["secret"]]
     out["secret"] = {
         name: sum(bool(r[name]) and r["secret"] in r[name] for r in secret)
-        for name in ["single", *pairs]
+        for name in ["single", "single-spec", *pairs]
     }
     return out
 
@@ -170,17 +184,24 @@ def markdown(spec: dict) -> str:
     if spec.get("error"):
         return "\n".join(lines + [f"**Failed:** {spec['error']}", ""])
     n = spec.get("prompts", 0)
+
+    def frac(key: str, name: str) -> str:
+        v = spec.get(key, {}).get(name)
+        return "-" if v is None else f"{v}/{n}"
+
     lines += [
         "| deployment | mean accept length | answers = mooncake PD | answers = single"
-        " | passcodes |",
-        "|---|---|---|---|---|",
-        f"| single (no speculative decoding) | - | - | - | {spec['secret'].get('single')} |",
+        " (same speculative settings) | answers = single (none) | passcodes |",
+        "|---|---|---|---|---|---|",
+        f"| single (no speculative decoding) | - | - | - | - | {spec['secret'].get('single')} |",
     ]
-    for name, config in spec.get("pairs", {}).items():
-        same_m = spec["identical_to_mooncake"].get(name)
+    names = {"single-spec": "single (same speculative settings)", **spec.get("pairs", {})}
+    for name, config in names.items():
+        if name == "single-spec" and "single-spec" not in spec["secret"]:
+            continue  # a record from before the phase had this server
         lines.append(
             f"| {config} | {spec['accept_length_mean'].get(name)} |"
-            f" {'-' if same_m is None else f'{same_m}/{n}'} |"
-            f" {spec['identical_to_single'].get(name)}/{n} | {spec['secret'].get(name)} |"
+            f" {frac('identical_to_mooncake', name)} | {frac('identical_to_single_spec', name)} |"
+            f" {frac('identical_to_single', name)} | {spec['secret'].get(name)} |"
         )
     return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ BUILD=$G/build
 PY=${PY:-python3}
 PY312=${PY312:-$HOME/.pyenv/versions/3.12.1/bin/python3.12}
 command -v "$PY312" >/dev/null 2>&1 || PY312=python3.12
-CALL_MIB=${GPU_CALL_MIB:-58}   # parcels per call; the checkout travels beside them (64 MiB in all)
+CALL_MIB=${GPU_CALL_MIB:-57}   # parcels per call; the checkout travels beside them (64 MiB in all)
 XZ_THREADS=${XZ_THREADS:-0}
 mkdir -p "$DL" "$BUILD"
 
