@@ -101,6 +101,9 @@ def test_logs_explain_the_faults(faulty):
     prefill_log = d.proc("prefill").log_path.read_text(errors="replace")
     decode_log = d.proc("decode").log_path.read_text(errors="replace")
     assert "SpectrumKV TEST FAULT" in prefill_log
+    # the default --spectrum-staging auto under Mooncake TCP (MC_FORCE_TCP): host staging,
+    # so the faults above were injected before the staging copy and still caught
+    assert "'staging': 'auto'" in prefill_log and "host staging arena" in prefill_log
     assert "rejected: SpectrumFormatError" in decode_log
     # the explicit 24 MiB arena is below the prefill's longest request (8192 tokens at
     # b=0.5): said at startup and again once the prefill's options are known

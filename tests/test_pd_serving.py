@@ -84,6 +84,8 @@ def pd(request, model_path, reference) -> PDDeployment:
         request,
         model_path=model_path,
         backend="spectrum",
+        # the GPU-memory path end to end (under MC_FORCE_TCP the default stages on the host)
+        common_args=["--spectrum-staging", "device"],
         prefill_args=["--spectrum-budget", "1.0"],
         decode_args=["--disaggregation-decode-enable-radix-cache"],
         prefill_env={"SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S": str(DELAY_S)},
@@ -97,6 +99,9 @@ def _records(d: PDDeployment, rid: str) -> dict[str, dict]:
 
 
 def test_decode_prefix_reuse_sends_only_the_rest(pd, reference):
+    for side in ("prefill", "decode"):
+        log = pd.proc(side).log_path.read_text(errors="replace")
+        assert "'staging': 'device'" in log and "host staging arena" not in log, side
     first = pd.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS, rid="prefix-first")
     assert first["text"] == reference[(PROMPTS[0], NEW_TOKENS)]
     second = pd.generate(PROMPTS[1], max_new_tokens=NEW_TOKENS, rid="prefix-second")
