@@ -21,6 +21,7 @@ if __package__ == "kernels":
     # which transformers reports as unavailable, instead of failing the launch.
     __all__: list[str] = []
 else:
+    from .channel import ChannelTuning
     from .checksum import checksum_parts, combine_checksum, fast_checksum
     from .pack import pack_from_pools, pack_payload
     from .plan import TransferPlan, kernel_supported, plan_from_counts, plan_transfer, segment_table
@@ -28,6 +29,7 @@ else:
     from .unpack import unpack_payload, unpack_to_pools
 
     __all__ = [
+        "ChannelTuning",
         "TransferPlan",
         "checksum_parts",
         "combine_checksum",

@@ -1,11 +1,18 @@
 """Per-channel (KIVI) key scales in the kernels: the INT8/INT4 key segments of layouts
 with ``key_block > 0`` (``key_scales="channel"``), packed and unpacked by their own
-kernels, one program per (key block, head and channel chunk, layer). Same float32
+kernels, one program per (key block, head group and channel chunk, layer). Same float32
 steps as ``codec.quantize_channels`` / ``dequantize_channels``; FP8 pools on either
 side as in :mod:`.pack` / :mod:`.unpack`.
+
+Launch shape (:class:`ChannelTuning`, chosen on the H200 by ``bench/channel_kernel.py``):
+a key block's rows are scattered token slots, and one head of a row is only ``D``
+elements, so which programs run side by side decides how much of each DRAM row a read
+uses.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,6 +39,26 @@ def plus_zero(w):
     return tl.where(bits == -32768, 0, bits).to(tl.int16).to(tl.float16, bitcast=True)
 
 
+@dataclass(frozen=True)
+class ChannelTuning:
+    """Launch shape of the per-channel key kernels (the bytes do not depend on it).
+
+    ``head_major``: grid ``(head groups x channel chunks, blocks, L)``, so the programs of
+    one key block's heads run side by side (else ``(blocks, ..., L)``);
+    ``heads_per_program``: heads one program loops over (0: all; must divide the heads,
+    else 1); ``channels``: channels per program (0: ``min(D, max(8, 8192 // key_block))``);
+    ``num_warps``: 0 = 8 for tiles of >= 8192 elements, else 4.
+    """
+
+    head_major: bool = False
+    heads_per_program: int = 1
+    channels: int = 0
+    num_warps: int = 0
+
+
+DEFAULT_TUNING = ChannelTuning()
+
+
 @triton.jit
 def _channel_program(
     meta,
@@ -43,17 +70,24 @@ def _channel_program(
     DC: tl.constexpr,
     KB: tl.constexpr,
     IDX: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
-    """This program's place in a per-channel key launch (grid ``(blocks, H * D / DC, L)``):
-    (head, first channel ``c0``, channels ``c`` [DC], layer, then
-    :func:`_channel_segment`'s fields)."""
-    h = tl.program_id(1) // (D // DC)
-    c0 = (tl.program_id(1) % (D // DC)) * DC
+    """This program's place in a per-channel key launch (grid ``(blocks, H / HG * D / DC,
+    L)``, the first two swapped when ``HEAD_MAJOR``): (head group, first channel ``c0``,
+    channels ``c`` [DC], layer, then :func:`_channel_segment`'s fields)."""
+    if HEAD_MAJOR:
+        pid = tl.program_id(1)
+        hc = tl.program_id(0)
+    else:
+        pid = tl.program_id(0)
+        hc = tl.program_id(1)
+    hg = hc // (D // DC)
+    c0 = (hc % (D // DC)) * DC
     layer = tl.program_id(2)
     tier, blk, j, ok, first, n_seg, seg = _channel_segment(
-        meta, tl.program_id(0), b1, n0, n1, num_layers, layer, 0, KB, IDX
+        meta, pid, b1, n0, n1, num_layers, layer, 0, KB, IDX
     )
-    return h, c0, c0 + tl.arange(0, DC), layer, tier, blk, j, ok, first, n_seg, seg
+    return hg, c0, c0 + tl.arange(0, DC), layer, tier, blk, j, ok, first, n_seg, seg
 
 
 @triton.jit
@@ -144,52 +178,63 @@ def _pack_channel_kernel(
     DC: tl.constexpr,  # channels per program
     KB: tl.constexpr,  # rows per key scale block
     IDX: tl.constexpr,
+    HG: tl.constexpr,  # heads per program
+    HEAD_MAJOR: tl.constexpr,
     FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2
 ):
     """INT8/INT4 key segments with per-channel scales: one program per (key block,
-    head and channel chunk, layer); grid ``(blocks, H * D / DC, L)``."""
-    h, c0, c, layer, tier, blk, j, ok, first, n_seg, seg = _channel_program(
-        meta, b1, n0, n1, num_layers, D, DC, KB, IDX
+    head group and channel chunk, layer); grid as :func:`_channel_program`'s."""
+    hg, c0, c, layer, tier, blk, j, ok, first, n_seg, seg = _channel_program(
+        meta, b1, n0, n1, num_layers, D, DC, KB, IDX, HEAD_MAJOR
     )
     if blk * KB < n_seg:
         slot = tl.load(rows + first + j, mask=ok, other=0)
         addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
         pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
-        off = (slot * HP + h0 + h) * D
-        x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
-        if FP8:
-            x = from_fp8(x, FP8) * tl.load(scales + layer)
-        else:
-            x = x.to(tl.float32)
-        if tier == 1:
-            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
-        else:
-            _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB)
+        for i in tl.static_range(HG):
+            h = hg * HG + i
+            off = (slot * HP + h0 + h) * D
+            x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+            if FP8:
+                x = from_fp8(x, FP8) * tl.load(scales + layer)
+            else:
+                x = x.to(tl.float32)
+            if tier == 1:
+                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
+            else:
+                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB)
 
 
-def channel_grid(plan: TransferPlan) -> tuple[int, int, int]:
-    """(INT8 key blocks, INT8 + INT4 key blocks, channels per program) of the
-    per-channel key kernels (upper bounds: a sliding-window layer has fewer)."""
+def channel_grid(plan: TransferPlan, tuning: ChannelTuning = DEFAULT_TUNING) -> tuple[int, ...]:
+    """(INT8 key blocks, INT8 + INT4 key blocks, channels per program, heads per program)
+    of the per-channel key kernels (upper bounds: a sliding-window layer has fewer)."""
     lay = plan.layout
-    kb = lay.key_block
+    kb, d, h = lay.key_block, lay.head_dim, lay.num_kv_heads
     b1 = -(-plan.counts[1] // kb)
     b2 = b1 + -(-plan.counts[2] // kb)
-    dc = min(lay.head_dim, max(8, 8192 // kb))
-    return b1, b2, dc
+    dc = tuning.channels or min(d, max(8, 8192 // kb))
+    if dc > d or d % dc or dc % 2:
+        dc = min(d, max(8, 8192 // kb))
+    hg = tuning.heads_per_program or h
+    return b1, b2, dc, hg if h % hg == 0 else 1
 
 
 def channel_launch(
-    plan: TransferPlan, device: torch.device, place: tuple[int, int]
+    plan: TransferPlan,
+    device: torch.device,
+    place: tuple[int, int],
+    tuning: ChannelTuning = DEFAULT_TUNING,
 ) -> tuple[tuple, tuple, dict] | None:
     """Grid, trailing arguments ``(b1, n0, n1, num_layers, h0)`` and the launch options
     shared by the per-channel key kernels, for heads ``place = (h0, HP)`` (``h0 ..`` of
     pools of ``HP`` heads per slot); None when there are no INT8/INT4 key blocks."""
     lay = plan.layout
-    b1, b2, dc = channel_grid(plan)
+    b1, b2, dc, hg = channel_grid(plan, tuning)
     if not b2:
         return None
     n_rows = (sum(plan.counts) + lay.key_block) * lay.num_kv_heads
-    grid = (b2, lay.num_kv_heads * (lay.head_dim // dc), lay.num_layers)
+    groups = lay.num_kv_heads // hg * (lay.head_dim // dc)
+    grid = (groups, b2) if tuning.head_major else (b2, groups)
     args = (b1, plan.counts[0], plan.counts[1], lay.num_layers, place[0])
     options = {
         "H": lay.num_kv_heads,
@@ -198,16 +243,20 @@ def channel_launch(
         "DC": dc,
         "KB": lay.key_block,
         "IDX": tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
-        "num_warps": 8 if lay.key_block * dc >= 8192 else 4,
+        "HG": hg,
+        "HEAD_MAJOR": tuning.head_major,
+        "num_warps": tuning.num_warps or (8 if lay.key_block * dc >= 8192 else 4),
         **launch_options(device),
     }
-    return grid, args, options
+    return (*grid, lay.num_layers), args, options
 
 
-def launch_pack_channel(plan: TransferPlan, ptrs, rows, payload, dtype, place) -> None:
+def launch_pack_channel(
+    plan: TransferPlan, ptrs, rows, payload, dtype, place, tuning: ChannelTuning = DEFAULT_TUNING
+) -> None:
     """Pack the INT8/INT4 key segments of a layout with per-channel key scales (heads
-    ``place``, see :func:`channel_launch`)."""
-    launch = channel_launch(plan, payload.device, place)
+    ``place``, see :func:`channel_launch`; ``tuning``: the launch shape)."""
+    launch = channel_launch(plan, payload.device, place, tuning)
     if launch is None:
         return
     grid, args, options = launch
@@ -236,42 +285,57 @@ def _unpack_channel_kernel(
     DC: tl.constexpr,
     KB: tl.constexpr,
     IDX: tl.constexpr,
+    HG: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
     SOFT_BF16: tl.constexpr,
     DFP8: tl.constexpr = 0,
     DDIV: tl.constexpr = False,
 ):
     """Mirror of ``pack._pack_channel_kernel``: dequantise per-channel-scaled key rows
     (``codec.dequantize_channels``: ``q * scale + minimum`` in float32) into the pools."""
-    h, c0, c, layer, tier, blk, j, ok, first, n_seg, seg = _channel_program(
-        meta, b1, n0, n1, num_layers, D, DC, KB, IDX
+    hg, c0, c, layer, tier, blk, j, ok, first, n_seg, seg = _channel_program(
+        meta, b1, n0, n1, num_layers, D, DC, KB, IDX, HEAD_MAJOR
     )
     if blk * KB < n_seg:
         codes = payload + seg
-        row = j * H + h
-        if tier == 1:
-            q = tl.load(codes + row[:, None] * D + c[None, :], mask=ok[:, None], other=0)
-            sc = (codes + n_seg * (H * D)).to(tl.pointer_type(tl.float16), bitcast=True)
-        else:
-            half = c0 // 2 + tl.arange(0, DC // 2)
-            b = tl.load(codes + row[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0)
-            q = tl.reshape(tl.join(b & 15, b >> 4), [KB, DC])
-            sc = (codes + n_seg * (H * D // 2)).to(tl.pointer_type(tl.float16), bitcast=True)
-        pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
-        s, m = tl.split(tl.load(sc + pair).to(tl.float32))
-        x = q.to(tl.float32) * s[None, :] + m[None, :]
         slot = tl.load(rows + first + j, mask=ok, other=0)
         addr = tl.multiple_of(tl.load(dst_ptrs + layer), 16)
         pool = tl.multiple_of(addr.to(tl.pointer_type(DST)), 16)
-        off = (slot * HP + h0 + h) * D
         sd = tl.load(dst_scales + layer)
-        x = to_pool(x, sd, DST, SOFT_BF16, DFP8, DDIV)
-        tl.store(pool + off[:, None] + c[None, :], x, mask=ok[:, None])
+        for i in tl.static_range(HG):
+            h = hg * HG + i
+            row = j * H + h
+            if tier == 1:
+                q = tl.load(codes + row[:, None] * D + c[None, :], mask=ok[:, None], other=0)
+                sc = (codes + n_seg * (H * D)).to(tl.pointer_type(tl.float16), bitcast=True)
+            else:
+                half = c0 // 2 + tl.arange(0, DC // 2)
+                b = tl.load(
+                    codes + row[:, None] * (D // 2) + half[None, :], mask=ok[:, None], other=0
+                )
+                q = tl.reshape(tl.join(b & 15, b >> 4), [KB, DC])
+                sc = (codes + n_seg * (H * D // 2)).to(tl.pointer_type(tl.float16), bitcast=True)
+            pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
+            s, m = tl.split(tl.load(sc + pair).to(tl.float32))
+            x = q.to(tl.float32) * s[None, :] + m[None, :]
+            off = (slot * HP + h0 + h) * D
+            x = to_pool(x, sd, DST, SOFT_BF16, DFP8, DDIV)
+            tl.store(pool + off[:, None] + c[None, :], x, mask=ok[:, None])
 
 
-def launch_unpack_channel(plan: TransferPlan, payload, ptrs, rows, dtype, place, fp8=None) -> None:
+def launch_unpack_channel(
+    plan: TransferPlan,
+    payload,
+    ptrs,
+    rows,
+    dtype,
+    place,
+    fp8=None,
+    tuning: ChannelTuning = DEFAULT_TUNING,
+) -> None:
     """Unpack the INT8/INT4 key segments of a layout with per-channel key scales into heads
     ``place`` (see :func:`channel_launch`) of pools of ``dtype`` (uint8: FP8, ``fp8``)."""
-    launch = channel_launch(plan, payload.device, place)
+    launch = channel_launch(plan, payload.device, place, tuning)
     if launch is None:
         return
     grid, args, options = launch

@@ -45,7 +45,7 @@ from ._common import (
     wire_dtype,
 )
 from ._fp8 import from_fp8, source_args
-from .channel import clamp16, launch_pack_channel, plus_zero
+from .channel import DEFAULT_TUNING, ChannelTuning, clamp16, launch_pack_channel, plus_zero
 from .checksum import fast_checksum
 from .plan import (
     BLOCK_ELEMS,
@@ -434,11 +434,13 @@ def _launch_pack(
     )
 
 
-def _launch_pack_int(plan: TransferPlan, ptrs, rows, payload, dtype, place) -> None:
+def _launch_pack_int(
+    plan: TransferPlan, ptrs, rows, payload, dtype, place, tuning: ChannelTuning = DEFAULT_TUNING
+) -> None:
     """The INT8 and INT4 tiers: one launch, or V rows plus the per-channel key kernel."""
     if plan.layout.key_block:
         _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3, place, values_only=True)
-        launch_pack_channel(plan, ptrs, rows, payload, dtype, place)
+        launch_pack_channel(plan, ptrs, rows, payload, dtype, place, tuning)
     else:
         _launch_pack(plan, ptrs, rows, payload, dtype, 1, 3, place)
 
@@ -486,6 +488,7 @@ def pack_payload(
     plan: TransferPlan,
     out: torch.Tensor | None = None,
     heads: tuple[int, int] | None = None,
+    channel_tuning: ChannelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """Run the pack kernel: the payload (uint8 ``[plan.payload_nbytes]``, pools' device).
 
@@ -496,6 +499,7 @@ def pack_payload(
         out: optional preallocated uint8 buffer of at least ``payload_nbytes``.
         heads: pack heads ``[h0, h1)`` of the pools (``h1 - h0`` = the layout's
             ``num_kv_heads``; read in place, no copy); None: all ``HP`` heads.
+        channel_tuning: launch shape of the per-channel key kernel (same bytes).
 
     With ``rotation="hadamard"`` the FP16 tier is packed straight from the pools
     and the INT tiers from a float32 scratch ``[2L, n_int, H, D]`` rotated by
@@ -516,7 +520,7 @@ def pack_payload(
     if lay.rotation != "hadamard":
         if lay.key_block:
             _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1, place)
-            _launch_pack_int(plan, ptrs, plan.rows, payload, dtype, place)
+            _launch_pack_int(plan, ptrs, plan.rows, payload, dtype, place, channel_tuning)
         else:
             _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3, place)
         return payload
@@ -526,7 +530,8 @@ def pack_payload(
         scratch, local = scratch_rows
         rotate_rows(pools, plan, lambda lo, hi: plan.rows[lo:hi], scratch, place[0])
         table = pointer_table(list(scratch), device)
-        _launch_pack_int(plan, table, local, payload, torch.float32, (0, lay.num_kv_heads))
+        place = (0, lay.num_kv_heads)
+        _launch_pack_int(plan, table, local, payload, torch.float32, place, channel_tuning)
     return payload
 
 

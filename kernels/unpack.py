@@ -35,7 +35,7 @@ from ._common import (
     wire_dtype,
 )
 from ._fp8 import dest_args, fp8_kind, from_fp8, scale_table, to_pool
-from .channel import launch_unpack_channel
+from .channel import DEFAULT_TUNING, ChannelTuning, launch_unpack_channel
 from .checksum import fast_checksum
 from .pack import _locate, _pool_rows, int_scratch
 from .plan import TransferPlan, kernel_supported, plan_transfer
@@ -134,12 +134,21 @@ def _unpack_kernel(
         tl.store(pool + off, to_pool(x4, sd, DST, SOFT_BF16, DFP8, DDIV), mask=valid[:, None])
 
 
-def _launch_unpack_int(plan: TransferPlan, payload, ptrs, rows, dtype, place, fp8=None) -> None:
+def _launch_unpack_int(
+    plan: TransferPlan,
+    payload,
+    ptrs,
+    rows,
+    dtype,
+    place,
+    fp8=None,
+    tuning: ChannelTuning = DEFAULT_TUNING,
+) -> None:
     """The INT8 and INT4 tiers: one launch, or V rows plus the per-channel key kernel."""
     _, b1, _, b3 = plan.block_starts
     if plan.layout.key_block:
         _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, place, True, fp8)
-        launch_unpack_channel(plan, payload, ptrs, rows, dtype, place, fp8)
+        launch_unpack_channel(plan, payload, ptrs, rows, dtype, place, fp8, tuning)
     else:
         _launch_unpack(plan, payload, ptrs, rows, dtype, b1, b3, place, fp8=fp8)
 
@@ -213,6 +222,7 @@ def unpack_payload(
     plan: TransferPlan,
     fp8: FP8Pool | None = None,
     heads: tuple[int, int] | None = None,
+    channel_tuning: ChannelTuning = DEFAULT_TUNING,
 ) -> None:
     """Run the unpack kernel: write the payload's kept tokens into the pools.
 
@@ -224,6 +234,7 @@ def unpack_payload(
         plan: from :func:`plan_transfer` with the destination slots.
         heads: write heads ``[g0, g1)`` of the pools (``g1 - g0`` = the layout's
             ``num_kv_heads``), the others untouched; None: all ``HP`` heads.
+        channel_tuning: launch shape of the per-channel key kernel (same writes).
     """
     lay = plan.layout
     dtype, ptrs = pool_table(lay, k_pools, v_pools, heads=heads)
@@ -238,7 +249,7 @@ def unpack_payload(
     if lay.rotation != "hadamard":
         if lay.key_block:
             _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b1, place, fp8=fp8)
-            _launch_unpack_int(plan, payload, ptrs, plan.rows, dtype, place, fp8)
+            _launch_unpack_int(plan, payload, ptrs, plan.rows, dtype, place, fp8, channel_tuning)
         else:
             _launch_unpack(plan, payload, ptrs, plan.rows, dtype, 0, b3, place, fp8=fp8)
         return
@@ -249,7 +260,8 @@ def unpack_payload(
     scratch, local = scratch_rows
     n0 = plan.counts[0]
     table = pointer_table(list(scratch), device)
-    _launch_unpack_int(plan, payload, table, local, torch.float32, (0, lay.num_kv_heads))
+    place32 = (0, lay.num_kv_heads)
+    _launch_unpack_int(plan, payload, table, local, torch.float32, place32, None, channel_tuning)
     rot = hadamard(lay.head_dim, device)
     h = slice(place[0], place[0] + lay.num_kv_heads)
     for i, pool in enumerate(pools):  # post-step per tier and layer, like decode_rows

@@ -368,10 +368,16 @@ def test_auto_staging_is_host_under_mooncake_tcp_only(monkeypatch):
         staging_problem,
     )
 
-    for name in ("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "MC_INTRANODE_NVLINK", "MC_FORCE_TCP"):
+    names = ("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "MC_INTRANODE_NVLINK", "MC_FORCE_TCP")
+    for name in (*names, "MOONCAKE_PROTOCOL"):
         monkeypatch.delenv(name, raising=False)
     assert SpectrumServerOptions().staging == "auto"
     assert resolved_staging("auto") == "device"  # RDMA: Mooncake reads GPU memory itself
+    monkeypatch.setenv("MOONCAKE_PROTOCOL", "rdma")
+    assert resolved_staging("auto") == "device"
+    monkeypatch.setenv("MOONCAKE_PROTOCOL", "TCP")  # SGLang's other way to pick TCP
+    assert resolved_staging("auto") == "host"
+    monkeypatch.delenv("MOONCAKE_PROTOCOL")
     monkeypatch.setenv("MC_FORCE_TCP", "0")
     assert not SpectrumServerOptions().host_staging
     monkeypatch.setenv("MC_FORCE_TCP", "1")

@@ -296,6 +296,31 @@ def test_channel_keys_byte_identical(case):
     check_request(req)
 
 
+TUNINGS = [
+    dict(head_major=True),
+    dict(heads_per_program=0),
+    dict(head_major=True, heads_per_program=0, num_warps=2),
+    dict(channels=8, heads_per_program=3),  # 3 does not divide 2 heads: one per program
+]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
+def test_channel_launch_shapes_write_the_same_bytes(tuning):
+    """Every launch shape of the per-channel key kernels packs the default's bytes and
+    unpacks them into the same pools (the shape is a speed knob, never a format one)."""
+    req = make_request(dtype=torch.bfloat16, head_dim=16, group=8, page=4, key_block=8, tokens=90)
+    plan = K.plan_transfer(req.layout, req.tiers.to(req.slots.device), req.slots)
+    shape = K.ChannelTuning(**tuning)
+    default = K.pack_payload(req.k_pools, req.v_pools, plan)
+    tuned = K.pack_payload(req.k_pools, req.v_pools, plan, channel_tuning=shape)
+    assert torch.equal(default, tuned)
+    pools = [req.empty_pools(), req.empty_pools()]
+    K.unpack_payload(default, *pools[0], plan)
+    K.unpack_payload(default, *pools[1], plan, channel_tuning=shape)
+    for a, b in zip(pools[0][0] + pools[0][1], pools[1][0] + pools[1][1]):
+        assert same_bits(a, b)
+
+
 def test_channel_keys_edge_values():
     req = make_request("cpu", dtype=torch.float32, head_dim=16, group=16, tokens=40, key_block=8)
     for i, p in enumerate(req.k_pools):

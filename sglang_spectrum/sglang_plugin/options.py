@@ -197,15 +197,22 @@ def mooncake_nvlink() -> bool:
     return pool == "INTRA_NODE_NVLINK" or _env_true("MC_INTRANODE_NVLINK")
 
 
+def mooncake_tcp() -> bool:
+    """Mooncake's TCP transport is selected for this process: ``MC_FORCE_TCP`` (read by
+    Mooncake itself) or ``MOONCAKE_PROTOCOL=tcp`` (the protocol SGLang's engine wrapper
+    passes to ``TransferEngine.initialize``)."""
+    return _env_true("MC_FORCE_TCP") or os.environ.get("MOONCAKE_PROTOCOL", "").lower() == "tcp"
+
+
 def resolved_staging(staging: str) -> str:
     """``device`` or ``host``: ``auto`` is ``host`` under Mooncake's TCP transport
-    (``MC_FORCE_TCP``; it stages GPU memory through host memory 64 KiB at a time with
+    (:func:`mooncake_tcp`; it stages GPU memory through host memory 64 KiB at a time with
     blocking copies, which one async copy per part replaces: 16k tokens went from 6.9 to
     27.8 Gb/s on the H200) and ``device`` otherwise (RDMA reads GPU memory directly,
     NVLink moves GPU memory only)."""
     if staging != "auto":
         return staging
-    return "host" if _env_true("MC_FORCE_TCP") and not mooncake_nvlink() else "device"
+    return "host" if mooncake_tcp() and not mooncake_nvlink() else "device"
 
 
 def staging_problem(staging: str) -> str:
@@ -418,7 +425,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         " asynchronous copy and sends from there, and the decode receives into pinned"
         " host memory (its arena leaves the GPU to the KV pool) and unpacks from it. For"
         " TCP links; refused with Mooncake's NVLink transport. auto: host under Mooncake's"
-        " TCP transport (MC_FORCE_TCP set), device otherwise (default"
+        " TCP transport (MC_FORCE_TCP or MOONCAKE_PROTOCOL=tcp), device otherwise (default"
         f" {DEFAULTS['spectrum_staging']}).",
     )
     group.add_argument(

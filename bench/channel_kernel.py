@@ -1,0 +1,179 @@
+"""Launch shapes of the per-channel key kernels (``kernels/channel.py``), on the GPU.
+
+A per-channel key block is ``key_block`` (64) scattered token slots; one program reads
+one head of each (``head_dim`` bf16 = 256 bytes) unless it loops over heads, so the
+launch shape decides how much of each DRAM burst a read uses. For each
+:class:`~sglang_spectrum.kernels.ChannelTuning` this times ``pack_payload`` and
+``unpack_payload`` of a Llama-3-8B-shaped request (channel keys, CUDA events, median of
+``--iters``), checks that the payload and the written pools equal the default shape's,
+and reports the pack's bandwidth against a same-size ``copy_`` (as
+``bench/request_path.py``: pool bytes read + payload written over 2 x full bytes).
+
+Usage (H200)::
+
+    python bench/channel_kernel.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from request_path import copy_ms, events, make_pools, paged_slots  # noqa: E402
+
+from sglang_spectrum import kernels as K  # noqa: E402
+from sglang_spectrum.codec import header_tier_map, read_header  # noqa: E402
+from sglang_spectrum.config import SpectrumConfig  # noqa: E402
+from sglang_spectrum.transfer import pack_request, packed_size_bound  # noqa: E402
+
+SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_warps (0: auto))
+    (False, 1, 0, 0),  # the shape before this benchmark
+    (False, 1, 0, 4),
+    (True, 1, 0, 8),
+    (True, 1, 0, 4),
+    (True, 1, 0, 2),
+    (True, 2, 0, 4),
+    (True, 1, 64, 2),
+    (True, 1, 64, 4),
+    (False, 0, 0, 8),
+    (False, 0, 0, 4),
+    (False, 0, 0, 2),
+    (False, 0, 64, 4),
+]
+
+
+def time_shape(shape, kp, vp, kd, vd, plan, uplan, payload, args) -> tuple[float, float, bool]:
+    """(pack ms, unpack ms, payload equals ``payload``) of one launch shape; the unpack
+    writes into ``kd, vd`` (zeroed first: a shape that skips rows must not pass on the
+    previous shape's writes)."""
+    scratch = torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=payload.device)
+    pack = events(
+        lambda: K.pack_payload(kp, vp, plan, out=scratch, channel_tuning=shape),
+        args.iters,
+        args.warmup,
+    )
+    for p in kd:
+        p.zero_()
+    unpack = events(
+        lambda: K.unpack_payload(payload, kd, vd, uplan, channel_tuning=shape),
+        args.iters,
+        args.warmup,
+    )
+    return pack, unpack, torch.equal(scratch, payload)
+
+
+def run(args) -> dict:
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    num_pages = -(-max(args.tokens) // args.page) + 8
+    kp, vp = make_pools(
+        args.layers, args.heads, args.head_dim, num_pages * args.page, torch.bfloat16, device, gen
+    )
+    kd = [torch.zeros_like(p) for p in kp]
+    vd = [torch.zeros_like(p) for p in vp]
+    host_gen = torch.Generator().manual_seed(0)
+    records = []
+    for tokens in args.tokens:
+        slots = paged_slots(tokens, args.page, num_pages, host_gen, device)
+        dst = paged_slots(tokens, args.page, num_pages, host_gen, device)
+        for budget in args.budgets:
+            cfg = SpectrumConfig(budget=budget, key_scales="channel", allow_drop=False)
+            shape = (tokens, args.layers, args.heads, args.head_dim, "bfloat16")
+            bound = packed_size_bound(*shape, cfg)
+            region = torch.empty(bound, dtype=torch.uint8, device=device)
+            res = pack_request(kp, vp, slots, cfg, out=region)
+            header, payload = read_header(region[: res.nbytes], checksum=K.fast_checksum)
+            tiers = header_tier_map(header).to(device)
+            counts = tuple(res.tier_counts[n] for n in ("fp16", "int8", "int4"))
+            plan = K.plan_from_counts(header.layout, tiers, counts, slots)
+            uplan = K.plan_from_counts(header.layout, tiers, counts, dst)
+            copy = copy_ms(res.full_nbytes, device, args.iters, 3)
+            moved = res.full_nbytes + res.nbytes
+            reference = None
+            for head_major, hg, dc, warps in SHAPES:
+                shape = K.ChannelTuning(head_major, hg, dc, warps)
+                pack, unpack, same = time_shape(shape, kp, vp, kd, vd, plan, uplan, payload, args)
+                if reference is None:
+                    reference = [p.clone() for p in kd]
+                same = same and all(torch.equal(a, b) for a, b in zip(reference, kd))
+                rec = {
+                    "tokens": tokens,
+                    "budget": budget,
+                    "head_major": head_major,
+                    "heads_per_program": hg,
+                    "channels": dc,
+                    "num_warps": warps,
+                    "kernel_pack_ms": round(pack, 4),
+                    "kernel_unpack_ms": round(unpack, 4),
+                    "copy_ms": round(copy, 4),
+                    "kernel_pack_vs_copy": round((moved / pack) / (2 * res.full_nbytes / copy), 4),
+                    "kernel_unpack_vs_copy": round(
+                        (moved / unpack) / (2 * res.full_nbytes / copy), 4
+                    ),
+                    "same_bytes": same,
+                }
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+            del region
+    return {
+        "hardware": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "shape": [args.layers, args.heads, args.head_dim],
+        "records": records,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Per-channel key kernels: launch shapes",
+        "",
+        f"{result['hardware']}, torch {result['torch']}; KV {result['shape']} bf16, channel"
+        " keys; whole pack_payload / unpack_payload (V rows and FP16 keys included), CUDA"
+        " events; `vs copy`: bandwidth over a same-size `copy_`.",
+        "",
+        "| tokens | b | head-major | heads/program | channels | warps | pack ms | unpack ms"
+        " | pack vs copy | unpack vs copy | same bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["records"]:
+        lines.append(
+            f"| {r['tokens']} | {r['budget']} | {r['head_major']}"
+            f" | {r['heads_per_program'] or 'all'} | {r['channels'] or 'auto'}"
+            f" | {r['num_warps'] or 'auto'} | {r['kernel_pack_ms']}"
+            f" | {r['kernel_unpack_ms']} | {r['kernel_pack_vs_copy']}"
+            f" | {r['kernel_unpack_vs_copy']} | {r['same_bytes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 4096])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3])
+    ap.add_argument("--page", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("channel_kernel: needs a CUDA device")
+    result = run(args)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "channel_kernel.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    (out / "channel_kernel.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
