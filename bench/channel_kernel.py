@@ -33,7 +33,8 @@ from sglang_spectrum.config import SpectrumConfig  # noqa: E402
 from sglang_spectrum.transfer import pack_request, packed_size_bound  # noqa: E402
 
 SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_warps (0: auto))
-    (False, 1, 0, 0),  # the shape before this benchmark
+    (True, 1, 0, 0),  # the default (2 warps for the pack, 4 for the unpack)
+    (False, 1, 0, 8),  # the shape before this benchmark
     (False, 1, 0, 4),
     (True, 1, 0, 8),
     (True, 1, 0, 4),

@@ -47,10 +47,16 @@ class ChannelTuning:
     one key block's heads run side by side (else ``(blocks, ..., L)``);
     ``heads_per_program``: heads one program loops over (0: all; must divide the heads,
     else 1); ``channels``: channels per program (0: ``min(D, max(8, 8192 // key_block))``);
-    ``num_warps``: 0 = 8 for tiles of >= 8192 elements, else 4.
+    ``num_warps``: 0 = 2 for the pack, 4 for the unpack.
+
+    The defaults are the H200 sweep's best (``bench/results/channel_kernel.md``, 16384
+    tokens at b=0.3, Llama-3-8B KV): the whole pack 1.46 ms (0.45 of copy bandwidth)
+    against 3.49 ms (0.19) for the block-major grid at 8 warps it replaced; the unpack
+    0.97 against 1.04 ms. More warps per 64 x 128 tile only add cross-warp reductions;
+    a loop over heads in one program serialises the loads.
     """
 
-    head_major: bool = False
+    head_major: bool = True
     heads_per_program: int = 1
     channels: int = 0
     num_warps: int = 0
@@ -224,10 +230,12 @@ def channel_launch(
     device: torch.device,
     place: tuple[int, int],
     tuning: ChannelTuning = DEFAULT_TUNING,
+    warps: int = 2,
 ) -> tuple[tuple, tuple, dict] | None:
     """Grid, trailing arguments ``(b1, n0, n1, num_layers, h0)`` and the launch options
     shared by the per-channel key kernels, for heads ``place = (h0, HP)`` (``h0 ..`` of
-    pools of ``HP`` heads per slot); None when there are no INT8/INT4 key blocks."""
+    pools of ``HP`` heads per slot; ``warps``: when ``tuning`` names none); None when
+    there are no INT8/INT4 key blocks."""
     lay = plan.layout
     b1, b2, dc, hg = channel_grid(plan, tuning)
     if not b2:
@@ -245,7 +253,7 @@ def channel_launch(
         "IDX": tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
         "HG": hg,
         "HEAD_MAJOR": tuning.head_major,
-        "num_warps": tuning.num_warps or (8 if lay.key_block * dc >= 8192 else 4),
+        "num_warps": tuning.num_warps or warps,
         **launch_options(device),
     }
     return (*grid, lay.num_layers), args, options
@@ -335,7 +343,7 @@ def launch_unpack_channel(
 ) -> None:
     """Unpack the INT8/INT4 key segments of a layout with per-channel key scales into heads
     ``place`` (see :func:`channel_launch`) of pools of ``dtype`` (uint8: FP8, ``fp8``)."""
-    launch = channel_launch(plan, payload.device, place, tuning)
+    launch = channel_launch(plan, payload.device, place, tuning, warps=4)
     if launch is None:
         return
     grid, args, options = launch

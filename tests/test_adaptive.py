@@ -46,10 +46,12 @@ def test_slow_link_compresses_fast_link_goes_lossless():
 
 def test_intermediate_link_picks_an_intermediate_budget_for_hidden_parts():
     # an earlier part hides behind the next chunk's compute: the largest budget that hides
+    # with HIDE_MARGIN of the window (estimates are noisy; an overrun delays the request)
     part = 8192 * 131072
     b = choose_budget(part, est(50), 0.3, hide_s=0.12)
     assert 0.3 < b < 1.0
-    assert exposed_s(b, part, est(50)) <= 0.12 < exposed_s(round(b + 0.05, 4), part, est(50))
+    window = adaptive.HIDE_MARGIN * 0.12
+    assert exposed_s(b, part, est(50)) <= window < exposed_s(round(b + 0.05, 4), part, est(50))
 
 
 def test_queue_ahead_and_slo():

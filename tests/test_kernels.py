@@ -297,7 +297,7 @@ def test_channel_keys_byte_identical(case):
 
 
 TUNINGS = [
-    dict(head_major=True),
+    dict(head_major=False, num_warps=8),
     dict(heads_per_program=0),
     dict(head_major=True, heads_per_program=0, num_warps=2),
     dict(channels=8, heads_per_program=3),  # 3 does not divide 2 heads: one per program
