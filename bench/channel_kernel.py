@@ -46,7 +46,35 @@ SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_w
     (False, 0, 0, 4),
     (False, 0, 0, 2),
     (False, 0, 64, 4),
+    (True, 1, 64, 1),
+    (True, 1, 32, 1),
+    (True, 1, 32, 2),
 ]
+
+
+def compiled_variants() -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of the two kernels
+    (Triton's JIT cache: ``device_caches[device][0]``; empty where its layout differs)."""
+    from sglang_spectrum.kernels.channel import _pack_channel_kernel, _unpack_channel_kernel
+
+    rows = []
+    for fn in (_pack_channel_kernel, _unpack_channel_kernel):
+        try:
+            for entry in fn.device_caches.values():
+                for kernel in entry[0].values():
+                    meta = kernel.metadata
+                    rows.append(
+                        {
+                            "kernel": fn.__name__,
+                            "num_warps": meta.num_warps,
+                            "n_regs": getattr(kernel, "n_regs", None),
+                            "n_spills": getattr(kernel, "n_spills", None),
+                            "shared": getattr(meta, "shared", None),
+                        }
+                    )
+        except (AttributeError, IndexError, TypeError) as e:
+            rows.append({"kernel": fn.__name__, "error": repr(e)})
+    return rows
 
 
 def time_shape(shape, kp, vp, kd, vd, plan, uplan, payload, args) -> tuple[float, float, bool]:
@@ -97,7 +125,7 @@ def run(args) -> dict:
             copy = copy_ms(res.full_nbytes, device, args.iters, 3)
             moved = res.full_nbytes + res.nbytes
             reference = None
-            for head_major, hg, dc, warps in SHAPES:
+            for head_major, hg, dc, warps in SHAPES[: args.shapes]:
                 shape = K.ChannelTuning(head_major, hg, dc, warps)
                 pack, unpack, same = time_shape(shape, kp, vp, kd, vd, plan, uplan, payload, args)
                 if reference is None:
@@ -127,6 +155,7 @@ def run(args) -> dict:
         "torch": torch.__version__,
         "shape": [args.layers, args.heads, args.head_dim],
         "records": records,
+        "compiled": compiled_variants(),
     }
 
 
@@ -150,6 +179,8 @@ def markdown(result: dict) -> str:
             f" | {r['kernel_unpack_ms']} | {r['kernel_pack_vs_copy']}"
             f" | {r['kernel_unpack_vs_copy']} | {r['same_bytes']} |"
         )
+    lines += ["", "Compiled variants (registers per thread, spills, shared memory bytes):", ""]
+    lines += [f"- {c}" for c in result.get("compiled", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +195,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N of SHAPES")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("channel_kernel: needs a CUDA device")
