@@ -1,9 +1,8 @@
 """Launch shapes of the per-channel key kernels (``kernels/channel.py``), on the GPU.
 
 A per-channel key block is ``key_block`` (64) scattered token slots; one program reads
-one head of each (``head_dim`` bf16 = 256 bytes) unless it loops over heads, in two
-passes of ``rows_per_step`` rows (min/max, then codes), so the launch shape decides
-how much of each DRAM burst a read uses and how many programs fit on an SM. For each
+one head of each (``head_dim`` bf16 = 256 bytes) unless it loops over heads, so the
+launch shape decides how much of each DRAM burst a read uses. For each
 :class:`~sglang_spectrum.kernels.ChannelTuning` this times ``pack_payload`` and
 ``unpack_payload`` of a Llama-3-8B-shaped request (channel keys, CUDA events, median of
 ``--iters``), checks that the payload and the written pools equal the default shape's,
@@ -33,20 +32,23 @@ from sglang_spectrum.codec import header_tier_map, read_header  # noqa: E402
 from sglang_spectrum.config import SpectrumConfig  # noqa: E402
 from sglang_spectrum.transfer import pack_request, packed_size_bound  # noqa: E402
 
-SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_warps, rows_per_step)
-    (True, 1, 0, 4, 16),  # the default
-    (True, 1, 0, 2, 16),
-    (True, 1, 0, 8, 16),
-    (True, 1, 0, 2, 8),
-    (True, 1, 0, 4, 8),
-    (True, 1, 0, 4, 32),
-    (True, 1, 0, 8, 32),
-    (True, 1, 0, 2, 64),
-    (True, 1, 64, 2, 16),
-    (True, 1, 64, 4, 16),
-    (False, 1, 0, 4, 16),
-    (True, 2, 0, 4, 16),
-    (False, 0, 0, 4, 16),
+SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_warps (0: auto))
+    (True, 1, 0, 0),  # the default (2 warps for the pack, 4 for the unpack)
+    (False, 1, 0, 8),  # the shape before this benchmark
+    (False, 1, 0, 4),
+    (True, 1, 0, 8),
+    (True, 1, 0, 4),
+    (True, 1, 0, 2),
+    (True, 2, 0, 4),
+    (True, 1, 64, 2),
+    (True, 1, 64, 4),
+    (False, 0, 0, 8),
+    (False, 0, 0, 4),
+    (False, 0, 0, 2),
+    (False, 0, 64, 4),
+    (True, 1, 64, 1),
+    (True, 1, 32, 1),
+    (True, 1, 32, 2),
 ]
 
 
@@ -123,8 +125,8 @@ def run(args) -> dict:
             copy = copy_ms(res.full_nbytes, device, args.iters, 3)
             moved = res.full_nbytes + res.nbytes
             reference = None
-            for head_major, hg, dc, warps, rb in SHAPES[: args.shapes]:
-                shape = K.ChannelTuning(head_major, hg, dc, warps, rb)
+            for head_major, hg, dc, warps in SHAPES[: args.shapes]:
+                shape = K.ChannelTuning(head_major, hg, dc, warps)
                 pack, unpack, same = time_shape(shape, kp, vp, kd, vd, plan, uplan, payload, args)
                 if reference is None:
                     reference = [p.clone() for p in kd]
@@ -136,7 +138,6 @@ def run(args) -> dict:
                     "heads_per_program": hg,
                     "channels": dc,
                     "num_warps": warps,
-                    "rows_per_step": rb,
                     "kernel_pack_ms": round(pack, 4),
                     "kernel_unpack_ms": round(unpack, 4),
                     "copy_ms": round(copy, 4),
@@ -166,15 +167,15 @@ def markdown(result: dict) -> str:
         " keys; whole pack_payload / unpack_payload (V rows and FP16 keys included), CUDA"
         " events; `vs copy`: bandwidth over a same-size `copy_`.",
         "",
-        "| tokens | b | head-major | heads/program | channels | warps | rows/step | pack ms"
-        " | unpack ms | pack vs copy | unpack vs copy | same bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens | b | head-major | heads/program | channels | warps | pack ms | unpack ms"
+        " | pack vs copy | unpack vs copy | same bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         lines.append(
             f"| {r['tokens']} | {r['budget']} | {r['head_major']}"
             f" | {r['heads_per_program'] or 'all'} | {r['channels'] or 'auto'}"
-            f" | {r['num_warps']} | {r['rows_per_step']} | {r['kernel_pack_ms']}"
+            f" | {r['num_warps'] or 'auto'} | {r['kernel_pack_ms']}"
             f" | {r['kernel_unpack_ms']} | {r['kernel_pack_vs_copy']}"
             f" | {r['kernel_unpack_vs_copy']} | {r['same_bytes']} |"
         )

@@ -47,22 +47,24 @@ class ChannelTuning:
     one key block's heads run side by side (else ``(blocks, ..., L)``);
     ``heads_per_program``: heads one program loops over (0: all; must divide the heads,
     else 1); ``channels``: channels per program (0: ``min(D, max(8, 8192 // key_block))``);
-    ``num_warps``; ``rows_per_step``: key rows the pack reads at a time in each of its
-    two passes (capped at the key block).
+    ``num_warps``: 0 = 2 for the pack, 4 for the unpack.
 
-    H200 sweeps (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
-    KV, the whole ``pack_payload``): the one-pass pack (a ``[64, 128]`` float32 tile per
-    program) took 3.49 ms (0.19 of copy bandwidth) on the block-major grid at 8 warps,
-    1.44 ms (0.46) head-major at 2 warps, where ncu showed 254 registers a thread and
-    12.5 % occupancy: hence the two passes of ``rows_per_step`` rows. A loop over heads
-    in one program serialises the loads.
+    H200 sweep (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
+    KV, the whole ``pack_payload``): the default packs in 1.51 ms (0.44 of copy
+    bandwidth) against 3.47 ms (0.19) for the block-major grid at 8 warps it replaced;
+    the unpack 1.00 against 1.08 ms. ncu on the default pack: 254 registers a thread
+    (the ``[64, 128]`` float32 tile), 12.5 % occupancy, 0.55 eligible warps per
+    scheduler. More warps only add cross-warp reductions; a loop over heads serialises
+    the loads; two passes of 16 rows (min/max, then codes) to free registers measured
+    slower still (3.30 ms: ``bench/results/gpu_calls/2026-12-04-s4/two_pass_*``). The
+    sweep's 1-warp, 64-channel shape packed in 1.32 ms (0.50); the default stays the
+    shape the GPU tests ran.
     """
 
     head_major: bool = True
     heads_per_program: int = 1
     channels: int = 0
-    num_warps: int = 4
-    rows_per_step: int = 16
+    num_warps: int = 0
 
 
 DEFAULT_TUNING = ChannelTuning()
@@ -117,60 +119,30 @@ def _channel_segment(
 
 
 @triton.jit
-def _key_rows(pool, rows, first, j, ok, scales, layer, h, c, HP, h0, D: tl.constexpr, FP8):
-    """float32 ``[R, DC]``: channels ``c`` of head ``h`` of key segment rows ``j`` (``ok``:
-    valid; pool slot ``rows[first + j]``), clamped to the fp16 range as the codec does."""
-    slot = tl.load(rows + first + j, mask=ok, other=0)
-    off = (slot * HP + h0 + h) * D
-    x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
-    if FP8:
-        x = from_fp8(x, FP8) * tl.load(scales + layer)
-    else:
-        x = x.to(tl.float32)
-    return clamp16(x)
-
-
-@triton.jit
-def _pack_key_block(
-    pool,
-    rows,
-    scales,
+def _store_channel(
+    x,
+    ok,
     payload,
-    layer,
-    first,
     seg,
     n_seg,
     blk,
+    j,
     h,
-    h0,
     c0,
     BITS: tl.constexpr,
     H: tl.constexpr,
-    HP: tl.constexpr,
     D: tl.constexpr,
     DC: tl.constexpr,
     KB: tl.constexpr,
-    RB: tl.constexpr,
-    IDX: tl.constexpr,
-    FP8: tl.constexpr,
 ):
-    """Quantise one key block (rows ``blk * KB ..`` of a key segment, head ``h``, channels
-    ``c0 ..``) with one (scale, minimum) per channel over its valid rows
-    (``codec.quantize_channels``: same float32 steps) and store codes and scales.
-
-    Two passes of ``RB`` rows at a time (min/max, then codes; the second reads hit the
-    cache): a whole ``[KB, DC]`` float32 tile per program took 254 registers a thread
-    and 12.5 % occupancy on the H200 (``bench/results/gpu_calls/2026-12-04-s4``)."""
+    """Quantise ``x`` float32 ``[KB, DC]`` (rows ``j`` of a key segment, head ``h``,
+    channels ``c``) with one (scale, minimum) per channel over the block's valid rows
+    (``codec.quantize_channels``: same float32 steps) and store codes and scales."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     c = c0 + tl.arange(0, DC)
-    lo = tl.full([DC], float("inf"), tl.float32)
-    hi = tl.full([DC], float("-inf"), tl.float32)
-    for r in tl.range(0, KB, RB):
-        j = blk * KB + r + tl.arange(0, RB).to(IDX)
-        ok = j < n_seg
-        x = _key_rows(pool, rows, first, j, ok, scales, layer, h, c, HP, h0, D, FP8)
-        lo = tl.minimum(lo, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
-        hi = tl.maximum(hi, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
+    xc = clamp16(x)
+    lo = tl.min(tl.where(ok[:, None], xc, float("inf")), 0)
+    hi = tl.max(tl.where(ok[:, None], xc, float("-inf")), 0)
     lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
     hi = tl.where(lo <= hi, hi, 0.0)
     scale = plus_zero(tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16))
@@ -179,24 +151,20 @@ def _pack_key_block(
     m = mn.to(tl.float32)
     safe = tl.where(s > 0, s, 1.0)
     inv = tl.where(s > 0, tl.math.div_rn(tl.full([DC], 1.0, tl.float32), safe), 0.0)
+    v = (xc - m[None, :]) * inv[None, :] + 0.5
+    q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
     codes = payload + seg
-    for r in tl.range(0, KB, RB):
-        j = blk * KB + r + tl.arange(0, RB).to(IDX)
-        ok = j < n_seg
-        x = _key_rows(pool, rows, first, j, ok, scales, layer, h, c, HP, h0, D, FP8)
-        v = (x - m[None, :]) * inv[None, :] + 0.5
-        q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
-        row = j * H + h
-        if BITS == 8:
-            tl.store(codes + row[:, None] * D + c[None, :], q.to(tl.uint8), mask=ok[:, None])
-        else:  # channel 2i in the low nibble, 2i+1 in the high one
-            lo4, hi4 = tl.split(tl.reshape(q, [RB, DC // 2, 2]))
-            half = c0 // 2 + tl.arange(0, DC // 2)
-            tl.store(
-                codes + row[:, None] * (D // 2) + half[None, :],
-                ((hi4 << 4) + lo4).to(tl.uint8),
-                mask=ok[:, None],
-            )
+    row = j * H + h
+    if BITS == 8:
+        tl.store(codes + row[:, None] * D + c[None, :], q.to(tl.uint8), mask=ok[:, None])
+    else:  # channel 2i in the low nibble, 2i+1 in the high one
+        lo4, hi4 = tl.split(tl.reshape(q, [KB, DC // 2, 2]))
+        half = c0 // 2 + tl.arange(0, DC // 2)
+        tl.store(
+            codes + row[:, None] * (D // 2) + half[None, :],
+            ((hi4 << 4) + lo4).to(tl.uint8),
+            mask=ok[:, None],
+        )
     sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
     pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
     tl.store(sc + pair, tl.join(scale, mn))
@@ -223,29 +191,29 @@ def _pack_channel_kernel(
     IDX: tl.constexpr,
     HG: tl.constexpr,  # heads per program
     HEAD_MAJOR: tl.constexpr,
-    RB: tl.constexpr = 16,  # key rows per step of the two passes
     FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2
 ):
     """INT8/INT4 key segments with per-channel scales: one program per (key block,
     head group and channel chunk, layer); grid as :func:`_channel_program`'s."""
-    hg, c0, _, layer, tier, blk, _, _, first, n_seg, seg = _channel_program(
+    hg, c0, c, layer, tier, blk, j, ok, first, n_seg, seg = _channel_program(
         meta, b1, n0, n1, num_layers, D, DC, KB, IDX, HEAD_MAJOR
     )
     if blk * KB < n_seg:
+        slot = tl.load(rows + first + j, mask=ok, other=0)
         addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
         pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
         for i in tl.static_range(HG):
             h = hg * HG + i
-            if tier == 1:
-                _pack_key_block(
-                    pool, rows, scales, payload, layer, first, seg, n_seg, blk, h, h0, c0,
-                    8, H, HP, D, DC, KB, RB, IDX, FP8,
-                )  # fmt: skip
+            off = (slot * HP + h0 + h) * D
+            x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+            if FP8:
+                x = from_fp8(x, FP8) * tl.load(scales + layer)
             else:
-                _pack_key_block(
-                    pool, rows, scales, payload, layer, first, seg, n_seg, blk, h, h0, c0,
-                    4, H, HP, D, DC, KB, RB, IDX, FP8,
-                )  # fmt: skip
+                x = x.to(tl.float32)
+            if tier == 1:
+                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
+            else:
+                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB)
 
 
 def channel_grid(plan: TransferPlan, tuning: ChannelTuning = DEFAULT_TUNING) -> tuple[int, ...]:
@@ -267,10 +235,12 @@ def channel_launch(
     device: torch.device,
     place: tuple[int, int],
     tuning: ChannelTuning = DEFAULT_TUNING,
+    warps: int = 2,
 ) -> tuple[tuple, tuple, dict] | None:
     """Grid, trailing arguments ``(b1, n0, n1, num_layers, h0)`` and the launch options
     shared by the per-channel key kernels, for heads ``place = (h0, HP)`` (``h0 ..`` of
-    pools of ``HP`` heads per slot); None when there are no INT8/INT4 key blocks."""
+    pools of ``HP`` heads per slot; ``warps``: when ``tuning`` names none); None when
+    there are no INT8/INT4 key blocks."""
     lay = plan.layout
     b1, b2, dc, hg = channel_grid(plan, tuning)
     if not b2:
@@ -288,7 +258,7 @@ def channel_launch(
         "IDX": tl.int64 if n_rows * lay.head_dim >= 2**31 else tl.int32,
         "HG": hg,
         "HEAD_MAJOR": tuning.head_major,
-        "num_warps": tuning.num_warps,
+        "num_warps": tuning.num_warps or warps,
         **launch_options(device),
     }
     return (*grid, lay.num_layers), args, options
@@ -304,18 +274,8 @@ def launch_pack_channel(
         return
     grid, args, options = launch
     scales, fp8 = source_args(plan.layout, dtype, payload.device)
-    rb = min(tuning.rows_per_step or plan.layout.key_block, plan.layout.key_block)
     _pack_channel_kernel[grid](
-        ptrs,
-        rows,
-        plan.meta,
-        payload,
-        scales,
-        *args,
-        SRC=TL_DTYPES[dtype],
-        RB=rb,
-        FP8=fp8,
-        **options,
+        ptrs, rows, plan.meta, payload, scales, *args, SRC=TL_DTYPES[dtype], FP8=fp8, **options
     )
 
 
@@ -388,7 +348,7 @@ def launch_unpack_channel(
 ) -> None:
     """Unpack the INT8/INT4 key segments of a layout with per-channel key scales into heads
     ``place`` (see :func:`channel_launch`) of pools of ``dtype`` (uint8: FP8, ``fp8``)."""
-    launch = channel_launch(plan, payload.device, place, tuning)
+    launch = channel_launch(plan, payload.device, place, tuning, warps=4)
     if launch is None:
         return
     grid, args, options = launch

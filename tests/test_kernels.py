@@ -301,8 +301,6 @@ TUNINGS = [
     dict(heads_per_program=0),
     dict(head_major=True, heads_per_program=0, num_warps=2),
     dict(channels=8, heads_per_program=3),  # 3 does not divide 2 heads: one per program
-    dict(rows_per_step=4),  # two steps per 8-row key block in each pass
-    dict(rows_per_step=64),  # capped at the key block: one step
 ]
 
 
