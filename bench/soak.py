@@ -22,7 +22,7 @@ with a reason; clients hold new ones until it is back). Afterwards:
 Writes ``--out`` (JSON with a ``hardware`` field) and prints a table::
 
     python bench/soak.py                                  # 2000 requests (the benchmark)
-    python bench/soak.py --requests 160 --concurrency 24  # the CI variant (tests/test_soak.py)
+    python bench/soak.py --requests 100 --concurrency 24 --max-len 1200 --budget auto  # CI variant
 """
 
 from __future__ import annotations

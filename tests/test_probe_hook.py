@@ -217,13 +217,14 @@ def _free(mr) -> tuple[int, int]:
 @pytest.mark.timeout(900)
 def test_engine_answers_and_lossless_round_trip(runner):
     from sglang_spectrum.config import SpectrumConfig
+    from sglang_spectrum.sglang_plugin import compat
     from sglang_spectrum.sglang_plugin import sglang_engine as se
 
     mr, tok = runner.mr, runner.tokenizer
     assert se.model_runner_of(runner.scheduler) is mr
     assert se.kv_dtype_name(mr) == "bfloat16"
     assert se.model_path_of(mr) == str(runner.server_args.model_path)
-    assert se.server_arg(runner.server_args, "enable_metrics") is False
+    assert compat.resolved_server_arg(runner.server_args, "enable_metrics") is False
     before = _free(mr)
     engine = se.SGLangProbeEngine(mr, tok, max_new_tokens=6)
     ids = tok("The capital of France is", add_special_tokens=False).input_ids

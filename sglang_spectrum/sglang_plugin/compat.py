@@ -1,7 +1,8 @@
 """Every difference between the SGLang versions the backend supports, in one place.
 
 Supported: SGLang 0.5.17 (the newest release on torch 2.11) and 0.5.23 (the
-current release). The backend itself (:mod:`.backend`) is written against the
+current release). The backend itself (:mod:`.manager`, :mod:`.endpoints` and the
+prefill/decode sides) is written against the
 ``disaggregation/base`` and ``disaggregation/common`` contracts that both
 versions share; what differs between them, and the few scheduler objects the
 plugin reads because no contract exposes them, is reached through the
@@ -122,7 +123,8 @@ def kv_manager(scheduler: Any) -> Any:
     return None
 
 
-def _req_pool_idx(req: Any) -> int | None:
+def req_pool_idx(req: Any) -> int | None:
+    """The request's ``req_to_token`` row (None before it has one)."""
     kv = getattr(req, "kv", None)  # 0.5.23: Req.kv.req_pool_idx (disaggregation/prefill.py:1581)
     if kv is not None and getattr(kv, "req_pool_idx", None) is not None:
         return int(kv.req_pool_idx)
@@ -143,7 +145,7 @@ def prompt_slots(scheduler: Any, room: int) -> tuple[Any, str] | None:
     for req in reversed(getattr(scheduler, "disagg_prefill_inflight_queue", None) or []):
         if getattr(req, "bootstrap_room", None) != room:
             continue
-        idx = _req_pool_idx(req)
+        idx = req_pool_idx(req)
         if idx is None:
             return None
         n = len(req.origin_input_ids)
@@ -346,6 +348,39 @@ def server_arg(server_args: Any, name: str, default: Any = None) -> Any:
     """A ``ServerArgs`` field (or argparse namespace attribute), ``default`` when the
     version has no such field (e.g. 0.5.23-only options on 0.5.17)."""
     return getattr(server_args, name, default)
+
+
+def resolved_server_arg(server_args: Any, name: str, default: Any = None) -> Any:
+    """A resolved ``ServerArgs`` field (what SGLang decided, not the raw flag).
+
+    0.5.23: ``ServerArgs`` is a msgspec record whose fields keep the raw input;
+    what resolution decided lives in declarations read by
+    ``arg_groups.overrides.resolution_result`` (overrides.py:178). 0.5.17: the
+    declarations are materialised into the (sealed) fields, a plain read.
+    """
+    if server_args is None:
+        return default
+    try:
+        from sglang.srt.arg_groups.overrides import resolution_result
+    except ImportError:  # 0.5.17
+        return getattr(server_args, name, default)
+    try:
+        return resolution_result(server_args, name, default)
+    except Exception:  # not a ServerArgs (a stand-in object)
+        return getattr(server_args, name, default)
+
+
+def needs_mlp_sync(model_runner: Any) -> bool:
+    """True where a forward needs the DP-attention MLP sync (the probe refuses it):
+    ``require_mlp_sync()`` (0.5.23 utils/common.py:4163, reads the runtime context)
+    or ``require_mlp_sync(server_args)`` (0.5.17 utils/common.py:3626)."""
+    import inspect
+
+    from sglang.srt.utils import require_mlp_sync
+
+    if inspect.signature(require_mlp_sync).parameters:  # 0.5.17
+        return bool(require_mlp_sync(model_runner.server_args))
+    return bool(require_mlp_sync())
 
 
 def start_bootstrap_clock(sender: Any) -> None:

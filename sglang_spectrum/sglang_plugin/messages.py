@@ -46,7 +46,7 @@ class Register(msgspec.Struct, frozen=True):
     session: str  # the decode's Mooncake session id (host:rpc_port)
     endpoint: str  # the decode rank's ZMQ host
     port: int  # the decode rank's ZMQ PULL port
-    identity: dict[str, Any]  # wire identity (see backend.wire_identity)
+    identity: dict[str, Any]  # wire identity (see identity.wire_identity)
 
 
 class Grant(msgspec.Struct, frozen=True):

@@ -24,7 +24,7 @@ therefore appear on the server's ``/metrics`` next to SGLang's own:
 
 Every metric has the label ``role`` (prefill | decode).
 
-Per request: one DEBUG log line (logger ``sglang_spectrum.sglang_plugin.conn``)
+Per request: one DEBUG log line (logger ``sglang_spectrum.sglang_plugin.prefill_side``)
 and, when ``SGLANG_SPECTRUM_STATS_FILE`` names a file, one JSON line appended
 to it per request and side (what ``spectrumkv demo`` and the tests read).
 """

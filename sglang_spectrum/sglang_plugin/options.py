@@ -281,7 +281,8 @@ def no_drop_floor(
 
 
 def check_no_drop(opts: SpectrumServerOptions, head_dim: int | None) -> None:
-    """Refuse budgets that force dropped tokens (not supported when serving, DESIGN.md §8)."""
+    """Refuse budgets that force dropped tokens (SGLang's decode attends over every
+    position it allocated, so serving never drops: README, ``--spectrum-budget``)."""
     if head_dim is None:
         return
     if opts.group_size is not None and int(head_dim) % opts.group_size:

@@ -318,6 +318,8 @@ class PrefillSide:
             stream = self._worker_stream()
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 # host -> device copies on this stream: ordered before the pack reads them
+                # (a copy on another stream raced the pack; no test can force that
+                # interleaving, the GPU request-path tests run the pack this way)
                 device = self.k_pools[0].device
                 slots = job.slots.to(device, non_blocking=True)
                 context = None if job.context is None else job.context.to(device, non_blocking=True)

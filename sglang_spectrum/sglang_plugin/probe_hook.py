@@ -305,7 +305,7 @@ def run_startup_probe(scheduler: Any, server_args: Any, options: Any = None) -> 
 def _publish(server_args: Any, tiers: str, passed: bool | None, source: str) -> None:
     """Prometheus gauges (only with ``--enable-metrics``)."""
     try:
-        from .sglang_engine import server_arg
+        from .compat import resolved_server_arg as server_arg
 
         if not server_arg(server_args, "enable_metrics", False):
             return

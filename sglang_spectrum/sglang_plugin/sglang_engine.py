@@ -27,8 +27,9 @@ deterministic, so this is the KV a second extend would produce; it is also
 exactly what a PD decode server receives: the prompt KV and the first token).
 
 Every SGLang access that differs between the supported releases (0.5.17 and
-0.5.23) is one of the small helpers in the first section below; the rest of
-the module only calls them.
+0.5.23) is one of the small helpers in the first section below (the backend's
+own, ``needs_mlp_sync`` and ``req_pool_idx``, come from :mod:`.compat`); the rest
+of the module only calls them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from typing import Any
 import torch
 
 from sglang_spectrum.config import SpectrumConfig
+
+from .compat import needs_mlp_sync, req_pool_idx
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUMBER_DONE = re.compile(r"\d[^\d,]")  # a digit run (commas allowed) followed by a non-digit
@@ -65,26 +68,6 @@ def model_runner_of(scheduler: Any) -> Any:
     from .compat import model_runner
 
     return model_runner(scheduler)
-
-
-def server_arg(server_args: Any, name: str, default: Any = None) -> Any:
-    """A resolved ``ServerArgs`` field.
-
-    0.5.23: ``ServerArgs`` is a msgspec record whose fields keep the raw input;
-    what resolution decided lives in declarations read by
-    ``arg_groups.overrides.resolution_result`` (overrides.py:178). 0.5.17: the
-    declarations are materialised into the (sealed) fields, a plain read.
-    """
-    if server_args is None:
-        return default
-    try:
-        from sglang.srt.arg_groups.overrides import resolution_result
-    except ImportError:  # 0.5.17
-        return getattr(server_args, name, default)
-    try:
-        return resolution_result(server_args, name, default)
-    except Exception:  # not a ServerArgs (a stand-in object)
-        return getattr(server_args, name, default)
 
 
 def kv_pool_of(model_runner: Any) -> Any:
@@ -157,19 +140,6 @@ def tokenizer_of(scheduler: Any, model_runner: Any) -> Any:
     return AutoTokenizer.from_pretrained(model_path_of(model_runner))
 
 
-def needs_mlp_sync(model_runner: Any) -> bool:
-    """True where a forward needs the DP-attention MLP sync (the probe refuses it):
-    ``require_mlp_sync()`` (0.5.23 utils/common.py:4163, reads the runtime context)
-    or ``require_mlp_sync(server_args)`` (0.5.17 utils/common.py:3626)."""
-    import inspect
-
-    from sglang.srt.utils import require_mlp_sync
-
-    if inspect.signature(require_mlp_sync).parameters:  # 0.5.17
-        return bool(require_mlp_sync(model_runner.server_args))
-    return bool(require_mlp_sync())
-
-
 def new_probe_req(ids: list[int], max_new_tokens: int) -> Any:
     """A greedy ``Req`` over the whole prompt (no prefix), as
     ``prepare_synthetic_inputs_for_latency_test`` builds it.
@@ -196,16 +166,6 @@ def new_probe_req(ids: list[int], max_new_tokens: int) -> Any:
     else:  # 0.5.23
         req.extend_end = len(origin)
     return req
-
-
-def req_pool_idx(req: Any) -> int | None:
-    """The request's ``req_to_token`` row: ``req.kv.req_pool_idx`` (0.5.23,
-    schedule_batch.py:955 ``ReqKvInfo``) or ``req.req_pool_idx`` (0.5.17,
-    schedule_batch.py:899)."""
-    kv = getattr(req, "kv", None)
-    if kv is not None and hasattr(kv, "req_pool_idx"):
-        return kv.req_pool_idx
-    return req.req_pool_idx
 
 
 class _ProbeTreeCache(SimpleNamespace):
@@ -403,7 +363,7 @@ class SGLangProbeEngine:
         return self._answer(input_ids, None)
 
     def degraded_answer(self, input_ids: torch.Tensor, config: SpectrumConfig) -> str:
-        # A transfer never drops tokens (DESIGN.md §8): same here.
+        # A transfer never drops tokens (options.check_no_drop): same here.
         return self._answer(input_ids, config.with_(allow_drop=False))
 
     # ------------------------------------------------------------------ internals
