@@ -97,7 +97,8 @@ def one_request(
     try:
         r = requests.post(f"{router}/generate", json=body, timeout=timeout)
     except requests.exceptions.ReadTimeout:
-        return {"i": i, "len": n, "outcome": "cancelled" if cancel else "lost", "reason": ""}
+        why = "" if cancel else f"no answer within the client's {timeout:.0f} s"
+        return {"i": i, "len": n, "outcome": "cancelled" if cancel else "lost", "reason": why}
     except requests.exceptions.RequestException as e:
         return {"i": i, "len": n, "outcome": "failed", "reason": f"{type(e).__name__}: {e}"}
     s = time.monotonic() - t0
@@ -107,9 +108,11 @@ def one_request(
         if finish.get("type") == "abort":
             return {"i": i, "len": n, "outcome": "failed", "reason": str(finish.get("message"))}
         ok = meta.get("completion_tokens", 0) > 0
-        return {"i": i, "len": n, "outcome": "answered" if ok else "lost", "s": s, "reason": ""}
+        why = "" if ok else "HTTP 200 with no completion tokens"
+        return {"i": i, "len": n, "outcome": "answered" if ok else "lost", "s": s, "reason": why}
     reason = r.text.strip()[:300]
-    return {"i": i, "len": n, "outcome": "failed" if reason else "lost", "reason": reason}
+    why = reason or f"HTTP {r.status_code} with an empty body"
+    return {"i": i, "len": n, "outcome": "failed" if reason else "lost", "reason": why}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,6 +185,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         chosen_sum = parse_prometheus(text, "spectrumkv_chosen_budget_sum")
         outcomes = Counter(r["outcome"] for r in results)
         reasons = Counter(r["reason"][:120] for r in results if r["outcome"] == "failed")
+        lost = Counter(
+            f"{r['reason']} (request {r['i']}, {r['len']} tokens)"
+            for r in results
+            if r["outcome"] == "lost"
+        )
         report = {
             "bench": "soak",
             "hardware": f"{platform.machine()} CPU, {platform.node()}",
@@ -191,6 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "decode_restart_s": [round(x, 1) for x in restart_s],
             "outcomes": dict(outcomes),
             "failure_reasons": dict(reasons.most_common(10)),
+            "lost": dict(lost.most_common(20)),
             "token_usage_after": idle,
             # requests sent (after the decode restart too) and their mean chosen budget
             "chosen_budget": {

@@ -25,6 +25,7 @@ def test_soak_ci_variant(tmp_path):
     report = soak.main(
         ["--requests", "100", "--concurrency", "24", "--max-len", "1200", "--out", str(out)]
         + ["--bootstrap-timeout-s", "45", "--settle-s", "150", "--budget", "auto"]
+        + ["--log-dir", str(tmp_path / "logs")]  # the servers' logs stay for a failure
     )
     assert json.loads(out.read_text())["outcomes"] == report["outcomes"]
     outcomes = report["outcomes"]
