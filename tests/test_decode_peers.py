@@ -10,10 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+# (nothing here may import SGLang at collection time: the other modules set up the
+# environment SGLang reads at import, and the kernel tests need Triton's interpreter)
 from sglang_spectrum.sglang_plugin import compat, messages
 from sglang_spectrum.sglang_plugin.decode_side import DecodeSide
 from sglang_spectrum.sglang_plugin.identity import wire_identity
-from sglang_spectrum.sglang_plugin.manager import SpectrumKVManager
 
 
 class FakeDecode(DecodeSide):
@@ -110,6 +111,7 @@ def test_a_stale_peer_failure_makes_the_decode_verify_that_prefill_again(prefill
 )
 def test_a_wildcard_bootstrap_host_registers_on_the_loopback(host, url):
     """Finding 14: ``--host 0.0.0.0`` / ``::`` is a bind address, not one to connect to."""
+    from sglang_spectrum.sglang_plugin.manager import SpectrumKVManager
 
     class Manager:
         dist_init_addr = None
