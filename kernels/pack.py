@@ -530,8 +530,8 @@ def pack_payload(
         scratch, local = scratch_rows
         rotate_rows(pools, plan, lambda lo, hi: plan.rows[lo:hi], scratch, place[0])
         table = pointer_table(list(scratch), device)
-        place = (0, lay.num_kv_heads)
-        _launch_pack_int(plan, table, local, payload, torch.float32, place, channel_tuning)
+        scratch_place = (0, lay.num_kv_heads)  # the float32 scratch holds just these heads
+        _launch_pack_int(plan, table, local, payload, torch.float32, scratch_place, channel_tuning)
     return payload
 
 

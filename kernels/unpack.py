@@ -260,8 +260,10 @@ def unpack_payload(
     scratch, local = scratch_rows
     n0 = plan.counts[0]
     table = pointer_table(list(scratch), device)
-    place32 = (0, lay.num_kv_heads)
-    _launch_unpack_int(plan, payload, table, local, torch.float32, place32, None, channel_tuning)
+    scratch_place = (0, lay.num_kv_heads)  # the float32 scratch holds just these heads
+    _launch_unpack_int(
+        plan, payload, table, local, torch.float32, scratch_place, None, channel_tuning
+    )
     rot = hadamard(lay.head_dim, device)
     h = slice(place[0], place[0] + lay.num_kv_heads)
     for i, pool in enumerate(pools):  # post-step per tier and layer, like decode_rows
