@@ -13,11 +13,7 @@ OUT=${OUT:-/tmp/spectrum_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-# sglang_spectrum.kernels maps to kernels/ only when installed: a shim package.
-rm -rf /tmp/shim && mkdir -p /tmp/shim && cp -r sglang_spectrum /tmp/shim/ \
-  && ln -s "$PWD/kernels" /tmp/shim/sglang_spectrum/kernels
-# PYTHONSAFEPATH: never import the repo's own sglang_spectrum/ from the cwd.
-export PYTHONPATH=/tmp/shim:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+source scripts/device_shim.sh  # sglang_spectrum.kernels -> the checkout's kernels/
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton',
 triton.__version__, 'flashinfer', flashinfer.__version__)"

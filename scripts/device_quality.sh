@@ -15,9 +15,7 @@ if [[ ! -d /tmp/site/msgspec ]]; then
     --target /tmp/site .carry/whlq/*.whl || exit 1
 fi
 [[ -f .carry/wikitext/wiki.test.raw.gz ]] && gzip -dc .carry/wikitext/wiki.test.raw.gz > /tmp/stage/wiki.test.raw
-rm -rf /tmp/shim && mkdir -p /tmp/shim && cp -r sglang_spectrum /tmp/shim/ \
-  && ln -s "$PWD/kernels" /tmp/shim/sglang_spectrum/kernels
-export PYTHONPATH=/tmp/shim:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+source scripts/device_shim.sh  # sglang_spectrum.kernels -> the checkout's kernels/
 export SPECTRUM_CACHE_DIR=/tmp/spc SPECTRUM_WIKITEXT=/tmp/stage/wiki.test.raw
 python3 scripts/device_models.py take ".carry/q/$1" || exit 1
 shift

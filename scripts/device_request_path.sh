@@ -19,10 +19,7 @@ if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site $wheels || exit 1
 fi
-# sglang_spectrum.kernels maps to kernels/ only when installed: a shim package.
-rm -rf /tmp/shim && mkdir -p /tmp/shim && cp -r sglang_spectrum /tmp/shim/ \
-  && ln -s "$PWD/kernels" /tmp/shim/sglang_spectrum/kernels
-export PYTHONPATH=/tmp/shim:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+source scripts/device_shim.sh  # sglang_spectrum.kernels -> the checkout's kernels/
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, triton, msgspec; print('torch', torch.__version__, 'triton',
 triton.__version__, 'msgspec', msgspec.__version__)" || exit 1
