@@ -19,7 +19,12 @@ the forward of a ``tokens``-token chunk:
 - ``per_chunk``: one part of ``tokens`` tokens packed and staged, started with the
   forward (what the backend does: one part per chunk);
 - ``continuous``: parts packed and staged back to back for the whole forward (the
-  upper bound: many small parts, layer groups, several requests' parts).
+  upper bound: many small parts, layer groups, several requests' parts);
+- ``per_chunk_queued`` / ``continuous_queued``: the same, the packer started only once
+  the forward's launches are all queued: what is left is the contention on the GPU (SMs,
+  HBM); the difference to the unqueued modes is the host's (the packer's Python holds the
+  GIL the forward's launches wait for, as in SGLang, whose scheduler shares a process with
+  the transfer workers).
 
 ``slowdown = forward / forward_alone - 1`` (medians of ``--iters``, the three modes
 interleaved per iteration so clock drift hits them alike). Issue 17's bound: <= 5 %.
@@ -117,15 +122,18 @@ def time_forward(forward: StandInForward, x: torch.Tensor, packer: Packer | None
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     stop, worker = threading.Event(), None
     parts0 = packer.parts if packer else 0
-    if mode == "per_chunk":
+    if mode.startswith("per_chunk"):
         worker = threading.Thread(target=packer.pack_once)
-    elif mode == "continuous":
+    elif mode.startswith("continuous"):
         worker = threading.Thread(target=packer.run_until, args=(stop,))
+    queued = mode.endswith("_queued")
     start.record()
-    if worker is not None:
+    if worker is not None and not queued:
         worker.start()
     forward(x)
     end.record()
+    if worker is not None and queued:
+        worker.start()
     end.synchronize()
     stop.set()
     if worker is not None:
@@ -144,7 +152,7 @@ def run(args) -> dict:
     )
     host_gen = torch.Generator().manual_seed(0)
     rows = []
-    modes = ("alone", "per_chunk", "continuous")
+    modes = ("alone", "per_chunk", "continuous", "per_chunk_queued", "continuous_queued")
     for tokens in args.tokens:
         x = torch.randn(tokens, HIDDEN, device=device, generator=gen, dtype=torch.bfloat16)
         slots = paged_slots(tokens, args.page, num_pages, host_gen, device)
@@ -196,18 +204,22 @@ def markdown(result: dict) -> str:
         f" {result['iters']}; the packer (`pack_request` + host staging copy) on its own"
         " thread and stream (`bench/interference.py`).",
         "",
-        "| tokens | b | keys | forward alone ms | + one part | slowdown | + back to back"
-        " (parts) | slowdown | target <= 5 % |",
+        "Slowdown of the forward; in brackets the parts packed during it. *queued*: the"
+        " packer started after the forward's launches were queued (GPU contention alone).",
+        "",
+        "| tokens | b | keys | forward alone ms | one part | back to back | one part, queued"
+        " | back to back, queued | one part <= 5 % |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
-        worst = max(r["slowdown_per_chunk"], r["slowdown_continuous"])
-        verdict = "met" if worst <= result["target_slowdown"] else "MISSED"
+        verdict = "met" if r["slowdown_per_chunk"] <= result["target_slowdown"] else "MISSED"
+        cells = [
+            f"{r[f'slowdown_{m}']:+.1%} ({r[f'parts_{m}']:g})"
+            for m in ("per_chunk", "continuous", "per_chunk_queued", "continuous_queued")
+        ]
         lines.append(
             f"| {r['tokens']} | {r['budget']} | {r['key_scales']} | {r['forward_alone_ms']}"
-            f" | {r['forward_per_chunk_ms']} | {r['slowdown_per_chunk']:+.1%}"
-            f" | {r['forward_continuous_ms']} ({r['parts_continuous']:g})"
-            f" | {r['slowdown_continuous']:+.1%} | {verdict} |"
+            f" | {' | '.join(cells)} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
 
