@@ -1,7 +1,8 @@
 # Sourced on the GPU machine (cwd: the checkout) by the scripts that run the request path
 # against the checkout: `sglang_spectrum.kernels` maps to the top-level kernels/ only when
 # installed, so a shim package in /tmp/shim links it; PYTHONPATH puts the shim before the
-# parcels' /tmp/site (scripts/gpu_setup.sh).
+# parcels' /tmp/site (scripts/gpu_setup.sh); PYTHONSAFEPATH: never import the repo's own
+# sglang_spectrum/ from the cwd.
 rm -rf /tmp/shim && mkdir -p /tmp/shim && cp -r sglang_spectrum /tmp/shim/ \
   && ln -s "$PWD/kernels" /tmp/shim/sglang_spectrum/kernels
 export PYTHONPATH=/tmp/shim:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1

@@ -2,7 +2,7 @@
 # Fetch, here on the CPU machine, everything the GPU machine (no internet; Python 3.12,
 # torch 2.11.0+cu130 at /opt/torch/.venv) needs for SGLang 0.5.17 PD serving with our
 # package, and pack it into parcels that fit the device tool's 64 MiB per call (the
-# ~3 MiB checkout travels too):
+# checkout travels too: ~8.3 MiB on 2026-12-04, with the committed results):
 #
 #   bash scripts/gpu_fetch.sh            # -> .gpu/pN/ (one folder per device call) + .gpu/MANIFEST
 #
@@ -25,7 +25,7 @@ BUILD=$G/build
 PY=${PY:-python3}
 PY312=${PY312:-$HOME/.pyenv/versions/3.12.1/bin/python3.12}
 command -v "$PY312" >/dev/null 2>&1 || PY312=python3.12
-CALL_MIB=${GPU_CALL_MIB:-57}   # parcels per call; the checkout travels beside them (64 MiB in all)
+CALL_MIB=${GPU_CALL_MIB:-54}   # parcels per call; the checkout travels beside them (64 MiB in all)
 XZ_THREADS=${XZ_THREADS:-0}
 mkdir -p "$DL" "$BUILD"
 
