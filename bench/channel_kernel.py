@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from request_path import copy_ms, events, make_pools, paged_slots  # noqa: E402
+from request_path import copy_ms, events, make_pools, paged_slots, write_results  # noqa: E402
 
 from sglang_spectrum import kernels as K  # noqa: E402
 from sglang_spectrum.codec import header_tier_map, read_header  # noqa: E402
@@ -200,12 +200,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("channel_kernel: needs a CUDA device")
     result = run(args)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "channel_kernel.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    (out / "channel_kernel.md").write_text(md)
-    print(md)
+    write_results(args.out, "channel_kernel", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ Writes ``interference.json`` (``hardware`` field) and ``interference.md``::
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from request_path import make_pools, paged_slots  # noqa: E402
+from request_path import make_pools, paged_slots, write_results  # noqa: E402
 
 from sglang_spectrum.config import SpectrumConfig  # noqa: E402
 from sglang_spectrum.transfer import pack_request, packed_size_bound  # noqa: E402
@@ -238,12 +237,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("interference.py measures GPU contention: it needs a CUDA device")
     result = run(args)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "interference.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    (out / "interference.md").write_text(md)
-    print(md)
+    write_results(args.out, "interference", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -138,6 +138,15 @@ def kernel_times(kp, vp, kd, vd, slots, dst, region, res, iters, warmup, fp8_dst
     return pack, unpack
 
 
+def write_results(out_dir: str, name: str, result, md: str) -> None:
+    """``<out_dir>/<name>.json`` (``result``) and ``<name>.md`` (``md``); prints ``md``."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.md").write_text(md)
+    print(md)
+
+
 def copy_ms(full_bytes, device, iters, warmup) -> float:
     src = torch.empty(full_bytes // 2, dtype=torch.bfloat16, device=device).uniform_()
     dst = torch.empty_like(src)
