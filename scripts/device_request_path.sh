@@ -44,6 +44,10 @@ start=$(date +%s)
 timeout 60 python3 -m pytest tests/test_sglang_plugin.py -k metadata_rows -v -p no:cacheprovider \
   >> "$OUT/pytest.log" 2>&1
 echo "pytest (metadata rows in device memory) rc=$? in $(( $(date +%s) - start )) s"
+start=$(date +%s)
+timeout 60 python3 -m pytest -m gpu tests/test_backend_state.py -k warm_up -v -p no:cacheprovider \
+  >> "$OUT/pytest.log" 2>&1
+echo "pytest (the decode's kernel warm-up under host staging) rc=$? in $(( $(date +%s) - start )) s"
 grep -E "PASSED|FAILED|ERROR|GPU |Error|assert|passed|failed" "$OUT/pytest.log" \
   | cut -c1-200 | tail -45
 

@@ -577,3 +577,62 @@ def test_unsupported_deployments_are_named_in_one_line(monkeypatch):
         assert words in problem and "\n" not in problem, (words, problem)
     monkeypatch.setenv("SGLANG_DISAGG_STAGING_BUFFER", "1")
     assert "staging" in unsupported_deployment(ok)
+
+
+# ----------------------------------------------------------------------------- warm-up
+
+
+def _warm_up_case(device: str):
+    """Zero pools (as at startup) of 2 layers x 2 KV heads x 64 on ``device``, the two
+    configs an ``auto`` server warms up (lossless and the lowest budget) and their bound."""
+    import torch
+
+    from sglang_spectrum.config import SpectrumConfig
+    from sglang_spectrum.transfer import packed_size_bound
+
+    kp = [torch.zeros(128, 2, 64, dtype=torch.bfloat16, device=device) for _ in range(2)]
+    vp = [torch.zeros_like(p) for p in kp]
+    configs = [SpectrumConfig(budget=b, key_scales="channel", allow_drop=False) for b in (0.3, 1.0)]
+
+    def bound(n, cfg):
+        return packed_size_bound(n, 2, 2, 64, torch.bfloat16, cfg)
+
+    return kp, vp, configs, bound
+
+
+def test_warm_up_packs_and_unpacks_through_an_arena_region_and_gives_it_back():
+    """Finding 14: the kernels compile at startup. Here on the CPU (torch path): every
+    config runs through a region of the arena, the arena is empty afterwards, the zero
+    pools stay zero, and a full arena stops the warm-up instead of failing it."""
+    import torch
+
+    from sglang_spectrum.sglang_plugin.manager import warm_up_kernels
+
+    kp, vp, configs, bound = _warm_up_case("cpu")
+    arena = RegisteredArena(1 << 20, torch.device("cpu"), None, "receive")
+    assert warm_up_kernels(kp, vp, arena, configs, bound) == ["torch", "torch"]
+    assert arena.in_use == 0
+    assert all(bool((p == 0).all()) for p in kp + vp)
+    held = arena.alloc(arena.size)  # nothing left for a warm-up region
+    assert warm_up_kernels(kp, vp, arena, configs, bound) == []
+    held.release()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_warm_up_under_host_staging_packs_on_the_device_and_stages_the_bytes():
+    """The decode's receive arena is pinned host memory under host staging (Mooncake TCP):
+    the warm-up packed into it and failed ("out must be a uint8 tensor on cuda:0", every
+    TCP decode log of the H200 runs), so the first request paid the JIT. Now it packs on
+    the pools' device, stages the bytes into the host region and unpacks from there."""
+    import torch
+
+    from sglang_spectrum.sglang_plugin.manager import warm_up_kernels
+
+    kp, vp, configs, bound = _warm_up_case("cuda")
+    for where in ("cpu", "cuda"):  # host staging, device staging
+        arena = RegisteredArena(1 << 20, torch.device(where), None, "receive")
+        assert warm_up_kernels(kp, vp, arena, configs, bound) == ["kernels", "kernels"]
+        assert arena.in_use == 0
+    torch.cuda.synchronize()
+    assert all(bool((p == 0).all()) for p in kp + vp)

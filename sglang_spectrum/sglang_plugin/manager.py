@@ -80,6 +80,47 @@ def pool_layout(
     }
 
 
+def warm_up_kernels(
+    k_pools: list[torch.Tensor],
+    v_pools: list[torch.Tensor],
+    arena: RegisteredArena,
+    configs: list[Any],
+    region_bound: Any,
+    fp8: Any = None,
+) -> list[str]:
+    """Pack the first 64 slots of the pools and unpack them into the same slots, once per
+    codec config, through a region of ``arena`` (``region_bound(tokens, cfg)`` bytes):
+    the kernels compile here, not in a request. A receive arena in pinned host memory
+    (host staging) gets the bytes as a part arrives there: packed into a scratch buffer
+    on the pools' device, then copied in. Returns each config's path (``kernels`` or
+    ``torch``); stops early (shorter list) when the arena has no room; raises what the
+    request path raises."""
+    from sglang_spectrum.transfer import pack_request, unpack_request
+
+    device = k_pools[0].device
+    n = min(64, int(k_pools[0].shape[0]))
+    slots = torch.arange(n, dtype=torch.int64, device=device)
+    paths = []
+    for cfg in configs:
+        bound = region_bound(n, cfg)
+        region = arena.alloc(bound)
+        if region is None:
+            break
+        try:
+            view = region.view()
+            out = view
+            if view.device != device:  # host staging: pack on the device, stage it in
+                out = torch.empty(bound, dtype=torch.uint8, device=device)
+            info = pack_request(k_pools, v_pools, slots, cfg, out=out, fp8=fp8)
+            if out is not view:
+                view[: info.nbytes].copy_(out[: info.nbytes])
+            unpack_request(view, k_pools, v_pools, slots, fp8=fp8)
+            paths.append(info.path)
+        finally:
+            region.release()
+    return paths
+
+
 def _pool_problem(pool: Any) -> str:
     """'' for a plain MHA token pool with per-layer NHD ``[slots, kv_heads, head_dim]``
     K and V buffers of a supported dtype, else why not, in one line."""
@@ -371,34 +412,22 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         return min(tokens, int(context)) if context else tokens
 
     def _warm_up(self) -> None:
-        """JIT-compile the pack and unpack kernels now, not in the first request: pack a
-        few slots of the (still empty) pool and unpack them into the same slots, at the
+        """JIT-compile the pack and unpack kernels now, not in the first request, at the
         fixed budget, or under ``auto`` at both ends of its range (the lossless gather
         and the codec: a compile inside a request would also mislead the cost estimate)."""
-        from sglang_spectrum.transfer import pack_request, unpack_request
-
-        n = min(64, int(self.k_pools[0].shape[0]))
-        slots = torch.arange(n, dtype=torch.int64, device=self.k_pools[0].device)
         budgets = {self.options.budget, self.options.lowest_budget}
-        for cfg in [self.codec_config(b) for b in sorted(budgets)]:
-            region = self.arena.alloc(self.region_bound(n, cfg))
-            if region is None:
-                return
-            try:
-                info = pack_request(
-                    self.k_pools, self.v_pools, slots, cfg, out=region.view(), fp8=self.fp8
-                )
-                unpack_request(region.view(), self.k_pools, self.v_pools, slots, fp8=self.fp8)
-                logger.info(
-                    "SpectrumKV %s: kernels warmed up at b=%g (%s path)",
-                    self.role,
-                    cfg.budget,
-                    info.path,
-                )
-            except Exception as e:
-                logger.warning("SpectrumKV %s: kernel warm-up failed: %s", self.role, e)
-            finally:
-                region.release()
+        configs = [self.codec_config(b) for b in sorted(budgets)]
+        try:
+            paths = warm_up_kernels(
+                self.k_pools, self.v_pools, self.arena, configs, self.region_bound, self.fp8
+            )
+        except Exception as e:
+            logger.warning("SpectrumKV %s: kernel warm-up failed: %s", self.role, e)
+            return
+        for cfg, path in zip(configs, paths):
+            logger.info(
+                "SpectrumKV %s: kernels warmed up at b=%g (%s path)", self.role, cfg.budget, path
+            )
 
     def stream_chunk_tokens(self) -> int:
         """Prefill: the chunk size its requests are sent in parts of (0 = one part)."""
