@@ -83,8 +83,13 @@ def test_late_grant_and_abort_for_a_cleared_room_create_nothing():
     assert rooms.sizes() == {"rooms": 0, "tombstones": 1}
     assert rooms.grant(grant(3, gen=11)) == ("stale", None)  # a duplicate of the old grant
     assert rooms.sizes()["rooms"] == 0
-    # a late abort is acknowledged at once (nothing in flight); its orphan entry expires
+    # a late abort is acknowledged at once (nothing in flight) and leaves nothing behind
     assert rooms.abort(3, target(11)) == [target(11)]
+    assert rooms.sizes() == {"rooms": 0, "tombstones": 1}
+    # an abort of a room never seen here leaves an aborted entry: a sender opened later
+    # finds it aborted (the entry expires as an orphan)
+    assert rooms.abort(5, target(11)) == [target(11)]
+    assert rooms.sizes()["rooms"] == 1 and rooms.get(5).aborted
     # the same room reused (PD re-bootstrap): a new generation is a new receiver
     rooms2 = PrefillRooms()
     rooms2.open(3)

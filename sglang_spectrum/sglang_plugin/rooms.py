@@ -219,8 +219,10 @@ class PrefillRooms:
         with self.lock:
             state = self._rooms.get(room)
             if state is None:
-                # cleared (nothing in flight) or never seen: a sender created later
-                # finds it aborted (an orphan entry, dropped after orphan_ttl_s)
+                if self._tombstoned(room, target.generation):
+                    return [target]  # cleared with nothing in flight: nothing to wait for
+                # never seen: a sender created later finds it aborted (an orphan entry,
+                # dropped after orphan_ttl_s)
                 state = self._state(room)
             state.aborted = True
             state.job = None
@@ -231,6 +233,11 @@ class PrefillRooms:
             if state.cleared:
                 del self._rooms[room]
             return targets
+
+    def _tombstoned(self, room: int, generation: int) -> bool:
+        """A grant of ``room`` by the receiver of ``generation`` was cleared (lock held;
+        a scan: late aborts are rare and tombstones expire)."""
+        return any(r == room and g == int(generation) for r, _, g in self._tombstones)
 
     # -- transfer workers
 
