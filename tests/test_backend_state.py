@@ -302,6 +302,33 @@ def test_sent_unpacks_once_and_releases():
     assert state.fail_local() == (False, None)  # nothing held: no abort
 
 
+def test_an_abort_during_an_unpack_waits_for_that_part_only():
+    """Finding 12: the scheduler's abort waits for the part being unpacked (never more),
+    then no later part is unpacked: SGLang 0.5.17 frees the request's KV pages as soon
+    as ``abort()`` returns, so an unpack still writing then would write into pages of
+    another request."""
+    state = ReceiveState(generation=5)
+    state.reserve(lambda: FakeRegion())
+    unpacking, part_done = threading.Event(), threading.Event()
+
+    def unpack_one_part():
+        with state.lock:
+            assert state.begin_unpack(5) is not None
+            unpacking.set()
+            time.sleep(0.2)  # the part's unpack
+            part_done.set()
+
+    worker = threading.Thread(target=unpack_one_part)
+    worker.start()
+    assert unpacking.wait(5)
+    assert state.fail_local() == (True, None)  # the abort: waits for the part
+    assert part_done.is_set()
+    worker.join()
+    with state.lock:
+        assert state.begin_unpack(5) is None  # the next part is not unpacked
+    assert state.holds_region  # until the prefill acknowledges the abort
+
+
 def test_receive_arena_deferral_under_a_full_arena_with_a_real_arena():
     arena = RegisteredArena(1 << 12, __import__("torch").device("cpu"), None, "receive")
     states = [ReceiveState() for _ in range(6)]
