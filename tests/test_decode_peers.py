@@ -74,8 +74,9 @@ def test_a_prefill_announcing_options_the_decode_cannot_read_is_refused_in_one_l
 
 def test_a_stale_peer_failure_makes_the_decode_verify_that_prefill_again(prefill_info):
     """Finding 10: a prefill restarted with other options answers ``Failed(stale_peer)``;
-    the decode drops what it knew about that prefill (verdict, identity, SGLang's cached
-    rank connections) and keeps what it knows about the others."""
+    the decode drops what it knew about that prefill (verdict, identity, whether it runs
+    another backend, SGLang's cached rank connections) and keeps what it knows about the
+    others."""
     addr, body = prefill_info
     other = "127.0.0.1:1"
     decode = FakeDecode()
@@ -84,6 +85,7 @@ def test_a_stale_peer_failure_makes_the_decode_verify_that_prefill_again(prefill
     decode._prefill_peers[other] = {"instance": "b"}
     decode.prefill_info_table.update({addr: object(), other: object()})
     decode.connection_pool.update({f"{addr}_0_0": 1, f"{other}_0_0": 2})
+    decode._foreign_prefills.update({addr, other})  # as if both had run another backend
 
     class Receiver:
         bootstrap_addr = addr
@@ -99,6 +101,7 @@ def test_a_stale_peer_failure_makes_the_decode_verify_that_prefill_again(prefill
     assert addr not in decode._prefill_verdicts and addr not in decode._prefill_peers
     assert addr not in decode.prefill_info_table
     assert list(decode.connection_pool) == [f"{other}_0_0"]
+    assert not decode.prefill_is_foreign(addr) and decode.prefill_is_foreign(other)
     assert decode.prefill_verdict(other) == "" and other in decode._prefill_peers
     # the next request verifies the restarted prefill again, and sees its new instance
     body["json"]["server"] = {"instance": "a2"}
