@@ -140,6 +140,9 @@ def half(request, model_path) -> PDDeployment:
 def _counters(d: PDDeployment) -> dict[str, float]:
     return {
         "sent": d.metric(d.prefill_url, "spectrumkv_sent_bytes_total", role="prefill"),
+        # SGLang's own per-request transfer size (finding 14: it read 0), in MiB
+        "sglang_mb": d.metric(d.prefill_url, "sglang:kv_transfer_total_mb_sum"),
+        "sglang_n": d.metric(d.prefill_url, "sglang:kv_transfer_total_mb_count"),
         "p_full": d.metric(d.prefill_url, "spectrumkv_full_bytes_total", role="prefill"),
         "received": d.metric(d.decode_url, "spectrumkv_received_bytes_total", role="decode"),
         "d_full": d.metric(d.decode_url, "spectrumkv_full_bytes_total", role="decode"),
@@ -167,6 +170,9 @@ def test_half_budget_bytes_counted_on_both_sides(half):
     print(f"\nbytes: {delta}, 16-bit KV of {prompt_tokens} tokens = {full_bytes}")
     assert delta["p_full"] == full_bytes and delta["d_full"] == full_bytes
     assert delta["sent"] == delta["received"] > 0
+    # SGLang's kv_transfer_total_mb counts the same packed bytes, one sample a request
+    assert delta["sglang_n"] == 3
+    assert delta["sglang_mb"] == pytest.approx(delta["sent"] / 2**20, rel=1e-6)
     assert delta["sent"] <= 0.5 * full_bytes, delta["sent"] / full_bytes
     assert delta["received"] <= 0.5 * full_bytes
     # per request too, and with all three tiers in use

@@ -53,6 +53,7 @@ class SpectrumKVSender(compat.SenderLifecycle, CommonKVSender):
 
     def __init__(self, *args: Any, **kwargs: Any):
         self.created = time.perf_counter()  # the adaptive budget's SLO clock
+        self._sent_bytes = 0  # packed bytes written, kept at clear() for the metric
         super().__init__(*args, **kwargs)
         self.kv_mgr.open_room(self.bootstrap_room, self)
 
@@ -67,7 +68,19 @@ class SpectrumKVSender(compat.SenderLifecycle, CommonKVSender):
             self.kv_mgr.fail_room(room, self.kv_mgr.failure_records.get(room, "timed out"))
         return status
 
+    def get_transfer_metric(self) -> Any:
+        """SGLang's transfer metric (``sglang:kv_transfer_total_mb`` / ``_speed_gb_s``)
+        with the bytes that crossed the wire, the packed parts, instead of Common's
+        count: the 16-bit bytes of every page the request covers."""
+        metric = super().get_transfer_metric()
+        sent = self._sent_bytes or self.kv_mgr.room_sent_bytes(self.bootstrap_room)
+        if sent:
+            metric.transfer_total_bytes = sent
+        return metric
+
     def clear(self) -> None:
+        # SGLang clears a sender before it reads the transfer metric: keep the count
+        self._sent_bytes = self.kv_mgr.room_sent_bytes(self.bootstrap_room)
         super().clear()
         self.kv_mgr.forget_room(self.bootstrap_room)
 

@@ -124,6 +124,11 @@ class PrefillSide:
                 logger.error("SpectrumKV: %s", verdict)
         return verdict
 
+    def room_sent_bytes(self, room: int) -> int:
+        """Packed bytes written for ``room`` so far (0: none, or the room is gone)."""
+        state = self.rooms.get(room)
+        return int(state.part_totals.get("sent_bytes", 0)) if state is not None else 0
+
     def _room_alive(self, room: int) -> bool:
         """SGLang still tracks this room's sender (its status entry exists)."""
         return room in self.request_status
