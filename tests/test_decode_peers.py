@@ -1,6 +1,6 @@
 """What the decode side knows about its prefill peers, and the failures it reports, driven
 by a fake prefill (a real HTTP server on 127.0.0.1 answering ``/spectrum/info``) and
-SGLang's real error class: no SGLang servers needed (issue 19, findings 10, 12 and 14)."""
+SGLang's real error class: no SGLang servers needed (issue 19, findings 3, 10, 12 and 14)."""
 
 from __future__ import annotations
 
@@ -147,3 +147,35 @@ def test_a_failure_without_a_reason_here_is_from_another_rank(recorded):
     assert endpoint.cleared and 5 not in Mgr.failure_records
     unknown = "Failed due to an unknown reason from another rank"
     assert err.value.failure_reason == (recorded or unknown)
+
+
+def test_a_deferred_receiver_whose_request_failed_stops_waiting():
+    """Finding 3: a receiver deferred by a full receive arena returned WaitingForInput
+    forever once its request had failed (prefill refusal, heartbeat, timeout). Its poll
+    now concludes Failed first, leaves the manager's deferred list and sends no Abort
+    (nothing was granted, so nobody can write)."""
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    from sglang_spectrum.sglang_plugin.endpoints import SpectrumKVReceiver
+    from sglang_spectrum.sglang_plugin.rooms import ReceiveState
+
+    class Mgr:
+        request_status = {5: KVPoll.WaitingForInput}
+        failure_records: dict = {}
+        deferred: set = set()
+
+        def unregister_deferred(self, receiver) -> None:
+            self.deferred.discard(receiver)
+
+    receiver = SpectrumKVReceiver.__new__(SpectrumKVReceiver)  # its poll, not its bootstrap
+    receiver.kv_mgr, receiver.bootstrap_room, receiver.conclude_state = Mgr(), 5, None
+    receiver.state = ReceiveState()
+    assert receiver.state.reserve(lambda: None) == "deferred"  # the arena is full
+    receiver.kv_mgr.deferred.add(receiver)
+    assert receiver.poll() == KVPoll.WaitingForInput  # back-pressure while it is alive
+    receiver.kv_mgr.request_status[5] = KVPoll.Failed
+    receiver.kv_mgr.failure_records[5] = "prefill refused the request"
+    assert receiver.poll() == KVPoll.Failed
+    assert receiver.conclude_state == KVPoll.Failed and receiver.state.phase == "failed"
+    assert receiver not in receiver.kv_mgr.deferred
+    assert not receiver.state.holds_region and receiver.state.abort_sent_at is None
