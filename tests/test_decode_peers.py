@@ -1,6 +1,6 @@
 """What the decode side knows about its prefill peers, and the failures it reports, driven
 by a fake prefill (a real HTTP server on 127.0.0.1 answering ``/spectrum/info``) and
-SGLang's real error class: no SGLang servers needed (issue 19, findings 3, 10, 12 and 14)."""
+SGLang's real error class: no SGLang servers needed (issue 19, findings 3, 8, 10, 12 and 14)."""
 
 from __future__ import annotations
 
@@ -179,3 +179,48 @@ def test_a_deferred_receiver_whose_request_failed_stops_waiting():
     assert receiver.conclude_state == KVPoll.Failed and receiver.state.phase == "failed"
     assert receiver not in receiver.kv_mgr.deferred
     assert not receiver.state.holds_region and receiver.state.abort_sent_at is None
+
+
+def test_a_late_failed_after_abort_and_clear_records_nothing():
+    """Finding 8: a prefill's ``Failed`` that arrives after the scheduler aborted and
+    cleared the receiver re-created SGLang's status and failure entries for the room.
+    Now it only frees the region the abort kept and unregisters the receiver."""
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    from sglang_spectrum.sglang_plugin.endpoints import SpectrumKVReceiver
+    from sglang_spectrum.sglang_plugin.rooms import ReceiveState
+
+    class Region:
+        released = False
+
+        def release(self) -> None:
+            self.released = True
+
+    class Mgr:
+        request_status: dict = {}  # SGLang's clear() popped the room
+        failure_records: dict = {}
+        metrics = None
+        registered = True
+
+        def record_failure(self, room, reason) -> None:
+            self.failure_records[room] = reason
+
+        def update_status(self, room, status) -> None:
+            self.request_status[room] = status
+
+        def retry_deferred(self) -> None:
+            pass
+
+        def unregister_receiver(self, receiver) -> None:
+            self.registered = False
+
+    receiver = SpectrumKVReceiver.__new__(SpectrumKVReceiver)  # its handlers, not its bootstrap
+    receiver.kv_mgr, receiver.bootstrap_room = Mgr(), 5
+    receiver.state, region = ReceiveState(), Region()
+    assert receiver.state.reserve(lambda: region) == "granted"
+    receiver.conclude_state = KVPoll.Failed  # the scheduler's abort ...
+    assert receiver.state.fail_local() == (True, None)  # ... sent an Abort, kept the region
+    receiver.state.cleared = True  # ... and SGLang cleared the receiver
+    receiver.on_failed("the prefill gave the request up")
+    assert receiver.kv_mgr.request_status == {} and receiver.kv_mgr.failure_records == {}
+    assert region.released and not receiver.kv_mgr.registered
