@@ -122,3 +122,25 @@ def test_planned_layout_from_sglang_model_config():
     # a pool smaller than the context: the KV memory caps the longest request
     assert _longest_region(runner, kv_memory=full // 4, opts=opts) < longest / 3
     assert compat.planned_kv_layout(types.SimpleNamespace()) is None
+
+
+def test_the_arena_option_help_states_the_sizes_the_code_uses():
+    """Finding 5: ``--spectrum-arena-mb``'s help gave another range than the arena got.
+    The help's numbers are the code's: pool x budget / 4, 64 MiB to 8 GiB, at least the
+    send regions of SEND_DEPTH chunks on a prefill."""
+    import argparse
+
+    from sglang_spectrum.sglang_plugin.manager import SEND_DEPTH
+    from sglang_spectrum.sglang_plugin.options import add_cli_args
+    from sglang_spectrum.sglang_plugin.transport import MAX_ARENA, MIN_ARENA, arena_bytes
+
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    action = next(a for a in parser._actions if "--spectrum-arena-mb" in a.option_strings)
+    text = " ".join(action.help.split())
+    assert "arena = pool x budget / 4" in text
+    assert f"{MIN_ARENA >> 20} MiB to {MAX_ARENA >> 30} GiB" in text
+    assert f"at least {SEND_DEPTH} chunks' send buffers" in text
+    gib = 1 << 30
+    assert arena_bytes(0, 16 * gib, 0.5) == 2 * gib  # pool x budget / 4
+    assert arena_bytes(0, 64 << 20, 0.5) == MIN_ARENA and arena_bytes(0, 400 * gib, 1) == MAX_ARENA
