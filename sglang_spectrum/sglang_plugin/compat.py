@@ -132,6 +132,16 @@ def req_pool_idx(req: Any) -> int | None:
     return None if idx is None else int(idx)
 
 
+def extend_whole_prompt(req: Any, num_tokens: int) -> None:
+    """Make a new ``Req`` extend over its whole prompt of ``num_tokens`` (no prefix), as
+    ``benchmark/one_batch.py`` does: 0.5.17 ``req.set_extend_range(0, n)`` (:458), 0.5.23
+    ``req.extend_end = n`` (:473)."""
+    if hasattr(req, "set_extend_range"):  # 0.5.17
+        req.set_extend_range(0, int(num_tokens))
+    else:
+        req.extend_end = int(num_tokens)
+
+
 def prompt_slots(scheduler: Any, room: int) -> tuple[Any, str] | None:
     """``(slots, rid)`` of a prefill request at its last chunk: int64 ``[prompt_len]``
     pool slots of every prompt position (prefix the decode holds included; on the

@@ -26,10 +26,11 @@ starts decoding, without a second prefill forward (the prefill is
 deterministic, so this is the KV a second extend would produce; it is also
 exactly what a PD decode server receives: the prompt KV and the first token).
 
-Every SGLang access that differs between the supported releases (0.5.17 and
-0.5.23) is one of the small helpers in the first section below (the backend's
-own, ``needs_mlp_sync`` and ``req_pool_idx``, come from :mod:`.compat`); the rest
-of the module only calls them.
+Every SGLang object the probe touches is reached through one of the small helpers in
+the first section below (file:line of each release in their docstrings); what differs
+between the supported releases (0.5.17 and 0.5.23) is read through :mod:`.compat`
+(``needs_mlp_sync``, ``req_pool_idx``, ``extend_whole_prompt``). The rest of the module
+only calls them.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch
 
 from sglang_spectrum.config import SpectrumConfig
 
-from .compat import needs_mlp_sync, req_pool_idx
+from .compat import extend_whole_prompt, needs_mlp_sync, req_pool_idx
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUMBER_DONE = re.compile(r"\d[^\d,]")  # a digit run (commas allowed) followed by a non-digit
@@ -144,8 +145,7 @@ def new_probe_req(ids: list[int], max_new_tokens: int) -> Any:
     """A greedy ``Req`` over the whole prompt (no prefix), as
     ``prepare_synthetic_inputs_for_latency_test`` builds it.
 
-    0.5.23 (benchmark/one_batch.py:473): ``req.extend_end = len(ids)``; 0.5.17
-    (benchmark/one_batch.py:458): ``req.set_extend_range(0, len(ids))``. Both
+    The extend range differs between releases (:func:`.compat.extend_whole_prompt`). Both
     (``Req``: 0.5.17 managers/schedule_batch.py:771, 0.5.23 :1033):
     ``origin_input_ids`` an ``array('q')`` aliased by ``full_untruncated_fill_ids``.
     """
@@ -161,10 +161,7 @@ def new_probe_req(ids: list[int], max_new_tokens: int) -> Any:
     )
     req.full_untruncated_fill_ids = req.origin_input_ids
     req.logprob_start_len = -1
-    if hasattr(req, "set_extend_range"):  # 0.5.17
-        req.set_extend_range(0, len(origin))
-    else:  # 0.5.23
-        req.extend_end = len(origin)
+    extend_whole_prompt(req, len(origin))
     return req
 
 
