@@ -16,7 +16,6 @@ Usage (H200)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -25,7 +24,14 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from request_path import copy_ms, events, make_pools, paged_slots, write_results  # noqa: E402
+from request_path import (  # noqa: E402
+    copy_ms,
+    events,
+    gpu_bench_parser,
+    make_pools,
+    paged_slots,
+    run_gpu_bench,
+)
 
 from sglang_spectrum import kernels as K  # noqa: E402
 from sglang_spectrum.codec import header_tier_map, read_header  # noqa: E402
@@ -185,22 +191,11 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 4096])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3])
-    ap.add_argument("--page", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=32)
+    ap = gpu_bench_parser(__doc__, tokens=[16384, 4096], budgets=[0.3])
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N of SHAPES")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("channel_kernel: needs a CUDA device")
-    result = run(args)
-    write_results(args.out, "channel_kernel", result, markdown(result))
+    run_gpu_bench("channel_kernel", ap.parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ Writes ``interference.json`` (``hardware`` field) and ``interference.md``::
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -46,7 +45,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from request_path import make_pools, paged_slots, write_results  # noqa: E402
+from request_path import (  # noqa: E402
+    gpu_bench_parser,
+    make_pools,
+    paged_slots,
+    run_gpu_bench,
+)
 
 from sglang_spectrum.config import SpectrumConfig  # noqa: E402
 from sglang_spectrum.transfer import pack_request, packed_size_bound  # noqa: E402
@@ -224,20 +228,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 2048])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
+    ap = gpu_bench_parser(__doc__, tokens=[8192, 2048], budgets=[0.3, 0.5])
     ap.add_argument("--key-scales", nargs="+", default=["token", "channel"])
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--page", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("interference.py measures GPU contention: it needs a CUDA device")
-    result = run(args)
-    write_results(args.out, "interference", result, markdown(result))
+    run_gpu_bench("interference", ap.parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,27 @@ def kernel_times(kp, vp, kd, vd, slots, dst, region, res, iters, warmup, fp8_dst
     return pack, unpack
 
 
+def gpu_bench_parser(doc: str, tokens: list[int], budgets: list[float]) -> argparse.ArgumentParser:
+    """The options the GPU request-path benches share (their own ones are added after)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tokens", type=int, nargs="+", default=tokens)
+    ap.add_argument("--budgets", type=float, nargs="+", default=budgets)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--page", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    return ap
+
+
+def run_gpu_bench(name: str, args, run, markdown) -> None:
+    """``run(args)`` on a CUDA device, then :func:`write_results` of ``name``."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{name}: needs a CUDA device")
+    result = run(args)
+    write_results(args.out, name, result, markdown(result))
+
+
 def write_results(out_dir: str, name: str, result, md: str) -> None:
     """``<out_dir>/<name>.json`` (``result``) and ``<name>.md`` (``md``); prints ``md``."""
     out = pathlib.Path(out_dir)
