@@ -437,6 +437,12 @@ class PDDeployment:
         self.procs.insert(self.procs.index(old) + 1, decode)
         decode.start()
         self._wait_healthy([(decode, self.decode_url)], t0, timeout_s)
+        if any(p.name == "router" for p in self.procs):
+            # a router that took the decode out (failed health checks) routes to it again
+            # only after its next successful check: requests sent before that would fail
+            self._wait_healthy(
+                [(self.proc("router"), self.router_url)], t0, timeout_s, self._router_ready
+            )
         return time.monotonic() - t0
 
     @staticmethod
@@ -444,7 +450,12 @@ class PDDeployment:
         # /health answers before the workers are registered; /readiness waits for them
         if requests.get(f"{url}/readiness", timeout=5).status_code != 200:
             return False
-        stats = requests.get(f"{url}/workers", timeout=5).json().get("stats", {})
+        body = requests.get(f"{url}/workers", timeout=5).json()
+        workers = body.get("workers") or []
+        if workers and all("is_healthy" in w for w in workers):  # and for their health
+            healthy = {w.get("worker_type") for w in workers if w.get("is_healthy")}
+            return {"prefill", "decode"} <= healthy
+        stats = body.get("stats", {})
         return stats.get("prefill_count", 0) >= 1 and stats.get("decode_count", 0) >= 1
 
     def _wait_healthy(
