@@ -518,15 +518,10 @@ def main(argv=None) -> None:
         args.page, args.iters, args.warmup = 8, 2, 1
         args.pools = list(POOLS)
     rows, meta = run(args)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = "request_path_smoke" if args.smoke else "request_path"
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "records": rows}, indent=1))
-    md = markdown(rows, meta)
-    (out / f"{name}.md").write_text(md)
+    write_results(args.out, name, {"meta": meta, "records": rows}, markdown(rows, meta))
     if not args.smoke:
-        plot(rows, out / f"{name}.png")
-    print(md)
+        plot(rows, pathlib.Path(args.out) / f"{name}.png")
 
 
 if __name__ == "__main__":
