@@ -1,7 +1,7 @@
 """Lossless serving, prefix reuse, client aborts and DP on real PD deployments (slow).
 
 One ``spectrum`` deployment at budget 1.0 (lossless: outputs must equal a
-single non-disaggregated server's) with the decode's radix cache on and the
+single non-disaggregated server's; every part written page to page, ``--spectrum-direct``) with the decode's radix cache on and the
 test-only transfer delay for rids containing ``spectrum-delay``:
 
 * lossless: the same prompts through the single server and the deployment give
@@ -12,8 +12,9 @@ test-only transfer delay for rids containing ``spectrum-delay``:
 * prefix reuse: the decode already holds a page-aligned prefix of the second
   prompt; the prefill packs and sends only the rest (importance scored over
   the whole prompt), and the answer is the single server's;
-* a client abort while the transfer waits: the request ends, the prefill
-  acknowledges, nothing lands afterwards (the next requests, whose KV reuses
+* a client abort while the transfer waits: the request ends once the prefill
+  acknowledges (the decode holds the pages a direct write may land in until then),
+  nothing lands afterwards (the next requests, whose KV reuses
   the freed slots, answer exactly as before), token usage returns to 0;
 * (load under churn: tests/test_soak.py, the soak benchmark's CI variant.)
 """
@@ -136,10 +137,14 @@ def test_client_abort_during_transfer_leaves_nothing_behind(pd, reference):
     rid = "abort-spectrum-delay-1"
     prompt = "Abort me. " + FILLER * 20 + "End."
     thread, result = start_delayed_request(pd, prompt, rid, 8, 120)
+    delayed_at = time.monotonic()  # the direct write of its pages lands DELAY_S from now
     plog = pd.proc("prefill").log_path
     r = requests.post(f"{pd.decode_url}/abort_request", json={"rid": rid}, timeout=10)
     assert r.status_code == 200
     thread.join(timeout=120)
+    # the decode kept the request's pages (SGLang frees them once it ends) until the
+    # prefill acknowledged, after its delayed write: no write can land in reused pages
+    assert time.monotonic() - delayed_at >= DELAY_S - 1.0
     # the client got no answer built from that KV
     if "r" in result:
         assert result["r"]["meta_info"]["finish_reason"]["type"] == "abort", result
@@ -192,7 +197,9 @@ def test_budget_1_is_lossless_and_counted(lossless):
         )
         assert r["num_tokens"] * FULL_BYTES_PER_TOKEN == r["full_bytes"]
         assert decode[r["rid"]]["received_bytes"] == r["sent_bytes"]
-        assert r["path"] == "torch"  # CPU pools: the torch reference packs
+        # page to page (--spectrum-direct auto): the pool's own bytes, nothing unpacked
+        assert r["path"] == "direct" and r["sent_bytes"] == r["full_bytes"]
+        assert decode[r["rid"]]["direct_tokens"] == r["num_tokens"]
 
 
 def test_spectrum_plugin_active_in_scheduler_processes(lossless):
@@ -239,7 +246,8 @@ def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
 ):
     """--dp-size 2 (no DP attention) on both servers: every prefill DP rank registers
     at the bootstrap server under its own DP group (the decode waits for all of them),
-    and requests on either prefill DP rank answer exactly like one server (budget 1.0).
+    and requests on either prefill DP rank answer exactly like one server (budget 1.0,
+    packed: ``--spectrum-direct off``).
 
     SGLang's sender checks ``attn_dp_rank == room % dp_size`` unless the request names
     its prefill DP rank; without DP attention every DP scheduler has attn_dp_rank 0, so
@@ -249,7 +257,7 @@ def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
         request,
         model_path=model_path,
         backend="spectrum",
-        common_args=["--dp-size", "2"],
+        common_args=["--dp-size", "2", "--spectrum-direct", "off"],
         prefill_args=["--spectrum-budget", "1.0"],
         # SGLang's CPU path binds each rank to cores: one core per DP rank here
         prefill_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
@@ -272,4 +280,5 @@ def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
                 assert got["text"] == reference[(prompt, NEW_TOKENS)], (dp, prompt, got["text"])
     stats = [s for s in d.spectrum_stats() if s["role"] == "prefill"]
     assert len(stats) == 2 * len(prompts)
+    assert {s["path"] for s in stats} == {"torch"}  # CPU pools: the torch reference packs
     d.stop()

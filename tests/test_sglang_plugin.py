@@ -196,7 +196,8 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
                                     "--spectrum-stream", "off",
                                     "--spectrum-min-budget", "0.35",
                                     "--spectrum-ttft-slo-ms", "250",
-                                    "--spectrum-staging", "host"])
+                                    "--spectrum-staging", "host",
+                                    "--spectrum-direct", "off"])
         # a scheduler process is a child of the launcher: it inherits the environment
         code = ("import json; from sglang_spectrum.sglang_plugin.options import current_options;"
                 " print(json.dumps(current_options().to_dict()))")
@@ -217,6 +218,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "min_budget": 0.35,
         "ttft_slo_ms": 250.0,
         "staging": "host",
+        "direct": "off",
         "budget_mode": "fixed",
     }
     assert out["defaults"] == {
@@ -232,6 +234,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "min_budget": 0.3,
         "ttft_slo_ms": 0.0,
         "staging": "auto",
+        "direct": "auto",
         "budget_mode": "fixed",
     }
 
@@ -276,6 +279,7 @@ OPTION_ERRORS = {
     "alloc": (["--spectrum-allocator", "x"], "argument --spectrum-allocator: invalid choice"),
     "stream": (["--spectrum-stream", "on"], "argument --spectrum-stream: invalid choice: 'on'"),
     "staging": (["--spectrum-staging", "gpu"], "argument --spectrum-staging: invalid choice"),
+    "direct": (["--spectrum-direct", "on"], "argument --spectrum-direct: invalid choice: 'on'"),
     "drop2": (
         ["--spectrum-budget", "0.4", "--spectrum-tiers", "2"],
         "error: --spectrum-budget 0.4 is below 0.531, the least 2 tiers (FP16+INT8) can send",

@@ -12,7 +12,8 @@ from three online estimates:
   307 MiB, ~4.4 against ~12 Gb/s), and the bytes queued ahead of this part on that
   peer's pipeline;
 * the **codec cost**: seconds per 16-bit byte to pack (and, symmetric, unpack) at
-  b < 1 and at b = 1 (a plain gather), measured from this server's packs;
+  b < 1 and at b = 1 (a plain gather), measured from this server's packs; none at
+  b = 1 when the part would be written page to page (``--spectrum-direct``);
 * the **prefill compute** still to come: seconds per prompt token between the
   chunks of a request (from the scheduler's part submissions).
 
@@ -191,10 +192,12 @@ class AdaptiveBudget:
         tokens_to_compute: int,
         elapsed_s: float,
         request_tokens: int = 0,
+        direct: bool = False,
     ) -> float:
         """Budget of a part of ``full_bytes`` to ``peer``; ``tokens_to_compute``: prompt
         tokens the prefill still computes after this part; ``elapsed_s``: since the
-        request arrived (for the SLO); ``request_tokens``: the whole prompt's."""
+        request arrived (for the SLO); ``request_tokens``: the whole prompt's;
+        ``direct``: a lossless part would be written page to page (no codec cost)."""
         rate = self.rate(peer, overlapped=tokens_to_compute > 0)
         with self._lock:
             codec, copy, compute = self._codec.value, self._copy.value, self._compute.value
@@ -202,7 +205,7 @@ class AdaptiveBudget:
             rate_Bps=rate,
             queued_bytes=queued_bytes,
             codec_s_per_byte=codec or 0.0,
-            copy_s_per_byte=copy if copy is not None else (codec or 0.0) / 4,
+            copy_s_per_byte=0.0 if direct else copy if copy is not None else (codec or 0.0) / 4,
         )
         per_token = compute or 0.0
         slo_left = None if self.slo_s is None else self.slo_s - elapsed_s

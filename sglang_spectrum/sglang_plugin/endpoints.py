@@ -218,6 +218,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             return "failed"
         if outcome != "granted":
             return outcome
+        self.state.direct = mgr.pool_memory is not None
         grant = messages.Grant(
             room=self.bootstrap_room,
             generation=self.state.generation,
@@ -232,6 +233,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             required=int(getattr(self, "required_dst_info_num", 1) or 1),
             identity=mgr.identity(),
             prefill_instance=mgr.prefill_instance(self.bootstrap_addr),
+            **self._direct_offer(),
         )
         args, more = self._metadata
         with mgr.publish_grant(grant):  # one Grant per prefill rank, init_time set
@@ -240,6 +242,20 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             self._fail(mgr.failure_records.get(self.bootstrap_room, "grant not delivered"))
             return "failed"
         return "granted"
+
+    def _direct_offer(self) -> dict[str, Any]:
+        """The ``Grant`` fields that let the prefill write lossless parts straight into
+        this request's pool pages (:mod:`.direct`); none without a registered pool."""
+        mem = self.kv_mgr.pool_memory
+        if mem is None:
+            return {}
+        return {
+            "pool_ptrs": list(mem.ptrs),
+            "slot_bytes": mem.slot_bytes,
+            "pool_dtype": mem.dtype,
+            "pages": self._pages.astype("<i8").tobytes(),
+            "page_size": int(self.kv_mgr.layout["page_size"]),
+        }
 
     # -- completion (manager control thread)
 
@@ -259,12 +275,16 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
                 raise ValueError(
                     f"the prefill sent {n} tokens for {len(self._pages)} pages of {page_size}"
                 )
-            first = 0
+            first = direct = 0
             for offset, nbytes, checksum, tokens in parts:
                 with self.state.lock:
                     region = self.state.begin_unpack(sent.generation)
                     if region is None:
                         return  # aborted meanwhile: the slots may belong to another request
+                    if offset == messages.DIRECT_OFFSET and self.state.direct:
+                        direct += tokens  # already in the pool pages: nothing to unpack
+                        first += tokens
+                        continue
                     if not (0 <= offset and 0 < nbytes and offset + nbytes <= region.capacity):
                         raise ValueError(
                             f"part of {nbytes} bytes at {offset} outside the receive buffer"
@@ -295,11 +315,14 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             "tp_rank": int(mgr.attn_tp_rank),
             "num_tokens": n,
             "prefix_tokens": self._prefix_len,
-            "full_bytes": sum(int(info.layout.full_nbytes) for info in infos),
+            "full_bytes": sum(int(info.layout.full_nbytes) for info in infos)
+            + direct * mgr.full_bytes_per_token(),
+            "direct_tokens": direct,
             "received_bytes": int(sent.nbytes),
             "parts": len(parts),
-            "tiers": {  # (no parts: the decode held the whole prompt)
+            "tiers": {  # (no parts: the decode held the whole prompt; direct: top tier)
                 k: sum(info.tier_counts.get(k, 0) for info in infos)
+                + (direct if k == TIER_NAMES[0] else 0)
                 for k in TIER_NAMES
                 if k != "drop"
             },
@@ -348,6 +371,15 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
     # -- scheduler-side API
 
     def poll(self) -> int:
+        status = self._poll()
+        if status == KVPoll.Failed and self.state.pages_may_be_written:
+            # a direct write may still land in this request's pages: SGLang frees them
+            # when it sees Failed, so report it once the prefill can write no more
+            # (its Sent, Failed or AbortAck; the ack's timeout for a dead prefill)
+            return KVPoll.Transferring
+        return status
+
+    def _poll(self) -> int:
         if self.conclude_state is not None:
             return self.conclude_state
         status = self.kv_mgr.request_status.get(self.bootstrap_room, KVPoll.Failed)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from typing import Any
 
 import requests
@@ -42,6 +43,7 @@ from sglang.srt.utils.network import NetworkAddress
 
 from . import compat, messages
 from .decode_side import SWEEP_INTERVAL_S, DecodeSide
+from .direct import PoolMemory
 from .identity import layout_desc, wire_identity
 from .metrics import get_metrics
 from .options import check_no_drop, current_options, no_drop_floor, staging_problem
@@ -165,6 +167,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         self.fp8: Any = None  # FP8Pool of an FP8 KV pool (attach)
         self.arena: RegisteredArena | None = None
         self.staging: RegisteredArena | None = None  # prefill, --spectrum-staging host
+        self.pool_memory: PoolMemory | None = None  # registered for direct writes (attach)
         self.longest_tokens = 0  # of the longest request this server admits (attach)
         self.metrics: Any = None
         self.scheduler: Any = None
@@ -261,6 +264,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
                 size / (1 << 20),
                 self.staging.buf.is_pinned(),
             )
+        self.pool_memory = self._direct_pool_memory()
         self.metrics = get_metrics(self.server_args, self.role)
         logger.info(
             "SpectrumKV %s: KV pool %s (%s, %.1f MiB), %s arena %.1f MiB on %s (%s; the"
@@ -292,6 +296,22 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
             if self.metrics is not None:
                 self.metrics.set_mode(self.tiers, self.options.budget)
             self._publish_identity()
+
+    def _direct_pool_memory(self) -> PoolMemory | None:
+        """The KV pool, registered with the engine, when lossless parts may be written
+        page to page (``--spectrum-direct auto``, the pool in memory the link reads:
+        host memory, or GPU memory without host staging); else None."""
+        if self.options.direct == "off":
+            return None
+        if self.k_pools[0].is_cuda and self.options.host_staging:
+            return None
+        dtype = str(self.layout["dtype"])
+        if self.fp8 is not None:  # FP8 bytes mean the same only under the same scales
+            dtype += f"/{zlib.crc32(repr((self.fp8.k_scales, self.fp8.v_scales)).encode()):08x}"
+        memory = PoolMemory.of(self.k_pools, self.v_pools, dtype)
+        if memory is not None:
+            memory.register(self.engine)
+        return memory
 
     def _unsupported(self, pool: Any, draft: Any = None) -> str:
         """'' if the request path can pack ``pool`` (and the speculative ``draft`` pool,
@@ -367,6 +387,11 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
     ) -> int:
         """:func:`.transport.region_bytes` of this server's KV layout."""
         return region_bytes(self.layout, num_tokens, config, chunk_tokens, dtype)
+
+    def full_bytes_per_token(self) -> int:
+        """16-bit KV bytes of one token over every layer (what budgets are relative to)."""
+        lay = self.layout
+        return int(lay["layers"]) * 4 * int(lay["kv_heads"]) * int(lay["head_dim"])
 
     def _arena_size(self, scheduler: Any, device: torch.device) -> tuple[int, Any, int]:
         """(arena bytes, the memory reserved before the KV pool was sized or None,

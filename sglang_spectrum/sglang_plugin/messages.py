@@ -7,7 +7,8 @@ Decode -> prefill (to the prefill rank's PULL socket, ``CommonKVManager.rank_por
 * :class:`Grant`: one per request and decode rank (SGLang's "send metadata"):
   the receive region reserved for the packed KV, the decode's prefix length,
   its metadata (aux) row and page count, and the decode's identity again (a
-  restarted prefill that never saw the ``Register`` still verifies it).
+  restarted prefill that never saw the ``Register`` still verifies it); with
+  direct writes, its KV pool's buffers and the request's pages.
 * :class:`Abort`: the decode gave the request up; the prefill acknowledges with
   :class:`AbortAck` once no write of its own can land in the region any more.
 
@@ -40,6 +41,7 @@ TAG_ABORT = b"SPKV_ABORT"
 TAG_SENT = b"SPKV_SENT"
 TAG_FAILED = b"SPKV_FAILED"
 TAG_ABORT_ACK = b"SPKV_ABORT_ACK"
+DIRECT_OFFSET = -1  # a Sent part written straight into the decode's pool pages
 
 
 class Register(msgspec.Struct, frozen=True):
@@ -63,6 +65,12 @@ class Grant(msgspec.Struct, frozen=True):
     required: int = 1  # decode ranks that send a grant for this room (all must arrive)
     identity: dict[str, Any] = {}  # the decode's wire identity (as in Register)
     prefill_instance: str = ""  # the prefill instance the decode verified ('' = any)
+    # direct writes of lossless parts into the decode's pool (see direct.py); [] = none
+    pool_ptrs: list[int] = []  # K buffer of every layer, then every V buffer
+    slot_bytes: int = 0  # bytes of one token slot in each buffer
+    pool_dtype: str = ""
+    pages: bytes = b""  # int64 little-endian: SGLang's page indices of this request
+    page_size: int = 0
 
 
 class Abort(msgspec.Struct, frozen=True):
@@ -81,7 +89,8 @@ class Sent(msgspec.Struct, frozen=True):
     aux: list[bytes]  # the prefill's metadata row, one entry per metadata buffer
     stats: dict[str, Any]
     # [offset in the region, bytes, checksum, tokens] of each part, in token order
-    # (one per prefill chunk streamed, the last chunk's included)
+    # (one per prefill chunk streamed, the last chunk's included); offset -1: the part
+    # was written straight into the decode's pool pages (direct.py; checksum 0)
     parts: list[list[int]]
 
 

@@ -36,6 +36,7 @@ ROTATION_CHOICES = ("none", "hadamard")
 KEY_SCALE_CHOICES = ("token", "channel")
 STREAM_CHOICES = ("chunks", "off")
 STAGING_CHOICES = ("auto", "device", "host")
+DIRECT_CHOICES = ("auto", "off")
 # attribute on ServerArgs -> default
 DEFAULTS: dict[str, Any] = {
     "spectrum_budget": 0.5,
@@ -50,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "spectrum_min_budget": 0.3,
     "spectrum_ttft_slo_ms": 0.0,
     "spectrum_staging": "auto",
+    "spectrum_direct": "auto",
 }
 OPTIONS_ENV = "SGLANG_SPECTRUM_OPTIONS"
 
@@ -74,6 +76,7 @@ class SpectrumServerOptions:
     min_budget: float = DEFAULTS["spectrum_min_budget"]  # auto: the smallest budget chosen
     ttft_slo_ms: float = DEFAULTS["spectrum_ttft_slo_ms"]  # auto: 0 = no SLO
     staging: str = DEFAULTS["spectrum_staging"]  # where the wire bytes sit for Mooncake
+    direct: str = DEFAULTS["spectrum_direct"]  # lossless parts page to page (direct.py)
     budget_mode: str = "fixed"  # "auto": chosen per part from the link (adaptive.py)
 
     def __post_init__(self) -> None:
@@ -95,6 +98,7 @@ class SpectrumServerOptions:
         _choice("key-scales", self.key_scales, KEY_SCALE_CHOICES)
         _choice("stream", self.stream, STREAM_CHOICES)
         _choice("staging", self.staging, STAGING_CHOICES)
+        _choice("direct", self.direct, DIRECT_CHOICES)
         object.__setattr__(self, "budget", float(self.budget))
         object.__setattr__(self, "probe_refresh", bool(self.probe_refresh))
         arena = float(self.arena_mb or 0.0)
@@ -428,6 +432,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         " TCP links; refused with Mooncake's NVLink transport. auto: host under Mooncake's"
         " TCP transport (MC_FORCE_TCP or MOONCAKE_PROTOCOL=tcp), device otherwise (default"
         f" {DEFAULTS['spectrum_staging']}).",
+    )
+    group.add_argument(
+        "--spectrum-direct",
+        choices=DIRECT_CHOICES,
+        default=None,
+        help="auto: a part sent lossless (budget 1.0, fixed or chosen by auto) goes from the"
+        " prefill's KV pool pages straight into the decode's, as the stock backend writes"
+        " them (no pack, no unpack, no checksum), when both pools hold the same bytes per"
+        " token and the wire bytes are not staged on the host; off: every part is packed"
+        f" and checksummed (default {DEFAULTS['spectrum_direct']}).",
     )
     group.add_argument(
         "--spectrum-probe-refresh",

@@ -28,11 +28,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from sglang.srt.disaggregation.base.conn import KVPoll
 
 from . import faults, messages
 from .adaptive import AdaptiveBudget
+from .direct import direct_writes
 from .identity import incompatibility
 from .metrics import write_stats
 from .rooms import ORPHAN_TTL_S, AckTarget, PrefillRooms
@@ -78,6 +80,7 @@ class Packed:
     one_off: bool
     fault: str | None
     started: float
+    direct: tuple[list[int], list[int], list[int]] | None = None  # a direct part's batch
 
 
 class PrefillSide:
@@ -201,12 +204,12 @@ class PrefillSide:
             else:
                 self._peer_bytes.pop(peer, None)
 
-    def _part_budget(self, job: PackJob, peer: tuple) -> float | None:
+    def _part_budget(self, job: PackJob, state: Any) -> float | None:
         """The budget of this part under ``--spectrum-budget auto`` (None: fixed)."""
         if self.adaptive is None:
             return None
-        lay = self.layout
-        full = int(job.slots.numel()) * lay["layers"] * 4 * lay["kv_heads"] * lay["head_dim"]
+        peer = state.peer_key
+        full = int(job.slots.numel()) * self.full_bytes_per_token()
         return self.adaptive.choose(
             peer,
             full,
@@ -214,7 +217,50 @@ class PrefillSide:
             job.rest_tokens,
             time.perf_counter() - (job.request_start or job.enqueued),
             job.request_tokens,
+            direct=self._direct_grant(list(state.grants.values())) is not None,
         )
+
+    def _direct_grant(self, grants: list[messages.Grant]) -> messages.Grant | None:
+        """The one grant whose pool takes this prefill's pool pages as they are (see
+        :mod:`.direct`), or None."""
+        mem = self.pool_memory
+        if mem is None or len(grants) != 1:
+            return None
+        g = grants[0]
+        if g.page_size < 1 or not mem.fits(g.pool_ptrs, g.slot_bytes, g.pool_dtype):
+            return None
+        return g
+
+    def _direct_writes(self, job: PackJob, state: Any, grants: list, budget: float) -> Any:
+        """The Mooncake batch that writes this lossless part page to page, or None (the
+        part is packed: a budget below 1.0, no direct grant, a fragmented pool)."""
+        g = self._direct_grant(grants) if budget >= 1.0 else None
+        if g is None:
+            return None
+        from .prefill_intake import expand_pages
+
+        t, first = int(job.slots.numel()), state.sent_tokens
+        dst = expand_pages(np.frombuffer(g.pages, dtype="<i8"), g.page_size)[first : first + t]
+        if dst.size != t:
+            return None
+        return direct_writes(job.slots.numpy(), dst, self.pool_memory, g.pool_ptrs)
+
+    def _direct_part(self, job: PackJob, grants: list, writes: Any, t0: float) -> Packed:
+        """A part written page to page: what the write stage needs, no region."""
+        from sglang_spectrum.policy import TIER_NAMES
+        from sglang_spectrum.transfer import PackedRequest
+
+        t = int(job.slots.numel())
+        nbytes = sum(writes[2])
+        counts = dict.fromkeys(TIER_NAMES, 0)
+        counts[TIER_NAMES[0]] = t
+        full = t * self.full_bytes_per_token()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        info = PackedRequest(nbytes, 0, t, full, counts, "direct", {"plan": host_ms})
+        return Packed(
+            None, messages.DIRECT_OFFSET, nbytes, 0, info, 1.0, grants, host_ms, 0.0, False,
+            None, t0, direct=writes,
+        )  # fmt: skip
 
     def fail_room(self, room: int, reason: str) -> None:
         """Fail one request on the prefill side and tell its decode ranks why (now, or
@@ -276,7 +322,7 @@ class PrefillSide:
     def _job_crashed(self, job: PackJob, packed: Packed | None, error: BaseException) -> None:
         """A stage raised past its own error handling: release what the job holds, fail
         the room and let the job leave the flight (never strand a room in flight)."""
-        if packed is not None:
+        if packed is not None and packed.region is not None:
             packed.region.release()
         self._finish_unsent(
             job.room, f"SpectrumKV transfer failed: {type(error).__name__}: {error}"
@@ -307,8 +353,14 @@ class PrefillSide:
             for event in job.events:  # the chunk's KV is written: pack timings stay clean
                 event.synchronize()
             t0 = time.perf_counter()
-            budget = self._part_budget(job, state.peer_key)
+            budget = self._part_budget(job, state)
             cfg = self.codec_config(budget)
+            writes = self._direct_writes(job, state, grants, cfg.budget)
+            if writes is not None:
+                state.sent_tokens += int(job.slots.numel())
+                packed = self._direct_part(job, grants, writes, t0)
+                self._add_peer_bytes(state.peer_key, packed.nbytes)
+                return packed
             if not job.final:  # its last tokens are not the prompt's recent window
                 cfg = cfg.with_(window=0)
             bound = self.region_bound(int(job.slots.numel()), cfg)
@@ -355,6 +407,7 @@ class PrefillSide:
             if self.staging is not None:
                 region = self._stage_on_host(region, int(send_n), stream, room)
             state.next_offset = part_offset(offset + int(send_n))
+            state.sent_tokens += int(job.slots.numel())
             self._add_peer_bytes(state.peer_key, send_n)
         except Exception as e:
             if region is not None:
@@ -425,7 +478,7 @@ class PrefillSide:
         room = job.room
         peer = tuple(sorted(g.session for g in p.grants))
         t1 = time.perf_counter()
-        if p.region is not None:
+        if p.region is not None or p.direct is not None:
             if not self._write_part(job, p, peer):
                 return
         transfer_ms = (time.perf_counter() - t1) * 1e3
@@ -450,18 +503,23 @@ class PrefillSide:
             for g in p.grants:
                 if self.request_status.get(room) == KVPoll.Failed:
                     break
-                dst = g.region_ptr + p.offset
-                ret = self.engine.transfer_sync(g.session, p.region.ptr, dst, p.nbytes)
+                if p.direct is not None:  # page to page (one grant: _direct_grant)
+                    ret = self.engine.batch_transfer_sync(g.session, *p.direct)
+                else:
+                    dst = g.region_ptr + p.offset
+                    ret = self.engine.transfer_sync(g.session, p.region.ptr, dst, p.nbytes)
                 if ret < 0:
                     self._failed_sessions.mark(g.session)
                     raise RuntimeError(f"Mooncake write to {g.session} failed ({ret})")
         except Exception as e:
-            p.region.release()
+            if p.region is not None:
+                p.region.release()
             self._add_peer_bytes(peer, -p.nbytes)
             logger.error("SpectrumKV: transfer of room %s failed: %s", room, e)
             self._finish_unsent(room, f"SpectrumKV could not send the KV cache: {e}")
             return False
-        p.region.release()
+        if p.region is not None:
+            p.region.release()
         self._add_peer_bytes(peer, -p.nbytes)
         if self.adaptive is not None:
             seconds = time.perf_counter() - t1

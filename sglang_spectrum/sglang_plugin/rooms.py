@@ -22,6 +22,8 @@ belongs to someone else:
 * Decode: the region is released when the prefill promised no more writes
   (``Sent`` unpacked, ``Failed``, ``AbortAck`` of this generation), when nothing
   was ever granted, or after ``ack_timeout_s`` without an ack (a dead prefill).
+  With direct writes offered, the request's pool pages are held as long as the
+  region (the receiver reports its failure to SGLang, which frees them, only then).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class PrefillRoom:
     failed: str = ""  # why the prefill gave the room up ('' = it did not)
     told: set[str] = field(default_factory=set)  # decode sessions told that reason
     next_offset: int = 0  # where the next part goes in the decode's region
+    sent_tokens: int = 0  # tokens of the parts packed (or written directly) so far
     sender_aborted_at: float | None = None  # the scheduler aborted the sender (clock)
     reserved: int = 0  # bytes the accepted earlier parts may take (bounds, aligned)
     parts: list[list[int]] = field(default_factory=list)  # written: offset, bytes, sum, tokens
@@ -329,6 +332,7 @@ class ReceiveState:
         self.deferred_since: float | None = None
         self.abort_sent_at: float | None = None  # an Abort is out, no ack yet
         self.cleared = False
+        self.direct = False  # the grant offered the pool's pages for direct writes
         self.defer_timeout_s = defer_timeout_s
         self.ack_timeout_s = ack_timeout_s
         self.clock = clock
@@ -336,6 +340,12 @@ class ReceiveState:
     @property
     def holds_region(self) -> bool:
         return self.region is not None
+
+    @property
+    def pages_may_be_written(self) -> bool:
+        """A direct write of the prefill may still land in the request's pool pages: they
+        must not be freed (the region's lifetime bounds the prefill's writes)."""
+        return self.direct and self.region is not None
 
     @property
     def concluded(self) -> bool:

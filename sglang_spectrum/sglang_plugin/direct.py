@@ -1,0 +1,100 @@
+"""Direct writes: a lossless part goes from the prefill's KV pool pages straight into the
+decode's (SGLang-free, numpy only).
+
+At budget 1.0 the codec is a gather into the send region and a scatter out of the
+receive region: two copies of every byte that the stock backend, writing pool pages
+into pool pages, does not make (H200, Mooncake NVLink, 4096 tokens: ~5 ms of pack and
+~8 ms of unpack a request, `bench/serving_gpu.md`). When both pools hold the same
+bytes per token slot (same dtype, heads and head size, the same layers), the decode
+offers its pool (:class:`PoolMemory`, in the ``Grant``) and a lossless part becomes
+one Mooncake batch write of the coalesced slot runs of every layer buffer
+(:func:`direct_writes`): no pack, no unpack, no checksum (as the stock backend).
+
+Not under host staging: Mooncake's TCP transport reads GPU memory 64 KiB at a time
+with blocking copies, which the staged path exists to avoid. The decode keeps the
+pages of a request whose direct write may still land (see ``ReceiveState.direct``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_DIRECT_RUNS = 4096  # slot runs of one part; more (a fragmented pool): pack instead
+
+
+@dataclass(frozen=True)
+class PoolMemory:
+    """Where one side's KV pool lives: the K buffer of every layer, then every V buffer
+    (``ptrs``, each ``[num_slots, heads, head_dim]`` contiguous), and the bytes of one
+    token slot in each (``slot_bytes``)."""
+
+    ptrs: tuple[int, ...]
+    nbytes: tuple[int, ...]
+    slot_bytes: int
+    dtype: str
+
+    @classmethod
+    def of(cls, k_pools: list[Any], v_pools: list[Any], dtype: str) -> PoolMemory | None:
+        """The memory of torch pools, or None when a buffer is not contiguous or the
+        buffers' slot sizes differ (no direct writes then)."""
+        bufs = [*k_pools, *v_pools]
+        if not bufs or not all(b.is_contiguous() for b in bufs):
+            return None
+        slot = {int(b[0].numel()) * b.element_size() for b in bufs}
+        if len(slot) != 1:
+            return None
+        return cls(
+            tuple(int(b.data_ptr()) for b in bufs),
+            tuple(int(b.numel()) * b.element_size() for b in bufs),
+            slot.pop(),
+            dtype,
+        )
+
+    def register(self, engine: Any) -> None:
+        """Register every buffer with the Mooncake engine (source and target of writes)."""
+        engine.batch_register(list(self.ptrs), list(self.nbytes))
+
+    def fits(self, ptrs: list[int], slot_bytes: int, dtype: str) -> bool:
+        """A peer pool of ``ptrs``/``slot_bytes``/``dtype`` holds the same bytes per slot."""
+        return len(ptrs) == len(self.ptrs) and slot_bytes == self.slot_bytes and dtype == self.dtype
+
+
+def slot_runs(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coalesce slot pairs: ``src[i] -> dst[i]`` (int64 ``[T]`` each) as runs where both
+    sides are consecutive. Returns ``(src_start, dst_start, length)``, int64 ``[R]``."""
+    src = np.asarray(src, dtype=np.int64).reshape(-1)
+    dst = np.asarray(dst, dtype=np.int64).reshape(-1)
+    if src.shape != dst.shape:
+        raise ValueError(f"{src.size} source slots for {dst.size} destination slots")
+    if src.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [src.size]]))
+    return src[starts], dst[starts], lengths
+
+
+def direct_writes(
+    src_slots: np.ndarray,
+    dst_slots: np.ndarray,
+    src: PoolMemory,
+    dst_ptrs: list[int],
+    max_runs: int = MAX_DIRECT_RUNS,
+) -> tuple[list[int], list[int], list[int]] | None:
+    """The Mooncake batch of one direct part: ``(source addresses, destination
+    addresses, lengths)``, a run of slots of every buffer, buffer by buffer; None when
+    the slots fall into more than ``max_runs`` runs (pack the part instead)."""
+    s0, d0, n = slot_runs(src_slots, dst_slots)
+    if s0.size > max_runs:
+        return None
+    sb = src.slot_bytes
+    src_base = np.asarray(src.ptrs, dtype=np.int64)[:, None]
+    dst_base = np.asarray(dst_ptrs, dtype=np.int64)[:, None]
+    srcs = (src_base + s0[None, :] * sb).reshape(-1)
+    dsts = (dst_base + d0[None, :] * sb).reshape(-1)
+    lengths = np.broadcast_to(n[None, :] * sb, (len(src.ptrs), n.size)).reshape(-1)
+    return srcs.tolist(), dsts.tolist(), lengths.tolist()
