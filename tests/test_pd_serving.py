@@ -1,8 +1,9 @@
 """Lossless serving, prefix reuse, client aborts and DP on real PD deployments (slow).
 
 One ``spectrum`` deployment at budget 1.0 (lossless: outputs must equal a
-single non-disaggregated server's; every part written page to page, ``--spectrum-direct``) with the decode's radix cache on and the
-test-only transfer delay for rids containing ``spectrum-delay``:
+single non-disaggregated server's; every part written page to page,
+``--spectrum-direct``) with the decode's radix cache on and the test-only transfer
+delay for rids containing ``spectrum-delay``:
 
 * lossless: the same prompts through the single server and the deployment give
   identical greedy outputs, every token travels at FP16 and is counted on both
