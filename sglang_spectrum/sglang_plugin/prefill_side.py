@@ -51,7 +51,7 @@ class PackJob:
     """One request (or part of one) handed from the prefill scheduler to the workers."""
 
     room: int
-    slots: torch.Tensor  # int64 [T] pool slots of the tokens to send (host memory)
+    slots: torch.Tensor  # int64 [T] pool slots of the tokens to send (host memory, or the pool's device for a last chunk)
     context: torch.Tensor | None  # int64 [P] slots before these (scored, not sent)
     aux: list[bytes]  # the metadata row (final part only)
     events: list[Any]  # torch.cuda.Events after which its KV is written (none on a CPU)
@@ -243,7 +243,8 @@ class PrefillSide:
         dst = expand_pages(np.frombuffer(g.pages, dtype="<i8"), g.page_size)[first : first + t]
         if dst.size != t:
             return None
-        return direct_writes(job.slots.numpy(), dst, self.pool_memory, g.pool_ptrs)
+        src = job.slots.cpu().numpy()  # (the last chunk's are on the pool's device)
+        return direct_writes(src, dst, self.pool_memory, g.pool_ptrs)
 
     def _direct_part(self, job: PackJob, grants: list, writes: Any, t0: float) -> Packed:
         """A part written page to page: what the write stage needs, no region."""
