@@ -51,7 +51,7 @@ class PackJob:
     """One request (or part of one) handed from the prefill scheduler to the workers."""
 
     room: int
-    slots: torch.Tensor  # int64 [T] pool slots of the tokens to send (host memory, or the pool's device for a last chunk)
+    slots: torch.Tensor  # int64 [T] pool slots to send (host, or the pool's device: last chunk)
     context: torch.Tensor | None  # int64 [P] slots before these (scored, not sent)
     aux: list[bytes]  # the metadata row (final part only)
     events: list[Any]  # torch.cuda.Events after which its KV is written (none on a CPU)
