@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_spectrum.sglang_plugin.adaptive import AdaptiveBudget
+from sglang_spectrum.sglang_plugin.adaptive import EXPLORE_EVERY, AdaptiveBudget
 from sglang_spectrum.sglang_plugin.direct import PoolMemory, direct_writes, slot_runs
 from sglang_spectrum.sglang_plugin.rooms import ReceiveState
 
@@ -142,3 +142,22 @@ def test_auto_budget_goes_lossless_when_the_part_would_be_written_directly():
     args = (peer, full, 0.0, 0, 0.0, 4096)
     assert ab.choose(*args) < 1.0
     assert ab.choose(*args, direct=True) == 1.0
+
+
+def test_auto_budget_never_explores_the_codec_for_direct_lossless_parts():
+    """Single-chunk requests (no compute estimate): the wire alone would compress a
+    little, the codec makes lossless faster. Packed lossless parts re-measure the codec
+    every EXPLORE_EVERY-th part; direct ones stay lossless (on the H200's NVLink the
+    explored parts packed and unpacked 4k requests for nothing)."""
+    full = 4096 * 131072
+    ab = AdaptiveBudget(min_budget=0.3)
+    peer = ("decode",)
+    ab.observe_write(peer, 256 << 20, (256 << 20) / 600e9)  # NVLink-like
+    ab.observe_pack(0.5, full, 1.0e-3)
+    ab.observe_pack(1.0, full, 0.05e-3)  # a fast gather: the codec looks 20x dearer
+    args = (peer, full, 0.0, 0, 0.0, 4096)
+    packed = [ab.choose(*args) for _ in range(2 * EXPLORE_EVERY)]
+    assert 1.0 in packed and min(packed) < 1.0  # explored
+    assert [ab.choose(*args, direct=True) for _ in range(2 * EXPLORE_EVERY)] == [1.0] * (
+        2 * EXPLORE_EVERY
+    )

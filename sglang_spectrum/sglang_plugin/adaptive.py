@@ -50,7 +50,9 @@ it), and while the codec looks more
 than :data:`OUTLIER_FACTOR` x dearer than a plain gather (on a GPU it is ~1.3x),
 every :data:`EXPLORE_EVERY`-th part that went lossless only because of the codec
 cost (the wire alone would have compressed) takes the wire-only choice, so the
-codec is measured again.
+codec is measured again (not when the lossless part is written directly: its cost
+is the wire's alone, and on the H200's NVLink the explored parts made 4k requests
+pack and unpack for nothing).
 """
 
 from __future__ import annotations
@@ -212,7 +214,8 @@ class AdaptiveBudget:
         hide_s, request_s = tokens_to_compute * per_token, request_tokens * per_token
         args = (self.min_budget, hide_s, slo_left, request_s)
         chosen = choose_budget(full_bytes, est, *args)
-        suspect = est.codec_s_per_byte > OUTLIER_FACTOR * est.copy_s_per_byte
+        # (a direct lossless part has no codec to compare with: nothing to re-measure)
+        suspect = not direct and est.codec_s_per_byte > OUTLIER_FACTOR * est.copy_s_per_byte
         if chosen < 1.0 or full_bytes < MIN_PACK_SAMPLE_BYTES or not suspect:
             return chosen
         wire_only = choose_budget(full_bytes, replace(est, codec_s_per_byte=0.0), *args)
