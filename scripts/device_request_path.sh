@@ -41,7 +41,7 @@ timeout ${TEST_TIMEOUT2:-150} python3 -m pytest -m gpu $tests \
   -p no:cacheprovider >> "$OUT/pytest.log" 2>&1
 echo "pytest (other GPU tests) rc=$? in $(( $(date +%s) - start )) s"
 start=$(date +%s)
-timeout 60 python3 -m pytest tests/test_sglang_plugin.py -k metadata_rows -v -p no:cacheprovider \
+timeout 60 python3 -m pytest tests/test_sglang_plugin.py -k metadata_row -v -p no:cacheprovider \
   >> "$OUT/pytest.log" 2>&1
 echo "pytest (metadata rows in device memory) rc=$? in $(( $(date +%s) - start )) s"
 start=$(date +%s)

@@ -554,6 +554,33 @@ def test_metadata_rows_round_trip_through_host_buffers():
         assert all(torch.equal(d[0].cpu(), s[3]) for d, s in zip(gdst, src))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_metadata_row_write_does_not_wait_for_the_default_stream():
+    """The decode's control thread writes the metadata row (device memory under
+    INTRA_NODE_NVLINK) before it reports Success: on the thread's current stream, the
+    legacy default one, that copy waited for the forward queued there (H200, NVLink, 4k
+    C=4: a decode step before every request's Success). Now it has a stream of its own."""
+    import time
+
+    import torch
+
+    from sglang_spectrum.sglang_plugin.transport import AuxRows
+
+    dst = torch.zeros(4, 16, dtype=torch.int32, device="cuda")
+    rows = AuxRows([dst.data_ptr()], [dst[0].nbytes], dst.device)
+    rows.write(0, [bytes(64)])  # the stream is made once
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued on the default stream
+    rows.write(2, [torch.arange(16, dtype=torch.int32).numpy().tobytes()])
+    took = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    waited = time.perf_counter() - t0
+    assert took < 0.25 * waited, (took, waited)
+    assert torch.equal(dst[2].cpu(), torch.arange(16, dtype=torch.int32))
+
+
 def test_receive_bound_holds_real_packed_sizes():
     import torch
 

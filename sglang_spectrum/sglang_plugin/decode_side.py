@@ -173,13 +173,14 @@ class DecodeSide:
         from sglang_spectrum.transfer import unpack_request
 
         device = self.k_pools[0].device
-        slots_t = torch.from_numpy(slots).to(device)
         stream = None
         if device.type == "cuda":  # the control thread's own stream, made once
             stream = self._unpack_stream = getattr(self, "_unpack_stream", None) or (
                 torch.cuda.Stream(device)
             )
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            # (on this stream: a copy on the legacy default one waits for the forward)
+            slots_t = torch.from_numpy(slots).to(device)
             return unpack_request(
                 buf, self.k_pools, self.v_pools, slots_t, expected_checksum=checksum, fp8=self.fp8
             )
