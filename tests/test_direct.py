@@ -90,8 +90,7 @@ def test_direct_write_lands_exactly_in_the_peer_pool_slots(engines, page):
     sk, sv = _pools(True)
     dk, dv = _pools(False)
     src_mem, dst_mem = PoolMemory.of(sk, sv, "bfloat16"), PoolMemory.of(dk, dv, "bfloat16")
-    src_mem.register(prefill)
-    dst_mem.register(decode)
+    assert src_mem.register(prefill) == 0 and dst_mem.register(decode) == 0
     tokens = 120
     src, dst = _paged(rng, tokens, page), _paged(rng, tokens, page)
     # two parts, as two chunks of one request: the second continues at token 70

@@ -208,6 +208,10 @@ def test_spectrum_plugin_active_in_scheduler_processes(lossless):
     for side in ("prefill", "decode"):
         assert f"SpectrumKV {side}: KV pool MHATokenToKVPool" in logs[side]
     assert "send arena" in logs["prefill"] and "receive arena" in logs["decode"]
+    for side in ("prefill", "decode"):  # --spectrum-direct auto, CPU pools
+        assert (
+            f"SpectrumKV {side}: KV pool registered: lossless parts go page to page" in logs[side]
+        )
     # the decode checked the prefill's version, layout and tier mode at bootstrap
     assert "SpectrumKV: prefill at" in logs["decode"] and "verified (layout" in logs["decode"]
     assert "'budget': 1.0" in logs["decode"]

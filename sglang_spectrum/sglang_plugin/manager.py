@@ -309,8 +309,18 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         if self.fp8 is not None:  # FP8 bytes mean the same only under the same scales
             dtype += f"/{zlib.crc32(repr((self.fp8.k_scales, self.fp8.v_scales)).encode()):08x}"
         memory = PoolMemory.of(self.k_pools, self.v_pools, dtype)
-        if memory is not None:
-            memory.register(self.engine)
+        if memory is None:
+            return None
+        ret = memory.register(self.engine)
+        if ret != 0:
+            logger.warning(
+                "SpectrumKV %s: Mooncake could not register the KV pool (ret=%s): lossless"
+                " parts are packed, not written page to page",
+                self.role,
+                ret,
+            )
+            return None
+        logger.info("SpectrumKV %s: KV pool registered: lossless parts go page to page", self.role)
         return memory
 
     def _unsupported(self, pool: Any, draft: Any = None) -> str:
