@@ -10,15 +10,22 @@ import pytest
 import torch
 
 from sglang_spectrum.sglang_plugin.adaptive import EXPLORE_EVERY, AdaptiveBudget
-from sglang_spectrum.sglang_plugin.direct import PoolMemory, direct_writes, slot_runs
+from sglang_spectrum.sglang_plugin.direct import (
+    PoolMemory,
+    direct_writes,
+    slot_runs,
+    write_direct,
+)
 from sglang_spectrum.sglang_plugin.rooms import ReceiveState
 
 LAYERS, SLOTS, HEADS, DIM = 3, 256, 2, 16
 
 
-def _pools(fill: bool, dtype=torch.bfloat16) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    make = (lambda: torch.randn(SLOTS, HEADS, DIM).to(dtype)) if fill else (
-        lambda: torch.zeros(SLOTS, HEADS, DIM, dtype=dtype)
+def _pools(
+    fill: bool, dtype=torch.bfloat16, slots: int = SLOTS
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    make = (lambda: torch.randn(slots, HEADS, DIM).to(dtype)) if fill else (
+        lambda: torch.zeros(slots, HEADS, DIM, dtype=dtype)
     )  # fmt: skip
     return [make() for _ in range(LAYERS)], [make() for _ in range(LAYERS)]
 
@@ -60,10 +67,11 @@ def test_pool_memory_describes_contiguous_equal_slot_buffers_only():
 def test_a_fragmented_part_is_packed_instead():
     k, v = _pools(False)
     mem = PoolMemory.of(k, v, "bfloat16")
-    src = np.arange(0, 200, 2)  # every other slot: 100 runs
-    assert direct_writes(src, src, mem, list(mem.ptrs), max_runs=99) is None
-    srcs, dsts, lengths = direct_writes(src, src, mem, list(mem.ptrs), max_runs=100)
-    assert len(srcs) == len(dsts) == len(lengths) == 100 * 2 * LAYERS
+    src = np.arange(0, 200, 2)  # every other slot: 100 runs, one write each per buffer
+    writes = 100 * 2 * LAYERS
+    assert direct_writes(src, src, mem, list(mem.ptrs), max_writes=writes - 1) is None
+    srcs, dsts, lengths = direct_writes(src, src, mem, list(mem.ptrs), max_writes=writes)
+    assert len(srcs) == len(dsts) == len(lengths) == writes
     assert set(lengths) == {mem.slot_bytes}
 
 
@@ -96,13 +104,36 @@ def test_direct_write_lands_exactly_in_the_peer_pool_slots(engines, page):
     # two parts, as two chunks of one request: the second continues at token 70
     for lo, hi in ((0, 70), (70, tokens)):
         writes = direct_writes(src[lo:hi], dst[lo:hi], src_mem, list(dst_mem.ptrs))
-        assert prefill.batch_transfer_sync(decode.get_session_id(), *writes) == 0
+        assert write_direct(prefill, decode.get_session_id(), writes) == 0
     untouched = torch.ones(SLOTS, dtype=torch.bool)
     untouched[torch.from_numpy(dst)] = False
     for layer in range(LAYERS):
         for s_pool, d_pool in ((sk[layer], dk[layer]), (sv[layer], dv[layer])):
             assert torch.equal(d_pool[torch.from_numpy(dst)], s_pool[torch.from_numpy(src)])
             assert not d_pool[untouched].any()
+
+
+def test_a_part_of_more_writes_than_one_mooncake_batch_takes_lands_exactly(engines):
+    """Mooncake's TCP transport fails a batch of more than 2048 writes (and, after some
+    such failures, every later batch of the session): a fragmented part of 3072 writes
+    goes in batches of MAX_BATCH_WRITES (1024) and lands exactly; the session still
+    works."""
+    prefill, decode = engines
+    slots = 512
+    sk, sv = _pools(True, slots=slots)
+    dk, dv = _pools(False, slots=slots)
+    src_mem, dst_mem = PoolMemory.of(sk, sv, "bfloat16"), PoolMemory.of(dk, dv, "bfloat16")
+    assert src_mem.register(prefill) == 0 and dst_mem.register(decode) == 0
+    dst = np.arange(slots)
+    src = dst.reshape(-1, 2)[:, ::-1].reshape(-1)  # pairs swapped: a run per slot
+    writes = direct_writes(src, dst, src_mem, list(dst_mem.ptrs))
+    assert len(writes[0]) == slots * 2 * LAYERS == 3072 > 2048
+    assert write_direct(prefill, decode.get_session_id(), writes) == 0
+    for layer in range(LAYERS):
+        for s_pool, d_pool in ((sk[layer], dk[layer]), (sv[layer], dv[layer])):
+            assert torch.equal(d_pool[torch.from_numpy(dst)], s_pool[torch.from_numpy(src)])
+    one = direct_writes(np.array([5]), np.array([5]), src_mem, list(dst_mem.ptrs))
+    assert write_direct(prefill, decode.get_session_id(), one) == 0
 
 
 class _Region:

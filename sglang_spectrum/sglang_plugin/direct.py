@@ -7,8 +7,9 @@ into pool pages, does not make (H200, Mooncake NVLink, 4096 tokens: 1.5 ms of pa
 1.4 ms of unpack alone on the GPU, ~5 and ~8 ms under serving load). When both pools hold the same
 bytes per token slot (same dtype, heads and head size, the same layers), the decode
 offers its pool (:class:`PoolMemory`, in the ``Grant``) and a lossless part becomes
-one Mooncake batch write of the coalesced slot runs of every layer buffer
-(:func:`direct_writes`): no pack, no unpack, no checksum (as the stock backend).
+Mooncake batch writes of the coalesced slot runs of every layer buffer
+(:func:`direct_writes`, :func:`write_direct`): no pack, no unpack, no checksum (as the
+stock backend).
 
 Not under host staging: Mooncake's TCP transport reads GPU memory 64 KiB at a time
 with blocking copies, which the staged path exists to avoid. The decode keeps the
@@ -22,7 +23,12 @@ from typing import Any
 
 import numpy as np
 
-MAX_DIRECT_RUNS = 4096  # slot runs of one part; more (a fragmented pool): pack instead
+# Mooncake (0.3.x, TCP) fails a batch of more than 2048 writes, and after some such
+# failures every later batch of the session fails too: a part goes in batches of at most
+# MAX_BATCH_WRITES, and one of more than MAX_DIRECT_WRITES writes (a fragmented pool: a
+# run of slots per buffer each) is packed instead, a single write.
+MAX_BATCH_WRITES = 1024
+MAX_DIRECT_WRITES = 16384
 
 
 @dataclass(frozen=True)
@@ -84,13 +90,13 @@ def direct_writes(
     dst_slots: np.ndarray,
     src: PoolMemory,
     dst_ptrs: list[int],
-    max_runs: int = MAX_DIRECT_RUNS,
+    max_writes: int = MAX_DIRECT_WRITES,
 ) -> tuple[list[int], list[int], list[int]] | None:
-    """The Mooncake batch of one direct part: ``(source addresses, destination
+    """The Mooncake writes of one direct part: ``(source addresses, destination
     addresses, lengths)``, a run of slots of every buffer, buffer by buffer; None when
-    the slots fall into more than ``max_runs`` runs (pack the part instead)."""
+    they would be more than ``max_writes`` (pack the part instead)."""
     s0, d0, n = slot_runs(src_slots, dst_slots)
-    if s0.size > max_runs:
+    if s0.size * len(src.ptrs) > max_writes:
         return None
     sb = src.slot_bytes
     src_base = np.asarray(src.ptrs, dtype=np.int64)[:, None]
@@ -99,3 +105,21 @@ def direct_writes(
     dsts = (dst_base + d0[None, :] * sb).reshape(-1)
     lengths = np.broadcast_to(n[None, :] * sb, (len(src.ptrs), n.size)).reshape(-1)
     return srcs.tolist(), dsts.tolist(), lengths.tolist()
+
+
+def write_direct(
+    engine: Any,
+    session: str,
+    writes: tuple[list[int], list[int], list[int]],
+    batch: int = MAX_BATCH_WRITES,
+) -> int:
+    """Make :func:`direct_writes`'s writes with ``engine`` (SGLang's Mooncake wrapper) into
+    ``session``, ``batch`` at a time; Mooncake's return code (negative: a batch failed,
+    the rest is not sent)."""
+    srcs, dsts, lengths = writes
+    for i in range(0, len(srcs), batch):
+        j = i + batch
+        ret = engine.batch_transfer_sync(session, srcs[i:j], dsts[i:j], lengths[i:j])
+        if ret < 0:
+            return ret
+    return 0

@@ -34,7 +34,7 @@ from sglang.srt.disaggregation.base.conn import KVPoll
 
 from . import faults, messages
 from .adaptive import AdaptiveBudget
-from .direct import direct_writes
+from .direct import direct_writes, write_direct
 from .identity import incompatibility
 from .metrics import write_stats
 from .rooms import ORPHAN_TTL_S, AckTarget, PrefillRooms
@@ -505,7 +505,7 @@ class PrefillSide:
                 if self.request_status.get(room) == KVPoll.Failed:
                     break
                 if p.direct is not None:  # page to page (one grant: _direct_grant)
-                    ret = self.engine.batch_transfer_sync(g.session, *p.direct)
+                    ret = write_direct(self.engine, g.session, p.direct)
                 else:
                     dst = g.region_ptr + p.offset
                     ret = self.engine.transfer_sync(g.session, p.region.ptr, dst, p.nbytes)
