@@ -218,7 +218,8 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             return "failed"
         if outcome != "granted":
             return outcome
-        self.state.direct = mgr.pool_memory is not None
+        direct = self._direct_offer()
+        self.state.direct = bool(direct)
         grant = messages.Grant(
             room=self.bootstrap_room,
             generation=self.state.generation,
@@ -233,7 +234,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             required=int(getattr(self, "required_dst_info_num", 1) or 1),
             identity=mgr.identity(),
             prefill_instance=mgr.prefill_instance(self.bootstrap_addr),
-            **self._direct_offer(),
+            **direct,
         )
         args, more = self._metadata
         with mgr.publish_grant(grant):  # one Grant per prefill rank, init_time set

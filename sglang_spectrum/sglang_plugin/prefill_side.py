@@ -204,8 +204,9 @@ class PrefillSide:
             else:
                 self._peer_bytes.pop(peer, None)
 
-    def _part_budget(self, job: PackJob, state: Any) -> float | None:
-        """The budget of this part under ``--spectrum-budget auto`` (None: fixed)."""
+    def _part_budget(self, job: PackJob, state: Any, direct: bool) -> float | None:
+        """The budget of this part under ``--spectrum-budget auto`` (None: fixed);
+        ``direct``: a lossless part would be written page to page."""
         if self.adaptive is None:
             return None
         peer = state.peer_key
@@ -217,7 +218,7 @@ class PrefillSide:
             job.rest_tokens,
             time.perf_counter() - (job.request_start or job.enqueued),
             job.request_tokens,
-            direct=self._direct_grant(list(state.grants.values())) is not None,
+            direct=direct,
         )
 
     def _direct_grant(self, grants: list[messages.Grant]) -> messages.Grant | None:
@@ -231,11 +232,13 @@ class PrefillSide:
             return None
         return g
 
-    def _direct_writes(self, job: PackJob, state: Any, grants: list, budget: float) -> Any:
-        """The Mooncake batch that writes this lossless part page to page, or None (the
-        part is packed: a budget below 1.0, no direct grant, a fragmented pool)."""
-        g = self._direct_grant(grants) if budget >= 1.0 else None
-        if g is None:
+    def _direct_writes(
+        self, job: PackJob, state: Any, g: messages.Grant | None, budget: float
+    ) -> Any:
+        """The Mooncake writes of this lossless part page to page into the pool of ``g``
+        (:meth:`_direct_grant`), or None (the part is packed: a budget below 1.0, no
+        direct grant, a fragmented pool)."""
+        if g is None or budget < 1.0:
             return None
         from .prefill_intake import expand_pages
 
@@ -354,9 +357,10 @@ class PrefillSide:
             for event in job.events:  # the chunk's KV is written: pack timings stay clean
                 event.synchronize()
             t0 = time.perf_counter()
-            budget = self._part_budget(job, state)
+            direct_grant = self._direct_grant(grants)
+            budget = self._part_budget(job, state, direct_grant is not None)
             cfg = self.codec_config(budget)
-            writes = self._direct_writes(job, state, grants, cfg.budget)
+            writes = self._direct_writes(job, state, direct_grant, cfg.budget)
             if writes is not None:
                 state.sent_tokens += int(job.slots.numel())
                 packed = self._direct_part(job, grants, writes, t0)
