@@ -118,6 +118,12 @@ class FP8Pool:
         if n < 1:
             raise SpectrumConfigError("an FP8 pool needs scales for at least one layer")
 
+    def layers(self, first: int, end: int) -> FP8Pool:
+        """The pools of layers ``[first, end)`` (a layer group's part)."""
+        if first == 0 and end == len(self.k_scales):
+            return self
+        return FP8Pool(self.dtype, self.k_scales[first:end], self.v_scales[first:end])
+
     @classmethod
     def of(
         cls,

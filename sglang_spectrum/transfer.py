@@ -141,6 +141,8 @@ class PackedRequest:
         timings_ms: host wall clock of the steps (``plan``, ``pack``, ``total``, ...); of
             the whole call (every slice) for :func:`pack_slices`.
         heads: the pools' head range packed, ``(h0, h1)``; None: every head.
+        tier_map: uint8 ``[T]`` on the pools' device: the tier of each packed position
+            (what ``tiers=`` takes to pack other layers of the same tokens alike).
     """
 
     nbytes: int
@@ -151,6 +153,7 @@ class PackedRequest:
     path: str
     timings_ms: dict[str, float]
     heads: tuple[int, int] | None = None
+    tier_map: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- pack
@@ -173,6 +176,7 @@ def pack_request(
     context_slots: torch.Tensor | None = None,
     fp8: FP8Pool | None = None,
     heads: tuple[int, int] | None = None,
+    tiers: torch.Tensor | None = None,
 ) -> PackedRequest:
     """Score, allocate and pack one request from the pools straight into ``out``.
 
@@ -197,6 +201,11 @@ def pack_request(
             a :class:`.heads.HeadSlice`), read in place; the buffer's layout has ``h1 -
             h0`` heads. Tokens are scored over every head of the pools (see
             :func:`pack_slices`). None: every head.
+        tiers: uint8 ``[T]``: pack with this tier map (a :attr:`PackedRequest.tier_map`
+            of the same tokens) instead of scoring and allocating: a layer-pipelined
+            prefill packs every layer group of a chunk with the map its first group
+            chose (``k_pools``/``v_pools`` are then that group's layers). None: score and
+            allocate under ``config``.
 
     Returns:
         :class:`PackedRequest`. Runs on the current CUDA stream and returns once the
@@ -215,6 +224,7 @@ def pack_request(
         heads=[heads],
         context_slots=context_slots,
         fp8=fp8,
+        tiers=tiers,
     )[0]
 
 
@@ -231,6 +241,7 @@ class _Request:
     full: _Layout  # the layout of every head of the pools (scores, optimal's errors)
     scores: torch.Tensor | None = None  # float32 [T] once computed
     errors: torch.Tensor | None = None  # float64 [T, 4] (optimal allocator) once computed
+    given: torch.Tensor | None = None  # uint8 [T] tier map given by the caller (tiers=)
 
 
 @dataclass
@@ -256,13 +267,15 @@ def pack_slices(
     heads: Sequence[tuple[int, int] | None],
     context_slots: torch.Tensor | None = None,
     fp8: FP8Pool | None = None,
+    tiers: torch.Tensor | None = None,
 ) -> list[PackedRequest]:
     """Pack one request as several buffers, heads ``heads[i]`` of the pools into
     ``outs[i]`` (heterogeneous TP: a prefill rank's :func:`.heads.prefill_slices`, one
     buffer per decode rank). Returns one :class:`PackedRequest` per slice, in order.
 
     Args:
-        k_pools, v_pools, slots, config, context_slots, fp8: as :func:`pack_request`.
+        k_pools, v_pools, slots, config, context_slots, fp8, tiers: as
+            :func:`pack_request` (``tiers``: every slice gets that map).
         outs: per slice a contiguous uint8 ``[>= packed_size_bound(T, L, h1 - h0, D,
             dtype, config)]`` send region on the pools' device.
         heads: per slice ``(h0, h1)``, heads of the pools (``HeadSlice.src``), or None
@@ -320,6 +333,12 @@ def pack_slices(
         slices.append(_Slice(h, out.reshape(-1), layout(n)))
     cfg = _sent_config(config, context)
     req = _Request(list(k_pools), list(v_pools), sent, all_slots, cfg, context, layout(pool_heads))
+    if tiers is not None:
+        if not (isinstance(tiers, torch.Tensor) and tiers.dtype == torch.uint8):
+            raise SpectrumConfigError("tiers must be a uint8 tensor (a PackedRequest.tier_map)")
+        if tiers.numel() != t:
+            raise SpectrumConfigError(f"tiers holds {tiers.numel()} positions, slots {t}")
+        req.given = tiers.reshape(-1).to(device)
     kern = kernels_for(device)
     if kern is not None and all(kern.kernel_supported(s.info.layout) for s in slices):
         with on_device(device):  # Triton launches on the current device: the pools'
@@ -355,7 +374,10 @@ def _errors(req: _Request) -> torch.Tensor | None:
 
 
 def _reference_tiers(req: _Request, info: _Layout) -> torch.Tensor:
-    """uint8 ``[T]`` CPU tier map of the reference allocator for ``info``'s head count."""
+    """uint8 ``[T]`` CPU tier map of the reference allocator for ``info``'s head count
+    (the caller's map when one was given)."""
+    if req.given is not None:
+        return req.given.cpu()
     lay = info.layout
     budget = token_budget(lay, req.cfg)
     return allocate_tiers(_scores(req), lay.token_costs(), budget, req.cfg, _errors(req), lay.fp8)
@@ -393,6 +415,7 @@ def _pack_torch(req: _Request, slices: list[_Slice], t0: float) -> list[PackedRe
             path="torch",
             timings_ms=dict(timings),
             heads=s.heads,
+            tier_map=tier_map.to(req.sent.device),
         )
         for s, nbytes, checksum, tier_map in results
     ]
@@ -403,6 +426,9 @@ def _device_tiers(kern, req: _Request, info: _Layout) -> tuple[torch.Tensor, tup
     head count: the equal-cost waterfall over the fused key-norm ranks (host integers fix
     the counts first), or the reference allocator's map (``optimal``, ``pdtrim``)."""
     cfg, lay, device = req.cfg, info.layout, req.sent.device
+    if req.given is not None:  # (a host sync for the counts: once per part)
+        counts = torch.bincount(req.given.long(), minlength=4).tolist()[:3]
+        return req.given, tuple(counts)
     if cfg.method == "pdtrim" or (cfg.method == "spectrum" and cfg.allocator != "paper"):
         tiers = _reference_tiers(req, info)
         counts = tuple(torch.bincount(tiers.long(), minlength=4).tolist()[:3])
@@ -494,6 +520,7 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
                 path="kernels",
                 timings_ms=dict(timings),
                 heads=s.heads,
+                tier_map=maps[header.layout.num_kv_heads][0],
             )
         )
     return results

@@ -611,6 +611,40 @@ def test_unsupported_deployments_are_named_in_one_line(monkeypatch):
     assert "staging" in unsupported_deployment(ok)
 
 
+def test_layer_groups_refused_where_the_layer_hooks_cannot_run():
+    """--spectrum-layer-group needs the prefill's attention layers called eagerly: a
+    prefill CUDA graph (SGLang's CUDA default is breakable) or a speculative draft is
+    refused in one line; a CPU server, --disable-cuda-graph or a disabled prefill
+    backend is served; a decode ignores the option."""
+    from types import SimpleNamespace
+
+    from sglang_spectrum.sglang_plugin.compat import unsupported_deployment
+    from sglang_spectrum.sglang_plugin.options import SpectrumServerOptions
+
+    groups = SpectrumServerOptions(layer_group=8)
+
+    def prefill(**fields):
+        return SimpleNamespace(disaggregation_mode="prefill", **fields)
+
+    for served in (
+        prefill(device="cpu"),
+        prefill(device="cuda", disable_cuda_graph=True),
+        prefill(device="cuda", cuda_graph_backend_prefill="disabled"),
+        SimpleNamespace(disaggregation_mode="decode", device="cuda"),
+    ):
+        assert unsupported_deployment(served, groups) == "", served
+    refused = {
+        "backend is breakable": prefill(device="cuda", cuda_graph_backend_prefill="breakable"),
+        "backend is full": prefill(device="cuda", cuda_graph_backend_prefill="full"),
+        "speculative decoding": prefill(device="cpu", speculative_algorithm="EAGLE"),
+    }
+    for words, args in refused.items():
+        problem = unsupported_deployment(args, groups)
+        assert words in problem and "--spectrum-layer-group 0" in problem, problem
+        assert "\n" not in problem
+        assert unsupported_deployment(args, SpectrumServerOptions()) == ""
+
+
 # ----------------------------------------------------------------------------- warm-up
 
 

@@ -7,8 +7,10 @@ process is stopped by PID (process group) in a finalizer, also on failure.
 
 * ``half``: one ``spectrum`` deployment at budget 0.5 with 3 tiers and the
   Hadamard-rotated, group-32 codec with per-channel key scales (plain INT4
-  serving is covered by test_pd_faults.py), ``--page-size 16`` on both sides
-  and ``--chunked-prefill-size 256``: the bytes that crossed Mooncake
+  serving is covered by test_pd_faults.py), ``--page-size 16`` on both sides,
+  ``--chunked-prefill-size 256`` and ``--spectrum-layer-group 8`` (each chunk sent
+  as 4 parts of layers, packed during its forward; a prompt the prefill has cached
+  goes in chunk parts instead): the bytes that crossed Mooncake
   (prefill's sent counter, decode's received counter, on their ``/metrics``)
   are <= 0.5 of the 16-bit KV size of the same prompts; a secret only in a
   ~1,500-token prompt is answered; finally the decode server is SIGKILLed
@@ -44,6 +46,8 @@ LONG_SECRET_PROMPT = (
 # SmolLM2-135M: 30 layers x (K,V) x 3 KV heads x 64 x 2 bytes per token
 FULL_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
 CHUNK = 256
+LAYER_GROUP = 8  # SmolLM2's 30 layers: parts of layers 0-8, 8-16, 16-24, 24-30
+GROUPS = [[0, 8], [8, 16], [16, 24], [24, 30]]
 KILL_DELAY_S = 8.0
 
 
@@ -115,7 +119,7 @@ def half(request, model_path) -> PDDeployment:
         ],  # fmt: skip
         prefill_args=["--spectrum-budget", "0.5", "--spectrum-tiers", "3"]
         + ["--spectrum-rotation", "hadamard", "--spectrum-group-size", "32"]
-        + ["--spectrum-key-scales", "channel"],
+        + ["--spectrum-key-scales", "channel", "--spectrum-layer-group", str(LAYER_GROUP)],
         prefill_env={**env, "SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S": str(KILL_DELAY_S)},
         decode_env=env,
         # a killed decode refuses connections at once (3 checks, ~6 s, out of rotation);
@@ -202,15 +206,37 @@ def test_secret_only_in_long_prompt_at_half_budget(half):
     assert roles["prefill"]["num_tokens"] == n and roles["decode"]["num_tokens"] == n
     assert roles["prefill"]["ratio"] <= 0.5
     assert roles["decode"]["received_bytes"] == roles["prefill"]["sent_bytes"]
-    # --spectrum-stream chunks (default): earlier chunks went as their own parts,
-    # written while the next chunk was computed; the decode unpacked every one
-    assert roles["prefill"]["parts"] >= 2, roles["prefill"]
-    assert roles["decode"]["parts"] == roles["prefill"]["parts"]
-    # the per-part timeline: tokens add up, parts submitted in order, each at b=0.5
-    profile = roles["prefill"]["part_profile"]
-    assert sum(row[0] for row in profile) == n and len(profile) == roles["prefill"]["parts"]
+    # --spectrum-layer-group 8: every chunk went as 4 parts of layers, each handed to the
+    # packer during the chunk's forward; the decode unpacked every one into its layers
+    pre = roles["prefill"]
+    chunks = -(-n // CHUNK)
+    assert pre["layer_group"] == LAYER_GROUP
+    assert pre["parts"] == roles["decode"]["parts"] == chunks * len(GROUPS), pre
+    # the per-part timeline: tokens add up (once per chunk), parts submitted in order,
+    # each at b=0.5, the groups of every chunk in layer order
+    profile = pre["part_profile"]
+    assert len(profile) == pre["parts"]
+    assert [row[6:8] for row in profile] == GROUPS * chunks, profile
+    assert sum(row[0] for row in profile if row[7] == 30) == n
     assert [row[2] for row in profile] == sorted(row[2] for row in profile)
-    assert all(row[1] == 0.5 and min(row[3:]) >= 0 for row in profile), profile
+    assert all(row[1] == 0.5 and min(row[3:6]) >= 0 for row in profile), profile
+    # a chunk's groups share its first group's tier map: the same tokens per part
+    for c in range(chunks):
+        assert len({row[0] for row in profile[4 * c : 4 * c + 4]}) == 1, profile
+
+
+def test_prefill_cached_prompt_goes_in_chunk_parts(half):
+    """The prefill's radix cache holds the long prompt's prefix, the decode does not:
+    those positions must be sent first, so this request is not layer-pipelined; its
+    chunks go as whole parts (--spectrum-stream chunks) and the answer is the same."""
+    r = half.generate(LONG_SECRET_PROMPT, max_new_tokens=12, rid="e2e-cached-secret")
+    n = r["meta_info"]["prompt_tokens"]
+    assert SECRET in r["text"], r["text"]
+    roles = {s["role"]: s for s in half.spectrum_stats() if s["rid"] == "e2e-cached-secret"}
+    pre = roles["prefill"]
+    assert pre["layer_group"] == 0 and pre["num_tokens"] == roles["decode"]["num_tokens"] == n
+    assert pre["parts"] == roles["decode"]["parts"] >= 1 and pre["ratio"] <= 0.5
+    assert all(len(row) == 6 for row in pre["part_profile"]), pre["part_profile"]
 
 
 def test_prompt_longer_than_chunked_prefill_size(half):

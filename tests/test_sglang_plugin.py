@@ -197,7 +197,8 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
                                     "--spectrum-min-budget", "0.35",
                                     "--spectrum-ttft-slo-ms", "250",
                                     "--spectrum-staging", "host",
-                                    "--spectrum-direct", "off"])
+                                    "--spectrum-direct", "off",
+                                    "--spectrum-layer-group", "8"])
         # a scheduler process is a child of the launcher: it inherits the environment
         code = ("import json; from sglang_spectrum.sglang_plugin.options import current_options;"
                 " print(json.dumps(current_options().to_dict()))")
@@ -219,6 +220,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "ttft_slo_ms": 250.0,
         "staging": "host",
         "direct": "off",
+        "layer_group": 8,
         "budget_mode": "fixed",
     }
     assert out["defaults"] == {
@@ -235,6 +237,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "ttft_slo_ms": 0.0,
         "staging": "auto",
         "direct": "auto",
+        "layer_group": 0,
         "budget_mode": "fixed",
     }
 
@@ -280,6 +283,14 @@ OPTION_ERRORS = {
     "stream": (["--spectrum-stream", "on"], "argument --spectrum-stream: invalid choice: 'on'"),
     "staging": (["--spectrum-staging", "gpu"], "argument --spectrum-staging: invalid choice"),
     "direct": (["--spectrum-direct", "on"], "argument --spectrum-direct: invalid choice: 'on'"),
+    "layers": (
+        ["--spectrum-layer-group", "-2"],
+        "error: --spectrum-layer-group must be an integer >= 0 (0 = off), got '-2'",
+    ),
+    "layers_word": (
+        ["--spectrum-layer-group", "4.5"],
+        "error: --spectrum-layer-group must be an integer >= 0 (0 = off), got '4.5'",
+    ),
     "drop2": (
         ["--spectrum-budget", "0.4", "--spectrum-tiers", "2"],
         "error: --spectrum-budget 0.4 is below 0.531, the least 2 tiers (FP16+INT8) can send",

@@ -463,3 +463,63 @@ def test_request_in_parts_fits_the_parts_bound_and_round_trips(config):
     for pool, out_pool in zip(kp + vp, ok + ov):  # every token landed, none elsewhere
         assert not torch.isnan(out_pool[slots].float()).any()
         assert torch.isnan(out_pool[~torch.isin(torch.arange(len(pool)), slots)].float()).all()
+
+
+@pytest.mark.parametrize("path", ["torch", "kernels"])
+def test_layer_groups_with_the_first_groups_tiers_round_trip(path, request):
+    """A chunk sent in layer groups (``--spectrum-layer-group``): group 0 is scored and
+    allocated on its own layers' keys; the later groups are packed with its tier map
+    (``tiers=``). Each group's buffer fits the bound of its layers, holds the same tiers
+    and bytes as packing those layers with that map, and unpacks into its layers only;
+    together they write exactly what one whole-layer pack with that map writes."""
+    from sglang_spectrum.codec import header_tier_map
+    from sglang_spectrum.sizes import packed_size_bound as bound_of
+
+    if path == "kernels":
+        request.getfixturevalue("kernel_path")
+    config = SpectrumConfig(budget=0.4, allow_drop=False, key_scales="channel", key_block=8)
+    kp, vp, slots = make_pools(layers=5, heads=2, head_dim=16, tokens=90, page=8, seed=7)
+    groups = [(0, 2), (2, 4), (4, 5)]
+    ok = [torch.full_like(p, float("nan")) for p in kp]
+    ov = [torch.full_like(p, float("nan")) for p in vp]
+    first = None
+    for l0, l1 in groups:
+        k, v = kp[l0:l1], vp[l0:l1]
+        out = region(k, slots, config)
+        assert out.numel() == bound_of(90, l1 - l0, 2, 16, kp[0].dtype, config)
+        tiers = None if first is None else first.tier_map
+        res = pack_request(k, v, slots, config, out=out, tiers=tiers)
+        assert res.path == path and res.nbytes <= out.numel()
+        assert res.tier_map is not None and res.tier_map.dtype == torch.uint8
+        header, _ = read_header(out[: res.nbytes])
+        assert header.layout.num_layers == l1 - l0
+        if first is None:
+            first = res
+            # group 0's map is that of its own layers' keys, below FP16
+            assert res.tier_counts["int8"] + res.tier_counts["int4"] > 0
+        else:
+            assert res.tier_counts == first.tier_counts
+            assert torch.equal(header_tier_map(header), first.tier_map.cpu())
+        info = unpack_request(out, ok[l0:l1], ov[l0:l1], slots, expected_checksum=res.checksum)
+        assert info.tier_counts == res.tier_counts
+        for layer in range(len(kp)):  # its layers written, the later ones untouched
+            written = not torch.isnan(ok[layer][slots].float()).any()
+            assert written == (layer < l1), (l0, l1, layer)
+    # the same as one pack of every layer with group 0's map
+    whole_k = [torch.full_like(p, float("nan")) for p in kp]
+    whole_v = [torch.full_like(p, float("nan")) for p in vp]
+    out = region(kp, slots, config)
+    res = pack_request(kp, vp, slots, config, out=out, tiers=first.tier_map)
+    unpack_request(out, whole_k, whole_v, slots, expected_checksum=res.checksum)
+    for a, b in zip(ok + ov, whole_k + whole_v):
+        assert same_bits(a[slots], b[slots])
+
+
+def test_given_tiers_are_checked():
+    kp, vp, slots = make_pools(layers=2, tokens=40)
+    config = SpectrumConfig(budget=0.5, allow_drop=False)
+    out = region(kp, slots, config)
+    with pytest.raises(SpectrumConfigError, match="tiers holds 39 positions, slots 40"):
+        pack_request(kp, vp, slots, config, out=out, tiers=torch.zeros(39, dtype=torch.uint8))
+    with pytest.raises(SpectrumConfigError, match="tiers must be a uint8 tensor"):
+        pack_request(kp, vp, slots, config, out=out, tiers=torch.zeros(40))

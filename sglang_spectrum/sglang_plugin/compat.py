@@ -165,6 +165,75 @@ def prompt_slots(scheduler: Any, room: int) -> tuple[Any, str] | None:
     return None
 
 
+def extend_rows(batch: Any, sender_type: type) -> list[tuple[int, Any, str, int, int, int]]:
+    """The prefill requests of an extend ``ScheduleBatch`` about to run whose sender is a
+    ``sender_type``: ``(room, sender, rid, start, tokens, offset)`` each, the chunk's prompt
+    positions ``[start, start + tokens)`` at ``batch.out_cache_loc[offset : offset +
+    tokens]`` (int64 pool slots on the pool's device); [] for any other batch.
+
+    ``ScheduleBatch.prepare_for_extend`` sets ``prefix_lens``/``extend_lens`` per request
+    and the concatenated ``out_cache_loc`` before ``Scheduler.run_batch`` (0.5.17
+    ``managers/schedule_batch.py``:2208/2493, 0.5.23 :2885/3074).
+    """
+    mode = getattr(batch, "forward_mode", None)
+    if mode is None or not mode.is_extend() or getattr(batch, "out_cache_loc", None) is None:
+        return []
+    prefix_lens = list(getattr(batch, "prefix_lens", None) or [])
+    extend_lens = list(getattr(batch, "extend_lens", None) or [])
+    reqs = list(getattr(batch, "reqs", None) or [])
+    if not (len(reqs) == len(prefix_lens) == len(extend_lens)):
+        return []
+    rows, offset = [], 0
+    for req, start, n in zip(reqs, prefix_lens, extend_lens):
+        sender = getattr(req, "disagg_kv_sender", None)
+        if isinstance(sender, sender_type):
+            rows.append((int(req.bootstrap_room), sender, str(req.rid), int(start), int(n), offset))
+        offset += int(n)
+    return rows
+
+
+def prefill_graph_backend(server_args: Any) -> str:
+    """The prefill CUDA-graph backend (``disabled``, ``breakable``, ``full``...): what the
+    flags say (``--disable-cuda-graph``, ``--cuda-graph-backend-prefill``), else the
+    resolved config (0.5.17: ``ServerArgs.cuda_graph_config``; 0.5.23: the runtime
+    context's ``exec`` namespace, ``arg_groups/cuda_graph_hook.py``), else SGLang's
+    default (none on a CPU, breakable on CUDA)."""
+    if server_arg(server_args, "disable_cuda_graph", False):
+        return "disabled"
+    backend = server_arg(server_args, "cuda_graph_backend_prefill", None)
+    if backend is None:
+        config = getattr(server_args, "cuda_graph_config", None)
+        if config is None:
+            try:
+                from sglang.srt.runtime_context import get_exec
+
+                config = get_exec().cuda_graph_config
+            except Exception:  # not resolved in this process (the launcher)
+                config = None
+        if isinstance(config, dict):  # (0.5.23's resolved ServerArgs hold a dict)
+            backend = (config.get("prefill") or {}).get("backend")
+        else:
+            backend = getattr(getattr(config, "prefill", None), "backend", None)
+    if backend is None:
+        backend = "disabled" if server_arg(server_args, "device", None) == "cpu" else "breakable"
+    return str(getattr(backend, "value", backend)).lower()
+
+
+def prefill_graph_problem(server_args: Any) -> str:
+    """'' if this server runs its prefill forwards eagerly (every attention layer's
+    Python ``forward`` is called per batch), else why not: a prefill CUDA graph
+    (:func:`prefill_graph_backend`; breakable is SGLang's CUDA default) replays its
+    layers without them."""
+    backend = prefill_graph_backend(server_args)
+    if backend == "disabled":
+        return ""
+    return (
+        f"--spectrum-layer-group needs eager prefill forwards, but the prefill CUDA graph"
+        f" backend is {backend}; add --cuda-graph-backend-prefill disabled (or"
+        " --disable-cuda-graph), or use --spectrum-layer-group 0"
+    )
+
+
 def _raise_failure(endpoint: Any) -> None:
     """0.5.23's ``CommonKVSender``/``CommonKVReceiver.failure_exception``
     (``common/conn.py``:2446, :2944; 0.5.17's raise a placeholder): conclude as failed,
@@ -550,15 +619,34 @@ def is_draft_runner(model_runner: Any) -> bool:
     return bool(getattr(model_runner, "is_draft_worker", False))
 
 
-def unsupported_deployment(server_args: Any) -> str:
-    """'' if the ``spectrum`` backend serves this server's configuration, else one line
-    saying what it cannot serve (checked in the launcher and again in each scheduler).
+def unsupported_deployment(server_args: Any, options: Any = None) -> str:
+    """'' if the ``spectrum`` backend serves this server's configuration (``options``:
+    its :class:`.options.SpectrumServerOptions`, default the published ones), else one
+    line saying what it cannot serve (checked in the launcher and again in each
+    scheduler).
 
     * pipeline / context parallelism, KV-cache sharding (0.5.23), staging buffers
       (``SGLANG_DISAGG_STAGING_BUFFER``), the ``prefill_complete`` decode allocation
-      policy (0.5.23: its BOOTSTRAP frames and deferred allocation are not ours).
+      policy (0.5.23: its BOOTSTRAP frames and deferred allocation are not ours);
+    * a prefill with ``--spectrum-layer-group`` and a prefill CUDA graph
+      (:func:`prefill_graph_problem`) or speculative decoding (the draft's layers run
+      after the target's, outside the groups).
     """
     import os
+
+    if options is None:
+        from .options import current_options
+
+        options = current_options()
+    if options.layer_group and server_arg(server_args, "disaggregation_mode") == "prefill":
+        if server_arg(server_args, "speculative_algorithm", None):
+            return (
+                "--spectrum-layer-group does not support speculative decoding (the draft"
+                " model's layers run after the target's); use --spectrum-layer-group 0"
+            )
+        problem = prefill_graph_problem(server_args)
+        if problem:
+            return problem
 
     def on(name: str) -> bool:
         return bool(server_arg(server_args, name, False))

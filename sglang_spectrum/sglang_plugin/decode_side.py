@@ -167,9 +167,16 @@ class DecodeSide:
         elif isinstance(msg, messages.AbortAck):
             receiver.on_abort_ack(msg.generation)
 
-    def unpack_into_pool(self, buf: torch.Tensor, slots: np.ndarray, checksum: int) -> Any:
+    def unpack_into_pool(
+        self,
+        buf: torch.Tensor,
+        slots: np.ndarray,
+        checksum: int,
+        layers: tuple[int, int] | None = None,
+    ) -> Any:
         """Decode control thread: validate and unpack one part of a request into the
-        pool slots ``slots`` (int64 ``[T]``)."""
+        pool slots ``slots`` (int64 ``[T]``), of layers ``[l0, l1)`` (a layer group's
+        part) or all of them."""
         from sglang_spectrum.transfer import unpack_request
 
         device = self.k_pools[0].device
@@ -181,8 +188,15 @@ class DecodeSide:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             # (on this stream: a copy on the legacy default one waits for the forward)
             slots_t = torch.from_numpy(slots).to(device)
+            l0, l1 = layers or (0, len(self.k_pools))
+            fp8 = self.fp8 if self.fp8 is None else self.fp8.layers(l0, l1)
             return unpack_request(
-                buf, self.k_pools, self.v_pools, slots_t, expected_checksum=checksum, fp8=self.fp8
+                buf,
+                self.k_pools[l0:l1],
+                self.v_pools[l0:l1],
+                slots_t,
+                expected_checksum=checksum,
+                fp8=fp8,
             )
 
     def write_aux(self, index: int, rows: list[bytes]) -> None:
@@ -324,4 +338,6 @@ class DecodeSide:
         chunk = int(peer.get("stream_chunk_tokens") or 0)
         dtype = (peer.get("layout") or {}).get("dtype")  # what the prefill packs from
         codec = opts.bound_codec(peer.get("tiers_resolved"))
-        return self.region_bound(num_tokens, codec, chunk, dtype)
+        layers = int(self.layout["layers"])
+        groups = -(-layers // opts.layer_group) if opts.layer_group else 1  # parts a chunk
+        return self.region_bound(num_tokens, codec, chunk, dtype, groups=groups)

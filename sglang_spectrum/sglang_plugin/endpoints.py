@@ -271,13 +271,17 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         try:
             page_size = int(mgr.layout["page_size"])
             slots = expand_pages(self._pages, page_size)
-            n = sum(int(p[3]) for p in parts)
+            num_layers = len(mgr.k_pools)
+            layers = [_part_layers(p, num_layers) for p in parts]
+            # a chunk sent in layer groups: its tokens count once, at its last group
+            n = sum(int(p[3]) for p, ls in zip(parts, layers) if ls[1] == num_layers)
             if not (len(self._pages) - 1) * page_size < n <= len(slots):
                 raise ValueError(
                     f"the prefill sent {n} tokens for {len(self._pages)} pages of {page_size}"
                 )
             first = direct = 0
-            for offset, nbytes, checksum, tokens in parts:
+            whole: list[Any] = []  # what unpacked the last layers of each chunk (its tiers)
+            for (offset, nbytes, checksum, tokens, *_), (l0, l1) in zip(parts, layers):
                 with self.state.lock:
                     region = self.state.begin_unpack(sent.generation)
                     if region is None:
@@ -291,8 +295,12 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
                             f"part of {nbytes} bytes at {offset} outside the receive buffer"
                         )
                     buf = region.view(offset + nbytes)[offset:]
-                    infos.append(mgr.unpack_into_pool(buf, slots[first : first + tokens], checksum))
-                first += tokens
+                    dst = slots[first : first + tokens]
+                    part = (l0, l1) if (l0, l1) != (0, num_layers) else None
+                    infos.append(mgr.unpack_into_pool(buf, dst, checksum, part))
+                if l1 == num_layers:
+                    whole.append(infos[-1])
+                    first += tokens
             dropped = sum(len(info.dropped) for info in infos)
             if dropped:
                 raise ValueError(f"{dropped} dropped tokens (serving never drops)")
@@ -322,7 +330,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             "received_bytes": int(sent.nbytes),
             "parts": len(parts),
             "tiers": {  # (no parts: the decode held the whole prompt; direct: top tier)
-                k: sum(info.tier_counts.get(k, 0) for info in infos)
+                k: sum(info.tier_counts.get(k, 0) for info in whole)
                 + (direct if k == TIER_NAMES[0] else 0)
                 for k in TIER_NAMES
                 if k != "drop"
@@ -451,6 +459,16 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         self.state.cleared = True
         self.kv_mgr.unregister_deferred(self)
         self._maybe_unregister()
+
+
+def _part_layers(part: list[int], num_layers: int) -> tuple[int, int]:
+    """The layers ``[l0, l1)`` a ``Sent`` part holds: ``[offset, bytes, checksum, tokens]``
+    every layer, ``[..., l0, l1]`` a layer group's (``--spectrum-layer-group``)."""
+    if len(part) == 4:
+        return 0, num_layers
+    if len(part) != 6 or not 0 <= int(part[4]) < int(part[5]) <= num_layers:
+        raise ValueError(f"malformed part {part[:6]} for {num_layers} layers")
+    return int(part[4]), int(part[5])
 
 
 class SpectrumKVBootstrapServer(CommonKVBootstrapServer):

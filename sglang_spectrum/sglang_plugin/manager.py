@@ -45,6 +45,7 @@ from . import compat, messages
 from .decode_side import SWEEP_INTERVAL_S, DecodeSide
 from .direct import PoolMemory
 from .identity import layout_desc, wire_identity
+from .layer_pipeline import LayerPipeline
 from .metrics import get_metrics
 from .options import check_no_drop, current_options, no_drop_floor, staging_problem
 from .prefill_intake import PrefillIntake, expand_pages  # noqa: F401 (expand_pages: re-export)
@@ -144,7 +145,7 @@ def _pool_problem(pool: Any) -> str:
     return ""
 
 
-class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager):
+class SpectrumKVManager(LayerPipeline, PrefillIntake, PrefillSide, DecodeSide, CommonKVManager):
     """Packed-KV transfers over Mooncake on SGLang's ``CommonKVManager`` (see module doc)."""
 
     supports_role_switch = False
@@ -193,6 +194,7 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
             )
         if self.pp_size != 1 or self.attn_cp_size != 1:
             raise RuntimeError("SpectrumKV does not support pipeline or context parallelism")
+        self._init_pipeline()
         if self.is_prefill:
             self._init_prefill()
             self._init_intake()
@@ -291,6 +293,8 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
             )
         if device.type == "cuda":
             self._warm_up()
+        if self.is_prefill and self.layer_group:
+            self.start_pipelining()
         if self.is_prefill:
             self._resolve_tiers(scheduler)
             if self.metrics is not None:
@@ -393,10 +397,16 @@ class SpectrumKVManager(PrefillIntake, PrefillSide, DecodeSide, CommonKVManager)
         return wire_identity(self.options.to_dict(), **fields)
 
     def region_bound(
-        self, num_tokens: int, config: Any, chunk_tokens: int = 0, dtype: str | None = None
+        self,
+        num_tokens: int,
+        config: Any,
+        chunk_tokens: int = 0,
+        dtype: str | None = None,
+        **kwargs: Any,
     ) -> int:
-        """:func:`.transport.region_bytes` of this server's KV layout."""
-        return region_bytes(self.layout, num_tokens, config, chunk_tokens, dtype)
+        """:func:`.transport.region_bytes` of this server's KV layout (``kwargs``: its
+        ``layers`` and ``groups``)."""
+        return region_bytes(self.layout, num_tokens, config, chunk_tokens, dtype, **kwargs)
 
     def full_bytes_per_token(self) -> int:
         """16-bit KV bytes of one token over every layer (what budgets are relative to)."""

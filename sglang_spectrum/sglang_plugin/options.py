@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "spectrum_ttft_slo_ms": 0.0,
     "spectrum_staging": "auto",
     "spectrum_direct": "auto",
+    "spectrum_layer_group": 0,
 }
 OPTIONS_ENV = "SGLANG_SPECTRUM_OPTIONS"
 
@@ -77,6 +78,7 @@ class SpectrumServerOptions:
     ttft_slo_ms: float = DEFAULTS["spectrum_ttft_slo_ms"]  # auto: 0 = no SLO
     staging: str = DEFAULTS["spectrum_staging"]  # where the wire bytes sit for Mooncake
     direct: str = DEFAULTS["spectrum_direct"]  # lossless parts page to page (direct.py)
+    layer_group: int = DEFAULTS["spectrum_layer_group"]  # layers a pipelined part; 0 = off
     budget_mode: str = "fixed"  # "auto": chosen per part from the link (adaptive.py)
 
     def __post_init__(self) -> None:
@@ -106,6 +108,7 @@ class SpectrumServerOptions:
             raise SpectrumOptionError(f"--spectrum-arena-mb must be >= 0, got {self.arena_mb}")
         object.__setattr__(self, "arena_mb", arena)
         object.__setattr__(self, "group_size", check_group_size(self.group_size))
+        object.__setattr__(self, "layer_group", check_layer_group(self.layer_group))
 
     def codec_config(self, **kwargs: Any):
         """A :class:`SpectrumConfig` with this server's codec options (and ``kwargs``)."""
@@ -187,6 +190,19 @@ def check_group_size(value: Any) -> int | None:
     if group < 2 or group % 2:
         raise SpectrumOptionError(
             f"--spectrum-group-size must be an even integer >= 2 (0 = head_dim), got {value}"
+        )
+    return group
+
+
+def check_layer_group(value: Any) -> int:
+    """``--spectrum-layer-group`` as int (0 = off), or :class:`SpectrumOptionError`."""
+    try:
+        group = int(value)
+    except (TypeError, ValueError):
+        group = -1
+    if group < 0 or str(value).strip().lstrip("+") != str(group):
+        raise SpectrumOptionError(
+            f"--spectrum-layer-group must be an integer >= 0 (0 = off), got {value!r}"
         )
     return group
 
@@ -340,6 +356,10 @@ class _GroupSizeAction(_CheckedAction):
     check = staticmethod(lambda v: check_group_size(v) or 0)
 
 
+class _LayerGroupAction(_CheckedAction):
+    check = staticmethod(check_layer_group)
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Append the SpectrumKV option group (defaults None = not given)."""
     group = parser.add_argument_group(
@@ -442,6 +462,17 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         " them (no pack, no unpack, no checksum), when both pools hold the same bytes per"
         " token and the wire bytes are not staged on the host; off: every part is packed"
         f" and checksummed (default {DEFAULTS['spectrum_direct']}).",
+    )
+    group.add_argument(
+        "--spectrum-layer-group",
+        action=_LayerGroupAction,
+        default=None,
+        metavar="N",
+        help="Prefill: pack and send each chunk's KV in groups of N layers while the later"
+        " layers of the chunk are still computed (the tier map of a chunk comes from its"
+        " first group's key norms); 0 = off, a chunk goes after its forward"
+        f" (default {DEFAULTS['spectrum_layer_group']}). Needs eager prefill forwards"
+        " (no prefill CUDA graph) and no speculative decoding.",
     )
     group.add_argument(
         "--spectrum-probe-refresh",

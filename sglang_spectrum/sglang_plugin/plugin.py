@@ -14,7 +14,9 @@ serve``), ``sglang.Engine``, and each scheduler process at start
   the scheduler processes through ``SGLANG_SPECTRUM_OPTIONS``, see :mod:`.options`);
 * the KV-pool hand-over: an AFTER hook on ``Scheduler.__init__`` gives the KV
   pool to a ``spectrum`` KV manager (then the prefill runs the INT4 probe and
-  publishes its identity).
+  publishes its identity);
+* with ``--spectrum-layer-group`` > 0 only: hooks around ``Scheduler.run_batch``
+  and after ``RadixAttention.forward`` (:mod:`.layer_pipeline`).
 
 ``SGLANG_SPECTRUM_DISABLE=1`` (or ``SGLANG_PLUGINS`` without ``spectrumkv``)
 leaves SGLang untouched. On an SGLang version the backend does not support,
@@ -87,17 +89,19 @@ def _after_from_cli_args(server_args: Any, cls: Any, ns: Any) -> None:
     from .compat import UnsupportedSGLangError, check_sglang_version
     from .options import _exit_error, apply_cli_namespace
 
-    if getattr(ns, "disaggregation_transfer_backend", None) == BACKEND_NAME:
-        from .compat import unsupported_deployment
-
+    ours = getattr(ns, "disaggregation_transfer_backend", None) == BACKEND_NAME
+    if ours:
         try:
             check_sglang_version()
         except UnsupportedSGLangError as e:
             _exit_error(str(e))
-        problem = unsupported_deployment(server_args)
+    opts = apply_cli_namespace(ns)  # (exits on bad options; None: not our backend)
+    if ours and opts is not None:
+        from .compat import unsupported_deployment
+
+        problem = unsupported_deployment(server_args, opts)
         if problem and getattr(server_args, "disaggregation_mode", "null") != "null":
             _exit_error(problem)
-    apply_cli_namespace(ns)
 
 
 def _around_get_kv_class(original: Any, transfer_backend: Any, class_type: Any) -> Any:
@@ -193,6 +197,20 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
         mgr.attach(scheduler)
 
 
+def _register_layer_hooks(registry: Any, hook_type: Any) -> None:
+    """``--spectrum-layer-group`` > 0 (the options a scheduler process inherits): the
+    hooks of :mod:`.layer_pipeline` around each batch and after each attention layer.
+    Not registered otherwise: no wrapper on the forward's hot path."""
+    from .options import current_options
+
+    if not current_options().layer_group:
+        return
+    from .layer_pipeline import HOOKS
+
+    for target, hook, kind in HOOKS:
+        registry.register(target, hook, getattr(hook_type, kind))
+
+
 # ------------------------------------------------------------------ entry point
 
 
@@ -242,6 +260,7 @@ def register() -> None:
             _before_alloc_memory_pool,
             HookType.BEFORE,
         )
+        _register_layer_hooks(HookRegistry, HookType)
         _registered = True
     except Exception as e:  # a broken plugin must never break SGLang
         logger.warning(

@@ -65,6 +65,7 @@ class PrefillIntake:
     def close_intake(self, room: int) -> None:
         self._sends.pop(room, None)
         self._chunk_clock.pop(room, None)
+        self._pipe_rooms.pop(room, None)
 
     def add_transfer_request(
         self,
@@ -87,19 +88,29 @@ class PrefillIntake:
         if progress is None or progress.submitted:
             return
         progress.pages.append(np.asarray(kv_indices, dtype=np.int64).reshape(-1).copy())
+        pipe = self.pipelined(room)  # its chunks went in layer groups during the forward
         if not is_last_chunk:  # earlier chunk: its pages stay locked until the request ends
-            self._stream_part(progress, index_slice.stop, wait_event)
+            if pipe is None:
+                self._stream_part(progress, index_slice.stop, wait_event)
+            else:
+                self._note_chunk(room, len(progress.pages[-1]) * self.kv_args.page_size, False)
             return
         progress.submitted = True
         t_start = time.perf_counter()
         page_size = int(self.kv_args.page_size)
         start = self.room_prefix_len(room) + progress.streamed_tokens
+        if pipe is not None:  # what the layer groups left (nothing, normally)
+            start = pipe.sent_to
         found = compat.prompt_slots(self.scheduler, room)
         context, rid = None, ""
         if found is not None:
             full, rid = found
             slots = full[start:]  # the prompt's own row: exact length, no page padding
             context = full[:start] if start else None
+        elif page_size == 1 and pipe is not None:  # the pages: positions from the prefix on
+            handed = torch.from_numpy(np.concatenate(progress.pages))
+            done = start - self.room_prefix_len(room)
+            slots, context = handed[done:], (handed[:done] if done else None)
         elif page_size == 1:  # one slot per page: the pages are the slots
             slots = torch.from_numpy(np.concatenate(progress.pages[progress.streamed_pages :]))
             context = self._streamed_slots(progress, page_size)

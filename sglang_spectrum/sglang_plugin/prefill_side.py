@@ -62,6 +62,7 @@ class PackJob:
     request_start: float = 0.0  # perf_counter when the sender was created (SLO clock)
     enqueued: float = field(default_factory=time.perf_counter)
     scheduler_ms: float = 0.0  # time the scheduler thread spent on this request's send
+    layers: tuple[int, int] | None = None  # a layer group's part: layers [l0, l1); None: all
 
 
 @dataclass
@@ -357,18 +358,24 @@ class PrefillSide:
             for event in job.events:  # the chunk's KV is written: pack timings stay clean
                 event.synchronize()
             t0 = time.perf_counter()
-            direct_grant = self._direct_grant(grants)
-            budget = self._part_budget(job, state, direct_grant is not None)
-            cfg = self.codec_config(budget)
-            writes = self._direct_writes(job, state, direct_grant, cfg.budget)
-            if writes is not None:
-                state.sent_tokens += int(job.slots.numel())
-                packed = self._direct_part(job, grants, writes, t0)
-                self._add_peer_bytes(state.peer_key, packed.nbytes)
-                return packed
-            if not job.final:  # its last tokens are not the prompt's recent window
-                cfg = cfg.with_(window=0)
-            bound = self.region_bound(int(job.slots.numel()), cfg)
+            t = int(job.slots.numel())
+            l0, l1 = job.layers or (0, len(self.k_pools))
+            plan = state.group_plan if l0 > 0 else None  # the chunk's first group chose
+            if plan is not None and plan[1].numel() == t:
+                cfg, tiers = plan
+            else:
+                direct_grant = self._direct_grant(grants) if job.layers is None else None
+                budget = self._part_budget(job, state, direct_grant is not None)
+                cfg, tiers = self.codec_config(budget), None
+                writes = self._direct_writes(job, state, direct_grant, cfg.budget)
+                if writes is not None:
+                    state.sent_tokens += t
+                    packed = self._direct_part(job, grants, writes, t0)
+                    self._add_peer_bytes(state.peer_key, packed.nbytes)
+                    return packed
+                if not job.final:  # its last tokens are not the prompt's recent window
+                    cfg = cfg.with_(window=0)
+            bound = self.region_bound(t, cfg, layers=l1 - l0)
             region = self.arena.alloc_wait(
                 bound, SEND_REGION_WAIT_S, cancelled=lambda: self.room_aborted(room)
             )
@@ -386,14 +393,17 @@ class PrefillSide:
                 slots = job.slots.to(device, non_blocking=True)
                 context = None if job.context is None else job.context.to(device, non_blocking=True)
                 info = pack_request(
-                    self.k_pools,
-                    self.v_pools,
+                    self.k_pools[l0:l1],
+                    self.v_pools[l0:l1],
                     slots,
                     cfg,
                     out=region.view(),
                     context_slots=context,
-                    fp8=self.fp8,
+                    fp8=self.fp8 if self.fp8 is None else self.fp8.layers(l0, l1),
+                    tiers=tiers,
                 )
+            if job.layers is not None and l0 == 0:  # the later groups of the chunk reuse it
+                state.group_plan = (cfg, info.tier_map)
             pack_ms = (time.perf_counter() - t0) * 1e3
             if self.adaptive is not None:
                 self.adaptive.observe_pack(cfg.budget, info.full_nbytes, pack_ms / 1e3)
@@ -412,7 +422,8 @@ class PrefillSide:
             if self.staging is not None:
                 region = self._stage_on_host(region, int(send_n), stream, room)
             state.next_offset = part_offset(offset + int(send_n))
-            state.sent_tokens += int(job.slots.numel())
+            if l1 == len(self.k_pools):
+                state.sent_tokens += t
             self._add_peer_bytes(state.peer_key, send_n)
         except Exception as e:
             if region is not None:
@@ -501,7 +512,7 @@ class PrefillSide:
         region; False when a write failed (the room is then finished as failed)."""
         room, t1 = job.room, time.perf_counter()
         try:
-            delay = faults.test_delay_s(job.rid)
+            delay = self._test_delay_s(job)
             if delay > 0:
                 logger.warning("SpectrumKV TEST: room %s transfer starts in %.1f s", room, delay)
                 time.sleep(delay)
@@ -531,23 +542,40 @@ class PrefillSide:
             self.adaptive.observe_write(peer, p.nbytes, seconds, overlapped=not job.final)
         return True
 
+    def _test_delay_s(self, job: PackJob) -> float:
+        """The test-only delay before a write (:func:`.faults.test_delay_s`): once per
+        request, before the first write of a job that carries its rid (the last chunk's;
+        a layer-pipelined request's first layer group)."""
+        delay = faults.test_delay_s(job.rid)
+        state = self.rooms.get(job.room)
+        if delay <= 0 or state is None or state.test_delayed:
+            return 0.0
+        state.test_delayed = True
+        return delay
+
     def _record_part(self, job: PackJob, p: Packed, transfer_ms: float) -> None:
         room, info = job.room, p.info
         with self.rooms.lock:
             state = self.rooms.get(room)
             if state is None:
                 return
+            # a layer group's part: its layers follow (the decode writes those only)
+            extra = list(job.layers) if job.layers is not None else []
+            whole = job.layers is None or job.layers[1] == len(self.k_pools)
             if info.num_tokens:
-                state.parts.append([p.offset, p.nbytes, p.checksum, info.num_tokens])
+                state.parts.append([p.offset, p.nbytes, p.checksum, info.num_tokens, *extra])
                 submitted_ms = (job.enqueued - (job.request_start or job.enqueued)) * 1e3
                 queue_ms = (p.started - job.enqueued) * 1e3
                 state.part_profile.append(
                     [info.num_tokens, round(p.budget, 4), round(submitted_ms, 3)]
-                    + [round(queue_ms, 3), round(p.pack_ms, 3), round(transfer_ms, 3)]
+                    + [round(queue_ms, 3), round(p.pack_ms, 3), round(transfer_ms, 3), *extra]
                 )
+            if info.path != "none":
+                state.path = info.path
             totals = state.part_totals
+            counted = info.tier_counts.items() if whole else ()  # a chunk's tokens: once
             for key, value in (
-                ("num_tokens", info.num_tokens),
+                ("num_tokens", info.num_tokens if whole else 0),
                 ("full_bytes", info.full_nbytes),
                 ("sent_bytes", p.nbytes),
                 ("pack_ms", p.pack_ms),
@@ -555,7 +583,7 @@ class PrefillSide:
                 ("register_ms", p.register_ms),
                 ("one_off_regions", int(p.one_off)),
                 ("budget_x_full", p.budget * info.full_nbytes),
-                *((f"tier_{k}", v) for k, v in info.tier_counts.items() if k != "drop"),
+                *((f"tier_{k}", v) for k, v in counted if k != "drop"),
             ):
                 totals[key] = totals.get(key, 0) + value
             if not job.final:
@@ -579,8 +607,9 @@ class PrefillSide:
             "budget": self.options.budget if not self.options.adaptive else "auto",
             "chosen_budget_mean": round(totals["budget_x_full"] / max(totals["full_bytes"], 1), 4),
             "key_scales": self.options.key_scales,
-            "path": info.path,
+            "path": state.path or info.path,
             "parts": len(parts),
+            "layer_group": self.layer_group if any(len(x) > 4 for x in parts) else 0,
             "scheduler_ms": round(job.scheduler_ms, 3),
             "queue_ms": round((p.started - job.enqueued) * 1e3, 3),
             # pack/transfer: every part; last_*: the final part, after the last chunk

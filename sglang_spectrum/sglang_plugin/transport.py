@@ -241,6 +241,9 @@ def region_bytes(
     config: Any,
     chunk_tokens: int = 0,
     dtype: str | None = None,
+    *,
+    layers: int | None = None,
+    groups: int = 1,
 ) -> int:
     """Bytes of a send/receive region for ``num_tokens`` tokens of the KV ``layout``
     (:func:`.manager.pool_layout`'s keys) packed under ``config``
@@ -248,18 +251,20 @@ def region_bytes(
     the layout's; the decode passes the prefill's), with room for one part per prefill
     chunk of ``chunk_tokens`` (0: one part); chunk ends need not fall on the
     receiver's tokens (one part more) and a cached prefix may go ahead (one more), at
-    most :data:`MAX_PARTS`."""
+    most :data:`MAX_PARTS`; times ``groups`` when each part is sent as that many layer
+    groups (``--spectrum-layer-group``). ``layers``: the bound of that many of the
+    layout's layers (one layer group's part), default all of them."""
     from sglang_spectrum.sizes import packed_size_bound
 
     parts = min(2 + -(-num_tokens // chunk_tokens), MAX_PARTS) if chunk_tokens > 0 else 1
     return packed_size_bound(
         num_tokens,
-        layout["layers"],
+        int(layers) if layers else layout["layers"],
         layout["kv_heads"],
         layout["head_dim"],
         dtype or layout["dtype"],
         config,
-        parts=parts,
+        parts=parts * max(int(groups), 1),
     )
 
 
