@@ -472,13 +472,25 @@ def test_layer_groups_with_the_first_groups_tiers_round_trip(path, request):
     (``tiers=``). Each group's buffer fits the bound of its layers, holds the same tiers
     and bytes as packing those layers with that map, and unpacks into its layers only;
     together they write exactly what one whole-layer pack with that map writes."""
+    if path == "kernels":
+        request.getfixturevalue("kernel_path")
+    _layer_groups_round_trip("cpu", path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_layer_groups_with_the_first_groups_tiers_round_trip():
+    _layer_groups_round_trip("cuda", "kernels")
+
+
+def _layer_groups_round_trip(device: str, path: str) -> None:
     from sglang_spectrum.codec import header_tier_map
     from sglang_spectrum.sizes import packed_size_bound as bound_of
 
-    if path == "kernels":
-        request.getfixturevalue("kernel_path")
     config = SpectrumConfig(budget=0.4, allow_drop=False, key_scales="channel", key_block=8)
-    kp, vp, slots = make_pools(layers=5, heads=2, head_dim=16, tokens=90, page=8, seed=7)
+    kp, vp, slots = make_pools(
+        layers=5, heads=2, head_dim=16, tokens=90, page=8, seed=7, device=device
+    )
     groups = [(0, 2), (2, 4), (4, 5)]
     ok = [torch.full_like(p, float("nan")) for p in kp]
     ov = [torch.full_like(p, float("nan")) for p in vp]
@@ -500,6 +512,7 @@ def test_layer_groups_with_the_first_groups_tiers_round_trip(path, request):
         else:
             assert res.tier_counts == first.tier_counts
             assert torch.equal(header_tier_map(header), first.tier_map.cpu())
+            assert res.tier_map.device == kp[0].device
         info = unpack_request(out, ok[l0:l1], ov[l0:l1], slots, expected_checksum=res.checksum)
         assert info.tier_counts == res.tier_counts
         for layer in range(len(kp)):  # its layers written, the later ones untouched
