@@ -29,10 +29,16 @@ whole-prompt map. When SGLang then hands the chunk over
 bookkeeping is left; at the last chunk any positions not pipelined go as one
 ordinary part, then ``Sent``.
 
-A request is pipelined from its first chunk on when the decode has granted,
-nothing before that chunk is left to send (no cached prefix the decode lacks),
-and its lossless parts (a budget of 1.0, or ``auto``) would not go page to page
-(:mod:`.direct`).
+A request is pipelined from its first chunk on when that chunk runs alone in its
+batch, the decode has granted, nothing before that chunk is left to send (no
+cached prefix the decode lacks), and its lossless parts (a budget of 1.0, or
+``auto``) would not go page to page (:mod:`.direct`). Alone: when the prefill
+batches several requests it is loaded, and each request's parts already overlap
+the forwards of the batches after it; measured on the H200 (TCP, b=0.5, 4096
+tokens, 4 concurrent requests, two a batch), layer groups there took the TTFT p50
+from 354 to 644 ms (the parts of two requests during one forward, each pack
+contending with it), while one request a batch gained at every length
+(``bench/results/serving_gpu_h200_layer_groups_tcp.md``).
 """
 
 from __future__ import annotations
@@ -117,10 +123,11 @@ class LayerPipeline:
 
         self._pipe_batch = None
         rows = []
-        for room, sender, rid, start, n, offset in compat.extend_rows(batch, SpectrumKVSender):
+        extend = compat.extend_rows(batch, SpectrumKVSender)
+        for room, sender, rid, start, n, offset in extend:
             pipe = self._pipe_rooms.get(room, False)
             if pipe is False:  # its first chunk: decide once
-                pipe = self._pipe_rooms[room] = self._may_pipeline(room, start)
+                pipe = self._pipe_rooms[room] = self._may_pipeline(room, start, len(extend))
             if pipe is None:
                 continue
             if start > pipe.sent_to:  # (chunks are consecutive: never seen)
@@ -137,9 +144,11 @@ class LayerPipeline:
         if rows:
             self._pipe_batch = _Batch(rows)
 
-    def _may_pipeline(self, room: int, start: int) -> RoomPipe | None:
+    def _may_pipeline(self, room: int, start: int, batch_size: int) -> RoomPipe | None:
         """A progress record if ``room``'s chunk at prompt position ``start`` (its first
-        one run) starts the pipeline, else None."""
+        one run, in a batch of ``batch_size`` requests) starts the pipeline, else None."""
+        if batch_size > 1:  # batched requests: see the module docstring
+            return None
         progress = self._sends.get(room)
         if progress is None or progress.pages or progress.submitted:
             return None  # SGLang handed pages over already (a cached prefix sent early)
