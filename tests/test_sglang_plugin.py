@@ -291,6 +291,11 @@ OPTION_ERRORS = {
         ["--spectrum-layer-group", "4.5"],
         "error: --spectrum-layer-group must be an integer >= 0 (0 = off), got '4.5'",
     ),
+    "layers_graph": (  # a captured prefill forward would skip the layer hooks
+        ["--spectrum-layer-group", "8", "--cuda-graph-backend-prefill", "breakable"],
+        "error: --spectrum-layer-group needs eager prefill forwards, but the prefill CUDA graph"
+        " backend is breakable; add --cuda-graph-backend-prefill disabled",
+    ),
     "drop2": (
         ["--spectrum-budget", "0.4", "--spectrum-tiers", "2"],
         "error: --spectrum-budget 0.4 is below 0.531, the least 2 tiers (FP16+INT8) can send",
