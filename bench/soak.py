@@ -57,6 +57,7 @@ TRACKED = {
         "decode_prefix_len",
         "jobs_pending",
         "sends",
+        "pipelined_rooms",
         "arena_in_use",
     ),
     "decode": ("receivers", "deferred", "request_status", "failure_records", "arena_in_use"),
@@ -122,10 +123,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # SGLang's own bootstrap timeout (default 300 s) frees the prefill's requests whose
     # decode died before granting; shortened so the run settles in minutes
     timeout_env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(args.bootstrap_timeout_s)}
+    layer_args = ["--spectrum-layer-group", str(args.layer_group)] if args.layer_group else []
     d = PDDeployment(
         model,
         backend="spectrum",
-        prefill_args=[*common, "--spectrum-budget", args.budget],
+        prefill_args=[*common, "--spectrum-budget", args.budget, *layer_args],
         decode_args=common,
         prefill_env=timeout_env,
         # 2 CPU cores serving 48 concurrent prompts answer health checks slowly: the router
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "10",
         ],  # fmt: skip
         log_dir=args.log_dir,
+        stats=True,  # per-request records: how many requests went in layer groups
     )
     report: dict[str, Any] = {}
     try:
@@ -206,6 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "requests": int(chosen_n),
                 "mean": round(chosen_sum / chosen_n, 4) if chosen_n else None,
             },
+            # prefill records (the requests it sent) and those sent in layer groups
+            "layer_groups": _layer_group_counts(d.stats_path),
             "state_before": before,
             "state_after": after,
             "state_back_to_start": all(
@@ -215,6 +220,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         d.stop()
     return report
+
+
+def _layer_group_counts(stats_file: Path) -> dict[str, int]:
+    """Requests the prefill sent, and of them those sent in layer groups."""
+    rows = []
+    if stats_file.exists():
+        rows = [json.loads(line) for line in stats_file.read_text().splitlines() if line]
+    sent = [r for r in rows if r.get("role") == "prefill"]
+    return {"sent": len(sent), "in_layer_groups": sum(1 for r in sent if r.get("layer_group"))}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -227,6 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cancel-frac", type=float, default=0.1)
     p.add_argument("--restart-at", type=float, default=0.5, help="fraction of the run; 0 = none")
     p.add_argument("--budget", default="0.5", help="--spectrum-budget: a number or auto")
+    p.add_argument(
+        "--layer-group", type=int, default=0, help="--spectrum-layer-group of the prefill"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--settle-s", type=float, default=240.0)
@@ -245,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows += [(f"outcome {k}", v) for k, v in sorted(report["outcomes"].items())]
     rows += [(f"token usage after ({r})", n) for r, n in report["token_usage_after"].items()]
     rows += [("chosen budget (mean)", report["chosen_budget"]["mean"])]
+    rows += [("sent in layer groups", report["layer_groups"]["in_layer_groups"])]
     rows += [("tables back to start", report["state_back_to_start"])]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

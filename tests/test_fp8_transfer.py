@@ -321,6 +321,37 @@ def test_fp8_request_in_parts_fits_the_parts_bound_and_round_trips(budget):
             assert torch.equal(mine[slots], theirs[slots])
 
 
+@pytest.mark.parametrize("budget", [0.35, 0.5])
+def test_fp8_layer_groups_use_their_layers_scales(budget):
+    """Layer-group parts of FP8 pools (``--spectrum-layer-group``): each group packs and
+    unpacks with its own layers' scales (``FP8Pool.layers``); the first group's tier
+    map serves the others; every layer ends as one whole pack with that map gives it
+    (at 0.5, the very FP8 bytes)."""
+    fp8 = fp8_of(E4M3)  # per-layer K scales 0.5, 1.0, 1.5
+    assert fp8.layers(0, LAYERS) is fp8
+    assert fp8.layers(1, 3).k_scales == fp8.k_scales[1:3]
+    kp, vp, slots = make_fp8_pools(fp8, tokens=200, seed=9)
+    cfg = SpectrumConfig(budget=budget, allow_drop=False, key_scales="channel")
+    ok, ov = fp8_empty(kp), fp8_empty(vp)
+    first = None
+    for l0, l1 in ((0, 1), (1, 3)):
+        sub = fp8.layers(l0, l1)
+        out = fp8_region(kp[l0:l1], slots, cfg, sub)
+        tiers = None if first is None else first.tier_map
+        res = pack_request(kp[l0:l1], vp[l0:l1], slots, cfg, out=out, fp8=sub, tiers=tiers)
+        first = first or res
+        assert res.tier_counts == first.tier_counts and res.nbytes <= out.numel()
+        unpack_request(out, ok[l0:l1], ov[l0:l1], slots, expected_checksum=res.checksum, fp8=sub)
+    whole = fp8_region(kp, slots, cfg, fp8)
+    res = pack_request(kp, vp, slots, cfg, out=whole, fp8=fp8, tiers=first.tier_map)
+    wk, wv = fp8_empty(kp), fp8_empty(vp)
+    unpack_request(whole, wk, wv, slots, expected_checksum=res.checksum, fp8=fp8)
+    for mine, ref, theirs in zip(ok + ov, wk + wv, kp + vp):
+        assert torch.equal(mine[slots], ref[slots])
+        if budget == 0.5:
+            assert torch.equal(mine[slots], theirs[slots])
+
+
 # --------------------------------------------------------------------------- kernel path on CPU
 
 

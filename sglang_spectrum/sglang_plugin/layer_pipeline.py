@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from . import compat
-from .prefill_side import PackJob
+from .jobs import PackJob
 
 logger = logging.getLogger(__name__)
 

@@ -551,6 +551,7 @@ class SpectrumKVManager(LayerPipeline, PrefillIntake, PrefillSide, DecodeSide, C
         if self.is_prefill:
             sizes.update(self.rooms.sizes())
             sizes["sends"] = len(self._sends)
+            sizes["pipelined_rooms"] = len(self._pipe_rooms)
             sizes["decode_prefix_len"] = len(self.req_to_decode_prefix_len)
             sizes["jobs_pending"] = self._workers.stats()["pending"]
         else:

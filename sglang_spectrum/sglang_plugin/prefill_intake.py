@@ -22,7 +22,7 @@ import numpy.typing as npt
 import torch
 
 from . import compat
-from .prefill_side import PackJob
+from .jobs import PackJob
 
 # Smallest earlier chunk sent as its own part: below it the part's fixed costs
 # (a pack launch, a header, a Mooncake write) outweigh what the overlap hides.
