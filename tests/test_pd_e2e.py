@@ -220,6 +220,8 @@ def test_secret_only_in_long_prompt_at_half_budget(half):
     assert sum(row[0] for row in profile if row[7] == 30) == n
     assert [row[2] for row in profile] == sorted(row[2] for row in profile)
     assert all(row[1] == 0.5 and min(row[3:6]) >= 0 for row in profile), profile
+    # the scheduler thread's share: every part's hand-over, small against the forward
+    assert 0 < pre["scheduler_ms"] < 50 * pre["parts"], pre["scheduler_ms"]
     # every group of a chunk holds the chunk's tokens (the map they share: test_transfer)
     for c in range(chunks):
         assert len({row[0] for row in profile[4 * c : 4 * c + 4]}) == 1, profile

@@ -543,6 +543,7 @@ class PrefillSide:
                 ("pack_ms", p.pack_ms),
                 ("transfer_ms", transfer_ms),
                 ("register_ms", p.register_ms),
+                ("scheduler_ms", job.scheduler_ms),
                 ("one_off_regions", int(p.one_off)),
                 ("budget_x_full", p.budget * info.full_nbytes),
                 *((f"tier_{k}", v) for k, v in counted if k != "drop"),
@@ -572,7 +573,8 @@ class PrefillSide:
             "path": state.path or info.path,
             "parts": len(parts),
             "layer_group": self.layer_group if any(len(x) > 4 for x in parts) else 0,
-            "scheduler_ms": round(job.scheduler_ms, 3),
+            # the scheduler thread's time on this request's sends (every part's)
+            "scheduler_ms": round(totals["scheduler_ms"], 3),
             "queue_ms": round((p.started - job.enqueued) * 1e3, 3),
             # pack/transfer: every part; last_*: the final part, after the last chunk
             "pack_ms": round(totals["pack_ms"], 3),
