@@ -426,11 +426,9 @@ def _device_tiers(kern, req: _Request, info: _Layout) -> tuple[torch.Tensor, tup
     head count: the equal-cost waterfall over the fused key-norm ranks (host integers fix
     the counts first), or the reference allocator's map (``optimal``, ``pdtrim``)."""
     cfg, lay, device = req.cfg, info.layout, req.sent.device
-    if req.given is not None:  # (a host sync for the counts: once per part)
-        counts = torch.bincount(req.given.long(), minlength=4).tolist()[:3]
-        return req.given, tuple(counts)
-    if cfg.method == "pdtrim" or (cfg.method == "spectrum" and cfg.allocator != "paper"):
-        tiers = _reference_tiers(req, info)
+    reference = cfg.method == "pdtrim" or (cfg.method == "spectrum" and cfg.allocator != "paper")
+    if req.given is not None or reference:  # (given: a host sync for the counts, per part)
+        tiers = req.given if req.given is not None else _reference_tiers(req, info)
         counts = tuple(torch.bincount(tiers.long(), minlength=4).tolist()[:3])
         return tiers.to(device), counts
     t = lay.num_tokens

@@ -338,6 +338,5 @@ class DecodeSide:
         chunk = int(peer.get("stream_chunk_tokens") or 0)
         dtype = (peer.get("layout") or {}).get("dtype")  # what the prefill packs from
         codec = opts.bound_codec(peer.get("tiers_resolved"))
-        layers = int(self.layout["layers"])
-        groups = -(-layers // opts.layer_group) if opts.layer_group else 1  # parts a chunk
+        groups = opts.layer_groups(self.layout["layers"])  # parts a chunk
         return self.region_bound(num_tokens, codec, chunk, dtype, groups=groups)

@@ -102,13 +102,8 @@ class LayerPipeline:
         logger.info(
             "SpectrumKV prefill: layer-group pipelining on, %d layers a part (%d groups)",
             self.layer_group,
-            self.layer_groups(),
+            self.options.layer_groups(len(self.k_pools)),
         )
-
-    def layer_groups(self) -> int:
-        """Parts a chunk is sent in (1: not pipelined)."""
-        n = len(self.k_pools)
-        return -(-n // self.layer_group) if self.layer_group else 1
 
     def pipelined(self, room: int) -> RoomPipe | None:
         """``room``'s progress if its chunks go in layer groups, else None."""

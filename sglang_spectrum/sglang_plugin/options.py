@@ -131,6 +131,10 @@ class SpectrumServerOptions:
         resolved against its Mooncake transport: :func:`resolved_staging`)."""
         return resolved_staging(self.staging) == "host"
 
+    def layer_groups(self, num_layers: int) -> int:
+        """Parts a prefill with these options sends each chunk in (1: no layer groups)."""
+        return -(-int(num_layers) // self.layer_group) if self.layer_group else 1
+
     @property
     def lowest_budget(self) -> float:
         """The smallest budget this server sends at (the fixed one, or auto's minimum)."""

@@ -107,13 +107,10 @@ class PrefillIntake:
             full, rid = found
             slots = full[start:]  # the prompt's own row: exact length, no page padding
             context = full[:start] if start else None
-        elif page_size == 1 and pipe is not None:  # the pages: positions from the prefix on
+        elif page_size == 1:  # one slot per page: the pages are the slots, from the prefix on
             handed = torch.from_numpy(np.concatenate(progress.pages))
-            done = start - self.room_prefix_len(room)
+            done = start - self.room_prefix_len(room)  # sent in earlier parts or groups
             slots, context = handed[done:], (handed[:done] if done else None)
-        elif page_size == 1:  # one slot per page: the pages are the slots
-            slots = torch.from_numpy(np.concatenate(progress.pages[progress.streamed_pages :]))
-            context = self._streamed_slots(progress, page_size)
         else:
             self.fail_room(
                 room,
