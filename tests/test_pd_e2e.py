@@ -15,7 +15,9 @@ process is stopped by PID (process group) in a finalizer, also on failure.
   are <= 0.5 of the 16-bit KV size of the same prompts; a secret only in a
   ~1,500-token prompt is answered; finally the decode server is SIGKILLed
   during a transfer, the request fails, the prefill frees its slots, and after
-  a new decode server starts on the same ports the next request is served.
+  a new decode server starts on the same ports the next request is served. The
+  decode unpacks each part as it lands (``--spectrum-unpack arrival``); a part
+  damaged on the wire fails its request there, cleanly.
 * refusals (run before ``half`` starts, so only one deployment runs at a
   time): mismatched format versions and a mooncake prefill are refused at
   bootstrap with a clear message.
@@ -120,7 +122,11 @@ def half(request, model_path) -> PDDeployment:
         prefill_args=["--spectrum-budget", "0.5", "--spectrum-tiers", "3"]
         + ["--spectrum-rotation", "hadamard", "--spectrum-group-size", "32"]
         + ["--spectrum-key-scales", "channel", "--spectrum-layer-group", str(LAYER_GROUP)],
-        prefill_env={**env, "SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S": str(KILL_DELAY_S)},
+        prefill_env={
+            **env,
+            "SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S": str(KILL_DELAY_S),
+            "SGLANG_SPECTRUM_FAULT": "rid",
+        },
         decode_env=env,
         # a killed decode refuses connections at once (3 checks, ~6 s, out of rotation);
         # a live server slowed by a loaded CI machine gets 30 s per check (one 5 s
@@ -222,6 +228,11 @@ def test_secret_only_in_long_prompt_at_half_budget(half):
     assert all(row[1] == 0.5 and min(row[3:6]) >= 0 for row in profile), profile
     # the scheduler thread's share: every part's hand-over, small against the forward
     assert 0 < pre["scheduler_ms"] < 50 * pre["parts"], pre["scheduler_ms"]
+    # --spectrum-unpack arrival (the decode's default): every part but the last was
+    # unpacked as it landed, so only the last one is unpacked after Sent
+    dec = roles["decode"]
+    assert dec["parts_on_arrival"] == pre["parts"] - 1, dec
+    assert dec["arrival_unpack_ms"] > 0 and dec["unpack_ms"] > 0, dec
     # every group of a chunk holds the chunk's tokens (the map they share: test_transfer)
     for c in range(chunks):
         assert len({row[0] for row in profile[4 * c : 4 * c + 4]}) == 1, profile
@@ -239,6 +250,28 @@ def test_prefill_cached_prompt_goes_in_chunk_parts(half):
     assert pre["layer_group"] == 0 and pre["num_tokens"] == roles["decode"]["num_tokens"] == n
     assert pre["parts"] == roles["decode"]["parts"] >= 1 and pre["ratio"] <= 0.5
     assert all(len(row) == 6 for row in pre["part_profile"]), pre["part_profile"]
+    assert roles["decode"]["parts_on_arrival"] == pre["parts"] - 1, roles["decode"]
+
+
+def test_part_rejected_on_landing_fails_the_request_cleanly(half):
+    """A layer group damaged on the wire (every group before the last: the test fault
+    ``spectrum-fault-early-corrupt``) is rejected when the decode unpacks it on landing,
+    while the prefill is still computing and sending the later groups: the request fails
+    with the reason, the decode keeps its region until the prefill acknowledges, both
+    sides free everything, and the next request is served."""
+    assert half.wait_idle(half.prefill_url) == 0
+    prompt = "Another note. " + LONG_SECRET_PROMPT  # not in the prefill's radix cache
+    with pytest.raises(requests.HTTPError) as exc:
+        half.generate(prompt, max_new_tokens=12, rid="e2e-spectrum-fault-early-corrupt")
+    msg = str(exc.value)
+    assert "SpectrumKV: packed KV of request" in msg and "payload checksum mismatch" in msg, msg
+    assert half.wait_idle(half.prefill_url) == 0 and half.wait_idle(half.decode_url) == 0
+    dlog = half.proc("decode").log_path.read_text(errors="replace")
+    assert "rejected: SpectrumFormatError" in dlog and "Traceback" not in dlog
+    decoded = {s["rid"] for s in half.spectrum_stats() if s["role"] == "decode"}
+    assert "e2e-spectrum-fault-early-corrupt" not in decoded
+    r = half.generate(LONG_SECRET_PROMPT, max_new_tokens=12)
+    assert SECRET in r["text"], r["text"]
 
 
 def test_prompt_longer_than_chunked_prefill_size(half):

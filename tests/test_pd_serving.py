@@ -252,7 +252,8 @@ def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
     """--dp-size 2 (no DP attention) on both servers: every prefill DP rank registers
     at the bootstrap server under its own DP group (the decode waits for all of them),
     and requests on either prefill DP rank answer exactly like one server (budget 1.0,
-    packed: ``--spectrum-direct off``).
+    packed: ``--spectrum-direct off``), each sent in layer groups by its own DP
+    scheduler (``--spectrum-layer-group 8``: the hooks run in every scheduler process).
 
     SGLang's sender checks ``attn_dp_rank == room % dp_size`` unless the request names
     its prefill DP rank; without DP attention every DP scheduler has attn_dp_rank 0, so
@@ -263,7 +264,7 @@ def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
         model_path=model_path,
         backend="spectrum",
         common_args=["--dp-size", "2", "--spectrum-direct", "off"],
-        prefill_args=["--spectrum-budget", "1.0"],
+        prefill_args=["--spectrum-budget", "1.0", "--spectrum-layer-group", "8"],
         # SGLang's CPU path binds each rank to cores: one core per DP rank here
         prefill_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
         decode_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
@@ -286,4 +287,6 @@ def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
     stats = [s for s in d.spectrum_stats() if s["role"] == "prefill"]
     assert len(stats) == 2 * len(prompts)
     assert {s["path"] for s in stats} == {"torch"}  # CPU pools: the torch reference packs
+    # SmolLM2's 30 layers in groups of 8: 4 parts a request, each alone in its batch
+    assert all(s["layer_group"] == 8 and s["parts"] == 4 for s in stats), stats
     d.stop()

@@ -198,7 +198,8 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
                                     "--spectrum-ttft-slo-ms", "250",
                                     "--spectrum-staging", "host",
                                     "--spectrum-direct", "off",
-                                    "--spectrum-layer-group", "8"])
+                                    "--spectrum-layer-group", "8",
+                                    "--spectrum-unpack", "sent"])
         # a scheduler process is a child of the launcher: it inherits the environment
         code = ("import json; from sglang_spectrum.sglang_plugin.options import current_options;"
                 " print(json.dumps(current_options().to_dict()))")
@@ -221,6 +222,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "staging": "host",
         "direct": "off",
         "layer_group": 8,
+        "unpack": "sent",
         "budget_mode": "fixed",
     }
     assert out["defaults"] == {
@@ -238,6 +240,7 @@ def test_options_parse_and_reach_spawned_scheduler_processes(smollm2):
         "staging": "auto",
         "direct": "auto",
         "layer_group": 0,
+        "unpack": "arrival",
         "budget_mode": "fixed",
     }
 
@@ -283,6 +286,7 @@ OPTION_ERRORS = {
     "stream": (["--spectrum-stream", "on"], "argument --spectrum-stream: invalid choice: 'on'"),
     "staging": (["--spectrum-staging", "gpu"], "argument --spectrum-staging: invalid choice"),
     "direct": (["--spectrum-direct", "on"], "argument --spectrum-direct: invalid choice: 'on'"),
+    "unpack": (["--spectrum-unpack", "end"], "argument --spectrum-unpack: invalid choice: 'end'"),
     "layers": (
         ["--spectrum-layer-group", "-2"],
         "error: --spectrum-layer-group must be an integer >= 0 (0 = off), got '-2'",
@@ -458,7 +462,8 @@ def test_messages_round_trip_and_reject_garbage():
         7, gen, 100, 2**62 + 5, [b"\x00" * 8, b"ab"], {"rid": "r", "ms": 1.5}, [[0, 100, 5, 9]]
     )
     failed = m.Failed(7, gen, "x", stale_peer=True)
-    for msg in (grant, sent, m.Abort(7, gen, "h", 1, "why"), m.AbortAck(7, gen), failed):
+    landed = m.Landed(7, gen, 2, [4096, 100, 5, 9, 8, 16])
+    for msg in (grant, sent, m.Abort(7, gen, "h", 1, "why"), m.AbortAck(7, gen), failed, landed):
         assert m.decode(m.encode(msg)) == msg
     assert m.decode([b"ROOM", b"1"]) is None  # not ours (e.g. SGLang's own ABORT)
     assert m.decode([m.TAG_GRANT, b"\xc1garbage"]) is None
@@ -636,7 +641,12 @@ def test_fault_switch_and_expand_pages(monkeypatch):
     assert [faults.fault_for("r", counter) for _ in range(3)] == ["truncate", None, None]
     monkeypatch.setenv(faults.FAULT_ENV, "rid")
     assert faults.fault_for("a-spectrum-fault-header-1", [0]) == "header"
+    assert faults.fault_for("a-spectrum-fault-header-1", [0], final=False) is None
+    assert faults.fault_for("a-spectrum-fault-early-corrupt", [0], final=False) == "corrupt"
+    assert faults.fault_for("a-spectrum-fault-early-corrupt", [0]) is None
     assert faults.fault_for("plain", [0]) is None
+    monkeypatch.setenv(faults.FAULT_ENV, "stale")  # the first request's final part only
+    assert faults.fault_for("r", [0], final=False) is None
     monkeypatch.setenv(faults.TEST_DELAY_ENV, "2.5")
     assert faults.test_delay_s("k-spectrum-delay-1") == 2.5 and faults.test_delay_s("k") == 0.0
     assert expand_pages([3, 5], 4).tolist() == [12, 13, 14, 15, 20, 21, 22, 23]

@@ -2,7 +2,7 @@
 deferred grants and the housekeeping sweep.
 
 A mixin of :class:`.manager.SpectrumKVManager`. The control thread hands each
-``Sent``/``Failed``/``AbortAck`` to the receiver of that room *and generation*
+``Landed``/``Sent``/``Failed``/``AbortAck`` to the receiver of that room *and generation*
 (:mod:`.endpoints`), which unpacks through :meth:`DecodeSide.unpack_into_pool`
 (:func:`sglang_spectrum.transfer.unpack_request`) off the scheduler loop. Every
 :data:`SWEEP_INTERVAL_S`, under any traffic, :meth:`DecodeSide.sweep` frees the
@@ -158,7 +158,9 @@ class DecodeSide:
                 msg.generation,
             )
             return
-        if isinstance(msg, messages.Sent):
+        if isinstance(msg, messages.Landed):
+            receiver.on_landed(msg)
+        elif isinstance(msg, messages.Sent):
             receiver.on_sent(msg)
         elif isinstance(msg, messages.Failed):
             if msg.stale_peer:

@@ -9,8 +9,9 @@ registered arena (capacity from the tokens it asks for and the prefill's
 codec) and grants it to the prefill ranks; a full arena defers the grant
 (back-pressure: the manager retries it when regions are freed, oldest first,
 and fails it after SGLang's waiting timeout, ``SGLANG_DISAGGREGATION_WAITING_TIMEOUT``).
-The manager's control thread unpacks every part when the prefill's ``Sent`` arrives; ``poll`` only
-reads the status. The region's life is :class:`.rooms.ReceiveState`: a receiver
+The manager's control thread unpacks each part when the prefill reports it written
+(``Landed``; ``--spectrum-unpack arrival``) and what is left when ``Sent`` arrives;
+``poll`` only reads the status. The region's life is :class:`.rooms.ReceiveState`: a receiver
 that fails on the decode side after its grant (abort, timeout, a lost prefill)
 tells the prefill and keeps the region until the prefill acknowledges that
 nothing more can be written into it.
@@ -99,6 +100,9 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         self._prefix_len = 0
         self._need = 0
         self._deferred_logged = False
+        self._landed: list[tuple[list[int], Any]] = []  # parts unpacked on landing, in order
+        self._landed_first = 0  # tokens those parts finished (the next chunk's first slot)
+        self._landed_ms = 0.0
         super().__init__(*args, **kwargs)
         # a deferred grant waits as long as SGLang lets a request wait for its KV
         wait = getattr(self.kv_mgr, "waiting_timeout", None)
@@ -260,58 +264,107 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
 
     # -- completion (manager control thread)
 
+    def on_landed(self, landed: messages.Landed) -> None:
+        """One part is written (``--spectrum-unpack arrival``): unpack it now, while the
+        prefill computes and sends the later ones. Parts land in ``Sent.parts`` order; one
+        out of that order is left for ``Sent``. A rejected part fails the request; the
+        region stays reserved until the prefill acknowledges (it may still be writing)."""
+        mgr = self.kv_mgr
+        if mgr.options.unpack != "arrival" or landed.index != len(self._landed):
+            return
+        t0 = time.perf_counter()
+        try:
+            part = [int(x) for x in landed.part]
+            slots = expand_pages(self._pages, int(mgr.layout["page_size"]))
+            info = self._unpack_part(part, self._landed_first, slots, landed.generation)
+        except Exception as e:
+            self._fail(self._rejected(e))
+            return
+        if info is _ABORTED:
+            return
+        self._landed.append((part, info))
+        if _part_layers(part, len(mgr.k_pools))[1] == len(mgr.k_pools):
+            self._landed_first += part[3]
+        self._landed_ms += (time.perf_counter() - t0) * 1e3
+
+    def _rejected(self, e: Exception) -> str:
+        reason = (
+            f"SpectrumKV: packed KV of request {self.bootstrap_room} rejected:"
+            f" {type(e).__name__}: {e}"
+        )
+        logger.error(reason)
+        return reason
+
+    def _unpack_part(self, part: list[int], first: int, slots: np.ndarray, generation: int) -> Any:
+        """Validate one part (``[offset, bytes, checksum, tokens(, l0, l1)]``) and unpack
+        it into ``slots[first:first + tokens]`` of its layers, the state lock held (an
+        abort waits for at most one part): its unpack info, None for a part the prefill
+        wrote straight into the pool pages, or ``_ABORTED``."""
+        mgr = self.kv_mgr
+        num_layers = len(mgr.k_pools)
+        l0, l1 = _part_layers(part, num_layers)
+        offset, nbytes, checksum, tokens = part[:4]
+        with self.state.lock:
+            region = self.state.begin_unpack(generation)
+            if region is None:
+                return _ABORTED  # aborted meanwhile: the slots may belong to another request
+            if offset == messages.DIRECT_OFFSET and self.state.direct:
+                return None  # already in the pool pages: nothing to unpack
+            if not (0 <= offset and 0 < nbytes and offset + nbytes <= region.capacity):
+                raise ValueError(f"part of {nbytes} bytes at {offset} outside the receive buffer")
+            if not (0 < tokens and first + tokens <= len(slots)):
+                raise ValueError(
+                    f"part of {tokens} tokens from token {first} for {len(slots)} slots"
+                )
+            buf = region.view(offset + nbytes)[offset:]
+            dst = slots[first : first + tokens]
+            return mgr.unpack_into_pool(
+                buf, dst, checksum, (l0, l1) if (l0, l1) != (0, num_layers) else None
+            )
+
     def on_sent(self, sent: messages.Sent) -> None:
-        """Validate and unpack every part of the packed KV (the state lock held per
-        part: an abort waits for at most one part), write the metadata row, report
-        success."""
+        """Validate and unpack every part of the packed KV not unpacked on landing, write
+        the metadata row, report success."""
         mgr = self.kv_mgr
         t0 = time.perf_counter()
         infos: list[Any] = []
-        parts = sent.parts
+        parts: list[list[int]] = []
         try:
+            parts = [[int(x) for x in p] for p in sent.parts]
             page_size = int(mgr.layout["page_size"])
             slots = expand_pages(self._pages, page_size)
             num_layers = len(mgr.k_pools)
             layers = [_part_layers(p, num_layers) for p in parts]
             # a chunk sent in layer groups: its tokens count once, at its last group
-            n = sum(int(p[3]) for p, ls in zip(parts, layers) if ls[1] == num_layers)
+            n = sum(p[3] for p, ls in zip(parts, layers) if ls[1] == num_layers)
             if not (len(self._pages) - 1) * page_size < n <= len(slots):
                 raise ValueError(
                     f"the prefill sent {n} tokens for {len(self._pages)} pages of {page_size}"
                 )
-            first = direct = 0
+            first = direct = landed = 0
             whole: list[Any] = []  # what unpacked the last layers of each chunk (its tiers)
-            for (offset, nbytes, checksum, tokens, *_), (l0, l1) in zip(parts, layers):
-                with self.state.lock:
-                    region = self.state.begin_unpack(sent.generation)
-                    if region is None:
-                        return  # aborted meanwhile: the slots may belong to another request
-                    if offset == messages.DIRECT_OFFSET and self.state.direct:
-                        direct += tokens  # already in the pool pages: nothing to unpack
-                        first += tokens
-                        continue
-                    if not (0 <= offset and 0 < nbytes and offset + nbytes <= region.capacity):
-                        raise ValueError(
-                            f"part of {nbytes} bytes at {offset} outside the receive buffer"
-                        )
-                    buf = region.view(offset + nbytes)[offset:]
-                    dst = slots[first : first + tokens]
-                    part = (l0, l1) if (l0, l1) != (0, num_layers) else None
-                    infos.append(mgr.unpack_into_pool(buf, dst, checksum, part))
+            for i, (part, (_, l1)) in enumerate(zip(parts, layers)):
+                if i < len(self._landed) and self._landed[i][0] == part:
+                    info, landed = self._landed[i][1], landed + 1  # unpacked on landing
+                else:
+                    info = self._unpack_part(part, first, slots, sent.generation)
+                if info is _ABORTED:
+                    return
+                if info is None:
+                    direct += part[3]
+                    first += part[3]
+                    continue
+                infos.append(info)
                 if l1 == num_layers:
-                    whole.append(infos[-1])
-                    first += tokens
+                    whole.append(info)
+                    first += part[3]
             dropped = sum(len(info.dropped) for info in infos)
             if dropped:
                 raise ValueError(f"{dropped} dropped tokens (serving never drops)")
             if self._aux_index is not None and sent.aux:
                 mgr.write_aux(self._aux_index, sent.aux)
         except Exception as e:
-            reason = (
-                f"SpectrumKV: packed KV of request {self.bootstrap_room} rejected:"
-                f" {type(e).__name__}: {e}"
-            )
-            logger.error(reason)
+            reason = self._rejected(e)
             self._release(self.state.finish(ok=False))  # the prefill is done writing
             self._fail(reason)
             return
@@ -329,13 +382,15 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             "direct_tokens": direct,
             "received_bytes": int(sent.nbytes),
             "parts": len(parts),
+            "parts_on_arrival": landed,
             "tiers": {  # (no parts: the decode held the whole prompt; direct: top tier)
                 k: sum(info.tier_counts.get(k, 0) for info in whole)
                 + (direct if k == TIER_NAMES[0] else 0)
                 for k in TIER_NAMES
                 if k != "drop"
             },
-            "unpack_ms": round(unpack_ms, 3),
+            "unpack_ms": round(unpack_ms, 3),  # after Sent: what delays the first token
+            "arrival_unpack_ms": round(self._landed_ms, 3),  # earlier, as the parts landed
             "prefill": sent.stats,
         }
         if mgr.metrics is not None:
@@ -459,6 +514,9 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         self.state.cleared = True
         self.kv_mgr.unregister_deferred(self)
         self._maybe_unregister()
+
+
+_ABORTED = object()  # _unpack_part: the receiver was aborted meanwhile
 
 
 def _part_layers(part: list[int], num_layers: int) -> tuple[int, int]:

@@ -6,7 +6,9 @@
   half of the buffer written -> truncated buffer; the buffer announced with
   another checksum -> stale/foreign data); every other request is untouched.
 * ``SGLANG_SPECTRUM_FAULT=rid``: a request whose rid contains
-  ``spectrum-fault-<mode>`` gets ``<mode>`` (several faults on one deployment).
+  ``spectrum-fault-<mode>`` gets ``<mode>`` in its final part (several faults on one
+  deployment); ``spectrum-fault-early-<mode>``: in every earlier part that carries
+  the rid (a layer-pipelined request's groups), which the decode unpacks on landing.
 * ``SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S=S``: wait S seconds before the Mooncake
   write of a request whose rid contains ``spectrum-delay`` (kill/abort tests).
 """
@@ -22,17 +24,19 @@ FAULT_MODES = ("corrupt", "header", "truncate", "stale")
 TEST_DELAY_ENV = "SGLANG_SPECTRUM_TEST_TRANSFER_DELAY_S"
 
 
-def fault_for(rid: str | None, counter: list[int]) -> str | None:
-    """The fault mode for this request, or None (see the module docstring)."""
+def fault_for(rid: str | None, counter: list[int], final: bool = True) -> str | None:
+    """The fault mode for this part of a request (``final``: its last part), or None
+    (see the module docstring)."""
     spec = os.environ.get(FAULT_ENV, "").strip().lower()
     if not spec:
         return None
     if spec == "rid":
+        early = "" if final else "early-"
         for mode in FAULT_MODES:
-            if rid and f"spectrum-fault-{mode}" in rid:
+            if rid and f"spectrum-fault-{early}{mode}" in rid:
                 return mode
         return None
-    if spec in FAULT_MODES:
+    if spec in FAULT_MODES and final:
         counter[0] += 1
         return spec if counter[0] == 1 else None
     return None

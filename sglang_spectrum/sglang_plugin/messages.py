@@ -20,6 +20,9 @@ new receiver's region.
 
 Prefill -> decode (to the decode rank's PULL socket):
 
+* :class:`Landed`: one part of a request sent in parts (a chunk, or a chunk's layer
+  group) is written into the receive region; the decode may unpack it now
+  (``--spectrum-unpack arrival``) while later parts are computed and sent.
 * :class:`Sent`: the packed KV is in the receive region (its parts: offset,
   size, checksum, tokens; the metadata row bytes, per-request stats); the
   decode validates and unpacks each part.
@@ -41,6 +44,7 @@ TAG_ABORT = b"SPKV_ABORT"
 TAG_SENT = b"SPKV_SENT"
 TAG_FAILED = b"SPKV_FAILED"
 TAG_ABORT_ACK = b"SPKV_ABORT_ACK"
+TAG_LANDED = b"SPKV_LANDED"
 DIRECT_OFFSET = -1  # a Sent part written straight into the decode's pool pages
 
 
@@ -81,6 +85,13 @@ class Abort(msgspec.Struct, frozen=True):
     reason: str = ""  # why, when the decode refused the request (shown to the client)
 
 
+class Landed(msgspec.Struct, frozen=True):
+    room: int
+    generation: int
+    index: int  # the part's place in ``Sent.parts`` (parts land in that order)
+    part: list[int]  # as in ``Sent.parts``: [offset, bytes, checksum, tokens(, l0, l1)]
+
+
 class Sent(msgspec.Struct, frozen=True):
     room: int
     generation: int
@@ -113,6 +124,7 @@ _TAGS: dict[type, bytes] = {
     Sent: TAG_SENT,
     Failed: TAG_FAILED,
     AbortAck: TAG_ABORT_ACK,
+    Landed: TAG_LANDED,
 }
 _TYPES = {tag: cls for cls, tag in _TAGS.items()}
 _encoder = msgspec.msgpack.Encoder()

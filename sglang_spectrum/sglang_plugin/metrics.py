@@ -16,7 +16,7 @@ therefore appear on the server's ``/metrics`` next to SGLang's own:
 ``spectrumkv_pack_seconds``          histogram: gather + score + pack (prefill)
 ``spectrumkv_transfer_seconds``      histogram: the Mooncake writes (prefill)
 ``spectrumkv_chosen_budget``         histogram: the budget each request went at (prefill)
-``spectrumkv_unpack_seconds``        histogram: validate + unpack (decode)
+``spectrumkv_unpack_seconds``        histogram: validate + unpack after ``Sent`` (decode)
 ``spectrumkv_tier_mode``             gauge = 1 for the tier mode in use (label ``mode``)
 ``spectrumkv_budget``                gauge: the ``--spectrum-budget`` in use
 ``spectrumkv_state_entries``         gauge: per-request table sizes (label ``kind``)
@@ -86,7 +86,8 @@ class SpectrumMetrics:
         )
         self.unpack_seconds = Histogram(
             f"{PREFIX}_unpack_seconds",
-            "Validate + unpack time per request.",
+            "Validate + unpack time per request after its last write (parts unpacked as"
+            " they landed are not counted: --spectrum-unpack arrival).",
             labels,
             buckets=_TIME_BUCKETS,
         )

@@ -37,6 +37,7 @@ KEY_SCALE_CHOICES = ("token", "channel")
 STREAM_CHOICES = ("chunks", "off")
 STAGING_CHOICES = ("auto", "device", "host")
 DIRECT_CHOICES = ("auto", "off")
+UNPACK_CHOICES = ("arrival", "sent")
 # attribute on ServerArgs -> default
 DEFAULTS: dict[str, Any] = {
     "spectrum_budget": 0.5,
@@ -53,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "spectrum_staging": "auto",
     "spectrum_direct": "auto",
     "spectrum_layer_group": 0,
+    "spectrum_unpack": "arrival",
 }
 OPTIONS_ENV = "SGLANG_SPECTRUM_OPTIONS"
 
@@ -79,6 +81,7 @@ class SpectrumServerOptions:
     staging: str = DEFAULTS["spectrum_staging"]  # where the wire bytes sit for Mooncake
     direct: str = DEFAULTS["spectrum_direct"]  # lossless parts page to page (direct.py)
     layer_group: int = DEFAULTS["spectrum_layer_group"]  # layers a pipelined part; 0 = off
+    unpack: str = DEFAULTS["spectrum_unpack"]  # decode: unpack each part as it lands, or at Sent
     budget_mode: str = "fixed"  # "auto": chosen per part from the link (adaptive.py)
 
     def __post_init__(self) -> None:
@@ -101,6 +104,7 @@ class SpectrumServerOptions:
         _choice("stream", self.stream, STREAM_CHOICES)
         _choice("staging", self.staging, STAGING_CHOICES)
         _choice("direct", self.direct, DIRECT_CHOICES)
+        _choice("unpack", self.unpack, UNPACK_CHOICES)
         object.__setattr__(self, "budget", float(self.budget))
         object.__setattr__(self, "probe_refresh", bool(self.probe_refresh))
         arena = float(self.arena_mb or 0.0)
@@ -477,6 +481,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         " first group's key norms); 0 = off, a chunk goes after its forward"
         f" (default {DEFAULTS['spectrum_layer_group']}). Needs eager prefill forwards"
         " (no prefill CUDA graph) and no speculative decoding.",
+    )
+    group.add_argument(
+        "--spectrum-unpack",
+        choices=UNPACK_CHOICES,
+        default=None,
+        help="Decode: arrival: unpack each part of a request sent in parts (chunks, layer"
+        " groups) into the KV pool as soon as the prefill reports it written, while the"
+        " later parts are still computed and sent, so only the last part is unpacked after"
+        " the request's last write; sent: unpack every part once the whole request is"
+        f" written (default {DEFAULTS['spectrum_unpack']}).",
     )
     group.add_argument(
         "--spectrum-probe-refresh",

@@ -377,7 +377,7 @@ class PrefillSide:
                     " on both sides"
                 )
             send_n, checksum = info.nbytes, info.checksum
-            fault = faults.fault_for(job.rid, self._fault_counter) if job.final else None
+            fault = faults.fault_for(job.rid, self._fault_counter, job.final)
             if fault is not None:
                 send_n, checksum = faults.inject(fault, region.view(), info.nbytes, checksum)
                 logger.warning("SpectrumKV TEST FAULT %r in room %s (rid %s)", fault, room, job.rid)
@@ -524,8 +524,10 @@ class PrefillSide:
             # a layer group's part: its layers follow (the decode writes those only)
             extra = list(job.layers) if job.layers is not None else []
             whole = job.layers is None or job.layers[1] == len(self.k_pools)
+            landed = None
             if info.num_tokens:
                 state.parts.append([p.offset, p.nbytes, p.checksum, info.num_tokens, *extra])
+                landed = (len(state.parts) - 1, list(state.parts[-1]))
                 submitted_ms = (job.enqueued - (job.request_start or job.enqueued)) * 1e3
                 queue_ms = (p.started - job.enqueued) * 1e3
                 state.part_profile.append(
@@ -549,11 +551,14 @@ class PrefillSide:
                 *((f"tier_{k}", v) for k, v in counted if k != "drop"),
             ):
                 totals[key] = totals.get(key, 0) + value
-            if not job.final:
-                return
-            parts = [list(x) for x in state.parts]
-            profile = [list(x) for x in state.part_profile]
-            totals = dict(totals)
+            if job.final:
+                parts = [list(x) for x in state.parts]
+                profile = [list(x) for x in state.part_profile]
+                totals = dict(totals)
+        if not job.final:
+            for g in p.grants if landed is not None else ():  # the decode may unpack it now
+                self._send_quietly(g.endpoint, g.port, messages.Landed(room, g.generation, *landed))
+            return
         stats = {
             "role": "prefill",
             "rid": job.rid,
