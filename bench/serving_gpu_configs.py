@@ -4,7 +4,7 @@ together on the GPU, and the time estimates that decide what a call still runs.
 
 Grammar (one config; ``--configs`` takes a comma-separated list)::
 
-    NAME[:BUDGET[:KEYS]][+lgN][@LINK]
+    NAME[:BUDGET[:KEYS]][+lgN][+sent][@LINK]
 
 * NAME: ``mooncake`` (stock, bf16 KV), ``mooncake-fp8`` (stock, ``--kv-cache-dtype
   fp8_e4m3`` on both servers), ``spectrum`` (bf16 pools, the default
@@ -19,6 +19,8 @@ Grammar (one config; ``--configs`` takes a comma-separated list)::
 * KEYS (spectrum only): ``channel`` or ``token`` (``--spectrum-key-scales``).
 * ``+lgN`` (spectrum only): ``--spectrum-layer-group N`` on the prefill (each chunk sent
   in parts of N layers during its forward; the plan's servers run eager forwards).
+* ``+sent`` (spectrum only): ``--spectrum-unpack sent`` on the decode (every part unpacked
+  once the request is written; default: each part as it lands).
 * LINK: ``tcp`` (default: ``MC_FORCE_TCP=1``, Mooncake's TCP transport over loopback),
   ``nvlink`` (``SGLANG_MOONCAKE_CUSTOM_MEM_POOL=INTRA_NODE_NVLINK``,
   ``MC_INTRANODE_NVLINK=true``, ``MC_FORCE_TCP`` removed: Mooncake's engine installs its
@@ -31,7 +33,7 @@ Grammar (one config; ``--configs`` takes a comma-separated list)::
   rate between plain TCP and NVLink, the same for both backends).
 
 Examples: ``mooncake``, ``mooncake-fp8@tcp``, ``spectrum:0.5``, ``spectrum:auto@nvlink``,
-``spectrum:0.5+lg8@tcp``,
+``spectrum:0.5+lg8@tcp``, ``spectrum:0.5+lg8+sent@tcp``,
 ``spectrum-fp8:0.3``, ``spectrum-asym:0.3``, ``spectrum:0.5:channel@tcpslice=1M``.
 """
 
@@ -83,6 +85,7 @@ class Config:
     link: str = "tcp"  # tcp | nvlink | tcpslice=N
     min_budget: float | None = None  # with budget "auto"
     layer_group: int = 0  # --spectrum-layer-group of the prefill (0: off)
+    unpack_at_sent: bool = False  # --spectrum-unpack sent on the decode
 
     @property
     def transfer(self) -> str:
@@ -114,6 +117,8 @@ class Config:
             s += f"::{self.key_scales}"
         if self.layer_group:
             s += f"+lg{self.layer_group}"
+        if self.unpack_at_sent:
+            s += "+sent"
         return f"{s}@{self.link}"
 
     @property
@@ -126,6 +131,8 @@ class Config:
             s += f"-{self.key_scales}"
         if self.layer_group:
             s += f"-lg{self.layer_group}"
+        if self.unpack_at_sent:
+            s += "-sent"
         return f"{s}-{self.link.replace('=', '')}"
 
     def flags(self, role: str, tiers: str | None = None) -> list[str]:
@@ -146,6 +153,8 @@ class Config:
                 out += ["--spectrum-staging", self.kind.split("-")[1]]
             if self.layer_group and role == "prefill":
                 out += ["--spectrum-layer-group", str(self.layer_group)]
+            if self.unpack_at_sent and role == "decode":
+                out += ["--spectrum-unpack", "sent"]
         return out + kv_flags(self.kv_dtype(role))
 
     def env(self) -> dict[str, str]:
@@ -181,10 +190,15 @@ def parse_config(
     spectrum configs that name none."""
     body, _, link = text.strip().partition("@")
     link = link or "tcp"
-    body, _, group = body.partition("+")
-    if group and not (group.startswith("lg") and group[2:].isdigit() and int(group[2:]) > 0):
-        raise ValueError(f"{text}: +lgN needs a layer count N > 0")
-    layer_group = int(group[2:]) if group else 0
+    body, *mods = body.split("+")
+    layer_group, unpack_at_sent = 0, False
+    for mod in mods:
+        if mod == "sent" and not unpack_at_sent:
+            unpack_at_sent = True
+        elif mod.startswith("lg") and mod[2:].isdigit() and int(mod[2:]) > 0 and not layer_group:
+            layer_group = int(mod[2:])
+        else:
+            raise ValueError(f"{text}: +{mod}: the modifiers are +lgN (N > 0) and +sent, once")
     if link not in ("tcp", "nvlink") and not link.startswith("tcpslice="):
         raise ValueError(f"{text}: link must be tcp, nvlink or tcpslice=N")
     if link.startswith("tcpslice="):
@@ -194,8 +208,8 @@ def parse_config(
     if kind not in BACKENDS:
         raise ValueError(f"{text}: backend must be one of {', '.join(BACKENDS)}")
     if BACKENDS[kind][0] != "spectrum":
-        if any(p for p in parts[1:]) or layer_group:
-            raise ValueError(f"{text}: {kind} takes no budget, key scales or layer group")
+        if any(p for p in parts[1:]) or mods:
+            raise ValueError(f"{text}: {kind} takes no budget, key scales or modifiers")
         return Config(kind, link=link)
     budget: float | str | None = None
     if len(parts) > 1 and parts[1]:
@@ -208,7 +222,8 @@ def parse_config(
     ks = parts[2] if len(parts) > 2 and parts[2] else key_scales
     if ks not in (None, "channel", "token"):
         raise ValueError(f"{text}: key scales must be channel or token")
-    return Config(kind, budget, ks, link, min_budget if budget == "auto" else None, layer_group)
+    auto_min = min_budget if budget == "auto" else None
+    return Config(kind, budget, ks, link, auto_min, layer_group, unpack_at_sent)
 
 
 def parse_configs(texts: list[str], key_scales=None, min_budget=0.3) -> list[Config]:

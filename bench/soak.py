@@ -223,12 +223,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _layer_group_counts(stats_file: Path) -> dict[str, int]:
-    """Requests the prefill sent, and of them those sent in layer groups."""
+    """Requests the prefill sent, those of them sent in layer groups, and the parts the
+    decode unpacked as they landed, of all the parts it received."""
     rows = []
     if stats_file.exists():
         rows = [json.loads(line) for line in stats_file.read_text().splitlines() if line]
     sent = [r for r in rows if r.get("role") == "prefill"]
-    return {"sent": len(sent), "in_layer_groups": sum(1 for r in sent if r.get("layer_group"))}
+    received = [r for r in rows if r.get("role") == "decode"]
+    return {
+        "sent": len(sent),
+        "in_layer_groups": sum(1 for r in sent if r.get("layer_group")),
+        "parts_received": sum(r.get("parts", 0) for r in received),
+        "parts_on_arrival": sum(r.get("parts_on_arrival", 0) for r in received),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -262,7 +269,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows += [(f"outcome {k}", v) for k, v in sorted(report["outcomes"].items())]
     rows += [(f"token usage after ({r})", n) for r, n in report["token_usage_after"].items()]
     rows += [("chosen budget (mean)", report["chosen_budget"]["mean"])]
-    rows += [("sent in layer groups", report["layer_groups"]["in_layer_groups"])]
+    groups = report["layer_groups"]
+    rows += [("sent in layer groups", groups["in_layer_groups"])]
+    rows += [
+        ("parts unpacked on landing", f"{groups['parts_on_arrival']} of {groups['parts_received']}")
+    ]
     rows += [("tables back to start", report["state_back_to_start"])]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

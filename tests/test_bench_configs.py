@@ -1,0 +1,57 @@
+"""bench/serving_gpu_configs.py: the ``--configs`` grammar of the GPU serving benchmark
+(what each config gives its prefill and decode servers), and its one-line refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _load_configs():
+    """The module as bench/serving_gpu.py loads it (bench/ stays off sys.path)."""
+    if "serving_gpu_configs" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "bench" / "serving_gpu_configs.py"
+        spec = importlib.util.spec_from_file_location("serving_gpu_configs", path)
+        # registered first: its dataclasses look their module up while it runs
+        sys.modules["serving_gpu_configs"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["serving_gpu_configs"])
+    return sys.modules["serving_gpu_configs"]
+
+
+configs = _load_configs()
+
+
+def test_layer_group_and_unpack_modifiers_reach_their_server():
+    c = configs.parse_config("spectrum:0.5+lg8+sent@tcp")
+    assert (c.budget, c.layer_group, c.unpack_at_sent, c.link) == (0.5, 8, True, "tcp")
+    assert c.name == "spectrum:0.5+lg8+sent@tcp" and c.tag == "spectrum-b0.5-lg8-sent-tcp"
+    assert configs.parse_config(c.name) == c  # the name parses back to the same config
+    prefill, decode = c.flags("prefill"), c.flags("decode")
+    assert prefill[prefill.index("--spectrum-layer-group") + 1] == "8"
+    assert "--spectrum-unpack" not in prefill and "--spectrum-layer-group" not in decode
+    assert decode[decode.index("--spectrum-unpack") + 1] == "sent"
+    # either order; the default (no +sent) leaves the decode's default (arrival)
+    assert configs.parse_config("spectrum:0.5+sent+lg8@tcp") == c
+    plain = configs.parse_config("spectrum:auto+lg4@nvlink")
+    assert not plain.unpack_at_sent and "--spectrum-unpack" not in plain.flags("decode")
+    assert plain.min_budget == 0.3 and plain.env()["MC_INTRANODE_NVLINK"] == "true"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("spectrum:0.5+lg0", "+lg0: the modifiers are +lgN (N > 0) and +sent, once"),
+        ("spectrum:0.5+sent+sent", "+sent: the modifiers are"),
+        ("spectrum:0.5+fast", "+fast: the modifiers are"),
+        ("mooncake+sent@tcp", "mooncake takes no budget, key scales or modifiers"),
+        ("spectrum:1.5", "budget must be in (0, 1] or auto"),
+        ("spectrum:0.5@ib", "link must be tcp, nvlink or tcpslice=N"),
+    ],
+)
+def test_bad_configs_are_refused_in_one_line(text, message):
+    with pytest.raises(ValueError) as exc:
+        configs.parse_config(text)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
