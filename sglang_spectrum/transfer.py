@@ -73,7 +73,8 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import torch
@@ -156,6 +157,38 @@ class PackedRequest:
     tier_map: torch.Tensor | None = None
 
 
+@dataclass
+class ChunkTiers:
+    """A tier map chosen once, to pack other layers of the same tokens (the same slots)
+    with: a layer-pipelined prefill's later groups of a chunk, ``pack_request(...,
+    tiers=ChunkTiers.of(first_group_info))``. Plan once, pack many: the map's counts are
+    known on the host (no count readback per part), and on the kernel path the plans and
+    the header's host copy of the map that one group built serve the next ones of the same
+    layout.
+
+    Attributes:
+        tier_map: uint8 ``[T]`` on the pools' device (:attr:`PackedRequest.tier_map`).
+        counts: positions at ``(fp16, int8, int4)`` in ``tier_map``.
+        host_map: the map's bytes, once read back for a header (None before).
+        plans: the kernel plans built for this map (one per layout packed).
+    """
+
+    tier_map: torch.Tensor
+    counts: tuple[int, int, int]
+    host_map: bytes | None = None
+    plans: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, info: PackedRequest) -> ChunkTiers:
+        """The map ``info`` was packed with."""
+        c = info.tier_counts
+        return cls(info.tier_map, (c["fp16"], c["int8"], c["int4"]))
+
+    def plan_for(self, layout: Any) -> Any:
+        """A plan built for ``layout`` (layers, heads, dtype, scales alike), or None."""
+        return next((p for p in self.plans if p.layout == layout), None)
+
+
 # --------------------------------------------------------------------------- pack
 
 
@@ -176,7 +209,7 @@ def pack_request(
     context_slots: torch.Tensor | None = None,
     fp8: FP8Pool | None = None,
     heads: tuple[int, int] | None = None,
-    tiers: torch.Tensor | None = None,
+    tiers: torch.Tensor | ChunkTiers | None = None,
 ) -> PackedRequest:
     """Score, allocate and pack one request from the pools straight into ``out``.
 
@@ -204,8 +237,9 @@ def pack_request(
         tiers: uint8 ``[T]``: pack with this tier map (a :attr:`PackedRequest.tier_map`
             of the same tokens) instead of scoring and allocating: a layer-pipelined
             prefill packs every layer group of a chunk with the map its first group
-            chose (``k_pools``/``v_pools`` are then that group's layers). None: score and
-            allocate under ``config``.
+            chose (``k_pools``/``v_pools`` are then that group's layers), or a
+            :class:`ChunkTiers` of such a map (the same slots: its counts, plans and host
+            copy are reused). None: score and allocate under ``config``.
 
     Returns:
         :class:`PackedRequest`. Runs on the current CUDA stream and returns once the
@@ -242,6 +276,7 @@ class _Request:
     scores: torch.Tensor | None = None  # float32 [T] once computed
     errors: torch.Tensor | None = None  # float64 [T, 4] (optimal allocator) once computed
     given: torch.Tensor | None = None  # uint8 [T] tier map given by the caller (tiers=)
+    chosen: ChunkTiers | None = None  # ... as a ChunkTiers (counts, plans, host copy)
 
 
 @dataclass
@@ -267,7 +302,7 @@ def pack_slices(
     heads: Sequence[tuple[int, int] | None],
     context_slots: torch.Tensor | None = None,
     fp8: FP8Pool | None = None,
-    tiers: torch.Tensor | None = None,
+    tiers: torch.Tensor | ChunkTiers | None = None,
 ) -> list[PackedRequest]:
     """Pack one request as several buffers, heads ``heads[i]`` of the pools into
     ``outs[i]`` (heterogeneous TP: a prefill rank's :func:`.heads.prefill_slices`, one
@@ -334,11 +369,13 @@ def pack_slices(
     cfg = _sent_config(config, context)
     req = _Request(list(k_pools), list(v_pools), sent, all_slots, cfg, context, layout(pool_heads))
     if tiers is not None:
-        if not (isinstance(tiers, torch.Tensor) and tiers.dtype == torch.uint8):
+        req.chosen = tiers if isinstance(tiers, ChunkTiers) else None
+        given = req.chosen.tier_map if req.chosen is not None else tiers
+        if not (isinstance(given, torch.Tensor) and given.dtype == torch.uint8):
             raise SpectrumConfigError("tiers must be a uint8 tensor (a PackedRequest.tier_map)")
-        if tiers.numel() != t:
-            raise SpectrumConfigError(f"tiers holds {tiers.numel()} positions, slots {t}")
-        req.given = tiers.reshape(-1).to(device)
+        if given.numel() != t:
+            raise SpectrumConfigError(f"tiers holds {given.numel()} positions, slots {t}")
+        req.given = given.reshape(-1).to(device)
     kern = kernels_for(device)
     if kern is not None and all(kern.kernel_supported(s.info.layout) for s in slices):
         with on_device(device):  # Triton launches on the current device: the pools'
@@ -427,6 +464,8 @@ def _device_tiers(kern, req: _Request, info: _Layout) -> tuple[torch.Tensor, tup
     the counts first), or the reference allocator's map (``optimal``, ``pdtrim``)."""
     cfg, lay, device = req.cfg, info.layout, req.sent.device
     reference = cfg.method == "pdtrim" or (cfg.method == "spectrum" and cfg.allocator != "paper")
+    if req.chosen is not None:  # counts known on the host: no readback
+        return req.given, req.chosen.counts
     if req.given is not None or reference:  # (given: a host sync for the counts, per part)
         tiers = req.given if req.given is not None else _reference_tiers(req, info)
         counts = tuple(torch.bincount(tiers.long(), minlength=4).tolist()[:3])
@@ -459,7 +498,12 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
         n = s.info.layout.num_kv_heads
         if n not in maps:
             tiers, counts = _device_tiers(kern, req, s.info)
-            maps[n] = (tiers, counts, kern.plan_from_counts(s.info.layout, tiers, counts, req.sent))
+            plan = req.chosen.plan_for(s.info.layout) if req.chosen is not None else None
+            if plan is None:
+                plan = kern.plan_from_counts(s.info.layout, tiers, counts, req.sent)
+                if req.chosen is not None:
+                    req.chosen.plans.append(plan)
+            maps[n] = (tiers, counts, plan)
     t1 = time.perf_counter()
     headers, starts, payloads, parts = [], [], [], []
     for s in slices:
@@ -479,18 +523,26 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
         starts.append(start)
         payloads.append(payload)
         parts.append(kern.checksum_parts(payload))
-    host_tiers = {}
+    host_tiers: dict[int, Any] = {}
     for n, (tiers, _, _) in maps.items():
+        if req.chosen is not None and req.chosen.host_map is not None:
+            host_tiers[n] = req.chosen.host_map  # read back by an earlier group
+            continue
         host_tiers[n] = torch.empty(
             tiers.numel(), dtype=torch.uint8, pin_memory=device.type == "cuda"
         )
         host_tiers[n].copy_(tiers, non_blocking=True)
     sums = torch.stack(parts).tolist()  # the one synchronisation
     t2 = time.perf_counter()
+    host_tiers = {
+        n: m if isinstance(m, bytes) else m.numpy().tobytes() for n, m in host_tiers.items()
+    }
+    if req.chosen is not None and req.chosen.host_map is None:
+        req.chosen.host_map = next(iter(host_tiers.values()))
     sizes = []
     for s, header, start, payload, pair in zip(slices, headers, starts, payloads, sums):
         header.checksum = kern.combine_checksum(pair)
-        header.tier_map = host_tiers[header.layout.num_kv_heads].numpy().tobytes()
+        header.tier_map = host_tiers[header.layout.num_kv_heads]
         head = _header_bytes(header)
         if head.numel() != start:  # a short checksum: the payload moves (practically never)
             payload = payload.clone()

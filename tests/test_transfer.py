@@ -23,6 +23,7 @@ from sglang_spectrum.config import SpectrumConfig, SpectrumConfigError, Spectrum
 from sglang_spectrum.policy import allocate_tiers
 from sglang_spectrum.scoring import score_tokens
 from sglang_spectrum.transfer import (
+    ChunkTiers,
     PackedRequest,
     pack_request,
     packed_size_bound,
@@ -471,7 +472,10 @@ def test_layer_groups_with_the_first_groups_tiers_round_trip(path, request):
     allocated on its own layers' keys; the later groups are packed with its tier map
     (``tiers=``). Each group's buffer fits the bound of its layers, holds the same tiers
     and bytes as packing those layers with that map, and unpacks into its layers only;
-    together they write exactly what one whole-layer pack with that map writes."""
+    together they write exactly what one whole-layer pack with that map writes. Given as a
+    ``ChunkTiers`` (what the prefill passes: plan once, pack many) the map packs the very
+    same bytes as the plain tensor; on the kernel path its groups of one layer count
+    share one plan."""
     if path == "kernels":
         request.getfixturevalue("kernel_path")
     _layer_groups_round_trip("cpu", path)
@@ -489,24 +493,28 @@ def _layer_groups_round_trip(device: str, path: str) -> None:
 
     config = SpectrumConfig(budget=0.4, allow_drop=False, key_scales="channel", key_block=8)
     kp, vp, slots = make_pools(
-        layers=5, heads=2, head_dim=16, tokens=90, page=8, seed=7, device=device
+        layers=7, heads=2, head_dim=16, tokens=90, page=8, seed=7, device=device
     )
-    groups = [(0, 2), (2, 4), (4, 5)]
+    groups = [(0, 2), (2, 4), (4, 6), (6, 7)]
     ok = [torch.full_like(p, float("nan")) for p in kp]
     ov = [torch.full_like(p, float("nan")) for p in vp]
-    first = None
+    first = chosen = None
     for l0, l1 in groups:
         k, v = kp[l0:l1], vp[l0:l1]
         out = region(k, slots, config)
         assert out.numel() == bound_of(90, l1 - l0, 2, 16, kp[0].dtype, config)
-        tiers = None if first is None else first.tier_map
-        res = pack_request(k, v, slots, config, out=out, tiers=tiers)
+        res = pack_request(k, v, slots, config, out=out, tiers=chosen)
+        if first is not None:  # the plain map packs the same bytes
+            plain = region(k, slots, config)
+            again = pack_request(k, v, slots, config, out=plain, tiers=first.tier_map)
+            assert (again.nbytes, again.checksum) == (res.nbytes, res.checksum)
+            assert torch.equal(plain[: res.nbytes], out[: res.nbytes])
         assert res.path == path and res.nbytes <= out.numel()
         assert res.tier_map is not None and res.tier_map.dtype == torch.uint8
         header, _ = read_header(out[: res.nbytes])
         assert header.layout.num_layers == l1 - l0
         if first is None:
-            first = res
+            first, chosen = res, ChunkTiers.of(res)
             # group 0's map is that of its own layers' keys, below FP16
             assert res.tier_counts["int8"] + res.tier_counts["int4"] > 0
         else:
@@ -518,6 +526,9 @@ def _layer_groups_round_trip(device: str, path: str) -> None:
         for layer in range(len(kp)):  # its layers written, the later ones untouched
             written = not torch.isnan(ok[layer][slots].float()).any()
             assert written == (layer < l1), (l0, l1, layer)
+    # kernels: one plan per layer count of the later groups (2 layers twice, 1 layer once)
+    assert [p.layout.num_layers for p in chosen.plans] == ([2, 1] if path == "kernels" else [])
+    assert path == "torch" or chosen.host_map == first.tier_map.cpu().numpy().tobytes()
     # the same as one pack of every layer with group 0's map
     whole_k = [torch.full_like(p, float("nan")) for p in kp]
     whole_v = [torch.full_like(p, float("nan")) for p in vp]

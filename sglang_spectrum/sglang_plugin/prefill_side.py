@@ -297,7 +297,7 @@ class PrefillSide:
 
     def _pack_stage(self, job: PackJob) -> Packed | None:
         """Packer thread: pack one part into a send region (None: dropped or failed)."""
-        from sglang_spectrum.transfer import pack_request, part_offset
+        from sglang_spectrum.transfer import ChunkTiers, pack_request, part_offset
 
         room = job.room
         state = self.rooms.get(room)
@@ -323,7 +323,7 @@ class PrefillSide:
             t = int(job.slots.numel())
             l0, l1 = job.layers or (0, len(self.k_pools))
             plan = state.group_plan if l0 > 0 else None  # the chunk's first group chose
-            if plan is not None and plan[1].numel() == t:
+            if plan is not None and plan[1].tier_map.numel() == t:
                 cfg, tiers = plan
             else:
                 direct_grant = self._direct_grant(grants) if job.layers is None else None
@@ -365,7 +365,7 @@ class PrefillSide:
                     tiers=tiers,
                 )
             if job.layers is not None and l0 == 0:  # the later groups of the chunk reuse it
-                state.group_plan = (cfg, info.tier_map)
+                state.group_plan = (cfg, ChunkTiers.of(info))  # counts, plans: once
             pack_ms = (time.perf_counter() - t0) * 1e3
             if self.adaptive is not None:
                 self.adaptive.observe_pack(cfg.budget, info.full_nbytes, pack_ms / 1e3)

@@ -82,7 +82,7 @@ class PrefillRoom:
     # per part: tokens, budget, submitted (ms after the request arrived), queue, pack, write
     part_profile: list[list[float]] = field(default_factory=list)
     peer_key: tuple[str, ...] = ()  # decode sessions of the grants (the worker's key)
-    # layer groups: (codec config, tier map) its current chunk's first group chose
+    # layer groups: (codec config, transfer.ChunkTiers) its current chunk's first group chose
     group_plan: Any = None
     path: str = ""  # how its last part with tokens was packed (stats)
     test_delayed: bool = False  # the test-only transfer delay was served (faults.py)
