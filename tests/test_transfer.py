@@ -424,6 +424,31 @@ def test_request_path_benchmark_smoke(tmp_path):
     assert (tmp_path / "request_path_smoke.md").read_text().startswith("# Request path")
 
 
+def test_part_cost_benchmark_smoke(tmp_path):
+    """bench/part_cost.py --smoke: a chunk's layer-group parts timed on CPU (tiny shapes);
+    the later parts given the first's map as a tensor or a ChunkTiers pack the same bytes
+    (the script checks it), every mode of every size has its record."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "part_cost.py"
+    spec = importlib.util.spec_from_file_location("part_cost_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "part_cost_smoke.json").read_text())
+    recs = data["records"]
+    assert sorted((r["tokens"], r["mode"]) for r in recs) == sorted(
+        (t, m) for t in (16, 64) for m in bench.MODES
+    )
+    assert all(r["hardware"] == "cpu" and r["wall_ms"] > 0 and r["layers"] == 2 for r in recs)
+    for t in (16, 64):  # the later parts: same tokens, same layer count, same bytes
+        later = {r["packed_bytes"] for r in recs if r["tokens"] == t and r["mode"] != "first"}
+        assert len(later) == 1
+    assert "ChunkTiers / tensor" in (tmp_path / "part_cost_smoke.md").read_text()
+
+
 @pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: f"{c.budget}-{c.key_scales}")
 def test_request_in_parts_fits_the_parts_bound_and_round_trips(config):
     """A request packed as consecutive parts (as the backend streams prefill chunks:

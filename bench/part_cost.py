@@ -1,0 +1,175 @@
+"""Per-part cost of a chunk sent in layer groups (``--spectrum-layer-group``, issue 17
+item 5: "the per-part host cost under 0.3 ms").
+
+A layer-pipelined prefill packs each chunk as parts of N layers with the very function
+the backend calls, ``transfer.pack_request`` on ``pools[l0:l1]``: the first group scores,
+allocates and plans; every later group packs with the first group's tier map. This
+times, per chunk size, the whole call (wall clock: ``pack_request`` synchronises once at
+its end, so this is what the packer thread pays per part, host and device) of
+
+- ``first``: group 0 (score + allocate + plan + pack);
+- ``tensor``: a later group given the map as a plain tensor (``tiers=info.tier_map``:
+  a count readback, a new plan and a map readback per part; before 2026-12-05);
+- ``chunk_tiers``: a later group given ``ChunkTiers.of(info)`` (what the prefill passes
+  since: counts on the host, the plan and the host map built once per layout),
+
+and the device time of the same calls (CUDA events; on CPU 0). At small chunks the
+device work is negligible and the wall clock is the fixed per-part cost the target
+bounds. Every mode packs the same bytes (checked). Pools: the Llama-3-8B shape of
+``bench/request_path.py`` (its generator), paged.
+
+Usage (H200)::
+
+    python bench/part_cost.py --out bench/results
+    python bench/part_cost.py --smoke --out /tmp/pc    # CPU, tiny shapes (torch path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from request_path import event_ms, make_pools, paged_slots, sync, write_results  # noqa: E402
+
+from sglang_spectrum.config import SpectrumConfig  # noqa: E402
+from sglang_spectrum.transfer import ChunkTiers, pack_request, packed_size_bound  # noqa: E402
+
+MODES = ("first", "tensor", "chunk_tiers")
+TARGET_MS = 0.3  # issue 17 item 5: host cost per part
+
+
+def part_times(fn, iters: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(median wall ms, median device ms) of ``fn``, which synchronises itself."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    walls, devs = [], []
+    for _ in range(iters):
+        t = time.perf_counter()
+        if device.type == "cuda":
+            devs.append(event_ms(fn))
+        else:
+            fn()
+        walls.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(walls), statistics.median(devs) if devs else 0.0
+
+
+def run(args) -> tuple[list[dict], dict]:
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    num_pages = -(-max(args.tokens) // args.page) + 8
+    kp, vp = make_pools(
+        args.layers, args.heads, args.head_dim, num_pages * args.page, torch.bfloat16, device, gen
+    )
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    group = args.layer_group
+    rows = []
+    for tokens in args.tokens:
+        slots = paged_slots(tokens, args.page, num_pages, torch.Generator().manual_seed(1), device)
+        cfg = SpectrumConfig(budget=args.budget, allow_drop=False, key_scales=args.key_scales)
+        cfg = cfg.with_(window=0)  # an earlier chunk's part, as the prefill packs it
+        bound = packed_size_bound(tokens, group, args.heads, args.head_dim, torch.bfloat16, cfg)
+        out = torch.empty(bound, dtype=torch.uint8, device=device)
+        k0, v0 = kp[:group], vp[:group]
+        k1, v1 = kp[group : 2 * group], vp[group : 2 * group]
+        first = pack_request(k0, v0, slots, cfg, out=out)
+        chosen = ChunkTiers.of(first)
+        pack = functools.partial(pack_request, slots=slots, config=cfg, out=out)
+        calls = {
+            "first": functools.partial(pack, k0, v0),
+            "tensor": functools.partial(pack, k1, v1, tiers=first.tier_map),
+            "chunk_tiers": functools.partial(pack, k1, v1, tiers=chosen),
+        }
+        packed = {}
+        for mode, fn in calls.items():
+            wall_ms, device_ms = part_times(fn, args.iters, args.warmup, device)
+            info = fn()
+            packed[mode] = (info.nbytes, info.checksum)
+            rows.append(
+                {
+                    "hardware": hardware,
+                    "tokens": tokens,
+                    "layers": group,
+                    "mode": mode,
+                    "wall_ms": round(wall_ms, 4),
+                    "device_ms": round(device_ms, 4),
+                    "path": info.path,
+                    "packed_bytes": info.nbytes,
+                }
+            )
+        if packed["tensor"] != packed["chunk_tiers"]:
+            raise AssertionError(f"{tokens} tokens: ChunkTiers packed other bytes {packed}")
+    meta = {
+        "hardware": hardware,
+        "torch": torch.__version__,
+        "shape": f"{args.layers} layers x {args.heads} KV heads x {args.head_dim}, bf16",
+        "layer_group": group,
+        "budget": args.budget,
+        "key_scales": args.key_scales,
+        "iters": args.iters,
+        "target_ms": TARGET_MS,
+    }
+    return rows, meta
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    by = {(r["tokens"], r["mode"]): r for r in rows}
+    out = [
+        "# Per-part cost of a chunk sent in layer groups",
+        "",
+        f"{meta['hardware']}, torch {meta['torch']}; {meta['shape']}; parts of"
+        f" {meta['layer_group']} layers, b={meta['budget']:g}, {meta['key_scales']} key"
+        f" scales; median of {meta['iters']}. Wall: the whole `pack_request` call (it"
+        " synchronises at its end); device: CUDA events around it. Target: a later part's"
+        f" host cost < {meta['target_ms']} ms.",
+        "",
+        "| tokens | first wall (device) ms | later, tensor map | later, ChunkTiers"
+        " | ChunkTiers / tensor |",
+        "|---|---|---|---|---|",
+    ]
+    for tokens in sorted({r["tokens"] for r in rows}):
+        cells = [
+            f"{by[tokens, m]['wall_ms']:.3f} ({by[tokens, m]['device_ms']:.3f})" for m in MODES
+        ]
+        ratio = by[tokens, "chunk_tiers"]["wall_ms"] / max(by[tokens, "tensor"]["wall_ms"], 1e-9)
+        out.append(f"| {tokens} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16, 256, 2048, 8192])
+    ap.add_argument("--layer-group", type=int, default=8)
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--key-scales", choices=("channel", "token"), default="channel")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (tests the script)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.tokens, args.layers, args.heads, args.head_dim = "cpu", [16, 64], 4, 2, 16
+        args.layer_group, args.page, args.iters, args.warmup = 2, 8, 2, 1
+    if 2 * args.layer_group > args.layers:
+        ap.error(f"--layer-group {args.layer_group} needs at least {2 * args.layer_group} layers")
+    rows, meta = run(args)
+    name = "part_cost_smoke" if args.smoke else "part_cost"
+    write_results(args.out, name, {"meta": meta, "records": rows}, markdown(rows, meta))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
