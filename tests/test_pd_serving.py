@@ -290,3 +290,34 @@ def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
     # SmolLM2's 30 layers in groups of 8: 4 parts a request, each alone in its batch
     assert all(s["layer_group"] == 8 and s["parts"] == 4 for s in stats), stats
     d.stop()
+
+
+def test_tensor_parallel_layer_groups_answer_like_a_single_server(request, model_path, reference):
+    """--tp-size 2 on both servers with --spectrum-layer-group 8 at budget 1.0 (packed:
+    ``--spectrum-direct off``): every TP rank's scheduler runs the layer hooks on its own
+    heads, sends its rows in 4 layer groups to its decode rank, which unpacks each as it
+    lands; the greedy answers equal the single server's (SmolLM2's 3 KV heads: SGLang
+    replicates them over the two ranks)."""
+    d = start_deployment(
+        request,
+        model_path=model_path,
+        backend="spectrum",
+        common_args=["--tp-size", "2", "--spectrum-direct", "off"],
+        prefill_args=["--spectrum-budget", "1.0", "--spectrum-layer-group", "8"],
+        prefill_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
+        decode_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
+        stats=True,
+    )
+    for j, prompt in enumerate(BASELINE):
+        got = d.generate(prompt, max_new_tokens=NEW_TOKENS, rid=f"tp-{j}")
+        assert got["text"] == reference[(prompt, NEW_TOKENS)], (prompt, got["text"])
+    stats = [s for s in d.spectrum_stats() if s["rid"].startswith("tp-")]
+    pre = [s for s in stats if s["role"] == "prefill"]
+    dec = [s for s in stats if s["role"] == "decode"]
+    assert sorted((s["rid"], s["tp_rank"]) for s in pre) == [
+        (f"tp-{j}", r) for j in range(len(BASELINE)) for r in (0, 1)
+    ]
+    assert all(s["layer_group"] == 8 and s["parts"] == 4 for s in pre), pre
+    assert all(s["tiers"]["int8"] == s["tiers"]["int4"] == 0 for s in pre + dec), stats
+    assert len(dec) == len(pre) and all(s["parts_on_arrival"] == 4 for s in dec), dec
+    d.stop()
