@@ -26,7 +26,6 @@ Usage (H200)::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pathlib
 import statistics
@@ -37,7 +36,14 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from request_path import event_ms, make_pools, paged_slots, sync, write_results  # noqa: E402
+from request_path import (  # noqa: E402
+    event_ms,
+    gpu_bench_parser,
+    make_pools,
+    paged_slots,
+    sync,
+    write_results,
+)
 
 from sglang_spectrum.config import SpectrumConfig  # noqa: E402
 from sglang_spectrum.transfer import ChunkTiers, pack_request, packed_size_bound  # noqa: E402
@@ -74,7 +80,7 @@ def run(args) -> tuple[list[dict], dict]:
     rows = []
     for tokens in args.tokens:
         slots = paged_slots(tokens, args.page, num_pages, torch.Generator().manual_seed(1), device)
-        cfg = SpectrumConfig(budget=args.budget, allow_drop=False, key_scales=args.key_scales)
+        cfg = SpectrumConfig(budget=args.budgets[0], allow_drop=False, key_scales=args.key_scales)
         cfg = cfg.with_(window=0)  # an earlier chunk's part, as the prefill packs it
         bound = packed_size_bound(tokens, group, args.heads, args.head_dim, torch.bfloat16, cfg)
         out = torch.empty(bound, dtype=torch.uint8, device=device)
@@ -112,7 +118,7 @@ def run(args) -> tuple[list[dict], dict]:
         "torch": torch.__version__,
         "shape": f"{args.layers} layers x {args.heads} KV heads x {args.head_dim}, bf16",
         "layer_group": group,
-        "budget": args.budget,
+        "budget": args.budgets[0],
         "key_scales": args.key_scales,
         "iters": args.iters,
         "target_ms": TARGET_MS,
@@ -145,18 +151,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[16, 256, 2048, 8192])
+    ap = gpu_bench_parser(__doc__, tokens=[16, 256, 2048, 8192], budgets=[0.5])  # (the first)
     ap.add_argument("--layer-group", type=int, default=8)
-    ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--key-scales", choices=("channel", "token"), default="channel")
-    ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--page", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (tests the script)")
     args = ap.parse_args(argv)

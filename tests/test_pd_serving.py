@@ -246,6 +246,22 @@ def _pd_generate_on_dp_rank(d: PDDeployment, prompt: str, rid: str, dp: int) -> 
     return r.json()
 
 
+def _two_ranks_in_layer_groups(request, model_path, parallel_flag: str) -> PDDeployment:
+    """Both servers with ``parallel_flag`` 2 (``--dp-size`` or ``--tp-size``), budget 1.0
+    packed (``--spectrum-direct off``), the prefill in layer groups of 8."""
+    bind = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}  # SGLang's CPU path: one core a rank
+    return start_deployment(
+        request,
+        model_path=model_path,
+        backend="spectrum",
+        common_args=[parallel_flag, "2", "--spectrum-direct", "off"],
+        prefill_args=["--spectrum-budget", "1.0", "--spectrum-layer-group", "8"],
+        prefill_env=bind,
+        decode_env=dict(bind),
+        stats=True,
+    )
+
+
 def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
     request, model_path, reference
 ):
@@ -259,17 +275,7 @@ def test_data_parallel_prefill_and_decode_answer_like_a_single_server(
     its prefill DP rank; without DP attention every DP scheduler has attn_dp_rank 0, so
     a router must name the rank (sglang-router 0.3.2's --dp-aware refuses our
     loopback workers: "resolve_deny"). The requests are posted as such a router does."""
-    d = start_deployment(
-        request,
-        model_path=model_path,
-        backend="spectrum",
-        common_args=["--dp-size", "2", "--spectrum-direct", "off"],
-        prefill_args=["--spectrum-budget", "1.0", "--spectrum-layer-group", "8"],
-        # SGLang's CPU path binds each rank to cores: one core per DP rank here
-        prefill_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
-        decode_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
-        stats=True,
-    )
+    d = _two_ranks_in_layer_groups(request, model_path, "--dp-size")
     info = requests.get(f"http://127.0.0.1:{d.bootstrap_port}/spectrum/info", timeout=10).json()
     groups = {(r["system_dp_rank"], r["attn_tp_rank"]) for r in info["ranks"]}
     assert groups == {(0, 0), (1, 0)}, info["ranks"]
@@ -298,16 +304,7 @@ def test_tensor_parallel_layer_groups_answer_like_a_single_server(request, model
     heads, sends its rows in 4 layer groups to its decode rank, which unpacks each as it
     lands; the greedy answers equal the single server's (SmolLM2's 3 KV heads: SGLang
     replicates them over the two ranks)."""
-    d = start_deployment(
-        request,
-        model_path=model_path,
-        backend="spectrum",
-        common_args=["--tp-size", "2", "--spectrum-direct", "off"],
-        prefill_args=["--spectrum-budget", "1.0", "--spectrum-layer-group", "8"],
-        prefill_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
-        decode_env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1"},
-        stats=True,
-    )
+    d = _two_ranks_in_layer_groups(request, model_path, "--tp-size")
     for j, prompt in enumerate(BASELINE):
         got = d.generate(prompt, max_new_tokens=NEW_TOKENS, rid=f"tp-{j}")
         assert got["text"] == reference[(prompt, NEW_TOKENS)], (prompt, got["text"])

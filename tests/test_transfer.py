@@ -398,16 +398,23 @@ def test_waterfall_counts_give_allocate_tiers():
                 assert torch.equal(got, want), (tokens, frac, extra)
 
 
-def test_request_path_benchmark_smoke(tmp_path):
-    """bench/request_path.py --smoke: the benchmark's code runs on CPU (tiny shapes)."""
+def _bench_script(name: str):
+    """``bench/<name>.py`` as a module (bench/ stays off sys.path)."""
     import importlib.util
-    import json
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "request_path.py"
-    spec = importlib.util.spec_from_file_location("request_path_bench", path)
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_request_path_benchmark_smoke(tmp_path):
+    """bench/request_path.py --smoke: the benchmark's code runs on CPU (tiny shapes)."""
+    import json
+
+    bench = _bench_script("request_path")
     bench.main(["--smoke", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "request_path_smoke.json").read_text())
     recs = data["records"]
@@ -428,14 +435,9 @@ def test_part_cost_benchmark_smoke(tmp_path):
     """bench/part_cost.py --smoke: a chunk's layer-group parts timed on CPU (tiny shapes);
     the later parts given the first's map as a tensor or a ChunkTiers pack the same bytes
     (the script checks it), every mode of every size has its record."""
-    import importlib.util
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "part_cost.py"
-    spec = importlib.util.spec_from_file_location("part_cost_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_script("part_cost")
     bench.main(["--smoke", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "part_cost_smoke.json").read_text())
     recs = data["records"]
