@@ -402,6 +402,11 @@ def test_report_shows_fp8_beside_ours_and_the_first_group_table(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| 4 |"))
     assert "+0.05%" in row and "-1/+0" in row and "no (NIAH b=0.3)" in row
     assert "Smallest G meeting the target on m: none of [4]." in table
+    assert "NIAH 4096 tokens, 3 trials, full precision 100%)" in table
+    # a full-precision record of another run (other trials) is not shown as the reference's
+    other = [dict(r, n=20) if r["method"] == "full" else r for r in recs]
+    other_md = markdown_tables(other)
+    assert "NIAH 4096 tokens, 3 trials)" in other_md[other_md.index("## Tier map from") :]
     recs = [r for r in recs if not (r["method"] == kn4 and r["metric"] == "niah_acc")]
     recs.append(rec(kn4, "niah_acc", 0.3, 1.0, context=4096, hits=[True, True]))
     recs.append(rec(kn4, "niah_acc", 0.5, 1.0, context=4096, hits=[True, True]))

@@ -189,6 +189,8 @@ def first_group_table(records: list[dict], budgets: tuple[float, ...] = (0.3, 0.
         n_w = next((r["n"] for r in ref_ppl.values() if r), "?")
         n_t = next((r["n"] for r in ref_niah.values() if r), "?")
         full_niah = _full(records, model, "niah_acc", niah_ctx)
+        if full_niah and full_niah.get("n") != n_t:  # another run's trials: not comparable
+            full_niah = None
         full_txt = f", full precision {100 * full_niah['value']:.0f}%" if full_niah else ""
         what = [f"ppl C={ppl_ctx}, {n_w} windows"] if ppl_ctx else []
         what += [f"NIAH {niah_ctx} tokens, {n_t} trials{full_txt}"] if niah_ctx else []
