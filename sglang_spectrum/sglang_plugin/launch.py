@@ -372,7 +372,27 @@ class PDDeployment:
             self._env(env),
         )
 
-    def start(self) -> PDDeployment:
+    def start(self, attempts: int = 2) -> PDDeployment:
+        """Start prefill, decode and router. A server that died of a port taken between
+        SGLang's pick and its bind (SGLang 0.5.17 draws its ``torch.distributed`` port
+        from the kernel's ephemeral range, where any outgoing connection may take it:
+        EADDRINUSE) means a new start on new ports, not a failed deployment."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except DeploymentError as e:
+                if attempt + 1 == attempts or "EADDRINUSE" not in str(e):
+                    raise
+                print("launch: a port was taken during startup; starting again", file=sys.stderr)
+                for p in self.procs:  # (kept beside the new logs)
+                    if p.log_path.exists():
+                        p.log_path.rename(p.log_path.with_suffix(f".attempt{attempt + 1}.log"))
+                self.procs = []
+                self.prefill_port, self.decode_port = free_port(), free_port()
+                self.bootstrap_port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> PDDeployment:
         t0 = time.monotonic()
         try:
             prefill, decode = self._new_server("prefill"), self._new_server("decode")
