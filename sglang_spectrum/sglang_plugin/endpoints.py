@@ -96,6 +96,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
     def __init__(self, *args: Any, **kwargs: Any):
         self.state = ReceiveState(new_generation())
         self._pages: np.ndarray | None = None
+        self._slots: np.ndarray | None = None  # the pages' pool slots (_pool_slots)
         self._aux_index: int | None = None
         self._prefix_len = 0
         self._need = 0
@@ -275,8 +276,9 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         t0 = time.perf_counter()
         try:
             part = [int(x) for x in landed.part]
-            slots = expand_pages(self._pages, int(mgr.layout["page_size"]))
-            info = self._unpack_part(part, self._landed_first, slots, landed.generation)
+            info = self._unpack_part(
+                part, self._landed_first, self._pool_slots(), landed.generation
+            )
         except Exception as e:
             self._fail(self._rejected(e))
             return
@@ -286,6 +288,13 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         if _part_layers(part, len(mgr.k_pools))[1] == len(mgr.k_pools):
             self._landed_first += part[3]
         self._landed_ms += (time.perf_counter() - t0) * 1e3
+
+    def _pool_slots(self) -> np.ndarray:
+        """int64 ``[pages x page_size]``: the pool slots of the granted pages, expanded
+        once for every part (control thread)."""
+        if self._slots is None:
+            self._slots = expand_pages(self._pages, int(self.kv_mgr.layout["page_size"]))
+        return self._slots
 
     def _rejected(self, e: Exception) -> str:
         reason = (
@@ -332,7 +341,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         try:
             parts = [[int(x) for x in p] for p in sent.parts]
             page_size = int(mgr.layout["page_size"])
-            slots = expand_pages(self._pages, page_size)
+            slots = self._pool_slots()
             num_layers = len(mgr.k_pools)
             layers = [_part_layers(p, num_layers) for p in parts]
             # a chunk sent in layer groups: its tokens count once, at its last group
