@@ -38,8 +38,9 @@ from sglang_spectrum.codec import header_tier_map, read_header  # noqa: E402
 from sglang_spectrum.config import SpectrumConfig  # noqa: E402
 from sglang_spectrum.transfer import pack_request, packed_size_bound  # noqa: E402
 
-SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_warps (0: auto))
-    (True, 1, 0, 0),  # the default (2 warps for the pack, 4 for the unpack)
+SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_warps (0: auto),
+    #          narrow: the 16-bit tile kept through min/max; False where not given)
+    (True, 1, 0, 0),  # the default until 2026-12-05 (2 warps for the pack, 4 for the unpack)
     (False, 1, 0, 8),  # the shape before this benchmark
     (False, 1, 0, 4),
     (True, 1, 0, 8),
@@ -55,6 +56,11 @@ SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_w
     (True, 1, 64, 1),
     (True, 1, 32, 1),
     (True, 1, 32, 2),
+    (True, 1, 0, 0, True),
+    (True, 1, 64, 1, True),  # the default since 2026-12-05 (kernels.channel.DEFAULT_TUNING)
+    (True, 1, 64, 2, True),
+    (True, 1, 0, 1, True),
+    (True, 1, 32, 1, True),
 ]
 
 
@@ -131,8 +137,9 @@ def run(args) -> dict:
             copy = copy_ms(res.full_nbytes, device, args.iters, 3)
             moved = res.full_nbytes + res.nbytes
             reference = None
-            for head_major, hg, dc, warps in SHAPES[: args.shapes]:
-                shape = K.ChannelTuning(head_major, hg, dc, warps)
+            chosen = [SHAPES[i] for i in args.select] if args.select else SHAPES[: args.shapes]
+            for head_major, hg, dc, warps, *narrow in chosen:
+                shape = K.ChannelTuning(head_major, hg, dc, warps, *narrow)
                 pack, unpack, same = time_shape(shape, kp, vp, kd, vd, plan, uplan, payload, args)
                 if reference is None:
                     reference = [p.clone() for p in kd]
@@ -144,6 +151,7 @@ def run(args) -> dict:
                     "heads_per_program": hg,
                     "channels": dc,
                     "num_warps": warps,
+                    "narrow": shape.narrow,
                     "kernel_pack_ms": round(pack, 4),
                     "kernel_unpack_ms": round(unpack, 4),
                     "copy_ms": round(copy, 4),
@@ -173,15 +181,15 @@ def markdown(result: dict) -> str:
         " keys; whole pack_payload / unpack_payload (V rows and FP16 keys included), CUDA"
         " events; `vs copy`: bandwidth over a same-size `copy_`.",
         "",
-        "| tokens | b | head-major | heads/program | channels | warps | pack ms | unpack ms"
-        " | pack vs copy | unpack vs copy | same bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens | b | head-major | heads/program | channels | warps | narrow | pack ms"
+        " | unpack ms | pack vs copy | unpack vs copy | same bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         lines.append(
             f"| {r['tokens']} | {r['budget']} | {r['head_major']}"
             f" | {r['heads_per_program'] or 'all'} | {r['channels'] or 'auto'}"
-            f" | {r['num_warps'] or 'auto'} | {r['kernel_pack_ms']}"
+            f" | {r['num_warps'] or 'auto'} | {r.get('narrow', False)} | {r['kernel_pack_ms']}"
             f" | {r['kernel_unpack_ms']} | {r['kernel_pack_vs_copy']}"
             f" | {r['kernel_unpack_vs_copy']} | {r['same_bytes']} |"
         )
@@ -195,6 +203,7 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N of SHAPES")
+    ap.add_argument("--select", type=int, nargs="*", help="these indices of SHAPES (0 first)")
     run_gpu_bench("channel_kernel", ap.parse_args(argv), run, markdown)
 
 

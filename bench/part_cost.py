@@ -18,9 +18,14 @@ device work is negligible and the wall clock is the fixed per-part cost the targ
 bounds. Every mode packs the same bytes (checked). Pools: the Llama-3-8B shape of
 ``bench/request_path.py`` (its generator), paged.
 
+``--profile``: then, at the smallest chunk, the host functions of 50 later parts
+(``cProfile``, by cumulative time) and their CUDA/torch calls (``torch.profiler``, by CPU
+time), printed: where a later part's fixed cost goes.
+
 Usage (H200)::
 
     python bench/part_cost.py --out bench/results
+    python bench/part_cost.py --tokens 16 --profile --out /tmp/pc
     python bench/part_cost.py --smoke --out /tmp/pc    # CPU, tiny shapes (torch path)
 """
 
@@ -68,6 +73,30 @@ def part_times(fn, iters: int, warmup: int, device: torch.device) -> tuple[float
     return statistics.median(walls), statistics.median(devs) if devs else 0.0
 
 
+def profile_part(fn, calls: int = 50) -> None:
+    """Print where ``calls`` runs of ``fn`` (a later part) spend host time."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    print(f"== cProfile: {calls} later parts, by cumulative time ==")
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as tprof:
+        for _ in range(calls):
+            fn()
+    print(f"== torch.profiler: {calls} later parts, by CPU time ==")
+    print(tprof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+
+
 def run(args) -> tuple[list[dict], dict]:
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -113,6 +142,8 @@ def run(args) -> tuple[list[dict], dict]:
             )
         if packed["tensor"] != packed["chunk_tiers"]:
             raise AssertionError(f"{tokens} tokens: ChunkTiers packed other bytes {packed}")
+        if args.profile and tokens == min(args.tokens):
+            profile_part(calls["chunk_tiers"], 5 if args.smoke else 50)
     meta = {
         "hardware": hardware,
         "torch": torch.__version__,
@@ -158,6 +189,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (tests the script)")
+    ap.add_argument("--profile", action="store_true", help="print a later part's host profile")
     args = ap.parse_args(argv)
     if args.smoke:
         args.device, args.tokens, args.layers, args.heads, args.head_dim = "cpu", [16, 64], 4, 2, 16

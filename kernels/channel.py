@@ -47,7 +47,10 @@ class ChannelTuning:
     one key block's heads run side by side (else ``(blocks, ..., L)``);
     ``heads_per_program``: heads one program loops over (0: all; must divide the heads,
     else 1); ``channels``: channels per program (0: ``min(D, max(8, 8192 // key_block))``);
-    ``num_warps``: 0 = 2 for the pack, 4 for the unpack.
+    ``num_warps``: 0 = 2 for the pack, 4 for the unpack; ``narrow``: the pack keeps a
+    16-bit tile in the pool's dtype through the min/max and widens each element to float32
+    only where it is quantised (fewer live registers a thread; the same bytes: min and
+    max commute with the exact widening and with the fp16-range clamp).
 
     H200 sweep (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
     KV, the whole ``pack_payload``): the default packs in 1.51 ms (0.44 of copy
@@ -56,18 +59,21 @@ class ChannelTuning:
     (the ``[64, 128]`` float32 tile), 12.5 % occupancy, 0.55 eligible warps per
     scheduler. More warps only add cross-warp reductions; a loop over heads serialises
     the loads; two passes of 16 rows (min/max, then codes) to free registers measured
-    slower still (3.30 ms: ``bench/results/gpu_calls/2026-12-04-s4/two_pass_*``). The
-    sweep's 1-warp, 64-channel shape packed in 1.32 ms (0.50); the default stays the
-    shape the GPU tests ran.
+    slower still (3.30 ms: ``bench/results/gpu_calls/2026-12-04-s4/two_pass_*``).
+    :data:`DEFAULT_TUNING` since 2026-12-05 is 1 warp, 64 channels, ``narrow``: the best
+    pack of the second sweep (``bench/results/gpu_calls/2026-12-05-s9/
+    channel_kernel_narrow.md``: 1.30 ms, 0.52 of copy, against 1.59 ms for the fields'
+    defaults in the same run; at 4096 tokens 0.41 against 0.45 ms), the same bytes.
     """
 
     head_major: bool = True
     heads_per_program: int = 1
     channels: int = 0
     num_warps: int = 0
+    narrow: bool = False
 
 
-DEFAULT_TUNING = ChannelTuning()
+DEFAULT_TUNING = ChannelTuning(channels=64, num_warps=1, narrow=True)
 
 
 @triton.jit
@@ -135,14 +141,15 @@ def _store_channel(
     DC: tl.constexpr,
     KB: tl.constexpr,
 ):
-    """Quantise ``x`` float32 ``[KB, DC]`` (rows ``j`` of a key segment, head ``h``,
-    channels ``c``) with one (scale, minimum) per channel over the block's valid rows
-    (``codec.quantize_channels``: same float32 steps) and store codes and scales."""
+    """Quantise ``x`` ``[KB, DC]`` (float32, or the 16-bit pool values: widened exactly;
+    rows ``j`` of a key segment, head ``h``, channels ``c``) with one (scale, minimum)
+    per channel over the block's valid rows (``codec.quantize_channels``: same float32
+    steps) and store codes and scales."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     c = c0 + tl.arange(0, DC)
-    xc = clamp16(x)
-    lo = tl.min(tl.where(ok[:, None], xc, float("inf")), 0)
-    hi = tl.max(tl.where(ok[:, None], xc, float("-inf")), 0)
+    # min/max before the (monotonic) clamp and widening: the same values, x stays narrow
+    lo = clamp16(tl.min(tl.where(ok[:, None], x, float("inf")), 0).to(tl.float32))
+    hi = clamp16(tl.max(tl.where(ok[:, None], x, float("-inf")), 0).to(tl.float32))
     lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
     hi = tl.where(lo <= hi, hi, 0.0)
     scale = plus_zero(tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16))
@@ -151,7 +158,7 @@ def _store_channel(
     m = mn.to(tl.float32)
     safe = tl.where(s > 0, s, 1.0)
     inv = tl.where(s > 0, tl.math.div_rn(tl.full([DC], 1.0, tl.float32), safe), 0.0)
-    v = (xc - m[None, :]) * inv[None, :] + 0.5
+    v = (clamp16(x.to(tl.float32)) - m[None, :]) * inv[None, :] + 0.5
     q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
     codes = payload + seg
     row = j * H + h
@@ -192,6 +199,7 @@ def _pack_channel_kernel(
     HG: tl.constexpr,  # heads per program
     HEAD_MAJOR: tl.constexpr,
     FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2
+    NARROW: tl.constexpr = False,  # keep the 16-bit tile (ChannelTuning.narrow)
 ):
     """INT8/INT4 key segments with per-channel scales: one program per (key block,
     head group and channel chunk, layer); grid as :func:`_channel_program`'s."""
@@ -208,7 +216,7 @@ def _pack_channel_kernel(
             x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
             if FP8:
                 x = from_fp8(x, FP8) * tl.load(scales + layer)
-            else:
+            elif not NARROW:
                 x = x.to(tl.float32)
             if tier == 1:
                 _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
@@ -275,7 +283,16 @@ def launch_pack_channel(
     grid, args, options = launch
     scales, fp8 = source_args(plan.layout, dtype, payload.device)
     _pack_channel_kernel[grid](
-        ptrs, rows, plan.meta, payload, scales, *args, SRC=TL_DTYPES[dtype], FP8=fp8, **options
+        ptrs,
+        rows,
+        plan.meta,
+        payload,
+        scales,
+        *args,
+        SRC=TL_DTYPES[dtype],
+        FP8=fp8,
+        NARROW=tuning.narrow and dtype in (torch.bfloat16, torch.float16),
+        **options,
     )
 
 

@@ -5,8 +5,9 @@ The reference checksum is exact modular arithmetic: ``s1 = sum(w) mod p`` and
 ``w`` of the zero-padded payload, ``p = 2**31 - 1``. Any exact evaluation gives
 the same two numbers, so this kernel sums 8192-word blocks in int64 (at most
 2**13 * 2**32 * 2**16 = 2**61, no overflow), reduces each block modulo ``p``
-and torch adds the block results. One read of the payload instead of the
-reference's int64 temporaries (about 6 passes over 2x the bytes).
+and adds the block results atomically into one int64 pair; the host reduces that.
+One read of the payload instead of the reference's int64 temporaries (about 6
+passes over 2x the bytes).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _BLOCK = 8192  # words per program; < 65521 so the weight wraps at most once
 
 
 @triton.jit
-def _checksum_kernel(words, n_words, parts, base, BLOCK: tl.constexpr):
+def _checksum_kernel(words, n_words, sums, base, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     idx = start + tl.arange(0, BLOCK)
@@ -31,8 +32,10 @@ def _checksum_kernel(words, n_words, parts, base, BLOCK: tl.constexpr):
     # (i mod 65521) + 1 of the word's index i = base + idx in the whole payload
     weight = ((base + start) % 65521).to(tl.int32) + tl.arange(0, BLOCK) + 1
     weight = tl.where(weight > 65521, weight - 65521, weight).to(tl.int64)
-    tl.store(parts + 2 * pid, tl.sum(w, 0) % 2147483647)
-    tl.store(parts + 2 * pid + 1, tl.sum(w * weight, 0) % 2147483647)
+    # each block adds its pair modulo p (< 2**31): 2**32 blocks before an int64 overflows;
+    # integer adds commute, so the order the atomics land in does not matter
+    tl.atomic_add(sums, tl.sum(w, 0) % 2147483647)
+    tl.atomic_add(sums + 1, tl.sum(w * weight, 0) % 2147483647)
 
 
 def fast_checksum(payload: torch.Tensor) -> int:
@@ -41,14 +44,17 @@ def fast_checksum(payload: torch.Tensor) -> int:
 
 
 def combine_checksum(parts: list[int]) -> int:
-    """The 62-bit checksum from the ``(s1, s2)`` of :func:`checksum_parts`."""
-    s1, s2 = parts
-    return (int(s2) << 31) | int(s1)
+    """The 62-bit checksum from the ``(s1, s2)`` sums of :func:`checksum_parts`."""
+    s1, s2 = (int(x) % _P for x in parts)
+    return (s2 << 31) | s1
 
 
 def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
-    """int64 ``[2]`` ``(s1, s2)`` of :func:`codec.payload_checksum` on the payload's
-    device, without synchronising (read it with the next host copy you need anyway)."""
+    """int64 ``[2]``: ``(s1, s2)`` of :func:`codec.payload_checksum` before their last
+    reduction modulo ``2**31 - 1`` (:func:`combine_checksum` does it), on the payload's
+    device, without synchronising (read it with the next host copy you need anyway).
+    Two launches whatever the size (a zero fill, the block sums): a small part's host
+    cost stays flat."""
     flat = payload.reshape(-1)
     if flat.numel() % 4 or flat.data_ptr() % 4:
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 4)])
@@ -56,15 +62,10 @@ def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
     n_words = words.numel()
     n_main = n_words // 16 * 16  # a multiple of 16 lets the loads vectorise
     blocks = triton.cdiv(n_main, _BLOCK)
-    tail = n_words > n_main
-    parts = torch.empty(blocks + tail, 2, dtype=torch.int64, device=flat.device)
+    sums = torch.zeros(2, dtype=torch.int64, device=flat.device)
     opts = launch_options(flat.device)
     if blocks:
-        _checksum_kernel[(blocks,)](words, n_main, parts, 0, BLOCK=_BLOCK, **opts)
-    if tail:  # < 16 words: one small program (the index base keeps the weights)
-        _checksum_kernel[(1,)](
-            words[n_main:], n_words - n_main, parts[blocks:], n_main, BLOCK=16, **opts
-        )
-    if not blocks + tail:
-        return parts.new_zeros(2)
-    return parts.sum(0) % _P
+        _checksum_kernel[(blocks,)](words, n_main, sums, 0, BLOCK=_BLOCK, **opts)
+    if n_words > n_main:  # < 16 words: one small program (the index base keeps the weights)
+        _checksum_kernel[(1,)](words[n_main:], n_words - n_main, sums, n_main, BLOCK=16, **opts)
+    return sums

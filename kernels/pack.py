@@ -321,10 +321,64 @@ def _pack_kernel(
     NKV: tl.constexpr = 2,  # 2: K and V (grid axis 1 = 2L); 1: only KV0
     KV0: tl.constexpr = 0,
     FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2 (see ._fp8)
+    INT_KEYS: tl.constexpr = True,  # False: INT8/INT4 keys are another kernel's (channel)
 ):
     pid = tl.program_id(0).to(IDX) + blk_lo
     layer = tl.program_id(1) // NKV
     kv = KV0 + tl.program_id(1) % NKV
+    # FP16 rows of K and V; INT rows of V, and of K unless the channel kernel packs those
+    if (kv == 1) | (pid < b1) | INT_KEYS:
+        _pack_program(
+            src_ptrs,
+            rows,
+            meta,
+            payload,
+            scales,
+            pid,
+            layer,
+            kv,
+            (b1, b2, n0, n1, n2, num_layers, h0),
+            SRC,
+            WIRE,
+            H,
+            HP,
+            D,
+            G,
+            BR,
+            RZ,
+            IDX,
+            WORDS,
+            FP8,
+        )
+
+
+@triton.jit
+def _pack_program(
+    src_ptrs,
+    rows,
+    meta,
+    payload,
+    scales,
+    pid,
+    layer,
+    kv,
+    counts,
+    SRC: tl.constexpr,
+    WIRE: tl.constexpr,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    BR: tl.constexpr,
+    RZ: tl.constexpr,
+    IDX: tl.constexpr,
+    WORDS: tl.constexpr,
+    FP8: tl.constexpr,
+):
+    """One program of :func:`_pack_kernel`: block ``pid`` of the K or V (``kv``) rows of
+    ``layer``, gathered from the pools and stored as its tier (``counts``: the kernel's
+    ``(b1, b2, n0, n1, n2, num_layers, h0)``)."""
+    b1, b2, n0, n1, n2, num_layers, h0 = counts
     tier, n_seg, seg, valid, dst, off, live = _pack_block(
         meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, h0, H, HP, D, BR, IDX
     )
@@ -390,11 +444,21 @@ def _sm80(index: int) -> bool:
 
 
 def _launch_pack(
-    plan: TransferPlan, ptrs, rows, payload, dtype, tier_lo, tier_hi, place, values_only=False
+    plan: TransferPlan,
+    ptrs,
+    rows,
+    payload,
+    dtype,
+    tier_lo,
+    tier_hi,
+    place,
+    values_only=False,
+    int_keys=True,
 ) -> None:
     """Pack tiers ``tier_lo .. tier_hi - 1`` (0: FP16, 1: INT8, 2: INT4) of K and V, or of
-    V alone (``values_only``: per-channel keys go through :mod:`.channel`), from heads
-    ``place = (h0, HP)``: ``h0 ..`` of pools of ``HP`` heads per slot."""
+    V alone (``values_only``), from heads ``place = (h0, HP)``: ``h0 ..`` of pools of
+    ``HP`` heads per slot. ``int_keys=False``: every tier of V but only the FP16 tier of K
+    (per-channel INT keys go through :mod:`.channel`): one launch where two would be."""
     block_rows, warps, starts = pack_shape(plan)
     blk_lo, blk_hi = starts[tier_lo], starts[tier_hi]
     if blk_hi <= blk_lo:
@@ -429,6 +493,7 @@ def _launch_pack(
         NKV=nkv,
         KV0=1 if values_only else 0,
         FP8=fp8,
+        INT_KEYS=int_keys,
         num_warps=warps,
         **launch_options(payload.device),
     )
@@ -518,9 +583,9 @@ def pack_payload(
         payload[plan.gaps] = 0
     pools = [*k_pools, *v_pools]
     if lay.rotation != "hadamard":
-        if lay.key_block:
-            _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 1, place)
-            _launch_pack_int(plan, ptrs, plan.rows, payload, dtype, place, channel_tuning)
+        if lay.key_block:  # FP16 K and V, INT V: one launch; INT K: the channel kernel
+            _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3, place, int_keys=False)
+            launch_pack_channel(plan, ptrs, plan.rows, payload, dtype, place, channel_tuning)
         else:
             _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3, place)
         return payload

@@ -144,6 +144,10 @@ class PackedRequest:
         heads: the pools' head range packed, ``(h0, h1)``; None: every head.
         tier_map: uint8 ``[T]`` on the pools' device: the tier of each packed position
             (what ``tiers=`` takes to pack other layers of the same tokens alike).
+        slots: int64 ``[T]`` the packed slots on the pools' device, range-checked against
+            pools of ``pool_slots`` slots (the ``slots`` given, when they were already
+            that).
+        pool_slots: slots per pool of the pools packed.
     """
 
     nbytes: int
@@ -155,6 +159,8 @@ class PackedRequest:
     timings_ms: dict[str, float]
     heads: tuple[int, int] | None = None
     tier_map: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    pool_slots: int = 0
 
 
 @dataclass
@@ -162,27 +168,38 @@ class ChunkTiers:
     """A tier map chosen once, to pack other layers of the same tokens (the same slots)
     with: a layer-pipelined prefill's later groups of a chunk, ``pack_request(...,
     tiers=ChunkTiers.of(first_group_info))``. Plan once, pack many: the map's counts are
-    known on the host (no count readback per part), and on the kernel path the plans and
-    the header's host copy of the map that one group built serve the next ones of the same
-    layout.
+    known on the host (no count readback per part), the slots the first group range-checked
+    are not checked again when a later group passes that very tensor (no readback either),
+    and on the kernel path the plans and the header's host copy of the map that one group
+    built serve the next ones of the same layout.
 
     Attributes:
         tier_map: uint8 ``[T]`` on the pools' device (:attr:`PackedRequest.tier_map`).
         counts: positions at ``(fp16, int8, int4)`` in ``tier_map``.
+        slots: int64 ``[T]`` device slots already range-checked against pools of
+            ``pool_slots`` slots (:attr:`PackedRequest.slots`), or None.
+        pool_slots: see ``slots``.
         host_map: the map's bytes, once read back for a header (None before).
         plans: the kernel plans built for this map (one per layout packed).
     """
 
     tier_map: torch.Tensor
     counts: tuple[int, int, int]
+    slots: torch.Tensor | None = None
+    pool_slots: int = 0
     host_map: bytes | None = None
     plans: list = field(default_factory=list)
 
     @classmethod
     def of(cls, info: PackedRequest) -> ChunkTiers:
-        """The map ``info`` was packed with."""
+        """The map ``info`` was packed with (and the slots it checked)."""
         c = info.tier_counts
-        return cls(info.tier_map, (c["fp16"], c["int8"], c["int4"]))
+        return cls(info.tier_map, (c["fp16"], c["int8"], c["int4"]), info.slots, info.pool_slots)
+
+    def checked(self, slots: Any, pool_slots: int) -> bool:
+        """Whether ``slots`` is the very tensor this map's slots check passed for pools of
+        ``pool_slots`` slots."""
+        return slots is self.slots and pool_slots == self.pool_slots
 
     def plan_for(self, layout: Any) -> Any:
         """A plan built for ``layout`` (layers, heads, dtype, scales alike), or None."""
@@ -224,7 +241,8 @@ def pack_request(
             ``out[:nbytes]``.
         context_slots: int ``[P]``: slots of the ``P`` positions before ``slots`` that the
             receiver already holds: scored with the sent ones (sinks are the first
-            ``config.sinks`` positions of the whole prompt) but not packed.
+            ``config.sinks`` positions of the whole prompt) but not packed. Not read when
+            ``tiers`` is given (nothing is scored).
         fp8: FP8 pools: ``FP8Pool.of(pool.dtype, L, k_scales, v_scales)`` (SGLang: the
             pool's float8 ``dtype``, per layer ``k_scale_float`` / ``v_scale_float`` or
             None). Tiers: the FP8 bytes (top tier, lossless), INT4 of the scaled values
@@ -239,7 +257,8 @@ def pack_request(
             prefill packs every layer group of a chunk with the map its first group
             chose (``k_pools``/``v_pools`` are then that group's layers), or a
             :class:`ChunkTiers` of such a map (the same slots: its counts, plans and host
-            copy are reused). None: score and allocate under ``config``.
+            copy are reused, and its checked ``slots`` tensor, passed again, is not read
+            back). None: score and allocate under ``config``.
 
     Returns:
         :class:`PackedRequest`. Runs on the current CUDA stream and returns once the
@@ -336,11 +355,15 @@ def pack_slices(
     else:  # the kernels and the reference read the FP8 bits as uint8
         k_pools, v_pools = pool_bytes(k_pools), pool_bytes(v_pools)
         dtype, scales = fp8.name, tuple(fp8.scales)
-    sent = as_slots(slots, "slots", num_slots, device, SpectrumConfigError)
+    chosen = tiers if isinstance(tiers, ChunkTiers) else None
+    if chosen is not None and chosen.checked(slots, num_slots):
+        sent = slots  # range-checked when the map was chosen: no readback per part
+    else:
+        sent = as_slots(slots, "slots", num_slots, device, SpectrumConfigError)
     if sent.numel() < 1:
         raise SpectrumConfigError("cannot pack a request of 0 tokens")
     context, all_slots = 0, sent
-    if context_slots is not None:
+    if context_slots is not None and tiers is None:  # only scoring reads the context
         ctx = as_slots(context_slots, "context_slots", num_slots, device, SpectrumConfigError)
         context = int(ctx.numel())
         all_slots = torch.cat([ctx, sent]) if context else sent
@@ -369,8 +392,8 @@ def pack_slices(
     cfg = _sent_config(config, context)
     req = _Request(list(k_pools), list(v_pools), sent, all_slots, cfg, context, layout(pool_heads))
     if tiers is not None:
-        req.chosen = tiers if isinstance(tiers, ChunkTiers) else None
-        given = req.chosen.tier_map if req.chosen is not None else tiers
+        req.chosen = chosen
+        given = chosen.tier_map if chosen is not None else tiers
         if not (isinstance(given, torch.Tensor) and given.dtype == torch.uint8):
             raise SpectrumConfigError("tiers must be a uint8 tensor (a PackedRequest.tier_map)")
         if given.numel() != t:
@@ -453,6 +476,8 @@ def _pack_torch(req: _Request, slices: list[_Slice], t0: float) -> list[PackedRe
             timings_ms=dict(timings),
             heads=s.heads,
             tier_map=tier_map.to(req.sent.device),
+            slots=req.sent,
+            pool_slots=int(req.k_pools[0].shape[0]),
         )
         for s, nbytes, checksum, tier_map in results
     ]
@@ -532,7 +557,7 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             tiers.numel(), dtype=torch.uint8, pin_memory=device.type == "cuda"
         )
         host_tiers[n].copy_(tiers, non_blocking=True)
-    sums = torch.stack(parts).tolist()  # the one synchronisation
+    sums = (parts[0][None] if len(parts) == 1 else torch.stack(parts)).tolist()  # the one sync
     t2 = time.perf_counter()
     host_tiers = {
         n: m if isinstance(m, bytes) else m.numpy().tobytes() for n, m in host_tiers.items()
@@ -571,6 +596,8 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
                 timings_ms=dict(timings),
                 heads=s.heads,
                 tier_map=maps[header.layout.num_kv_heads][0],
+                slots=req.sent,
+                pool_slots=int(req.k_pools[0].shape[0]),
             )
         )
     return results

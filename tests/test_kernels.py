@@ -301,6 +301,7 @@ TUNINGS = [
     dict(heads_per_program=0),
     dict(head_major=True, heads_per_program=0, num_warps=2),
     dict(channels=8, heads_per_program=3),  # 3 does not divide 2 heads: one per program
+    dict(narrow=True, num_warps=1),
 ]
 
 
