@@ -337,7 +337,13 @@ def _pack_kernel(
             pid,
             layer,
             kv,
-            (b1, b2, n0, n1, n2, num_layers, h0),
+            b1,
+            b2,
+            n0,
+            n1,
+            n2,
+            num_layers,
+            h0,
             SRC,
             WIRE,
             H,
@@ -362,7 +368,13 @@ def _pack_program(
     pid,
     layer,
     kv,
-    counts,
+    b1,
+    b2,
+    n0,
+    n1,
+    n2,
+    num_layers,
+    h0,
     SRC: tl.constexpr,
     WIRE: tl.constexpr,
     H: tl.constexpr,
@@ -376,9 +388,7 @@ def _pack_program(
     FP8: tl.constexpr,
 ):
     """One program of :func:`_pack_kernel`: block ``pid`` of the K or V (``kv``) rows of
-    ``layer``, gathered from the pools and stored as its tier (``counts``: the kernel's
-    ``(b1, b2, n0, n1, n2, num_layers, h0)``)."""
-    b1, b2, n0, n1, n2, num_layers, h0 = counts
+    ``layer``, gathered from the pools and stored as its tier."""
     tier, n_seg, seg, valid, dst, off, live = _pack_block(
         meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, h0, H, HP, D, BR, IDX
     )

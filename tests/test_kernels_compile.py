@@ -1,0 +1,139 @@
+"""The kernels compile for the H200 (sm_90) here, without a GPU: Triton's own ptxas turns
+each launch variant the serving path uses into a cubin. The CPU tests run the kernels in
+Triton's interpreter, which never lowers them; a kernel change that only the GPU compiler
+rejects (a construct the interpreter accepts) fails here first.
+
+The compiler runs in a child process (this file as a script): the interpreter the other
+kernel tests use patches ``triton.language`` in place, and the compiler cannot run after
+it in the same process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def compile_for_h200(fn, args: dict[str, str], consts: dict, num_warps: int):
+    """Compile ``fn`` for sm_90: ``args`` its runtime arguments' Triton types (``"*i64"``,
+    ``"i32"``), ``consts`` its constexprs (those left out: their defaults)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = inspect.signature(fn.fn).parameters
+    names = list(params)
+    defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+    consts = {**{n: v for n, v in defaults.items() if n not in args}, **consts}
+    signature = {**args, **dict.fromkeys(consts, "constexpr")}
+    src = ASTSource(
+        fn=fn,
+        signature={n: signature[n] for n in names if n in signature},
+        constexprs={(names.index(k),): v for k, v in consts.items()},
+    )
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_all() -> dict:
+    """Every variant: ``{name: {"cubin": bytes, "atomics": [PTX atomic lines]}}``."""
+    import triton.language as tl
+    from sglang_spectrum.kernels import channel, checksum, pack
+
+    ints = lambda *names: dict.fromkeys(names, "i32")  # noqa: E731
+    tables = {"src_ptrs": "*i64", "rows": "*i64", "meta": "*i64", "payload": "*u8"}
+    pack_args = {**tables, "scales": "*fp32", **ints("blk_lo", "b1", "b2", "n0", "n1", "n2")}
+    pack_args.update(ints("num_layers", "h0"))
+    pack_consts = dict(
+        SRC=tl.bfloat16, WIRE=tl.bfloat16, H=8, HP=8, D=128, G=1, BR=32, RZ=True,
+        IDX=tl.int32, WORDS=True,
+    )  # fmt: skip
+    chan_args = {**tables, "scales": "*fp32", **ints("b1", "n0", "n1", "num_layers", "h0")}
+    unpack_args = {**chan_args, "dst_ptrs": "*i64", "dst_scales": "*fp32"}
+    shape = dict(H=8, HP=8, D=128, DC=64, KB=64, IDX=tl.int32, HG=1, HEAD_MAJOR=True)
+    warps = channel.DEFAULT_TUNING.num_warps
+    variants = {
+        "pack_token_keys": (pack._pack_kernel, pack_args, {**pack_consts, "INT_KEYS": True}, 4),
+        "pack_channel_keys": (
+            pack._pack_kernel,
+            pack_args,
+            {**pack_consts, "INT_KEYS": False},
+            4,
+        ),
+        "channel_pack_narrow": (
+            channel._pack_channel_kernel,
+            chan_args,
+            {**shape, "SRC": tl.bfloat16, "NARROW": True},
+            warps,
+        ),
+        "channel_pack_wide": (
+            channel._pack_channel_kernel,
+            chan_args,
+            {**shape, "SRC": tl.bfloat16, "NARROW": False},
+            warps,
+        ),
+        "channel_unpack": (
+            channel._unpack_channel_kernel,
+            unpack_args,
+            {**shape, "DST": tl.bfloat16, "SOFT_BF16": False},
+            warps,
+        ),
+        "checksum": (
+            checksum._checksum_kernel,
+            {"words": "*i32", "n_words": "i32", "sums": "*i64", "base": "i32"},
+            {"BLOCK": 8192},
+            4,
+        ),
+    }
+    out = {}
+    for name, (fn, args, consts, num_warps) in variants.items():
+        kernel = compile_for_h200(fn, args, consts, num_warps)
+        ptx = kernel.asm["ptx"].splitlines()
+        out[name] = {
+            "cubin": len(kernel.asm["cubin"]),
+            "atomics": [line.strip() for line in ptx if "atom.global" in line],
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    triton = pytest.importorskip("triton")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("needs Triton's bundled ptxas (nvidia backend)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["pack_token_keys", "pack_channel_keys", "channel_pack_narrow", "channel_pack_wide"]
+    + ["channel_unpack", "checksum"],
+)
+def test_kernel_variant_compiles_for_sm90(compiled, variant):
+    """Both pack variants (every tier of K and V; per-channel keys: the FP16 tier of K with
+    every tier of V in one launch), the channel kernels at the default launch shape, the
+    checksum."""
+    assert compiled[variant]["cubin"] > 0
+
+
+def test_checksum_adds_each_block_with_one_atomic(compiled):
+    """The block sums land with one predicated 64-bit atomic add each (a scalar atomic
+    one thread issues, not one a thread)."""
+    atomics = compiled["checksum"]["atomics"]
+    assert len(atomics) == 2
+    assert all(a.startswith("@%p") and ".add.u64" in a for a in atomics)
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))
