@@ -328,94 +328,37 @@ def _pack_kernel(
     kv = KV0 + tl.program_id(1) % NKV
     # FP16 rows of K and V; INT rows of V, and of K unless the channel kernel packs those
     if (kv == 1) | (pid < b1) | INT_KEYS:
-        _pack_program(
-            src_ptrs,
-            rows,
-            meta,
-            payload,
-            scales,
-            pid,
-            layer,
-            kv,
-            b1,
-            b2,
-            n0,
-            n1,
-            n2,
-            num_layers,
-            h0,
-            SRC,
-            WIRE,
-            H,
-            HP,
-            D,
-            G,
-            BR,
-            RZ,
-            IDX,
-            WORDS,
-            FP8,
+        tier, n_seg, seg, valid, dst, off, live = _pack_block(
+            meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, h0, H, HP, D, BR, IDX
         )
-
-
-@triton.jit
-def _pack_program(
-    src_ptrs,
-    rows,
-    meta,
-    payload,
-    scales,
-    pid,
-    layer,
-    kv,
-    b1,
-    b2,
-    n0,
-    n1,
-    n2,
-    num_layers,
-    h0,
-    SRC: tl.constexpr,
-    WIRE: tl.constexpr,
-    H: tl.constexpr,
-    HP: tl.constexpr,
-    D: tl.constexpr,
-    G: tl.constexpr,
-    BR: tl.constexpr,
-    RZ: tl.constexpr,
-    IDX: tl.constexpr,
-    WORDS: tl.constexpr,
-    FP8: tl.constexpr,
-):
-    """One program of :func:`_pack_kernel`: block ``pid`` of the K or V (``kv``) rows of
-    ``layer``, gathered from the pools and stored as its tier."""
-    tier, n_seg, seg, valid, dst, off, live = _pack_block(
-        meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, h0, H, HP, D, BR, IDX
-    )
-    addr = tl.multiple_of(tl.load(src_ptrs + layer + kv * num_layers), 16)
-    if WORDS:  # int32 words, each a pair of bf16 (the FP16 tier moves them as they are)
-        pool = tl.multiple_of(addr.to(tl.pointer_type(tl.int32)), 16)
-        x = tl.load(
-            pool + (off // 2)[:, None] + tl.arange(0, D // 2)[None, :], mask=live[:, None], other=0
-        )
-        out = (payload + seg).to(tl.pointer_type(tl.int32), bitcast=True)
-        row = dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
-    else:
-        pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)  # caching allocator: >= 256 B
-        x = tl.load(pool + off[:, None] + tl.arange(0, D)[None, :], mask=live[:, None], other=0.0)
-        out = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
-        row = dst[:, None] * D + tl.arange(0, D)[None, :]
-    if tier == 0:  # rows out of a window (live, not valid) are read but not written
-        tl.store(out + row, x.to(out.dtype.element_ty), mask=valid[:, None])
-    else:
-        if FP8:  # the INT tiers quantise the real values
-            xq = from_fp8(x, FP8) * tl.load(scales + layer + kv * num_layers)
+        addr = tl.multiple_of(tl.load(src_ptrs + layer + kv * num_layers), 16)
+        if WORDS:  # int32 words, each a pair of bf16 (the FP16 tier moves them as they are)
+            pool = tl.multiple_of(addr.to(tl.pointer_type(tl.int32)), 16)
+            x = tl.load(
+                pool + (off // 2)[:, None] + tl.arange(0, D // 2)[None, :],
+                mask=live[:, None],
+                other=0,
+            )
+            out = (payload + seg).to(tl.pointer_type(tl.int32), bitcast=True)
+            row = dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
         else:
-            xq = x
-        if tier == 1:
-            _store_quantized(xq, payload, seg, n_seg, dst, valid, 8, BR, H, D, G, RZ, WORDS)
+            pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)  # caching allocator: >= 256 B
+            x = tl.load(
+                pool + off[:, None] + tl.arange(0, D)[None, :], mask=live[:, None], other=0.0
+            )
+            out = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
+            row = dst[:, None] * D + tl.arange(0, D)[None, :]
+        if tier == 0:  # rows out of a window (live, not valid) are read but not written
+            tl.store(out + row, x.to(out.dtype.element_ty), mask=valid[:, None])
         else:
-            _store_quantized(xq, payload, seg, n_seg, dst, valid, 4, BR, H, D, G, RZ, WORDS)
+            if FP8:  # the INT tiers quantise the real values
+                xq = from_fp8(x, FP8) * tl.load(scales + layer + kv * num_layers)
+            else:
+                xq = x
+            if tier == 1:
+                _store_quantized(xq, payload, seg, n_seg, dst, valid, 8, BR, H, D, G, RZ, WORDS)
+            else:
+                _store_quantized(xq, payload, seg, n_seg, dst, valid, 4, BR, H, D, G, RZ, WORDS)
 
 
 # Launch shape of the pack kernel when the plan has the default one: (KV
