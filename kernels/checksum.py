@@ -53,8 +53,8 @@ def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
     """int64 ``[2]``: ``(s1, s2)`` of :func:`codec.payload_checksum` before their last
     reduction modulo ``2**31 - 1`` (:func:`combine_checksum` does it), on the payload's
     device, without synchronising (read it with the next host copy you need anyway).
-    Two launches whatever the size (a zero fill, the block sums): a small part's host
-    cost stays flat."""
+    A zero fill and one launch of the block sums (one more for a tail of < 16 words),
+    whatever the size: a small part's host cost stays flat."""
     flat = payload.reshape(-1)
     if flat.numel() % 4 or flat.data_ptr() % 4:
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 4)])

@@ -508,6 +508,25 @@ def test_layer_groups_with_the_first_groups_tiers_round_trip(path, request):
     _layer_groups_round_trip("cpu", path)
 
 
+def test_chunk_tiers_skip_the_slots_check_only_for_the_checked_tensor():
+    """A later layer group passing the very slots tensor its first group checked is not
+    range-checked again (no readback per part); any other tensor still is, so an
+    out-of-range slot is refused, not packed."""
+    kp, vp, slots = make_pools(layers=4, tokens=64, seed=11)
+    cfg = SpectrumConfig(budget=0.5, allow_drop=False).with_(window=0)
+    first = pack_request(kp[:2], vp[:2], slots, cfg, out=region(kp[:2], slots, cfg))
+    assert first.slots is slots and first.pool_slots == kp[0].shape[0]
+    chosen = ChunkTiers.of(first)
+    later = pack_request(
+        kp[2:4], vp[2:4], slots, cfg, out=region(kp[2:4], slots, cfg), tiers=chosen
+    )
+    assert later.num_tokens == 64
+    bad = slots.clone()
+    bad[3] = kp[0].shape[0]  # one past the pool
+    with pytest.raises(SpectrumConfigError, match="out of range"):
+        pack_request(kp[2:4], vp[2:4], bad, cfg, out=region(kp[2:4], bad, cfg), tiers=chosen)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_gpu_layer_groups_with_the_first_groups_tiers_round_trip():
