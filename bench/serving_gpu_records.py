@@ -7,7 +7,7 @@ A record (one per config, prompt length and concurrency)::
     config, backend (mooncake|spectrum), kv_cache_dtype {prefill, decode}, link,
     budget (number | "auto" | None for mooncake), budget_mode (fixed|auto|None),
     min_budget, chosen_budget_mean, key_scales, tier_mode, input_len, concurrency,
-    ttft_mean_ms, ttft_p50_ms, ttft_p99_ms, req_per_s, mean_e2e_ms,
+    ttft_mean_ms, ttft_p50_ms, ttft_p99_ms, ttfts_ms (each request's), req_per_s, mean_e2e_ms,
     bytes_per_req, full_bytes_per_req (16-bit KV), bytes_ratio,
     pack_ms, transfer_ms, unpack_ms, link_gbps, queue_ms, parts, last_pack_ms,
     last_transfer_ms, part_profile (one request's parts), paths,
@@ -46,7 +46,8 @@ def bench_argv(
     argv += ["--random-output-len", str(output_len), "--random-range-ratio", "1.0"]
     argv += ["--num-prompts", str(num_prompts), "--max-concurrency", str(C)]
     argv += ["--tokenize-prompt", "--flush-cache", "--seed", str(1000 + L + C)]
-    return argv + ["--output-file", str(out), "--disable-tqdm"]
+    # --output-details: every request's TTFT too (the report's confidence intervals)
+    return argv + ["--output-file", str(out), "--output-details", "--disable-tqdm"]
 
 
 def read_result(out: Path) -> dict | None:
@@ -82,6 +83,16 @@ class Context:
     def full_bytes(self, L: int) -> int:
         c = self.model_config
         return L * 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
+
+
+def request_ttfts_ms(res: dict) -> list[float] | None:
+    """The TTFT of every request that succeeded, in ms, sorted (bench_serving's
+    ``--output-details`` lists, in seconds); None when the output has no details."""
+    ttfts = res.get("ttfts")
+    if not isinstance(ttfts, list):
+        return None
+    errors = res.get("errors") or [""] * len(ttfts)
+    return sorted(round(t * 1e3, 2) for t, e in zip(ttfts, errors) if not e and t and t > 0)
 
 
 def _med(rows: list[dict], k: str) -> float | None:
@@ -137,6 +148,7 @@ def make_record(
         "ttft_mean_ms": res.get("mean_ttft_ms"),
         "ttft_p50_ms": res.get("median_ttft_ms"),
         "ttft_p99_ms": res.get("p99_ttft_ms"),
+        "ttfts_ms": request_ttfts_ms(res),
         "req_per_s": res.get("request_throughput"),
         "mean_e2e_ms": res.get("mean_e2e_latency_ms"),
         "bytes_per_req": nbytes,

@@ -12,9 +12,13 @@ as bf16 pools over TCP.
 from __future__ import annotations
 
 import json
+import random
+import statistics
 from pathlib import Path
 
 BASELINES = ("mooncake", "mooncake-fp8")
+CI_LEVEL = 0.95
+CI_RESAMPLES = 2000
 
 
 def read_jsonl(path: Path | None) -> list[dict]:
@@ -82,21 +86,62 @@ def _point(r: dict) -> tuple:
     return (r.get("tp", 1), rank, link(r), r["input_len"], r["concurrency"])
 
 
-def baselines(recs: list[dict]) -> dict[tuple, dict[str, float]]:
-    """(TP, link, length, concurrency) -> {baseline kind: its TTFT p50}."""
-    out: dict[tuple, dict[str, float]] = {}
+def baselines(recs: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """(TP, link, length, concurrency) -> {baseline kind: its record}."""
+    out: dict[tuple, dict[str, dict]] = {}
     for r in recs:
         if kind(r) in BASELINES and r.get("ttft_p50_ms"):
-            out.setdefault(_point(r), {})[kind(r)] = r["ttft_p50_ms"]
+            out.setdefault(_point(r), {})[kind(r)] = r
     return out
 
 
-def ratios(r: dict, base: dict[tuple, dict[str, float]]) -> list[float | None]:
+def ratios(r: dict, base: dict[tuple, dict[str, dict]]) -> list[float | None]:
     """TTFT p50 over each baseline's at the same point (None: no baseline there)."""
     b = base.get(_point(r), {})
     return [
-        r["ttft_p50_ms"] / b[k] if b.get(k) and r.get("ttft_p50_ms") else None for k in BASELINES
+        r["ttft_p50_ms"] / b[k]["ttft_p50_ms"] if k in b and r.get("ttft_p50_ms") else None
+        for k in BASELINES
     ]
+
+
+def ratio_cells(r: dict, base: dict[tuple, dict[str, dict]]) -> list[str]:
+    """Per baseline: ``0.35x`` and, where both records list their requests, the 95 %
+    interval of that ratio (``0.35x (0.31-0.38)``)."""
+    b = base.get(_point(r), {})
+    cells = []
+    for k, x in zip(BASELINES, ratios(r, base)):
+        if x is None:
+            cells.append("-")
+            continue
+        ci = ratio_ci(r, b[k]) if b[k] is not r else None
+        cells.append(f"{x:.2f}x" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else ""))
+    return cells
+
+
+def _bootstrap(stat, samples: list[list[float]], seed: int) -> tuple[float, float] | None:
+    """Percentile bootstrap interval (``CI_LEVEL``) of ``stat(*samples)``, each sample
+    resampled on its own with replacement; None when a sample has fewer than 5 values."""
+    if any(len(x) < 5 for x in samples):
+        return None
+    rng = random.Random(seed)
+    vals = sorted(stat(*(rng.choices(x, k=len(x)) for x in samples)) for _ in range(CI_RESAMPLES))
+    tail = (1 - CI_LEVEL) / 2
+    return vals[int(tail * CI_RESAMPLES)], vals[int((1 - tail) * CI_RESAMPLES) - 1]
+
+
+def p50_ci(r: dict) -> tuple[float, float] | None:
+    """95 % interval of the record's TTFT median over its requests (``ttfts_ms``)."""
+    return _bootstrap(statistics.median, [r.get("ttfts_ms") or []], seed=0)
+
+
+def ratio_ci(r: dict, base: dict) -> tuple[float, float] | None:
+    """95 % interval of ``r``'s TTFT median over the baseline record ``base``'s (both
+    resampled): the spread a repeat of the same point could show."""
+
+    def ratio(x: list[float], y: list[float]) -> float:
+        return statistics.median(x) / statistics.median(y)
+
+    return _bootstrap(ratio, [r.get("ttfts_ms") or [], base.get("ttfts_ms") or []], seed=1)
 
 
 def _dtypes(r: dict) -> str:
@@ -184,23 +229,28 @@ def markdown(
             "TTFT p50 of each config and its ratio to stock `mooncake` and to `mooncake-fp8` "
             "(`--kv-cache-dtype fp8_e4m3` on both servers) at the same TP, link, prompt length "
             "and concurrency. `chosen b`: mean budget the prefill chose per request "
-            "(`spectrum:auto`).",
+            "(`spectrum:auto`). Where a record lists its requests' TTFTs (bench_serving "
+            "`--output-details`, since 2026-12-05), the p50 and each ratio carry a 95 % "
+            "percentile-bootstrap interval over the requests (both records resampled): how far "
+            "a repeat of the point could move them.",
             "",
-            "| config | KV dtype | input | conc | TTFT p50 | mean | p99 ms | / mooncake "
-            "| / mooncake-fp8 | req/s | MiB/req | chosen b | parts | pack | transfer "
-            "| unpack ms | link Gb/s | path |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| config | KV dtype | input | conc | TTFT p50 | p50 95% CI | mean | p99 ms "
+            "| / mooncake | / mooncake-fp8 | req/s | MiB/req | chosen b | parts | pack "
+            "| transfer | unpack ms | link Gb/s | path |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         base = baselines(recs)
         last = None
         for r in sorted(recs, key=lambda r: (_point(r), _order(r))):
             if _point(r) != last and last is not None:
-                lines.append("| | | | | | | | | | | | | | | | | | |")
+                lines.append("| | | | | | | | | | | | | | | | | | | |")
             last = _point(r)
-            rel = " | ".join(f"{x:.2f}x" if x else "-" for x in ratios(r, base))
+            rel = " | ".join(ratio_cells(r, base))
+            ci = p50_ci(r)
             lines.append(
                 f"| {label(r)} | {_dtypes(r)} | {r['input_len']} | {r['concurrency']} "
-                f"| {_f(r['ttft_p50_ms'])} | {_f(r['ttft_mean_ms'])} | {_f(r['ttft_p99_ms'])} "
+                f"| {_f(r['ttft_p50_ms'])} | {f'{ci[0]:.0f}-{ci[1]:.0f}' if ci else '-'} "
+                f"| {_f(r['ttft_mean_ms'])} | {_f(r['ttft_p99_ms'])} "
                 f"| {rel} | {_f(r['req_per_s'], '.2f')} | {_f(r['bytes_per_req'] / 2**20, '.0f')} "
                 f"| {_f(r.get('chosen_budget_mean'), '.2f')} | {_f(r.get('parts'), 'g')} "
                 f"| {_f(r['pack_ms'], '.1f')} | {_f(r['transfer_ms'], '.1f')} "

@@ -3,25 +3,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_modules import serving_gpu
 
-
-def _load_configs():
-    """The module as bench/serving_gpu.py loads it (bench/ stays off sys.path)."""
-    if "serving_gpu_configs" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "bench" / "serving_gpu_configs.py"
-        spec = importlib.util.spec_from_file_location("serving_gpu_configs", path)
-        # registered first: its dataclasses look their module up while it runs
-        sys.modules["serving_gpu_configs"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["serving_gpu_configs"])
-    return sys.modules["serving_gpu_configs"]
-
-
-configs = _load_configs()
+configs = serving_gpu("serving_gpu_configs")
 
 
 def test_layer_group_and_unpack_modifiers_reach_their_server():

@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
+from bench_modules import serving_gpu
 from pd_harness import ManagedProcess, free_port
 
 from sglang_spectrum.models import ensure_model
 from sglang_spectrum.sglang_plugin.launch import PDDeployment, wait_healthy
 
 router_ready = PDDeployment._router_ready
+request_ttfts_ms = serving_gpu("serving_gpu_records").request_ttfts_ms
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -95,13 +97,19 @@ def test_readme_serving_commands_run_from_the_repository_root(request, tmp_path)
     wait_healthy([(r, f"http://127.0.0.1:{ports['8000']}")], time.monotonic(), 120, router_ready)
     out = tmp_path / "bench.jsonl"
     b = ManagedProcess(
-        "bench", [*bench, "--output-file", str(out)], tmp_path / "bench.log", env, cwd=ROOT
+        "bench",
+        [*bench, "--output-file", str(out), "--output-details"],  # as bench/serving_gpu.py asks
+        tmp_path / "bench.log",
+        env,
+        cwd=ROOT,
     )
     request.addfinalizer(b.stop)
     b.start()
     assert b.wait(timeout_s=900) == 0, b.tail()
     result = json.loads(out.read_text().splitlines()[-1])
     assert result["completed"] == 10, result
+    # every request's TTFT, in the form the GPU serving report's intervals read
+    assert len(request_ttfts_ms(result)) == 10, {k: result.get(k) for k in ("ttfts", "errors")}
     logs = "".join(
         (tmp_path / f"{n}.log").read_text(errors="replace") for n in ("prefill", "decode")
     )

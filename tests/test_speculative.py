@@ -16,6 +16,7 @@ import types
 
 import pytest
 import torch
+from bench_modules import serving_gpu
 
 from sglang_spectrum.config import SpectrumFormatError
 from sglang_spectrum.receive import unpack_request
@@ -178,7 +179,7 @@ def test_the_benchmarks_eagle_head_has_the_targets_kv_layout(tmp_path):
 
     from sglang_spectrum.models import ensure_model
 
-    bench = _bench_module("serving_gpu_spec")
+    bench = serving_gpu("serving_gpu_spec")
     smollm = str(ensure_model("smollm2-135m"))
     flags = bench.spec_flags(smollm, "EAGLE", tmp_path)
     head = flags[flags.index("--speculative-draft-model-path") + 1]
@@ -192,19 +193,3 @@ def test_the_benchmarks_eagle_head_has_the_targets_kv_layout(tmp_path):
     )
     args = types.SimpleNamespace(speculative_algorithm="EAGLE", speculative_draft_model_path=head)
     assert compat.draft_kv_layers(args, 30) == 1
-
-
-def _bench_module(name: str):
-    """A bench/ module, loaded the way bench/serving_gpu.py loads its siblings (bench/
-    stays off sys.path)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    if "serving_gpu" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "bench" / "serving_gpu.py"
-        spec = importlib.util.spec_from_file_location("serving_gpu", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["serving_gpu"] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]

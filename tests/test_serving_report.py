@@ -1,0 +1,64 @@
+"""bench/serving_gpu_records.py + serving_gpu_report.py: each request's TTFT from
+bench_serving's ``--output-details`` output, and the bootstrap intervals of the TTFT p50
+and of its ratio to a baseline that the GPU serving report prints beside them."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+from bench_modules import serving_gpu
+
+records = serving_gpu("serving_gpu_records")
+report = serving_gpu("serving_gpu_report")
+
+
+def test_bench_argv_asks_bench_serving_for_every_request():
+    argv = records.bench_argv("http://h:1", "/m", 4096, 4, 8, 20, Path("/tmp/o.jsonl"))
+    assert "--output-details" in argv and argv[argv.index("--num-prompts") + 1] == "20"
+
+
+def test_request_ttfts_drop_failed_requests_and_read_seconds_as_ms():
+    # bench_serving's details: ttfts in seconds, one error string per request ("" = ok)
+    res = {"ttfts": [0.25, 0.0, 0.5, 0.125], "errors": ["", "timeout", "", ""]}
+    assert records.request_ttfts_ms(res) == [125.0, 250.0, 500.0]
+    assert records.request_ttfts_ms({"median_ttft_ms": 3.0}) is None  # no details
+
+
+def _rec(ttfts: list[float], **kw) -> dict:
+    return {"ttfts_ms": ttfts, "ttft_p50_ms": statistics.median(ttfts), **kw}
+
+
+def test_p50_interval_holds_the_median_and_narrows_with_more_requests():
+    rng = random.Random(3)
+    few = [rng.lognormvariate(6, 0.3) for _ in range(20)]
+    many = few + [rng.lognormvariate(6, 0.3) for _ in range(180)]
+    lo, hi = report.p50_ci(_rec(few))
+    assert lo <= statistics.median(few) <= hi and lo < hi
+    lo2, hi2 = report.p50_ci(_rec(many))
+    assert hi2 - lo2 < hi - lo
+    assert report.p50_ci(_rec(few[:4])) is None  # too few to say
+    assert report.p50_ci({"ttft_p50_ms": 1.0}) is None  # an older record: no requests
+    assert report.p50_ci(_rec(few)) == (lo, hi)  # seeded: the same table every time
+
+
+def test_ratio_interval_brackets_the_ratio_and_shows_in_the_table():
+    rng = random.Random(4)
+    base = [rng.gauss(1600, 150) for _ in range(20)]
+    ours = [rng.gauss(560, 60) for _ in range(20)]
+    common = {"input_len": 4096, "concurrency": 4, "link": "tcp", "hardware": "H200"}
+    moon = _rec(base, config="mooncake@tcp", backend="mooncake", **common)
+    spec = _rec(ours, config="spectrum:0.5@tcp", backend="spectrum", **common)
+    lo, hi = report.ratio_ci(spec, moon)
+    point = spec["ttft_p50_ms"] / moon["ttft_p50_ms"]
+    assert lo <= point <= hi and hi < 1.0
+    cells = report.ratio_cells(spec, report.baselines([moon, spec]))
+    assert cells == [f"{point:.2f}x ({lo:.2f}-{hi:.2f})", "-"]  # no mooncake-fp8 record
+    assert report.ratio_cells(moon, report.baselines([moon, spec]))[0] == "1.00x"
+
+
+@pytest.mark.parametrize("n", [0, 4])
+def test_ratio_interval_needs_both_samples(n):
+    assert report.ratio_ci(_rec([1.0] * 20), _rec([2.0] * n) if n else {"ttft_p50_ms": 2}) is None
