@@ -10,7 +10,8 @@ A record (one per config, prompt length and concurrency)::
     ttft_mean_ms, ttft_p50_ms, ttft_p99_ms, ttfts_ms (each request's), req_per_s, mean_e2e_ms,
     bytes_per_req, full_bytes_per_req (16-bit KV), bytes_ratio,
     pack_ms, transfer_ms, unpack_ms, link_gbps, queue_ms, parts, last_pack_ms,
-    last_transfer_ms, part_profile (one request's parts), paths,
+    last_transfer_ms, part_profile (one request's parts), timeline_ms (median events),
+    paths,
     max_total_tokens {prefill, decode}, layer_group,
     prefill_tp, decode_tp, decode_dp, tp, hardware, num_prompts, completed, output_len,
     chunked_prefill_size, prefill_chunks, stats_records, bench_s
@@ -95,6 +96,56 @@ def request_ttfts_ms(res: dict) -> list[float] | None:
     return sorted(round(t * 1e3, 2) for t, e in zip(ttfts, errors) if not e and t and t > 0)
 
 
+TIMELINE = (  # a request's events, in order (request_timeline)
+    "decode_granted",
+    "prefill_created",
+    "prefill_ready",
+    "first_part",
+    "prefill_sent",
+    "decode_sent",
+    "decode_ready",
+    "decode_polled",
+)
+
+
+def request_timeline(dec: dict) -> dict[str, float] | None:
+    """One request's events in ms after the decode created its receiver, from the decode's
+    stats line (the prefill's rides in it; both servers on one host's clock): grant out,
+    prefill sender created, every grant there, first part handed to the workers, Sent
+    out, Sent in, KV in the pool, SGLang's poll saw it. None: a line without timeline."""
+    pre, tl = dec.get("prefill") or {}, dec.get("timeline_ms")
+    if not tl or "created_unix_ms" not in pre or "created_unix_ms" not in dec:
+        return None
+    ptl, profile = pre.get("timeline_ms") or {}, pre.get("part_profile") or []
+    shift = pre["created_unix_ms"] - dec["created_unix_ms"]
+
+    def at(v: float | None, base: float = 0.0) -> float | None:
+        return None if v is None else round(base + v, 1)
+
+    events = {
+        "decode_granted": at(tl.get("granted")),
+        "prefill_created": at(0.0, shift),
+        "prefill_ready": at(ptl.get("ready"), shift),
+        "first_part": at(profile[0][2] if profile else None, shift),
+        "prefill_sent": at(ptl.get("sent"), shift),
+        "decode_sent": at(tl.get("sent")),
+        "decode_ready": at(tl.get("ready")),
+        "decode_polled": at(tl.get("polled")),
+    }
+    return {k: v for k, v in events.items() if v is not None}
+
+
+def median_timeline(dec: list[dict]) -> dict[str, float] | None:
+    """Per event, the median over the point's requests of :func:`request_timeline`."""
+    lines = [t for t in map(request_timeline, dec) if t]
+    out = {}
+    for k in TIMELINE:
+        v = [t[k] for t in lines if k in t]
+        if v:
+            out[k] = round(statistics.median(v), 1)
+    return out or None
+
+
 def _med(rows: list[dict], k: str) -> float | None:
     v = [float(r[k]) for r in rows if isinstance(r.get(k), (int, float))]
     return round(statistics.median(v), 3) if v else None
@@ -165,6 +216,8 @@ def make_record(
         # one request's timeline (the middle stats record): per part tokens,
         # budget, submitted ms after arrival, queue, pack and write ms
         "part_profile": pre[len(pre) // 2].get("part_profile") if pre else None,
+        # per event, the median ms after the decode created the request's receiver
+        "timeline_ms": median_timeline(dec),
         "paths": sorted({str(r.get("path")) for r in pre}) if pre else None,
         "max_total_tokens": dict(max_tokens or {}),
         "layer_group": int(pre[0].get("layer_group", 0)) if pre else 0,

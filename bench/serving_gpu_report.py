@@ -176,6 +176,27 @@ def capacity_rows(recs: list[dict]) -> list[str]:
     return lines
 
 
+def timeline_rows(recs: list[dict]) -> list[str]:
+    """Per spectrum record with a timeline (since 2026-12-05): the median request's events
+    in ms after the decode created its receiver, beside the point's TTFT p50."""
+    have = [r for r in recs if r.get("timeline_ms")]
+    if not have:
+        return []
+    events = list(dict.fromkeys(e for r in have for e in r["timeline_ms"]))  # records' order
+    lines = [
+        "| config | input | conc | " + " | ".join(events) + " | TTFT p50 |",
+        "|---|---|---|" + "---|" * (len(events) + 1),
+    ]
+    for r in sorted(have, key=lambda r: (_point(r), _order(r))):
+        cells = [_f(r["timeline_ms"].get(e), ".1f") for e in events]
+        lines.append(
+            f"| {label(r)} | {r['input_len']} | {r['concurrency']} | "
+            + " | ".join(cells)
+            + f" | {_f(r['ttft_p50_ms'])} |"
+        )
+    return lines
+
+
 def _correct_lines(correct: dict) -> list[str]:
     lines = ["## Correctness (SmolLM2-135M, real weights)", ""]
     if correct.get("error"):
@@ -267,6 +288,19 @@ def markdown(
                 "",
             ]
             lines += cap + [""]
+        timeline = timeline_rows(recs)
+        if timeline:
+            lines += ["## Request timeline (median ms after the decode created the receiver)", ""]
+            lines += [
+                "Each event's median over the point's requests, from the two servers' stats "
+                "lines on one host's clock: the decode's grant out, the prefill's sender "
+                "created, every grant there (`prefill_ready`), its first part handed to the "
+                "transfer workers, `Sent` out, `Sent` in at the decode, the KV in the pool, "
+                "SGLang's poll seeing it. What follows until the TTFT is the decode's "
+                "scheduling and first forward, and the router.",
+                "",
+            ]
+            lines += timeline + [""]
     if failed:
         lines += ["## Failed (skipped by later calls; `--retry-failed`)", ""]
         lines += [f"- {k}: `{v[:300]}`" for k, v in sorted(failed.items())] + [""]

@@ -237,6 +237,15 @@ def test_secret_only_in_long_prompt_at_half_budget(half):
     # every group of a chunk holds the chunk's tokens (the map they share: test_transfer)
     for c in range(chunks):
         assert len({row[0] for row in profile[4 * c : 4 * c + 4]}) == 1, profile
+    # the request's timeline, both servers on one clock: the decode granted, the first
+    # part landed, Sent came, the KV was in the pool, SGLang's poll saw it; the prefill
+    # was ready (every grant) before its first part, and sent between the two sides'
+    # grant and Sent (1 ms: the Unix ms are rounded)
+    tl, ptl = dec["timeline_ms"], pre["timeline_ms"]
+    assert 0 < tl["granted"] <= tl["first_landed"] <= tl["sent"] <= tl["ready"] <= tl["polled"]
+    assert 0 < ptl["ready"] <= profile[0][2] <= ptl["sent"], (ptl, profile[0])
+    sent_at = pre["created_unix_ms"] + ptl["sent"] - dec["created_unix_ms"]
+    assert tl["granted"] - 1 <= sent_at <= tl["sent"] + 1, (sent_at, tl)
 
 
 def test_prefill_cached_prompt_goes_in_chunk_parts(half):

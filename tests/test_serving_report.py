@@ -62,3 +62,40 @@ def test_ratio_interval_brackets_the_ratio_and_shows_in_the_table():
 @pytest.mark.parametrize("n", [0, 4])
 def test_ratio_interval_needs_both_samples(n):
     assert report.ratio_ci(_rec([1.0] * 20), _rec([2.0] * n) if n else {"ttft_p50_ms": 2}) is None
+
+
+def _decode_line(created: float, tl: dict, pre_created: float, pre_tl: dict, first: float):
+    """A decode stats line as the backend writes it (the prefill's nested in it)."""
+    profile = [[4096, 0.5, first, 1.0, 2.0, 20.0, 0, 8]]
+    pre = {"created_unix_ms": pre_created, "timeline_ms": pre_tl, "part_profile": profile}
+    return {"role": "decode", "created_unix_ms": created, "timeline_ms": tl, "prefill": pre}
+
+
+def test_request_timeline_puts_both_servers_on_the_decode_clock():
+    line = _decode_line(
+        1000.0,
+        {"granted": 2.0, "first_landed": None, "sent": 90.0, "ready": 91.5, "polled": 95.0},
+        1003.0,
+        {"ready": 1.0, "sent": 85.0},
+        10.0,
+    )
+    t = records.request_timeline(line)
+    assert t == {
+        "decode_granted": 2.0,
+        "prefill_created": 3.0,
+        "prefill_ready": 4.0,
+        "first_part": 13.0,
+        "prefill_sent": 88.0,
+        "decode_sent": 90.0,
+        "decode_ready": 91.5,
+        "decode_polled": 95.0,
+    }
+    assert list(t) == [k for k in records.TIMELINE if k in t]  # in the events' order
+    assert records.request_timeline({"role": "decode", "prefill": {}}) is None  # older line
+    late = _decode_line(0.0, {**line["timeline_ms"], "polled": 195.0}, 3.0, {"sent": 85.0}, 10)
+    med = records.median_timeline([line, late, {"role": "decode"}])
+    assert med["decode_polled"] == 145.0 and med["prefill_ready"] == 4.0  # (one had it)
+    rec = {"config": "spectrum:0.5@tcp", "input_len": 4096, "concurrency": 4}
+    rows = report.timeline_rows([{**rec, "timeline_ms": med, "ttft_p50_ms": 160.0}])
+    assert rows[0].split(" | ")[3:5] == ["decode_granted", "prefill_created"]
+    assert rows[2].endswith("| 145.0 | 160 |")

@@ -38,7 +38,7 @@ from sglang_spectrum.policy import TIER_NAMES
 from . import compat, messages
 from .identity import wire_identity
 from .manager import SpectrumKVManager, expand_pages
-from .metrics import write_stats
+from .metrics import since_ms, unix_ms, write_stats
 from .rooms import ReceiveState, new_generation
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,9 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         self._landed: list[tuple[list[int], Any]] = []  # parts unpacked on landing, in order
         self._landed_first = 0  # tokens those parts finished (the next chunk's first slot)
         self._landed_ms = 0.0
+        # perf_counter marks of this request's timeline (the decode's stats line)
+        self._marks: dict[str, float] = {"created": time.perf_counter()}
+        self._stats: dict[str, Any] | None = None  # written when SGLang polls Success
         super().__init__(*args, **kwargs)
         # a deferred grant waits as long as SGLang lets a request wait for its KV
         wait = getattr(self.kv_mgr, "waiting_timeout", None)
@@ -247,6 +250,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         if self.conclude_state == KVPoll.Failed:  # a prefill rank could not be reached
             self._fail(mgr.failure_records.get(self.bootstrap_room, "grant not delivered"))
             return "failed"
+        self._marks.setdefault("granted", time.perf_counter())
         return "granted"
 
     def _direct_offer(self) -> dict[str, Any]:
@@ -274,6 +278,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         if mgr.options.unpack != "arrival" or landed.index != len(self._landed):
             return
         t0 = time.perf_counter()
+        self._marks.setdefault("first_landed", t0)
         try:
             part = [int(x) for x in landed.part]
             info = self._unpack_part(
@@ -335,7 +340,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         """Validate and unpack every part of the packed KV not unpacked on landing, write
         the metadata row, report success."""
         mgr = self.kv_mgr
-        t0 = time.perf_counter()
+        t0 = self._marks["sent"] = time.perf_counter()
         infos: list[Any] = []
         parts: list[list[int]] = []
         try:
@@ -377,7 +382,8 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             self._release(self.state.finish(ok=False))  # the prefill is done writing
             self._fail(reason)
             return
-        unpack_ms = (time.perf_counter() - t0) * 1e3
+        self._marks["ready"] = time.perf_counter()
+        unpack_ms = (self._marks["ready"] - t0) * 1e3
         self._release(self.state.finish(ok=True))
         stats = {
             "role": "decode",
@@ -404,7 +410,7 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
         }
         if mgr.metrics is not None:
             mgr.metrics.observe_received(stats)
-        write_stats(stats)
+        self._stats = stats  # completed and written when SGLang polls Success
         if mgr.request_status.get(self.bootstrap_room) is not None:
             mgr.update_status(self.bootstrap_room, KVPoll.Success)
 
@@ -464,6 +470,8 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
             return KVPoll.WaitingForInput  # back-pressure: the manager retries the grant
         if status == KVPoll.Success:
             self.conclude_state = status
+            self._marks["polled"] = time.perf_counter()
+            self._write_stats()
             return status
         if self.state.phase == "granted":
             timeout = self._check_waiting_timeout()
@@ -472,6 +480,22 @@ class SpectrumKVReceiver(compat.ReceiverLifecycle, CommonKVReceiver):
                 self._abort_transfer("timed out waiting for the KV cache")
                 return timeout
         return status
+
+    def _write_stats(self) -> None:
+        """The decode's stats line, with the request's timeline: the receiver's creation
+        (Unix ms), then ms after it when the grant went out, the first part landed,
+        ``Sent`` came, the KV was in the pool and SGLang's poll saw it (the request then
+        waits for the decode's next forward, its first token)."""
+        stats, self._stats = self._stats, None
+        if stats is None:
+            return
+        created = self._marks["created"]
+        stats["created_unix_ms"] = unix_ms(created)
+        stats["timeline_ms"] = {
+            k: since_ms(created, self._marks.get(k))
+            for k in ("granted", "first_landed", "sent", "ready", "polled")
+        }
+        write_stats(stats)
 
     def _abort_transfer(self, reason: str = "", notify_prefill: bool = False) -> None:
         """Tell the prefill ranks that this receiver gave up. A granted region stays

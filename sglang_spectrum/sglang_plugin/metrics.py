@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,17 @@ def get_metrics(server_args: Any, role: str) -> SpectrumMetrics | None:
                 logger.warning("SpectrumKV: Prometheus metrics disabled (%s)", e)
                 return None
         return m
+
+
+def unix_ms(perf_t: float) -> float:
+    """A ``time.perf_counter()`` reading as Unix epoch ms: what lines the two servers' stats
+    up on one request's timeline (same host: the same clock)."""
+    return round((time.time() - time.perf_counter() + perf_t) * 1e3, 1)
+
+
+def since_ms(t0: float, t: float | None) -> float | None:
+    """ms from perf_counter ``t0`` to ``t`` (None: ``t`` never happened)."""
+    return None if not t else round((t - t0) * 1e3, 3)
 
 
 def write_stats(record: dict[str, Any]) -> None:

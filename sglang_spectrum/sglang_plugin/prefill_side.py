@@ -36,7 +36,7 @@ from .adaptive import AdaptiveBudget
 from .direct import direct_writes, write_direct
 from .identity import incompatibility
 from .jobs import Packed, PackJob
-from .metrics import write_stats
+from .metrics import since_ms, unix_ms, write_stats
 from .rooms import ORPHAN_TTL_S, AckTarget, PrefillRooms
 from .transport import Region
 from .workers import FailedSessions, TransferWorkers
@@ -156,6 +156,10 @@ class PrefillSide:
     def _mark_ready(self, room: int, prefix_len: int) -> None:
         """Every decode rank granted and the sender exists: SGLang may send the KV."""
         if self._room_alive(room):
+            with self.rooms.lock:
+                state = self.rooms.get(room)
+                if state is not None and not state.ready_at:
+                    state.ready_at = time.perf_counter()
             self.req_to_decode_prefix_len[room] = prefix_len
             self.update_status(room, KVPoll.WaitingForInput)
 
@@ -552,6 +556,7 @@ class PrefillSide:
             ):
                 totals[key] = totals.get(key, 0) + value
             if job.final:
+                ready_at = state.ready_at
                 parts = [list(x) for x in state.parts]
                 profile = [list(x) for x in state.part_profile]
                 totals = dict(totals)
@@ -559,6 +564,7 @@ class PrefillSide:
             for g in p.grants if landed is not None else ():  # the decode may unpack it now
                 self._send_quietly(g.endpoint, g.port, messages.Landed(room, g.generation, *landed))
             return
+        start = job.request_start or job.enqueued
         stats = {
             "role": "prefill",
             "rid": job.rid,
@@ -590,6 +596,13 @@ class PrefillSide:
             # per part: tokens, budget, submitted ms after the request arrived, queue ms,
             # pack ms, write ms (the timeline of a request sent in parts)
             "part_profile": profile,
+            # the request's clock: its sender's creation (Unix ms), then ms after it when
+            # every grant was there and when Sent went out (part_profile: the parts)
+            "created_unix_ms": unix_ms(start),
+            "timeline_ms": {
+                "ready": since_ms(start, ready_at),
+                "sent": since_ms(start, time.perf_counter()),
+            },
             "one_off_regions": int(totals["one_off_regions"]),
             "register_ms": round(totals["register_ms"], 3),
             "fault": p.fault,

@@ -86,6 +86,7 @@ class PrefillRoom:
     group_plan: Any = None
     path: str = ""  # how its last part with tokens was packed (stats)
     test_delayed: bool = False  # the test-only transfer delay was served (faults.py)
+    ready_at: float = 0.0  # perf_counter when every grant and the sender were there
 
     @property
     def complete(self) -> bool:
