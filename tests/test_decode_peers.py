@@ -142,7 +142,7 @@ def test_a_failure_without_a_reason_here_is_from_another_rank(recorded):
 
     endpoint = Endpoint()
     with pytest.raises(KVTransferError) as err:
-        compat._raise_failure(endpoint)
+        compat.lifecycle._raise_failure(endpoint)
     assert err.value.is_from_another_rank is (recorded is None)
     assert endpoint.cleared and 5 not in Mgr.failure_records
     unknown = "Failed due to an unknown reason from another rank"

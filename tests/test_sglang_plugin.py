@@ -147,8 +147,8 @@ def test_unsupported_sglang_version_is_refused_in_one_line(smollm2):
     out = run_py(
         f"""
         import contextlib, io, json
-        from sglang_spectrum.sglang_plugin import compat
-        compat.sglang_version = lambda: "0.5.10.post1"
+        from sglang_spectrum.sglang_plugin.compat import version
+        version.sglang_version = lambda: "0.5.10.post1"  # what the check reads
         from sglang.srt.plugins import load_plugins
         load_plugins()
         from sglang.srt.server_args import prepare_server_args

@@ -1,4 +1,4 @@
-"""Every difference between the SGLang versions the backend supports, in one place.
+"""Every difference between the SGLang versions the backend supports, in one package.
 
 Supported: SGLang 0.5.17 (the newest release on torch 2.11) and 0.5.23 (the
 current release). The backend itself (:mod:`.manager`, :mod:`.endpoints` and the
@@ -6,8 +6,9 @@ prefill/decode sides) is written against the
 ``disaggregation/base`` and ``disaggregation/common`` contracts that both
 versions share; what differs between them, and the few scheduler objects the
 plugin reads because no contract exposes them, is reached through the
-functions below. Each names the SGLang file and line it depends on per version
-(``srt/`` omitted).
+functions below (:mod:`.version`: the supported releases; :mod:`.lifecycle`: the
+``Common*`` lifecycle 0.5.17 lacks). Each names the SGLang file and line it depends
+on per version (``srt/`` omitted).
 
 * Sender/receiver constructors are called with keyword arguments that differ
   (0.5.17 passes ``dest_tp_ranks`` and ``pp_rank`` to the sender): the backend
@@ -29,37 +30,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 
-SUPPORTED_VERSIONS = ("0.5.17", "0.5.23")
-
-
-class UnsupportedSGLangError(RuntimeError):
-    """The installed SGLang is not one the backend supports."""
-
-
-def sglang_version() -> str:
-    try:
-        return version("sglang")
-    except PackageNotFoundError:
-        import sglang
-
-        return str(getattr(sglang, "__version__", "unknown"))
-
-
-def check_sglang_version(found: str | None = None) -> str:
-    """The installed version, or :class:`UnsupportedSGLangError` with one clear line."""
-    found = found or sglang_version()
-    if found not in SUPPORTED_VERSIONS:
-        raise UnsupportedSGLangError(
-            f"SpectrumKV supports SGLang {' and '.join(SUPPORTED_VERSIONS)}; found SGLang"
-            f" {found}. Install one of them (pip install sglang=={SUPPORTED_VERSIONS[-1]})"
-            " or run the stock backends (unset --disaggregation-transfer-backend spectrum)"
-        )
-    return found
+# re-exported (``compat.X`` for every version difference)
+from .lifecycle import ReceiverLifecycle as ReceiverLifecycle
+from .lifecycle import SenderLifecycle as SenderLifecycle
+from .version import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS
+from .version import UnsupportedSGLangError as UnsupportedSGLangError
+from .version import check_sglang_version as check_sglang_version
+from .version import sglang_version as sglang_version
 
 
 def model_runner(scheduler: Any) -> Any:
@@ -232,155 +213,6 @@ def prefill_graph_problem(server_args: Any) -> str:
         f" backend is {backend}; add --cuda-graph-backend-prefill disabled (or"
         " --disable-cuda-graph), or use --spectrum-layer-group 0"
     )
-
-
-def _raise_failure(endpoint: Any) -> None:
-    """0.5.23's ``CommonKVSender``/``CommonKVReceiver.failure_exception``
-    (``common/conn.py``:2446, :2944; 0.5.17's raise a placeholder): conclude as failed,
-    clear, raise SGLang's error with the recorded reason (none recorded: another rank
-    failed the request)."""
-    from sglang.srt.disaggregation.base.conn import KVPoll
-    from sglang.srt.disaggregation.common.conn import KVTransferError
-
-    endpoint.conclude_state = KVPoll.Failed
-    endpoint.clear()
-    with endpoint.kv_mgr.failure_lock:
-        reason = endpoint.kv_mgr.failure_records.pop(endpoint.bootstrap_room, None)
-    raise KVTransferError(
-        endpoint.bootstrap_room,
-        reason or "Failed due to an unknown reason from another rank",
-        is_from_another_rank=reason is None,
-    )
-
-
-class _SenderLifecycle0517:
-    """0.5.23's ``CommonKVSender.send``/``poll``/``failure_exception``
-    (``common/conn.py``:2303-2456, without its staging, PP-consensus and tracing
-    parts, which the backend refuses or lacks), for 0.5.17, whose ``CommonKVSender``
-    leaves them as stubs (``common/conn.py``:1196-1227). Mixed in before
-    ``CommonKVSender``; uses only what 0.5.17's has (``_prepare_send_indices``,
-    ``_record_transfer_indices``, ``_check_bootstrap_timeout``)."""
-
-    def send(self, kv_indices: Any, state_indices: Any = None, num_kv_tokens: Any = None,
-             **kwargs: Any) -> None:  # fmt: skip
-        from sglang.srt.disaggregation.base.conn import KVPoll
-
-        if self.conclude_state in (KVPoll.Success, KVPoll.Failed):
-            return
-        kv_indices, index_slice, is_last, skip = self._prepare_send_indices(
-            kv_indices, state_indices
-        )
-        if skip:
-            return
-        self.kv_mgr.add_transfer_request(
-            self.bootstrap_room,
-            kv_indices,
-            index_slice,
-            is_last,
-            aux_index=self.aux_index if is_last else None,
-            state_indices=state_indices if is_last else None,
-            num_kv_tokens=num_kv_tokens,
-        )
-        self._record_transfer_indices(kv_indices, state_indices)
-
-    def poll(self) -> Any:
-        from sglang.srt.disaggregation.base.conn import KVPoll
-
-        if self.conclude_state is not None:
-            return self.conclude_state
-        room = self.bootstrap_room
-        status = (
-            self.kv_mgr.check_status(room) if room in self.kv_mgr.request_status else KVPoll.Failed
-        )
-        if status == KVPoll.Bootstrapping:
-            status = self._check_bootstrap_timeout() or status
-        if status in (KVPoll.Success, KVPoll.Failed):
-            self.conclude_state = status
-        return status
-
-    def failure_exception(self) -> None:
-        _raise_failure(self)
-
-
-class _SenderLifecycle0523:
-    """0.5.23: ``CommonKVSender`` has the whole lifecycle; nothing to add."""
-
-
-SenderLifecycle: type = (
-    _SenderLifecycle0517 if sglang_version() == "0.5.17" else _SenderLifecycle0523
-)
-
-
-class _ReceiverLifecycle0517:
-    """0.5.23's ``CommonKVReceiver._register_kv_args``, ``_send_bootstrap_message``,
-    ``send_metadata`` (``common/conn.py``:2802-2886, without staging and host
-    destinations, which the backend refuses) and ``failure_exception`` for 0.5.17,
-    whose ``_register_kv_args`` does nothing, whose ``send_metadata`` raises
-    (``common/conn.py``:1444-1454) and whose ``failure_exception`` raises a placeholder."""
-
-    def _register_kv_args(self) -> bool:
-        if self.bootstrap_infos is None:
-            return False
-        message = self.kv_mgr.build_receiver_registration_message()
-        return all(
-            self._send_bootstrap_message(info, message, "_register_kv_args")
-            for info in self.bootstrap_infos
-        )
-
-    def _send_bootstrap_message(self, info: dict, message: list, operation: str) -> bool:
-        import zmq
-        from sglang.srt.disaggregation.base.conn import KVPoll
-
-        try:
-            sock, lock = self._connect_to_bootstrap_server(info)
-            with lock:
-                sock.send_multipart(message)
-        except zmq.ZMQError:
-            self.kv_mgr.record_failure(
-                self.bootstrap_room,
-                f"{operation} to prefill {info.get('rank_ip')}:{info.get('rank_port')} failed",
-            )
-            self.conclude_state = KVPoll.Failed
-            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
-            return False
-        return True
-
-    def send_metadata(self, kv_indices: Any, aux_index: Any = None, state_indices: Any = None,
-                      decode_prefix_len: Any = None, **kwargs: Any) -> None:  # fmt: skip
-        from sglang.srt.disaggregation.base.conn import KVPoll
-
-        if self.bootstrap_infos is None:
-            self.kv_mgr.record_failure(
-                self.bootstrap_room,
-                f"Could not fetch prefill parallel info from bootstrap_addr: {self.bootstrap_addr}",
-            )
-            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
-            return
-        for info in self.bootstrap_infos:
-            message = self.kv_mgr.build_receiver_metadata_message(
-                bootstrap_room=self.bootstrap_room,
-                required_dst_info_num=getattr(self, "required_dst_info_num", 1),
-                kv_indices=kv_indices,
-                aux_index=aux_index,
-                state_indices=state_indices,
-                decode_prefix_len=decode_prefix_len,
-                is_dummy=bool(info.get("is_dummy", False)),
-            )
-            if not self._send_bootstrap_message(info, message, "send_metadata"):
-                return
-        self.init_time = time.time()
-
-    def failure_exception(self) -> None:
-        _raise_failure(self)
-
-
-class _ReceiverLifecycle0523:
-    """0.5.23: ``CommonKVReceiver`` has them; nothing to add."""
-
-
-ReceiverLifecycle: type = (
-    _ReceiverLifecycle0517 if sglang_version() == "0.5.17" else _ReceiverLifecycle0523
-)
 
 
 def cpu_server_flags(mode: str, found: str | None = None) -> list[str]:
@@ -635,7 +467,7 @@ def unsupported_deployment(server_args: Any, options: Any = None) -> str:
     import os
 
     if options is None:
-        from .options import current_options
+        from ..options import current_options
 
         options = current_options()
     if options.layer_group and server_arg(server_args, "disaggregation_mode") == "prefill":
