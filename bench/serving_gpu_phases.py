@@ -484,6 +484,8 @@ class Runner:
             f"{rec['transfer_ms']} unpack {rec['unpack_ms']} ms, link {rec['link_gbps']} Gb/s "
             f"({dur:.0f} s)"
         )
+        if rec.get("timeline_ms"):  # the median request's events, ms after the decode saw it
+            log("  timeline " + ", ".join(f"{k} {v:g}" for k, v in rec["timeline_ms"].items()))
         return rec
 
     # -------------------------------------------------------------- tensor parallelism
