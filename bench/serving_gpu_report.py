@@ -136,7 +136,7 @@ def p50_ci(r: dict) -> tuple[float, float] | None:
 
 def ratio_ci(r: dict, base: dict) -> tuple[float, float] | None:
     """95 % interval of ``r``'s TTFT median over the baseline record ``base``'s (both
-    resampled): the spread a repeat of the same point could show."""
+    resampled): the spread from the requests each run drew."""
 
     def ratio(x: list[float], y: list[float]) -> float:
         return statistics.median(x) / statistics.median(y)
@@ -252,8 +252,9 @@ def markdown(
             "and concurrency. `chosen b`: mean budget the prefill chose per request "
             "(`spectrum:auto`). Where a record lists its requests' TTFTs (bench_serving "
             "`--output-details`, since 2026-12-05), the p50 and each ratio carry a 95 % "
-            "percentile-bootstrap interval over the requests (both records resampled): how far "
-            "a repeat of the point could move them.",
+            "percentile-bootstrap interval over the requests (both records resampled): the "
+            "spread from which requests a run drew; runs can differ by more (which requests "
+            "share a prefill batch differs between runs).",
             "",
             "| config | KV dtype | input | conc | TTFT p50 | p50 95% CI | mean | p99 ms "
             "| / mooncake | / mooncake-fp8 | req/s | MiB/req | chosen b | parts | pack "
