@@ -11,7 +11,7 @@ A record (one per config, prompt length and concurrency)::
     bytes_per_req, full_bytes_per_req (16-bit KV), bytes_ratio,
     pack_ms, transfer_ms, unpack_ms, link_gbps, queue_ms, parts, last_pack_ms,
     last_transfer_ms, part_profile (one request's parts), timeline_ms (median events),
-    paths,
+    sglang_stage_ms (SGLang's own stages per role, median; set by the speed phase), paths,
     max_total_tokens {prefill, decode}, layer_group,
     prefill_tp, decode_tp, decode_dp, tp, hardware, num_prompts, completed, output_len,
     chunked_prefill_size, prefill_chunks, stats_records, bench_s
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,32 @@ def median_timeline(dec: list[dict]) -> dict[str, float] | None:
         v = [t[k] for t in lines if k in t]
         if v:
             out[k] = round(statistics.median(v), 1)
+    return out or None
+
+
+# SGLang's per-request line (--enable-request-time-stats-logging, INFO; 0.5.17 and 0.5.23:
+# managers/schedule_batch.py Req.log_time_stats, observability/req_time_stats.py)
+_TIME_STATS_RE = re.compile(r"ReqTimeStats\(rid=.*?type=(\w+)\): (.*)$", re.M)
+_DURATION_RE = re.compile(r"(\w+_duration)=([\d.]+)ms")
+
+
+def sglang_stages(logs: dict[str, str]) -> dict[str, dict[str, float]] | None:
+    """Per server role, the median over its ``ReqTimeStats`` lines in ``logs`` (role ->
+    the log text of one point) of each stage SGLang times, in ms: the prefill's
+    bootstrap, queue (waiting for a batch) and forward (until the request is done, its
+    KV sent); the decode's bootstrap, alloc wait, transfer (waiting for the KV), queue
+    (waiting for a decode batch) and forward (the decode steps). Both backends alike."""
+    out = {}
+    for role, text in logs.items():
+        rows: dict[str, list[float]] = {}
+        for kind, fields in _TIME_STATS_RE.findall(text):
+            if kind != role:
+                continue
+            for key, ms in _DURATION_RE.findall(fields):
+                rows.setdefault(key, []).append(float(ms))
+        if rows:
+            out[role] = {k: round(statistics.median(v), 1) for k, v in rows.items()}
+            out[role]["requests"] = max(len(v) for v in rows.values())
     return out or None
 
 

@@ -197,6 +197,37 @@ def timeline_rows(recs: list[dict]) -> list[str]:
     return lines
 
 
+def stage_rows(recs: list[dict]) -> list[str]:
+    """Per record with SGLang's own per-request stages (``sglang_stage_ms``, since
+    2026-12-05; both backends): each role's median stage durations in ms."""
+    have = [r for r in recs if r.get("sglang_stage_ms")]
+    if not have:
+        return []
+    cols = list(
+        dict.fromkeys(
+            (role, k)
+            for r in have
+            for role, stages in r["sglang_stage_ms"].items()
+            for k in stages
+            if k != "requests"
+        )
+    )
+    head = [f"{role} {k.removesuffix('_duration')}" for role, k in cols]
+    lines = [
+        "| config | input | conc | " + " | ".join(head) + " | TTFT p50 |",
+        "|---|---|---|" + "---|" * (len(cols) + 1),
+    ]
+    for r in sorted(have, key=lambda r: (_point(r), _order(r))):
+        st = r["sglang_stage_ms"]
+        cells = [_f(st.get(role, {}).get(k), ".1f") for role, k in cols]
+        lines.append(
+            f"| {label(r)} | {r['input_len']} | {r['concurrency']} | "
+            + " | ".join(cells)
+            + f" | {_f(r['ttft_p50_ms'])} |"
+        )
+    return lines
+
+
 def _correct_lines(correct: dict) -> list[str]:
     lines = ["## Correctness (SmolLM2-135M, real weights)", ""]
     if correct.get("error"):
@@ -302,6 +333,18 @@ def markdown(
                 "",
             ]
             lines += timeline + [""]
+        stages = stage_rows(recs)
+        if stages:
+            lines += ["## SGLang's request stages (median ms, both backends)", ""]
+            lines += [
+                "From each server's `ReqTimeStats` lines (`--enable-request-time-stats-logging`"
+                ", logged when a request finishes on that server): prefill bootstrap, queue "
+                "(waiting for a batch), forward (until its KV is sent); decode bootstrap, alloc"
+                " wait, transfer (waiting for the KV), queue (waiting for a decode batch), "
+                "forward (its decode steps).",
+                "",
+            ]
+            lines += stages + [""]
     if failed:
         lines += ["## Failed (skipped by later calls; `--retry-failed`)", ""]
         lines += [f"- {k}: `{v[:300]}`" for k, v in sorted(failed.items())] + [""]

@@ -258,7 +258,11 @@ class Launcher:
     ) -> tuple[Proc, str]:  # fmt: skip
         port = free_port()
         cmd = [PY, "-m", "sglang.launch_server", "--model-path", model]
-        cmd += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
+        cmd += ["--host", HOST, "--port", str(port)]
+        if mode in ("prefill", "decode"):  # SGLang's own per-request stages (INFO lines)
+            cmd += ["--log-level", "info", "--enable-request-time-stats-logging"]
+        else:
+            cmd += ["--log-level", "warning"]
         # torch's rendezvous port chosen here: SGLang's own pick raced between the ~11
         # servers of the correct phase starting at once (EADDRINUSE, H200 2026-12-03)
         cmd += ["--nccl-port", str(free_port())]

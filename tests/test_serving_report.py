@@ -99,3 +99,36 @@ def test_request_timeline_puts_both_servers_on_the_decode_clock():
     rows = report.timeline_rows([{**rec, "timeline_ms": med, "ttft_p50_ms": 160.0}])
     assert rows[0].split(" | ")[3:5] == ["decode_granted", "prefill_created"]
     assert rows[2].endswith("| 145.0 | 160 |")
+
+
+def test_sglang_stages_read_both_roles_of_the_request_time_stats_lines():
+    # as SGLang's Req.log_time_stats writes them (0.5.17 and 0.5.23), among other lines
+    prefill = "\n".join(
+        f"[2026-12-05 08:00:0{i}] ReqTimeStats(rid=r{i}, bootstrap_room={i}, input_len=4096, "
+        f"cached_input_len=0, output_len=1, attempts=1, type=prefill): bootstrap_duration="
+        f"{i}.00ms, queue_duration={10 * i}.50ms, forward_duration=120.00ms, entry_time="
+        "1796457600.123, transfer_speed=1.50 GB/s, transfer_total=256.00 MB"
+        for i in (1, 2, 3)
+    )
+    decode = (
+        "[2026-12-05 08:00:01] Decode batch. #running-req: 1\n"
+        "[2026-12-05 08:00:02] ReqTimeStats(rid=r1, bootstrap_room=1, input_len=4096, "
+        "cached_input_len=0, output_len=8, attempts=1, type=decode): bootstrap_duration=2.00ms, "
+        "alloc_wait_duration=0.10ms, transfer_duration=90.00ms, queue_duration=30.00ms, "
+        "forward_duration=200.00ms, entry_time=1796457600.120\n"
+    )
+    stages = records.sglang_stages({"prefill": prefill, "decode": decode, "proxy": "nothing"})
+    assert stages["prefill"] == {
+        "bootstrap_duration": 2.0,
+        "queue_duration": 20.5,
+        "forward_duration": 120.0,
+        "requests": 3,
+    }
+    assert stages["decode"]["transfer_duration"] == 90.0 and stages["decode"]["requests"] == 1
+    assert records.sglang_stages({"prefill": "no such lines"}) is None
+    rec = {"config": "mooncake@tcp", "input_len": 4096, "concurrency": 4, "ttft_p50_ms": 1642}
+    rows = report.stage_rows([{**rec, "sglang_stage_ms": stages}])
+    assert rows[0].startswith("| config | input | conc | prefill bootstrap | prefill queue |")
+    assert rows[2] == (
+        "| mooncake@tcp | 4096 | 4 | 2.0 | 20.5 | 120.0 | 2.0 | 0.1 | 90.0 | 30.0 | 200.0 | 1642 |"
+    )
