@@ -176,6 +176,21 @@ def capacity_rows(recs: list[dict]) -> list[str]:
     return lines
 
 
+def _point_table(have: list[dict], head: list[str], cells) -> list[str]:
+    """A table of one row per record (config, input, concurrency, ``cells(r)``, TTFT p50)."""
+    lines = [
+        "| config | input | conc | " + " | ".join(head) + " | TTFT p50 |",
+        "|---|---|---|" + "---|" * (len(head) + 1),
+    ]
+    for r in sorted(have, key=lambda r: (_point(r), _order(r))):
+        lines.append(
+            f"| {label(r)} | {r['input_len']} | {r['concurrency']} | "
+            + " | ".join(_f(v, ".1f") for v in cells(r))
+            + f" | {_f(r['ttft_p50_ms'])} |"
+        )
+    return lines
+
+
 def timeline_rows(recs: list[dict]) -> list[str]:
     """Per spectrum record with a timeline (since 2026-12-05): the median request's events
     in ms after the decode created its receiver, beside the point's TTFT p50."""
@@ -183,18 +198,7 @@ def timeline_rows(recs: list[dict]) -> list[str]:
     if not have:
         return []
     events = list(dict.fromkeys(e for r in have for e in r["timeline_ms"]))  # records' order
-    lines = [
-        "| config | input | conc | " + " | ".join(events) + " | TTFT p50 |",
-        "|---|---|---|" + "---|" * (len(events) + 1),
-    ]
-    for r in sorted(have, key=lambda r: (_point(r), _order(r))):
-        cells = [_f(r["timeline_ms"].get(e), ".1f") for e in events]
-        lines.append(
-            f"| {label(r)} | {r['input_len']} | {r['concurrency']} | "
-            + " | ".join(cells)
-            + f" | {_f(r['ttft_p50_ms'])} |"
-        )
-    return lines
+    return _point_table(have, events, lambda r: [r["timeline_ms"].get(e) for e in events])
 
 
 def stage_rows(recs: list[dict]) -> list[str]:
@@ -213,19 +217,9 @@ def stage_rows(recs: list[dict]) -> list[str]:
         )
     )
     head = [f"{role} {k.removesuffix('_duration')}" for role, k in cols]
-    lines = [
-        "| config | input | conc | " + " | ".join(head) + " | TTFT p50 |",
-        "|---|---|---|" + "---|" * (len(cols) + 1),
-    ]
-    for r in sorted(have, key=lambda r: (_point(r), _order(r))):
-        st = r["sglang_stage_ms"]
-        cells = [_f(st.get(role, {}).get(k), ".1f") for role, k in cols]
-        lines.append(
-            f"| {label(r)} | {r['input_len']} | {r['concurrency']} | "
-            + " | ".join(cells)
-            + f" | {_f(r['ttft_p50_ms'])} |"
-        )
-    return lines
+    return _point_table(
+        have, head, lambda r: [r["sglang_stage_ms"].get(role, {}).get(k) for role, k in cols]
+    )
 
 
 def _correct_lines(correct: dict) -> list[str]:
@@ -311,40 +305,35 @@ def markdown(
                 f"| {','.join(r.get('paths') or []) or '-'} |"
             )
         lines.append("")
-        cap = capacity_rows(recs)
-        if cap:
-            lines += ["## KV capacity (SGLang's max_total_num_tokens)", ""]
-            lines += [
+        for title, text, rows in (
+            (
+                "KV capacity (SGLang's max_total_num_tokens)",
                 "Each 8B server's KV pool gets the same bytes (the 16-bit tokens of "
                 "`--big-max-tokens`; an FP8 pool holds twice the tokens in them).",
-                "",
-            ]
-            lines += cap + [""]
-        timeline = timeline_rows(recs)
-        if timeline:
-            lines += ["## Request timeline (median ms after the decode created the receiver)", ""]
-            lines += [
+                capacity_rows(recs),
+            ),
+            (
+                "Request timeline (median ms after the decode created the receiver)",
                 "Each event's median over the point's requests, from the two servers' stats "
                 "lines on one host's clock: the decode's grant out, the prefill's sender "
                 "created, every grant there (`prefill_ready`), its first part handed to the "
                 "transfer workers, `Sent` out, `Sent` in at the decode, the KV in the pool, "
                 "SGLang's poll seeing it. What follows until the TTFT is the decode's "
                 "scheduling and first forward, and the router.",
-                "",
-            ]
-            lines += timeline + [""]
-        stages = stage_rows(recs)
-        if stages:
-            lines += ["## SGLang's request stages (median ms, both backends)", ""]
-            lines += [
+                timeline_rows(recs),
+            ),
+            (
+                "SGLang's request stages (median ms, both backends)",
                 "From each server's `ReqTimeStats` lines (`--enable-request-time-stats-logging`"
                 ", logged when a request finishes on that server): prefill bootstrap, queue "
                 "(waiting for a batch), forward (until its KV is sent); decode bootstrap, alloc"
                 " wait, transfer (waiting for the KV), queue (waiting for a decode batch), "
                 "forward (its decode steps).",
-                "",
-            ]
-            lines += stages + [""]
+                stage_rows(recs),
+            ),
+        ):
+            if rows:
+                lines += [f"## {title}", "", text, ""] + rows + [""]
     if failed:
         lines += ["## Failed (skipped by later calls; `--retry-failed`)", ""]
         lines += [f"- {k}: `{v[:300]}`" for k, v in sorted(failed.items())] + [""]
