@@ -651,3 +651,30 @@ def test_fault_switch_and_expand_pages(monkeypatch):
     assert faults.test_delay_s("k-spectrum-delay-1") == 2.5 and faults.test_delay_s("k") == 0.0
     assert expand_pages([3, 5], 4).tolist() == [12, 13, 14, 15, 20, 21, 22, 23]
     assert expand_pages([7, 2], 1).tolist() == [7, 2]
+
+
+def test_a_server_that_lost_its_http_port_fails_its_start_at_once(tmp_path):
+    """uvicorn's bind failure leaves the server process alive without HTTP: waiting for
+    health stops at that log line (naming EADDRINUSE, which PDDeployment.start retries
+    on new ports) instead of at the startup timeout."""
+    import sys
+    import time
+
+    from sglang_spectrum.sglang_plugin.launch import (
+        DeploymentError,
+        ManagedProcess,
+        free_port,
+        wait_healthy,
+    )
+
+    line = "ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 1)"
+    code = f"import time; print({line!r}, flush=True); time.sleep(60)"
+    proc = ManagedProcess("decode", [sys.executable, "-c", code], tmp_path / "d.log", {})
+    proc.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DeploymentError, match="EADDRINUSE"):
+            wait_healthy([(proc, f"http://127.0.0.1:{free_port()}")], t0, timeout_s=120)
+        assert time.monotonic() - t0 < 30 and proc.alive()  # at once, not at the timeout
+    finally:
+        proc.stop()

@@ -69,6 +69,10 @@ def free_port() -> int:
     raise RuntimeError("no free port found")
 
 
+# uvicorn's line when a server's HTTP port was taken: the process lives on without HTTP
+HTTP_BIND_FAILED = "error while attempting to bind on address"
+
+
 def tail(path: Path, lines: int = 60) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -106,6 +110,11 @@ def wait_healthy(
             if not proc.alive():
                 raise DeploymentError(
                     f"{proc.name} exited with code {proc.popen.returncode} during startup"
+                )
+            if HTTP_BIND_FAILED in tail(proc.log_path, 40):  # alive, but never serving
+                raise DeploymentError(
+                    f"{proc.name} lost its HTTP port during startup (EADDRINUSE: taken"
+                    " between the pick and uvicorn's bind)"
                 )
             try:
                 if ready(url):
@@ -373,10 +382,11 @@ class PDDeployment:
         )
 
     def start(self, attempts: int = 2) -> PDDeployment:
-        """Start prefill, decode and router. A server that died of a port taken between
-        SGLang's pick and its bind (SGLang 0.5.17 draws its ``torch.distributed`` port
-        from the kernel's ephemeral range, where any outgoing connection may take it:
-        EADDRINUSE) means a new start on new ports, not a failed deployment."""
+        """Start prefill, decode and router. A server that lost a port between its pick
+        and its bind (SGLang 0.5.17 draws its ``torch.distributed`` port from the kernel's
+        ephemeral range, where any outgoing connection may take it; or the HTTP port
+        :func:`free_port` picked: EADDRINUSE) means a new start on new ports, not a
+        failed deployment."""
         for attempt in range(attempts):
             try:
                 return self._start_once()
