@@ -31,23 +31,6 @@ QUESTION = "What is the passcode stated at the beginning of the text? Answer wit
 ANSWER_PREFIX = "The passcode is"
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _read_from(path: Path, start: int) -> str:
-    """The text of ``path`` after byte ``start`` ('' if unreadable)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
 class Runner:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -467,7 +450,7 @@ class Runner:
         if dep.stats_path is not None:
             dep.stats_path.write_text("")
         # where this point's part of each server's log starts (SGLang's ReqTimeStats lines)
-        log_start = {role: _size(p.log_path) for role, (p, _) in dep.servers.items()}
+        log_start = {role: p.log_size() for role, (p, _) in dep.servers.items()}
         out_file = self.work / f"bench_{dep.tag}_{L}_{C}.jsonl"
         out_file.unlink(missing_ok=True)
         blog = self.launcher.logs / f"bench_{dep.tag}_{L}_{C}.log"
@@ -496,7 +479,7 @@ class Runner:
         rec = records.make_record(cfg, L, C, res, stats, ctx, dep.max_tokens)
         rec["bench_s"] = round(dur, 1)
         rec["sglang_stage_ms"] = records.sglang_stages(
-            {role: _read_from(p.log_path, log_start[role]) for role, (p, _) in dep.servers.items()}
+            {role: p.log_since(log_start[role]) for role, (p, _) in dep.servers.items()}
         )
         log(
             f"{dep.tag} L={L} C={C}: ttft p50 {rec['ttft_p50_ms']:.0f} ms mean "

@@ -96,6 +96,22 @@ class Proc:
     def stop(self, grace_s: float = 10.0) -> None:
         stop_all([self], grace_s)
 
+    def log_size(self) -> int:
+        """Bytes in the log so far (where what it writes next begins)."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, start: int) -> str:
+        """The log's text after byte ``start`` ('' if unreadable)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def tail(self, n: int = 40) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
