@@ -42,6 +42,11 @@ CPU_ENV = {
     "SGLANG_USE_CPU_ENGINE": "1",
     "OMP_NUM_THREADS": "1",
     "MC_FORCE_TCP": "1",
+    # SGLang's tokenizer manager sleeps 5 s on every stop whose SIGTERM reached its
+    # scheduler too, before a py-spy dump and a CUDA coredump that a CPU server has no use
+    # for (both releases): these servers are stopped by process group.
+    "SGLANG_PYSPY_DUMP_BEFORE_CRASH": "0",
+    "SGLANG_CUDA_COREDUMP_BEFORE_CRASH": "0",
     **cpu_server_env(),
 }
 SERVER_FLAGS = ["--host", "127.0.0.1", "--max-total-tokens", "16384"]
