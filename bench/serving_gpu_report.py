@@ -201,6 +201,54 @@ def timeline_rows(recs: list[dict]) -> list[str]:
     return _point_table(have, events, lambda r: [r["timeline_ms"].get(e) for e in events])
 
 
+def _sans_budget(r: dict) -> str:
+    """The config name without its budget (``spectrum:auto+lg8@tcp`` -> ``spectrum:+lg8@tcp``):
+    the deployments that differ from an ``auto`` one only in the budget share it."""
+    name = config_name(r)
+    head, _, rest = name.partition(":")
+    cut = min((i for i, c in enumerate(rest) if c in ":+@"), default=len(rest))
+    return f"{head}:{rest[cut:]}"
+
+
+def auto_rows(recs: list[dict]) -> list[str]:
+    """Per ``spectrum:auto`` record: its TTFT p50 over that of each fixed budget of the
+    same deployment otherwise (same options, link, point), with the 95 % interval, and
+    over the best of them (issue 17: within 10 % of the best fixed budget)."""
+    autos = [r for r in recs if r.get("budget_mode") == "auto" and r.get("ttft_p50_ms")]
+    lines = []
+    for r in sorted(autos, key=lambda r: (_point(r), _order(r))):
+        fixed = [
+            f
+            for f in recs
+            if f.get("budget_mode") == "fixed"
+            and f.get("ttft_p50_ms")
+            and _point(f) == _point(r)
+            and _sans_budget(f) == _sans_budget(r)
+        ]
+        if not fixed:
+            continue
+        cells = []
+        for f in sorted(fixed, key=lambda f: f["ttft_p50_ms"]):
+            ci = ratio_ci(r, f)
+            x = r["ttft_p50_ms"] / f["ttft_p50_ms"]
+            cells.append(
+                f"b={f['budget']:g} {_f(f['ttft_p50_ms'])} ms: {x:.2f}x"
+                + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+            )
+        lines.append(
+            f"| {label(r)} | {r['input_len']} | {r['concurrency']} | {_f(r['ttft_p50_ms'])} "
+            f"| {_f(r.get('chosen_budget_mean'), '.2f')} | {'; '.join(cells)} |"
+        )
+    if not lines:
+        return []
+    head = [
+        "| auto config | input | conc | TTFT p50 | chosen b | against each fixed budget "
+        "(best first): its p50, auto's ratio (95% CI) |",
+        "|---|---|---|---|---|---|",
+    ]
+    return head + lines
+
+
 def stage_rows(recs: list[dict]) -> list[str]:
     """Per record with SGLang's own per-request stages (``sglang_stage_ms``, since
     2026-12-05; both backends): each role's median stage durations in ms."""
@@ -311,6 +359,12 @@ def markdown(
                 "Each 8B server's KV pool gets the same bytes (the 16-bit tokens of "
                 "`--big-max-tokens`; an FP8 pool holds twice the tokens in them).",
                 capacity_rows(recs),
+            ),
+            (
+                "`auto` against the fixed budgets of the same deployment",
+                "Each `spectrum:auto` record beside the records that differ from it only in "
+                "the budget (same options, link, prompt length and concurrency), best first.",
+                auto_rows(recs),
             ),
             (
                 "Request timeline (median ms after the decode created the receiver)",

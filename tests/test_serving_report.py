@@ -132,3 +132,35 @@ def test_sglang_stages_read_both_roles_of_the_request_time_stats_lines():
     assert rows[2] == (
         "| mooncake@tcp | 4096 | 4 | 2.0 | 20.5 | 120.0 | 2.0 | 0.1 | 90.0 | 30.0 | 200.0 | 1642 |"
     )
+
+
+def test_auto_is_set_against_the_fixed_budgets_of_the_same_deployment_only():
+    rng = random.Random(5)
+    common = {"input_len": 4096, "concurrency": 4, "link": "tcp", "backend": "spectrum"}
+
+    def spec(config: str, mean: float, budget, mode: str) -> dict:
+        ttfts = [rng.gauss(mean, 30) for _ in range(20)]
+        return _rec(ttfts, config=config, budget=budget, budget_mode=mode, **common)
+
+    auto = spec("spectrum:auto+lg8@tcp", 580, "auto", "auto")
+    auto["chosen_budget_mean"] = 0.3
+    fixed5 = spec("spectrum:0.5+lg8@tcp", 560, 0.5, "fixed")
+    fixed3 = spec("spectrum:0.3+lg8@tcp", 520, 0.3, "fixed")
+    other = spec("spectrum:0.5+lg8+sent@tcp", 470, 0.5, "fixed")  # not the same deployment
+    elsewhere = spec("spectrum:0.3+lg8@tcp", 100, 0.3, "fixed") | {"concurrency": 1}
+    assert report._sans_budget(auto) == report._sans_budget(fixed3) == "spectrum:+lg8@tcp"
+    assert report._sans_budget(other) == "spectrum:+lg8+sent@tcp"
+    rows = report.auto_rows([auto, fixed5, other, fixed3, elsewhere])
+    assert len(rows) == 3  # header, rule, one auto record
+    row = rows[2]
+    assert "b=0.3" in row and "b=0.5" in row and "470" not in row and "100 ms" not in row
+    assert row.index("b=0.3") < row.index("b=0.5")  # the best fixed budget first
+    lo, hi = report.ratio_ci(auto, fixed3)
+    assert f"{auto['ttft_p50_ms'] / fixed3['ttft_p50_ms']:.2f}x ({lo:.2f}-{hi:.2f})" in row
+    assert report.auto_rows([auto, other]) == []  # no fixed budget of its deployment
+    table = {"hardware": "H200", "ttft_mean_ms": 1.0, "ttft_p99_ms": 1.0, "req_per_s": 1.0}
+    table |= dict.fromkeys(("bytes_per_req", "pack_ms", "transfer_ms", "unpack_ms"), 1.0)
+    md = report.markdown(
+        [auto | table | {"link_gbps": 1.0}, fixed3 | table | {"link_gbps": 1.0}], None
+    )
+    assert "## `auto` against the fixed budgets" in md and "b=0.3" in md
