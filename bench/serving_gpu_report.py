@@ -212,8 +212,8 @@ def _sans_budget(r: dict) -> str:
 
 def auto_rows(recs: list[dict]) -> list[str]:
     """Per ``spectrum:auto`` record: its TTFT p50 over that of each fixed budget of the
-    same deployment otherwise (same options, link, point), with the 95 % interval, and
-    over the best of them (issue 17: within 10 % of the best fixed budget)."""
+    same deployment otherwise (same options, link, point), with the 95 % interval, the
+    best first (issue 17: within 10 % of the best fixed budget)."""
     autos = [r for r in recs if r.get("budget_mode") == "auto" and r.get("ttft_p50_ms")]
     lines = []
     for r in sorted(autos, key=lambda r: (_point(r), _order(r))):
