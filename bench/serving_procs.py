@@ -29,7 +29,13 @@ PY = sys.executable
 HERE = Path(__file__).resolve().parent
 GPU_FLAGS = ["--attention-backend", "flashinfer", "--grammar-backend", "none"]
 GPU_FLAGS += ["--disable-cuda-graph"]  # CUDA-graph capture costs minutes per server
-CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1"}
+CPU_ENV = {
+    "SGLANG_USE_CPU_ENGINE": "1",
+    "OMP_NUM_THREADS": "1",
+    # as launch.CPU_ENV: no 5 s sleep before crash diagnostics on each stop by process group
+    "SGLANG_PYSPY_DUMP_BEFORE_CRASH": "0",
+    "SGLANG_CUDA_COREDUMP_BEFORE_CRASH": "0",
+}
 WIKITEXT = HERE / "gpu_wikitext.txt"
 # SGLang's startup line (scheduler.py, INFO): "max_total_num_tokens=N, chunked_prefill..."
 MAX_TOKENS_RE = re.compile(r"max_total_num_tokens=(\d+)")
