@@ -241,6 +241,23 @@ def groups(configs: list[Config], size: int) -> list[list[Config]]:
     return [configs[i : i + size] for i in range(0, len(configs), size)]
 
 
+# GiB one 8B-shaped speed server takes on its GPU (bf16 weights ~15, its token-capped
+# pool, CUDA graphs, workspace): two pairs on one card fit the H200's 139 GiB; on an
+# H100's 80 GiB the second pair's servers were killed at start (rc -9, 2026-12-05 s12)
+SPEED_SERVER_GIB = 30.0
+
+
+def pairs_that_fit(gpu_gib: float | None, split: bool) -> int | None:
+    """PD pairs of speed servers one start can hold: a GPU of ``gpu_gib`` GiB holds both
+    servers of each pair (``split``: one of each, prefill and decode on two GPUs); at
+    least 1 (a lone pair that cannot fit fails at its start, with SGLang's reason).
+    None: the memory is unknown (no cap)."""
+    if not gpu_gib:
+        return None
+    per_gpu = 1 if split else 2
+    return max(1, int(gpu_gib // (per_gpu * SPEED_SERVER_GIB)))
+
+
 # ------------------------------------------------------------------------ time estimates
 
 

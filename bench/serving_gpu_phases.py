@@ -39,8 +39,10 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = records.State(Path(args.state))
         self.deadline = procs.T_START + args.deadline_s
-        self.gpus, self.gpu_name = self._gpus()
+        self.gpus, self.gpu_name, gpu_gib = self._gpus()
         split = self.gpus >= 2 and not args.one_gpu
+        self.fit = configs.pairs_that_fit(gpu_gib, split)
+        self._fit_said = False  # the cap is logged once
         self.launcher = procs.Launcher(self.work, args.cpu, split, args.cpu_max_tokens)
         self.configs = configs.parse_configs(args.configs, args.key_scales, args.min_budget)
         per_point = 6.0 if args.bench_mode == "worker" else 22.0
@@ -58,22 +60,37 @@ class Runner:
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    def _gpus(self) -> tuple[int, str]:
+    def _gpus(self) -> tuple[int, str, float | None]:
+        """(visible GPUs, the first one's name, its memory in GiB or None)."""
         if self.args.cpu:
-            return 0, "cpu"
+            return 0, "cpu", None
         try:
             out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
                 capture_output=True,
                 text=True,
                 timeout=20,
             ).stdout.split("\n")
-            names = [n.strip() for n in out if n.strip()]
+            rows = [[f.strip() for f in line.rsplit(",", 1)] for line in out if line.strip()]
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            n = len(visible.split(",")) if visible else len(names)
-            return n, names[0] if names else "unknown GPU"
+            n = len(visible.split(",")) if visible else len(rows)
+            if not rows:
+                return n, "unknown GPU", None
+            mib = rows[0][1] if len(rows[0]) == 2 and rows[0][1].isdigit() else ""
+            return n, rows[0][0], int(mib) / 1024 if mib else None
         except (OSError, subprocess.SubprocessError):
-            return 1, "unknown GPU"
+            return 1, "unknown GPU", None
+
+    def group_size(self, todo: dict) -> int:
+        """Pairs started together: ``--group-size`` (all with ``--together``), capped by
+        what the GPU's memory holds (:func:`configs.pairs_that_fit`)."""
+        size = len(todo) if self.args.together else self.args.group_size
+        if self.fit is not None and size > self.fit:
+            if not self._fit_said:
+                log(f"speed: {self.fit} pair(s) a start: what {self.gpu_name}'s memory holds")
+                self._fit_said = True
+            size = self.fit
+        return size
 
     def hardware(self, tp: int = 1) -> str:
         if self.args.cpu:
@@ -319,7 +336,7 @@ class Runner:
     def plan(self) -> list[tuple[dict, float]]:
         """The groups still to run (pairs started together) with their estimated seconds."""
         todo = self.todo()
-        size = len(todo) if self.args.together else self.args.group_size
+        size = self.group_size(todo)
         return [
             (grp, self.est.group(grp))
             for grp in ({c: todo[c] for c in g} for g in configs.groups(list(todo), size))
@@ -329,7 +346,7 @@ class Runner:
         """Up to --group-size pairs, first fit in plan order: a config joins while the
         group's estimate (+ ``extra_s``) stays within the time left, so the end of a
         call takes shorter configs that still fit."""
-        size = len(todo) if self.args.together else self.args.group_size
+        size = self.group_size(todo)
         group: dict = {}
         for cfg, pts in todo.items():
             if len(group) >= size:

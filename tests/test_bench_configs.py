@@ -40,3 +40,18 @@ def test_bad_configs_are_refused_in_one_line(text, message):
     with pytest.raises(ValueError) as exc:
         configs.parse_config(text)
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_start_holds_the_pairs_the_gpu_memory_fits():
+    # one GPU holds both servers of a pair: the H200 two pairs, an 80 GiB H100 one
+    assert configs.pairs_that_fit(139.8, split=False) == 2
+    assert configs.pairs_that_fit(79.6, split=False) == 1
+    # two GPUs (prefill on one, decode on the other): one server of each pair a GPU
+    assert configs.pairs_that_fit(79.6, split=True) == 2
+    # a card too small for even one pair still tries one (SGLang says why it fails)
+    assert configs.pairs_that_fit(24.0, split=False) == 1
+    assert configs.pairs_that_fit(None, split=False) is None  # unknown: no cap
+    pairs = [
+        configs.parse_config(c) for c in ("mooncake@tcp", "spectrum:0.5@tcp", "spectrum:auto@tcp")
+    ]
+    assert configs.groups(pairs, configs.pairs_that_fit(79.6, split=False)) == [[p] for p in pairs]
