@@ -42,7 +42,6 @@ class Runner:
         self.gpus, self.gpu_name, gpu_gib = self._gpus()
         split = self.gpus >= 2 and not args.one_gpu
         self.fit = configs.pairs_that_fit(gpu_gib, split)
-        self._fit_said = False  # the cap is logged once
         self.launcher = procs.Launcher(self.work, args.cpu, split, args.cpu_max_tokens)
         self.configs = configs.parse_configs(args.configs, args.key_scales, args.min_budget)
         per_point = 6.0 if args.bench_mode == "worker" else 22.0
@@ -85,12 +84,7 @@ class Runner:
         """Pairs started together: ``--group-size`` (all with ``--together``), capped by
         what the GPU's memory holds (:func:`configs.pairs_that_fit`)."""
         size = len(todo) if self.args.together else self.args.group_size
-        if self.fit is not None and size > self.fit:
-            if not self._fit_said:
-                log(f"speed: {self.fit} pair(s) a start: what {self.gpu_name}'s memory holds")
-                self._fit_said = True
-            size = self.fit
-        return size
+        return size if self.fit is None else min(size, self.fit)
 
     def hardware(self, tp: int = 1) -> str:
         if self.args.cpu:
@@ -362,6 +356,8 @@ class Runner:
         until it ends)."""
         a, model = self.args, self.args.model8b
         extra = ["--load-format", "dummy", "--chunked-prefill-size", str(a.chunked_prefill)]
+        if self.fit is not None:
+            log(f"speed: at most {self.fit} pair(s) a start: what {self.gpu_name}'s memory holds")
         while True:
             todo = self.todo()
             if not Path(model, "config.json").is_file():
