@@ -39,7 +39,8 @@ from sglang_spectrum.config import SpectrumConfig  # noqa: E402
 from sglang_spectrum.transfer import pack_request, packed_size_bound  # noqa: E402
 
 SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_warps (0: auto),
-    #          narrow: the 16-bit tile kept through min/max; False where not given)
+    #          narrow: the 16-bit tile kept through min/max; False where not given,
+    #          max_registers: a thread's register cap; 0 where not given)
     (True, 1, 0, 0),  # the default until 2026-12-05 (2 warps for the pack, 4 for the unpack)
     (False, 1, 0, 8),  # the shape before this benchmark
     (False, 1, 0, 4),
@@ -61,6 +62,11 @@ SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_w
     (True, 1, 64, 2, True),
     (True, 1, 0, 1, True),
     (True, 1, 32, 1, True),
+    (True, 1, 64, 1, True, 168),  # register caps of the default (2026-12-05, H100 ncu)
+    (True, 1, 64, 1, True, 128),
+    (True, 1, 64, 2, True, 128),
+    (True, 1, 64, 2, True, 96),
+    (True, 1, 64, 4, True, 64),
 ]
 
 
@@ -79,6 +85,7 @@ def compiled_variants() -> list[dict]:
                         {
                             "kernel": fn.__name__,
                             "num_warps": meta.num_warps,
+                            "maxnreg": getattr(meta, "maxnreg", None),
                             "n_regs": getattr(kernel, "n_regs", None),
                             "n_spills": getattr(kernel, "n_spills", None),
                             "shared": getattr(meta, "shared", None),
@@ -138,8 +145,8 @@ def run(args) -> dict:
             moved = res.full_nbytes + res.nbytes
             reference = None
             chosen = [SHAPES[i] for i in args.select] if args.select else SHAPES[: args.shapes]
-            for head_major, hg, dc, warps, *narrow in chosen:
-                shape = K.ChannelTuning(head_major, hg, dc, warps, *narrow)
+            for head_major, hg, dc, warps, *rest in chosen:
+                shape = K.ChannelTuning(head_major, hg, dc, warps, *rest)
                 pack, unpack, same = time_shape(shape, kp, vp, kd, vd, plan, uplan, payload, args)
                 if reference is None:
                     reference = [p.clone() for p in kd]
@@ -152,6 +159,7 @@ def run(args) -> dict:
                     "channels": dc,
                     "num_warps": warps,
                     "narrow": shape.narrow,
+                    "max_registers": shape.max_registers,
                     "kernel_pack_ms": round(pack, 4),
                     "kernel_unpack_ms": round(unpack, 4),
                     "copy_ms": round(copy, 4),
@@ -181,15 +189,16 @@ def markdown(result: dict) -> str:
         " keys; whole pack_payload / unpack_payload (V rows and FP16 keys included), CUDA"
         " events; `vs copy`: bandwidth over a same-size `copy_`.",
         "",
-        "| tokens | b | head-major | heads/program | channels | warps | narrow | pack ms"
-        " | unpack ms | pack vs copy | unpack vs copy | same bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens | b | head-major | heads/program | channels | warps | narrow | register cap"
+        " | pack ms | unpack ms | pack vs copy | unpack vs copy | same bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         lines.append(
             f"| {r['tokens']} | {r['budget']} | {r['head_major']}"
             f" | {r['heads_per_program'] or 'all'} | {r['channels'] or 'auto'}"
-            f" | {r['num_warps'] or 'auto'} | {r.get('narrow', False)} | {r['kernel_pack_ms']}"
+            f" | {r['num_warps'] or 'auto'} | {r.get('narrow', False)}"
+            f" | {r.get('max_registers') or '-'} | {r['kernel_pack_ms']}"
             f" | {r['kernel_unpack_ms']} | {r['kernel_pack_vs_copy']}"
             f" | {r['kernel_unpack_vs_copy']} | {r['same_bytes']} |"
         )

@@ -42,7 +42,6 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from request_path import (  # noqa: E402
-    event_ms,
     gpu_bench_parser,
     make_pools,
     paged_slots,
@@ -57,20 +56,28 @@ MODES = ("first", "tensor", "chunk_tiers")
 TARGET_MS = 0.3  # issue 17 item 5: host cost per part
 
 
-def part_times(fn, iters: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """(median wall ms, median device ms) of ``fn``, which synchronises itself."""
+def part_times(fn, iters: int, warmup: int, device: torch.device) -> tuple[float, float, dict]:
+    """(median wall ms, median device ms, median ``timings_ms`` stages) of ``fn``, a
+    ``pack_request`` call (it synchronises itself)."""
     for _ in range(warmup):
         fn()
     sync(device)
-    walls, devs = [], []
+    walls, devs, stages = [], [], []
     for _ in range(iters):
         t = time.perf_counter()
         if device.type == "cuda":
-            devs.append(event_ms(fn))
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            info = fn()
+            b.record()
+            b.synchronize()
+            devs.append(a.elapsed_time(b))
         else:
-            fn()
+            info = fn()
         walls.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(walls), statistics.median(devs) if devs else 0.0
+        stages.append(info.timings_ms)
+    stage = {k: round(statistics.median(s[k] for s in stages), 4) for k in stages[0]}
+    return statistics.median(walls), statistics.median(devs) if devs else 0.0, stage
 
 
 def profile_part(fn, calls: int = 50) -> None:
@@ -125,7 +132,7 @@ def run(args) -> tuple[list[dict], dict]:
         }
         packed = {}
         for mode, fn in calls.items():
-            wall_ms, device_ms = part_times(fn, args.iters, args.warmup, device)
+            wall_ms, device_ms, stages = part_times(fn, args.iters, args.warmup, device)
             info = fn()
             packed[mode] = (info.nbytes, info.checksum)
             rows.append(
@@ -136,6 +143,7 @@ def run(args) -> tuple[list[dict], dict]:
                     "mode": mode,
                     "wall_ms": round(wall_ms, 4),
                     "device_ms": round(device_ms, 4),
+                    "stages_ms": stages,  # pack_request's own: plan, pack (+ readback), header
                     "path": info.path,
                     "packed_bytes": info.nbytes,
                 }
@@ -169,15 +177,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f" host cost < {meta['target_ms']} ms.",
         "",
         "| tokens | first wall (device) ms | later, tensor map | later, ChunkTiers"
-        " | ChunkTiers / tensor |",
-        "|---|---|---|---|---|",
+        " | ChunkTiers / tensor | ChunkTiers stages: plan / pack / header ms |",
+        "|---|---|---|---|---|---|",
     ]
     for tokens in sorted({r["tokens"] for r in rows}):
         cells = [
             f"{by[tokens, m]['wall_ms']:.3f} ({by[tokens, m]['device_ms']:.3f})" for m in MODES
         ]
         ratio = by[tokens, "chunk_tiers"]["wall_ms"] / max(by[tokens, "tensor"]["wall_ms"], 1e-9)
-        out.append(f"| {tokens} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        st = by[tokens, "chunk_tiers"].get("stages_ms", {})
+        split = " / ".join(f"{st[k]:.3f}" for k in ("plan", "pack", "header") if k in st)
+        out.append(f"| {tokens} | " + " | ".join(cells) + f" | {ratio:.2f} | {split} |")
     return "\n".join(out) + "\n"
 
 

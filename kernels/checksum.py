@@ -4,10 +4,12 @@ The reference checksum is exact modular arithmetic: ``s1 = sum(w) mod p`` and
 ``s2 = sum(w * (i mod 65521 + 1)) mod p`` over the little-endian uint32 words
 ``w`` of the zero-padded payload, ``p = 2**31 - 1``. Any exact evaluation gives
 the same two numbers, so this kernel sums 8192-word blocks in int64 (at most
-2**13 * 2**32 * 2**16 = 2**61, no overflow), reduces each block modulo ``p``
-and adds the block results atomically into one int64 pair; the host reduces that.
-One read of the payload instead of the reference's int64 temporaries (about 6
-passes over 2x the bytes).
+2**13 * 2**32 * 2**16 = 2**61, no overflow) and stores each block's pair modulo ``p``
+in its own row: no zero fill, no atomics. Up to :data:`HOST_ROWS` rows (a payload of
+up to 2 MiB: a layer group's part) go to the host as they are, which adds them up (one
+launch a part); more are summed on the device first (a second launch, next to a read of
+over 2 MiB). One read of the payload instead of the reference's int64 temporaries
+(about 6 passes over 2x the bytes).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from ._common import launch_options
 
 _P = (1 << 31) - 1
 _BLOCK = 8192  # words per program; < 65521 so the weight wraps at most once
+HOST_ROWS = 64  # block rows the host adds up itself (above: one device sum first)
 
 
 @triton.jit
 def _checksum_kernel(words, n_words, sums, base, BLOCK: tl.constexpr):
+    """Row ``pid`` of ``sums`` (int64 ``[rows, 2]``): block ``pid``'s ``(s1, s2)`` mod p."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     idx = start + tl.arange(0, BLOCK)
@@ -32,10 +36,9 @@ def _checksum_kernel(words, n_words, sums, base, BLOCK: tl.constexpr):
     # (i mod 65521) + 1 of the word's index i = base + idx in the whole payload
     weight = ((base + start) % 65521).to(tl.int32) + tl.arange(0, BLOCK) + 1
     weight = tl.where(weight > 65521, weight - 65521, weight).to(tl.int64)
-    # each block adds its pair modulo p (< 2**31): 2**32 blocks before an int64 overflows;
-    # integer adds commute, so the order the atomics land in does not matter
-    tl.atomic_add(sums, tl.sum(w, 0) % 2147483647)
-    tl.atomic_add(sums + 1, tl.sum(w * weight, 0) % 2147483647)
+    # each block's pair modulo p (< 2**31): 2**32 rows add up before an int64 overflows
+    tl.store(sums + 2 * pid, tl.sum(w, 0) % 2147483647)
+    tl.store(sums + 2 * pid + 1, tl.sum(w * weight, 0) % 2147483647)
 
 
 def fast_checksum(payload: torch.Tensor) -> int:
@@ -44,17 +47,19 @@ def fast_checksum(payload: torch.Tensor) -> int:
 
 
 def combine_checksum(parts: list[int]) -> int:
-    """The 62-bit checksum from the ``(s1, s2)`` sums of :func:`checksum_parts`."""
-    s1, s2 = (int(x) % _P for x in parts)
+    """The 62-bit checksum from the flat ``(s1, s2)`` pairs of :func:`checksum_parts`."""
+    s1, s2 = sum(parts[0::2]) % _P, sum(parts[1::2]) % _P
     return (s2 << 31) | s1
 
 
 def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
-    """int64 ``[2]``: ``(s1, s2)`` of :func:`codec.payload_checksum` before their last
-    reduction modulo ``2**31 - 1`` (:func:`combine_checksum` does it), on the payload's
-    device, without synchronising (read it with the next host copy you need anyway).
-    A zero fill and one launch of the block sums (one more for a tail of < 16 words),
-    whatever the size: a small part's host cost stays flat."""
+    """int64 ``[2n]``: ``n`` pairs ``(s1, s2)`` whose sums are those of
+    :func:`codec.payload_checksum` before their last reduction modulo ``2**31 - 1``
+    (:func:`combine_checksum` adds them up and reduces), on the payload's device, without
+    synchronising (read it with the next host copy you need anyway). ``n`` is the number
+    of 8192-word blocks when at most :data:`HOST_ROWS` (a payload up to 2 MiB: one launch,
+    no fill), else 1 (a device sum after the block launch). A tail of < 16 words takes
+    one more small launch."""
     flat = payload.reshape(-1)
     if flat.numel() % 4 or flat.data_ptr() % 4:
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 4)])
@@ -62,10 +67,15 @@ def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
     n_words = words.numel()
     n_main = n_words // 16 * 16  # a multiple of 16 lets the loads vectorise
     blocks = triton.cdiv(n_main, _BLOCK)
-    sums = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    tail = int(n_words > n_main)
+    if not blocks + tail:  # an empty payload
+        return torch.zeros(2, dtype=torch.int64, device=flat.device)
+    sums = torch.empty(blocks + tail, 2, dtype=torch.int64, device=flat.device)
     opts = launch_options(flat.device)
     if blocks:
         _checksum_kernel[(blocks,)](words, n_main, sums, 0, BLOCK=_BLOCK, **opts)
-    if n_words > n_main:  # < 16 words: one small program (the index base keeps the weights)
-        _checksum_kernel[(1,)](words[n_main:], n_words - n_main, sums, n_main, BLOCK=16, **opts)
-    return sums
+    if tail:  # < 16 words: one small program (the index base keeps the weights)
+        _checksum_kernel[(1,)](
+            words[n_main:], n_words - n_main, sums[blocks:], n_main, BLOCK=16, **opts
+        )
+    return sums.reshape(-1) if blocks + tail <= HOST_ROWS else sums.sum(0)

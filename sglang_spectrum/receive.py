@@ -177,12 +177,12 @@ def _unpack_request(buffer, k_pools, v_pools, slots, expected_checksum, fp8, hea
         # the plan reads only the slots and the tier map (never the pools): its launches
         # overlap the checksum pass; the unpack itself waits for the validation below
         plan = _unpack_plan(kern, lay, tiers, counts, dst, device, fp8)
-        got = torch.cat(checks).tolist()
-        if kern.combine_checksum(got[:2]) != header.checksum:
+        got, n = torch.cat(checks).tolist(), checks[0].numel()
+        if kern.combine_checksum(got[:n]) != header.checksum:
             raise SpectrumFormatError("payload checksum mismatch: the KV data is corrupted")
-        if len(got) > 2 and (got[2] < 0 or got[3] >= num_slots):
+        if len(got) > n and (got[n] < 0 or got[n + 1] >= num_slots):
             raise SpectrumFormatError(
-                f"slots out of range for pools of {num_slots} slots ([{got[2]}, {got[3]}])"
+                f"slots out of range for pools of {num_slots} slots ([{got[n]}, {got[n + 1]}])"
             )
     _write(kern, plan, header, payload, dst, (k_pools, v_pools), fp8, device, heads)
     return UnpackInfo(

@@ -557,7 +557,11 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             tiers.numel(), dtype=torch.uint8, pin_memory=device.type == "cuda"
         )
         host_tiers[n].copy_(tiers, non_blocking=True)
-    sums = (parts[0][None] if len(parts) == 1 else torch.stack(parts)).tolist()  # the one sync
+    flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the one sync
+    sums, at = [], 0
+    for p in parts:  # each slice's pairs
+        sums.append(flat[at : at + p.numel()])
+        at += p.numel()
     t2 = time.perf_counter()
     host_tiers = {
         n: m if isinstance(m, bytes) else m.numpy().tobytes() for n, m in host_tiers.items()

@@ -302,6 +302,7 @@ TUNINGS = [
     dict(head_major=True, heads_per_program=0, num_warps=2),
     dict(channels=8, heads_per_program=3),  # 3 does not divide 2 heads: one per program
     dict(narrow=True, num_warps=1),
+    dict(narrow=True, num_warps=2, max_registers=96),  # a register cap (CUDA only)
 ]
 
 
@@ -421,11 +422,18 @@ def _fields(layout):
     return {f: getattr(layout, f) for f in layout.__struct_fields__}
 
 
-@pytest.mark.parametrize("nbytes", [1, 3, 4, 64, 4 * 8192 + 7, 3 * 4 * 8192 + 64])
+# block rows: 1 (+ a tail), 3, 64 (the most the host adds up) and 65 + a tail (device sum)
+@pytest.mark.parametrize(
+    "nbytes", [0, 1, 3, 4, 64, 4 * 8192 + 7, 3 * 4 * 8192 + 64, 64 * 4 * 8192, 65 * 4 * 8192 + 20]
+)
 def test_fast_checksum_matches_reference(nbytes):
     data = torch.randint(
         0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes)
     )
+    parts = K.checksum_parts(data)
+    words = -(-nbytes // 4)
+    rows = -(-(words // 16 * 16) // 8192) + (words % 16 > 0)
+    assert parts.numel() == (2 * rows if 0 < rows <= 64 else 2)
     assert K.fast_checksum(data) == payload_checksum(data)
 
 
