@@ -429,7 +429,7 @@ def _fields(layout):
 def test_fast_checksum_matches_reference(nbytes):
     data = torch.randint(
         0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes)
-    )
+    ).to(DEV)  # (Triton's interpreter on CPU, the compiled kernel on CUDA)
     parts = K.checksum_parts(data)
     words = -(-nbytes // 4)
     rows = -(-(words // 16 * 16) // 8192) + (words % 16 > 0)
