@@ -52,8 +52,10 @@ class ChannelTuning:
     only where it is quantised (fewer live registers a thread; the same bytes: min and
     max commute with the exact widening and with the fp16-range clamp);
     ``max_registers``: a cap on the registers a thread (ptxas ``.maxnreg``; 0: the
-    compiler's choice; CUDA only): more programs an SM where the live tile, not the
-    reads, limits occupancy (ncu on the default pack, H100: 223 registers, 12.5 %).
+    compiler's choice; CUDA only). ncu put the default pack at 223 registers, 12.5 %
+    occupancy (H100), but every cap of 64-168 spilled and packed slower on the H200
+    (``bench/results/channel_kernel_register_caps_h200.md``: 1.38-2.07 against 1.35 ms
+    at 16384 tokens), so the default leaves it to the compiler.
 
     H200 sweep (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
     KV, the whole ``pack_payload``): the default packs in 1.51 ms (0.44 of copy
