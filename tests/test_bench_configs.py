@@ -55,3 +55,17 @@ def test_a_start_holds_the_pairs_the_gpu_memory_fits():
         configs.parse_config(c) for c in ("mooncake@tcp", "spectrum:0.5@tcp", "spectrum:auto@tcp")
     ]
     assert configs.groups(pairs, configs.pairs_that_fit(79.6, split=False)) == [[p] for p in pairs]
+
+
+def test_a_group_start_is_planned_from_the_warm_starts_after_the_first():
+    est = configs.Estimates({}, num_prompts=200, cpu=False, per_point_s=5.0)
+    assert est.start() == 100.0  # nothing seen yet: the GPU guess
+    est.add_startup(206.0)  # the machine's first start compiles its caches
+    assert est.start() == 206.0
+    est.add_startup(75.0)
+    est.add_startup(77.0)
+    assert est.start() == 1.25 * 77.0
+    # a C=4 point seen at 65 s: the group of one pair now fits what a call had left (270 s)
+    cfg = configs.parse_config("spectrum:0.3+lg8@tcp")
+    est.add_point(cfg, 4096, 4, 65.0)
+    assert est.group({cfg: [(4096, 4)]}) < 270
