@@ -173,12 +173,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['hardware']}, torch {meta['torch']}; {meta['shape']}; parts of"
         f" {meta['layer_group']} layers, b={meta['budget']:g}, {meta['key_scales']} key"
         f" scales; median of {meta['iters']}. Wall: the whole `pack_request` call (it"
-        " synchronises at its end); device: CUDA events around it. Target: a later part's"
-        f" host cost < {meta['target_ms']} ms.",
+        " synchronises at its end) with the CUDA events that time it on the device (two"
+        " records and their synchronisation inside the wall); device: those events. Own:"
+        " `pack_request`'s own clock (`timings_ms['total']`: entry to its last"
+        " synchronisation, what the packer thread pays a part), and its stages. Target: a"
+        f" later part's host cost < {meta['target_ms']} ms.",
         "",
         "| tokens | first wall (device) ms | later, tensor map | later, ChunkTiers"
-        " | ChunkTiers / tensor | ChunkTiers stages: plan / pack / header ms |",
-        "|---|---|---|---|---|---|",
+        " | ChunkTiers / tensor | ChunkTiers own ms | its stages: plan / pack / header ms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for tokens in sorted({r["tokens"] for r in rows}):
         cells = [
@@ -187,7 +190,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ratio = by[tokens, "chunk_tiers"]["wall_ms"] / max(by[tokens, "tensor"]["wall_ms"], 1e-9)
         st = by[tokens, "chunk_tiers"].get("stages_ms", {})
         split = " / ".join(f"{st[k]:.3f}" for k in ("plan", "pack", "header") if k in st)
-        out.append(f"| {tokens} | " + " | ".join(cells) + f" | {ratio:.2f} | {split} |")
+        own = f"{st['total']:.3f}" if "total" in st else "-"
+        out.append(f"| {tokens} | " + " | ".join(cells) + f" | {ratio:.2f} | {own} | {split} |")
     return "\n".join(out) + "\n"
 
 
