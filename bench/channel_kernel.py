@@ -40,7 +40,8 @@ from sglang_spectrum.transfer import pack_request, packed_size_bound  # noqa: E4
 
 SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_warps (0: auto),
     #          narrow: the 16-bit tile kept through min/max; False where not given,
-    #          max_registers: a thread's register cap; 0 where not given)
+    #          max_registers: a thread's register cap; 0 where not given,
+    #          fill_rows: rows past a block's tokens repeat its first; False where not given)
     (True, 1, 0, 0),  # the default until 2026-12-05 (2 warps for the pack, 4 for the unpack)
     (False, 1, 0, 8),  # the shape before this benchmark
     (False, 1, 0, 4),
@@ -67,6 +68,8 @@ SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_w
     (True, 1, 64, 2, True, 128),
     (True, 1, 64, 2, True, 96),
     (True, 1, 64, 4, True, 64),
+    (True, 1, 64, 1, True, 0, True),  # the default with fill_rows (2026-12-05, s13)
+    (True, 1, 64, 2, True, 0, True),
 ]
 
 
@@ -160,6 +163,7 @@ def run(args) -> dict:
                     "num_warps": warps,
                     "narrow": shape.narrow,
                     "max_registers": shape.max_registers,
+                    "fill_rows": shape.fill_rows,
                     "kernel_pack_ms": round(pack, 4),
                     "kernel_unpack_ms": round(unpack, 4),
                     "copy_ms": round(copy, 4),
@@ -190,15 +194,16 @@ def markdown(result: dict) -> str:
         " events; `vs copy`: bandwidth over a same-size `copy_`.",
         "",
         "| tokens | b | head-major | heads/program | channels | warps | narrow | register cap"
-        " | pack ms | unpack ms | pack vs copy | unpack vs copy | same bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | fill rows | pack ms | unpack ms | pack vs copy | unpack vs copy | same bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         lines.append(
             f"| {r['tokens']} | {r['budget']} | {r['head_major']}"
             f" | {r['heads_per_program'] or 'all'} | {r['channels'] or 'auto'}"
             f" | {r['num_warps'] or 'auto'} | {r.get('narrow', False)}"
-            f" | {r.get('max_registers') or '-'} | {r['kernel_pack_ms']}"
+            f" | {r.get('max_registers') or '-'} | {r.get('fill_rows', False)}"
+            f" | {r['kernel_pack_ms']}"
             f" | {r['kernel_unpack_ms']} | {r['kernel_pack_vs_copy']}"
             f" | {r['kernel_unpack_vs_copy']} | {r['same_bytes']} |"
         )

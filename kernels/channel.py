@@ -55,7 +55,10 @@ class ChannelTuning:
     compiler's choice; CUDA only). ncu put the default pack at 223 registers, 12.5 %
     occupancy (H100), but every cap of 64-168 spilled and packed slower on the H200
     (``bench/results/channel_kernel_register_caps_h200.md``: 1.38-2.07 against 1.35 ms
-    at 16384 tokens), so the default leaves it to the compiler.
+    at 16384 tokens), so the default leaves it to the compiler; ``fill_rows``: the rows
+    after a key block's last token read that block's first token again (unmasked loads,
+    and min/max without a select per element: repeats change neither; the stores stay
+    masked), the same bytes with fewer instructions an element (not yet timed on a GPU).
 
     H200 sweep (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
     KV, the whole ``pack_payload``): the default packs in 1.51 ms (0.44 of copy
@@ -77,6 +80,7 @@ class ChannelTuning:
     num_warps: int = 0
     narrow: bool = False
     max_registers: int = 0
+    fill_rows: bool = False
 
 
 DEFAULT_TUNING = ChannelTuning(channels=64, num_warps=1, narrow=True)
@@ -146,16 +150,22 @@ def _store_channel(
     D: tl.constexpr,
     DC: tl.constexpr,
     KB: tl.constexpr,
+    FILLED: tl.constexpr = False,
 ):
     """Quantise ``x`` ``[KB, DC]`` (float32, or the 16-bit pool values: widened exactly;
     rows ``j`` of a key segment, head ``h``, channels ``c``) with one (scale, minimum)
     per channel over the block's valid rows (``codec.quantize_channels``: same float32
-    steps) and store codes and scales."""
+    steps) and store codes and scales. ``FILLED``: rows past the valid ones repeat a
+    valid row (``ChannelTuning.fill_rows``), so min and max read every row as it is."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     c = c0 + tl.arange(0, DC)
     # min/max before the (monotonic) clamp and widening: the same values, x stays narrow
-    lo = clamp16(tl.min(tl.where(ok[:, None], x, float("inf")), 0).to(tl.float32))
-    hi = clamp16(tl.max(tl.where(ok[:, None], x, float("-inf")), 0).to(tl.float32))
+    if FILLED:
+        lo = clamp16(tl.min(x, 0).to(tl.float32))
+        hi = clamp16(tl.max(x, 0).to(tl.float32))
+    else:
+        lo = clamp16(tl.min(tl.where(ok[:, None], x, float("inf")), 0).to(tl.float32))
+        hi = clamp16(tl.max(tl.where(ok[:, None], x, float("-inf")), 0).to(tl.float32))
     lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
     hi = tl.where(lo <= hi, hi, 0.0)
     scale = plus_zero(tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16))
@@ -206,6 +216,7 @@ def _pack_channel_kernel(
     HEAD_MAJOR: tl.constexpr,
     FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2
     NARROW: tl.constexpr = False,  # keep the 16-bit tile (ChannelTuning.narrow)
+    FILL: tl.constexpr = False,  # rows past the block's tokens repeat its first one
 ):
     """INT8/INT4 key segments with per-channel scales: one program per (key block,
     head group and channel chunk, layer); grid as :func:`_channel_program`'s."""
@@ -214,20 +225,25 @@ def _pack_channel_kernel(
     )
     if blk * KB < n_seg:
         slot = tl.load(rows + first + j, mask=ok, other=0)
+        if FILL:  # the block's first token stands in for the rows past its last one
+            slot = tl.where(ok, slot, tl.load(rows + first + blk * KB))
         addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
         pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
         for i in tl.static_range(HG):
             h = hg * HG + i
             off = (slot * HP + h0 + h) * D
-            x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+            if FILL:
+                x = tl.load(pool + off[:, None] + c[None, :])
+            else:
+                x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
             if FP8:
                 x = from_fp8(x, FP8) * tl.load(scales + layer)
             elif not NARROW:
                 x = x.to(tl.float32)
             if tier == 1:
-                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB)
+                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB, FILL)
             else:
-                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB)
+                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB, FILL)
 
 
 def channel_grid(plan: TransferPlan, tuning: ChannelTuning = DEFAULT_TUNING) -> tuple[int, ...]:
@@ -300,6 +316,7 @@ def launch_pack_channel(
         SRC=TL_DTYPES[dtype],
         FP8=fp8,
         NARROW=tuning.narrow and dtype in (torch.bfloat16, torch.float16),
+        FILL=tuning.fill_rows,
         **options,
     )
 

@@ -303,6 +303,8 @@ TUNINGS = [
     dict(channels=8, heads_per_program=3),  # 3 does not divide 2 heads: one per program
     dict(narrow=True, num_warps=1),
     dict(narrow=True, num_warps=2, max_registers=96),  # a register cap (CUDA only)
+    dict(narrow=True, num_warps=1, channels=8, fill_rows=True),
+    dict(fill_rows=True),  # the float32 tile
 ]
 
 

@@ -77,6 +77,12 @@ def compile_all() -> dict:
             {**shape, "SRC": tl.bfloat16, "NARROW": False},
             warps,
         ),
+        "channel_pack_fill_rows": (
+            channel._pack_channel_kernel,
+            chan_args,
+            {**shape, "SRC": tl.bfloat16, "NARROW": True, "FILL": True},
+            warps,
+        ),
         "channel_unpack": (
             channel._unpack_channel_kernel,
             unpack_args,
@@ -118,7 +124,7 @@ def compiled() -> dict:
 @pytest.mark.parametrize(
     "variant",
     ["pack_token_keys", "pack_channel_keys", "channel_pack_narrow", "channel_pack_wide"]
-    + ["channel_unpack", "checksum"],
+    + ["channel_pack_fill_rows", "channel_unpack", "checksum"],
 )
 def test_kernel_variant_compiles_for_sm90(compiled, variant):
     """Both pack variants (every tier of K and V; per-channel keys: the FP16 tier of K with
