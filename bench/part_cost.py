@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from request_path import (  # noqa: E402
+    event_ms,
     gpu_bench_parser,
     make_pools,
     paged_slots,
@@ -62,20 +63,15 @@ def part_times(fn, iters: int, warmup: int, device: torch.device) -> tuple[float
     for _ in range(warmup):
         fn()
     sync(device)
-    walls, devs, stages = [], [], []
+    walls, devs, infos = [], [], []
     for _ in range(iters):
         t = time.perf_counter()
         if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            info = fn()
-            b.record()
-            b.synchronize()
-            devs.append(a.elapsed_time(b))
+            devs.append(event_ms(lambda: infos.append(fn())))
         else:
-            info = fn()
+            infos.append(fn())
         walls.append((time.perf_counter() - t) * 1e3)
-        stages.append(info.timings_ms)
+    stages = [info.timings_ms for info in infos]
     stage = {k: round(statistics.median(s[k] for s in stages), 4) for k in stages[0]}
     return statistics.median(walls), statistics.median(devs) if devs else 0.0, stage
 
