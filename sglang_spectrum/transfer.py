@@ -140,7 +140,9 @@ class PackedRequest:
             is the top tier: the FP8 bytes for FP8 pools).
         path: ``"kernels"`` or ``"torch"``: which implementation packed.
         timings_ms: host wall clock of the steps (``plan``, ``pack``, ``total``, ...); of
-            the whole call (every slice) for :func:`pack_slices`.
+            the whole call (every slice) for :func:`pack_slices`. The kernel path adds
+            ``wait`` (blocked on the device: its synchronisations) and ``host``
+            (``total - wait``: the caller's own work).
         heads: the pools' head range packed, ``(h0, h1)``; None: every head.
         tier_map: uint8 ``[T]`` on the pools' device: the tier of each packed position
             (what ``tiers=`` takes to pack other layers of the same tokens alike).
@@ -557,7 +559,9 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             tiers.numel(), dtype=torch.uint8, pin_memory=device.type == "cuda"
         )
         host_tiers[n].copy_(tiers, non_blocking=True)
+    t_launched = time.perf_counter()
     flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the one sync
+    t_synced = time.perf_counter()
     sums, at = [], 0
     for p in parts:  # each slice's pairs
         sums.append(flat[at : at + p.numel()])
@@ -578,13 +582,17 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             s.out[head.numel() : head.numel() + payload.numel()].copy_(payload)
         s.out[: head.numel()].copy_(head)  # pageable host memory: returns when it is in out
         sizes.append(head.numel() + header.payload_nbytes)
+    t_headers = time.perf_counter()
     sync(device)
     t3 = time.perf_counter()
+    wait = (t_synced - t_launched) + (t3 - t_headers)  # blocked on the device
     timings = {
         "plan": (t1 - t0) * 1e3,
         "pack": (t2 - t1) * 1e3,
         "header": (t3 - t2) * 1e3,
         "total": (t3 - t0) * 1e3,
+        "wait": wait * 1e3,
+        "host": (t3 - t0 - wait) * 1e3,
     }
     results = []
     for s, header, nbytes in zip(slices, headers, sizes):

@@ -311,6 +311,9 @@ def test_kernel_path_matches_reference(kernel_path, config, dtype):
     out = region(kp, slots, config, extra=64)
     res = pack_request(kp, vp, slots, config, out=out)
     assert res.path == "kernels"
+    t = res.timings_ms  # the caller's own work and the device waits make up the whole call
+    assert t["wait"] >= 0 and t["host"] > 0 and t["wait"] <= t["pack"] + t["header"]
+    assert t["host"] + t["wait"] == pytest.approx(t["total"])
     header, payload = read_header(out[: res.nbytes])
     assert header.checksum == res.checksum
     tiers = header_tier_map(header)
