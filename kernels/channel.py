@@ -58,8 +58,11 @@ class ChannelTuning:
     at 16384 tokens), so the default leaves it to the compiler; ``fill_rows``: the rows
     after a key block's last token read that block's first token again (unmasked loads,
     and min/max without a select per element: repeats change neither; the stores stay
-    masked), the same bytes with fewer instructions (sm_90 PTX of the default shape: 6235
-    against 6665, 197 selects against 579; not yet timed on a GPU).
+    masked), the same bytes with fewer instructions (sm_90, the default shape, Triton 3.6:
+    2942 against 3314 SASS instructions a program of the INT8 tier, 23.0 against 25.9 an
+    element, 229 PTX selects against 611; ``bench/results/channel_ptx_fill_rows.json``;
+    not yet timed on a GPU). ncu puts the pack at 60 % of the SMs' issue throughput and
+    45 % of DRAM's (H100): issue-bound, so instructions an element are what to cut.
 
     H200 sweep (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
     KV, the whole ``pack_payload``): the default packs in 1.51 ms (0.44 of copy

@@ -19,9 +19,13 @@ import sys
 import pytest
 
 
-def compile_for_h200(fn, args: dict[str, str], consts: dict, num_warps: int):
+def compile_for_h200(
+    fn, args: dict[str, str], consts: dict, num_warps: int, divisible: tuple[str, ...] = ()
+):
     """Compile ``fn`` for sm_90: ``args`` its runtime arguments' Triton types (``"*i64"``,
-    ``"i32"``), ``consts`` its constexprs (those left out: their defaults)."""
+    ``"i32"``), ``consts`` its constexprs (those left out: their defaults); ``divisible``:
+    arguments known to be multiples of 16 (aligned pointers, a layer count of 32), as a
+    launch on the device specialises them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -35,6 +39,7 @@ def compile_for_h200(fn, args: dict[str, str], consts: dict, num_warps: int):
         fn=fn,
         signature={n: signature[n] for n in names if n in signature},
         constexprs={(names.index(k),): v for k, v in consts.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible},
     )
     options = {"num_warps": num_warps, "enable_fp_fusion": False}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
@@ -137,6 +142,29 @@ def test_checksum_stores_each_block_row_without_atomics(compiled):
     """Each block stores its own row of sums (no atomics, so the rows need no zero fill
     first: ``checksum_parts`` allocates them empty)."""
     assert compiled["checksum"]["atomics"] == []
+
+
+def test_channel_sass_counts_of_the_bench_script(tmp_path):
+    """``bench/channel_ptx.py`` (Triton's own ptxas and cuobjdump, no GPU): the default
+    channel pack keeps its stack empty (no spills), and ``fill_rows`` runs fewer SASS
+    instructions a quantised element and fewer selects."""
+    triton = pytest.importorskip("triton")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump")):
+        pytest.skip("needs Triton's bundled ptxas and cuobjdump (nvidia backend)")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "channel_ptx.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, script, "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    default, fill = json.loads((tmp_path / "channel_ptx_fill_rows.json").read_text())["rows"]
+    assert not default["fill_rows"] and fill["fill_rows"]
+    assert default["stack_bytes"] == 0 and 0 < default["registers"] <= 255
+    assert default["sass_prologue"] > 0 and default["sass_int8_branch"] > 0
+    assert fill["sass_per_element"] < default["sass_per_element"]
+    assert fill["selects"] < default["selects"]
 
 
 if __name__ == "__main__":
