@@ -41,7 +41,9 @@ from sglang_spectrum.transfer import pack_request, packed_size_bound  # noqa: E4
 SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_warps (0: auto),
     #          narrow: the 16-bit tile kept through min/max; False where not given,
     #          max_registers: a thread's register cap; 0 where not given,
-    #          fill_rows: rows past a block's tokens repeat its first; False where not given)
+    #          fill_rows: rows past a block's tokens repeat its first; False where not given,
+    #          channel_group: adjacent channels a group of the pack's tile; 0 where not given,
+    #          words: bf16 read as int32 words, the main pack's quantiser; False where not given)
     (True, 1, 0, 0),  # the default until 2026-12-05 (2 warps for the pack, 4 for the unpack)
     (False, 1, 0, 8),  # the shape before this benchmark
     (False, 1, 0, 4),
@@ -70,6 +72,16 @@ SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_w
     (True, 1, 64, 4, True, 64),
     (True, 1, 64, 1, True, 0, True),  # the default with fill_rows (2026-12-05, s13)
     (True, 1, 64, 2, True, 0, True),
+    (True, 1, 64, 1, True, 0, True, 8),  # 28-32: channel groups (2026-12-05, s14: sm_90 SASS
+    (True, 1, 64, 1, True, 0, True, 4),  # an element 19.1 / 19.1 / 21.7 / 22.3 / 24.4
+    (True, 1, 32, 1, True, 0, True, 4),  # against 23.0 for 26 and 25.9 for the default,
+    (True, 1, 64, 2, True, 0, True, 4),  # registers 232 / 254 / 147 / 148 / 134)
+    (True, 1, 32, 1, True, 0, True, 8),
+    (True, 1, 64, 1, True, 0, True, 1, True),  # 33-37: words (s14, sm_90 SASS an element
+    (True, 1, 128, 2, True, 0, True, 1, True),  # under Triton 3.6: 14.0 / 13.9 / 20.3 / 20.5
+    (True, 1, 32, 1, True, 0, True, 1, True),  # / 13.8; 8 / 8 / 16 / 16 / 8 warps an SM;
+    (True, 1, 64, 2, True, 0, True, 1, True),  # 37's groups of 8 spill under Triton 3.9)
+    (True, 1, 64, 1, True, 0, True, 8, True),
 ]
 
 
@@ -164,6 +176,8 @@ def run(args) -> dict:
                     "narrow": shape.narrow,
                     "max_registers": shape.max_registers,
                     "fill_rows": shape.fill_rows,
+                    "channel_group": shape.channel_group,
+                    "words": shape.words,
                     "kernel_pack_ms": round(pack, 4),
                     "kernel_unpack_ms": round(unpack, 4),
                     "copy_ms": round(copy, 4),
@@ -194,8 +208,9 @@ def markdown(result: dict) -> str:
         " events; `vs copy`: bandwidth over a same-size `copy_`.",
         "",
         "| tokens | b | head-major | heads/program | channels | warps | narrow | register cap"
-        " | fill rows | pack ms | unpack ms | pack vs copy | unpack vs copy | same bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | fill rows | channel group | words | pack ms | unpack ms | pack vs copy"
+        " | unpack vs copy | same bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         lines.append(
@@ -203,6 +218,7 @@ def markdown(result: dict) -> str:
             f" | {r['heads_per_program'] or 'all'} | {r['channels'] or 'auto'}"
             f" | {r['num_warps'] or 'auto'} | {r.get('narrow', False)}"
             f" | {r.get('max_registers') or '-'} | {r.get('fill_rows', False)}"
+            f" | {r.get('channel_group') or '-'} | {r.get('words', False)}"
             f" | {r['kernel_pack_ms']}"
             f" | {r['kernel_unpack_ms']} | {r['kernel_pack_vs_copy']}"
             f" | {r['kernel_unpack_vs_copy']} | {r['same_bytes']} |"

@@ -1,25 +1,33 @@
 """Static counts of the per-channel key pack kernel for sm_90, on the CPU (no GPU): its
-default launch shape with and without ``ChannelTuning.fill_rows`` (the ``FILL``
-constexpr), compiled by Triton's own ptxas as ``tests/test_kernels_compile.py`` does,
+default launch shape, with ``ChannelTuning.fill_rows`` (the ``FILL`` constexpr), with
+``channel_group`` (``CW``) and with ``words`` (``WORDS``) at the shapes
+``bench/channel_kernel.py`` times (``SHAPES`` 17, 26, 28-37), compiled by Triton's own
+ptxas as
+``tests/test_kernels_compile.py`` does,
 specialised as a launch on the device is (16-aligned pointers, 32 layers), and read
 back with Triton's own ``cuobjdump``:
 
 - PTX: instructions, selects and global loads of the whole kernel (both tier branches);
 - SASS: registers a thread and stack (spills), the instructions every program runs
   before the tier branch and those of the INT8 branch; their sum over the elements a
-  thread quantises is the kernel's issue cost per element.
+  thread quantises is the kernel's issue cost per element; and the warps an SM holds
+  at that register count (16384 registers a scheduler, 32 programs an SM at most; ncu:
+  8 warps for the default's 223 registers).
 
 ncu put this kernel at 60 % of the SMs' issue throughput against 45 % of DRAM's
 (H100; ``bench/results/gpu_calls/2026-12-05-s12/call1/ncu.log``): it is bound by the
 instructions it issues, so the SASS count per element is what a faster variant cuts.
 Not a timing: what an option removes, before a GPU times it. The registers match the
-device's only under the device's Triton (3.6: ``triton`` in the result).
+device's only under the device's Triton (3.6: ``triton`` in the result); the layouts of
+``channel_group`` >= 2 come from Triton's layout heuristics and differ between versions
+(3.9 spills them), those of 0 and 1 do not.
 
 Usage (CPU; the device's Triton in a throwaway venv)::
 
     python3 -m venv /tmp/tri36 && /tmp/tri36/bin/pip install torch==2.13.0 triton==3.6.0 \\
         msgspec pytest && /tmp/tri36/bin/pip install --no-deps -e .
     PYTHONSAFEPATH=1 /tmp/tri36/bin/python bench/channel_ptx.py --out bench/results
+    # -> bench/results/channel_ptx_triton3.6.0.json (the CPU venv's Triton: its own file)
 """
 
 from __future__ import annotations
@@ -56,48 +64,81 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
 
 def sass_counts(cubin: bytes) -> dict:
     """Registers, stack and the instructions of the prologue and of the INT8 branch (the
-    longest forward predicated branch: it jumps over that tier's code to the INT4's)."""
+    longest forward predicated branch: it jumps over that tier's code to the INT4's).
+    Inside that branch an if/else (a predicated jump over a block that ends in a jump
+    past the else block: the ``words`` path's clamped and unclamped quantisers) counts
+    its shorter side, the one a block of ordinary keys takes."""
     ins = [m for m in map(SASS_LINE.match, cuobjdump(cubin, "-sass").splitlines()) if m]
-    jumps = [
-        (int(m[1], 16), int(m[4].split("0x")[1].split()[0].rstrip(";"), 16))
-        for m in ins
-        if m[2] and m[3] == "BRA" and "0x" in m[4]
-    ]
-    at, to = max(jumps, key=lambda j: j[1] - j[0])
+
+    def jumps(predicated: bool) -> list[tuple[int, int]]:
+        return [
+            (int(m[1], 16), int(m[4].split("0x")[1].split()[0].rstrip(";"), 16))
+            for m in ins
+            if bool(m[2]) == predicated and m[3] == "BRA" and "0x" in m[4]
+        ]
+
+    at, to = max(jumps(True), key=lambda j: j[1] - j[0])
+    longer = 0  # instructions of the longer sides of the branch's if/else blocks
+    for a, b in jumps(True):
+        for c, d in jumps(False):  # "then" block a+16 .. c, else block b .. d
+            if at < a < c < b <= d <= to and c + 16 == b:
+                longer += max(c - a, d - b) // 16
     usage = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump(cubin, "-res-usage"))
     return {
         "registers": int(usage[1]),
         "stack_bytes": int(usage[2]),
         "sass_instructions": len(ins),
         "sass_prologue": at // 16,
-        "sass_int8_branch": (to - at) // 16,
+        "sass_int8_branch": (to - at) // 16 - longer,
     }
 
 
-def counts(fill: bool) -> dict:
-    """PTX and SASS counts of ``_pack_channel_kernel`` at the default shape (bf16)."""
+VARIANTS = {  # name: (fill_rows, channel_group, channels, num_warps, words) = SHAPES[i]
+    "default": (False, 0, 64, 1, False),  # 17
+    "fill_rows": (True, 0, 64, 1, False),  # 26
+    "fill_rows+group8": (True, 8, 64, 1, False),  # 28
+    "fill_rows+group4": (True, 4, 64, 1, False),  # 29
+    "fill_rows+group4, 32 channels": (True, 4, 32, 1, False),  # 30
+    "fill_rows+group4, 2 warps": (True, 4, 64, 2, False),  # 31
+    "fill_rows+group8, 32 channels": (True, 8, 32, 1, False),  # 32
+    "words+group1": (True, 1, 64, 1, True),  # 33
+    "words+group1, 128 channels, 2 warps": (True, 1, 128, 2, True),  # 34
+    "words+group1, 32 channels": (True, 1, 32, 1, True),  # 35
+    "words+group1, 2 warps": (True, 1, 64, 2, True),  # 36
+    "words+group8": (True, 8, 64, 1, True),  # 37
+}
+
+
+def counts(name: str) -> dict:
+    """PTX and SASS counts of ``_pack_channel_kernel`` (bf16, narrow) as ``VARIANTS[name]``."""
+    fill, group, channels, warps, words = VARIANTS[name]
     tables = {"src_ptrs": "*i64", "rows": "*i64", "meta": "*i64", "payload": "*u8"}
     args = {**tables, "scales": "*fp32"}
     args.update(dict.fromkeys(("b1", "n0", "n1", "num_layers", "h0"), "i32"))
-    tuning = channel.DEFAULT_TUNING
+    assert channel.DEFAULT_TUNING.narrow
     consts = dict(
-        H=8, HP=8, D=128, DC=tuning.channels, KB=KB, IDX=tl.int32, HG=1, HEAD_MAJOR=True,
-        SRC=tl.bfloat16, NARROW=tuning.narrow, FILL=fill,
+        H=8, HP=8, D=128, DC=channels, KB=KB, IDX=tl.int32, HG=1, HEAD_MAJOR=True,
+        SRC=tl.bfloat16, NARROW=True, FILL=fill, CW=group, WORDS=words, PTX=True,
     )  # fmt: skip
     divisible = (*tables, "scales", "num_layers")  # b1, n0, n1, h0: do_not_specialize
-    kernel = compile_for_h200(
-        channel._pack_channel_kernel, args, consts, tuning.num_warps, divisible
-    )
+    kernel = compile_for_h200(channel._pack_channel_kernel, args, consts, warps, divisible)
     body = [
         line.strip()
         for line in kernel.asm["ptx"].splitlines()
         if re.match(r"\s+[@a-z]", line) and not line.strip().startswith(".")
     ]
     sass = sass_counts(kernel.asm["cubin"])
-    per_thread = KB * tuning.channels // (32 * tuning.num_warps)
+    per_thread = KB * channels // (32 * warps)
     program = sass["sass_prologue"] + sass["sass_int8_branch"]
+    warp_regs = -(-sass["registers"] // 8) * 8 * 32  # allocated in units of 256 a warp
+    per_quarter = 16384 // warp_regs  # an SM's four schedulers have 16384 registers each
     return {
+        "variant": name,
         "fill_rows": fill,
+        "channel_group": group,
+        "channels": channels,
+        "num_warps": warps,
+        "words": words,
         "ptx_instructions": len(body),
         "selects": sum("selp" in x for x in body),
         "global_loads": sum("ld.global" in x for x in body),
@@ -105,6 +146,7 @@ def counts(fill: bool) -> dict:
         "elements_per_thread": per_thread,
         "sass_per_int8_program": program,
         "sass_per_element": round(program / per_thread, 2),
+        "warps_per_sm": min(4 * per_quarter // warps * warps, 32 * warps, 64),
     }
 
 
@@ -112,14 +154,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
-    rows = [counts(False), counts(True)]
+    rows = [counts(name) for name in VARIANTS]
     result = {"hardware": "cpu (compiled for sm_90)", "triton": triton.__version__, "rows": rows}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "channel_ptx_fill_rows.json").write_text(json.dumps(result, indent=1))
-    print(f"triton {triton.__version__}")
+    (out / f"channel_ptx_triton{triton.__version__}.json").write_text(json.dumps(result, indent=1))
+    print(f"Triton {triton.__version__}, sm_90, the INT8 tier's program:")
+    print("| variant | registers | stack | warps/SM | SASS a program | an element | PTX selects |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(json.dumps(r))
+        print(
+            f"| {r['variant']} | {r['registers']} | {r['stack_bytes']} | {r['warps_per_sm']}"
+            f" | {r['sass_per_int8_program']} | {r['sass_per_element']} | {r['selects']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -17,26 +17,15 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from ._common import TL_DTYPES, interpreted, launch_options
 from ._fp8 import dest_args, from_fp8, source_args, to_pool
+from ._quant import bf16_pair, bf16_words, clamp16, max_bf16x2, min_bf16x2, plus_zero
 from .plan import META_HEAD, META_STRIDE, TransferPlan
 
 _META_HEAD = tl.constexpr(META_HEAD)
 _META_STRIDE = tl.constexpr(META_STRIDE)
-
-
-@triton.jit
-def clamp16(x):
-    return tl.minimum(tl.maximum(x, -65504.0), 65504.0)
-
-
-@triton.jit
-def plus_zero(w):
-    """float16 words ``w`` with -0.0 as +0.0 (``quant.plus_zero``), on the bits: no
-    compiler may fold an integer compare the way it could ``x == 0 ? 0 : x``."""
-    bits = w.to(tl.int16, bitcast=True)
-    return tl.where(bits == -32768, 0, bits).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @dataclass(frozen=True)
@@ -59,10 +48,24 @@ class ChannelTuning:
     after a key block's last token read that block's first token again (unmasked loads,
     and min/max without a select per element: repeats change neither; the stores stay
     masked), the same bytes with fewer instructions (sm_90, the default shape, Triton 3.6:
-    2942 against 3314 SASS instructions a program of the INT8 tier, 23.0 against 25.9 an
-    element, 229 PTX selects against 611; ``bench/results/channel_ptx_fill_rows.json``;
+    2939 against 3315 SASS instructions a program of the INT8 tier, 23.0 against 25.9 an
+    element, 229 PTX selects against 611; ``bench/results/channel_ptx_triton3.6.0.json``;
     not yet timed on a GPU). ncu puts the pack at 60 % of the SMs' issue throughput and
     45 % of DRAM's (H100): issue-bound, so instructions an element are what to cut.
+    ``channel_group``: the pack loads its tile as ``[channels / g, rows, g]``, g adjacent
+    channels a group (0: one group of all; 1: the channels along the tile's first axis;
+    else it must divide ``channels`` and be even, or counts as 0). Which channels a
+    thread holds is then Triton's layout heuristics' choice: under Triton 3.6 g=8 gives
+    a thread 16 rows of 8 channels instead of 8 rows of 16, halving the work per channel
+    a thread does (19.1 against 23.0 sm_90 SASS instructions an element with
+    ``fill_rows``), but Triton 3.9 lays the same tile out otherwise and spills it (56.6);
+    0 and 1 compile alike under both.
+    ``words``: bf16 pools read as int32 words of channel pairs, quantised with the main
+    pack's steps (``pack._quantize``: min/max two channels an instruction, the clamps of
+    every element skipped when the block provably needs none, the floor as a full-rate
+    add); implies ``fill_rows``' rows; other pools ignore it. With ``channel_group=1``:
+    14.0 instructions an element under Triton 3.6, 13.1 under 3.9, no spills
+    (``bench/channel_ptx.py``; not yet timed). The same bytes.
 
     H200 sweep (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
     KV, the whole ``pack_payload``): the default packs in 1.51 ms (0.44 of copy
@@ -85,6 +88,8 @@ class ChannelTuning:
     narrow: bool = False
     max_registers: int = 0
     fill_rows: bool = False
+    channel_group: int = 0
+    words: bool = False
 
 
 DEFAULT_TUNING = ChannelTuning(channels=64, num_warps=1, narrow=True)
@@ -139,6 +144,78 @@ def _channel_segment(
 
 
 @triton.jit
+def _channel_tile(c0, DC: tl.constexpr, CW: tl.constexpr):
+    """Channels ``[DC // CW, CW]`` of a program's tile, from ``c0``: groups of ``CW``
+    adjacent channels (the tile is ``[DC // CW, rows, CW]``; see ``channel_group``)."""
+    return c0 + tl.arange(0, DC // CW)[:, None] * CW + tl.arange(0, CW)[None, :]
+
+
+@triton.jit
+def _channel_scales(lo_x, hi_x, QMAX: tl.constexpr):
+    """Per-channel quantiser of ``codec.quantize_channels`` (its float32 steps) from each
+    channel's raw minimum ``lo_x`` and maximum ``hi_x`` (float32, any shape): (clamped
+    minimum, clamped maximum, fp16 scale, fp16 minimum, float32 minimum, inverse scale)."""
+    lo = clamp16(lo_x)
+    hi = clamp16(hi_x)
+    lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
+    hi = tl.where(lo <= hi, hi, 0.0)
+    scale = plus_zero(tl.math.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32)).to(tl.float16))
+    mn = plus_zero(lo.to(tl.float16))
+    s = scale.to(tl.float32)
+    safe = tl.where(s > 0, s, 1.0)
+    inv = tl.where(s > 0, tl.math.div_rn(tl.full(lo.shape, 1.0, tl.float32), safe), 0.0)
+    return lo, hi, scale, mn, mn.to(tl.float32), inv
+
+
+@triton.jit
+def _store_codes_and_scales(
+    q,
+    scale,
+    mn,
+    ok,
+    payload,
+    seg,
+    n_seg,
+    blk,
+    j,
+    h,
+    c0,
+    BITS: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    KB: tl.constexpr,
+    CW: tl.constexpr,
+):
+    """Store codes ``q`` (int32 ``[DC // CW, KB, CW]``, the code in the low bits) of the
+    rows ``j`` that are ``ok`` and the (scale, minimum) fp16 pairs ``[DC // CW, CW]`` of
+    the channels :func:`_channel_tile` of head ``h`` in key block ``blk``."""
+    G: tl.constexpr = DC // CW
+    codes = payload + seg
+    row = (j * H + h)[None, :, None]
+    ok3 = ok[None, :, None]
+    if BITS == 8:  # the low byte: no mask
+        tl.store(codes + row * D + _channel_tile(c0, DC, CW)[:, None, :], q.to(tl.uint8), mask=ok3)
+    elif CW == 1:  # [DC, KB, 1]: the channel pairs along the first axis
+        lo4, hi4 = tl.split(tl.permute(tl.reshape(q, [DC // 2, 2, KB]), (0, 2, 1)))
+        half = (c0 // 2 + tl.arange(0, DC // 2))[:, None]
+        tl.store(
+            codes + (j * H + h)[None, :] * (D // 2) + half,
+            ((hi4 << 4) + lo4).to(tl.uint8),
+            mask=ok[None, :],
+        )
+    else:  # channel 2i in the low nibble, 2i+1 in the high one (the low byte of hi*16 + lo)
+        lo4, hi4 = tl.split(tl.reshape(q, [G, KB, CW // 2, 2]))
+        half = _channel_tile(c0 // 2, DC // 2, CW // 2)
+        tl.store(
+            codes + row * (D // 2) + half[:, None, :], ((hi4 << 4) + lo4).to(tl.uint8), mask=ok3
+        )
+    sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
+    pair = ((blk * H + h) * D + _channel_tile(c0, DC, CW))[:, :, None] * 2
+    tl.store(sc + pair + tl.arange(0, 2)[None, None, :], tl.join(scale, mn))
+
+
+@triton.jit
 def _store_channel(
     x,
     ok,
@@ -154,47 +231,99 @@ def _store_channel(
     D: tl.constexpr,
     DC: tl.constexpr,
     KB: tl.constexpr,
-    FILLED: tl.constexpr = False,
+    FILLED: tl.constexpr,
+    CW: tl.constexpr,
 ):
-    """Quantise ``x`` ``[KB, DC]`` (float32, or the 16-bit pool values: widened exactly;
-    rows ``j`` of a key segment, head ``h``, channels ``c``) with one (scale, minimum)
-    per channel over the block's valid rows (``codec.quantize_channels``: same float32
-    steps) and store codes and scales. ``FILLED``: rows past the valid ones repeat a
-    valid row (``ChannelTuning.fill_rows``), so min and max read every row as it is."""
+    """Quantise ``x`` ``[DC // CW, KB, CW]`` (float32, or the 16-bit pool values: widened
+    exactly; rows ``j`` of a key segment, head ``h``, channels :func:`_channel_tile`)
+    with one (scale, minimum) per channel over the block's valid rows
+    (``codec.quantize_channels``: same float32 steps) and store codes and scales.
+    ``FILLED``: rows past the valid ones repeat a valid row (``ChannelTuning.fill_rows``),
+    so min and max read every row as it is."""
     QMAX: tl.constexpr = (1 << BITS) - 1
-    c = c0 + tl.arange(0, DC)
+    ok3 = ok[None, :, None]
     # min/max before the (monotonic) clamp and widening: the same values, x stays narrow
     if FILLED:
-        lo = clamp16(tl.min(x, 0).to(tl.float32))
-        hi = clamp16(tl.max(x, 0).to(tl.float32))
+        lo_x = tl.min(x, 1).to(tl.float32)
+        hi_x = tl.max(x, 1).to(tl.float32)
     else:
-        lo = clamp16(tl.min(tl.where(ok[:, None], x, float("inf")), 0).to(tl.float32))
-        hi = clamp16(tl.max(tl.where(ok[:, None], x, float("-inf")), 0).to(tl.float32))
-    lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
-    hi = tl.where(lo <= hi, hi, 0.0)
-    scale = plus_zero(tl.math.div_rn(hi - lo, tl.full([DC], QMAX, tl.float32)).to(tl.float16))
-    mn = plus_zero(lo.to(tl.float16))
-    s = scale.to(tl.float32)
-    m = mn.to(tl.float32)
-    safe = tl.where(s > 0, s, 1.0)
-    inv = tl.where(s > 0, tl.math.div_rn(tl.full([DC], 1.0, tl.float32), safe), 0.0)
-    v = (clamp16(x.to(tl.float32)) - m[None, :]) * inv[None, :] + 0.5
+        lo_x = tl.min(tl.where(ok3, x, float("inf")), 1).to(tl.float32)
+        hi_x = tl.max(tl.where(ok3, x, float("-inf")), 1).to(tl.float32)
+    _, _, scale, mn, m, inv = _channel_scales(lo_x, hi_x, QMAX)
+    v = (clamp16(x.to(tl.float32)) - m[:, None, :]) * inv[:, None, :] + 0.5
     q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
-    codes = payload + seg
-    row = j * H + h
-    if BITS == 8:
-        tl.store(codes + row[:, None] * D + c[None, :], q.to(tl.uint8), mask=ok[:, None])
-    else:  # channel 2i in the low nibble, 2i+1 in the high one
-        lo4, hi4 = tl.split(tl.reshape(q, [KB, DC // 2, 2]))
-        half = c0 // 2 + tl.arange(0, DC // 2)
-        tl.store(
-            codes + row[:, None] * (D // 2) + half[None, :],
-            ((hi4 << 4) + lo4).to(tl.uint8),
-            mask=ok[:, None],
-        )
-    sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
-    pair = ((blk * H + h) * D + c)[:, None] * 2 + tl.arange(0, 2)[None, :]
-    tl.store(sc + pair, tl.join(scale, mn))
+    _store_codes_and_scales(
+        q, scale, mn, ok, payload, seg, n_seg, blk, j, h, c0, BITS, H, D, DC, KB, CW
+    )
+
+
+@triton.jit
+def _store_channel_words(
+    w,
+    ok,
+    payload,
+    seg,
+    n_seg,
+    blk,
+    j,
+    h,
+    c0,
+    BITS: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+    KB: tl.constexpr,
+    CW: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    """:func:`_store_channel` for bf16 pools read as int32 words ``w`` ``[DC // CW, KB,
+    CW // 2]`` (channels 2i and 2i+1 of a group in word i; every row valid or a repeat of
+    one: ``fill_rows``), with the steps of ``pack._quantize``: min/max two channels an
+    instruction (``PTX``: ``min.bf16x2``; else the even and odd halves), the clamps of
+    every element skipped when the block provably needs none, and with ``PTX`` the floor
+    as a round-toward-zero add of 2**23 (a full-rate FADD, not a conversion). The same
+    bytes."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    if PTX:
+        lo_e, lo_o = bf16_pair(tl.reduce(w, 1, min_bf16x2))
+        hi_e, hi_o = bf16_pair(tl.reduce(w, 1, max_bf16x2))
+        even, odd = bf16_pair(w)
+    else:
+        even, odd = bf16_pair(w)
+        lo_e, lo_o = tl.min(even, 1), tl.min(odd, 1)
+        hi_e, hi_o = tl.max(even, 1), tl.max(odd, 1)
+    # [G, max(CW // 2, 1), 2]: channel 2i + k of a group at [., i, k] (CW == 1: [DC // 2,
+    # 1, 2], channel 2g + k at [g, 0, k])
+    lo_x = tl.join(lo_e, lo_o)
+    hi_x = tl.join(hi_e, hi_o)
+    x = tl.join(even, odd)  # [G, KB, max(CW // 2, 1), 2]
+    lo, hi, scale, mn, m, inv = _channel_scales(lo_x, hi_x, QMAX)
+    # >= 0 for every channel iff no element needs a clamp: the float32 steps are monotone
+    # in x (inv >= 0), so the block's extremes bound every code (pack._quantize)
+    v_lo = (lo - m) * inv + 0.5
+    v_hi = (hi - m) * inv + 0.5
+    margin = tl.minimum(
+        tl.minimum(v_lo, (QMAX + 0.99609375) - v_hi), tl.minimum(lo_x + 65504.0, 65504.0 - hi_x)
+    )
+    if tl.min(tl.min(tl.min(margin, 2), 1), 0) < 0.0:
+        v = (clamp16(x) - m[:, None, :, :]) * inv[:, None, :, :] + 0.5
+        v = tl.minimum(tl.maximum(v, 0.0), QMAX)
+    else:
+        v = (x - m[:, None, :, :]) * inv[:, None, :, :] + 0.5
+    if PTX:
+        q = libdevice.add_rz(v, 8388608.0).to(tl.int32, bitcast=True)  # 2**23 + floor(v)
+    else:
+        q = tl.floor(v).to(tl.int32)
+    if CW == 1:  # back to [DC, KB, 1] and [DC, 1]
+        q = tl.reshape(tl.permute(q, (0, 3, 1, 2)), [DC, KB, 1])
+        scale = tl.reshape(tl.permute(scale, (0, 2, 1)), [DC, 1])
+        mn = tl.reshape(tl.permute(mn, (0, 2, 1)), [DC, 1])
+    _store_codes_and_scales(
+        tl.reshape(q, [DC // CW, KB, CW]),
+        tl.reshape(scale, [DC // CW, CW]),
+        tl.reshape(mn, [DC // CW, CW]),
+        ok, payload, seg, n_seg, blk, j, h, c0, BITS, H, D, DC, KB, CW,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["b1", "n0", "n1", "h0"])
@@ -221,33 +350,59 @@ def _pack_channel_kernel(
     FP8: tl.constexpr = 0,  # uint8 pools of FP8 bits: 1 e4m3fn, 2 e5m2
     NARROW: tl.constexpr = False,  # keep the 16-bit tile (ChannelTuning.narrow)
     FILL: tl.constexpr = False,  # rows past the block's tokens repeat its first one
+    CW: tl.constexpr = 0,  # channels a group of the tile (ChannelTuning.channel_group; 0: DC)
+    WORDS: tl.constexpr = False,  # bf16 pools read as int32 words (ChannelTuning.words)
+    PTX: tl.constexpr = False,  # compiled (not interpreted): inline PTX and libdevice
 ):
     """INT8/INT4 key segments with per-channel scales: one program per (key block,
     head group and channel chunk, layer); grid as :func:`_channel_program`'s."""
-    hg, c0, c, layer, tier, blk, j, ok, first, n_seg, seg = _channel_program(
+    hg, c0, _, layer, tier, blk, j, ok, first, n_seg, seg = _channel_program(
         meta, b1, n0, n1, num_layers, D, DC, KB, IDX, HEAD_MAJOR
     )
+    GW: tl.constexpr = CW if CW > 0 else DC
     if blk * KB < n_seg:
         slot = tl.load(rows + first + j, mask=ok, other=0)
-        if FILL:  # the block's first token stands in for the rows past its last one
+        if FILL or WORDS:  # the block's first token stands in for the rows past its last
             slot = tl.where(ok, slot, tl.load(rows + first + blk * KB))
         addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
         pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
+        words = tl.multiple_of(addr.to(tl.pointer_type(tl.int32)), 16)
         for i in tl.static_range(HG):
             h = hg * HG + i
             off = (slot * HP + h0 + h) * D
-            if FILL:
-                x = tl.load(pool + off[:, None] + c[None, :])
+            if WORDS:
+                WG: tl.constexpr = GW // 2 if GW > 1 else 1  # words a group
+                w = tl.load(
+                    words
+                    + (off // 2)[None, :, None]
+                    + _channel_tile(c0 // 2, DC // 2, WG)[:, None, :]
+                )
+                if tier == 1:
+                    _store_channel_words(
+                        w, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB, GW, PTX
+                    )
+                else:
+                    _store_channel_words(
+                        w, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB, GW, PTX
+                    )
             else:
-                x = tl.load(pool + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
-            if FP8:
-                x = from_fp8(x, FP8) * tl.load(scales + layer)
-            elif not NARROW:
-                x = x.to(tl.float32)
-            if tier == 1:
-                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB, FILL)
-            else:
-                _store_channel(x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB, FILL)
+                src = pool + off[None, :, None] + _channel_tile(c0, DC, GW)[:, None, :]
+                if FILL:
+                    x = tl.load(src)
+                else:
+                    x = tl.load(src, mask=ok[None, :, None], other=0.0)
+                if FP8:
+                    x = from_fp8(x, FP8) * tl.load(scales + layer)
+                elif not NARROW:
+                    x = x.to(tl.float32)
+                if tier == 1:
+                    _store_channel(
+                        x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB, FILL, GW
+                    )
+                else:
+                    _store_channel(
+                        x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB, FILL, GW
+                    )
 
 
 def channel_grid(plan: TransferPlan, tuning: ChannelTuning = DEFAULT_TUNING) -> tuple[int, ...]:
@@ -310,6 +465,10 @@ def launch_pack_channel(
         return
     grid, args, options = launch
     scales, fp8 = source_args(plan.layout, dtype, payload.device)
+    group = tuning.channel_group
+    if group != 1 and (group <= 0 or options["DC"] % group or group % 2):
+        group = 0  # one group of all the program's channels
+    words = tuning.words and bf16_words(dtype, payload.device, _pack_channel_kernel)
     _pack_channel_kernel[grid](
         ptrs,
         rows,
@@ -321,6 +480,9 @@ def launch_pack_channel(
         FP8=fp8,
         NARROW=tuning.narrow and dtype in (torch.bfloat16, torch.float16),
         FILL=tuning.fill_rows,
+        CW=group,
+        WORDS=words,
+        PTX=not interpreted(_pack_channel_kernel),
         **options,
     )
 

@@ -16,7 +16,6 @@ the top tier copies the bytes, the INT tiers quantise ``fp8 * scale``
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -45,7 +44,8 @@ from ._common import (
     wire_dtype,
 )
 from ._fp8 import from_fp8, source_args
-from .channel import DEFAULT_TUNING, ChannelTuning, clamp16, launch_pack_channel, plus_zero
+from ._quant import bf16_pair, bf16_words, clamp16, max_bf16x2, min_bf16x2, plus_zero
+from .channel import DEFAULT_TUNING, ChannelTuning, launch_pack_channel
 from .checksum import fast_checksum
 from .plan import (
     BLOCK_ELEMS,
@@ -112,26 +112,6 @@ def _pool_rows(
 
 
 @triton.jit
-def _bf16_pair(w):
-    """The two bf16 of int32 words ``w`` as float32 (element 2j is the low half)."""
-    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _min_bf16x2(a, b):
-    return tl.inline_asm_elementwise(
-        "min.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
-    )
-
-
-@triton.jit
-def _max_bf16x2(a, b):
-    return tl.inline_asm_elementwise(
-        "max.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
-    )
-
-
-@triton.jit
 def _group_range(
     x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, WORDS: tl.constexpr, PTX: tl.constexpr
 ):
@@ -146,11 +126,11 @@ def _group_range(
     if WORDS:
         wg = tl.reshape(x, [BR, G, GS // 2])
         if PTX:
-            lo_a, lo_b = _bf16_pair(tl.reduce(wg, 2, _min_bf16x2))
-            hi_a, hi_b = _bf16_pair(tl.reduce(wg, 2, _max_bf16x2))
-            even, odd = _bf16_pair(wg)
+            lo_a, lo_b = bf16_pair(tl.reduce(wg, 2, min_bf16x2))
+            hi_a, hi_b = bf16_pair(tl.reduce(wg, 2, max_bf16x2))
+            even, odd = bf16_pair(wg)
         else:
-            even, odd = _bf16_pair(wg)
+            even, odd = bf16_pair(wg)
             lo_a, lo_b = tl.min(even, 2), tl.min(odd, 2)
             hi_a, hi_b = tl.max(even, 2), tl.max(odd, 2)
         xg = tl.reshape(tl.join(even, odd), [BR, G, GS])
@@ -383,19 +363,6 @@ def pack_shape(plan: TransferPlan) -> tuple[int, int, tuple[int, int, int, int]]
     return rows, warps, tuple(starts)
 
 
-def _bf16_words(dtype: torch.dtype, device: torch.device) -> bool:
-    """bf16 pools take the packed-word path (``min.bf16x2`` needs sm_80; the
-    interpreter emulates it)."""
-    if dtype != torch.bfloat16 or interpreted(_pack_kernel):
-        return dtype == torch.bfloat16
-    return _sm80(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=16)
-def _sm80(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0)
-
-
 def _launch_pack(
     plan: TransferPlan,
     ptrs,
@@ -442,7 +409,7 @@ def _launch_pack(
         BR=block_rows,
         RZ=not interpreted(_pack_kernel),
         IDX=tl.int64 if huge else tl.int32,
-        WORDS=_bf16_words(dtype, payload.device),
+        WORDS=bf16_words(dtype, payload.device, _pack_kernel),
         NKV=nkv,
         KV0=1 if values_only else 0,
         FP8=fp8,

@@ -305,6 +305,15 @@ TUNINGS = [
     dict(narrow=True, num_warps=2, max_registers=96),  # a register cap (CUDA only)
     dict(narrow=True, num_warps=1, channels=8, fill_rows=True),
     dict(fill_rows=True),  # the float32 tile
+    dict(narrow=True, num_warps=1, channel_group=4),  # two groups of the 8 channels
+    dict(narrow=True, num_warps=1, channel_group=2, fill_rows=True),
+    dict(channels=8, channel_group=2, heads_per_program=0),
+    dict(channel_group=3),  # does not divide the channels: one group
+    dict(words=True),  # bf16 words: the main pack's quantiser steps
+    dict(words=True, narrow=True, num_warps=1, channel_group=4),
+    dict(words=True, channels=8, channel_group=2, num_warps=2),
+    dict(words=True, channel_group=1),  # channel pairs along the tile's first axis
+    dict(narrow=True, num_warps=1, channel_group=1),
 ]
 
 
@@ -323,6 +332,27 @@ def test_channel_launch_shapes_write_the_same_bytes(tuning):
     K.unpack_payload(default, *pools[1], plan, channel_tuning=shape)
     for a, b in zip(pools[0][0] + pools[0][1], pools[1][0] + pools[1][1]):
         assert same_bits(a, b)
+
+
+def test_channel_words_take_the_clamped_path_where_a_block_needs_it():
+    """``ChannelTuning(words=True)`` skips every element's clamps only where a block's
+    extremes prove them idle: blocks beyond the fp16 range, constant and tiny ones in one
+    request still pack the reference's bytes."""
+    req = make_request(dtype=torch.bfloat16, head_dim=16, group=8, page=4, key_block=8, tokens=48)
+    for i, p in enumerate(req.k_pools):
+        p[req.slots[:8]] = 3.0  # a constant block: scale 0
+        p[req.slots[8:16], 0, :4] = 1e6 * (i + 1)  # beyond the fp16 range
+        p[req.slots[16:24], 1, 2] = -7e4  # one channel below it
+        p[req.slots[24:32]] *= 1e-6
+    req.tiers[:32] = torch.tensor([1, 2] * 16, dtype=torch.uint8)
+    check_request(req)  # the default launch: the reference's bytes
+    plan = K.plan_transfer(req.layout, req.tiers.to(req.slots.device), req.slots)
+    default = K.pack_payload(req.k_pools, req.v_pools, plan)
+    shapes = [K.ChannelTuning(words=True, channel_group=g) for g in (0, 1, 4)]
+    for shape in shapes + [K.ChannelTuning(channel_group=1)]:
+        assert torch.equal(
+            K.pack_payload(req.k_pools, req.v_pools, plan, channel_tuning=shape), default
+        )
 
 
 def test_channel_keys_edge_values():
