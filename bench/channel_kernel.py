@@ -21,6 +21,7 @@ import pathlib
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -193,6 +194,7 @@ def run(args) -> dict:
     return {
         "hardware": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
+        "triton": triton.__version__,  # the grouped tiles' layouts depend on it
         "shape": [args.layers, args.heads, args.head_dim],
         "records": records,
         "compiled": compiled_variants(),
@@ -203,7 +205,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Per-channel key kernels: launch shapes",
         "",
-        f"{result['hardware']}, torch {result['torch']}; KV {result['shape']} bf16, channel"
+        f"{result['hardware']}, torch {result['torch']}, triton {result.get('triton', '?')};"
+        f" KV {result['shape']} bf16, channel"
         " keys; whole pack_payload / unpack_payload (V rows and FP16 keys included), CUDA"
         " events; `vs copy`: bandwidth over a same-size `copy_`.",
         "",

@@ -24,6 +24,12 @@ run_pytest() {  # pytest's exit code 5 (nothing collected) is a failure here
   return $rc
 }
 
+# A run needs about 9 GB (two venvs of 3.5 GB, the models, pip's temporary files).
+free_gb=$(df -Pk . | awk 'NR == 2 {print int($4 / 1048576)}')
+echo "[test] free disk: ${free_gb} GB"
+if [[ "$free_gb" -lt 10 ]]; then
+  echo "[test] warning: under 10 GB free; the two venvs may not fit (pip: 'No space left')" >&2
+fi
 bash scripts/bootstrap.sh
 # Real models for the tests (downloaded once into ~/.cache/sglang_spectrum).
 .venv/bin/spectrumkv models fetch smollm2-135m >/dev/null
