@@ -53,6 +53,22 @@ def max_bf16x2(a, b):
     )
 
 
+@triton.jit
+def bf16_words_range(w, AXIS: tl.constexpr, PTX: tl.constexpr):
+    """int32 words ``w`` of bf16 pairs as float32 halves and their extremes along
+    ``AXIS``: (even, odd, min even, min odd, max even, max odd). ``PTX``: the extremes
+    two at a time on the words (``min.bf16x2``); else on the halves (the same numbers)."""
+    if PTX:
+        lo_e, lo_o = bf16_pair(tl.reduce(w, AXIS, min_bf16x2))
+        hi_e, hi_o = bf16_pair(tl.reduce(w, AXIS, max_bf16x2))
+        even, odd = bf16_pair(w)
+    else:
+        even, odd = bf16_pair(w)
+        lo_e, lo_o = tl.min(even, AXIS), tl.min(odd, AXIS)
+        hi_e, hi_o = tl.max(even, AXIS), tl.max(odd, AXIS)
+    return even, odd, lo_e, lo_o, hi_e, hi_o
+
+
 def bf16_words(dtype: torch.dtype, device: torch.device, kernel) -> bool:
     """Whether ``kernel`` reads pools of ``dtype`` as bf16 words: bf16 pools, and
     ``min.bf16x2`` needs sm_80 (the interpreter emulates it)."""

@@ -21,7 +21,7 @@ from triton.language.extra.cuda import libdevice
 
 from ._common import TL_DTYPES, interpreted, launch_options
 from ._fp8 import dest_args, from_fp8, source_args, to_pool
-from ._quant import bf16_pair, bf16_words, clamp16, max_bf16x2, min_bf16x2, plus_zero
+from ._quant import bf16_words, bf16_words_range, clamp16, plus_zero
 from .plan import META_HEAD, META_STRIDE, TransferPlan
 
 _META_HEAD = tl.constexpr(META_HEAD)
@@ -284,14 +284,7 @@ def _store_channel_words(
     as a round-toward-zero add of 2**23 (a full-rate FADD, not a conversion). The same
     bytes."""
     QMAX: tl.constexpr = (1 << BITS) - 1
-    if PTX:
-        lo_e, lo_o = bf16_pair(tl.reduce(w, 1, min_bf16x2))
-        hi_e, hi_o = bf16_pair(tl.reduce(w, 1, max_bf16x2))
-        even, odd = bf16_pair(w)
-    else:
-        even, odd = bf16_pair(w)
-        lo_e, lo_o = tl.min(even, 1), tl.min(odd, 1)
-        hi_e, hi_o = tl.max(even, 1), tl.max(odd, 1)
+    even, odd, lo_e, lo_o, hi_e, hi_o = bf16_words_range(w, 1, PTX)
     # [G, max(CW // 2, 1), 2]: channel 2i + k of a group at [., i, k] (CW == 1: [DC // 2,
     # 1, 2], channel 2g + k at [g, 0, k])
     lo_x = tl.join(lo_e, lo_o)

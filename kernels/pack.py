@@ -44,7 +44,7 @@ from ._common import (
     wire_dtype,
 )
 from ._fp8 import from_fp8, source_args
-from ._quant import bf16_pair, bf16_words, clamp16, max_bf16x2, min_bf16x2, plus_zero
+from ._quant import bf16_words, bf16_words_range, clamp16, plus_zero
 from .channel import DEFAULT_TUNING, ChannelTuning, launch_pack_channel
 from .checksum import fast_checksum
 from .plan import (
@@ -125,14 +125,7 @@ def _group_range(
     """
     if WORDS:
         wg = tl.reshape(x, [BR, G, GS // 2])
-        if PTX:
-            lo_a, lo_b = bf16_pair(tl.reduce(wg, 2, min_bf16x2))
-            hi_a, hi_b = bf16_pair(tl.reduce(wg, 2, max_bf16x2))
-            even, odd = bf16_pair(wg)
-        else:
-            even, odd = bf16_pair(wg)
-            lo_a, lo_b = tl.min(even, 2), tl.min(odd, 2)
-            hi_a, hi_b = tl.max(even, 2), tl.max(odd, 2)
+        even, odd, lo_a, lo_b, hi_a, hi_b = bf16_words_range(wg, 2, PTX)
         xg = tl.reshape(tl.join(even, odd), [BR, G, GS])
         return xg, tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
     else:
