@@ -97,7 +97,7 @@ def compile_all() -> dict:
         "channel_pack_words": (
             channel._pack_channel_kernel,
             chan_args,
-            {**shape, "SRC": tl.bfloat16, "NARROW": True, "CW": 8, "WORDS": True, "PTX": True},
+            {**shape, "SRC": tl.bfloat16, "NARROW": True, "CW": 1, "WORDS": True, "PTX": True},
             warps,
         ),
         "channel_unpack": (
