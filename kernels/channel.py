@@ -216,30 +216,13 @@ def _store_codes_and_scales(
 
 
 @triton.jit
-def _store_channel(
-    x,
-    ok,
-    payload,
-    seg,
-    n_seg,
-    blk,
-    j,
-    h,
-    c0,
-    BITS: tl.constexpr,
-    H: tl.constexpr,
-    D: tl.constexpr,
-    DC: tl.constexpr,
-    KB: tl.constexpr,
-    FILLED: tl.constexpr,
-    CW: tl.constexpr,
-):
-    """Quantise ``x`` ``[DC // CW, KB, CW]`` (float32, or the 16-bit pool values: widened
-    exactly; rows ``j`` of a key segment, head ``h``, channels :func:`_channel_tile`)
-    with one (scale, minimum) per channel over the block's valid rows
-    (``codec.quantize_channels``: same float32 steps) and store codes and scales.
-    ``FILLED``: rows past the valid ones repeat a valid row (``ChannelTuning.fill_rows``),
-    so min and max read every row as it is."""
+def _quantize_channels(x, ok, BITS: tl.constexpr, FILLED: tl.constexpr):
+    """Codes (int32, the shape of ``x``), fp16 scales and minima ``[DC // CW, CW]`` of
+    ``x`` ``[DC // CW, KB, CW]`` (float32, or the 16-bit pool values: widened exactly;
+    the rows of a key block, channels :func:`_channel_tile`): one (scale, minimum) per
+    channel over the rows that are ``ok`` (``codec.quantize_channels``: same float32
+    steps). ``FILLED``: rows past the valid ones repeat a valid row
+    (``ChannelTuning.fill_rows``), so min and max read every row as it is."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     ok3 = ok[None, :, None]
     # min/max before the (monotonic) clamp and widening: the same values, x stays narrow
@@ -252,37 +235,20 @@ def _store_channel(
     _, _, scale, mn, m, inv = _channel_scales(lo_x, hi_x, QMAX)
     v = (clamp16(x.to(tl.float32)) - m[:, None, :]) * inv[:, None, :] + 0.5
     q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
-    _store_codes_and_scales(
-        q, scale, mn, ok, payload, seg, n_seg, blk, j, h, c0, BITS, H, D, DC, KB, CW
-    )
+    return q, scale, mn
 
 
 @triton.jit
-def _store_channel_words(
-    w,
-    ok,
-    payload,
-    seg,
-    n_seg,
-    blk,
-    j,
-    h,
-    c0,
-    BITS: tl.constexpr,
-    H: tl.constexpr,
-    D: tl.constexpr,
-    DC: tl.constexpr,
-    KB: tl.constexpr,
-    CW: tl.constexpr,
-    PTX: tl.constexpr,
+def _quantize_channel_words(
+    w, BITS: tl.constexpr, DC: tl.constexpr, KB: tl.constexpr, CW: tl.constexpr, PTX: tl.constexpr
 ):
-    """:func:`_store_channel` for bf16 pools read as int32 words ``w`` ``[DC // CW, KB,
-    CW // 2]`` (channels 2i and 2i+1 of a group in word i; every row valid or a repeat of
-    one: ``fill_rows``), with the steps of ``pack._quantize``: min/max two channels an
-    instruction (``PTX``: ``min.bf16x2``; else the even and odd halves), the clamps of
-    every element skipped when the block provably needs none, and with ``PTX`` the floor
-    as a round-toward-zero add of 2**23 (a full-rate FADD, not a conversion). The same
-    bytes."""
+    """:func:`_quantize_channels` for bf16 pools read as int32 words ``w`` ``[DC // CW, KB,
+    max(CW // 2, 1)]`` (channels 2i and 2i+1 of a group in word i; every row valid or a
+    repeat of one: ``fill_rows``), with the steps of ``pack._quantize``: min/max two
+    channels an instruction (``PTX``: ``min.bf16x2``; else the even and odd halves), the
+    clamps of every element skipped when the block provably needs none, and with ``PTX``
+    the floor as a round-toward-zero add of 2**23 (a full-rate FADD, not a conversion):
+    the codes in the low bits. The same codes, scales and minima, in the same shapes."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     even, odd, lo_e, lo_o, hi_e, hi_o = bf16_words_range(w, 1, PTX)
     # [G, max(CW // 2, 1), 2]: channel 2i + k of a group at [., i, k] (CW == 1: [DC // 2,
@@ -311,12 +277,32 @@ def _store_channel_words(
         q = tl.reshape(tl.permute(q, (0, 3, 1, 2)), [DC, KB, 1])
         scale = tl.reshape(tl.permute(scale, (0, 2, 1)), [DC, 1])
         mn = tl.reshape(tl.permute(mn, (0, 2, 1)), [DC, 1])
-    _store_codes_and_scales(
+    return (
         tl.reshape(q, [DC // CW, KB, CW]),
         tl.reshape(scale, [DC // CW, CW]),
         tl.reshape(mn, [DC // CW, CW]),
-        ok, payload, seg, n_seg, blk, j, h, c0, BITS, H, D, DC, KB, CW,
-    )  # fmt: skip
+    )
+
+
+@triton.jit
+def _quantize_tile(
+    t,
+    ok,
+    BITS: tl.constexpr,
+    DC: tl.constexpr,
+    KB: tl.constexpr,
+    CW: tl.constexpr,
+    FILLED: tl.constexpr,
+    WORDS: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    """(codes, scales, minima) of a loaded tile ``t``: int32 words (``WORDS``,
+    :func:`_quantize_channel_words`) or values (:func:`_quantize_channels`)."""
+    if WORDS:
+        q, scale, mn = _quantize_channel_words(t, BITS, DC, KB, CW, PTX)
+    else:
+        q, scale, mn = _quantize_channels(t, ok, BITS, FILLED)
+    return q, scale, mn
 
 
 @triton.jit(do_not_specialize=["b1", "n0", "n1", "h0"])
@@ -360,42 +346,33 @@ def _pack_channel_kernel(
         addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
         pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
         words = tl.multiple_of(addr.to(tl.pointer_type(tl.int32)), 16)
+        WG: tl.constexpr = GW // 2 if GW > 1 else 1  # words a group (the WORDS tile)
+        word_tile = _channel_tile(c0 // 2, DC // 2, WG)
         for i in tl.static_range(HG):
             h = hg * HG + i
             off = (slot * HP + h0 + h) * D
-            if WORDS:
-                WG: tl.constexpr = GW // 2 if GW > 1 else 1  # words a group
-                w = tl.load(
-                    words
-                    + (off // 2)[None, :, None]
-                    + _channel_tile(c0 // 2, DC // 2, WG)[:, None, :]
-                )
-                if tier == 1:
-                    _store_channel_words(
-                        w, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB, GW, PTX
-                    )
-                else:
-                    _store_channel_words(
-                        w, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB, GW, PTX
-                    )
+            if WORDS:  # int32 words of bf16 pairs
+                t = tl.load(words + (off // 2)[None, :, None] + word_tile[:, None, :])
             else:
                 src = pool + off[None, :, None] + _channel_tile(c0, DC, GW)[:, None, :]
                 if FILL:
-                    x = tl.load(src)
+                    t = tl.load(src)
                 else:
-                    x = tl.load(src, mask=ok[None, :, None], other=0.0)
+                    t = tl.load(src, mask=ok[None, :, None], other=0.0)
                 if FP8:
-                    x = from_fp8(x, FP8) * tl.load(scales + layer)
+                    t = from_fp8(t, FP8) * tl.load(scales + layer)
                 elif not NARROW:
-                    x = x.to(tl.float32)
-                if tier == 1:
-                    _store_channel(
-                        x, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB, FILL, GW
-                    )
-                else:
-                    _store_channel(
-                        x, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB, FILL, GW
-                    )
+                    t = t.to(tl.float32)
+            if tier == 1:
+                q, scale, mn = _quantize_tile(t, ok, 8, DC, KB, GW, FILL, WORDS, PTX)
+                _store_codes_and_scales(
+                    q, scale, mn, ok, payload, seg, n_seg, blk, j, h, c0, 8, H, D, DC, KB, GW
+                )
+            else:
+                q, scale, mn = _quantize_tile(t, ok, 4, DC, KB, GW, FILL, WORDS, PTX)
+                _store_codes_and_scales(
+                    q, scale, mn, ok, payload, seg, n_seg, blk, j, h, c0, 4, H, D, DC, KB, GW
+                )
 
 
 def channel_grid(plan: TransferPlan, tuning: ChannelTuning = DEFAULT_TUNING) -> tuple[int, ...]:
