@@ -42,9 +42,11 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from channel_kernel import SHAPES  # noqa: E402
 from sglang_spectrum.kernels import channel  # noqa: E402
 from test_kernels_compile import compile_for_h200  # noqa: E402
 
@@ -93,32 +95,31 @@ def sass_counts(cubin: bytes) -> dict:
     }
 
 
-VARIANTS = {  # name: (fill_rows, channel_group, channels, num_warps, words) = SHAPES[i]
-    "default": (False, 0, 64, 1, False),  # 17
-    "fill_rows": (True, 0, 64, 1, False),  # 26
-    "fill_rows+group8": (True, 8, 64, 1, False),  # 28
-    "fill_rows+group4": (True, 4, 64, 1, False),  # 29
-    "fill_rows+group4, 32 channels": (True, 4, 32, 1, False),  # 30
-    "fill_rows+group4, 2 warps": (True, 4, 64, 2, False),  # 31
-    "fill_rows+group8, 32 channels": (True, 8, 32, 1, False),  # 32
-    "words+group1": (True, 1, 64, 1, True),  # 33
-    "words+group1, 128 channels, 2 warps": (True, 1, 128, 2, True),  # 34
-    "words+group1, 32 channels": (True, 1, 32, 1, True),  # 35
-    "words+group1, 2 warps": (True, 1, 64, 2, True),  # 36
-    "words+group8": (True, 8, 64, 1, True),  # 37
-}
+VARIANTS = (17, 26, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37)  # SHAPES the sweep times
 
 
-def counts(name: str) -> dict:
-    """PTX and SASS counts of ``_pack_channel_kernel`` (bf16, narrow) as ``VARIANTS[name]``."""
-    fill, group, channels, warps, words = VARIANTS[name]
+def label(tuning: channel.ChannelTuning) -> str:
+    """``words+group1, 128 channels, 2 warps``: how ``tuning`` differs from the default
+    launch shape (64 channels, 1 warp, narrow; ``words`` implies ``fill_rows``' rows)."""
+    base = "words" if tuning.words else "fill_rows" if tuning.fill_rows else ""
+    if tuning.channel_group:
+        base += f"+group{tuning.channel_group}"
+    extra = [f"{tuning.channels} channels"] if tuning.channels != 64 else []
+    extra += [f"{tuning.num_warps} warps"] if tuning.num_warps != 1 else []
+    return ", ".join([base or "default", *extra])
+
+
+def counts(index: int) -> dict:
+    """PTX and SASS counts of ``_pack_channel_kernel`` (bf16) at ``SHAPES[index]``."""
+    tuning = channel.ChannelTuning(*SHAPES[index])
+    channels, warps = tuning.channels, tuning.num_warps
     tables = {"src_ptrs": "*i64", "rows": "*i64", "meta": "*i64", "payload": "*u8"}
     args = {**tables, "scales": "*fp32"}
     args.update(dict.fromkeys(("b1", "n0", "n1", "num_layers", "h0"), "i32"))
-    assert channel.DEFAULT_TUNING.narrow
     consts = dict(
-        H=8, HP=8, D=128, DC=channels, KB=KB, IDX=tl.int32, HG=1, HEAD_MAJOR=True,
-        SRC=tl.bfloat16, NARROW=True, FILL=fill, CW=group, WORDS=words, PTX=True,
+        H=8, HP=8, D=128, DC=channels, KB=KB, IDX=tl.int32, HG=tuning.heads_per_program,
+        HEAD_MAJOR=tuning.head_major, SRC=tl.bfloat16, NARROW=tuning.narrow,
+        FILL=tuning.fill_rows, CW=tuning.channel_group, WORDS=tuning.words, PTX=True,
     )  # fmt: skip
     divisible = (*tables, "scales", "num_layers")  # b1, n0, n1, h0: do_not_specialize
     kernel = compile_for_h200(channel._pack_channel_kernel, args, consts, warps, divisible)
@@ -133,12 +134,13 @@ def counts(name: str) -> dict:
     warp_regs = -(-sass["registers"] // 8) * 8 * 32  # allocated in units of 256 a warp
     per_quarter = 16384 // warp_regs  # an SM's four schedulers have 16384 registers each
     return {
-        "variant": name,
-        "fill_rows": fill,
-        "channel_group": group,
+        "shape": index,
+        "variant": label(tuning),
+        "fill_rows": tuning.fill_rows,
+        "channel_group": tuning.channel_group,
         "channels": channels,
         "num_warps": warps,
-        "words": words,
+        "words": tuning.words,
         "ptx_instructions": len(body),
         "selects": sum("selp" in x for x in body),
         "global_loads": sum("ld.global" in x for x in body),
@@ -154,7 +156,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
-    rows = [counts(name) for name in VARIANTS]
+    rows = [counts(index) for index in VARIANTS]
     result = {"hardware": "cpu (compiled for sm_90)", "triton": triton.__version__, "rows": rows}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
