@@ -44,7 +44,8 @@ SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_w
     #          max_registers: a thread's register cap; 0 where not given,
     #          fill_rows: rows past a block's tokens repeat its first; False where not given,
     #          channel_group: adjacent channels a group of the pack's tile; 0 where not given,
-    #          words: bf16 read as int32 words, the main pack's quantiser; False where not given)
+    #          words: bf16 read as int32 words, the main pack's quantiser; False where not given,
+    #          load_bytes: the word loads' promised alignment; 16 where not given)
     (True, 1, 0, 0),  # the default until 2026-12-05 (2 warps for the pack, 4 for the unpack)
     (False, 1, 0, 8),  # the shape before this benchmark
     (False, 1, 0, 4),
@@ -83,7 +84,11 @@ SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_w
     (True, 1, 32, 1, True, 0, True, 1, True),  # / 13.8; 8 / 8 / 16 / 16 / 8 warps an SM;
     (True, 1, 64, 2, True, 0, True, 1, True),  # 37's groups of 8 spill under Triton 3.9)
     (True, 1, 64, 1, True, 0, True, 8, True),
-]
+    (True, 1, 64, 1, True, 0, True, 1, True, 4),  # 38-41: 33, 33, 35, 36 with a thread a
+    (True, 1, 64, 1, True, 0, True, 1, True, 8),  # word (8: two) of every row (s15, sm_90
+    (True, 1, 32, 1, True, 0, True, 1, True, 4),  # SASS an element under Triton 3.6: 11.8 /
+    (True, 1, 64, 2, True, 0, True, 1, True, 4),  # 11.7 / 14.2 / 14.5; registers 254 / 224
+]  # / 114 / 127)
 
 
 def compiled_variants() -> list[dict]:
@@ -179,6 +184,7 @@ def run(args) -> dict:
                     "fill_rows": shape.fill_rows,
                     "channel_group": shape.channel_group,
                     "words": shape.words,
+                    "load_bytes": shape.load_bytes,
                     "kernel_pack_ms": round(pack, 4),
                     "kernel_unpack_ms": round(unpack, 4),
                     "copy_ms": round(copy, 4),

@@ -1,7 +1,8 @@
 """Static counts of the per-channel key pack kernel for sm_90, on the CPU (no GPU): its
 default launch shape, with ``ChannelTuning.fill_rows`` (the ``FILL`` constexpr), with
-``channel_group`` (``CW``) and with ``words`` (``WORDS``) at the shapes
-``bench/channel_kernel.py`` times (``SHAPES`` 17, 26, 28-37), compiled by Triton's own
+``channel_group`` (``CW``), with ``words`` (``WORDS``) and ``load_bytes``
+(``WORD_ALIGN``) at the shapes ``bench/channel_kernel.py`` times (``SHAPES`` 17, 26,
+28-41), compiled by Triton's own
 ptxas as
 ``tests/test_kernels_compile.py`` does,
 specialised as a launch on the device is (16-aligned pointers, 32 layers), and read
@@ -95,7 +96,7 @@ def sass_counts(cubin: bytes) -> dict:
     }
 
 
-VARIANTS = (17, 26, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37)  # SHAPES the sweep times
+VARIANTS = (17, 26, *range(28, 42))  # SHAPES the sweep times
 
 
 def label(tuning: channel.ChannelTuning) -> str:
@@ -104,7 +105,8 @@ def label(tuning: channel.ChannelTuning) -> str:
     base = "words" if tuning.words else "fill_rows" if tuning.fill_rows else ""
     if tuning.channel_group:
         base += f"+group{tuning.channel_group}"
-    extra = [f"{tuning.channels} channels"] if tuning.channels != 64 else []
+    extra = [f"{tuning.load_bytes}-byte loads"] if tuning.load_bytes != 16 else []
+    extra += [f"{tuning.channels} channels"] if tuning.channels != 64 else []
     extra += [f"{tuning.num_warps} warps"] if tuning.num_warps != 1 else []
     return ", ".join([base or "default", *extra])
 
@@ -120,6 +122,7 @@ def counts(index: int) -> dict:
         H=8, HP=8, D=128, DC=channels, KB=KB, IDX=tl.int32, HG=tuning.heads_per_program,
         HEAD_MAJOR=tuning.head_major, SRC=tl.bfloat16, NARROW=tuning.narrow,
         FILL=tuning.fill_rows, CW=tuning.channel_group, WORDS=tuning.words, PTX=True,
+        WORD_ALIGN=tuning.word_align,
     )  # fmt: skip
     divisible = (*tables, "scales", "num_layers")  # b1, n0, n1, h0: do_not_specialize
     kernel = compile_for_h200(channel._pack_channel_kernel, args, consts, warps, divisible)
@@ -141,6 +144,7 @@ def counts(index: int) -> dict:
         "channels": channels,
         "num_warps": warps,
         "words": tuning.words,
+        "load_bytes": tuning.load_bytes,
         "ptx_instructions": len(body),
         "selects": sum("selp" in x for x in body),
         "global_loads": sum("ld.global" in x for x in body),

@@ -66,6 +66,16 @@ class ChannelTuning:
     add); implies ``fill_rows``' rows; other pools ignore it. With ``channel_group=1``:
     14.0 instructions an element under Triton 3.6, 13.1 under 3.9, no spills
     (``bench/channel_ptx.py``; not yet timed). The same bytes.
+    ``load_bytes``: with ``words``, the alignment (16, 8 or 4 bytes) the word loads are
+    promised, which sets the bytes one load of a thread reads from a row and so a
+    thread's share of the tile: 16 (the pools' real alignment) gives a thread 4 words of
+    16 rows, 4 gives it one word (two channels) of all 64 rows. Promising less than the
+    truth is always safe. With 4, a channel's scale, minimum and clamp margin are
+    computed once (not once by each of 4 threads sharing it), and the min/max reductions
+    need no shuffles; each row then costs a 4-byte load and its own address (sm_90,
+    ``words`` with ``channel_group=1``: 11.8 against 14.0 SASS instructions an element
+    under Triton 3.6, 10.9 against 11.7 under 3.9; ``bench/channel_ptx.py``; not yet
+    timed). Other values count as 16; other pools ignore it.
 
     H200 sweep (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
     KV, the whole ``pack_payload``): the default packs in 1.51 ms (0.44 of copy
@@ -90,6 +100,12 @@ class ChannelTuning:
     fill_rows: bool = False
     channel_group: int = 0
     words: bool = False
+    load_bytes: int = 16
+
+    @property
+    def word_align(self) -> int:
+        """The alignment promised to the word loads (``load_bytes``; else 16)."""
+        return self.load_bytes if self.load_bytes in (4, 8) else 16
 
 
 DEFAULT_TUNING = ChannelTuning(channels=64, num_warps=1, narrow=True)
@@ -332,6 +348,7 @@ def _pack_channel_kernel(
     CW: tl.constexpr = 0,  # channels a group of the tile (ChannelTuning.channel_group; 0: DC)
     WORDS: tl.constexpr = False,  # bf16 pools read as int32 words (ChannelTuning.words)
     PTX: tl.constexpr = False,  # compiled (not interpreted): inline PTX and libdevice
+    WORD_ALIGN: tl.constexpr = 16,  # bytes the word loads are promised (load_bytes)
 ):
     """INT8/INT4 key segments with per-channel scales: one program per (key block,
     head group and channel chunk, layer); grid as :func:`_channel_program`'s."""
@@ -345,7 +362,7 @@ def _pack_channel_kernel(
             slot = tl.where(ok, slot, tl.load(rows + first + blk * KB))
         addr = tl.multiple_of(tl.load(src_ptrs + layer), 16)
         pool = tl.multiple_of(addr.to(tl.pointer_type(SRC)), 16)
-        words = tl.multiple_of(addr.to(tl.pointer_type(tl.int32)), 16)
+        words = tl.multiple_of(addr.to(tl.pointer_type(tl.int32)), WORD_ALIGN)
         WG: tl.constexpr = GW // 2 if GW > 1 else 1  # words a group (the WORDS tile)
         word_tile = _channel_tile(c0 // 2, DC // 2, WG)
         for i in tl.static_range(HG):
@@ -453,6 +470,7 @@ def launch_pack_channel(
         CW=group,
         WORDS=words,
         PTX=not interpreted(_pack_channel_kernel),
+        WORD_ALIGN=tuning.word_align,
         **options,
     )
 

@@ -314,6 +314,9 @@ TUNINGS = [
     dict(words=True, channels=8, channel_group=2, num_warps=2),
     dict(words=True, channel_group=1),  # channel pairs along the tile's first axis
     dict(narrow=True, num_warps=1, channel_group=1),
+    dict(words=True, channel_group=1, load_bytes=4),  # a thread a word of every row
+    dict(words=True, channel_group=1, load_bytes=8, num_warps=2),
+    dict(words=True, load_bytes=5),  # not 4 or 8: counts as 16
 ]
 
 
@@ -349,6 +352,7 @@ def test_channel_words_take_the_clamped_path_where_a_block_needs_it():
     plan = K.plan_transfer(req.layout, req.tiers.to(req.slots.device), req.slots)
     default = K.pack_payload(req.k_pools, req.v_pools, plan)
     shapes = [K.ChannelTuning(words=True, channel_group=g) for g in (0, 1, 4)]
+    shapes.append(K.ChannelTuning(words=True, channel_group=1, load_bytes=4))
     for shape in shapes + [K.ChannelTuning(channel_group=1)]:
         assert torch.equal(
             K.pack_payload(req.k_pools, req.v_pools, plan, channel_tuning=shape), default

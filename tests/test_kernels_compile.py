@@ -100,6 +100,13 @@ def compile_all() -> dict:
             {**shape, "SRC": tl.bfloat16, "NARROW": True, "CW": 1, "WORDS": True, "PTX": True},
             warps,
         ),
+        "channel_pack_word_columns": (
+            channel._pack_channel_kernel,
+            chan_args,
+            {**shape, "SRC": tl.bfloat16, "NARROW": True, "CW": 1, "WORDS": True, "PTX": True}
+            | {"WORD_ALIGN": 4},
+            warps,
+        ),
         "channel_unpack": (
             channel._unpack_channel_kernel,
             unpack_args,
@@ -142,7 +149,7 @@ def compiled() -> dict:
     "variant",
     ["pack_token_keys", "pack_channel_keys", "channel_pack_narrow", "channel_pack_wide"]
     + ["channel_pack_fill_rows", "channel_pack_groups_of_8", "channel_pack_words"]
-    + ["channel_unpack", "checksum"],
+    + ["channel_pack_word_columns", "channel_unpack", "checksum"],
 )
 def test_kernel_variant_compiles_for_sm90(compiled, variant):
     """Both pack variants (every tier of K and V; per-channel keys: the FP16 tier of K with
@@ -161,7 +168,8 @@ def test_channel_sass_counts_of_the_bench_script(tmp_path):
     """``bench/channel_ptx.py`` (Triton's own ptxas and cuobjdump, no GPU): the default
     channel pack keeps its stack empty (no spills), ``fill_rows`` runs fewer SASS
     instructions a quantised element and fewer selects, and ``words`` with channel pairs
-    along the tile's first axis fewer still."""
+    along the tile's first axis fewer still, and fewer again with a thread a word of
+    every row (4-byte loads)."""
     triton = pytest.importorskip("triton")
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not all(os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump")):
@@ -185,6 +193,9 @@ def test_channel_sass_counts_of_the_bench_script(tmp_path):
     # layout every Triton version gives (groups of 8 spill under 3.9: not asserted)
     assert words["sass_per_element"] < 0.8 * fill["sass_per_element"]
     assert words["stack_bytes"] == 0
+    columns = rows["words+group1, 4-byte loads"]
+    assert columns["sass_per_element"] < 0.9 * words["sass_per_element"]
+    assert columns["stack_bytes"] == 0
 
 
 if __name__ == "__main__":
