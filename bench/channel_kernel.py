@@ -165,14 +165,16 @@ def run(args) -> dict:
             copy = copy_ms(res.full_nbytes, device, args.iters, 3)
             moved = res.full_nbytes + res.nbytes
             reference = None
-            chosen = [SHAPES[i] for i in args.select] if args.select else SHAPES[: args.shapes]
-            for head_major, hg, dc, warps, *rest in chosen:
-                shape = K.ChannelTuning(head_major, hg, dc, warps, *rest)
+            chosen = args.select if args.select else range(min(args.shapes, len(SHAPES)))
+            for index in chosen:
+                shape = K.ChannelTuning(*SHAPES[index])
+                head_major, hg, dc, warps = SHAPES[index][:4]
                 pack, unpack, same = time_shape(shape, kp, vp, kd, vd, plan, uplan, payload, args)
                 if reference is None:
                     reference = [p.clone() for p in kd]
                 same = same and all(torch.equal(a, b) for a, b in zip(reference, kd))
                 rec = {
+                    "shape": index,
                     "tokens": tokens,
                     "budget": budget,
                     "head_major": head_major,
@@ -217,9 +219,9 @@ def markdown(result: dict) -> str:
         " events; `vs copy`: bandwidth over a same-size `copy_`.",
         "",
         "| tokens | b | head-major | heads/program | channels | warps | narrow | register cap"
-        " | fill rows | channel group | words | pack ms | unpack ms | pack vs copy"
+        " | fill rows | channel group | words | load bytes | pack ms | unpack ms | pack vs copy"
         " | unpack vs copy | same bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         lines.append(
@@ -228,6 +230,7 @@ def markdown(result: dict) -> str:
             f" | {r['num_warps'] or 'auto'} | {r.get('narrow', False)}"
             f" | {r.get('max_registers') or '-'} | {r.get('fill_rows', False)}"
             f" | {r.get('channel_group') or '-'} | {r.get('words', False)}"
+            f" | {r.get('load_bytes', 16)}"
             f" | {r['kernel_pack_ms']}"
             f" | {r['kernel_unpack_ms']} | {r['kernel_pack_vs_copy']}"
             f" | {r['kernel_unpack_vs_copy']} | {r['same_bytes']} |"

@@ -3,33 +3,58 @@
 # the per-channel key pack's shapes of the fourteenth and fifteenth sessions (`fill_rows`,
 # `channel_group`, `words`, `load_bytes`) on CUDA: their bytes against the default's and the
 # reference's (GPU tests), their times against the default and a copy
-# (bench/channel_kernel.py), a later layer-group part's host cost and device wait
-# (bench/part_cost.py), then ncu on the default and on the shape with the fewest SASS
-# instructions an element under both Triton versions (38).
-# Logs and results go to $OUT (6 files).
+# (bench/channel_kernel.py); the fastest shape that qualifies becomes the default of this
+# copy of the checkout (bench/pick_channel_default.py rewrites kernels/channel.py here
+# only), whose bytes the GPU tests check again and whose request path
+# bench/request_path.py times against a copy (the 0.6-of-copy target); a later
+# layer-group part's host cost and device wait (bench/part_cost.py); then, while the
+# call's time lasts, the request path with the old default in the same run and ncu on
+# the default and on shape 38. Logs and results go to $OUT.
 #
 #   carry [".gpu/s1"]:
 #   bash scripts/gpu_setup.sh .gpu/s1 > $OUT/setup.log 2>&1; bash scripts/device_channel_pack.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spectrum_out}
+DEADLINE_S=${DEADLINE_S:-540}  # the call's 600 s, less the setup and the transfers
 mkdir -p "$OUT"
 LOG="$OUT/channel_pack.log"
 source scripts/device_shim.sh  # sglang_spectrum.kernels -> the checkout's kernels/
+step() {  # step NAME CMD...: run CMD, its output into the log, then its rc and time
+  local name=$1 t0=$SECONDS
+  shift
+  echo "[$name]" >> "$LOG"
+  "$@" >> "$LOG" 2>&1
+  echo "[$name rc=$? in $((SECONDS - t0)) s]" >> "$LOG"
+}
+REQUEST_PATH=(python3 bench/request_path.py --tokens 4096 16384 --budgets 0.3 0.5
+  --key-scales channel --pools bf16 --iters 10)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$LOG"
-python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py tests/test_kernels_compile.py \
-  -k "channel or words or signed_zeros" >> "$LOG" 2>&1
-echo "[pytest rc=$?]" >> "$LOG"
-python3 bench/channel_kernel.py --select 17 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 \
-  --tokens 16384 4096 --budgets 0.3 --out "$OUT" >> "$LOG" 2>&1
-echo "[channel_kernel rc=$?]" >> "$LOG"
-python3 bench/part_cost.py --out "$OUT" >> "$LOG" 2>&1
-echo "[part_cost rc=$?]" >> "$LOG"
+step pytest python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py \
+  tests/test_kernels_compile.py -k "channel or words or signed_zeros"
+step channel_kernel python3 bench/channel_kernel.py \
+  --select 17 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 \
+  --tokens 16384 4096 --budgets 0.3 --out "$OUT"
+cp kernels/channel.py "$OUT/channel_before.py.txt"
+step pick python3 bench/pick_channel_default.py "$OUT/channel_kernel.json" --out "$OUT" \
+  --write kernels/channel.py
+if grep -q '"changed": true' "$OUT/channel_default.json" 2> /dev/null; then
+  step pytest_new_default python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_kernels.py \
+    tests/test_transfer.py -k "channel or request_path or byte_identical"
+  step request_path_new_default "${REQUEST_PATH[@]}" --out "$OUT/new_default"
+fi
+step part_cost python3 bench/part_cost.py --out "$OUT"
+if ((SECONDS < DEADLINE_S - 120)); then
+  cp "$OUT/channel_before.py.txt" kernels/channel.py  # the committed default, same run
+  step request_path_old_default "${REQUEST_PATH[@]}" --out "$OUT/old_default"
+fi
 if command -v ncu > /dev/null; then
   for shape in 17 38; do
-    timeout 120 ncu --kernel-name _pack_channel_kernel --launch-count 1 --section SpeedOfLight \
+    ((SECONDS < DEADLINE_S - 100)) || break
+    timeout 90 ncu --kernel-name _pack_channel_kernel --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section SchedulerStats --section WarpStateStats \
       python3 bench/channel_kernel.py --tokens 16384 --budgets 0.3 --select "$shape" --iters 1 \
       --out "/tmp/ncu_$shape" >> "$OUT/channel_pack_ncu.log" 2>&1
   done
 fi
+echo "[done in $SECONDS s]" >> "$LOG"

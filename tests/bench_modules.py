@@ -20,3 +20,13 @@ def serving_gpu(name: str = "serving_gpu"):
         sys.modules["serving_gpu"] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def bench_script(name: str):
+    """``bench/<name>.py`` loaded by path as module ``name`` (once)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
