@@ -54,6 +54,7 @@ from .wire import (  # noqa: F401 (re-exported: the wire format)
     count_tiers,
     encode_header,
     fixed_overhead,
+    header_nbytes,
     header_tier_map,
     payload_checksum,
     read_header,

@@ -71,22 +71,17 @@ so pack and unpack may run on other threads than the scheduler's.
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import torch
 
 from .codec import (
-    FORMAT_VERSION,
-    HEADER_ALIGN,
-    MAGIC,
-    PREFIX,
     PackedHeader,
-    _align,
     count_tiers,
+    encode_header,
+    header_nbytes,
     measure_tier_errors,
     pack_tiers,
     token_budget,
@@ -544,7 +539,7 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             checksum=(1 << 63) - 1,  # the longest encoding: the real one is never longer
             policy=s.info.policy,
         )
-        start = _payload_start(header)
+        start = header_nbytes(header)
         payload = kern.pack_payload(req.k_pools, req.v_pools, plan, s.out[start:], s.heads)
         headers.append(header)
         starts.append(start)
@@ -576,7 +571,7 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
     for s, header, start, payload, pair in zip(slices, headers, starts, payloads, sums):
         header.checksum = kern.combine_checksum(pair)
         header.tier_map = host_tiers[header.layout.num_kv_heads]
-        head = _header_bytes(header)
+        head = torch.frombuffer(bytearray(encode_header(header)), dtype=torch.uint8)
         if head.numel() != start:  # a short checksum: the payload moves (practically never)
             payload = payload.clone()
             s.out[head.numel() : head.numel() + payload.numel()].copy_(payload)
@@ -613,16 +608,3 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             )
         )
     return results
-
-
-def _header_bytes(header: PackedHeader) -> torch.Tensor:
-    """uint8 CPU tensor: prefix + msgpack header + zero padding (``codec.encode_header``)."""
-    body = msgspec.msgpack.encode(header)
-    raw = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(body), zlib.crc32(body)) + body
-    buf = bytearray(_align(len(raw), HEADER_ALIGN))
-    buf[: len(raw)] = raw
-    return torch.frombuffer(buf, dtype=torch.uint8)
-
-
-def _payload_start(header: PackedHeader) -> int:
-    return _align(PREFIX.size + len(msgspec.msgpack.encode(header)), HEADER_ALIGN)

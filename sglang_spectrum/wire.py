@@ -299,6 +299,11 @@ def encode_header(header: PackedHeader) -> bytes:
     return raw + bytes(_align(len(raw), HEADER_ALIGN) - len(raw))
 
 
+def header_nbytes(header: PackedHeader) -> int:
+    """``len(encode_header(header))``, without the prefix's checksum."""
+    return _align(PREFIX.size + len(msgspec.msgpack.encode(header)), HEADER_ALIGN)
+
+
 def _as_uint8(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         if data.dtype != torch.uint8:
