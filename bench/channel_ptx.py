@@ -67,10 +67,12 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
 
 def sass_counts(cubin: bytes) -> dict:
     """Registers, stack and the instructions of the prologue and of the INT8 branch (the
-    longest forward predicated branch: it jumps over that tier's code to the INT4's).
-    Inside that branch an if/else (a predicated jump over a block that ends in a jump
-    past the else block: the ``words`` path's clamped and unclamped quantisers) counts
-    its shorter side, the one a block of ordinary keys takes."""
+    longest forward predicated branch with at most one if/else inside: it jumps over
+    that tier's code to the INT4's; a longer one over both INT tiers, as Triton 3.9
+    lays out the main pack kernel, holds two). Inside that branch an if/else (a
+    predicated jump over a block that ends in a jump past the else block: the clamped
+    and unclamped quantisers) counts its shorter side, the one a block of ordinary
+    values takes."""
     ins = [m for m in map(SASS_LINE.match, cuobjdump(cubin, "-sass").splitlines()) if m]
 
     def jumps(predicated: bool) -> list[tuple[int, int]]:
@@ -80,12 +82,19 @@ def sass_counts(cubin: bytes) -> dict:
             if bool(m[2]) == predicated and m[3] == "BRA" and "0x" in m[4]
         ]
 
-    at, to = max(jumps(True), key=lambda j: j[1] - j[0])
-    longer = 0  # instructions of the longer sides of the branch's if/else blocks
-    for a, b in jumps(True):
-        for c, d in jumps(False):  # "then" block a+16 .. c, else block b .. d
-            if at < a < c < b <= d <= to and c + 16 == b:
-                longer += max(c - a, d - b) // 16
+    # if/else blocks: "then" a+16 .. c, else b .. d
+    pairs = [
+        (a, c, b, d)
+        for a, b in jumps(True)
+        for c, d in jumps(False)
+        if a < c < b <= d and c + 16 == b
+    ]
+    inside = lambda lo, hi: [p for p in pairs if lo < p[0] and p[3] <= hi]  # noqa: E731
+    at, to = max(
+        (j for j in jumps(True) if j[0] < j[1] and len(inside(*j)) <= 1), key=lambda j: j[1] - j[0]
+    )
+    # instructions of the longer side of the branch's if/else
+    longer = sum(max(c - a, d - b) // 16 for a, c, b, d in inside(at, to))
     usage = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump(cubin, "-res-usage"))
     return {
         "registers": int(usage[1]),

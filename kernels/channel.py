@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import libdevice
 
 from ._common import TL_DTYPES, interpreted, launch_options
 from ._fp8 import dest_args, from_fp8, source_args, to_pool
-from ._quant import bf16_words, bf16_words_range, clamp16, plus_zero
+from ._quant import bf16_words, bf16_words_range, clamp16, clamp_margin, codes, group_quantiser
 from .plan import META_HEAD, META_STRIDE, TransferPlan
 
 _META_HEAD = tl.constexpr(META_HEAD)
@@ -61,11 +60,11 @@ class ChannelTuning:
     ``fill_rows``), but Triton 3.9 lays the same tile out otherwise and spills it (56.6);
     0 and 1 compile alike under both.
     ``words``: bf16 pools read as int32 words of channel pairs, quantised with the main
-    pack's steps (``pack._quantize``: min/max two channels an instruction, the clamps of
-    every element skipped when the block provably needs none, the floor as a full-rate
-    add); implies ``fill_rows``' rows; other pools ignore it. With ``channel_group=1``:
-    14.0 instructions an element under Triton 3.6, 13.1 under 3.9, no spills
-    (``bench/channel_ptx.py``; not yet timed). The same bytes.
+    pack's steps (``pack._store_quantized``: min/max two channels an instruction, the
+    clamps of every element skipped when the block provably needs none, the floor as a
+    full-rate add); implies ``fill_rows``' rows; other pools ignore it. With
+    ``channel_group=1``: 13.8 instructions an element under Triton 3.6, 12.8 under 3.9,
+    no spills (``bench/channel_ptx.py``; not yet timed). The same bytes.
     ``load_bytes``: with ``words``, the alignment (16, 8 or 4 bytes) the word loads are
     promised, which sets the bytes one load of a thread reads from a row and so a
     thread's share of the tile: 16 (the pools' real alignment) gives a thread 4 words of
@@ -73,8 +72,8 @@ class ChannelTuning:
     truth is always safe. With 4, a channel's scale, minimum and clamp margin are
     computed once (not once by each of 4 threads sharing it), and the min/max reductions
     need no shuffles; each row then costs a 4-byte load and its own address (sm_90,
-    ``words`` with ``channel_group=1``: 11.8 against 14.0 SASS instructions an element
-    under Triton 3.6, 10.9 against 11.7 under 3.9; ``bench/channel_ptx.py``; not yet
+    ``words`` with ``channel_group=1``: 11.7 against 13.8 SASS instructions an element
+    under Triton 3.6, 10.8 against 12.8 under 3.9; ``bench/channel_ptx.py``; not yet
     timed). Other values count as 16; other pools ignore it.
 
     H200 sweep (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
@@ -167,23 +166,6 @@ def _channel_tile(c0, DC: tl.constexpr, CW: tl.constexpr):
 
 
 @triton.jit
-def _channel_scales(lo_x, hi_x, QMAX: tl.constexpr):
-    """Per-channel quantiser of ``codec.quantize_channels`` (its float32 steps) from each
-    channel's raw minimum ``lo_x`` and maximum ``hi_x`` (float32, any shape): (clamped
-    minimum, clamped maximum, fp16 scale, fp16 minimum, float32 minimum, inverse scale)."""
-    lo = clamp16(lo_x)
-    hi = clamp16(hi_x)
-    lo = tl.where(lo <= hi, lo, 0.0)  # a block without rows stores nothing anyway
-    hi = tl.where(lo <= hi, hi, 0.0)
-    scale = plus_zero(tl.math.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32)).to(tl.float16))
-    mn = plus_zero(lo.to(tl.float16))
-    s = scale.to(tl.float32)
-    safe = tl.where(s > 0, s, 1.0)
-    inv = tl.where(s > 0, tl.math.div_rn(tl.full(lo.shape, 1.0, tl.float32), safe), 0.0)
-    return lo, hi, scale, mn, mn.to(tl.float32), inv
-
-
-@triton.jit
 def _store_codes_and_scales(
     q,
     scale,
@@ -248,7 +230,7 @@ def _quantize_channels(x, ok, BITS: tl.constexpr, FILLED: tl.constexpr):
     else:
         lo_x = tl.min(tl.where(ok3, x, float("inf")), 1).to(tl.float32)
         hi_x = tl.max(tl.where(ok3, x, float("-inf")), 1).to(tl.float32)
-    _, _, scale, mn, m, inv = _channel_scales(lo_x, hi_x, QMAX)
+    _, _, scale, mn, m, inv = group_quantiser(lo_x, hi_x, QMAX, True)
     v = (clamp16(x.to(tl.float32)) - m[:, None, :]) * inv[:, None, :] + 0.5
     q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
     return q, scale, mn
@@ -260,11 +242,14 @@ def _quantize_channel_words(
 ):
     """:func:`_quantize_channels` for bf16 pools read as int32 words ``w`` ``[DC // CW, KB,
     max(CW // 2, 1)]`` (channels 2i and 2i+1 of a group in word i; every row valid or a
-    repeat of one: ``fill_rows``), with the steps of ``pack._quantize``: min/max two
-    channels an instruction (``PTX``: ``min.bf16x2``; else the even and odd halves), the
-    clamps of every element skipped when the block provably needs none, and with ``PTX``
-    the floor as a round-toward-zero add of 2**23 (a full-rate FADD, not a conversion):
-    the codes in the low bits. The same codes, scales and minima, in the same shapes."""
+    repeat of one: ``fill_rows``), with the main pack's steps (``pack._store_quantized``):
+    min/max two channels an instruction (``PTX``: ``min.bf16x2``; else the even and odd
+    halves), the clamps of every element skipped when the block provably needs none
+    (``_quant.clamp_margin``), and with ``PTX`` the floor as a round-toward-zero add of
+    2**23 (a full-rate FADD, not a conversion): the codes in the low bits. The same
+    codes, scales and minima, in the same shapes. (The halves are joined back here,
+    unlike the main pack's: stored straight from their own layout, the store's layout
+    took over the whole tile and spilled, 30 SASS instructions an element at shape 33.)"""
     QMAX: tl.constexpr = (1 << BITS) - 1
     even, odd, lo_e, lo_o, hi_e, hi_o = bf16_words_range(w, 1, PTX)
     # [G, max(CW // 2, 1), 2]: channel 2i + k of a group at [., i, k] (CW == 1: [DC // 2,
@@ -272,23 +257,13 @@ def _quantize_channel_words(
     lo_x = tl.join(lo_e, lo_o)
     hi_x = tl.join(hi_e, hi_o)
     x = tl.join(even, odd)  # [G, KB, max(CW // 2, 1), 2]
-    lo, hi, scale, mn, m, inv = _channel_scales(lo_x, hi_x, QMAX)
-    # >= 0 for every channel iff no element needs a clamp: the float32 steps are monotone
-    # in x (inv >= 0), so the block's extremes bound every code (pack._quantize)
-    v_lo = (lo - m) * inv + 0.5
-    v_hi = (hi - m) * inv + 0.5
-    margin = tl.minimum(
-        tl.minimum(v_lo, (QMAX + 0.99609375) - v_hi), tl.minimum(lo_x + 65504.0, 65504.0 - hi_x)
-    )
+    lo, hi, scale, mn, m, inv = group_quantiser(lo_x, hi_x, QMAX)  # every row is valid
+    margin = clamp_margin(lo_x, hi_x, lo, hi, m, inv, QMAX)
+    m, inv = m[:, None, :, :], inv[:, None, :, :]
     if tl.min(tl.min(tl.min(margin, 2), 1), 0) < 0.0:
-        v = (clamp16(x) - m[:, None, :, :]) * inv[:, None, :, :] + 0.5
-        v = tl.minimum(tl.maximum(v, 0.0), QMAX)
+        q = codes(x, m, inv, QMAX, True, PTX)
     else:
-        v = (x - m[:, None, :, :]) * inv[:, None, :, :] + 0.5
-    if PTX:
-        q = libdevice.add_rz(v, 8388608.0).to(tl.int32, bitcast=True)  # 2**23 + floor(v)
-    else:
-        q = tl.floor(v).to(tl.int32)
+        q = codes(x, m, inv, QMAX, False, PTX)
     if CW == 1:  # back to [DC, KB, 1] and [DC, 1]
         q = tl.reshape(tl.permute(q, (0, 3, 1, 2)), [DC, KB, 1])
         scale = tl.reshape(tl.permute(scale, (0, 2, 1)), [DC, 1])

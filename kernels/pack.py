@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import libdevice
 
 from ..codec import (
     SOURCE_DTYPES,
@@ -44,7 +43,7 @@ from ._common import (
     wire_dtype,
 )
 from ._fp8 import from_fp8, source_args
-from ._quant import bf16_words, bf16_words_range, clamp16, plus_zero
+from ._quant import bf16_words, bf16_words_range, clamp_margin, codes, group_quantiser
 from .channel import DEFAULT_TUNING, ChannelTuning, launch_pack_channel
 from .checksum import fast_checksum
 from .plan import (
@@ -112,83 +111,6 @@ def _pool_rows(
 
 
 @triton.jit
-def _group_range(
-    x, BR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, WORDS: tl.constexpr, PTX: tl.constexpr
-):
-    """float32 values ``[BR, G, GS]`` and their per-group minimum and maximum.
-
-    With ``WORDS``, ``x`` is ``[BR, G*GS/2]`` int32 words of bf16 pairs: min/max
-    run on the packed pairs (``min.bf16x2``, exact: bf16 -> float32 is exact),
-    two elements per instruction, and the widening is a shift and a mask. The
-    interpreter (no inline PTX) reduces the even and odd halves instead: the
-    same numbers.
-    """
-    if WORDS:
-        wg = tl.reshape(x, [BR, G, GS // 2])
-        even, odd, lo_a, lo_b, hi_a, hi_b = bf16_words_range(wg, 2, PTX)
-        xg = tl.reshape(tl.join(even, odd), [BR, G, GS])
-        return xg, tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
-    else:
-        xg = tl.reshape(x.to(tl.float32), [BR, G, GS])
-        return xg, tl.min(xg, 2), tl.max(xg, 2)
-
-
-@triton.jit
-def _quantize(
-    x,
-    BR: tl.constexpr,
-    G: tl.constexpr,
-    GS: tl.constexpr,
-    QMAX: tl.constexpr,
-    RZ: tl.constexpr,
-    WORDS: tl.constexpr,
-):
-    """Reference quantiser on ``[BR, G*GS]``: codes, fp16 scale and minimum ``[BR, G]``.
-
-    Same float32 steps as ``codec.quantize`` with fewer instructions (the pack is
-    issue-bound). ``clamp(floor(v))`` is computed as ``floor(clamp(v))`` (equal
-    for every non-NaN v), and with ``RZ`` floor is a round-toward-zero add of
-    2**23 (full-rate FADD instead of FRND + F2I on the quarter-rate conversion
-    pipe), so the code sits in the low bits of the returned int32 (truncate it;
-    the interpreter path returns it clean).
-
-    The per-element clamps are skipped when the whole block provably needs none
-    (one block-wide flag, computed per group): the float32 steps are monotone in
-    ``x`` (``inv >= 0``), so when every value is inside +-65504 (the fp16-range
-    clamp is then the identity; min/max commute with it anyway) and each group's
-    minimum and maximum quantise to ``0 <= v < qmax + 1``, every element of the
-    group does too and ``floor(v)`` is already in range. Groups whose range is
-    tiny against their magnitude can miss this (the fp16 rounding of the minimum
-    is then many steps): such blocks take the exact clamped path.
-    """
-    xg, lo_x, hi_x = _group_range(x, BR, G, GS, WORDS, RZ)
-    lo, hi = clamp16(lo_x), clamp16(hi_x)
-    scale = plus_zero(tl.math.div_rn(hi - lo, tl.full([BR, G], QMAX, tl.float32)).to(tl.float16))
-    mn = plus_zero(lo.to(tl.float16))
-    s = scale.to(tl.float32)
-    m = mn.to(tl.float32)
-    safe = tl.where(s > 0, s, 1.0)  # 1/0 never computed
-    inv = tl.where(s > 0, tl.math.div_rn(tl.full([BR, G], 1.0, tl.float32), safe), 0.0)
-    # >= 0 iff the group needs no clamp (the sign of a float32 difference is exact;
-    # the upper bound qmax + 1 - 2**-8 is a float32 number)
-    v_lo = (lo - m) * inv + 0.5
-    v_hi = (hi - m) * inv + 0.5
-    margin = tl.minimum(
-        tl.minimum(v_lo, (QMAX + 0.99609375) - v_hi), tl.minimum(lo_x + 65504.0, 65504.0 - hi_x)
-    )
-    if tl.min(tl.min(margin, 1), 0) < 0.0:
-        v = (clamp16(xg) - m[:, :, None]) * inv[:, :, None] + 0.5
-        v = tl.minimum(tl.maximum(v, 0.0), QMAX)
-    else:
-        v = (xg - m[:, :, None]) * inv[:, :, None] + 0.5
-    if RZ:
-        q = libdevice.add_rz(v, 8388608.0).to(tl.int32, bitcast=True)  # 2**23 + floor(v)
-    else:
-        q = tl.floor(v).to(tl.int32)
-    return tl.reshape(q, [BR, G * GS]), scale, mn
-
-
-@triton.jit
 def _store_quantized(
     x,
     payload,
@@ -204,20 +126,62 @@ def _store_quantized(
     RZ: tl.constexpr,
     WORDS: tl.constexpr,
 ):
-    q, scale, mn = _quantize(x, BR, G, D // G, (1 << BITS) - 1, RZ, WORDS)
-    codes = payload + seg
-    if BITS == 8:
-        tl.store(
-            codes + dst[:, None] * D + tl.arange(0, D)[None, :], q.to(tl.uint8), mask=valid[:, None]
-        )
-    else:  # element 2j in the low nibble, 2j+1 in the high one
-        lo, hi = tl.split(tl.reshape(q, [BR, D // 2, 2]))  # low byte of hi*16 + lo: no masks
-        tl.store(
-            codes + dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
-            ((hi << 4) + lo).to(tl.uint8),
-            mask=valid[:, None],
-        )
-    sc = (codes + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
+    """Quantise rows ``x`` ``[BR, D]`` (``codec.quantize``'s float32 steps, with fewer
+    instructions: the pack is issue-bound) and store their codes and per-group (scale,
+    minimum) pairs. INT4 puts element 2j in the low nibble of byte j.
+
+    With ``WORDS``, ``x`` is ``[BR, D / 2]`` int32 words of bf16 pairs: min/max run on
+    the packed pairs (``min.bf16x2``, exact: bf16 -> float32 is exact), two elements an
+    instruction, and the widening is a shift and a mask (the interpreter, without
+    inline PTX, reduces the even and odd halves instead: the same numbers). The halves
+    are quantised apart and stored apart from each other's layout: a word's two codes
+    are one 16-bit word (INT8) or byte (INT4) of ``code(2j) + (code(2j+1) << bits)``
+    (the RZ codes' bias sits above bit 16 and is truncated away). Joining the halves
+    back into element order would cost a transpose between threads (shuffles) the
+    bytes do not need (sm_90: 14.8 against 18.0 SASS instructions an element of an
+    INT8 program, ``bench/results/pack_ptx_triton3.6.0*.json``).
+    """
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    GS: tl.constexpr = D // G
+    out = payload + seg
+    if WORDS:
+        wg = tl.reshape(x, [BR, G, GS // 2])
+        even, odd, lo_a, lo_b, hi_a, hi_b = bf16_words_range(wg, 2, RZ)
+        lo_x, hi_x = tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
+        lo, hi, scale, mn, m, inv = group_quantiser(lo_x, hi_x, QMAX)
+        margin = clamp_margin(lo_x, hi_x, lo, hi, m, inv, QMAX)
+        m, inv = m[:, :, None], inv[:, :, None]
+        if tl.min(tl.min(margin, 1), 0) < 0.0:
+            q_even = codes(even, m, inv, QMAX, True, RZ)
+            q_odd = codes(odd, m, inv, QMAX, True, RZ)
+        else:
+            q_even = codes(even, m, inv, QMAX, False, RZ)
+            q_odd = codes(odd, m, inv, QMAX, False, RZ)
+        pair = tl.reshape(q_even + (q_odd << BITS), [BR, D // 2])
+        half = dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
+        if BITS == 8:
+            words = out.to(tl.pointer_type(tl.uint16), bitcast=True)
+            tl.store(words + half, pair.to(tl.uint16), mask=valid[:, None])
+        else:
+            tl.store(out + half, pair.to(tl.uint8), mask=valid[:, None])
+    else:
+        xg = tl.reshape(x.to(tl.float32), [BR, G, GS])
+        lo_x, hi_x = tl.min(xg, 2), tl.max(xg, 2)
+        lo, hi, scale, mn, m, inv = group_quantiser(lo_x, hi_x, QMAX)
+        margin = clamp_margin(lo_x, hi_x, lo, hi, m, inv, QMAX)
+        m, inv = m[:, :, None], inv[:, :, None]
+        if tl.min(tl.min(margin, 1), 0) < 0.0:
+            q = tl.reshape(codes(xg, m, inv, QMAX, True, RZ), [BR, D])
+        else:
+            q = tl.reshape(codes(xg, m, inv, QMAX, False, RZ), [BR, D])
+        if BITS == 8:
+            row = dst[:, None] * D + tl.arange(0, D)[None, :]
+            tl.store(out + row, q.to(tl.uint8), mask=valid[:, None])
+        else:  # the low byte of hi*16 + lo: no masks
+            lo, hi = tl.split(tl.reshape(q, [BR, D // 2, 2]))
+            half = dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
+            tl.store(out + half, ((hi << 4) + lo).to(tl.uint8), mask=valid[:, None])
+    sc = (out + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
     pair = (dst[:, None, None] * G + tl.arange(0, G)[None, :, None]) * 2
     pair = pair + tl.arange(0, 2)[None, None, :]
     tl.store(sc + pair, tl.join(scale, mn), mask=valid[:, None, None])

@@ -198,5 +198,28 @@ def test_channel_sass_counts_of_the_bench_script(tmp_path):
     assert columns["stack_bytes"] == 0
 
 
+def test_pack_sass_counts_of_the_bench_script(tmp_path):
+    """``bench/pack_ptx.py``: the main pack kernel compiles for sm_90 without spills, and
+    its bf16-words path (halves quantised apart, a pair's codes stored as one word)
+    issues fewer instructions an element of an INT8 program than the values path of
+    fp16 pools."""
+    triton = pytest.importorskip("triton")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump")):
+        pytest.skip("needs Triton's bundled ptxas and cuobjdump (nvidia backend)")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "pack_ptx.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, script, "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    (result,) = tmp_path.glob("pack_ptx_triton*.json")
+    rows = {r["variant"].split(",")[-1].strip(): r for r in json.loads(result.read_text())["rows"]}
+    words, fp16 = rows["bf16 words"], rows["fp16 pools"]
+    assert all(r["stack_bytes"] == 0 and r["sass_int8_branch"] > 0 for r in rows.values())
+    assert words["sass_per_element"] < 0.9 * fp16["sass_per_element"]
+
+
 if __name__ == "__main__":
     print(json.dumps(compile_all()))
