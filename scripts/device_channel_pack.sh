@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17 item 5 on the GPU machine in one call (bench/README "Next GPU lease", item 5):
+# the GPU tests of every kernel (the fifteenth session changed the main pack's bf16 path);
 # the per-channel key pack's shapes of the fourteenth and fifteenth sessions (`fill_rows`,
 # `channel_group`, `words`, `load_bytes`) on CUDA: their bytes against the default's and the
 # reference's (GPU tests), their times against the default and a copy
@@ -30,8 +31,12 @@ step() {  # step NAME CMD...: run CMD, its output into the log, then its rc and 
 REQUEST_PATH=(python3 bench/request_path.py --tokens 4096 16384 --budgets 0.3 0.5
   --key-scales channel --pools bf16 --iters 10)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$LOG"
-step pytest python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py \
-  tests/test_kernels_compile.py -k "channel or words or signed_zeros"
+# every GPU test of the kernels and the request path (s15 changed the main pack's words
+# path), then the launch shapes' bytes on CUDA
+step pytest_gpu python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_kernels.py \
+  tests/test_fp8_kernels.py tests/test_transfer.py
+step pytest_shapes python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py \
+  -k "channel_launch_shapes or clamped_path"
 step channel_kernel python3 bench/channel_kernel.py \
   --select 17 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 \
   --tokens 16384 4096 --budgets 0.3 --out "$OUT"
