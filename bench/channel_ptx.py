@@ -67,9 +67,10 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
 
 def sass_counts(cubin: bytes) -> dict:
     """Registers, stack and the instructions of the prologue and of the INT8 branch (the
-    longest forward predicated branch with at most one if/else inside: it jumps over
-    that tier's code to the INT4's; a longer one over both INT tiers, as Triton 3.9
-    lays out the main pack kernel, holds two). Inside that branch an if/else (a
+    longest forward predicated branch over one tier's code: it jumps over the INT8 code
+    to the INT4's; a longer one over both INT tiers, as Triton 3.9 lays out the main
+    pack kernels, holds two if/else blocks or the INT8 code's exit). Inside that branch
+    an if/else (a
     predicated jump over a block that ends in a jump past the else block: the clamped
     and unclamped quantisers) counts its shorter side, the one a block of ordinary
     values takes."""
@@ -90,9 +91,12 @@ def sass_counts(cubin: bytes) -> dict:
         if a < c < b <= d and c + 16 == b
     ]
     inside = lambda lo, hi: [p for p in pairs if lo < p[0] and p[3] <= hi]  # noqa: E731
-    at, to = max(
-        (j for j in jumps(True) if j[0] < j[1] and len(inside(*j)) <= 1), key=lambda j: j[1] - j[0]
-    )
+    exits = [int(m[1], 16) for m in ins if not m[2] and m[3] == "EXIT"]
+
+    def one_tier(a: int, b: int) -> bool:  # no tier's end (an EXIT) before the body's end
+        return a < b and len(inside(a, b)) <= 1 and not any(a < e < b - 4 * 16 for e in exits)
+
+    at, to = max((j for j in jumps(True) if one_tier(*j)), key=lambda j: j[1] - j[0])
     # instructions of the longer side of the branch's if/else
     longer = sum(max(c - a, d - b) // 16 for a, c, b, d in inside(at, to))
     usage = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump(cubin, "-res-usage"))

@@ -1,6 +1,7 @@
 """Static counts of the main pack kernel (``kernels/pack.py``: per-token scales, the V rows
-of every request and the K rows of token-key layouts) for sm_90, on the CPU (no GPU), as
-``bench/channel_ptx.py`` counts the per-channel key kernel: compiled by Triton's own
+of every request and the K rows of token-key layouts) and of its unpack twin
+(``kernels/unpack.py``) for sm_90, on the CPU (no GPU), as ``bench/channel_ptx.py``
+counts the per-channel key kernel: compiled by Triton's own
 ptxas, specialised as a launch on the device is (16-aligned pointers, 32 layers), at the
 launch shape the device runs (``pack.PACK_SHAPE``: 32 rows of 128 elements, 4 warps), and
 read back with Triton's own ``cuobjdump``. Per INT8 and INT4 program: the instructions
@@ -18,6 +19,7 @@ Usage (CPU; the device's Triton in the throwaway venv of ``bench/channel_ptx.py`
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import pathlib
 import sys
@@ -29,15 +31,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from channel_ptx import SASS_LINE, cuobjdump, sass_counts  # noqa: E402
-from sglang_spectrum.kernels import pack  # noqa: E402
+from sglang_spectrum.kernels import pack, unpack  # noqa: E402
 from test_kernels_compile import compile_for_h200  # noqa: E402
 
 D, WARPS = 128, pack.PACK_SHAPE[1]
 BR = pack.PACK_SHAPE[0] // D
-VARIANTS = {  # name: constexprs over the common ones
+VARIANTS = {  # name: constexprs over the common ones (a kernel's own names only)
     "values (channel-key layouts), bf16 words": dict(INT_KEYS=False, WORDS=True),
     "keys and values (token-key layouts), bf16 words": dict(INT_KEYS=True, WORDS=True),
     "values, fp16 pools": dict(INT_KEYS=False, WORDS=False, SRC=tl.float16, WIRE=tl.float16),
+    "unpack: keys and values, bf16 pools": dict(DST=tl.bfloat16, SOFT_BF16=False),
 }
 
 
@@ -59,13 +62,19 @@ def tier_branches(cubin: bytes) -> dict:
 
 def counts(name: str, consts: dict) -> dict:
     ints = dict.fromkeys(("blk_lo", "b1", "b2", "n0", "n1", "n2", "num_layers", "h0"), "i32")
-    tables = {"src_ptrs": "*i64", "rows": "*i64", "meta": "*i64", "payload": "*u8"}
-    args = {**tables, "scales": "*fp32", **ints}
-    base = dict(
-        SRC=tl.bfloat16, WIRE=tl.bfloat16, H=8, HP=8, D=D, G=1, BR=BR, RZ=True, IDX=tl.int32
-    )
-    divisible = (*tables, "scales", "num_layers")
-    kernel = compile_for_h200(pack._pack_kernel, args, {**base, **consts}, WARPS, divisible)
+    if name.startswith("unpack"):
+        fn = unpack._unpack_kernel
+        tables = {"payload": "*u8", "dst_ptrs": "*i64", "rows": "*i64", "meta": "*i64"}
+        tables.update(src_scales="*fp32", dst_scales="*fp32")
+    else:
+        fn = pack._pack_kernel
+        tables = {"src_ptrs": "*i64", "rows": "*i64", "meta": "*i64", "payload": "*u8"}
+        tables.update(scales="*fp32")
+    base = dict(SRC=tl.bfloat16, WIRE=tl.bfloat16, H=8, HP=8, D=D, G=1, BR=BR, RZ=True)
+    params = inspect.signature(fn.fn).parameters
+    consts = {k: v for k, v in {**base, "IDX": tl.int32, **consts}.items() if k in params}
+    divisible = (*tables, "num_layers")
+    kernel = compile_for_h200(fn, {**tables, **ints}, consts, WARPS, divisible)
     sass = tier_branches(kernel.asm["cubin"])
     per_thread = BR * D // (32 * WARPS)
     program = sass["sass_prologue"] + sass["sass_int8_branch"]

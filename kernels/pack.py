@@ -60,57 +60,6 @@ _META_STRIDE = tl.constexpr(META_STRIDE)
 
 
 @triton.jit
-def _locate(
-    meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H: tl.constexpr, BR: tl.constexpr
-):
-    """Tier, list start, segment rows and byte offset, and the rows of this block.
-
-    The tier-level numbers come as arguments (``b1``, ``b2``: first blocks of
-    INT8 and INT4; ``n*``: tokens per tier) so that the only loads before the
-    KV gather are the slot indices: each dependent round trip ahead of the
-    gather costs the whole program its latency.
-
-    Returns (tier, list0, n_seg, seg, r, live, valid, dst): ``r`` int64 ``[BR]``
-    tier rows, ``live`` those that exist (safe to read), ``valid`` those this
-    layer holds (to write), ``dst`` their segment rows.
-    """
-    tier = (pid >= b1).to(tl.int32) + (pid >= b2).to(tl.int32)
-    blk0 = tl.where(tier == 0, 0, tl.where(tier == 1, b1, b2))
-    list0 = tl.where(tier == 0, 0, tl.where(tier == 1, n0, n0 + n1))
-    n_tier = tl.where(tier == 0, n0, tl.where(tier == 1, n1, n2))
-    e = _META_HEAD + (tier * num_layers + layer) * _META_STRIDE
-    base = tl.load(meta + e)
-    n_seg = tl.load(meta + e + 1)
-    seg = tl.multiple_of(tl.load(meta + e + 2 + kv), 16)  # segments are 16-byte aligned
-    r = (pid - blk0) * BR + tl.arange(0, BR).to(tl.int64)
-    live = r < n_tier * H
-    return tier, list0, n_seg, seg, r, live, live & (r >= base * H), r - base * H
-
-
-@triton.jit
-def _pool_rows(
-    ptrs,
-    rows,
-    idx,
-    list0,
-    r,
-    live,
-    h0,
-    DT: tl.constexpr,
-    H: tl.constexpr,
-    HP: tl.constexpr,
-    D: tl.constexpr,
-):
-    """Element offsets ``[BR, D]`` of rows ``r`` in the pool ``ptrs[idx]`` and its base: row
-    ``r`` is head ``h0 + r % H`` of a pool of ``HP`` heads per slot."""
-    addr = tl.multiple_of(tl.load(ptrs + idx), 16)
-    pool = tl.multiple_of(addr.to(tl.pointer_type(DT)), 16)  # caching allocator: >= 256 B
-    slot = tl.load(rows + list0 + r // H, mask=live, other=0)
-    off = (slot * HP + h0 + r % H) * D
-    return pool, off[:, None] + tl.arange(0, D)[None, :]
-
-
-@triton.jit
 def _store_quantized(
     x,
     payload,
@@ -188,7 +137,7 @@ def _store_quantized(
 
 
 @triton.jit
-def _pack_block(
+def block_rows(
     meta,
     rows,
     pid,
@@ -207,13 +156,19 @@ def _pack_block(
     BR: tl.constexpr,
     IDX: tl.constexpr,
 ):
-    """:func:`_locate` and :func:`_pool_rows` in one, with the row arithmetic in
-    ``IDX`` (int32 unless the request has ``2**31`` elements or more: half the
-    integer instructions of int64). The pool offsets stay int64 (row ``r``: head
-    ``h0 + r % H`` of ``HP`` per slot).
+    """Tier, segment and rows of block ``pid`` (the pack's and the unpack's), with the row
+    arithmetic in ``IDX`` (int32 unless the request has ``2**31`` elements or more: half
+    the integer instructions of int64).
 
-    Returns (tier, n_seg, seg, valid, dst, off, live): ``off`` int64 ``[BR]``
-    element offsets of the rows in their pool.
+    The tier-level numbers come as arguments (``b1``, ``b2``: first blocks of
+    INT8 and INT4; ``n*``: tokens per tier) so that the only loads before the
+    KV gather are the slot indices: each dependent round trip ahead of the
+    gather costs the whole program its latency.
+
+    Returns (tier, n_seg, seg, valid, dst, off, live): ``live`` ``[BR]`` the tier rows
+    that exist (safe to read), ``valid`` those this layer holds (to write), ``dst``
+    their segment rows, ``off`` int64 their element offsets in the pool (row ``r``:
+    head ``h0 + r % H`` of ``HP`` per slot ``rows[list0 + r // H]``).
     """
     tier = (pid >= b1).to(tl.int32) + (pid >= b2).to(tl.int32)
     blk0 = tl.where(tier == 0, 0, tl.where(tier == 1, b1, b2))
@@ -265,7 +220,7 @@ def _pack_kernel(
     kv = KV0 + tl.program_id(1) % NKV
     # FP16 rows of K and V; INT rows of V, and of K unless the channel kernel packs those
     if (kv == 1) | (pid < b1) | INT_KEYS:
-        tier, n_seg, seg, valid, dst, off, live = _pack_block(
+        tier, n_seg, seg, valid, dst, off, live = block_rows(
             meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, h0, H, HP, D, BR, IDX
         )
         addr = tl.multiple_of(tl.load(src_ptrs + layer + kv * num_layers), 16)

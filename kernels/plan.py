@@ -30,7 +30,7 @@ from ..config import SpectrumConfigError
 
 BLOCK_ELEMS = 4096  # elements of KV one program moves (8 KiB of bf16)
 META_HEAD = 10  # meta[0:4] block starts, [4:7] list starts, [7:10] tokens per tier
-# (for inspection: the kernels get these as scalar arguments, see pack._locate)
+# (for inspection: the kernels get these as scalar arguments, see pack.block_rows)
 META_STRIDE = 4  # per (tier, layer): base, rows in segment, K offset, V offset
 
 

@@ -37,7 +37,7 @@ from ._common import (
 from ._fp8 import dest_args, fp8_kind, from_fp8, scale_table, to_pool
 from .channel import DEFAULT_TUNING, ChannelTuning, launch_unpack_channel
 from .checksum import fast_checksum
-from .pack import _locate, _pool_rows, int_scratch
+from .pack import block_rows, int_scratch
 from .plan import TransferPlan, kernel_supported, plan_transfer
 
 
@@ -99,6 +99,7 @@ def _unpack_kernel(
     G: tl.constexpr,
     BR: tl.constexpr,
     SOFT_BF16: tl.constexpr,
+    IDX: tl.constexpr = tl.int64,  # row arithmetic: tl.int32 unless the request is huge
     NKV: tl.constexpr = 2,  # 2: K and V (grid axis 1 = 2L); 1: only KV0
     KV0: tl.constexpr = 0,
     SFP8: tl.constexpr = 0,  # FP8 source (top tier of FP8 bits): 1 e4m3fn, 2 e5m2
@@ -106,14 +107,16 @@ def _unpack_kernel(
     DDIV: tl.constexpr = False,  # some destination scale is not 1.0
     COPY: tl.constexpr = False,  # FP8 -> FP8 of the same dtype and scales: copy the top tier
 ):
-    pid = tl.program_id(0).to(tl.int64) + blk_lo
+    pid = tl.program_id(0).to(IDX) + blk_lo
     layer = tl.program_id(1) // NKV
     kv = KV0 + tl.program_id(1) % NKV
-    tier, list0, n_seg, seg, r, live, valid, dst = _locate(
-        meta, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, H, BR
+    tier, n_seg, seg, valid, dst, rows_off, _ = block_rows(
+        meta, rows, pid, layer, kv, num_layers, b1, b2, n0, n1, n2, h0, H, HP, D, BR, IDX
     )
     idx = layer + kv * num_layers
-    pool, off = _pool_rows(dst_ptrs, rows, idx, list0, r, live, h0, DST, H, HP, D)
+    addr = tl.multiple_of(tl.load(dst_ptrs + idx), 16)
+    pool = tl.multiple_of(addr.to(tl.pointer_type(DST)), 16)  # caching allocator: >= 256 B
+    off = rows_off[:, None] + tl.arange(0, D)[None, :]
     sd = tl.load(dst_scales + idx)
     if tier == 0:
         src = (payload + seg).to(tl.pointer_type(WIRE), bitcast=True)
@@ -177,6 +180,8 @@ def _launch_unpack(
     src_scales = scale_table(lay.kv_scales, lay.num_layers, device)
     dst_scales, dfp8, ddiv = dest_args(fp8, lay.num_layers, device)
     copy = bool(sfp8) and sfp8 == dfp8 and list(lay.kv_scales) == fp8.scales
+    # largest row-arithmetic value: (rows of a tier + a block) * head_dim
+    huge = (sum(plan.counts) * lay.num_kv_heads + plan.block_rows) * lay.head_dim >= 2**31
     _unpack_kernel[(blk_hi - blk_lo, nkv * lay.num_layers)](
         payload,
         ptrs,
@@ -197,6 +202,7 @@ def _launch_unpack(
         G=lay.groups,
         BR=plan.block_rows,
         SOFT_BF16=interpreted(_unpack_kernel) and dtype == torch.bfloat16,
+        IDX=tl.int64 if huge else tl.int32,
         NKV=nkv,
         KV0=1 if values_only else 0,
         SFP8=sfp8,

@@ -48,7 +48,7 @@ def compile_for_h200(
 def compile_all() -> dict:
     """Every variant: ``{name: {"cubin": bytes, "atomics": [PTX atomic lines]}}``."""
     import triton.language as tl
-    from sglang_spectrum.kernels import channel, checksum, pack
+    from sglang_spectrum.kernels import channel, checksum, pack, unpack
 
     ints = lambda *names: dict.fromkeys(names, "i32")  # noqa: E731
     tables = {"src_ptrs": "*i64", "rows": "*i64", "meta": "*i64", "payload": "*u8"}
@@ -58,6 +58,13 @@ def compile_all() -> dict:
         SRC=tl.bfloat16, WIRE=tl.bfloat16, H=8, HP=8, D=128, G=1, BR=32, RZ=True,
         IDX=tl.int32, WORDS=True,
     )  # fmt: skip
+    unpack_rows_args = {
+        "payload": "*u8", "dst_ptrs": "*i64", "rows": "*i64", "meta": "*i64",
+        "src_scales": "*fp32", "dst_scales": "*fp32",
+        **ints("blk_lo", "b1", "b2", "n0", "n1", "n2", "num_layers", "h0"),
+    }  # fmt: skip
+    unpack_consts = dict(DST=tl.bfloat16, WIRE=tl.bfloat16, H=8, HP=8, D=128, G=1, BR=32)
+    unpack_consts["SOFT_BF16"] = False
     chan_args = {**tables, "scales": "*fp32", **ints("b1", "n0", "n1", "num_layers", "h0")}
     unpack_args = {**chan_args, "dst_ptrs": "*i64", "dst_scales": "*fp32"}
     shape = dict(H=8, HP=8, D=128, DC=64, KB=64, IDX=tl.int32, HG=1, HEAD_MAJOR=True)
@@ -68,6 +75,19 @@ def compile_all() -> dict:
             pack._pack_kernel,
             pack_args,
             {**pack_consts, "INT_KEYS": False},
+            4,
+        ),
+        "pack_rows_int64": (
+            pack._pack_kernel,
+            pack_args,
+            {**pack_consts, "INT_KEYS": False, "IDX": tl.int64},
+            4,
+        ),
+        "unpack_rows_int32": (unpack._unpack_kernel, unpack_rows_args, unpack_consts, 4),
+        "unpack_rows_int64": (
+            unpack._unpack_kernel,
+            unpack_rows_args,
+            {**unpack_consts, "IDX": tl.int64},
             4,
         ),
         "channel_pack_narrow": (
@@ -148,13 +168,15 @@ def compiled() -> dict:
 @pytest.mark.parametrize(
     "variant",
     ["pack_token_keys", "pack_channel_keys", "channel_pack_narrow", "channel_pack_wide"]
+    + ["pack_rows_int64", "unpack_rows_int32", "unpack_rows_int64"]
     + ["channel_pack_fill_rows", "channel_pack_groups_of_8", "channel_pack_words"]
     + ["channel_pack_word_columns", "channel_unpack", "checksum"],
 )
 def test_kernel_variant_compiles_for_sm90(compiled, variant):
     """Both pack variants (every tier of K and V; per-channel keys: the FP16 tier of K with
-    every tier of V in one launch), the channel kernels at the default launch shape, the
-    checksum."""
+    every tier of V in one launch), the pack's and the unpack's int64 row arithmetic (a
+    request of 2**31 elements or more, too large to run here), the channel kernels at
+    the default launch shape, the checksum."""
     assert compiled[variant]["cubin"] > 0
 
 
