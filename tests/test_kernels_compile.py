@@ -186,25 +186,31 @@ def test_checksum_stores_each_block_row_without_atomics(compiled):
     assert compiled["checksum"]["atomics"] == []
 
 
-def test_channel_sass_counts_of_the_bench_script(tmp_path):
-    """``bench/channel_ptx.py`` (Triton's own ptxas and cuobjdump, no GPU): the default
-    channel pack keeps its stack empty (no spills), ``fill_rows`` runs fewer SASS
-    instructions a quantised element and fewer selects, and ``words`` with channel pairs
-    along the tile's first axis fewer still, and fewer again with a thread a word of
-    every row (4-byte loads)."""
+def bench_sass_rows(name: str, tmp_path) -> dict:
+    """The rows of ``bench/<name>.py``'s result (Triton's own ptxas and cuobjdump, no GPU),
+    by variant; skips without those tools."""
     triton = pytest.importorskip("triton")
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not all(os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump")):
         pytest.skip("needs Triton's bundled ptxas and cuobjdump (nvidia backend)")
-    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "channel_ptx.py")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", f"{name}.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, script, "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
-    (result,) = tmp_path.glob("channel_ptx_triton*.json")
-    rows = {r["variant"]: r for r in json.loads(result.read_text())["rows"]}
+    (result,) = tmp_path.glob(f"{name}_triton*.json")
+    return {r["variant"]: r for r in json.loads(result.read_text())["rows"]}
+
+
+def test_channel_sass_counts_of_the_bench_script(tmp_path):
+    """``bench/channel_ptx.py`` (Triton's own ptxas and cuobjdump, no GPU): the default
+    channel pack keeps its stack empty (no spills), ``fill_rows`` runs fewer SASS
+    instructions a quantised element and fewer selects, and ``words`` with channel pairs
+    along the tile's first axis fewer still, and fewer again with a thread a word of
+    every row (4-byte loads)."""
+    rows = bench_sass_rows("channel_ptx", tmp_path)
     default, fill, words = rows["default"], rows["fill_rows"], rows["words+group1"]
     assert not default["fill_rows"] and fill["fill_rows"] and words["words"]
     assert default["stack_bytes"] == 0 and 0 < default["registers"] <= 255
@@ -224,23 +230,13 @@ def test_pack_sass_counts_of_the_bench_script(tmp_path):
     """``bench/pack_ptx.py``: the main pack kernel compiles for sm_90 without spills, and
     its bf16-words path (halves quantised apart, a pair's codes stored as one word)
     issues fewer instructions an element of an INT8 program than the values path of
-    fp16 pools."""
-    triton = pytest.importorskip("triton")
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump")):
-        pytest.skip("needs Triton's bundled ptxas and cuobjdump (nvidia backend)")
-    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "pack_ptx.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, script, "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-4000:]
-    (result,) = tmp_path.glob("pack_ptx_triton*.json")
-    rows = {r["variant"].split(",")[-1].strip(): r for r in json.loads(result.read_text())["rows"]}
-    words, fp16 = rows["bf16 words"], rows["fp16 pools"]
+    fp16 pools, and the unpack is under the pack."""
+    rows = bench_sass_rows("pack_ptx", tmp_path)
+    words = rows["values (channel-key layouts), bf16 words"]
+    fp16, unpack = rows["values, fp16 pools"], rows["unpack: keys and values, bf16 pools"]
     assert all(r["stack_bytes"] == 0 and r["sass_int8_branch"] > 0 for r in rows.values())
     assert words["sass_per_element"] < 0.9 * fp16["sass_per_element"]
+    assert unpack["sass_per_element"] < words["sass_per_element"]
 
 
 if __name__ == "__main__":
