@@ -78,7 +78,9 @@ def codes(x, m, inv, QMAX: tl.constexpr, CLAMP: tl.constexpr, RZ: tl.constexpr):
     every non-NaN v), only with ``CLAMP`` (:func:`clamp_margin` says when it may be left
     out); with ``RZ`` the floor is a round-toward-zero add of 2**23 (a full-rate FADD, not
     FRND + F2I on the quarter-rate conversion pipe), so the code sits in the low bits of
-    the int32 (truncate it; the interpreter's path, without libdevice, returns it clean)."""
+    the int32: the word of the float32 ``2**23 + code``, ``0x4B000000 + code``. Without
+    ``RZ`` (the interpreter has no libdevice) the floor is computed and the same bias
+    added, so the stores' truncations run on the interpreter as on the GPU."""
     if CLAMP:
         v = (clamp16(x) - m) * inv + 0.5
         v = tl.minimum(tl.maximum(v, 0.0), QMAX)
@@ -87,7 +89,7 @@ def codes(x, m, inv, QMAX: tl.constexpr, CLAMP: tl.constexpr, RZ: tl.constexpr):
     if RZ:
         return libdevice.add_rz(v, 8388608.0).to(tl.int32, bitcast=True)  # 2**23 + floor(v)
     else:
-        return tl.floor(v).to(tl.int32)
+        return tl.floor(v).to(tl.int32) + 0x4B000000
 
 
 @triton.jit
