@@ -4,9 +4,9 @@ of every request and the K rows of token-key layouts) and of its unpack twin
 counts the per-channel key kernel: compiled by Triton's own
 ptxas, specialised as a launch on the device is (16-aligned pointers, 32 layers), at the
 launch shape the device runs (``pack.PACK_SHAPE``: 32 rows of 128 elements, 4 warps), and
-read back with Triton's own ``cuobjdump``. Per INT8 and INT4 program: the instructions
-before the tier branch that such a program runs (the FP16 tier's block it jumps over is
-not counted) and those of its tier's branch (an if/else counts its shorter side, the
+read back with Triton's own ``cuobjdump``. Per INT8 program: the instructions before
+the tier branch that such a program runs (the FP16 tier's block it jumps over is not
+counted) and those of its tier's branch (an if/else counts its shorter side, the
 unclamped quantiser a block of ordinary values takes), over the elements a thread
 quantises. Not a timing: what a change removes, before a GPU times it.
 
@@ -46,8 +46,8 @@ VARIANTS = {  # name: constexprs over the common ones (a kernel's own names only
 
 def tier_branches(cubin: bytes) -> dict:
     """SASS counts of the INT8 program (:func:`channel_ptx.sass_counts`: the tier branch
-    is the longest forward predicated jump) less the FP16 tier's block before it, which
-    a program of the INT tiers jumps over."""
+    is the longest forward predicated jump over one tier's code) less the FP16 tier's
+    block before it, which a program of the INT tiers jumps over."""
     counts = sass_counts(cubin)
     ins = [m for m in map(SASS_LINE.match, cuobjdump(cubin, "-sass").splitlines()) if m]
     at = counts["sass_prologue"] * 16
