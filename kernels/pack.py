@@ -97,39 +97,37 @@ def _store_quantized(
         wg = tl.reshape(x, [BR, G, GS // 2])
         even, odd, lo_a, lo_b, hi_a, hi_b = bf16_words_range(wg, 2, RZ)
         lo_x, hi_x = tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
-        lo, hi, scale, mn, m, inv = group_quantiser(lo_x, hi_x, QMAX)
-        margin = clamp_margin(lo_x, hi_x, lo, hi, m, inv, QMAX)
-        m, inv = m[:, :, None], inv[:, :, None]
-        if tl.min(tl.min(margin, 1), 0) < 0.0:
+    else:
+        xg = tl.reshape(x.to(tl.float32), [BR, G, GS])
+        lo_x, hi_x = tl.min(xg, 2), tl.max(xg, 2)
+    lo, hi, scale, mn, m, inv = group_quantiser(lo_x, hi_x, QMAX)
+    clamped = tl.min(tl.min(clamp_margin(lo_x, hi_x, lo, hi, m, inv, QMAX), 1), 0) < 0.0
+    m, inv = m[:, :, None], inv[:, :, None]
+    half = dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
+    if WORDS:
+        if clamped:
             q_even = codes(even, m, inv, QMAX, True, RZ)
             q_odd = codes(odd, m, inv, QMAX, True, RZ)
         else:
             q_even = codes(even, m, inv, QMAX, False, RZ)
             q_odd = codes(odd, m, inv, QMAX, False, RZ)
         pair = tl.reshape(q_even + (q_odd << BITS), [BR, D // 2])
-        half = dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
         if BITS == 8:
             words = out.to(tl.pointer_type(tl.uint16), bitcast=True)
             tl.store(words + half, pair.to(tl.uint16), mask=valid[:, None])
         else:
             tl.store(out + half, pair.to(tl.uint8), mask=valid[:, None])
     else:
-        xg = tl.reshape(x.to(tl.float32), [BR, G, GS])
-        lo_x, hi_x = tl.min(xg, 2), tl.max(xg, 2)
-        lo, hi, scale, mn, m, inv = group_quantiser(lo_x, hi_x, QMAX)
-        margin = clamp_margin(lo_x, hi_x, lo, hi, m, inv, QMAX)
-        m, inv = m[:, :, None], inv[:, :, None]
-        if tl.min(tl.min(margin, 1), 0) < 0.0:
+        if clamped:
             q = tl.reshape(codes(xg, m, inv, QMAX, True, RZ), [BR, D])
         else:
             q = tl.reshape(codes(xg, m, inv, QMAX, False, RZ), [BR, D])
         if BITS == 8:
             row = dst[:, None] * D + tl.arange(0, D)[None, :]
             tl.store(out + row, q.to(tl.uint8), mask=valid[:, None])
-        else:  # the low byte of hi*16 + lo: no masks
-            lo, hi = tl.split(tl.reshape(q, [BR, D // 2, 2]))
-            half = dst[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
-            tl.store(out + half, ((hi << 4) + lo).to(tl.uint8), mask=valid[:, None])
+        else:  # the low byte of q_odd*16 + q_even: no masks
+            q_even, q_odd = tl.split(tl.reshape(q, [BR, D // 2, 2]))
+            tl.store(out + half, ((q_odd << 4) + q_even).to(tl.uint8), mask=valid[:, None])
     sc = (out + n_seg * (H * D * BITS // 8)).to(tl.pointer_type(tl.float16), bitcast=True)
     pair = (dst[:, None, None] * G + tl.arange(0, G)[None, :, None]) * 2
     pair = pair + tl.arange(0, 2)[None, None, :]
