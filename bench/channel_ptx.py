@@ -66,11 +66,12 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 def sass_counts(cubin: bytes) -> dict:
-    """Registers, stack and the instructions of the prologue and of the INT8 branch (the
-    longest forward predicated branch over one tier's code: it jumps over the INT8 code
-    to the INT4's; a longer one over both INT tiers, as Triton 3.9 lays out the main
-    pack kernels, holds two if/else blocks or the INT8 code's exit). Inside that branch
-    an if/else (a
+    """Registers, stack and the instructions an INT8 program runs: those of the prologue
+    (before the tier branch, less any block a forward jump skips there: the main pack
+    kernels' FP16 tier, ``sass_skipped``) and of the INT8 branch (the longest forward
+    predicated branch over one tier's code: it jumps over the INT8 code to the INT4's;
+    a longer one over both INT tiers, as Triton 3.9 lays out the main pack kernels,
+    holds two if/else blocks or the INT8 code's exit). Inside that branch an if/else (a
     predicated jump over a block that ends in a jump past the else block: the clamped
     and unclamped quantisers) counts its shorter side, the one a block of ordinary
     values takes."""
@@ -99,12 +100,14 @@ def sass_counts(cubin: bytes) -> dict:
     at, to = max((j for j in jumps(True) if one_tier(*j)), key=lambda j: j[1] - j[0])
     # instructions of the longer side of the branch's if/else
     longer = sum(max(c - a, d - b) // 16 for a, c, b, d in inside(at, to))
+    skipped = sum((b - a) // 16 - 1 for a, b in jumps(True) if a < b <= at)
     usage = re.search(r"REG:(\d+).*?STACK:(\d+)", cuobjdump(cubin, "-res-usage"))
     return {
         "registers": int(usage[1]),
         "stack_bytes": int(usage[2]),
         "sass_instructions": len(ins),
-        "sass_prologue": at // 16,
+        "sass_prologue": at // 16 - skipped,
+        "sass_skipped": skipped,
         "sass_int8_branch": (to - at) // 16 - longer,
     }
 

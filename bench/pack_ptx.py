@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from channel_ptx import SASS_LINE, cuobjdump, sass_counts  # noqa: E402
+from channel_ptx import sass_counts  # noqa: E402
 from sglang_spectrum.kernels import pack, unpack  # noqa: E402
 from test_kernels_compile import compile_for_h200  # noqa: E402
 
@@ -42,22 +42,6 @@ VARIANTS = {  # name: constexprs over the common ones (a kernel's own names only
     "values, fp16 pools": dict(INT_KEYS=False, WORDS=False, SRC=tl.float16, WIRE=tl.float16),
     "unpack: keys and values, bf16 pools": dict(DST=tl.bfloat16, SOFT_BF16=False),
 }
-
-
-def tier_branches(cubin: bytes) -> dict:
-    """SASS counts of the INT8 program (:func:`channel_ptx.sass_counts`: the tier branch
-    is the longest forward predicated jump over one tier's code) less the FP16 tier's
-    block before it, which a program of the INT tiers jumps over."""
-    counts = sass_counts(cubin)
-    ins = [m for m in map(SASS_LINE.match, cuobjdump(cubin, "-sass").splitlines()) if m]
-    at = counts["sass_prologue"] * 16
-    skipped = 0
-    for m in ins:
-        if m[2] and m[3] == "BRA" and "0x" in m[4]:
-            a, b = int(m[1], 16), int(m[4].split("0x")[1].split()[0].rstrip(";"), 16)
-            if a < b <= at:
-                skipped += (b - a) // 16 - 1
-    return {**counts, "sass_prologue": counts["sass_prologue"] - skipped, "skipped_fp16": skipped}
 
 
 def counts(name: str, consts: dict) -> dict:
@@ -75,7 +59,7 @@ def counts(name: str, consts: dict) -> dict:
     consts = {k: v for k, v in {**base, "IDX": tl.int32, **consts}.items() if k in params}
     divisible = (*tables, "num_layers")
     kernel = compile_for_h200(fn, {**tables, **ints}, consts, WARPS, divisible)
-    sass = tier_branches(kernel.asm["cubin"])
+    sass = sass_counts(kernel.asm["cubin"])
     per_thread = BR * D // (32 * WARPS)
     program = sass["sass_prologue"] + sass["sass_int8_branch"]
     return {
