@@ -16,6 +16,7 @@ Usage (H200)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -168,7 +169,6 @@ def run(args) -> dict:
             chosen = args.select if args.select else range(min(args.shapes, len(SHAPES)))
             for index in chosen:
                 shape = K.ChannelTuning(*SHAPES[index])
-                head_major, hg, dc, warps = SHAPES[index][:4]
                 pack, unpack, same = time_shape(shape, kp, vp, kd, vd, plan, uplan, payload, args)
                 if reference is None:
                     reference = [p.clone() for p in kd]
@@ -177,16 +177,7 @@ def run(args) -> dict:
                     "shape": index,
                     "tokens": tokens,
                     "budget": budget,
-                    "head_major": head_major,
-                    "heads_per_program": hg,
-                    "channels": dc,
-                    "num_warps": warps,
-                    "narrow": shape.narrow,
-                    "max_registers": shape.max_registers,
-                    "fill_rows": shape.fill_rows,
-                    "channel_group": shape.channel_group,
-                    "words": shape.words,
-                    "load_bytes": shape.load_bytes,
+                    **dataclasses.asdict(shape),  # every ChannelTuning field, by name
                     "kernel_pack_ms": round(pack, 4),
                     "kernel_unpack_ms": round(unpack, 4),
                     "copy_ms": round(copy, 4),

@@ -2,9 +2,7 @@
 default launch shape, with ``ChannelTuning.fill_rows`` (the ``FILL`` constexpr), with
 ``channel_group`` (``CW``), with ``words`` (``WORDS``) and ``load_bytes``
 (``WORD_ALIGN``) at the shapes ``bench/channel_kernel.py`` times (``SHAPES`` 17, 26,
-28-41), compiled by Triton's own
-ptxas as
-``tests/test_kernels_compile.py`` does,
+28-41), compiled by Triton's own ptxas as ``tests/test_kernels_compile.py`` does,
 specialised as a launch on the device is (16-aligned pointers, 32 layers), and read
 back with Triton's own ``cuobjdump``:
 
