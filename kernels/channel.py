@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._common import TL_DTYPES, interpreted, launch_options
 from ._fp8 import dest_args, from_fp8, source_args, to_pool
-from ._quant import bf16_words, bf16_words_range, clamp16, clamp_margin, codes, group_quantiser
+from ._quant import bf16_words, bf16_words_range, clamp_margin, codes, group_quantiser
 from .plan import META_HEAD, META_STRIDE, TransferPlan
 
 _META_HEAD = tl.constexpr(META_HEAD)
@@ -214,13 +214,14 @@ def _store_codes_and_scales(
 
 
 @triton.jit
-def _quantize_channels(x, ok, BITS: tl.constexpr, FILLED: tl.constexpr):
+def _quantize_channels(x, ok, BITS: tl.constexpr, FILLED: tl.constexpr, PTX: tl.constexpr):
     """Codes (int32, the shape of ``x``), fp16 scales and minima ``[DC // CW, CW]`` of
     ``x`` ``[DC // CW, KB, CW]`` (float32, or the 16-bit pool values: widened exactly;
     the rows of a key block, channels :func:`_channel_tile`): one (scale, minimum) per
     channel over the rows that are ``ok`` (``codec.quantize_channels``: same float32
-    steps). ``FILLED``: rows past the valid ones repeat a valid row
-    (``ChannelTuning.fill_rows``), so min and max read every row as it is."""
+    steps; the codes biased as :func:`_quant.codes` gives them, every element clamped).
+    ``FILLED``: rows past the valid ones repeat a valid row (``ChannelTuning.fill_rows``),
+    so min and max read every row as it is."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     ok3 = ok[None, :, None]
     # min/max before the (monotonic) clamp and widening: the same values, x stays narrow
@@ -231,8 +232,7 @@ def _quantize_channels(x, ok, BITS: tl.constexpr, FILLED: tl.constexpr):
         lo_x = tl.min(tl.where(ok3, x, float("inf")), 1).to(tl.float32)
         hi_x = tl.max(tl.where(ok3, x, float("-inf")), 1).to(tl.float32)
     _, _, scale, mn, m, inv = group_quantiser(lo_x, hi_x, QMAX, True)
-    v = (clamp16(x.to(tl.float32)) - m[:, None, :]) * inv[:, None, :] + 0.5
-    q = tl.floor(tl.minimum(tl.maximum(v, 0.0), QMAX)).to(tl.int32)
+    q = codes(x.to(tl.float32), m[:, None, :], inv[:, None, :], QMAX, True, PTX)
     return q, scale, mn
 
 
@@ -292,7 +292,7 @@ def _quantize_tile(
     if WORDS:
         q, scale, mn = _quantize_channel_words(t, BITS, DC, KB, CW, PTX)
     else:
-        q, scale, mn = _quantize_channels(t, ok, BITS, FILLED)
+        q, scale, mn = _quantize_channels(t, ok, BITS, FILLED, PTX)
     return q, scale, mn
 
 
