@@ -88,6 +88,12 @@ class ChannelTuning:
     pack of the second sweep (``bench/results/gpu_calls/2026-12-05-s9/
     channel_kernel_narrow.md``: 1.30 ms, 0.52 of copy, against 1.59 ms for the fields'
     defaults in the same run; at 4096 tokens 0.41 against 0.45 ms), the same bytes.
+    Since 2026-12-06 it is 32 channels, 1 warp, ``words`` with ``channel_group=1`` and
+    ``load_bytes=4`` (the shape the pick chose from the third sweep,
+    ``bench/results/gpu_calls/2026-12-06-s17/call1_channel_pack/``: the fastest pack of 17
+    shapes at both lengths, 0.96 against 1.33 ms at 16384 tokens, 0.28 against 0.41 ms at
+    4096, 0.69 and 0.63 of copy bandwidth; the unpack 0.93 against 0.99 ms). fp16 pools
+    ignore ``words`` and take 32 channels with ``fill_rows``: the same bytes, not timed.
     """
 
     head_major: bool = True
@@ -107,7 +113,9 @@ class ChannelTuning:
         return self.load_bytes if self.load_bytes in (4, 8) else 16
 
 
-DEFAULT_TUNING = ChannelTuning(channels=64, num_warps=1, narrow=True)
+DEFAULT_TUNING = ChannelTuning(
+    channels=32, num_warps=1, narrow=True, fill_rows=True, channel_group=1, words=True, load_bytes=4
+)
 
 
 @triton.jit

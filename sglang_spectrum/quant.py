@@ -50,7 +50,11 @@ def _quantize_groups(xg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     qmax = (1 << bits) - 1
     xg = xg.clamp(-_FP16_MAX, _FP16_MAX)
     lo = xg.amin(-1)
-    scale = plus_zero(((xg.amax(-1) - lo) / qmax).to(torch.float16))
+    # qmax as a tensor on xg's device: CUDA torch divides by a Python (CPU) scalar as a
+    # multiply by its float32 reciprocal, one bit off the format's rounded division in
+    # some groups (the scale word then 1 fp16 ulp off the kernels' and the CPU's)
+    qmax_t = torch.full((), qmax, dtype=xg.dtype, device=xg.device)
+    scale = plus_zero(((xg.amax(-1) - lo) / qmax_t).to(torch.float16))
     minimum = plus_zero(lo.to(torch.float16))
     s, m = scale.float(), minimum.float()
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
