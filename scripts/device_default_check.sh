@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# After a change of the channel pack's default launch shape (kernels/channel.py): on the
+# GPU machine, the GPU tests of every kernel and of the request path (the bytes of the
+# new default against the reference), the launch-shape tests, then bench/request_path.py
+# with the new default and with the one of commit $OLD (default: the parent of the commit
+# that changed it) in turns, new-old-new-old, so the request's whole path (plan, copies,
+# synchronisation) is compared in one run, not only the kernel. Logs and a tarball of
+# the results go to $OUT.
+#
+#   carry [".gpu/s1"]:
+#   bash scripts/gpu_setup.sh .gpu/s1 > $OUT/setup.log 2>&1; bash scripts/device_default_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/spectrum_out}
+OLD=${OLD:-$(git log -1 --format=%H -G "^DEFAULT_TUNING" -- kernels/channel.py)~1}
+mkdir -p "$OUT/rp"
+LOG="$OUT/default_check.log"
+source scripts/device_shim.sh  # sglang_spectrum.kernels -> the checkout's kernels/
+step() {  # step NAME CMD...: run CMD, its output into the log, then its rc and time
+  local name=$1 t0=$SECONDS
+  shift
+  echo "[$name]" >> "$LOG"
+  "$@" >> "$LOG" 2>&1
+  echo "[$name rc=$? in $((SECONDS - t0)) s]" >> "$LOG"
+}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$LOG"
+step pytest_gpu python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_kernels.py \
+  tests/test_fp8_kernels.py tests/test_transfer.py tests/test_fp8_transfer.py
+step pytest_shapes python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py \
+  -k "channel_launch_shapes or clamped_path"
+cp kernels/channel.py /tmp/channel_new.py
+git show "$OLD:kernels/channel.py" > /tmp/channel_old.py || exit 1
+for turn in new1 old1 new2 old2; do
+  cp "/tmp/channel_${turn%?}.py" kernels/channel.py
+  step "request_path_$turn" python3 bench/request_path.py --tokens 4096 8192 16384 \
+    --budgets 0.3 0.5 --key-scales channel --pools bf16 --iters 10 --out "$OUT/rp/$turn"
+done
+cp /tmp/channel_new.py kernels/channel.py
+step part_cost python3 bench/part_cost.py --tokens 16 2048 8192 --iters 20 --out "$OUT/rp/part_cost"
+tar -C "$OUT" -czf "$OUT/rp.tgz" rp && rm -rf "$OUT/rp"
+grep -E "^\[|passed|failed" "$LOG"
