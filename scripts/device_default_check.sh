@@ -2,10 +2,11 @@
 # After a change of the channel pack's default launch shape (kernels/channel.py): on the
 # GPU machine, the GPU tests of every kernel and of the request path (the bytes of the
 # new default against the reference), the launch-shape tests, then bench/request_path.py
-# with the new default and with the one of commit $OLD (default: the parent of the commit
-# that changed it) in turns, new-old-new-old, so the request's whole path (plan, copies,
-# synchronisation) is compared in one run, not only the kernel. Logs and a tarball of
-# the results go to $OUT.
+# and bench/part_cost.py with the new default and with the one of commit $OLD (default:
+# the parent of the commit that changed it) in turns, new-old-new-old: the request's whole
+# path (plan, copies, synchronisation) and a later part's host cost compared in one run,
+# not only the kernel (the host's speed moved between calls of one warm machine). Logs
+# and a tarball of the results go to $OUT.
 #
 #   carry [".gpu/s1"]:
 #   bash scripts/gpu_setup.sh .gpu/s1 > $OUT/setup.log 2>&1; bash scripts/device_default_check.sh
@@ -34,8 +35,9 @@ for turn in new1 old1 new2 old2; do
   cp "/tmp/channel_${turn%?}.py" kernels/channel.py
   step "request_path_$turn" python3 bench/request_path.py --tokens 4096 8192 16384 \
     --budgets 0.3 0.5 --key-scales channel --pools bf16 --iters 10 --out "$OUT/rp/$turn"
+  step "part_cost_$turn" python3 bench/part_cost.py --tokens 16 2048 8192 --iters 20 \
+    --out "$OUT/rp/$turn"
 done
 cp /tmp/channel_new.py kernels/channel.py
-step part_cost python3 bench/part_cost.py --tokens 16 2048 8192 --iters 20 --out "$OUT/rp/part_cost"
 tar -C "$OUT" -czf "$OUT/rp.tgz" rp && rm -rf "$OUT/rp"
 grep -E "^\[|passed|failed" "$LOG"
