@@ -25,13 +25,13 @@ step() {  # step NAME CMD...: run CMD, its output into the log, then its rc and 
   echo "[$name rc=$? in $((SECONDS - t0)) s]" >> "$LOG"
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$LOG"
-step pytest_gpu python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_kernels.py \
-  tests/test_fp8_kernels.py tests/test_transfer.py tests/test_fp8_transfer.py
+read -r -a TESTS <<< "${TESTS:-tests/test_kernels.py tests/test_fp8_kernels.py tests/test_transfer.py tests/test_fp8_transfer.py}"
+step pytest_gpu python3 -m pytest -m gpu -p no:cacheprovider -q "${TESTS[@]}"
 step pytest_shapes python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py \
   -k "channel_launch_shapes or clamped_path"
 cp kernels/channel.py /tmp/channel_new.py
 git show "$OLD:kernels/channel.py" > /tmp/channel_old.py || exit 1
-for turn in new1 old1 new2 old2; do
+for turn in ${TURNS:-new1 old1 new2 old2}; do  # TURNS: fewer where the call has less time
   cp "/tmp/channel_${turn%?}.py" kernels/channel.py
   step "request_path_$turn" python3 bench/request_path.py --tokens 4096 8192 16384 \
     --budgets 0.3 0.5 --key-scales channel --pools bf16 --iters 10 --out "$OUT/rp/$turn"
