@@ -64,7 +64,7 @@ SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_w
     (True, 1, 32, 1),
     (True, 1, 32, 2),
     (True, 1, 0, 0, True),
-    (True, 1, 64, 1, True),  # the default since 2026-12-05 (kernels.channel.DEFAULT_TUNING)
+    (True, 1, 64, 1, True),  # 17: the default 2026-12-05 to 2026-12-06
     (True, 1, 64, 2, True),
     (True, 1, 0, 1, True),
     (True, 1, 32, 1, True),
@@ -89,7 +89,15 @@ SHAPES = [  # (head_major, heads_per_program (0: all), channels (0: auto), num_w
     (True, 1, 64, 1, True, 0, True, 1, True, 8),  # word (8: two) of every row (s15, sm_90
     (True, 1, 32, 1, True, 0, True, 1, True, 4),  # SASS an element under Triton 3.6: 11.7 /
     (True, 1, 64, 2, True, 0, True, 1, True, 4),  # 11.6 / 14.1 / 14.4; registers 254 / 224
-]  # / 114 / 127; 33 after s15's shared quantiser steps: 13.8)
+]  # / 114 / 127; 33 after s15's shared quantiser steps: 13.8); 40 the default since 2026-12-06
+
+
+def default_index() -> int:
+    """The index in :data:`SHAPES` of ``kernels.channel.DEFAULT_TUNING``: every sweep
+    times it, the baseline of ``bench/pick_channel_default.py``."""
+    from sglang_spectrum.kernels.channel import DEFAULT_TUNING
+
+    return next(i for i, s in enumerate(SHAPES) if K.ChannelTuning(*s) == DEFAULT_TUNING)
 
 
 def compiled_variants() -> list[dict]:

@@ -36,7 +36,8 @@ import re
 from sglang_spectrum.kernels.channel import DEFAULT_TUNING, ChannelTuning
 
 FIELDS = [f.name for f in dataclasses.fields(ChannelTuning)]
-DEFAULT_LINE = re.compile(r"^DEFAULT_TUNING = ChannelTuning\(.*\)$", re.M)
+# the assignment, on one line or wrapped as ruff formats it (no field holds a parenthesis)
+DEFAULT_LINE = re.compile(r"^DEFAULT_TUNING = ChannelTuning\([^)]*\)$", re.M)
 
 
 def tuning_of(record: dict) -> ChannelTuning:
@@ -102,11 +103,16 @@ def _worst_ratio(points: dict, base: dict, ms) -> float:
 
 
 def write_default(path: pathlib.Path, tuning: ChannelTuning) -> bool:
-    """Rewrite ``path``'s ``DEFAULT_TUNING = ...`` line; whether the text changed."""
+    """Rewrite ``path``'s ``DEFAULT_TUNING = ...`` assignment; whether the text changed."""
     text = path.read_text()
     if len(DEFAULT_LINE.findall(text)) != 1:
         raise SystemExit(f"pick_channel_default: no single DEFAULT_TUNING line in {path}")
-    new = DEFAULT_LINE.sub(f"DEFAULT_TUNING = {source(tuning)}", text)
+    line = f"DEFAULT_TUNING = {source(tuning)}"
+    if len(line) > 100:  # the project's line length: wrapped as ruff formats a call
+        line = (
+            f"DEFAULT_TUNING = ChannelTuning(\n    {source(tuning)[len('ChannelTuning(') : -1]}\n)"
+        )
+    new = DEFAULT_LINE.sub(lambda _: line, text)
     path.write_text(new)
     return new != text
 

@@ -37,10 +37,13 @@ step pytest_gpu python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_kerne
   tests/test_fp8_kernels.py tests/test_transfer.py
 step pytest_shapes python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py \
   -k "channel_launch_shapes or clamped_path"
-# SHAPES: a shorter sweep where the call has less time; the default shape (17) is always
-# timed, as the pick compares every candidate with it in the same run
+# SHAPES: a shorter sweep where the call has less time; the default shape (the index of
+# kernels.channel.DEFAULT_TUNING in bench/channel_kernel.py's SHAPES) is always timed, as
+# the pick compares every candidate with it in the same run
+DEFAULT_SHAPE=$(python3 -c "import sys; sys.path.insert(0, 'bench')
+import channel_kernel; print(channel_kernel.default_index())") || exit 1
 read -r -a SHAPES <<< "${SHAPES:-17 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41}"
-[[ " ${SHAPES[*]} " == *" 17 "* ]] || SHAPES=(17 "${SHAPES[@]}")
+[[ " ${SHAPES[*]} " == *" $DEFAULT_SHAPE "* ]] || SHAPES=("$DEFAULT_SHAPE" "${SHAPES[@]}")
 step channel_kernel python3 bench/channel_kernel.py --select "${SHAPES[@]}" \
   --tokens 16384 4096 --budgets 0.3 --out "$OUT"
 cp kernels/channel.py "$OUT/channel_before.py.txt"
@@ -57,7 +60,7 @@ if ((SECONDS < DEADLINE_S - 120)); then
   step request_path_old_default "${REQUEST_PATH[@]}" --out "$OUT/old_default"
 fi
 if command -v ncu > /dev/null; then
-  for shape in 17 38; do
+  for shape in "$DEFAULT_SHAPE" 17; do  # the default and the one before it
     ((SECONDS < DEADLINE_S - 100)) || break
     timeout 90 ncu --kernel-name _pack_channel_kernel --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section SchedulerStats --section WarpStateStats \
