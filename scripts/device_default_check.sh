@@ -31,7 +31,7 @@ step pytest_shapes python3 -m pytest -p no:cacheprovider -q tests/test_kernels.p
   -k "channel_launch_shapes or clamped_path"
 cp kernels/channel.py /tmp/channel_new.py
 git show "$OLD:kernels/channel.py" > /tmp/channel_old.py || exit 1
-for turn in ${TURNS:-new1 old1 new2 old2}; do  # TURNS: fewer where the call has less time
+for turn in ${TURNS-new1 old1 new2 old2}; do  # TURNS: fewer (or "") where the call has less time
   cp "/tmp/channel_${turn%?}.py" kernels/channel.py
   step "request_path_$turn" python3 bench/request_path.py --tokens 4096 8192 16384 \
     --budgets 0.3 0.5 --key-scales channel --pools bf16 --iters 10 --out "$OUT/rp/$turn"
