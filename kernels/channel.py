@@ -49,8 +49,9 @@ class ChannelTuning:
     masked), the same bytes with fewer instructions (sm_90, the default shape, Triton 3.6:
     2939 against 3315 SASS instructions a program of the INT8 tier, 23.0 against 25.9 an
     element, 229 PTX selects against 611; ``bench/results/channel_ptx_triton3.6.0.json``;
-    not yet timed on a GPU). ncu puts the pack at 60 % of the SMs' issue throughput and
-    45 % of DRAM's (H100): issue-bound, so instructions an element are what to cut.
+    H200, s17: 1.20 against 1.33 ms at 16384 tokens, b=0.3). ncu puts the pack at 60 %
+    of the SMs' issue throughput and 45 % of DRAM's (H100): issue-bound, so instructions
+    an element are what to cut.
     ``channel_group``: the pack loads its tile as ``[channels / g, rows, g]``, g adjacent
     channels a group (0: one group of all; 1: the channels along the tile's first axis;
     else it must divide ``channels`` and be even, or counts as 0). Which channels a
@@ -64,7 +65,7 @@ class ChannelTuning:
     clamps of every element skipped when the block provably needs none, the floor as a
     full-rate add); implies ``fill_rows``' rows; other pools ignore it. With
     ``channel_group=1``: 13.8 instructions an element under Triton 3.6, 12.8 under 3.9,
-    no spills (``bench/channel_ptx.py``; not yet timed). The same bytes.
+    no spills (``bench/channel_ptx.py``; H200, s17: 0.98 against 1.33 ms). The same bytes.
     ``load_bytes``: with ``words``, the alignment (16, 8 or 4 bytes) the word loads are
     promised, which sets the bytes one load of a thread reads from a row and so a
     thread's share of the tile: 16 (the pools' real alignment) gives a thread 4 words of
@@ -73,8 +74,8 @@ class ChannelTuning:
     computed once (not once by each of 4 threads sharing it), and the min/max reductions
     need no shuffles; each row then costs a 4-byte load and its own address (sm_90,
     ``words`` with ``channel_group=1``: 11.7 against 13.8 SASS instructions an element
-    under Triton 3.6, 10.8 against 12.8 under 3.9; ``bench/channel_ptx.py``; not yet
-    timed). Other values count as 16; other pools ignore it.
+    under Triton 3.6, 10.8 against 12.8 under 3.9; ``bench/channel_ptx.py``; H200, s17:
+    0.99 ms, and 0.96 with 32 channels). Other values count as 16; other pools ignore it.
 
     H200 sweep (``bench/results/channel_kernel.md``, 16384 tokens at b=0.3, Llama-3-8B
     KV, the whole ``pack_payload``): the default packs in 1.51 ms (0.44 of copy
