@@ -21,13 +21,7 @@ DEADLINE_S=${DEADLINE_S:-540}  # the call's 600 s, less the setup and the transf
 mkdir -p "$OUT"
 LOG="$OUT/channel_pack.log"
 source scripts/device_shim.sh  # sglang_spectrum.kernels -> the checkout's kernels/
-step() {  # step NAME CMD...: run CMD, its output into the log, then its rc and time
-  local name=$1 t0=$SECONDS
-  shift
-  echo "[$name]" >> "$LOG"
-  "$@" >> "$LOG" 2>&1
-  echo "[$name rc=$? in $((SECONDS - t0)) s]" >> "$LOG"
-}
+source scripts/device_step.sh  # step NAME CMD...
 REQUEST_PATH=(python3 bench/request_path.py --tokens 4096 16384 --budgets 0.3 0.5
   --key-scales channel --pools bf16 --iters 10)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$LOG"

@@ -17,13 +17,7 @@ OLD=${OLD:-$(git log -1 --format=%H -G "^DEFAULT_TUNING" -- kernels/channel.py)~
 mkdir -p "$OUT/rp"
 LOG="$OUT/default_check.log"
 source scripts/device_shim.sh  # sglang_spectrum.kernels -> the checkout's kernels/
-step() {  # step NAME CMD...: run CMD, its output into the log, then its rc and time
-  local name=$1 t0=$SECONDS
-  shift
-  echo "[$name]" >> "$LOG"
-  "$@" >> "$LOG" 2>&1
-  echo "[$name rc=$? in $((SECONDS - t0)) s]" >> "$LOG"
-}
+source scripts/device_step.sh  # step NAME CMD...
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$LOG"
 read -r -a TESTS <<< "${TESTS:-tests/test_kernels.py tests/test_fp8_kernels.py tests/test_transfer.py tests/test_fp8_transfer.py}"
 step pytest_gpu python3 -m pytest -m gpu -p no:cacheprovider -q "${TESTS[@]}"
