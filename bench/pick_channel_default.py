@@ -47,11 +47,16 @@ def tuning_of(record: dict) -> ChannelTuning:
     return ChannelTuning(**{f: record.get(f, getattr(base, f)) for f in FIELDS})
 
 
-def source(tuning: ChannelTuning) -> str:
-    """``ChannelTuning(channels=64, ...)``: the fields that differ from the dataclass's."""
+def arguments(tuning: ChannelTuning) -> str:
+    """``channels=64, ...``: the fields that differ from the dataclass's, as arguments."""
     base = ChannelTuning()
     args = [f"{f}={getattr(tuning, f)!r}" for f in FIELDS if getattr(tuning, f) != getattr(base, f)]
-    return f"ChannelTuning({', '.join(args)})"
+    return ", ".join(args)
+
+
+def source(tuning: ChannelTuning) -> str:
+    """``ChannelTuning(channels=64, ...)``: the call that makes ``tuning``."""
+    return f"ChannelTuning({arguments(tuning)})"
 
 
 def pick(records: list[dict], default: ChannelTuning = DEFAULT_TUNING, margin: float = 0.03):
@@ -109,9 +114,7 @@ def write_default(path: pathlib.Path, tuning: ChannelTuning) -> bool:
         raise SystemExit(f"pick_channel_default: no single DEFAULT_TUNING line in {path}")
     line = f"DEFAULT_TUNING = {source(tuning)}"
     if len(line) > 100:  # the project's line length: wrapped as ruff formats a call
-        line = (
-            f"DEFAULT_TUNING = ChannelTuning(\n    {source(tuning)[len('ChannelTuning(') : -1]}\n)"
-        )
+        line = f"DEFAULT_TUNING = ChannelTuning(\n    {arguments(tuning)}\n)"
     new = DEFAULT_LINE.sub(lambda _: line, text)
     path.write_text(new)
     return new != text
