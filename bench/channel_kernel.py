@@ -4,9 +4,10 @@ A per-channel key block is ``key_block`` (64) scattered token slots; one program
 one head of each (``head_dim`` bf16 = 256 bytes) unless it loops over heads, so the
 launch shape decides how much of each DRAM burst a read uses. For each
 :class:`~sglang_spectrum.kernels.ChannelTuning` this times ``pack_payload`` and
-``unpack_payload`` of a Llama-3-8B-shaped request (channel keys, CUDA events, median of
-``--iters``), checks that the payload and the written pools equal the default shape's,
-and reports the pack's bandwidth against a same-size ``copy_`` (as
+``unpack_payload`` of a Llama-3-8B-shaped request (channel keys, CUDA events behind a spin
+kernel as ``bench/request_path.events``: the kernels' time without the host's launch gaps
+(since 2026-12-06 s18), median of ``--iters``), checks that the payload and the written
+pools equal the default shape's, and reports the pack's bandwidth against a same-size ``copy_`` (as
 ``bench/request_path.py``: pool bytes read + payload written over 2 x full bytes).
 
 Usage (H200)::

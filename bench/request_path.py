@@ -10,7 +10,10 @@ functions the SGLang backend calls:
 - ``unpack_ms``: ``unpack_request(region, k_pools2, v_pools2, slots2,
   expected_checksum=...)`` into a second pool set, same timing;
 - ``kernel_pack_ms`` / ``kernel_unpack_ms``: the Triton pack / unpack launches alone
-  (``pack_payload`` / ``unpack_payload`` on the request's plan), CUDA events;
+  (``pack_payload`` / ``unpack_payload`` on the request's plan), CUDA events with the
+  device kept busy while the host launches them (the kernels' own time);
+  ``kernel_from_idle_ms``: [pack, unpack] from an idle device, the host's launch gaps
+  included (before 2026-12-06 s18 the ``kernel_*_ms`` columns were these);
 - ``copy_ms``: ``dst.copy_(src)`` of the request's full 16-bit KV bytes (bandwidth
   anchor: ``kernel_*_vs_copy`` = kernel bytes/s over copy bytes/s);
 - ``pack_extra_bytes``: peak device memory ``pack_request`` allocates beyond what was
@@ -102,17 +105,28 @@ def wall(fn, iters, warmup, device) -> float:
     return statistics.median(times)
 
 
-def events(fn, iters, warmup) -> float:
-    """Median device time (ms) of ``fn`` by CUDA events."""
+# GPU cycles (~1 ms on an H100/H200) of a spin kernel queued ahead of the start event, so
+# the device is still busy while the host launches ``fn``: the events then time the
+# kernels, not the host's launch latency before and between them (which
+# ``pack_ms``/``unpack_ms`` and bench/part_cost.py measure).
+QUEUE_LEAD_CYCLES = 2_000_000
+
+
+def events(fn, iters, warmup, queued: bool = True) -> float:
+    """Median device time (ms) of ``fn`` by CUDA events; ``queued``: behind a spin kernel
+    (the kernels' own time), else from an idle device (plus the host's launch gaps)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    return statistics.median(event_ms(fn) for _ in range(iters))
+    return statistics.median(event_ms(fn, queued) for _ in range(iters))
 
 
-def event_ms(fn) -> float:
-    """Device time (ms) of one call of ``fn`` by CUDA events."""
+def event_ms(fn, queued: bool = False) -> float:
+    """Device time (ms) of one call of ``fn`` by CUDA events (``queued``: see
+    :func:`events`)."""
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if queued:
+        torch.cuda._sleep(QUEUE_LEAD_CYCLES)
     a.record()
     fn()
     b.record()
@@ -121,8 +135,9 @@ def event_ms(fn) -> float:
 
 
 def kernel_times(kp, vp, kd, vd, slots, dst, region, res, iters, warmup, fp8_dst=None):
-    """(pack ms, unpack ms) of the Triton launches alone on the request's plan (``kp, vp``:
-    uint8 pools for an FP8 prefill; ``fp8_dst``: the decode's FP8 pools ``kd, vd``)."""
+    """(pack ms, unpack ms, (pack ms, unpack ms) from an idle device) of the Triton launches
+    alone on the request's plan (``kp, vp``: uint8 pools for an FP8 prefill; ``fp8_dst``:
+    the decode's FP8 pools ``kd, vd``)."""
     from sglang_spectrum import kernels as K
     from sglang_spectrum.codec import header_tier_map, read_header
 
@@ -131,11 +146,20 @@ def kernel_times(kp, vp, kd, vd, slots, dst, region, res, iters, warmup, fp8_dst
     counts = tuple(res.tier_counts[n] for n in ("fp16", "int8", "int4"))
     plan = K.plan_from_counts(header.layout, tiers, counts, slots)
     scratch = torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=slots.device)
-    pack = events(lambda: K.pack_payload(kp, vp, plan, out=scratch), iters, warmup)
+
+    def pack():
+        K.pack_payload(kp, vp, plan, out=scratch)
+
+    pack_ms = events(pack, iters, warmup)
     assert torch.equal(scratch, payload), "kernel payload differs from pack_request's"
     uplan = K.plan_from_counts(header.layout, tiers, counts, dst)
-    unpack = events(lambda: K.unpack_payload(payload, kd, vd, uplan, fp8=fp8_dst), iters, warmup)
-    return pack, unpack
+
+    def unpack():
+        K.unpack_payload(payload, kd, vd, uplan, fp8=fp8_dst)
+
+    unpack_ms = events(unpack, iters, warmup)
+    idle = (events(pack, iters, 0, queued=False), events(unpack, iters, 0, queued=False))
+    return pack_ms, unpack_ms, idle
 
 
 def gpu_bench_parser(doc: str, tokens: list[int], budgets: list[float]) -> argparse.ArgumentParser:
@@ -291,8 +315,9 @@ def run(args) -> tuple[list[dict], dict]:
             device,
         )
         k_pack = k_unpack = c_ms = None
+        idle = (None, None)
         if device.type == "cuda":
-            k_pack, k_unpack = kernel_times(
+            k_pack, k_unpack, idle = kernel_times(
                 kp, vp, kd, vd, slots, dst, region, res, args.iters, args.warmup, fp8_dst
             )
             if tokens not in copies:
@@ -311,6 +336,7 @@ def run(args) -> tuple[list[dict], dict]:
             "unpack_ms": round(unpack, 4),
             "kernel_pack_ms": None if k_pack is None else round(k_pack, 4),
             "kernel_unpack_ms": None if k_unpack is None else round(k_unpack, 4),
+            "kernel_from_idle_ms": [None if t is None else round(t, 4) for t in idle],
             "copy_ms": None if c_ms is None else round(c_ms, 4),
             "packed_bytes": res.nbytes,
             "full_bytes": res.full_nbytes,
@@ -359,7 +385,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['hardware']}, torch {meta['torch']}, triton {meta.get('triton', '-')};"
         f" KV {meta['shape'][0]} layers x {meta['shape'][1]} KV heads x {meta['shape'][2]},"
         f" bf16, page {meta['page']}, random pages; wall clock median of {meta['iters']}"
-        " after warm-up (pack/unpack synchronise once at the end), kernels by CUDA events.",
+        " after warm-up (pack/unpack synchronise once at the end), kernels by CUDA events"
+        " with the device kept busy while the host launches them (from an idle device,"
+        " launch gaps included: the JSON's `kernel_from_idle_ms`).",
         "speedup = (full / link) / (pack + packed / link + unpack); ideal = full / packed"
         " (full: the 16-bit KV); vs pool: the same over the prefill pool's own bytes"
         " (half the 16-bit KV for FP8 pools, what mooncake with FP8 KV moves).",
