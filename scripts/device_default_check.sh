@@ -13,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spectrum_out}
-OLD=${OLD:-$(git log -1 --format=%H -G "^DEFAULT_TUNING" -- kernels/channel.py)~1}
+OLD=${OLD:-$(git log -1 --format=%H -G "^DEFAULT_TUNING" -- kernels/channel.py 2>/dev/null)~1}
 mkdir -p "$OUT/rp"
 LOG="$OUT/default_check.log"
 source scripts/device_shim.sh  # sglang_spectrum.kernels -> the checkout's kernels/
@@ -24,7 +24,11 @@ step pytest_gpu python3 -m pytest -m gpu -p no:cacheprovider -q "${TESTS[@]}"
 step pytest_shapes python3 -m pytest -p no:cacheprovider -q tests/test_kernels.py \
   -k "channel_launch_shapes or clamped_path"
 cp kernels/channel.py /tmp/channel_new.py
-git show "$OLD:kernels/channel.py" > /tmp/channel_old.py || exit 1
+# The device's copy of the checkout has no .git: then OLD_FILE, the committed copy of the
+# old channel.py (the one before s17's default by default).
+OLD_FILE=${OLD_FILE:-bench/results/gpu_calls/2026-12-06-s17/call1_channel_pack/channel_before.py.txt}
+git show "$OLD:kernels/channel.py" > /tmp/channel_old.py 2>/dev/null \
+  || cp "$OLD_FILE" /tmp/channel_old.py || exit 1
 for turn in ${TURNS-new1 old1 new2 old2}; do  # TURNS: fewer (or "") where the call has less time
   cp "/tmp/channel_${turn%?}.py" kernels/channel.py
   step "request_path_$turn" python3 bench/request_path.py --tokens 4096 8192 16384 \
