@@ -47,22 +47,22 @@ if [[ $full -eq 1 ]]; then
     >"$LOGS/bootstrap-0.5.17.log" 2>&1 &
   boot_0517=$!
 fi
-set +e
-run_pytest .venv "$@"
-rc=$?
-set -e
+rc=0
+run_pytest .venv "$@" || rc=$?
+boot_rc=0
+if [[ -n "$boot_0517" ]]; then
+  wait "$boot_0517" || boot_rc=$?
+fi
+wait  # the model fetch (its outcome is the tests')
+[[ $rc -eq 0 ]] || exit $rc
 if [[ $full -eq 1 ]]; then
   echo "[test] SGLang 0.5.17: plugin, one PD round trip, one fault test"
-  if ! wait "$boot_0517"; then
+  if [[ $boot_rc -ne 0 ]]; then
     cat "$LOGS/bootstrap-0.5.17.log" >&2
     echo "[test] error: the SGLang 0.5.17 venv could not be set up (log above)" >&2
     exit 1
   fi
   cat "$LOGS/bootstrap-0.5.17.log"
-fi
-wait  # the model fetch (its outcome is the tests')
-[[ $rc -eq 0 ]] || exit $rc
-if [[ $full -eq 1 ]]; then
   run_pytest .venv-0.5.17 -p no:cacheprovider \
     tests/test_sglang_plugin.py tests/test_pd_faults.py \
     -k "registered or options_parse or option_errors or unsupported or corrupt"
