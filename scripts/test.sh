@@ -36,11 +36,11 @@ bash scripts/bootstrap.sh
 full=0
 [[ $# -eq 0 && "${SPECTRUM_SKIP_0517:-0}" != "1" ]] && full=1
 # Beside the first (single-process) tests, in the background: the two other models
-# (a test that needs one waits on ensure_model's lock; a failed fetch here only leaves
-# it to that test) and, for a full run, the SGLang 0.5.17 venv (mostly downloads and
+# (Gemma 3 first: test_eval needs it before test_hf_bridge needs Qwen; a test that needs
+# one waits on ensure_model's lock; a failed fetch here only leaves it to that test) and, for a full run, the SGLang 0.5.17 venv (mostly downloads and
 # unpacking). A CI run gains ~2 of its ~30 minutes.
 LOGS=$(mktemp -d)
-.venv/bin/spectrumkv models fetch qwen2.5-coder-0.5b gemma3-270m >"$LOGS/models.log" 2>&1 &
+.venv/bin/spectrumkv models fetch gemma3-270m qwen2.5-coder-0.5b >"$LOGS/models.log" 2>&1 &
 boot_0517=""
 if [[ $full -eq 1 ]]; then
   SPECTRUM_SGLANG=0.5.17 SPECTRUM_VENV=.venv-0.5.17 bash scripts/bootstrap.sh \
