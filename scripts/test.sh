@@ -35,12 +35,16 @@ bash scripts/bootstrap.sh
 .venv/bin/spectrumkv models fetch smollm2-135m >/dev/null
 full=0
 [[ $# -eq 0 && "${SPECTRUM_SKIP_0517:-0}" != "1" ]] && full=1
-# Beside the first (single-process) tests, in the background: the two other models
-# (Gemma 3 first: test_eval needs it before test_hf_bridge needs Qwen; a test that needs
-# one waits on ensure_model's lock; a failed fetch here only leaves it to that test) and, for a full run, the SGLang 0.5.17 venv (mostly downloads and
-# unpacking). A CI run gains ~2 of its ~30 minutes.
+# A run of the whole suite sets up, in the background beside its first (single-process)
+# tests, the two other models (Gemma 3 first: test_eval needs it before test_hf_bridge
+# needs Qwen; a test that needs one waits on ensure_model's lock; a failed fetch here only
+# leaves it to that test) and, unless skipped, the SGLang 0.5.17 venv (mostly downloads
+# and unpacking): a CI run gains ~2 of its ~30 minutes. A run of chosen tests fetches
+# only what they ask for.
 LOGS=$(mktemp -d)
-.venv/bin/spectrumkv models fetch gemma3-270m qwen2.5-coder-0.5b >"$LOGS/models.log" 2>&1 &
+if [[ $# -eq 0 ]]; then
+  .venv/bin/spectrumkv models fetch gemma3-270m qwen2.5-coder-0.5b >"$LOGS/models.log" 2>&1 &
+fi
 boot_0517=""
 if [[ $full -eq 1 ]]; then
   SPECTRUM_SGLANG=0.5.17 SPECTRUM_VENV=.venv-0.5.17 bash scripts/bootstrap.sh \
@@ -53,7 +57,7 @@ boot_rc=0
 if [[ -n "$boot_0517" ]]; then
   wait "$boot_0517" || boot_rc=$?
 fi
-wait  # the model fetch (its outcome is the tests')
+wait  # the model fetch, if any (its outcome is the tests')
 [[ $rc -eq 0 ]] || exit $rc
 if [[ $full -eq 1 ]]; then
   echo "[test] SGLang 0.5.17: plugin, one PD round trip, one fault test"
