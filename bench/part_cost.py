@@ -20,12 +20,15 @@ bounds. Every mode packs the same bytes (checked). Pools: the Llama-3-8B shape o
 
 ``--profile``: then, at the smallest chunk, the host functions of 50 later parts
 (``cProfile``, by cumulative time) and their CUDA/torch calls (``torch.profiler``, by CPU
-time), printed: where a later part's fixed cost goes.
+time), printed: where a later part's fixed cost goes. ``--breakdown``: at the smallest
+chunk, the host time of each step of a later part called alone, many times (no profiler
+in the way; ``part_breakdown.{json,md}``).
 
 Usage (H200)::
 
     python bench/part_cost.py --out bench/results
     python bench/part_cost.py --tokens 16 --profile --out /tmp/pc
+    python bench/part_cost.py --tokens 16 --breakdown --out /tmp/pc
     python bench/part_cost.py --smoke --out /tmp/pc    # CPU, tiny shapes (torch path)
 """
 
@@ -148,6 +151,10 @@ def run(args) -> tuple[list[dict], dict]:
             raise AssertionError(f"{tokens} tokens: ChunkTiers packed other bytes {packed}")
         if args.profile and tokens == min(args.tokens):
             profile_part(calls["chunk_tiers"], 5 if args.smoke else 50)
+        if args.breakdown and tokens == min(args.tokens):
+            from part_breakdown import breakdown  # noqa: PLC0415
+
+            breakdown(calls["chunk_tiers"], k1, v1, out, chosen, args.out, hardware)
     meta = {
         "hardware": hardware,
         "torch": torch.__version__,
@@ -206,6 +213,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (tests the script)")
     ap.add_argument("--profile", action="store_true", help="print a later part's host profile")
+    ap.add_argument("--breakdown", action="store_true", help="time a later part's steps alone")
     args = ap.parse_args(argv)
     if args.smoke:
         args.device, args.tokens, args.layers, args.heads, args.head_dim = "cpu", [16, 64], 4, 2, 16

@@ -87,7 +87,7 @@ def pool_table(
         layout.num_kv_heads,
         layout.head_dim,
         heads,
-        *(t.data_ptr() for t in pools),
+        *map(torch.Tensor.data_ptr, pools),
     )
     hit = _TABLES.get(key)
     if hit is None:

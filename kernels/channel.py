@@ -431,32 +431,39 @@ def launch_pack_channel(
 ) -> None:
     """Pack the INT8/INT4 key segments of a layout with per-channel key scales (heads
     ``place``, see :func:`channel_launch`; ``tuning``: the launch shape)."""
-    launch = channel_launch(plan, payload.device, place, tuning)
+    key = ("pack_channel", dtype, place, tuning, payload.device)
+    if key not in plan.launches:  # every later layer group of a chunk reuses it
+        plan.launches[key] = _pack_channel_spec(plan, dtype, place, tuning, payload.device)
+    spec = plan.launches[key]
+    if spec is not None:
+        grid, args, options = spec
+        _pack_channel_kernel[grid](ptrs, rows, plan.meta, payload, *args, **options)
+
+
+def _pack_channel_spec(
+    plan: TransferPlan, dtype, place, tuning: ChannelTuning, device: torch.device
+) -> tuple[tuple, tuple, dict] | None:
+    """(grid, the arguments after ``payload``, compile options) of
+    :func:`launch_pack_channel`; None without INT key blocks."""
+    launch = channel_launch(plan, device, place, tuning)
     if launch is None:
-        return
+        return None
     grid, args, options = launch
-    scales, fp8 = source_args(plan.layout, dtype, payload.device)
+    scales, fp8 = source_args(plan.layout, dtype, device)
     group = tuning.channel_group
     if group != 1 and (group <= 0 or options["DC"] % group or group % 2):
         group = 0  # one group of all the program's channels
-    words = tuning.words and bf16_words(dtype, payload.device, _pack_channel_kernel)
-    _pack_channel_kernel[grid](
-        ptrs,
-        rows,
-        plan.meta,
-        payload,
-        scales,
-        *args,
+    options.update(
         SRC=TL_DTYPES[dtype],
         FP8=fp8,
         NARROW=tuning.narrow and dtype in (torch.bfloat16, torch.float16),
         FILL=tuning.fill_rows,
         CW=group,
-        WORDS=words,
+        WORDS=tuning.words and bf16_words(dtype, device, _pack_channel_kernel),
         PTX=not interpreted(_pack_channel_kernel),
         WORD_ALIGN=tuning.word_align,
-        **options,
     )
+    return grid, (scales, *args), options
 
 
 @triton.jit(do_not_specialize=["b1", "n0", "n1", "h0"])

@@ -26,19 +26,31 @@ HOST_ROWS = 64  # block rows the host adds up itself (above: one device sum firs
 
 
 @triton.jit
-def _checksum_kernel(words, n_words, sums, base, BLOCK: tl.constexpr):
-    """Row ``pid`` of ``sums`` (int64 ``[rows, 2]``): block ``pid``'s ``(s1, s2)`` mod p."""
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    idx = start + tl.arange(0, BLOCK)
-    w = tl.load(words + idx, mask=idx < n_words, other=0)
+def _block_sums(words, first, n, sums, row, BLOCK: tl.constexpr):
+    """Row ``row`` of ``sums``: ``(s1, s2)`` mod p of words ``first .. first + BLOCK`` below
+    ``n`` (``first`` is the index of the block's first word in the whole payload)."""
+    idx = first + tl.arange(0, BLOCK)
+    w = tl.load(words + idx, mask=idx < n, other=0)
     w = w.to(tl.uint32, bitcast=True).to(tl.int64)  # the word as unsigned
-    # (i mod 65521) + 1 of the word's index i = base + idx in the whole payload
-    weight = ((base + start) % 65521).to(tl.int32) + tl.arange(0, BLOCK) + 1
+    # (i mod 65521) + 1 of the word's index i
+    weight = (first % 65521).to(tl.int32) + tl.arange(0, BLOCK) + 1
     weight = tl.where(weight > 65521, weight - 65521, weight).to(tl.int64)
     # each block's pair modulo p (< 2**31): 2**32 rows add up before an int64 overflows
-    tl.store(sums + 2 * pid, tl.sum(w, 0) % 2147483647)
-    tl.store(sums + 2 * pid + 1, tl.sum(w * weight, 0) % 2147483647)
+    tl.store(sums + 2 * row, tl.sum(w, 0) % 2147483647)
+    tl.store(sums + 2 * row + 1, tl.sum(w * weight, 0) % 2147483647)
+
+
+@triton.jit
+def _checksum_kernel(words, n_main, n_words, sums, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    """Row ``pid`` of ``sums`` (int64 ``[rows, 2]``): block ``pid``'s ``(s1, s2)`` mod p. The
+    blocks cover the first ``n_main`` words (a multiple of 16: the loads vectorise); one
+    more program, when ``n_words > n_main``, the last ``< TAIL`` words (one launch)."""
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK
+    if start < n_main:
+        _block_sums(words, start, n_main, sums, pid, BLOCK)
+    else:
+        _block_sums(words, n_main.to(tl.int64), n_words, sums, pid, TAIL)
 
 
 def fast_checksum(payload: torch.Tensor) -> int:
@@ -57,25 +69,20 @@ def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
     :func:`codec.payload_checksum` before their last reduction modulo ``2**31 - 1``
     (:func:`combine_checksum` adds them up and reduces), on the payload's device, without
     synchronising (read it with the next host copy you need anyway). ``n`` is the number
-    of 8192-word blocks when at most :data:`HOST_ROWS` (a payload up to 2 MiB: one launch,
-    no fill), else 1 (a device sum after the block launch). A tail of < 16 words takes
-    one more small launch."""
+    of 8192-word blocks (plus one for a tail of < 16 words) when at most
+    :data:`HOST_ROWS` (a payload up to 2 MiB: one launch, no fill), else 1 (a device sum
+    after the launch)."""
     flat = payload.reshape(-1)
     if flat.numel() % 4 or flat.data_ptr() % 4:
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 4)])
     words = flat.view(torch.int32)
     n_words = words.numel()
-    n_main = n_words // 16 * 16  # a multiple of 16 lets the loads vectorise
-    blocks = triton.cdiv(n_main, _BLOCK)
-    tail = int(n_words > n_main)
-    if not blocks + tail:  # an empty payload
+    n_main = n_words // 16 * 16  # a multiple of 16 lets the block loads vectorise
+    rows = -(-n_main // _BLOCK) + (n_words > n_main)
+    if not rows:  # an empty payload
         return torch.zeros(2, dtype=torch.int64, device=flat.device)
-    sums = torch.empty(blocks + tail, 2, dtype=torch.int64, device=flat.device)
-    opts = launch_options(flat.device)
-    if blocks:
-        _checksum_kernel[(blocks,)](words, n_main, sums, 0, BLOCK=_BLOCK, **opts)
-    if tail:  # < 16 words: one small program (the index base keeps the weights)
-        _checksum_kernel[(1,)](
-            words[n_main:], n_words - n_main, sums[blocks:], n_main, BLOCK=16, **opts
-        )
-    return sums.reshape(-1) if blocks + tail <= HOST_ROWS else sums.sum(0)
+    sums = torch.empty(rows, 2, dtype=torch.int64, device=flat.device)
+    _checksum_kernel[(rows,)](
+        words, n_main, n_words, sums, BLOCK=_BLOCK, TAIL=16, **launch_options(flat.device)
+    )
+    return sums.reshape(-1) if rows <= HOST_ROWS else sums.sum(0)

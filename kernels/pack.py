@@ -289,27 +289,34 @@ def _launch_pack(
     V alone (``values_only``), from heads ``place = (h0, HP)``: ``h0 ..`` of pools of
     ``HP`` heads per slot. ``int_keys=False``: every tier of V but only the FP16 tier of K
     (per-channel INT keys go through :mod:`.channel`): one launch where two would be."""
+    key = ("pack", dtype, tier_lo, tier_hi, place, values_only, int_keys, payload.device)
+    if key not in plan.launches:
+        plan.launches[key] = _pack_spec(
+            plan, dtype, tier_lo, tier_hi, place, values_only, int_keys, payload.device
+        )
+    spec = plan.launches[key]
+    if spec is not None:
+        grid, args, options = spec
+        _pack_kernel[grid](ptrs, rows, plan.meta, payload, *args, **options)
+
+
+def _pack_spec(
+    plan: TransferPlan, dtype, tier_lo, tier_hi, place, values_only, int_keys, device
+) -> tuple[tuple, tuple, dict] | None:
+    """(grid, the arguments after ``payload``, compile options) of :func:`_launch_pack`;
+    None when the tiers have no blocks."""
     block_rows, warps, starts = pack_shape(plan)
     blk_lo, blk_hi = starts[tier_lo], starts[tier_hi]
     if blk_hi <= blk_lo:
-        return
+        return None
     lay = plan.layout
     nkv = 1 if values_only else 2
     grid = (blk_hi - blk_lo, nkv * lay.num_layers)
     # largest row-arithmetic value: (rows of a tier + a block) * head_dim
     huge = (sum(plan.counts) * lay.num_kv_heads + block_rows) * lay.head_dim >= 2**31
-    scales, fp8 = source_args(plan.layout, dtype, payload.device)
-    _pack_kernel[grid](
-        ptrs,
-        rows,
-        plan.meta,
-        payload,
-        scales,
-        blk_lo,
-        *starts[1:3],
-        *plan.counts,
-        lay.num_layers,
-        place[0],
+    scales, fp8 = source_args(plan.layout, dtype, device)
+    args = (scales, blk_lo, *starts[1:3], *plan.counts, lay.num_layers, place[0])
+    options = dict(
         SRC=TL_DTYPES[dtype],
         WIRE=wire_dtype(dtype),
         H=lay.num_kv_heads,
@@ -319,14 +326,15 @@ def _launch_pack(
         BR=block_rows,
         RZ=not interpreted(_pack_kernel),
         IDX=tl.int64 if huge else tl.int32,
-        WORDS=bf16_words(dtype, payload.device, _pack_kernel),
+        WORDS=bf16_words(dtype, device, _pack_kernel),
         NKV=nkv,
         KV0=1 if values_only else 0,
         FP8=fp8,
         INT_KEYS=int_keys,
         num_warps=warps,
-        **launch_options(payload.device),
+        **launch_options(device),
     )
+    return grid, args, options
 
 
 def _launch_pack_int(

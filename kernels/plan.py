@@ -21,7 +21,8 @@ is one (token, KV head) pair: tier-``k`` row ``r`` is token ``r // H``, head
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -110,6 +111,9 @@ class TransferPlan:
         rows: int64 ``[N]`` device: pool slot of each listed token.
         gaps: int64 device: payload bytes between segments (zero padding).
         num_warps: warps per program of the pack/unpack kernels.
+        launches: the launchers' own cache of what they derive from the plan (grid,
+            trailing arguments, compile options), by launch kind: every later layer
+            group of a chunk launches with the same ones.
     """
 
     layout: KVLayout
@@ -125,6 +129,7 @@ class TransferPlan:
     rows: torch.Tensor
     gaps: torch.Tensor
     num_warps: int = 4
+    launches: dict[tuple, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def device(self) -> torch.device:

@@ -32,8 +32,8 @@ def check_pools(
         raise error(f"pools must be [num_slots, kv_heads, head_dim], got {tuple(ref.shape)}")
     check_fp8_pools([ref], fp8, len(k_pools), error)
     # SGLang's pools live long: checked once per set of tensor objects and addresses
-    key = (ref.shape, ref.dtype, ref.device, *((id(x), x.data_ptr()) for x in k_pools))
-    key += tuple((id(x), x.data_ptr()) for x in v_pools)
+    pools = (*k_pools, *v_pools)
+    key = (ref.shape, ref.dtype, ref.device, *map(id, pools), *map(torch.Tensor.data_ptr, pools))
     if key in _POOLS_OK:
         return ref
     for layer, (k, v) in enumerate(zip(k_pools, v_pools)):

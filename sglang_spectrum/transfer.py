@@ -178,6 +178,11 @@ class ChunkTiers:
         pool_slots: see ``slots``.
         host_map: the map's bytes, once read back for a header (None before).
         plans: the kernel plans built for this map (one per layout packed).
+        parts: per call shape (config, layers, heads, dtype), what the input checks
+            derived for the first part of that shape (the slices' layouts and bounds):
+            a later part checks only its pools and ``out``.
+        header_starts: per plan and policy, the header's length with the longest
+            checksum (where the payload starts).
     """
 
     tier_map: torch.Tensor
@@ -186,6 +191,8 @@ class ChunkTiers:
     pool_slots: int = 0
     host_map: bytes | None = None
     plans: list = field(default_factory=list)
+    parts: dict = field(default_factory=dict)
+    header_starts: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, info: PackedRequest) -> ChunkTiers:
@@ -371,23 +378,39 @@ def pack_slices(
     def layout(n: int) -> _Layout:
         return _layout_info(t, num_layers, n, head_dim, dtype, config, scales)
 
+    def shape() -> tuple:  # per slice (head range, layout, bound); the pools' layout
+        specs = []
+        for h in heads:
+            h = check_heads(h, pool_heads, SpectrumConfigError)
+            n = num_heads(h, pool_heads)
+            bound = packed_size_bound(t, num_layers, n, head_dim, dtype, config)
+            specs.append((h, layout(n), bound))
+        return config, specs, layout(pool_heads)
+
+    if chosen is not None and all(h is None or type(h) is tuple for h in heads):
+        # a later part of a known shape: only its pools and out are new
+        key = (id(config), t, num_layers, pool_heads, head_dim, dtype, scales, *heads)
+        hit = chosen.parts.get(key)
+        if hit is None or hit[0] is not config:
+            hit = chosen.parts[key] = shape()
+    else:
+        hit = shape()
+    _, specs, full = hit
     slices = []
-    for out, h in zip(outs, heads):
-        h = check_heads(h, pool_heads, SpectrumConfigError)
-        n = num_heads(h, pool_heads)
+    for out, (h, info, bound) in zip(outs, specs):
         if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.device != device:
             raise SpectrumConfigError(f"out must be a uint8 tensor on {device}")
         if not out.is_contiguous():
             raise SpectrumConfigError("out must be contiguous")
-        bound = packed_size_bound(t, num_layers, n, head_dim, dtype, config)
         if out.numel() < bound:
+            n = info.layout.num_kv_heads
             raise SpectrumConfigError(
                 f"out holds {out.numel()} bytes, a request of {t} tokens and {n} KV heads"
                 f" needs up to {bound} (packed_size_bound)"
             )
-        slices.append(_Slice(h, out.reshape(-1), layout(n)))
+        slices.append(_Slice(h, out if out.dim() == 1 else out.reshape(-1), info))
     cfg = _sent_config(config, context)
-    req = _Request(list(k_pools), list(v_pools), sent, all_slots, cfg, context, layout(pool_heads))
+    req = _Request(list(k_pools), list(v_pools), sent, all_slots, cfg, context, full)
     if tiers is not None:
         req.chosen = chosen
         given = chosen.tier_map if chosen is not None else tiers
@@ -395,7 +418,8 @@ def pack_slices(
             raise SpectrumConfigError("tiers must be a uint8 tensor (a PackedRequest.tier_map)")
         if given.numel() != t:
             raise SpectrumConfigError(f"tiers holds {given.numel()} positions, slots {t}")
-        req.given = given.reshape(-1).to(device)
+        ready = given.dim() == 1 and given.device == device
+        req.given = given if ready else given.reshape(-1).to(device)
     kern = kernels_for(device)
     if kern is not None and all(kern.kernel_supported(s.info.layout) for s in slices):
         with on_device(device):  # Triton launches on the current device: the pools'
@@ -456,6 +480,7 @@ def _pack_torch(req: _Request, slices: list[_Slice], t0: float) -> list[PackedRe
         packed = pack_tiers(keys, values, lay, tiers[lay.num_kv_heads], s.info.policy)
         head = torch.frombuffer(bytearray(packed.header_bytes), dtype=torch.uint8)
         h, nbytes = head.numel(), packed.nbytes
+        _check_fits(s, nbytes)
         s.out[:h].copy_(head)
         s.out[h:nbytes].copy_(packed.payload)
         results.append((s, nbytes, int(packed.header.checksum), tiers[lay.num_kv_heads]))
@@ -478,6 +503,16 @@ def _pack_torch(req: _Request, slices: list[_Slice], t0: float) -> list[PackedRe
         )
         for s, nbytes, checksum, tier_map in results
     ]
+
+
+def _check_fits(s: _Slice, nbytes: int) -> None:
+    """Refuse a buffer of ``nbytes`` that ``s.out`` cannot hold (only a given tier map can
+    exceed the bound: one allocated for another head count or budget)."""
+    if nbytes > s.out.numel():
+        raise SpectrumConfigError(
+            f"out holds {s.out.numel()} bytes, the request packed with the given tier map"
+            f" needs {nbytes} (a map allocated for another head count or budget?)"
+        )
 
 
 def _device_tiers(kern, req: _Request, info: _Layout) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -528,6 +563,7 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             maps[n] = (tiers, counts, plan)
     t1 = time.perf_counter()
     headers, starts, payloads, parts = [], [], [], []
+    starts_of = req.chosen.header_starts if req.chosen is not None else {}
     for s in slices:
         lay = s.info.layout
         plan = maps[lay.num_kv_heads][2]
@@ -539,7 +575,10 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             checksum=(1 << 63) - 1,  # the longest encoding: the real one is never longer
             policy=s.info.policy,
         )
-        start = header_nbytes(header)
+        start = starts_of.get((id(plan), header.policy))  # (by id: the ChunkTiers holds it)
+        if start is None:
+            start = starts_of[id(plan), header.policy] = header_nbytes(header)
+        _check_fits(s, start + plan.payload_nbytes)  # before any write
         payload = kern.pack_payload(req.k_pools, req.v_pools, plan, s.out[start:], s.heads)
         headers.append(header)
         starts.append(start)

@@ -135,8 +135,8 @@ def compile_all() -> dict:
         ),
         "checksum": (
             checksum._checksum_kernel,
-            {"words": "*i32", "n_words": "i32", "sums": "*i64", "base": "i32"},
-            {"BLOCK": 8192},
+            {"words": "*i32", "n_main": "i32", "n_words": "i32", "sums": "*i64"},
+            {"BLOCK": 8192, "TAIL": 16},
             4,
         ),
     }

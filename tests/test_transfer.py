@@ -26,6 +26,7 @@ from sglang_spectrum.transfer import (
     ChunkTiers,
     PackedRequest,
     pack_request,
+    pack_slices,
     packed_size_bound,
     unpack_request,
 )
@@ -528,6 +529,51 @@ def test_chunk_tiers_skip_the_slots_check_only_for_the_checked_tensor():
     bad[3] = kp[0].shape[0]  # one past the pool
     with pytest.raises(SpectrumConfigError, match="out of range"):
         pack_request(kp[2:4], vp[2:4], bad, cfg, out=region(kp[2:4], bad, cfg), tiers=chosen)
+
+
+def test_chunk_tiers_check_each_later_parts_out_and_head_ranges(request):
+    """A later part of a shape its ChunkTiers has packed reuses the layouts and bounds
+    derived for it (not derived again per part) but still checks its own ``out``: one byte
+    short of the bound, or a region of another dtype, is refused. Head ranges (a
+    heterogeneous-TP rank's slices) are a shape of their own, packed as with the plain
+    map; a map that needs more bytes than a region holds (allocated for every head, sent
+    for one) is refused before any write, on both paths."""
+    kp, vp, slots = make_pools(layers=6, heads=2, tokens=48, seed=5)
+    cfg = SpectrumConfig(budget=0.5, allow_drop=False).with_(window=0)
+    first = pack_request(kp[:2], vp[:2], slots, cfg, out=region(kp[:2], slots, cfg))
+    chosen = ChunkTiers.of(first)
+    ok = pack_request(kp[2:4], vp[2:4], slots, cfg, out=region(kp[2:4], slots, cfg), tiers=chosen)
+    assert len(chosen.parts) == 1 and ok.nbytes == first.nbytes
+    short = region(kp[4:6], slots, cfg)[:-1]
+    with pytest.raises(SpectrumConfigError, match="needs up to"):
+        pack_request(kp[4:6], vp[4:6], slots, cfg, out=short, tiers=chosen)
+    with pytest.raises(SpectrumConfigError, match="out must be a uint8 tensor"):
+        pack_request(kp[4:6], vp[4:6], slots, cfg, out=short.float(), tiers=chosen)
+    one_head = [k[:, :1].contiguous() for k in kp[:2]]
+    ranges = [(0, 1), (1, 2)]
+    for path in ("torch", "kernels"):
+        if path == "kernels":
+            request.getfixturevalue("kernel_path")
+        outs = [region(one_head, slots, cfg) for _ in ranges]
+        split = pack_slices(kp[:2], vp[:2], slots, cfg, outs=outs, heads=ranges)
+        chosen = ChunkTiers.of(split[0])
+        for _ in range(2):  # the second: a hit of the shape the first derived
+            later = [region(one_head, slots, cfg) for _ in ranges]
+            parts = pack_slices(
+                kp[2:4], vp[2:4], slots, cfg, outs=later, heads=ranges, tiers=chosen
+            )
+            plain = [region(one_head, slots, cfg) for _ in ranges]
+            again = pack_slices(
+                kp[2:4], vp[2:4], slots, cfg, outs=plain, heads=ranges, tiers=split[0].tier_map
+            )
+            assert {p.path for p in parts} == {path}
+            for a, b, x, y in zip(parts, again, later, plain):
+                assert (a.nbytes, a.checksum, a.heads) == (b.nbytes, b.checksum, b.heads)
+                assert torch.equal(x[: a.nbytes], y[: b.nbytes])
+        assert len(chosen.parts) == 1
+        whole = ChunkTiers.of(first)  # allocated for both heads, sent for one
+        with pytest.raises(SpectrumConfigError, match="given tier map needs"):
+            pack_request(kp[4:6], vp[4:6], slots, cfg, out=outs[0], tiers=whole, heads=(1, 2))
 
 
 @pytest.mark.gpu
