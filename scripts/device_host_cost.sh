@@ -3,7 +3,7 @@
 # the GPU tests of the request path ($TESTS, default none), the host time of each of a
 # later part's steps alone (bench/part_cost.py --breakdown), then bench/part_cost.py with
 # the checkout's code and with $OLD_SRC's (sglang_spectrum/ and kernels/ of an older
-# commit: scripts/old_src.sh writes it) in turns, new-old-new-old ($TURNS): the host's
+# commit: the files scripts/old_src.sh writes) in turns, new-old-new-old ($TURNS): the host's
 # speed moves between calls and within one. Where the card is an H200, also the request
 # path timed queued ($RP=1 forces it anywhere); NCU=1: the FP8 pools' INT4 channel pack
 # under ncu. Logs and a tarball of the results go to $OUT.
@@ -24,10 +24,14 @@ if [[ -n ${TESTS-} ]]; then
   step pytest_gpu python3 -m pytest -m gpu -p no:cacheprovider -q "${tests[@]}"
 fi
 step breakdown python3 bench/part_cost.py --tokens 16 --iters 20 --breakdown --out "$OUT/hc/new"
+# the older commit's tree: the checkout's sglang_spectrum/ and kernels/ with $OLD_SRC's
+# files (those that differ, scripts/old_src.sh) laid over them
+rm -rf /tmp/old_tree && mkdir -p /tmp/old_tree && cp -r sglang_spectrum kernels /tmp/old_tree/
+[[ -d $OLD_SRC ]] && cp -r "$OLD_SRC"/. /tmp/old_tree/
 for turn in ${TURNS-new1 old1 new2 old2}; do
   src=.
-  [[ $turn == old* ]] && src=$OLD_SRC
-  [[ -d $src/sglang_spectrum ]] || { echo "[$turn: no $src/sglang_spectrum]" >> "$LOG"; continue; }
+  [[ $turn == old* ]] && src=/tmp/old_tree
+  [[ $turn == old* && ! -f $OLD_SRC/COMMIT ]] && { echo "[$turn: no $OLD_SRC]" >> "$LOG"; continue; }
   SHIM_SRC=$src source scripts/device_shim.sh
   step "part_cost_$turn" python3 bench/part_cost.py --tokens 16 2048 8192 --iters 20 \
     --out "$OUT/hc/$turn"
