@@ -35,6 +35,52 @@ def wire_dtype(dtype: torch.dtype):
     return tl.float16 if dtype == torch.float32 else TL_DTYPES[dtype]
 
 
+class Launch:
+    """One launch of a Triton kernel whose arguments are fixed but for a few tensors (a
+    plan's launch: every later layer group of a chunk makes the same one into other pools
+    and another payload). Plan once, launch many.
+
+    The first call for a 16-byte alignment of the given tensors goes through Triton's JIT,
+    which binds the arguments, specialises (a pointer's specialisation is that alignment;
+    everything else is fixed here) and finds or compiles the kernel; later calls with the
+    same alignments launch that compiled kernel through its own launcher
+    (``CompiledKernel[grid]``, current device and stream), without the JIT's binding and
+    cache lookup: about half of a launch's host time for our 30-argument kernels. Under
+    Triton's interpreter (no compiled kernel) every call takes the JIT.
+
+    Args:
+        kernel: the ``@triton.jit`` function.
+        grid: its grid (1 to 3 dims).
+        args: the leading positional arguments, None where each call gives a tensor (in
+            order); the constexpr parameters after them come from ``options`` by name.
+        options: constexpr values and compile options (``num_warps``, ...).
+    """
+
+    def __init__(self, kernel, grid: tuple, args: Sequence, options: dict):
+        self.kernel, self.grid = kernel, (*grid, *(1,) * (3 - len(grid)))
+        self.args, self.options = list(args), options
+        self.given = [i for i, a in enumerate(self.args) if a is None]
+        names = getattr(kernel, "arg_names", None) or []
+        rest = names[len(self.args) :]
+        # every parameter known by position or name: else only the JIT launches
+        known = names and all(n in options for n in rest)
+        self.tail = [options[n] for n in rest] if known else None
+        self.runners: dict[tuple, object] = {}
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        args = self.args.copy()
+        for i, t in zip(self.given, tensors):
+            args[i] = t
+        key = tuple(t.data_ptr() % 16 == 0 for t in tensors)
+        run = self.runners.get(key)
+        if run is not None:
+            run(*args, *self.tail)
+            return
+        compiled = self.kernel[self.grid](*args, **self.options)
+        if self.tail is not None and getattr(compiled, "function", None) is not None:
+            self.runners[key] = compiled[self.grid]
+
+
 _TABLES: dict[tuple, tuple[torch.dtype, torch.Tensor]] = {}
 
 

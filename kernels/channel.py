@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TL_DTYPES, interpreted, launch_options
+from ._common import TL_DTYPES, Launch, interpreted, launch_options
 from ._fp8 import dest_args, from_fp8, source_args, to_pool
 from ._quant import bf16_words, bf16_words_range, clamp_margin, codes, group_quantiser
 from .plan import META_HEAD, META_STRIDE, TransferPlan
@@ -434,17 +434,16 @@ def launch_pack_channel(
     key = ("pack_channel", dtype, place, tuning, payload.device)
     if key not in plan.launches:  # every later layer group of a chunk reuses it
         plan.launches[key] = _pack_channel_spec(plan, dtype, place, tuning, payload.device)
-    spec = plan.launches[key]
-    if spec is not None:
-        grid, args, options = spec
-        _pack_channel_kernel[grid](ptrs, rows, plan.meta, payload, *args, **options)
+    launch = plan.launches[key]
+    if launch is not None:
+        launch(ptrs, rows, payload)
 
 
 def _pack_channel_spec(
     plan: TransferPlan, dtype, place, tuning: ChannelTuning, device: torch.device
-) -> tuple[tuple, tuple, dict] | None:
-    """(grid, the arguments after ``payload``, compile options) of
-    :func:`launch_pack_channel`; None without INT key blocks."""
+) -> Launch | None:
+    """The :class:`Launch` of :func:`launch_pack_channel` (given: pool pointers, rows,
+    payload); None without INT key blocks."""
     launch = channel_launch(plan, device, place, tuning)
     if launch is None:
         return None
@@ -463,7 +462,7 @@ def _pack_channel_spec(
         PTX=not interpreted(_pack_channel_kernel),
         WORD_ALIGN=tuning.word_align,
     )
-    return grid, (scales, *args), options
+    return Launch(_pack_channel_kernel, grid, (None, None, plan.meta, None, scales, *args), options)
 
 
 @triton.jit(do_not_specialize=["b1", "n0", "n1", "h0"])

@@ -18,11 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_options
+from ._common import Launch, launch_options
 
 _P = (1 << 31) - 1
 _BLOCK = 8192  # words per program; < 65521 so the weight wraps at most once
 HOST_ROWS = 64  # block rows the host adds up itself (above: one device sum first)
+_LAUNCHES: dict[tuple, Launch] = {}  # by payload words and device
 
 
 @triton.jit
@@ -82,7 +83,14 @@ def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
     if not rows:  # an empty payload
         return torch.zeros(2, dtype=torch.int64, device=flat.device)
     sums = torch.empty(rows, 2, dtype=torch.int64, device=flat.device)
-    _checksum_kernel[(rows,)](
-        words, n_main, n_words, sums, BLOCK=_BLOCK, TAIL=16, **launch_options(flat.device)
-    )
+    key = (n_words, flat.device)  # later layer groups of a chunk: payloads of one size
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) >= 64:
+            _LAUNCHES.clear()
+        options = dict(BLOCK=_BLOCK, TAIL=16, **launch_options(flat.device))
+        launch = _LAUNCHES[key] = Launch(
+            _checksum_kernel, (rows,), (None, n_main, n_words, None), options
+        )
+    launch(words, sums)
     return sums.reshape(-1) if rows <= HOST_ROWS else sums.sum(0)

@@ -35,6 +35,7 @@ from ..config import SpectrumConfigError
 from ..policy import Tier
 from ._common import (
     TL_DTYPES,
+    Launch,
     head_range,
     interpreted,
     launch_options,
@@ -294,16 +295,15 @@ def _launch_pack(
         plan.launches[key] = _pack_spec(
             plan, dtype, tier_lo, tier_hi, place, values_only, int_keys, payload.device
         )
-    spec = plan.launches[key]
-    if spec is not None:
-        grid, args, options = spec
-        _pack_kernel[grid](ptrs, rows, plan.meta, payload, *args, **options)
+    launch = plan.launches[key]
+    if launch is not None:
+        launch(ptrs, rows, payload)
 
 
 def _pack_spec(
     plan: TransferPlan, dtype, tier_lo, tier_hi, place, values_only, int_keys, device
-) -> tuple[tuple, tuple, dict] | None:
-    """(grid, the arguments after ``payload``, compile options) of :func:`_launch_pack`;
+) -> Launch | None:
+    """The :class:`Launch` of :func:`_launch_pack` (given: pool pointers, rows, payload);
     None when the tiers have no blocks."""
     block_rows, warps, starts = pack_shape(plan)
     blk_lo, blk_hi = starts[tier_lo], starts[tier_hi]
@@ -315,7 +315,9 @@ def _pack_spec(
     # largest row-arithmetic value: (rows of a tier + a block) * head_dim
     huge = (sum(plan.counts) * lay.num_kv_heads + block_rows) * lay.head_dim >= 2**31
     scales, fp8 = source_args(plan.layout, dtype, device)
-    args = (scales, blk_lo, *starts[1:3], *plan.counts, lay.num_layers, place[0])
+    # given per call: pool pointers, rows, payload
+    args = (None, None, plan.meta, None, scales, blk_lo, *starts[1:3], *plan.counts)
+    args += (lay.num_layers, place[0])
     options = dict(
         SRC=TL_DTYPES[dtype],
         WIRE=wire_dtype(dtype),
@@ -334,7 +336,7 @@ def _pack_spec(
         num_warps=warps,
         **launch_options(device),
     )
-    return grid, args, options
+    return Launch(_pack_kernel, grid, args, options)
 
 
 def _launch_pack_int(

@@ -624,6 +624,9 @@ def _layer_groups_round_trip(device: str, path: str) -> None:
     # kernels: one plan per layer count of the later groups (2 layers twice, 1 layer once)
     assert [p.layout.num_layers for p in chosen.plans] == ([2, 1] if path == "kernels" else [])
     assert path == "torch" or chosen.host_map == first.tier_map.cpu().numpy().tobytes()
+    if device == "cuda":  # the second 2-layer group launched the compiled kernels directly
+        launches = [x for p in chosen.plans for x in p.launches.values() if x is not None]
+        assert launches and all(x.runners for x in launches)
     # the same as one pack of every layer with group 0's map
     whole_k = [torch.full_like(p, float("nan")) for p in kp]
     whole_v = [torch.full_like(p, float("nan")) for p in vp]
