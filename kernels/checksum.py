@@ -73,7 +73,7 @@ def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
     of 8192-word blocks (plus one for a tail of < 16 words) when at most
     :data:`HOST_ROWS` (a payload up to 2 MiB: one launch, no fill), else 1 (a device sum
     after the launch)."""
-    flat = payload.reshape(-1)
+    flat = payload if payload.dim() == 1 else payload.reshape(-1)
     if flat.numel() % 4 or flat.data_ptr() % 4:
         flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 4)])
     words = flat.view(torch.int32)
@@ -82,7 +82,7 @@ def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
     rows = -(-n_main // _BLOCK) + (n_words > n_main)
     if not rows:  # an empty payload
         return torch.zeros(2, dtype=torch.int64, device=flat.device)
-    sums = torch.empty(rows, 2, dtype=torch.int64, device=flat.device)
+    sums = torch.empty(2 * rows, dtype=torch.int64, device=flat.device)  # rows of (s1, s2)
     key = (n_words, flat.device)  # later layer groups of a chunk: payloads of one size
     launch = _LAUNCHES.get(key)
     if launch is None:
@@ -93,4 +93,4 @@ def checksum_parts(payload: torch.Tensor) -> torch.Tensor:
             _checksum_kernel, (rows,), (None, n_main, n_words, None), options
         )
     launch(words, sums)
-    return sums.reshape(-1) if rows <= HOST_ROWS else sums.sum(0)
+    return sums if rows <= HOST_ROWS else sums.view(rows, 2).sum(0)

@@ -414,14 +414,12 @@ def pack_payload(
     dtype, ptrs = pool_table(lay, k_pools, v_pools, heads=heads)
     device = k_pools[0].device
     place = head_range(lay, int(k_pools[0].shape[1]), heads)
-    payload = (
-        torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=device)
-        if out is None
-        else out[: plan.payload_nbytes]
-    )
+    if out is None:
+        payload = torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=device)
+    else:
+        payload = out if out.numel() == plan.payload_nbytes else out[: plan.payload_nbytes]
     if plan.gaps.numel():
         payload[plan.gaps] = 0
-    pools = [*k_pools, *v_pools]
     if lay.rotation != "hadamard":
         if lay.key_block:  # FP16 K and V, INT V: one launch; INT K: the channel kernel
             _launch_pack(plan, ptrs, plan.rows, payload, dtype, 0, 3, place, int_keys=False)
@@ -433,6 +431,7 @@ def pack_payload(
     scratch_rows = int_scratch(plan, device)
     if scratch_rows is not None:
         scratch, local = scratch_rows
+        pools = [*k_pools, *v_pools]
         rotate_rows(pools, plan, lambda lo, hi: plan.rows[lo:hi], scratch, place[0])
         table = pointer_table(list(scratch), device)
         scratch_place = (0, lay.num_kv_heads)  # the float32 scratch holds just these heads

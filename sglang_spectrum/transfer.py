@@ -579,7 +579,8 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
         if start is None:
             start = starts_of[id(plan), header.policy] = header_nbytes(header)
         _check_fits(s, start + plan.payload_nbytes)  # before any write
-        payload = kern.pack_payload(req.k_pools, req.v_pools, plan, s.out[start:], s.heads)
+        region = s.out[start : start + plan.payload_nbytes]
+        payload = kern.pack_payload(req.k_pools, req.v_pools, plan, region, s.heads)
         headers.append(header)
         starts.append(start)
         payloads.append(payload)
