@@ -64,7 +64,8 @@ def steps(part, k_pools, v_pools, out, chosen) -> dict:
     lay, dtype = plan.layout, k_pools[0].dtype
     _, ptrs = _common.pool_table(lay, k_pools, v_pools)
     place = (0, int(k_pools[0].shape[1]))
-    payload = out[4096 : 4096 + plan.payload_nbytes]
+    # a payload region of its own (out holds one header and payload, not 4 KiB more)
+    payload = torch.empty(4096 + plan.payload_nbytes, dtype=torch.uint8, device=out.device)[4096:]
     words = payload.view(torch.int32)[: payload.numel() // 64 * 16]
     sums = torch.empty(2 * checksum.HOST_ROWS, dtype=torch.int64, device=out.device)
     blocks, n = -(-words.numel() // 8192), words.numel()
