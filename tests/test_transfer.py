@@ -455,6 +455,22 @@ def test_part_cost_benchmark_smoke(tmp_path):
     assert "ChunkTiers / tensor" in (tmp_path / "part_cost_smoke.md").read_text()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_part_breakdown_times_every_step(tmp_path):
+    """bench/part_cost.py --breakdown on CUDA: every step of a later part timed alone,
+    each a positive host time, the whole part longer than any one launch of it."""
+    import json
+
+    bench = _bench_script("part_cost")
+    bench.main(["--tokens", "16", "--iters", "3", "--breakdown", "--out", str(tmp_path)])
+    times = json.loads((tmp_path / "part_breakdown.json").read_text())["host_us"]
+    assert all(v is not None and v > 0 for v in times.values()), times
+    assert times["part"] > max(
+        times["launch_pack"], times["launch_channel"], times["checksum_parts"]
+    )
+
+
 @pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: f"{c.budget}-{c.key_scales}")
 def test_request_in_parts_fits_the_parts_bound_and_round_trips(config):
     """A request packed as consecutive parts (as the backend streams prefill chunks:
