@@ -25,7 +25,7 @@ from bench_modules import serving_gpu
 from pd_harness import ManagedProcess, free_port
 
 from sglang_spectrum.models import ensure_model
-from sglang_spectrum.sglang_plugin.launch import PDDeployment, wait_healthy
+from sglang_spectrum.sglang_plugin.launch import DeploymentError, PDDeployment, wait_healthy
 
 router_ready = PDDeployment._router_ready
 request_ttfts_ms = serving_gpu("serving_gpu_records").request_ttfts_ms
@@ -82,7 +82,7 @@ def test_readme_serving_commands_run_from_the_repository_root(request, tmp_path)
 
     env = {**os.environ, **env_extra}
     env.pop("PYTHONSAFEPATH", None)  # as a user's shell: the working directory is on sys.path
-    prefill, decode, router, bench = (adapt(c) for c in commands)
+    prefill, decode = (adapt(c) for c in commands[:2])
     procs = []
     t0 = time.monotonic()
     for name, cmd in (("prefill", prefill), ("decode", decode)):
@@ -91,10 +91,21 @@ def test_readme_serving_commands_run_from_the_repository_root(request, tmp_path)
         p.start()
         procs.append((p, f"http://127.0.0.1:{ports['30000' if name == 'prefill' else '30001']}"))
     wait_healthy(procs, t0, timeout_s=600)
-    r = ManagedProcess("router", router, tmp_path / "router.log", env, cwd=ROOT)
-    request.addfinalizer(r.stop)
-    r.start()
-    wait_healthy([(r, f"http://127.0.0.1:{ports['8000']}")], time.monotonic(), 120, router_ready)
+    for attempt in range(3):  # the router's port picked now: the servers bind many meanwhile
+        ports["8000"] = str(free_port())
+        router, bench = (adapt(c) for c in commands[2:])
+        log = tmp_path / f"router{attempt}.log"
+        r = ManagedProcess("router", router, log, env, cwd=ROOT)
+        request.addfinalizer(r.stop)
+        r.start()
+        try:
+            url = f"http://127.0.0.1:{ports['8000']}"
+            wait_healthy([(r, url)], time.monotonic(), 120, router_ready)
+            break
+        except DeploymentError:  # a port taken in between: new ones, as PDDeployment does
+            if attempt == 2 or "Address already in use" not in log.read_text(errors="replace"):
+                raise
+            r.stop()
     out = tmp_path / "bench.jsonl"
     b = ManagedProcess(
         "bench",
