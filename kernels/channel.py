@@ -431,10 +431,8 @@ def launch_pack_channel(
 ) -> None:
     """Pack the INT8/INT4 key segments of a layout with per-channel key scales (heads
     ``place``, see :func:`channel_launch`; ``tuning``: the launch shape)."""
-    key = ("pack_channel", dtype, place, tuning, payload.device)
-    if key not in plan.launches:  # every later layer group of a chunk reuses it
-        plan.launches[key] = _pack_channel_spec(plan, dtype, place, tuning, payload.device)
-    launch = plan.launches[key]
+    args = (dtype, place, tuning, payload.device)  # every later group of a chunk: the same
+    launch = plan.launch(("pack_channel", *args), lambda: _pack_channel_spec(plan, *args))
     if launch is not None:
         launch(ptrs, rows, payload)
 

@@ -290,12 +290,8 @@ def _launch_pack(
     V alone (``values_only``), from heads ``place = (h0, HP)``: ``h0 ..`` of pools of
     ``HP`` heads per slot. ``int_keys=False``: every tier of V but only the FP16 tier of K
     (per-channel INT keys go through :mod:`.channel`): one launch where two would be."""
-    key = ("pack", dtype, tier_lo, tier_hi, place, values_only, int_keys, payload.device)
-    if key not in plan.launches:
-        plan.launches[key] = _pack_spec(
-            plan, dtype, tier_lo, tier_hi, place, values_only, int_keys, payload.device
-        )
-    launch = plan.launches[key]
+    args = (dtype, tier_lo, tier_hi, place, values_only, int_keys, payload.device)
+    launch = plan.launch(("pack", *args), lambda: _pack_spec(plan, *args))
     if launch is not None:
         launch(ptrs, rows, payload)
 

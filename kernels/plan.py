@@ -135,6 +135,13 @@ class TransferPlan:
     def device(self) -> torch.device:
         return self.meta.device
 
+    def launch(self, key: tuple, build) -> Any:
+        """The launchers' ``build()`` for ``key``, built once per plan (a ``Launch``, or
+        None: nothing to launch)."""
+        if key not in self.launches:
+            self.launches[key] = build()
+        return self.launches[key]
+
     @property
     def num_blocks(self) -> int:
         return self.block_starts[3]

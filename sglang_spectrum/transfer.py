@@ -181,8 +181,6 @@ class ChunkTiers:
         parts: per call shape (config, layers, heads, dtype), what the input checks
             derived for the first part of that shape (the slices' layouts and bounds):
             a later part checks only its pools and ``out``.
-        header_starts: per plan and policy, the header's length with the longest
-            checksum (where the payload starts).
     """
 
     tier_map: torch.Tensor
@@ -192,7 +190,6 @@ class ChunkTiers:
     host_map: bytes | None = None
     plans: list = field(default_factory=list)
     parts: dict = field(default_factory=dict)
-    header_starts: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, info: PackedRequest) -> ChunkTiers:
@@ -563,7 +560,6 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             maps[n] = (tiers, counts, plan)
     t1 = time.perf_counter()
     headers, starts, payloads, parts = [], [], [], []
-    starts_of = req.chosen.header_starts if req.chosen is not None else {}
     for s in slices:
         lay = s.info.layout
         plan = maps[lay.num_kv_heads][2]
@@ -575,9 +571,7 @@ def _pack_kernels(kern, req: _Request, slices: list[_Slice], t0: float) -> list[
             checksum=(1 << 63) - 1,  # the longest encoding: the real one is never longer
             policy=s.info.policy,
         )
-        start = starts_of.get((id(plan), header.policy))  # (by id: the ChunkTiers holds it)
-        if start is None:
-            start = starts_of[id(plan), header.policy] = header_nbytes(header)
+        start = header_nbytes(header)
         _check_fits(s, start + plan.payload_nbytes)  # before any write
         region = s.out[start : start + plan.payload_nbytes]
         payload = kern.pack_payload(req.k_pools, req.v_pools, plan, region, s.heads)
